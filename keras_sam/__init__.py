@@ -1,0 +1,21 @@
+"""keras_sam: Sharpness-Aware Minimization (SAM, ASAM) for Keras 3."""
+
+from keras_sam.perturbations import asam_perturbation
+from keras_sam.perturbations import global_norm
+from keras_sam.perturbations import sam_perturbation
+from keras_sam.sam_model import SAMModel
+from keras_sam.sam_step import SAMResult
+from keras_sam.sam_step import compute_sam_gradients
+from keras_sam.sam_step import sam_gradients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAMModel",
+    "SAMResult",
+    "asam_perturbation",
+    "compute_sam_gradients",
+    "global_norm",
+    "sam_gradients",
+    "sam_perturbation",
+]

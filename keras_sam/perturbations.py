@@ -1,0 +1,107 @@
+"""The perturbation ε of SAM and ASAM, as pure functions over lists of tensors.
+
+Every function takes the gradient `g` at the current weights `w` (one tensor
+per trainable variable, `None` where a variable gets no gradient) and returns
+one tensor per variable, `None` kept in place. Norms are computed in float32
+whatever the gradient dtype, so a float16 gradient cannot overflow them.
+
+A gradient with a NaN or an infinity (a mixed-precision overflow) gives
+ε = 0: the perturbed pass then runs at `w` itself and the loss-scale optimizer
+sees the same non-finite gradient and skips the step, as it would without SAM.
+"""
+
+from keras import ops
+
+DEFAULT_EPSILON = 1e-12
+
+
+def global_norm(tensors):
+    """Euclidean norm of all `tensors` taken as one vector, in float32.
+
+    `None` entries are skipped. Returns `0.0` when every entry is `None`.
+    """
+    squares = [
+        ops.sum(ops.square(ops.cast(t, "float32")))
+        for t in tensors
+        if t is not None
+    ]
+    if not squares:
+        return ops.zeros((), "float32")
+    return ops.sqrt(ops.sum(ops.stack(squares)))
+
+
+def sam_perturbation(gradients, rho, epsilon=DEFAULT_EPSILON):
+    """SAM's first-order worst-case perturbation (Foret et al., 2021, eq. 2).
+
+    ```
+    ε = ρ · g / (‖g‖₂ + epsilon)
+    ```
+
+    with one L2 norm over all variables together.
+
+    Args:
+        gradients: list of gradient tensors (or `None`).
+        rho: radius ρ ≥ 0 of the neighbourhood.
+        epsilon: added to the norm so that a zero gradient gives ε = 0.
+            Defaults to `1e-12`.
+
+    Returns:
+        A list of tensors ε, each of the dtype of its gradient.
+    """
+    return _scaled_direction(gradients, gradients, rho, epsilon)
+
+
+def asam_perturbation(
+    gradients, weights, rho, eta=0.01, epsilon=DEFAULT_EPSILON
+):
+    """ASAM's scale-invariant perturbation (Kwon et al., 2021, eq. 7).
+
+    With the elementwise operator `T_w = |w| + η`:
+
+    ```
+    ε = ρ · T_w² g / (‖T_w g‖₂ + epsilon)
+    ```
+
+    Args:
+        gradients: list of gradient tensors (or `None`).
+        weights: list of the current weight tensors, aligned with
+            `gradients`.
+        rho: radius ρ ≥ 0; ASAM's ρ is typically about 10x SAM's.
+        eta: η > 0, keeps weights near zero perturbable. Defaults to `0.01`.
+        epsilon: added to the norm. Defaults to `1e-12`.
+
+    Returns:
+        A list of tensors ε, each of the dtype of its gradient.
+    """
+    if len(gradients) != len(weights):
+        raise ValueError(
+            "`gradients` and `weights` must have the same length. Received "
+            f"{len(gradients)} gradients and {len(weights)} weights."
+        )
+    scaled = []
+    for g, w in zip(gradients, weights):
+        if g is None:
+            scaled.append(None)
+            continue
+        t = ops.abs(ops.cast(w, "float32")) + eta
+        scaled.append((t, ops.cast(g, "float32") * t))
+    norm_terms = [s if s is None else s[1] for s in scaled]
+    directions = [s if s is None else s[0] * s[1] for s in scaled]
+    return _scaled_direction(norm_terms, directions, rho, epsilon, gradients)
+
+
+def _scaled_direction(norm_terms, directions, rho, epsilon, like=None):
+    """`ρ · direction / (‖norm_terms‖ + epsilon)`, or zeros if not finite."""
+    like = directions if like is None else like
+    norm = global_norm(norm_terms)
+    finite = ops.isfinite(norm)
+    scale = ops.where(finite, rho / (norm + epsilon), 0.0)
+    perturbation = []
+    for d, g in zip(directions, like):
+        if d is None:
+            perturbation.append(None)
+            continue
+        d = ops.cast(d, "float32")
+        d = ops.where(finite, d, ops.zeros_like(d))
+        perturbation.append(ops.cast(d * scale, g.dtype))
+    return perturbation

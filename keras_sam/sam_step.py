@@ -1,0 +1,366 @@
+"""One SAM step as a function: the loss and the SAM gradients of a batch.
+
+`sam_gradients` is the entry point for custom training loops; `SAMModel`
+calls the same `compute_sam_gradients` from its `train_step`, so both share
+one implementation.
+
+Both passes run inside a `keras.StatelessScope`: the weights and the
+non-trainable state (BatchNorm statistics, random-number seeds) are handed in
+as tensors, so neither pass writes to a variable. After the passes, the
+non-trainable state of the clean pass is written back once; the perturbed
+pass's state is dropped. Because the perturbed pass starts from the same
+seed state as the clean pass, dropout draws the same masks in both.
+"""
+
+import collections
+
+import tensorflow as tf
+from keras import ops
+from keras import tree
+
+from keras_sam import perturbations
+
+SAMResult = collections.namedtuple("SAMResult", ["loss", "y_pred", "gradients"])
+SAMResult.__doc__ = """What one SAM step computed.
+
+Attributes:
+    loss: the loss at the current weights w (the clean pass), averaged over
+        micro-batches, as returned by the loss function (not loss-scaled).
+    y_pred: the clean pass's predictions for the whole batch.
+    gradients: ∇L(w + ε), one per trainable variable (`None` where the loss
+        does not depend on it), multiplied by the optimizer's loss scale when
+        one is in use; averaged over micro-batches.
+"""
+
+
+def validate_sam_arguments(rho, eta, micro_batches, sync_perturbations):
+    """Raises `ValueError` naming the argument and the value when invalid."""
+    if not isinstance(rho, (int, float)) or isinstance(rho, bool):
+        raise ValueError(f"`rho` must be a number >= 0. Received: rho={rho!r}")
+    if not rho >= 0:
+        raise ValueError(f"`rho` must be >= 0. Received: rho={rho}")
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool):
+        raise ValueError(f"`eta` must be a number > 0. Received: eta={eta!r}")
+    if not eta > 0:
+        raise ValueError(f"`eta` must be > 0. Received: eta={eta}")
+    if (
+        not isinstance(micro_batches, int)
+        or isinstance(micro_batches, bool)
+        or micro_batches < 1
+    ):
+        raise ValueError(
+            "`micro_batches` must be an integer >= 1. "
+            f"Received: micro_batches={micro_batches!r}"
+        )
+    if sync_perturbations and micro_batches > 1:
+        raise ValueError(
+            "`sync_perturbations=True` computes one ε for the whole global "
+            "batch, so it cannot be combined with `micro_batches` > 1. "
+            f"Received: micro_batches={micro_batches}"
+        )
+
+
+def sam_gradients(
+    model,
+    x,
+    y,
+    loss_fn,
+    sample_weight=None,
+    rho=0.05,
+    adaptive=False,
+    eta=0.01,
+    micro_batches=1,
+    sync_perturbations=False,
+    optimizer=None,
+):
+    """The loss and the SAM gradients of `model` on one batch.
+
+    For custom training loops. With `g = ∇L(w)` on the batch:
+
+    ```
+    ε = ρ · g / ‖g‖₂                       # SAM
+    ε = ρ · T_w² g / ‖T_w g‖₂, T_w = |w|+η  # ASAM (adaptive=True)
+    gradients = ∇L(w + ε)
+    ```
+
+    `L` is `loss_fn(y, y_pred, sample_weight)` plus `model.losses` (weight
+    regularizers and `add_loss` terms), all evaluated at the weights of the
+    pass they belong to, so regularizers are evaluated at `w + ε` in the
+    second pass. The model is called with `training=True` in both passes and
+    its non-trainable state (BatchNorm moving statistics, seeds) is updated
+    once, from the clean pass. No trainable variable is modified: apply the
+    gradients yourself.
+
+    ```python
+    with strategy.scope():  # optional
+        loss, grads = keras_sam.sam_gradients(model, x, y, loss_fn)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    ```
+
+    Args:
+        model: a built Keras model.
+        x: the inputs of the batch.
+        y: the targets of the batch.
+        loss_fn: `loss_fn(y_true, y_pred, sample_weight)` returning a scalar,
+            e.g. a `keras.losses.Loss` instance.
+        sample_weight: optional per-example weights.
+        rho: the neighbourhood radius ρ ≥ 0. `0` gives the plain gradient.
+            Defaults to `0.05`.
+        adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
+        eta: ASAM's η > 0. Defaults to `0.01`.
+        micro_batches: split the batch into this many equal parts, each with
+            its own ε, and average their gradients (m-sharpness with
+            m = batch size / micro_batches). Defaults to `1`.
+        sync_perturbations: inside `tf.distribute`, all-reduce the clean
+            gradient before computing ε, so every replica uses the ε of the
+            global batch. Defaults to `False` (each replica uses its own).
+        optimizer: optional Keras optimizer whose `scale_loss` is applied
+            before differentiating (needed for a `LossScaleOptimizer`).
+
+    Returns:
+        `(loss, gradients)`: the clean loss (scalar) and a list of gradients
+        aligned with `model.trainable_variables`.
+    """
+    validate_sam_arguments(rho, eta, micro_batches, sync_perturbations)
+
+    def compute_loss(x, y, y_pred, sample_weight):
+        del x
+        total = ops.cast(loss_fn(y, y_pred, sample_weight), "float32")
+        for loss in model.losses:
+            total = total + ops.cast(loss, "float32")
+        return total
+
+    result = compute_sam_gradients(
+        model,
+        compute_loss,
+        x,
+        y,
+        sample_weight,
+        rho=rho,
+        adaptive=adaptive,
+        eta=eta,
+        micro_batches=micro_batches,
+        sync_perturbations=sync_perturbations,
+        scale_loss=None if optimizer is None else optimizer.scale_loss,
+    )
+    return result.loss, result.gradients
+
+
+def compute_sam_gradients(
+    model,
+    compute_loss,
+    x,
+    y,
+    sample_weight=None,
+    rho=0.05,
+    adaptive=False,
+    eta=0.01,
+    micro_batches=1,
+    sync_perturbations=False,
+    scale_loss=None,
+    epsilon=perturbations.DEFAULT_EPSILON,
+):
+    """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
+
+    `compute_loss(x, y, y_pred, sample_weight)` must return the total loss,
+    including `model.losses`; it is called inside the pass's stateless scope,
+    so regularizers see the weights of that pass. Metric variables that it
+    updates during the clean pass keep their updates; those of the perturbed
+    pass are dropped.
+
+    Returns:
+        A `SAMResult`.
+    """
+    scale_loss = scale_loss or (lambda loss: loss)
+    trainable = model.trainable_variables
+    non_trainable = model.non_trainable_variables
+    weights = [tf.convert_to_tensor(v.value) for v in trainable]
+    initial_state = [tf.convert_to_tensor(v.value) for v in non_trainable]
+
+    losses, y_preds, sam_grads, state_updates = [], [], [], []
+    state = initial_state
+    for xs, ys, sws in _split_batch((x, y, sample_weight), micro_batches):
+        loss, y_pred, grads, new_state = _forward_and_gradients(
+            model,
+            compute_loss,
+            weights,
+            state,
+            xs,
+            ys,
+            sws,
+            scale_loss,
+            keep_metric_updates=True,
+        )
+        if sync_perturbations:
+            grads = _all_reduce_sum(grads)
+        if adaptive:
+            eps = perturbations.asam_perturbation(
+                grads, weights, rho, eta, epsilon
+            )
+        else:
+            eps = perturbations.sam_perturbation(grads, rho, epsilon)
+        perturbed = [w if e is None else w + e for w, e in zip(weights, eps)]
+        _, _, grads, _ = _forward_and_gradients(
+            model,
+            compute_loss,
+            perturbed,
+            state,
+            xs,
+            ys,
+            sws,
+            scale_loss,
+            keep_metric_updates=False,
+        )
+        losses.append(loss)
+        y_preds.append(y_pred)
+        sam_grads.append(grads)
+        state_updates.append(new_state)
+        state = _advance_counters(state, new_state)
+
+    _assign(non_trainable, _merge_states(initial_state, state, state_updates))
+    if micro_batches == 1:
+        return SAMResult(losses[0], y_preds[0], sam_grads[0])
+    return SAMResult(
+        ops.mean(ops.stack(losses)),
+        tree.map_structure(lambda *t: ops.concatenate(t, axis=0), *y_preds),
+        [_mean_or_none(g) for g in zip(*sam_grads)],
+    )
+
+
+def _forward_and_gradients(
+    model,
+    compute_loss,
+    weights,
+    state,
+    x,
+    y,
+    sample_weight,
+    scale_loss,
+    keep_metric_updates,
+):
+    """Loss, predictions, gradients and new state of one pass at `weights`.
+
+    The new state has one entry per non-trainable variable: its updated
+    value, or `None` where the pass left it unchanged.
+    """
+    non_trainable = model.non_trainable_variables
+    mapping = list(zip(model.trainable_variables, weights))
+    mapping.extend(zip(non_trainable, state))
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(weights)
+        with _stateless_scope(mapping) as scope:
+            before = [scope.get_current_value(v) for v in non_trainable]
+            y_pred = model(x, training=True)
+            loss = compute_loss(x, y, y_pred, sample_weight)
+        scaled_loss = scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, weights)
+    after = [scope.get_current_value(v) for v in non_trainable]
+    new_state = [
+        new if new is not old else None for old, new in zip(before, after)
+    ]
+    if keep_metric_updates:
+        for v in model.metrics_variables:
+            value = scope.get_current_value(v)
+            if value is not None:
+                v.assign(value)
+    return loss, y_pred, gradients, new_state
+
+
+def _stateless_scope(mapping):
+    # Imported here: StatelessScope is exported by keras but its
+    # `collect_losses` is how `add_loss` terms stay visible inside it.
+    from keras import StatelessScope
+
+    return StatelessScope(state_mapping=mapping, collect_losses=True)
+
+
+def _split_batch(data, parts):
+    """Yields `parts` equal slices along the batch axis of a nested batch."""
+    if parts == 1:
+        yield data
+        return
+    first = next(t for t in tree.flatten(data) if t is not None)
+    static_size = first.shape[0]
+    if static_size is not None and static_size % parts:
+        raise ValueError(
+            f"`micro_batches={parts}` must divide the per-replica batch size, "
+            f"but the batch has {static_size} examples."
+        )
+    size = ops.shape(first)[0]
+    if static_size is None:
+        tf.debugging.assert_equal(
+            size % parts,
+            0,
+            message=(
+                f"`micro_batches={parts}` must divide the per-replica batch "
+                "size (a partial last batch? use drop_remainder=True)."
+            ),
+        )
+    part = size // parts
+    for i in range(parts):
+        yield tree.map_structure(
+            lambda t, i=i: None if t is None else t[i * part : (i + 1) * part],
+            data,
+        )
+
+
+def _advance_counters(state, new_state):
+    """Threads integer state (seeds) from one micro-batch to the next.
+
+    Floating-point state (moving statistics) restarts from its initial value
+    for every micro-batch; `_merge_states` averages those updates.
+    """
+    return [
+        old if new is None or _is_floating(old) else new
+        for old, new in zip(state, new_state)
+    ]
+
+
+def _merge_states(initial_state, threaded_state, updates):
+    """The state to write back after all micro-batches, `None` if unchanged.
+
+    Float state gets the mean of the micro-batches' updates, the way
+    tf.distribute aggregates a BatchNorm update across replicas; integer
+    state (seeds) takes the value threaded through the micro-batches.
+    """
+    merged = []
+    for i, old in enumerate(initial_state):
+        values = [u[i] for u in updates]
+        if all(v is None for v in values):
+            merged.append(None)
+        elif not _is_floating(old):
+            merged.append(threaded_state[i])
+        elif len(values) == 1:
+            merged.append(values[0])
+        else:
+            deltas = [
+                ops.zeros_like(old) if v is None else v - old for v in values
+            ]
+            merged.append(old + ops.mean(ops.stack(deltas), axis=0))
+    return merged
+
+
+def _assign(variables, values):
+    for variable, value in zip(variables, values):
+        if value is not None:
+            variable.assign(value)
+
+
+def _is_floating(tensor):
+    return tf.as_dtype(tensor.dtype).is_floating
+
+
+def _mean_or_none(tensors):
+    if any(t is None for t in tensors):
+        return None
+    return ops.mean(ops.stack(tensors), axis=0)
+
+
+def _all_reduce_sum(tensors):
+    """Sums `tensors` over the replicas of the current tf.distribute context."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensors
+    present = [t for t in tensors if t is not None]
+    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    return [None if t is None else next(reduced) for t in tensors]

@@ -1,0 +1,32 @@
+"""Packaging for keras_sam: the library and its absl trainers."""
+
+import setuptools
+
+TENSORFLOW = "2.21.*"
+
+setuptools.setup(
+    name="keras_sam",
+    version="0.1.0",
+    description="Sharpness-Aware Minimization (SAM, ASAM) for Keras 3.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["keras_sam*", "trainers*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10,<4",
+        "absl-py>=2.1",
+        "tensorflow-datasets>=4.9",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # TensorFlow ships as two distributions; pick the one for the machine.
+        "cpu": [f"tensorflow-cpu=={TENSORFLOW}"],
+        "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW}"],
+        "tpu": [f"tensorflow-tpu=={TENSORFLOW}"],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
