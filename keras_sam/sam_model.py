@@ -123,7 +123,9 @@ class SAMModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not self.trainable_weights:
-            warnings.warn("The model does not have any trainable weights.")
+            warnings.warn(
+                "The model does not have any trainable weights.", stacklevel=2
+            )
             y_pred = self(x, training=True)
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
