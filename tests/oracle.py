@@ -1,0 +1,87 @@
+"""An independent NumPy reference for SAM on softmax regression.
+
+Everything here is derived by hand, in float64, without Keras or
+TensorFlow: the model is `logits = x @ W + b`, the loss is Keras'
+sparse categorical cross-entropy from logits with reduction
+"sum_over_batch_size" (`Σ_i s_i ℓ_i / n`), plus `l2 · Σ W²`.
+"""
+
+import numpy as np
+
+
+def softmax_regression_loss_and_grad(w, b, x, y, sample_weight=None, l2=0.0):
+    """Loss and gradient (dW, db) at (W, b), by hand."""
+    n = x.shape[0]
+    s = np.ones(n) if sample_weight is None else sample_weight
+    logits = x @ w + b
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    nll = -np.log(p[np.arange(n), y])
+    loss = np.sum(s * nll) / n + l2 * np.sum(w**2)
+    dlogits = p.copy()
+    dlogits[np.arange(n), y] -= 1.0
+    dlogits *= (s / n)[:, None]
+    return loss, (x.T @ dlogits + 2.0 * l2 * w, dlogits.sum(axis=0))
+
+
+def perturbation(grads, weights, rho, adaptive=False, eta=0.01):
+    """ε of SAM, or of ASAM when `adaptive` (T_w = |w| + η)."""
+    if adaptive:
+        t = [np.abs(w) + eta for w in weights]
+        norm = np.sqrt(sum(np.sum((ti * g) ** 2) for ti, g in zip(t, grads)))
+        return [rho * ti**2 * g / (norm + 1e-12) for ti, g in zip(t, grads)]
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+    return [rho * g / (norm + 1e-12) for g in grads]
+
+
+def sam_gradient(w, b, x, y, rho, sample_weight=None, l2=0.0, **kwargs):
+    """(clean loss, [dW, db] at (W, b) + ε)."""
+    loss, grads = softmax_regression_loss_and_grad(
+        w, b, x, y, sample_weight, l2
+    )
+    ew, eb = perturbation(grads, [w, b], rho, **kwargs)
+    _, sam = softmax_regression_loss_and_grad(
+        w + ew, b + eb, x, y, sample_weight, l2
+    )
+    return loss, list(sam)
+
+
+def split_sam_gradient(w, b, x, y, rho, parts=2, sample_weight=None, **kwargs):
+    """Mean of the SAM gradients of `parts` equal slices of the batch."""
+    xs, ys = np.split(x, parts), np.split(y, parts)
+    sws = (
+        [None] * parts
+        if sample_weight is None
+        else np.split(sample_weight, parts)
+    )
+    results = [
+        sam_gradient(w, b, xi, yi, rho, sample_weight=si, **kwargs)
+        for xi, yi, si in zip(xs, ys, sws)
+    ]
+    loss = np.mean([r[0] for r in results])
+    grads = [np.mean([r[1][i] for r in results], axis=0) for i in range(2)]
+    return loss, grads
+
+
+def train_sgd_momentum(
+    w, b, batches, rho, lr, momentum, gradient_fn=sam_gradient, **kwargs
+):
+    """Keras' SGD with momentum (v ← μv − ηg; w ← w + v) on SAM gradients.
+
+    `batches` holds `(x, y)` or `(x, y, sample_weight)` tuples. Returns the
+    final (W, b) and the clean loss of every step.
+    """
+    w, b = w.astype(np.float64), b.astype(np.float64)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    losses = []
+    for batch in batches:
+        x, y, sw = batch if len(batch) == 3 else (*batch, None)
+        loss, (gw, gb) = gradient_fn(
+            w, b, x, y, rho, sample_weight=sw, **kwargs
+        )
+        losses.append(loss)
+        vw = momentum * vw - lr * gw
+        vb = momentum * vb - lr * gb
+        w, b = w + vw, b + vb
+    return w, b, losses

@@ -1,0 +1,304 @@
+"""SAMModel.fit against a hand-derived NumPy oracle and against plain fit."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sam
+from tests import oracle
+
+N, D, C = 24, 5, 3
+BATCH = 8
+RHO = 0.5
+LR, MOMENTUM = 0.2, 0.9
+
+MODES = {
+    "eager": dict(run_eagerly=True),
+    "graph": dict(jit_compile=False),
+    "jit": dict(jit_compile=True),
+}
+
+
+def softmax_data(seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(N, D).astype("float32")
+    y = rng.randint(0, C, N).astype("int32")
+    w = (0.5 * rng.randn(D, C)).astype("float32")
+    b = (0.1 * rng.randn(C)).astype("float32")
+    return x, y, w, b
+
+
+def softmax_regression(w, b, l2=0.0):
+    regularizer = keras.regularizers.L2(l2) if l2 else None
+    model = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(C, kernel_regularizer=regularizer),
+        ]
+    )
+    model.set_weights([w, b])
+    return model
+
+
+def sgd():
+    return keras.optimizers.SGD(LR, momentum=MOMENTUM)
+
+
+def xent():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def batches(x, y, sample_weight=None):
+    out = []
+    for i in range(0, N, BATCH):
+        s = slice(i, i + BATCH)
+        sw = None if sample_weight is None else sample_weight[s]
+        out.append((x[s], y[s], sw))
+    return out
+
+
+VARIANTS = {
+    "sam": dict(kwargs={}, l2=0.0, weighted=False),
+    "asam": dict(kwargs=dict(adaptive=True, eta=0.05), l2=0.0, weighted=False),
+    "sam_weighted_l2": dict(kwargs={}, l2=0.01, weighted=True),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fit_matches_numpy_oracle_over_momentum_steps(mode, variant):
+    spec = VARIANTS[variant]
+    x, y, w0, b0 = softmax_data()
+    sw = (
+        np.random.RandomState(1).uniform(0.2, 2.0, N)
+        if spec["weighted"]
+        else None
+    )
+    kwargs = spec["kwargs"]
+    model = keras_sam.SAMModel(
+        softmax_regression(w0, b0, spec["l2"]), rho=RHO, **kwargs
+    )
+    model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+    history = model.fit(
+        x, y, sample_weight=sw, batch_size=BATCH, shuffle=False, verbose=0
+    )
+
+    want_w, want_b, want_losses = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y, sw), RHO, LR, MOMENTUM, l2=spec["l2"], **kwargs
+    )
+    got_w, got_b = model.base.get_weights()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
+    # The logged loss is the clean loss at w, averaged over the epoch.
+    np.testing.assert_allclose(
+        history.history["loss"][0], np.mean(want_losses), rtol=1e-5
+    )
+    # The oracle is sensitive to ε: plain SGD would land elsewhere.
+    sgd_w, _, _ = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y, sw), 0.0, LR, MOMENTUM, l2=spec["l2"]
+    )
+    assert np.abs(sgd_w - want_w).max() > 1e-2
+
+
+def test_sam_gradients_matches_oracle_in_a_custom_loop():
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0, l2=0.01)
+    optimizer = sgd()
+
+    @tf.function
+    def step(x, y):
+        loss, grads = keras_sam.sam_gradients(
+            model, x, y, xent(), rho=RHO, optimizer=optimizer
+        )
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    losses = [float(step(bx, by)) for bx, by, _ in batches(x, y)]
+    want_w, want_b, want_losses = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), RHO, LR, MOMENTUM, l2=0.01
+    )
+    np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-5)
+    np.testing.assert_allclose(model.get_weights()[1], want_b, rtol=1e-5)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_micro_batches_average_the_sam_gradients_of_each_part(micro_batches):
+    x, y, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(
+        softmax_regression(w0, b0), rho=RHO, micro_batches=micro_batches
+    )
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    want_w, want_b, _ = oracle.train_sgd_momentum(
+        w0,
+        b0,
+        batches(x, y),
+        RHO,
+        LR,
+        MOMENTUM,
+        gradient_fn=oracle.split_sam_gradient,
+        parts=micro_batches,
+    )
+    np.testing.assert_allclose(model.base.get_weights()[0], want_w, rtol=1e-5)
+    np.testing.assert_allclose(model.base.get_weights()[1], want_b, rtol=1e-5)
+
+
+def bn_dropout_model(seed=3):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.4),
+            keras.layers.Dense(C),
+        ]
+    )
+
+
+@pytest.mark.parametrize("mode", ["graph", "jit"])
+def test_rho_zero_is_bitwise_plain_fit_with_dropout_and_batchnorm(mode):
+    x, y, _, _ = softmax_data()
+    trained = []
+    for wrap in (lambda m: m, lambda m: keras_sam.SAMModel(m, rho=0.0)):
+        model = wrap(bn_dropout_model())
+        model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        trained.append([v.numpy() for v in model.variables])
+    assert len(trained[0]) == len(trained[1])
+    for plain, sam in zip(*trained):
+        np.testing.assert_array_equal(sam, plain)
+
+
+def test_batchnorm_moving_stats_update_once_from_the_clean_pass():
+    x, y, _, _ = softmax_data()
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(4, use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.9),
+            keras.layers.Dense(C),
+        ]
+    )
+    hidden = x @ base.layers[0].kernel.numpy()
+    model = keras_sam.SAMModel(base, rho=RHO)
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(x, y, batch_size=N, epochs=1, shuffle=False, verbose=0)
+    bn = base.layers[1]
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), 0.1 * hidden.mean(axis=0), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(),
+        0.9 + 0.1 * hidden.var(axis=0),
+        rtol=1e-5,
+    )
+
+
+def test_both_passes_use_batch_statistics_and_match_an_assign_reference():
+    x, y, _, _ = softmax_data()
+    model = bn_dropout_model(seed=5)
+    model.layers[2].rate = 0.0
+    reference = bn_dropout_model(seed=5)
+    reference.layers[2].rate = 0.0
+    # Make moving stats differ from batch stats, so training=False would show.
+    for m in (model, reference):
+        m.layers[1].moving_mean.assign(np.full(16, 3.0, "float32"))
+
+    _, got = keras_sam.sam_gradients(model, x, y, xent(), rho=RHO)
+
+    with tf.GradientTape() as tape:
+        loss = xent()(y, reference(x, training=True))
+    grads = tape.gradient(loss, reference.trainable_variables)
+    norm = np.sqrt(sum(np.sum(g.numpy() ** 2) for g in grads))
+    for v, g in zip(reference.trainable_variables, grads):
+        v.assign_add(RHO * g / (norm + 1e-12))
+    with tf.GradientTape() as tape:
+        loss = xent()(y, reference(x, training=True))
+    want = tape.gradient(loss, reference.trainable_variables)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_perturbed_pass_writes_no_variable():
+    x, y, _, _ = softmax_data()
+    model = keras_sam.SAMModel(bn_dropout_model(), rho=5.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=xent())
+    model.build((None, D))
+    before = [v.numpy() for v in model.trainable_variables]
+    model.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    for b, a in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_zero_gradient_gives_zero_perturbation_and_finite_weights():
+    base = keras.Sequential(
+        [keras.Input((D,)), keras.layers.Dense(1, kernel_initializer="zeros")]
+    )
+    model = keras_sam.SAMModel(base, rho=RHO)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = np.ones((8, D), "float32")
+    history = model.fit(x, np.zeros((8, 1)), epochs=2, verbose=0)
+    assert history.history["loss"] == [0.0, 0.0]
+    for w in base.get_weights():
+        np.testing.assert_array_equal(w, np.zeros_like(w))
+
+
+def test_jit_compile_auto_resolves_as_keras_does():
+    plain = softmax_regression(*softmax_data()[2:])
+    plain.compile(optimizer="sgd", loss=xent(), jit_compile="auto")
+    model = keras_sam.SAMModel(softmax_regression(*softmax_data()[2:]))
+    model.compile(optimizer="sgd", loss=xent(), jit_compile="auto")
+    assert model.jit_compile == plain.jit_compile
+    assert model.jit_compile is False  # Keras' rule on a CPU-only machine.
+
+
+def test_evaluate_and_predict_are_the_base_models():
+    x, y, w0, b0 = softmax_data()
+    base = softmax_regression(w0, b0)
+    base.compile(loss=xent(), metrics=["accuracy"])
+    model = keras_sam.SAMModel(softmax_regression(w0, b0))
+    model.compile(optimizer="sgd", loss=xent(), metrics=["accuracy"])
+    np.testing.assert_array_equal(
+        model.predict(x, verbose=0), base.predict(x, verbose=0)
+    )
+    assert model.evaluate(x, y, verbose=0) == base.evaluate(x, y, verbose=0)
+    assert model.base is not base and isinstance(model.base, keras.Model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rho=-0.1), "`rho` must be >= 0. Received: rho=-0.1"),
+        (dict(rho="big"), "Received: rho='big'"),
+        (dict(eta=0.0), "`eta` must be > 0. Received: eta=0.0"),
+        (dict(micro_batches=0), "Received: micro_batches=0"),
+        (
+            dict(micro_batches=2, sync_perturbations=True),
+            "Received: micro_batches=2",
+        ),
+    ],
+)
+def test_bad_arguments_raise_naming_argument_and_value(kwargs, message):
+    base = softmax_regression(*softmax_data()[2:])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        keras_sam.SAMModel(base, **kwargs)
+
+
+def test_base_that_is_not_a_keras_model_is_rejected():
+    with pytest.raises(ValueError, match="`base` must be a Keras model.*Dense"):
+        keras_sam.SAMModel(keras.layers.Dense(3))
+
+
+def test_micro_batches_that_do_not_divide_the_batch_are_rejected():
+    x, y, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(softmax_regression(w0, b0), micro_batches=3)
+    model.compile(optimizer="sgd", loss=xent())
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        BATCH, drop_remainder=True
+    )
+    with pytest.raises(ValueError, match="micro_batches=3.*8 examples"):
+        model.fit(dataset, verbose=0)
