@@ -1,0 +1,129 @@
+"""SAMModel under MirroredStrategy on two logical CPUs (see conftest.py)."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sam
+from tests import oracle
+from tests.sam_model_test import LR
+from tests.sam_model_test import MOMENTUM
+from tests.sam_model_test import RHO
+from tests.sam_model_test import N
+from tests.sam_model_test import batches
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+
+BATCH = 8  # Global batch: 4 examples per replica.
+
+
+@functools.cache
+def mirrored():
+    # One strategy per process: collective ops of several MirroredStrategy
+    # instances in one process can collide on their instance keys.
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest.py must create two logical CPUs"
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+def fit(strategy, **sam_kwargs):
+    x, y, w0, b0 = softmax_data()
+    with strategy.scope():
+        model = keras_sam.SAMModel(softmax_regression(w0, b0), **sam_kwargs)
+        model.compile(
+            optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+            loss=xent(),
+            jit_compile=False,
+        )
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    history = model.fit(dataset, epochs=1, verbose=0)
+    return model.base.get_weights(), history.history["loss"][0]
+
+
+def test_each_replica_perturbs_with_its_own_half_batch():
+    (w, b), _ = fit(mirrored(), rho=RHO)
+    x, y, w0, b0 = softmax_data()
+    want_w, want_b, _ = oracle.train_sgd_momentum(
+        w0,
+        b0,
+        batches(x, y),
+        RHO,
+        LR,
+        MOMENTUM,
+        gradient_fn=oracle.split_sam_gradient,
+        parts=2,
+    )
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+    full_w, _, _ = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), RHO, LR, MOMENTUM
+    )
+    assert np.abs(full_w - want_w).max() > 1e-4
+
+
+def test_sync_perturbations_matches_the_full_batch_oracle():
+    (w, b), loss = fit(mirrored(), rho=RHO, sync_perturbations=True)
+    x, y, w0, b0 = softmax_data()
+    want_w, want_b, want_losses = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), RHO, LR, MOMENTUM
+    )
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, np.mean(want_losses), rtol=1e-5)
+
+
+def test_reported_loss_equals_the_single_device_loss():
+    strategy_weights, strategy_loss = fit(
+        mirrored(), rho=RHO, sync_perturbations=True
+    )
+    single_weights, single_loss = fit(
+        tf.distribute.get_strategy(), rho=RHO, sync_perturbations=True
+    )
+    np.testing.assert_allclose(strategy_loss, single_loss, rtol=1e-5)
+    for a, b in zip(strategy_weights, single_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_two_replicas_equal_two_micro_batches_on_one_device():
+    replicas, _ = fit(mirrored(), rho=RHO)
+    micro, _ = fit(tf.distribute.get_strategy(), rho=RHO, micro_batches=2)
+    for a, b in zip(replicas, micro):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rho", [0.0, RHO])
+def test_batchnorm_and_dropout_train_under_mirrored_strategy(rho):
+    x, y, _, _ = softmax_data()
+    strategy = mirrored()
+    results = []
+    for wrap in (lambda m: m, lambda m: keras_sam.SAMModel(m, rho=rho)):
+        with strategy.scope():
+            keras.utils.set_random_seed(7)
+            model = wrap(
+                keras.Sequential(
+                    [
+                        keras.Input((x.shape[1],)),
+                        keras.layers.Dense(8, activation="relu"),
+                        keras.layers.BatchNormalization(),
+                        keras.layers.Dropout(0.3),
+                        keras.layers.Dense(3),
+                    ]
+                )
+            )
+            model.compile(optimizer="sgd", loss=xent(), metrics=["accuracy"])
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+        history = model.fit(dataset, epochs=2, verbose=0)
+        results.append(([v.numpy() for v in model.variables], history))
+    (plain, plain_history), (sam, sam_history) = results
+    assert np.all(np.isfinite(sam_history.history["loss"]))
+    moving_mean = sam[2 + 2]  # kernel, bias, gamma, beta, moving_mean
+    assert np.abs(moving_mean).max() > 0  # updated under the strategy
+    if rho == 0.0:
+        assert sam_history.history == plain_history.history
+        for a, b in zip(plain, sam):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert N % BATCH == 0
