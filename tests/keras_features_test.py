@@ -1,0 +1,165 @@
+"""SAMModel with the rest of Keras: multi-IO, metrics, optimizer options."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from tests import oracle
+from tests.sam_model_test import BATCH
+from tests.sam_model_test import LR
+from tests.sam_model_test import MOMENTUM
+from tests.sam_model_test import RHO
+from tests.sam_model_test import batches
+from tests.sam_model_test import sgd
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+
+
+def two_in_two_out():
+    keras.utils.set_random_seed(11)
+    a = keras.Input((5,), name="a")
+    b = keras.Input((2,), name="b")
+    h = keras.layers.Dense(8, activation="relu")(
+        keras.layers.Concatenate()([a, b])
+    )
+    h = keras.layers.Dropout(0.2)(h)
+    cls = keras.layers.Dense(3, name="cls")(h)
+    reg = keras.layers.Dense(1, name="reg")(h)
+    return keras.Model({"a": a, "b": b}, {"cls": cls, "reg": reg})
+
+
+def two_in_two_out_data():
+    x, y, _, _ = softmax_data()
+    rng = np.random.RandomState(4)
+    inputs = {"a": x, "b": rng.randn(len(x), 2).astype("float32")}
+    targets = {"cls": y, "reg": rng.randn(len(x), 1).astype("float32")}
+    return inputs, targets
+
+
+def softmax_setup():
+    x, y, w0, b0 = softmax_data()
+    return softmax_regression(w0, b0), x, y
+
+
+def multi_io_setup():
+    inputs, targets = two_in_two_out_data()
+    return two_in_two_out(), inputs, targets
+
+
+MULTI_IO_COMPILE = dict(
+    loss={"cls": xent(), "reg": "mse"},
+    loss_weights={"cls": 1.0, "reg": 0.5},
+    metrics={"cls": ["accuracy"], "reg": ["mae"]},
+)
+
+CONFIGS = {
+    "multi_input_multi_output": (multi_io_setup, MULTI_IO_COMPILE, {}),
+    "steps_per_execution": (
+        softmax_setup,
+        dict(loss=xent(), metrics=["accuracy"], steps_per_execution=3),
+        {},
+    ),
+    "gradient_accumulation": (
+        softmax_setup,
+        dict(loss=xent(), optimizer_kwargs=dict(gradient_accumulation_steps=2)),
+        {},
+    ),
+    "clipnorm": (
+        softmax_setup,
+        dict(loss=xent(), optimizer_kwargs=dict(clipnorm=0.05)),
+        {},
+    ),
+    "global_clipnorm_and_weight_decay": (
+        softmax_setup,
+        dict(
+            loss=xent(),
+            optimizer_kwargs=dict(global_clipnorm=0.05, weight_decay=0.1),
+        ),
+        {},
+    ),
+    "class_weight_and_weighted_metrics": (
+        softmax_setup,
+        dict(loss=xent(), weighted_metrics=["accuracy"]),
+        dict(class_weight={0: 1.0, 1: 3.0, 2: 0.5}),
+    ),
+}
+
+
+def compile_and_fit(model, x, y, compile_kwargs, fit_kwargs):
+    compile_kwargs = dict(compile_kwargs)
+    optimizer_kwargs = compile_kwargs.pop("optimizer_kwargs", {})
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            LR, momentum=MOMENTUM, **optimizer_kwargs
+        ),
+        **compile_kwargs,
+    )
+    return model.fit(
+        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, **fit_kwargs
+    )
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rho_zero_reproduces_plain_fit_bitwise(config):
+    setup, compile_kwargs, fit_kwargs = CONFIGS[config]
+    base, x, y = setup()
+    plain_history = compile_and_fit(base, x, y, compile_kwargs, fit_kwargs)
+    plain_weights = [v.numpy() for v in base.variables]
+
+    base, x, y = setup()
+    model = keras_sam.SAMModel(base, rho=0.0)
+    sam_history = compile_and_fit(model, x, y, compile_kwargs, fit_kwargs)
+
+    assert sam_history.history == plain_history.history
+    for want, got in zip(plain_weights, base.variables):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_multi_output_logs_every_output_loss_and_metric():
+    base, x, y = multi_io_setup()
+    model = keras_sam.SAMModel(base, rho=RHO)
+    history = compile_and_fit(model, x, y, MULTI_IO_COMPILE, {})
+    logs = history.history
+    assert set(logs) >= {"loss", "cls_loss", "reg_loss", "cls_accuracy"}
+    for name in ("cls_loss", "reg_loss", "reg_mae"):
+        assert np.all(np.array(logs[name]) > 0), name
+    np.testing.assert_allclose(
+        logs["loss"],
+        np.add(logs["cls_loss"], 0.5 * np.array(logs["reg_loss"])),
+        rtol=1e-5,
+    )
+
+
+def test_steps_per_execution_does_not_change_sam_steps():
+    results = []
+    for steps in (1, 3):
+        base, x, y = softmax_setup()
+        model = keras_sam.SAMModel(base, rho=RHO)
+        model.compile(optimizer=sgd(), loss=xent(), steps_per_execution=steps)
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        results.append(base.get_weights())
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_class_weight_is_the_oracle_with_per_example_weights():
+    class_weight = {0: 1.0, 1: 3.0, 2: 0.5}
+    x, y, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(softmax_regression(w0, b0), rho=RHO)
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(
+        x,
+        y,
+        class_weight=class_weight,
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+    )
+    sw = np.array([class_weight[int(c)] for c in y])
+    want_w, want_b, _ = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y, sw), RHO, LR, MOMENTUM
+    )
+    np.testing.assert_allclose(model.base.get_weights()[0], want_w, rtol=1e-5)
+    np.testing.assert_allclose(model.base.get_weights()[1], want_b, rtol=1e-5)
