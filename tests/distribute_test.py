@@ -127,3 +127,14 @@ def test_batchnorm_and_dropout_train_under_mirrored_strategy(rho):
         for a, b in zip(plain, sam):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert N % BATCH == 0
+
+
+def test_jit_compile_auto_is_off_under_tf_distribute_as_in_keras():
+    _, _, w0, b0 = softmax_data()
+    with mirrored().scope():
+        model = keras_sam.SAMModel(softmax_regression(w0, b0))
+        model.compile(optimizer="sgd", loss=xent(), jit_compile="auto")
+        plain = softmax_regression(w0, b0)
+        plain.compile(optimizer="sgd", loss=xent(), jit_compile="auto")
+    assert model.jit_compile is False
+    assert model.jit_compile == plain.jit_compile
