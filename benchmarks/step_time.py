@@ -1,0 +1,262 @@
+"""Step time and peak memory of SAM over plain SGD, measured in one process.
+
+    python -m benchmarks.step_time --output=docs/performance.json
+
+For each model, the contenders (plain `fit` with SGD, `SAMModel`, its
+m-sharpness and sync options, and the naive port that assigns ε to the
+variables, recomputes and subtracts it) are compiled once, then timed in
+interleaved rounds, so that load on this shared machine hits all of them
+alike. We report per-round ratios to SGD and their median and spread; a
+ratio is meaningful, a single wall-clock time is not.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_sam  # noqa: E402
+from keras_sam import perturbations  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_list(
+        "models",
+        ["small_cnn", "resnet20", "wrn_16_4"],
+        "Models to time: small_cnn (28x28x1), resnet20 and wrn_16_4 (32x32x3).",
+    )
+    flags.DEFINE_list(
+        "modes", ["graph", "xla"], "Compilation modes: graph and/or xla."
+    )
+    flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
+    flags.DEFINE_integer("steps", 10, "Training steps per contender a round.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size of every step.")
+    flags.DEFINE_string("output", None, "Write the results as JSON here.")
+
+
+def small_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def _residual_net(depth, width, blocks_per_stage=None):
+    """A pre-activation CIFAR ResNet/WRN, enough for timing."""
+    blocks = blocks_per_stage or (depth - 4) // 6 if width > 1 else None
+    if blocks is None:
+        blocks = (depth - 2) // 6
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    for stage, channels in enumerate((16 * width, 32 * width, 64 * width)):
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            shortcut = h
+            h = keras.layers.BatchNormalization()(h)
+            h = keras.layers.ReLU()(h)
+            if stride != 1 or shortcut.shape[-1] != channels:
+                shortcut = keras.layers.Conv2D(
+                    channels, 1, strides=stride, use_bias=False
+                )(h)
+            h = keras.layers.Conv2D(
+                channels, 3, strides=stride, padding="same", use_bias=False
+            )(h)
+            h = keras.layers.BatchNormalization()(h)
+            h = keras.layers.ReLU()(h)
+            h = keras.layers.Conv2D(
+                channels, 3, padding="same", use_bias=False
+            )(h)
+            h = keras.layers.Add()([h, shortcut])
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(10)(h))
+
+
+MODELS = {
+    "small_cnn": (small_cnn, (28, 28, 1)),
+    "resnet20": (lambda: _residual_net(20, 1, blocks_per_stage=3), (32, 32, 3)),
+    "wrn_16_4": (lambda: _residual_net(16, 4, blocks_per_stage=2), (32, 32, 3)),
+}
+
+
+class NaiveSAM(keras.Model):
+    """What earlier ports do: assign w + ε, recompute, subtract ε back."""
+
+    def __init__(self, base, rho=0.05):
+        super().__init__()
+        self.base = base
+        self.rho = rho
+
+    def call(self, inputs, training=None):
+        return self.base(inputs, training=training)
+
+    def train_step(self, data):
+        x, y = data
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        grads = tape.gradient(loss, variables)
+        eps = perturbations.sam_perturbation(grads, self.rho)
+        for v, e in zip(variables, eps):
+            v.assign_add(e)
+        with tf.GradientTape() as tape:
+            loss2 = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss2, variables)
+        for v, e in zip(variables, eps):
+            v.assign_sub(e)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self._loss_tracker.update_state(loss)
+        return self.compute_metrics(x, y, y_pred)
+
+
+CONTENDERS = {
+    "sgd": lambda base: base,
+    "sam": lambda base: keras_sam.SAMModel(base, rho=0.05),
+    "sam_micro_batches_2": lambda base: keras_sam.SAMModel(
+        base, rho=0.05, micro_batches=2
+    ),
+    "sam_sync": lambda base: keras_sam.SAMModel(
+        base, rho=0.05, sync_perturbations=True
+    ),
+    "naive_assign_subtract": lambda base: NaiveSAM(base, rho=0.05),
+}
+
+
+def _dataset(shape, batch_size):
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_size * 4, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size * 4)
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .batch(batch_size, drop_remainder=True)
+        .cache()
+        .repeat()
+    )
+
+
+def time_model(name, mode, rounds, steps, batch_size):
+    build, shape = MODELS[name]
+    dataset = _dataset(shape, batch_size)
+    models = {}
+    for contender, wrap in CONTENDERS.items():
+        keras.utils.set_random_seed(0)
+        model = wrap(build())
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=(mode == "xla"),
+        )
+        model.fit(dataset, steps_per_epoch=2, verbose=0)  # trace, warm up
+        models[contender] = model
+    seconds = {c: [] for c in models}
+    for _ in range(rounds):
+        for contender, model in models.items():
+            start = time.perf_counter()
+            model.fit(dataset, steps_per_epoch=steps, verbose=0)
+            seconds[contender].append((time.perf_counter() - start) / steps)
+    sgd = np.array(seconds["sgd"])
+    result = {"params": int(models["sgd"].count_params()), "contenders": {}}
+    for contender, values in seconds.items():
+        ratios = np.array(values) / sgd
+        result["contenders"][contender] = {
+            "median_step_ms": 1e3 * float(np.median(values)),
+            "median_ratio_to_sgd": float(np.median(ratios)),
+            "ratio_min": float(ratios.min()),
+            "ratio_max": float(ratios.max()),
+        }
+    return result
+
+
+def peak_memory_mb(contender, name, batch_size):
+    """Peak RSS of a fresh process training one contender (Linux, in MB)."""
+    import subprocess
+
+    code = (
+        "import sys; sys.argv=['x']; from benchmarks import step_time as s; "
+        f"s._train_only({contender!r}, {name!r}, {batch_size})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _train_only(contender, name, batch_size):
+    build, shape = MODELS[name]
+    keras.utils.set_random_seed(0)
+    model = CONTENDERS[contender](build())
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    model.fit(_dataset(shape, batch_size), steps_per_epoch=5, verbose=0)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def run(flags_obj):
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "batch_size": flags_obj.batch_size,
+        "timings": {},
+        "peak_rss_mb": {},
+    }
+    for name in flags_obj.models:
+        for mode in flags_obj.modes:
+            key = f"{name}/{mode}"
+            results["timings"][key] = time_model(
+                name,
+                mode,
+                flags_obj.rounds,
+                flags_obj.steps,
+                flags_obj.batch_size,
+            )
+            print(key, json.dumps(results["timings"][key], indent=1))
+        results["peak_rss_mb"][name] = {
+            c: peak_memory_mb(c, name, flags_obj.batch_size)
+            for c in ("sgd", "sam", "naive_assign_subtract")
+        }
+        print(name, "peak RSS MB", results["peak_rss_mb"][name])
+    if flags_obj.output:
+        with open(flags_obj.output, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def main(_):
+    run(FLAGS)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
