@@ -1,0 +1,569 @@
+"""Sharpness of a trained model: Hessian spectrum, m-sharpness, landscapes.
+
+Works on any Keras model (not only `SAMModel`) and a `tf.data.Dataset` of
+`(x, y)` batches. The loss is the mean of `loss_fn(y, model(x))` over all
+examples of the dataset (batches weighted by their size); `loss_fn` may
+return per-example losses or their batch mean. Nothing else is added (no
+regularizers): pass a loss that includes what you want measured.
+
+Every evaluation runs statelessly: BatchNorm statistics, seeds and weights are
+never modified. By default the model is evaluated with `training=False`
+(BatchNorm uses its moving statistics, dropout is off), which makes the loss
+a deterministic function of the weights; pass `training=True` to measure
+with batch statistics instead.
+
+Hessian-vector products use double backpropagation; the Hessian itself is
+never formed. Eigenvalues come from the Lanczos algorithm with full
+reorthogonalization (Golub & Van Loan, ch. 10), the spectral density from
+stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, ICML 2019), and the
+random directions of the landscapes are filter-normalized as in Li et al.,
+"Visualizing the Loss Landscape of Neural Nets" (NeurIPS 2018).
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_sam import perturbations
+
+
+class _LossFunctions:
+    """The mean loss, its gradient and HVPs at given weights, compiled once."""
+
+    def __init__(self, model, dataset, loss_fn, training):
+        self.model = model
+        self.dataset = dataset
+        self.loss_fn = loss_fn
+        self.training = training
+        self.variables = model.trainable_variables
+        self._batch_loss = tf.function(self._batch_loss_impl)
+        self._batch_grad = tf.function(self._batch_grad_impl)
+        self._batch_hvp = tf.function(self._batch_hvp_impl)
+
+    def _loss_at(self, weights, x, y):
+        mapping = list(zip(self.variables, weights))
+        mapping.extend(
+            (v, tf.convert_to_tensor(v.value))
+            for v in self.model.non_trainable_variables
+        )
+        with keras.StatelessScope(state_mapping=mapping):
+            y_pred = self.model(x, training=self.training)
+            # Per-example losses or their mean: either way, the batch mean.
+            return tf.reduce_mean(tf.cast(self.loss_fn(y, y_pred), tf.float32))
+
+    def _batch_loss_impl(self, weights, x, y):
+        return self._loss_at(weights, x, y)
+
+    def _batch_grad_impl(self, weights, x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss = self._loss_at(weights, x, y)
+        return loss, _zeros_for_none(tape.gradient(loss, weights), weights)
+
+    def _batch_hvp_impl(self, weights, vector, x, y):
+        with tf.GradientTape() as outer:
+            outer.watch(weights)
+            with tf.GradientTape() as inner:
+                inner.watch(weights)
+                loss = self._loss_at(weights, x, y)
+            grads = _zeros_for_none(inner.gradient(loss, weights), weights)
+            grad_dot_vector = tf.add_n(
+                [tf.reduce_sum(g * v) for g, v in zip(grads, vector)]
+            )
+        return _zeros_for_none(
+            outer.gradient(grad_dot_vector, weights), weights
+        )
+
+    def current_weights(self):
+        return [tf.convert_to_tensor(v.value) for v in self.variables]
+
+    def _mean_over_dataset(self, fn, *args):
+        total, count = None, 0
+        for x, y in self.dataset:
+            n = int(tf.shape(tf.nest.flatten(x)[0])[0])
+            value = tf.nest.map_structure(
+                lambda t, n=n: t.numpy().astype(np.float64) * n, fn(*args, x, y)
+            )
+            total = (
+                value
+                if total is None
+                else tf.nest.map_structure(np.add, total, value)
+            )
+            count += n
+        if count == 0:
+            raise ValueError("`dataset` is empty.")
+        return tf.nest.map_structure(lambda t: t / count, total)
+
+    def loss(self, weights):
+        return float(self._mean_over_dataset(self._batch_loss, weights))
+
+    def loss_and_gradient(self, weights):
+        loss, grads = self._mean_over_dataset(self._batch_grad, weights)
+        return float(loss), grads
+
+    def hvp(self, weights, vector):
+        return self._mean_over_dataset(self._batch_hvp, weights, vector)
+
+
+def _zeros_for_none(grads, weights):
+    return [
+        tf.zeros_like(w) if g is None else g for g, w in zip(grads, weights)
+    ]
+
+
+class _Flattener:
+    """Maps a list of tensors to one float64 vector and back."""
+
+    def __init__(self, variables):
+        self.shapes = [tuple(v.shape) for v in variables]
+        self.dtypes = [v.dtype for v in variables]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.size = sum(self.sizes)
+
+    def flatten(self, tensors):
+        return np.concatenate(
+            [np.asarray(t, np.float64).reshape(-1) for t in tensors]
+        )
+
+    def unflatten(self, vector):
+        out, start = [], 0
+        for shape, size, dtype in zip(self.shapes, self.sizes, self.dtypes):
+            piece = vector[start : start + size].reshape(shape)
+            out.append(tf.constant(piece, dtype=dtype))
+            start += size
+        return out
+
+
+def _progress(total, verbose):
+    return keras.utils.Progbar(total, verbose=1 if verbose else 0)
+
+
+def _tridiagonal_eigen(alphas, betas):
+    tridiagonal = np.diag(alphas)
+    off = np.array(betas[: len(alphas) - 1])
+    if len(off):
+        tridiagonal += np.diag(off, 1) + np.diag(off, -1)
+    return np.linalg.eigh(tridiagonal)
+
+
+def _lanczos(
+    matvec, size, steps, rng, tol, progress=None, converged=None, every=4
+):
+    """Lanczos tridiagonalization with full reorthogonalization.
+
+    Returns the tridiagonal's eigenvalues (Ritz values, ascending) and the
+    squared first components of its eigenvectors (the quadrature weights).
+    Stops early on an invariant subspace (β ≈ 0), which is how a zero or
+    low-rank Hessian ends, or when `converged(ritz_values)`, asked every
+    `every` steps, says so.
+    """
+    steps = min(steps, size)
+    basis = np.zeros((steps, size))
+    alphas, betas = [], []
+    v = rng.standard_normal(size)
+    v /= np.linalg.norm(v)
+    for j in range(steps):
+        basis[j] = v
+        w = matvec(v)
+        alpha = float(v @ w)
+        w = w - alpha * v - (betas[-1] * basis[j - 1] if j else 0.0)
+        # Reorthogonalizing twice keeps the basis orthonormal in floating
+        # point; without it Lanczos reports ghost copies of eigenvalues.
+        for _ in range(2):
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        alphas.append(alpha)
+        beta = float(np.linalg.norm(w))
+        if progress is not None:
+            progress.add(1)
+        if beta <= tol * max(1.0, max(abs(a) for a in alphas)):
+            break
+        if (
+            converged is not None
+            and (j + 1) % every == 0
+            and converged(_tridiagonal_eigen(alphas, betas)[0])
+        ):
+            break
+        betas.append(beta)
+        v = w / beta
+    ritz, vectors = _tridiagonal_eigen(alphas, betas)
+    return ritz, vectors[0] ** 2
+
+
+def hessian_top_eigenvalues(
+    model,
+    dataset,
+    loss_fn,
+    k=1,
+    max_iterations=100,
+    tol=1e-4,
+    training=False,
+    seed=0,
+    verbose=False,
+):
+    """The `k` largest eigenvalues of the Hessian of the mean loss.
+
+    The Hessian is taken with respect to `model.trainable_variables` at
+    their current values, of the mean of `loss_fn(y, model(x))` over all
+    examples in `dataset`. It is never formed: each Lanczos step costs one
+    Hessian-vector product (one double-backprop pass over `dataset`).
+    Iteration stops when the top `k` Ritz values change by less than `tol`
+    (relative) over 4 steps, when an invariant subspace is found (for
+    example a zero Hessian), or after `max_iterations` products.
+
+    Args:
+        model: a built Keras model.
+        dataset: a `tf.data.Dataset` of `(x, y)` batches.
+        loss_fn: `loss_fn(y_true, y_pred)` returning the batch mean.
+        k: how many eigenvalues. Defaults to `1`.
+        max_iterations: cap on Hessian-vector products. Defaults to `100`.
+        tol: relative tolerance. Defaults to `1e-4`.
+        training: evaluate the model in training mode (batch statistics).
+            Defaults to `False`.
+        seed: seed of the starting vector. Defaults to `0`.
+        verbose: show a progress bar. Defaults to `False`.
+
+    Returns:
+        A NumPy array of `k` eigenvalues, largest first. Where the Krylov
+        space closes before `k` values are found (a Hessian of rank < k seen
+        from the start vector), the missing ones are reported as 0.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1. Received: k={k!r}")
+    functions = _LossFunctions(model, dataset, loss_fn, training)
+    flat = _Flattener(functions.variables)
+    if k > flat.size:
+        raise ValueError(
+            f"`k={k}` exceeds the number of trainable weights ({flat.size})."
+        )
+    weights = functions.current_weights()
+
+    def matvec(v):
+        return flat.flatten(functions.hvp(weights, flat.unflatten(v)))
+
+    previous = [None]
+
+    def converged(ritz):
+        top = np.sort(ritz)[::-1][:k]
+        done = (
+            len(top) == k
+            and previous[0] is not None
+            and np.all(
+                np.abs(top - previous[0]) <= tol * np.maximum(1.0, np.abs(top))
+            )
+        )
+        previous[0] = top if len(top) == k else None
+        return done
+
+    ritz, _ = _lanczos(
+        matvec,
+        flat.size,
+        max_iterations,
+        np.random.default_rng(seed),
+        tol * 1e-3,
+        _progress(max_iterations, verbose),
+        converged,
+    )
+    top = np.sort(ritz)[::-1][:k]
+    return np.pad(top, (0, k - len(top)))
+
+
+def hessian_spectral_density(
+    model,
+    dataset,
+    loss_fn,
+    lanczos_steps=40,
+    num_probes=2,
+    grid_size=512,
+    sigma=None,
+    training=False,
+    seed=0,
+    verbose=False,
+):
+    """An estimate of the Hessian's eigenvalue density, by stochastic Lanczos.
+
+    Each probe is a Gaussian vector; `lanczos_steps` Lanczos iterations from
+    it give nodes θ (Ritz values) and weights τ (squared first components).
+    The density is the probes' average of `Σ τ_i N(t; θ_i, σ²)` on a grid.
+
+    Args:
+        lanczos_steps: Hessian-vector products per probe. Defaults to `40`.
+        num_probes: random starting vectors. Defaults to `2`.
+        grid_size: points of the returned grid. Defaults to `512`.
+        sigma: width of the Gaussian kernel; defaults to 1% of the spectral
+            range.
+        Other arguments as in `hessian_top_eigenvalues`.
+
+    Returns:
+        `(grid, density, nodes, weights)`: the density on `grid` (it
+        integrates to about 1), and every probe's nodes and weights.
+    """
+    functions = _LossFunctions(model, dataset, loss_fn, training)
+    flat = _Flattener(functions.variables)
+    weights = functions.current_weights()
+
+    def matvec(v):
+        return flat.flatten(functions.hvp(weights, flat.unflatten(v)))
+
+    progress = _progress(lanczos_steps * num_probes, verbose)
+    nodes, quad_weights = [], []
+    for probe in range(num_probes):
+        ritz, tau = _lanczos(
+            matvec,
+            flat.size,
+            lanczos_steps,
+            np.random.default_rng(seed + probe),
+            1e-10,
+            progress,
+        )
+        nodes.append(ritz)
+        quad_weights.append(tau)
+    all_nodes = np.concatenate(nodes)
+    low, high = all_nodes.min(), all_nodes.max()
+    span = max(high - low, 1e-6 * max(1.0, abs(high)))
+    sigma = sigma or 0.01 * span
+    grid = np.linspace(low - 0.1 * span, high + 0.1 * span, grid_size)
+    density = np.zeros_like(grid)
+    for ritz, tau in zip(nodes, quad_weights):
+        kernel = np.exp(
+            -((grid[:, None] - ritz[None, :]) ** 2) / (2 * sigma**2)
+        )
+        density += kernel @ tau / (sigma * math.sqrt(2 * math.pi))
+    return grid, density / num_probes, nodes, quad_weights
+
+
+def m_sharpness(model, dataset, loss_fn, rho, m, training=False):
+    """The paper's m-sharpness (Foret et al., 2021, §4.1).
+
+    The examples of `dataset` are grouped into consecutive disjoint sets of
+    `m` (a trailing remainder is dropped); for each set S, one ascent step
+    gives `ε = ρ ∇L_S(w)/‖∇L_S(w)‖` and the set's sharpness is
+    `L_S(w + ε) − L_S(w)`. Returns the mean over sets.
+
+    Args:
+        rho: radius ρ > 0.
+        m: examples per set, ≥ 1.
+        Other arguments as in `hessian_top_eigenvalues`.
+
+    Returns:
+        The mean sharpness, a Python float.
+    """
+    if not rho > 0:
+        raise ValueError(f"`rho` must be > 0. Received: rho={rho}")
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"`m` must be an integer >= 1. Received: m={m!r}")
+    groups = dataset.unbatch().batch(m, drop_remainder=True)
+    functions = _LossFunctions(model, groups, loss_fn, training)
+    weights = functions.current_weights()
+    values = []
+    for x, y in groups:
+        loss, grads = functions._batch_grad(weights, x, y)
+        eps = perturbations.sam_perturbation(grads, rho)
+        perturbed = [w + e for w, e in zip(weights, eps)]
+        values.append(
+            float(functions._batch_loss(perturbed, x, y)) - float(loss)
+        )
+    if not values:
+        raise ValueError(f"`dataset` has fewer than m={m} examples.")
+    return float(np.mean(values))
+
+
+def filter_normalized_direction(weights, seed=0, ignore_1d=True):
+    """A random direction scaled filter by filter to the weights' norms.
+
+    For every kernel (rank ≥ 2) the direction is Gaussian, and each filter
+    (a slice along the last axis, the output channels in Keras) is rescaled
+    to the Frobenius norm of the matching filter of the weights (Li et al.,
+    2018). Rank-0/1 weights (biases, normalization parameters) get a zero
+    direction when `ignore_1d`, as in the paper, and are otherwise
+    normalized as a whole.
+
+    Args:
+        weights: list of weight arrays.
+        seed: random seed. Defaults to `0`.
+        ignore_1d: zero direction for rank < 2 weights. Defaults to `True`.
+
+    Returns:
+        A list of NumPy arrays shaped like `weights`.
+    """
+    rng = np.random.default_rng(seed)
+    direction = []
+    for w in weights:
+        w = np.asarray(w, np.float64)
+        d = rng.standard_normal(w.shape)
+        if w.ndim < 2:
+            if ignore_1d:
+                d = np.zeros_like(w)
+            else:
+                d *= np.linalg.norm(w) / (np.linalg.norm(d) + 1e-10)
+        else:
+            axes = tuple(range(w.ndim - 1))
+            w_norm = np.sqrt(np.sum(w**2, axis=axes, keepdims=True))
+            d_norm = np.sqrt(np.sum(d**2, axis=axes, keepdims=True))
+            d *= w_norm / (d_norm + 1e-10)
+        direction.append(d)
+    return direction
+
+
+def _weights_of(model):
+    return [
+        np.asarray(v.numpy(), np.float64) for v in model.trainable_variables
+    ]
+
+
+def loss_landscape_1d(
+    model, dataset, loss_fn, alphas, direction=None, training=False, seed=0
+):
+    """Loss at `w + α d` for each α; `d` filter-normalized unless given.
+
+    Returns a NumPy array aligned with `alphas`.
+    """
+    functions = _LossFunctions(model, dataset, loss_fn, training)
+    w = _weights_of(model)
+    d = direction or filter_normalized_direction(w, seed)
+    return np.array(
+        [
+            functions.loss(_combine(functions, w, [(a, d)]))
+            for a in np.asarray(alphas, np.float64)
+        ]
+    )
+
+
+def loss_landscape_2d(
+    model,
+    dataset,
+    loss_fn,
+    alphas,
+    betas,
+    directions=None,
+    training=False,
+    seed=0,
+):
+    """Loss at `w + α d₁ + β d₂` on the grid `alphas × betas`.
+
+    Returns an array of shape `(len(alphas), len(betas))`.
+    """
+    functions = _LossFunctions(model, dataset, loss_fn, training)
+    w = _weights_of(model)
+    d1, d2 = directions or (
+        filter_normalized_direction(w, seed),
+        filter_normalized_direction(w, seed + 1),
+    )
+    return np.array(
+        [
+            [
+                functions.loss(_combine(functions, w, [(a, d1), (b, d2)]))
+                for b in betas
+            ]
+            for a in alphas
+        ]
+    )
+
+
+def linear_interpolation(
+    model_a, model_b, dataset, loss_fn, alphas, training=False
+):
+    """Loss at `(1 − α) w_a + α w_b`, evaluated with `model_a`'s architecture.
+
+    The two models must have the same trainable weight shapes (e.g. the same
+    network trained with SGD and with SAM).
+    """
+    w_a, w_b = _weights_of(model_a), _weights_of(model_b)
+    if [w.shape for w in w_a] != [w.shape for w in w_b]:
+        raise ValueError(
+            "`model_a` and `model_b` have different weight shapes."
+        )
+    functions = _LossFunctions(model_a, dataset, loss_fn, training)
+    difference = [b - a for a, b in zip(w_a, w_b)]
+    return np.array(
+        [
+            functions.loss(_combine(functions, w_a, [(t, difference)]))
+            for t in np.asarray(alphas, np.float64)
+        ]
+    )
+
+
+def _combine(functions, weights, steps):
+    combined = [np.array(w) for w in weights]
+    for scale, direction in steps:
+        for c, d in zip(combined, direction):
+            c += scale * d
+    return [
+        tf.constant(c, dtype=v.dtype)
+        for c, v in zip(combined, functions.variables)
+    ]
+
+
+def plot_landscape_1d(alphas, losses, path, labels=None, title=None):
+    """Writes a PNG of one or more 1-D landscapes (a list of loss arrays)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    curves = losses if isinstance(losses, (list, tuple)) else [losses]
+    labels = labels or [None] * len(curves)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for curve, label in zip(curves, labels):
+        ax.plot(alphas, curve, label=label)
+    ax.set_xlabel("α (filter-normalized direction)")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    if any(labels):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_landscape_2d(alphas, betas, surfaces, path, titles=None, levels=20):
+    """Writes a PNG of side-by-side 2-D landscape contours, one per surface."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    surfaces = surfaces if isinstance(surfaces, (list, tuple)) else [surfaces]
+    titles = titles or [None] * len(surfaces)
+    fig, axes = plt.subplots(
+        1, len(surfaces), figsize=(4.5 * len(surfaces), 4), squeeze=False
+    )
+    vmax = max(float(np.max(s)) for s in surfaces)
+    vmin = min(float(np.min(s)) for s in surfaces)
+    for ax, surface, title in zip(axes[0], surfaces, titles):
+        contour = ax.contourf(
+            betas, alphas, surface, levels=np.linspace(vmin, vmax, levels)
+        )
+        ax.set_xlabel("β")
+        ax.set_ylabel("α")
+        if title:
+            ax.set_title(title)
+    fig.colorbar(contour, ax=axes[0].tolist())
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_spectral_density(grid, density, path, label=None, log=True):
+    """Writes a PNG of a Hessian spectral density (log scale by default)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    grids = grid if isinstance(grid, (list, tuple)) else [grid]
+    densities = density if isinstance(density, (list, tuple)) else [density]
+    labels = label if isinstance(label, (list, tuple)) else [label] * len(grids)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for g, d, lab in zip(grids, densities, labels):
+        ax.plot(g, np.maximum(d, 1e-12) if log else d, label=lab)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    if any(labels):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
