@@ -16,6 +16,7 @@ setuptools.setup(
         "keras>=3.10,<4",
         "absl-py>=2.1",
         "tensorflow-datasets>=4.9",
+        "tensorboard>=2.16",
         "numpy>=1.26",
     ],
     extras_require={

@@ -1,0 +1,58 @@
+"""Fashion-MNIST with SAM.
+
+Reads the IDX files of Debian's `dataset-fashion-mnist` package by default
+(or a prepared tensorflow-datasets copy in --data_dir). Quick run on a CPU:
+
+    python -m trainers.fashion_mnist --output_dir=runs/fmnist_sam
+
+The paper's setting (WRN-28-10, 200 epochs, batch 256, lr 0.1, weight decay
+5e-4, ρ = 0.05, cutout; 3.61 % error with SAM against 3.86 % without):
+
+    python -m trainers.fashion_mnist --model=wrn_28_10 --epochs=200 \\
+        --batch_size=256 --learning_rate=0.1 --weight_decay=5e-4 \\
+        --rho=0.05 --augmentation=cutout --output_dir=runs/fmnist_wrn
+"""
+
+from absl import app
+from absl import flags
+
+from trainers import flags as trainer_flags
+from trainers import train
+
+DATASET = "fashion_mnist"
+
+
+def define_flags():
+    trainer_flags.define_common_flags(
+        model="small_cnn",
+        epochs=10,
+        batch_size=128,
+        learning_rate=0.05,
+        weight_decay=5e-4,
+        rho=0.05,
+        data_dir=None,
+        output_dir="runs/fashion_mnist",
+    )
+
+
+def run(flags_obj, datasets_override=None, strategy_override=None):
+    return train.run(
+        flags_obj,
+        DATASET,
+        datasets_override=datasets_override,
+        strategy_override=strategy_override,
+    )
+
+
+def main(_):
+    results = run(flags.FLAGS)
+    print(
+        f"test accuracy {results['test_accuracy']:.4f}, "
+        f"test loss {results['test_loss']:.4f}, "
+        f"{results['train_steps']} steps"
+    )
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,180 @@
+"""The flags every trainer shares; each trainer sets its own defaults."""
+
+from absl import flags
+
+from trainers import augment
+from trainers import models
+from trainers import strategy
+
+DEFAULTS = dict(
+    model="small_cnn",
+    epochs=10,
+    batch_size=128,
+    learning_rate=0.05,
+    lr_schedule="cosine",
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=5e-4,
+    label_smoothing=0.0,
+    gradient_clipping=0.0,
+    ema_decay=0.0,
+    rho=0.05,
+    augmentation="none",
+)
+
+
+def define_common_flags(**defaults):
+    """Declares the shared flags, with `defaults` overriding `DEFAULTS`."""
+    d = dict(DEFAULTS, **defaults)
+    flags.DEFINE_string(
+        "data_dir",
+        d.get("data_dir"),
+        "Where the data set lives: a prepared tensorflow-datasets directory, "
+        "or for Fashion-MNIST also a directory with the four IDX .gz files.",
+    )
+    flags.DEFINE_bool(
+        "synthetic_data",
+        False,
+        "Random data with the data set's shapes and classes (smoke runs).",
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        d.get("output_dir", "runs/default"),
+        "Checkpoints, TensorBoard logs and results.json go here; a run "
+        "started again with the same output_dir resumes.",
+    )
+    flags.DEFINE_enum("model", d["model"], sorted(models.MODELS), "Model.")
+    flags.DEFINE_integer("epochs", d["epochs"], "Passes over the training set.")
+    flags.DEFINE_integer(
+        "train_steps", None, "Total training steps; overrides --epochs."
+    )
+    flags.DEFINE_integer(
+        "batch_size",
+        d["batch_size"],
+        "Global batch size, split evenly across replicas.",
+    )
+    flags.DEFINE_float(
+        "learning_rate", d["learning_rate"], "Peak learning rate of SGD."
+    )
+    flags.DEFINE_enum(
+        "lr_schedule",
+        d["lr_schedule"],
+        ["constant", "cosine"],
+        "constant, or cosine decay to 0 over all training steps.",
+    )
+    flags.DEFINE_float("momentum", d["momentum"], "SGD momentum.")
+    flags.DEFINE_bool("nesterov", d["nesterov"], "Nesterov momentum.")
+    flags.DEFINE_float(
+        "weight_decay",
+        d["weight_decay"],
+        "L2 coefficient λ added to the loss as λ·Σw² over all kernels (as in "
+        "the SAM paper's code, so SAM sees it at w + ε); not decoupled.",
+    )
+    flags.DEFINE_float(
+        "label_smoothing", d["label_smoothing"], "Label smoothing in [0, 1)."
+    )
+    flags.DEFINE_float(
+        "gradient_clipping",
+        d["gradient_clipping"],
+        "Clip the global gradient norm to this value; 0 disables.",
+    )
+    flags.DEFINE_float(
+        "ema_decay",
+        d["ema_decay"],
+        "Evaluate an exponential moving average of the weights with this "
+        "decay; 0 disables.",
+    )
+    flags.DEFINE_float(
+        "rho", d["rho"], "SAM radius ρ; 0 is plain SGD through the same code."
+    )
+    flags.DEFINE_bool("adaptive", False, "ASAM instead of SAM.")
+    flags.DEFINE_float("eta", 0.01, "ASAM's η.")
+    flags.DEFINE_bool(
+        "sync_perturbations",
+        False,
+        "One ε from the all-reduced gradient instead of one per replica.",
+    )
+    flags.DEFINE_integer(
+        "micro_batches",
+        1,
+        "Split each replica's batch into this many parts, each with its own "
+        "ε (m-sharpness: m = batch_size / (replicas · micro_batches)).",
+    )
+    flags.DEFINE_enum(
+        "augmentation",
+        d["augmentation"],
+        list(augment.AUGMENTATIONS),
+        "none; basic (flip, pad 4, random crop); cutout (basic + cutout); "
+        "randaugment (basic + Keras RandAugment).",
+    )
+    flags.DEFINE_float(
+        "label_noise",
+        0.0,
+        "Fraction of training labels replaced by uniformly random classes "
+        "(seeded; the test set stays clean).",
+    )
+    flags.DEFINE_enum(
+        "strategy",
+        "default",
+        list(strategy.STRATEGIES),
+        "tf.distribute strategy; multi_worker reads TF_CONFIG.",
+    )
+    flags.DEFINE_string("tpu", None, "TPU name or grpc:// address.")
+    flags.DEFINE_enum(
+        "jit_compile",
+        "auto",
+        ["auto", "true", "false"],
+        "XLA: auto resolves as Keras does (off on CPU and under "
+        "tf.distribute).",
+    )
+    flags.DEFINE_enum(
+        "mixed_precision",
+        "none",
+        ["none", "float16", "bfloat16"],
+        "Mixed precision compute dtype (float16 for GPUs, bfloat16 for TPUs).",
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of weights, data order and noise.")
+    flags.DEFINE_bool(
+        "deterministic",
+        False,
+        "Deterministic TensorFlow ops, so a resumed run matches an "
+        "uninterrupted one.",
+    )
+    flags.DEFINE_integer(
+        "checkpoint_every_steps",
+        None,
+        "Save a checkpoint every this many steps (default: every epoch).",
+    )
+    flags.DEFINE_integer(
+        "eval_every_epochs", 1, "Evaluate on the test set every N epochs."
+    )
+    flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0, 1 (bars), 2.")
+    _define_validators()
+
+
+def _define_validators():
+    checks = {
+        "rho": (lambda v: v >= 0, "must be >= 0"),
+        "eta": (lambda v: v > 0, "must be > 0"),
+        "batch_size": (lambda v: v >= 1, "must be >= 1"),
+        "epochs": (lambda v: v >= 1, "must be >= 1"),
+        "train_steps": (lambda v: v is None or v >= 1, "must be >= 1"),
+        "micro_batches": (lambda v: v >= 1, "must be >= 1"),
+        "learning_rate": (lambda v: v > 0, "must be > 0"),
+        "label_noise": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+        "label_smoothing": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        "ema_decay": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+        "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+        "gradient_clipping": (lambda v: v >= 0, "must be >= 0"),
+        "checkpoint_every_steps": (
+            lambda v: v is None or v >= 1,
+            "must be >= 1",
+        ),
+        "eval_every_epochs": (lambda v: v >= 1, "must be >= 1"),
+    }
+    for name, (check, message) in checks.items():
+        flags.register_validator(
+            name,
+            check,
+            message=f"--{name} {message}",
+        )

@@ -1,0 +1,340 @@
+"""The training loop every trainer runs: data, model, SAM, fit, results.
+
+Batches are indexed by their absolute step: data epoch k visits the training
+set in the order of a permutation seeded by (seed, k). A resumed run
+therefore sees exactly the batches an uninterrupted run would. Checkpoints
+hold every model and optimizer variable (seed states included, which Keras'
+weight files leave out) and the step, written to a temporary file and
+renamed into place, so a kill never leaves a half-written checkpoint.
+"""
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_sam
+from trainers import augment as augment_lib
+from trainers import data as data_lib
+from trainers import models
+from trainers import strategy as strategy_lib
+
+CHECKPOINT = "checkpoint.npz"
+RESULTS = "results.json"
+
+
+def write_atomically(path, write):
+    """Calls `write(file)` on a temporary file, then renames it to `path`."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _state_variables(model):
+    return list(model.variables) + list(model.optimizer.variables)
+
+
+def save_checkpoint(path, model, step):
+    arrays = {f"v{i}": v.numpy() for i, v in enumerate(_state_variables(model))}
+    write_atomically(path, lambda f: np.savez(f, step=np.int64(step), **arrays))
+
+
+def restore_checkpoint(path, model):
+    """Loads a checkpoint into `model`; returns its step."""
+    with np.load(path) as saved:
+        variables = _state_variables(model)
+        if len(saved.files) - 1 != len(variables):
+            raise ValueError(
+                f"Checkpoint {path} holds {len(saved.files) - 1} variables "
+                f"but the model has {len(variables)}; was it written by "
+                "another model or flag setting?"
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(saved[f"v{i}"])
+        return int(saved["step"])
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves `checkpoint.npz` every `every` steps and at the end of training."""
+
+    def __init__(self, path, every, start_step, is_chief=True):
+        super().__init__()
+        self.path = path
+        self.every = every
+        self.step = start_step
+        self.is_chief = is_chief
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0:
+            self._save()
+
+    def on_train_end(self, logs=None):
+        self._save()
+
+    def _save(self):
+        path = self.path if self.is_chief else self.path + ".worker"
+        save_checkpoint(path, self.model, self.step)
+
+
+def step_indices(num_examples, batch_size, steps, seed):
+    """Example indices of every training step: shape (steps, batch_size)."""
+    per_epoch = num_examples // batch_size
+    epochs = math.ceil(steps / per_epoch)
+    order = [
+        np.random.default_rng([seed, epoch]).permutation(num_examples)[
+            : per_epoch * batch_size
+        ]
+        for epoch in range(epochs)
+    ]
+    return np.concatenate(order).reshape(-1, batch_size)[:steps]
+
+
+def training_dataset(split, indices, start_step, augment, num_classes):
+    """Batches for steps `start_step ..`, scaled, augmented and one-hot."""
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels)
+
+    def batch(index):
+        x = tf.cast(tf.gather(images, index), tf.float32) / 255.0
+        y = tf.one_hot(tf.gather(labels, index), num_classes)
+        return x, y
+
+    dataset = tf.data.Dataset.from_tensor_slices(indices[start_step:])
+    dataset = dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        dataset = dataset.map(
+            lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def test_dataset(split, batch_size, num_classes):
+    def scale(x, y):
+        return tf.cast(x, tf.float32) / 255.0, tf.one_hot(y, num_classes)
+
+    return (
+        tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+        .batch(batch_size)
+        .map(scale, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def _optimizer(flags_obj, total_steps):
+    learning_rate = flags_obj.learning_rate
+    if flags_obj.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=total_steps
+        )
+    return keras.optimizers.SGD(
+        learning_rate,
+        momentum=flags_obj.momentum,
+        nesterov=flags_obj.nesterov,
+        global_clipnorm=flags_obj.gradient_clipping or None,
+        use_ema=flags_obj.ema_decay > 0,
+        ema_momentum=flags_obj.ema_decay or 0.99,
+    )
+
+
+def _jit(value):
+    return {"auto": "auto", "true": True, "false": False}[value]
+
+
+def run(
+    flags_obj,
+    dataset_name,
+    datasets_override=None,
+    strategy_override=None,
+):
+    """Trains `flags_obj.model` on `dataset_name` with SAM; returns results.
+
+    Args:
+        flags_obj: the parsed flags (`absl.flags.FLAGS` or any object with
+            the same attributes).
+        dataset_name: a key of `trainers.data.DATASETS`.
+        datasets_override: optional `(train, test, info)` to use instead of
+            loading (tests).
+        strategy_override: optional tf.distribute strategy (tests).
+
+    Returns:
+        The results dict also written to `output_dir/results.json`.
+    """
+    start_time = time.time()
+    keras.utils.set_random_seed(flags_obj.seed)
+    if flags_obj.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = strategy_override or strategy_lib.get_strategy(
+        flags_obj.strategy, flags_obj.tpu
+    )
+    if flags_obj.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(
+            f"mixed_{flags_obj.mixed_precision}"
+        )
+
+    train, test, info = datasets_override or data_lib.load(
+        dataset_name, flags_obj.data_dir, flags_obj.synthetic_data
+    )
+    if flags_obj.label_noise > 0:
+        noisy, _ = data_lib.add_label_noise(
+            train.labels,
+            flags_obj.label_noise,
+            info.num_classes,
+            flags_obj.seed,
+        )
+        train = data_lib.Split(train.images, noisy)
+    if flags_obj.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"--batch_size={flags_obj.batch_size} must be divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas."
+        )
+    steps_per_epoch = len(train.labels) // flags_obj.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"--batch_size={flags_obj.batch_size} exceeds the "
+            f"{len(train.labels)} training examples."
+        )
+    total_steps = flags_obj.train_steps or flags_obj.epochs * steps_per_epoch
+    every = flags_obj.checkpoint_every_steps or steps_per_epoch
+
+    with strategy.scope():
+        base = models.build(
+            flags_obj.model,
+            info.shape,
+            info.num_classes,
+            flags_obj.weight_decay,
+        )
+        model = keras_sam.SAMModel(
+            base,
+            rho=flags_obj.rho,
+            adaptive=flags_obj.adaptive,
+            eta=flags_obj.eta,
+            sync_perturbations=flags_obj.sync_perturbations,
+            micro_batches=flags_obj.micro_batches,
+        )
+        model.compile(
+            optimizer=_optimizer(flags_obj, total_steps),
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=flags_obj.label_smoothing
+            ),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=_jit(flags_obj.jit_compile),
+        )
+        model.optimizer.build(model.trainable_variables)
+
+    output_dir = flags_obj.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    checkpoint_path = os.path.join(output_dir, CHECKPOINT)
+    start_step = 0
+    if os.path.exists(checkpoint_path):
+        start_step = restore_checkpoint(checkpoint_path, model)
+        print(f"Resuming from step {start_step} of {total_steps}.")
+
+    augment = None
+    if flags_obj.augmentation != "none":
+        augment = augment_lib.Augmentation(
+            flags_obj.augmentation,
+            info.shape,
+            seed=flags_obj.seed,
+            flip=dataset_name not in ("svhn",),
+        )
+    indices = step_indices(
+        len(train.labels), flags_obj.batch_size, total_steps, flags_obj.seed
+    )
+    test_data = test_dataset(test, flags_obj.batch_size, info.num_classes)
+    checkpoint = AtomicCheckpoint(
+        checkpoint_path, every, start_step, _is_chief(strategy)
+    )
+    callbacks = [
+        checkpoint,
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
+    ]
+    history = {}
+    step = start_step
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
+        fit = model.fit(
+            training_dataset(
+                train, indices, step, augment, info.num_classes
+            ).take(steps),
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            steps_per_epoch=steps,
+            validation_data=(
+                test_data
+                if (epoch + 1) % flags_obj.eval_every_epochs == 0
+                else None
+            ),
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=flags_obj.verbose,
+        )
+        for key, values in fit.history.items():
+            history.setdefault(key, []).extend(values)
+        step += steps
+        if model.stop_training:
+            raise FloatingPointError(
+                f"Training stopped at step {step}: the loss became NaN or "
+                "infinite. The last good checkpoint is "
+                f"{checkpoint_path}; try a lower --learning_rate or --rho."
+            )
+
+    if flags_obj.ema_decay > 0:
+        model.optimizer.finalize_variable_values(model.trainable_variables)
+    test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    results = {
+        "dataset": dataset_name,
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "train_steps": int(model.optimizer.iterations.numpy()),
+        "requested_train_steps": int(total_steps),
+        "resumed_from_step": int(start_step),
+        "wall_time_seconds": time.time() - start_time,
+        "replicas": strategy.num_replicas_in_sync,
+        "history": {k: [float(v) for v in vs] for k, vs in history.items()},
+        "flags": _flag_dict(flags_obj),
+    }
+    if _is_chief(strategy):
+        write_atomically(
+            os.path.join(output_dir, RESULTS),
+            lambda f: f.write(json.dumps(results, indent=1).encode()),
+        )
+    return results
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
+
+
+def _flag_dict(flags_obj):
+    if hasattr(flags_obj, "flag_values_dict"):
+        values = flags_obj.flag_values_dict()
+    else:
+        values = dict(vars(flags_obj))
+    return {
+        k: v
+        for k, v in values.items()
+        if isinstance(v, (str, int, float, bool, type(None), list))
+    }
