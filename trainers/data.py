@@ -102,23 +102,25 @@ def load_tfds(tfds_name, data_dir, train_split="train", test_split="test"):
 
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir)
-        if not builder.is_prepared():
-            raise FileNotFoundError(
-                f"No prepared tensorflow-datasets copy of {tfds_name!r} in "
-                f"--data_dir={data_dir!r} (looked in {builder.data_dir}). "
-                "Prepare it on a machine with internet access "
-                f"(tfds build {tfds_name} --data_dir=<dir>) and copy the "
-                "directory here, or use --synthetic_data."
-            )
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(
             f"Unknown tensorflow-datasets name {tfds_name!r}."
         ) from e
 
     def as_arrays(split):
-        x, y = tfds.as_numpy(
-            builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-        )
+        try:
+            dataset = builder.as_dataset(split=split, as_supervised=True)
+            batches = list(tfds.as_numpy(dataset.batch(16384)))
+        except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
+            raise FileNotFoundError(
+                f"No prepared tensorflow-datasets copy of {tfds_name!r} in "
+                f"--data_dir={data_dir!r} (looked in {builder.data_dir}). "
+                "Prepare it on a machine with internet access (tfds build "
+                f"{tfds_name} --data_dir=<dir>) and copy the directory here, "
+                "or use --synthetic_data."
+            ) from None
+        x = np.concatenate([b[0] for b in batches])
+        y = np.concatenate([b[1] for b in batches])
         return Split(x.astype(np.uint8), y.astype(np.int32))
 
     return as_arrays(train_split), as_arrays(test_split)

@@ -1,0 +1,149 @@
+"""The trainers end to end: smoke runs, strategies, resumption, bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from absl import flags
+
+from tests.distribute_test import mirrored
+from trainers import compare_sgd_sam
+from trainers import fashion_mnist
+from trainers import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def restore_op_determinism():
+    # --deterministic enables op determinism for the whole process, which
+    # also turns XLA off in Keras; later tests must not inherit it.
+    yield
+    from tensorflow.python.framework import config
+
+    if config.is_op_determinism_enabled():
+        config.disable_op_determinism()
+    assert not config.is_op_determinism_enabled()
+
+
+def make_flags(output_dir, **overrides):
+    """Parsed default flags of the Fashion-MNIST trainer, with overrides."""
+    if "rho" not in flags.FLAGS:
+        fashion_mnist.define_flags()
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["test"])
+    values = flags.FLAGS.flag_values_dict()
+    values.update(
+        synthetic_data=True,
+        batch_size=16,
+        train_steps=2,
+        verbose=0,
+        output_dir=str(output_dir),
+    )
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def test_two_synthetic_steps_write_results(tmp_path):
+    results = fashion_mnist.run(make_flags(tmp_path))
+    assert results["train_steps"] == 2
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    for key in ("test_accuracy", "test_loss", "train_steps", "flags"):
+        assert key in saved
+    assert saved["flags"]["rho"] == 0.05
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    assert os.path.exists(tmp_path / train.CHECKPOINT)
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
+    results = fashion_mnist.run(
+        make_flags(tmp_path, jit_compile="false"), strategy_override=mirrored()
+    )
+    assert results["train_steps"] == 2 and results["replicas"] == 2
+    assert np.isfinite(results["test_loss"])
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+):
+    settings = dict(
+        train_steps=6, checkpoint_every_steps=2, deterministic=True, rho=0.1
+    )
+    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
+
+    original = train.AtomicCheckpoint.on_train_batch_end
+
+    def crash_after_step_four(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 4:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(
+        train.AtomicCheckpoint, "on_train_batch_end", crash_after_step_four
+    )
+    with pytest.raises(KeyboardInterrupt):
+        fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
+    monkeypatch.undo()
+
+    resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["train_steps"] == 6
+    np.testing.assert_allclose(
+        resumed["test_loss"], whole["test_loss"], rtol=1e-6
+    )
+
+
+def test_rerunning_a_finished_run_trains_no_more(tmp_path):
+    first = fashion_mnist.run(make_flags(tmp_path))
+    again = fashion_mnist.run(make_flags(tmp_path))
+    assert again["resumed_from_step"] == 2 and again["train_steps"] == 2
+    assert again["test_loss"] == first["test_loss"]
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    fashion_mnist.run(make_flags(tmp_path))
+    with pytest.raises(ValueError, match="another model or flag setting"):
+        fashion_mnist.run(make_flags(tmp_path, model="resnet20"))
+
+
+def test_compare_table_lists_both_runs():
+    fake = {
+        name: dict(
+            flags=dict(rho=rho),
+            test_accuracy=acc,
+            test_loss=1.0,
+            train_steps=10,
+            wall_time_seconds=3.0,
+        )
+        for name, rho, acc in (("SGD", 0.0, 0.9), ("SAM", 0.05, 0.91))
+    }
+    table = compare_sgd_sam.format_table(fake)
+    assert "| SGD | 0.0 | 0.9000 |" in table
+    assert "| SAM | 0.05 | 0.9100 |" in table
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--rho=-1", "--rho must be >= 0"),
+        ("--strategy=gpu_pod", "value should be one of"),
+        ("--label_noise=1.5", "--label_noise must lie in [0, 1]"),
+    ],
+)
+def test_bad_flag_values_fail_with_a_message_naming_them(flag, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.fashion_mnist", flag],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert flag.split("=")[0] in result.stderr
+    assert message in result.stderr
