@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_sam  # noqa: E402
 from keras_sam import perturbations  # noqa: E402
+from trainers import models  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -45,59 +46,15 @@ def define_flags():
     flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
-def small_cnn():
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.BatchNormalization(),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(10),
-        ]
-    )
-
-
-def _residual_net(depth, width, blocks_per_stage=None):
-    """A pre-activation CIFAR ResNet/WRN, enough for timing."""
-    blocks = blocks_per_stage or (depth - 4) // 6 if width > 1 else None
-    if blocks is None:
-        blocks = (depth - 2) // 6
-    inputs = keras.Input((32, 32, 3))
-    h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
-    for stage, channels in enumerate((16 * width, 32 * width, 64 * width)):
-        for block in range(blocks):
-            stride = 2 if stage > 0 and block == 0 else 1
-            shortcut = h
-            h = keras.layers.BatchNormalization()(h)
-            h = keras.layers.ReLU()(h)
-            if stride != 1 or shortcut.shape[-1] != channels:
-                shortcut = keras.layers.Conv2D(
-                    channels, 1, strides=stride, use_bias=False
-                )(h)
-            h = keras.layers.Conv2D(
-                channels, 3, strides=stride, padding="same", use_bias=False
-            )(h)
-            h = keras.layers.BatchNormalization()(h)
-            h = keras.layers.ReLU()(h)
-            h = keras.layers.Conv2D(
-                channels, 3, padding="same", use_bias=False
-            )(h)
-            h = keras.layers.Add()([h, shortcut])
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.ReLU()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inputs, keras.layers.Dense(10)(h))
-
-
 MODELS = {
-    "small_cnn": (small_cnn, (28, 28, 1)),
-    "resnet20": (lambda: _residual_net(20, 1, blocks_per_stage=3), (32, 32, 3)),
-    "wrn_16_4": (lambda: _residual_net(16, 4, blocks_per_stage=2), (32, 32, 3)),
+    "small_cnn": (28, 28, 1),
+    "resnet20": (32, 32, 3),
+    "wrn_16_4": (32, 32, 3),
 }
+
+
+def _build(name):
+    return models.build(name, MODELS[name], 10)
 
 
 class NaiveSAM(keras.Model):
@@ -157,27 +114,26 @@ def _dataset(shape, batch_size):
 
 
 def time_model(name, mode, rounds, steps, batch_size):
-    build, shape = MODELS[name]
-    dataset = _dataset(shape, batch_size)
-    models = {}
+    dataset = _dataset(MODELS[name], batch_size)
+    compiled = {}
     for contender, wrap in CONTENDERS.items():
         keras.utils.set_random_seed(0)
-        model = wrap(build())
+        model = wrap(_build(name))
         model.compile(
             optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=(mode == "xla"),
         )
         model.fit(dataset, steps_per_epoch=2, verbose=0)  # trace, warm up
-        models[contender] = model
-    seconds = {c: [] for c in models}
+        compiled[contender] = model
+    seconds = {c: [] for c in compiled}
     for _ in range(rounds):
-        for contender, model in models.items():
+        for contender, model in compiled.items():
             start = time.perf_counter()
             model.fit(dataset, steps_per_epoch=steps, verbose=0)
             seconds[contender].append((time.perf_counter() - start) / steps)
     sgd = np.array(seconds["sgd"])
-    result = {"params": int(models["sgd"].count_params()), "contenders": {}}
+    result = {"params": int(compiled["sgd"].count_params()), "contenders": {}}
     for contender, values in seconds.items():
         ratios = np.array(values) / sgd
         result["contenders"][contender] = {
@@ -220,15 +176,14 @@ def _train_only(contender, name, batch_size):
     TensorFlow's start-up sets the process's peak, so the high-water mark is
     reset (Linux `clear_refs`) once the step is traced and has run.
     """
-    build, shape = MODELS[name]
     keras.utils.set_random_seed(0)
-    model = CONTENDERS[contender](build())
+    model = CONTENDERS[contender](_build(name))
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=False,
     )
-    dataset = _dataset(shape, batch_size)
+    dataset = _dataset(MODELS[name], batch_size)
     model.fit(dataset, steps_per_epoch=2, verbose=0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
