@@ -528,7 +528,11 @@ def plot_landscape_2d(alphas, betas, surfaces, path, titles=None, levels=20):
     surfaces = surfaces if isinstance(surfaces, (list, tuple)) else [surfaces]
     titles = titles or [None] * len(surfaces)
     fig, axes = plt.subplots(
-        1, len(surfaces), figsize=(4.5 * len(surfaces), 4), squeeze=False
+        1,
+        len(surfaces),
+        figsize=(4.5 * len(surfaces), 4),
+        squeeze=False,
+        constrained_layout=True,
     )
     vmax = max(float(np.max(s)) for s in surfaces)
     vmin = min(float(np.min(s)) for s in surfaces)

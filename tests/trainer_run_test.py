@@ -59,6 +59,7 @@ def test_two_synthetic_steps_write_results(tmp_path):
     assert 0.0 <= saved["test_accuracy"] <= 1.0
     assert os.path.exists(tmp_path / train.CHECKPOINT)
     assert os.listdir(tmp_path / "tensorboard")
+    assert os.path.exists(tmp_path / train.MODEL)
 
 
 def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
@@ -147,3 +148,41 @@ def test_bad_flag_values_fail_with_a_message_naming_them(flag, message):
     assert result.returncode != 0
     assert flag.split("=")[0] in result.stderr
     assert message in result.stderr
+
+
+def test_analyze_compares_two_trained_models(tmp_path):
+    from trainers import analyze
+
+    for rho in (0.0, 0.05):
+        fashion_mnist.run(make_flags(tmp_path / f"rho{rho}", rho=rho))
+    options = types.SimpleNamespace(
+        checkpoint=str(tmp_path / "rho0.0" / train.MODEL),
+        compare=str(tmp_path / "rho0.05" / train.MODEL),
+        dataset="fashion_mnist",
+        data_dir=None,
+        synthetic_data=True,
+        output_dir=str(tmp_path / "analysis"),
+        num_examples=64,
+        batch_size=32,
+        top_k=2,
+        max_iterations=6,
+        rho=0.05,
+        m=16,
+        landscape_points=3,
+        landscape_radius=0.5,
+        spectrum_steps=4,
+    )
+    results = analyze.run(options)
+    assert set(results) == {"rho0.0", "rho0.05"}
+    for r in results.values():
+        assert len(r["top_eigenvalues"]) == 2
+        assert r["top_eigenvalues"][0] >= r["top_eigenvalues"][1]
+        assert np.isfinite(r["m_sharpness"])
+        assert np.array(r["landscape_2d"]).shape == (3, 3)
+    for name in (
+        "analysis.json",
+        "landscape_1d.png",
+        "landscape_2d.png",
+        "spectrum.png",
+    ):
+        assert (tmp_path / "analysis" / name).stat().st_size > 0

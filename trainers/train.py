@@ -26,6 +26,7 @@ from trainers import strategy as strategy_lib
 
 CHECKPOINT = "checkpoint.npz"
 RESULTS = "results.json"
+MODEL = "model.keras"  # the trained base model, for inference and analysis
 
 
 def write_atomically(path, write):
@@ -105,22 +106,27 @@ def step_indices(num_examples, batch_size, steps, seed):
     return np.concatenate(order).reshape(-1, batch_size)[:steps]
 
 
-def training_dataset(split, indices, start_step, augment, num_classes):
-    """Batches for steps `start_step ..`, scaled, augmented and one-hot."""
+def training_dataset(split, indices, start_step, augment, num_classes, seed=0):
+    """Batches for steps `start_step ..`, scaled, augmented and one-hot.
+
+    The augmentation of step k is drawn from the seed (seed, k), so it too
+    is the same in a resumed and in an uninterrupted run.
+    """
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
 
-    def batch(index):
+    def batch(step, index):
         x = tf.cast(tf.gather(images, index), tf.float32) / 255.0
+        if augment is not None:
+            x = augment(x, seed=tf.stack([tf.constant(seed, tf.int64), step]))
         y = tf.one_hot(tf.gather(labels, index), num_classes)
         return x, y
 
-    dataset = tf.data.Dataset.from_tensor_slices(indices[start_step:])
+    dataset = tf.data.Dataset.zip(
+        tf.data.Dataset.range(start_step, len(indices)),
+        tf.data.Dataset.from_tensor_slices(indices[start_step:]),
+    )
     dataset = dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE)
-    if augment is not None:
-        dataset = dataset.map(
-            lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE
-        )
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -272,7 +278,12 @@ def run(
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
         fit = model.fit(
             training_dataset(
-                train, indices, step, augment, info.num_classes
+                train,
+                indices,
+                step,
+                augment,
+                info.num_classes,
+                seed=flags_obj.seed,
             ).take(steps),
             epochs=epoch + 1,
             initial_epoch=epoch,
@@ -312,6 +323,10 @@ def run(
         "flags": _flag_dict(flags_obj),
     }
     if _is_chief(strategy):
+        model_path = os.path.join(output_dir, MODEL)
+        tmp_path = os.path.join(output_dir, ".tmp-" + MODEL)
+        base.save(tmp_path)
+        os.replace(tmp_path, model_path)
         write_atomically(
             os.path.join(output_dir, RESULTS),
             lambda f: f.write(json.dumps(results, indent=1).encode()),

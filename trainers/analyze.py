@@ -1,0 +1,177 @@
+"""Sharpness of trained models: Hessian eigenvalues, m-sharpness, landscapes.
+
+    python -m trainers.analyze --checkpoint=runs/sgd/model.keras \\
+        --compare=runs/sam/model.keras --dataset=fashion_mnist \\
+        --output_dir=runs/analysis
+
+writes `analysis.json` (top Hessian eigenvalues, m-sharpness and the loss
+at w for each model) and PNG plots: 1-D and 2-D filter-normalized loss
+landscapes side by side (like the SAM paper's Figure 1) and the Hessian
+spectral densities. All is measured on the first --num_examples training
+examples, with the models in inference mode.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl import flags
+
+from keras_sam import analysis
+from trainers import data as data_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("checkpoint", None, "A trained model (.keras).")
+    flags.DEFINE_string(
+        "compare", None, "A second model (.keras) to show side by side."
+    )
+    flags.DEFINE_enum(
+        "dataset", "fashion_mnist", sorted(data_lib.DATASETS), "Data set."
+    )
+    flags.DEFINE_string("data_dir", None, "As for the trainers.")
+    flags.DEFINE_bool("synthetic_data", False, "Random data (smoke runs).")
+    flags.DEFINE_string("output_dir", "runs/analysis", "Where to write.")
+    flags.DEFINE_integer(
+        "num_examples", 2048, "Training examples the measures use."
+    )
+    flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+    flags.DEFINE_integer("top_k", 1, "Top Hessian eigenvalues to compute.")
+    flags.DEFINE_integer(
+        "max_iterations", 40, "Cap on Hessian-vector products."
+    )
+    flags.DEFINE_float("rho", 0.05, "ρ of the m-sharpness.")
+    flags.DEFINE_integer("m", 128, "Examples per set of the m-sharpness.")
+    flags.DEFINE_integer(
+        "landscape_points", 21, "Grid points per landscape axis."
+    )
+    flags.DEFINE_float(
+        "landscape_radius", 1.0, "Landscape extent along each direction."
+    )
+    flags.DEFINE_integer(
+        "spectrum_steps",
+        0,
+        "Lanczos steps of the spectral density; 0 skips it.",
+    )
+    flags.mark_flag_as_required("checkpoint")
+
+
+def _loss(y, y_pred):
+    return keras.losses.categorical_crossentropy(y, y_pred, from_logits=True)
+
+
+def _dataset(flags_obj):
+    train, _, info = data_lib.load(
+        flags_obj.dataset,
+        flags_obj.data_dir,
+        flags_obj.synthetic_data,
+        synthetic_size=flags_obj.num_examples,
+    )
+    n = min(flags_obj.num_examples, len(train.labels))
+    x = train.images[:n].astype(np.float32) / 255.0
+    y = tf.one_hot(train.labels[:n], info.num_classes)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        flags_obj.batch_size
+    )
+
+
+def measure(model, dataset, flags_obj):
+    alphas = np.linspace(
+        -flags_obj.landscape_radius,
+        flags_obj.landscape_radius,
+        flags_obj.landscape_points,
+    )
+    result = {
+        "top_eigenvalues": analysis.hessian_top_eigenvalues(
+            model,
+            dataset,
+            _loss,
+            k=flags_obj.top_k,
+            max_iterations=flags_obj.max_iterations,
+            verbose=True,
+        ).tolist(),
+        "m_sharpness": analysis.m_sharpness(
+            model, dataset, _loss, rho=flags_obj.rho, m=flags_obj.m
+        ),
+        "landscape_1d": analysis.loss_landscape_1d(
+            model, dataset, _loss, alphas
+        ).tolist(),
+        "landscape_2d": analysis.loss_landscape_2d(
+            model, dataset, _loss, alphas, alphas
+        ).tolist(),
+        "alphas": alphas.tolist(),
+    }
+    result["loss"] = result["landscape_1d"][len(alphas) // 2]
+    if flags_obj.spectrum_steps:
+        grid, density, _, _ = analysis.hessian_spectral_density(
+            model, dataset, _loss, lanczos_steps=flags_obj.spectrum_steps
+        )
+        result["spectrum"] = {
+            "grid": grid.tolist(),
+            "density": density.tolist(),
+        }
+    return result
+
+
+def run(flags_obj):
+    os.makedirs(flags_obj.output_dir, exist_ok=True)
+    dataset = _dataset(flags_obj)
+    paths = {"model": flags_obj.checkpoint}
+    if flags_obj.compare:
+        paths["compare"] = flags_obj.compare
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
+    results = {
+        os.path.basename(os.path.dirname(os.path.abspath(p))) or p: measure(
+            keras.saving.load_model(p, compile=False), dataset, flags_obj
+        )
+        for p in paths.values()
+    }
+    names = list(results)
+    alphas = results[names[0]]["alphas"]
+    out = flags_obj.output_dir
+    analysis.plot_landscape_1d(
+        alphas,
+        [results[n]["landscape_1d"] for n in names],
+        os.path.join(out, "landscape_1d.png"),
+        labels=names,
+    )
+    analysis.plot_landscape_2d(
+        alphas,
+        alphas,
+        [np.array(results[n]["landscape_2d"]) for n in names],
+        os.path.join(out, "landscape_2d.png"),
+        titles=[
+            f"{n}: λ_max={results[n]['top_eigenvalues'][0]:.1f}" for n in names
+        ],
+    )
+    if flags_obj.spectrum_steps:
+        analysis.plot_spectral_density(
+            [np.array(results[n]["spectrum"]["grid"]) for n in names],
+            [np.array(results[n]["spectrum"]["density"]) for n in names],
+            os.path.join(out, "spectrum.png"),
+            label=names,
+        )
+    with open(os.path.join(out, "analysis.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def main(_):
+    results = run(FLAGS)
+    for name, r in results.items():
+        print(
+            f"{name}: top eigenvalues {np.round(r['top_eigenvalues'], 3)}, "
+            f"m-sharpness {r['m_sharpness']:.4f}, loss {r['loss']:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
