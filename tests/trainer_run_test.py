@@ -186,3 +186,27 @@ def test_analyze_compares_two_trained_models(tmp_path):
         "spectrum.png",
     ):
         assert (tmp_path / "analysis" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "module, dataset", [("cifar", "cifar100"), ("svhn", "svhn")]
+)
+def test_tfds_trainers_run_two_steps_on_mock_data(tmp_path, module, dataset):
+    import importlib
+
+    import tensorflow_datasets as tfds
+
+    trainer = importlib.import_module(f"trainers.{module}")
+    options = make_flags(
+        tmp_path / "out",
+        synthetic_data=False,
+        data_dir=str(tmp_path),
+        model="resnet20",
+        augmentation="basic",
+        dataset=dataset,
+    )
+    with tfds.testing.mock_data(num_examples=48):
+        results = trainer.run(options)
+    assert results["dataset"] == dataset
+    assert results["train_steps"] == 2
+    assert np.isfinite(results["test_loss"])

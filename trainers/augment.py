@@ -1,13 +1,61 @@
 """Batch augmentation for the tf.data pipeline: basic, cutout, RandAugment.
 
 Images arrive as float32 in [0, 1], NHWC; every function keeps the shape,
-the dtype and the range.
+the dtype and the range. Each image gets its own random draw, as in the SAM
+paper's code, which augments examples before batching. The draws are
+stateless: a `seed` of shape `[2]` (the trainer passes `(--seed, step)`)
+fixes them, so a resumed run augments every batch exactly as an
+uninterrupted one would, and parallel `map` calls share no random state.
+With `seed=None` each call draws afresh.
+
+Keras' `RandomCrop` does not fit here: it draws one offset per batch, so all
+images of a batch would be shifted alike.
 """
 
 import keras
 import tensorflow as tf
 
 AUGMENTATIONS = ("none", "basic", "cutout", "randaugment")
+
+
+def _uniform(shape, seed):
+    """Floats in [0, 1); stateless when `seed` (an int or a pair) is given."""
+    if seed is None:
+        return tf.random.uniform(shape)
+    if isinstance(seed, int):
+        seed = (seed, 0)
+    return tf.random.stateless_uniform(shape, seed)
+
+
+def _split(seed, count):
+    if seed is None:
+        return [None] * count
+    seed = tf.cast(tf.reshape(seed, [2]), tf.int64)
+    return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+
+
+def random_flip(images, seed=None):
+    """Mirrors each image left-right with probability 1/2."""
+    flip = _uniform([tf.shape(images)[0], 1, 1, 1], seed) < 0.5
+    return tf.where(flip, tf.reverse(images, axis=[2]), images)
+
+
+def random_crop(images, pad, seed=None):
+    """Pads each image by `pad` pixels and crops a random window of its size.
+
+    The padding reflects the image, as in the SAM paper's code; every image
+    gets its own offset.
+    """
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    padded = tf.pad(
+        images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT"
+    )
+    offsets = tf.cast(_uniform([batch, 2], seed) * (2 * pad + 1), tf.int32)
+    rows = offsets[:, :1] + tf.range(height)[None, :]
+    cols = offsets[:, 1:] + tf.range(width)[None, :]
+    images = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
 def cutout(images, size, seed=None):
@@ -18,9 +66,10 @@ def cutout(images, size, seed=None):
     """
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
-    cy = tf.random.uniform([batch, 1, 1], 0, height, tf.int32, seed=seed)
-    cx = tf.random.uniform([batch, 1, 1], 0, width, tf.int32, seed=seed)
-    top, left = cy - size // 2, cx - size // 2
+    extent = tf.cast(tf.stack([height, width]), tf.float32)
+    centres = tf.cast(_uniform([batch, 2], seed) * extent, tf.int32)
+    top = centres[:, 0, None, None] - size // 2
+    left = centres[:, 1, None, None] - size // 2
     rows = tf.range(height)[None, :, None]
     cols = tf.range(width)[None, None, :]
     inside = (
@@ -33,35 +82,43 @@ def cutout(images, size, seed=None):
 
 
 class Augmentation:
-    """`augment(images, training=True)` for one of `AUGMENTATIONS`."""
+    """`augment(images, training=True, seed=None)` for one of `AUGMENTATIONS`.
 
-    def __init__(self, name, image_shape, seed=0, flip=True, cutout_size=None):
+    `basic` is a random horizontal flip (unless `flip=False`, e.g. for
+    digits) and a random crop after padding by `pad` pixels; `cutout` adds
+    one `cutout_size` square (half the image height by default, 16 pixels
+    on CIFAR as in the paper) to `basic`; `randaugment` adds Keras'
+    `RandAugment` to `basic`, whose own random state ignores `seed`.
+    """
+
+    def __init__(
+        self, name, image_shape, seed=0, flip=True, cutout_size=None, pad=4
+    ):
         if name not in AUGMENTATIONS:
             raise ValueError(
                 f"Unknown augmentation {name!r}; expected one of "
                 f"{list(AUGMENTATIONS)}."
             )
         self.name = name
-        height, width = image_shape[:2]
-        self.cutout_size = cutout_size or max(1, height // 2)
-        self.seed = seed
-        layers = []
-        if name in ("basic", "cutout", "randaugment"):
-            if flip:
-                layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-            layers.append(keras.layers.ZeroPadding2D(4))
-            layers.append(keras.layers.RandomCrop(height, width, seed=seed))
+        self.flip = flip
+        self.pad = pad
+        self.cutout_size = cutout_size or max(1, image_shape[0] // 2)
+        self.randaugment = None
         if name == "randaugment":
-            layers.append(
-                keras.layers.RandAugment(value_range=(0.0, 1.0), seed=seed)
+            self.randaugment = keras.layers.RandAugment(
+                value_range=(0.0, 1.0), seed=seed
             )
-        self.layers = layers
 
-    def __call__(self, images, training=True):
-        if not training:
+    def __call__(self, images, training=True, seed=None):
+        if not training or self.name == "none":
             return images
-        for layer in self.layers:
-            images = layer(images, training=True)
+        flip_seed, crop_seed, cutout_seed = _split(seed, 3)
+        if self.flip:
+            images = random_flip(images, flip_seed)
+        images = random_crop(images, self.pad, crop_seed)
         if self.name == "cutout":
-            images = cutout(images, self.cutout_size, seed=self.seed)
-        return tf.clip_by_value(images, 0.0, 1.0)
+            images = cutout(images, self.cutout_size, cutout_seed)
+        if self.randaugment is not None:
+            images = self.randaugment(images, training=True)
+            images = tf.clip_by_value(images, 0.0, 1.0)
+        return images

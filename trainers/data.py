@@ -139,8 +139,18 @@ def synthetic(info, train_size, test_size, seed=0):
     return split(train_size), split(test_size)
 
 
-def load(name, data_dir=None, synthetic_data=False, synthetic_size=512):
-    """(train, test, info) for a data set named in `DATASETS`."""
+def load(
+    name,
+    data_dir=None,
+    synthetic_data=False,
+    synthetic_size=512,
+    train_split="train",
+):
+    """(train, test, info) for a data set named in `DATASETS`.
+
+    `train_split` is the tensorflow-datasets split to train on, e.g.
+    "train+extra" for SVHN.
+    """
     if name not in DATASETS:
         raise ValueError(
             f"Unknown dataset {name!r}; expected one of {sorted(DATASETS)}."
@@ -159,7 +169,7 @@ def load(name, data_dir=None, synthetic_data=False, synthetic_size=512):
                 "prepared tensorflow-datasets copy of "
                 f"{info.tfds_name or name}."
             )
-        train, test = load_tfds(info.tfds_name or name, data_dir)
+        train, test = load_tfds(info.tfds_name or name, data_dir, train_split)
     check_labels(train.labels, info.num_classes, "training")
     check_labels(test.labels, info.num_classes, "test")
     return train, test, info

@@ -67,8 +67,9 @@ def define_common_flags(**defaults):
     flags.DEFINE_float(
         "weight_decay",
         d["weight_decay"],
-        "L2 coefficient λ added to the loss as λ·Σw² over all kernels (as in "
-        "the SAM paper's code, so SAM sees it at w + ε); not decoupled.",
+        "Weight decay λ, as an L2 term λ/2·Σw² over all kernels added to the "
+        "loss (gradient λ·w, as in the SAM paper's code, so SAM sees it at "
+        "w + ε); not decoupled. Biases and BatchNorm are not decayed.",
     )
     flags.DEFINE_float(
         "label_smoothing", d["label_smoothing"], "Label smoothing in [0, 1)."

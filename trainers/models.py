@@ -1,14 +1,18 @@
 """Models of the paper's benchmarks, built for inputs scaled to [0, 1].
 
-Weight decay is applied as an L2 term in the loss (`weight_decay · Σ w²` on
-every kernel), as in the SAM paper's code, so SAM sees it at w + ε.
+Weight decay λ is an L2 term in the loss, `λ/2 · Σ w²` over every kernel,
+whose gradient `λ · w` is classic SGD weight decay. This is how the SAM
+paper's code applies its `weight_decay` (so its 5e-4 means the same here),
+and it keeps the term inside the loss, where SAM evaluates it at w + ε.
+Biases and BatchNorm parameters are not decayed.
 """
 
 import keras
 
 
 def _l2(weight_decay):
-    return keras.regularizers.L2(weight_decay) if weight_decay else None
+    # Keras' L2(l) adds l · Σ w², whose gradient is 2l · w.
+    return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
 def small_cnn(input_shape, num_classes, weight_decay=0.0):

@@ -167,6 +167,7 @@ def run(
     dataset_name,
     datasets_override=None,
     strategy_override=None,
+    train_split="train",
 ):
     """Trains `flags_obj.model` on `dataset_name` with SAM; returns results.
 
@@ -177,6 +178,7 @@ def run(
         datasets_override: optional `(train, test, info)` to use instead of
             loading (tests).
         strategy_override: optional tf.distribute strategy (tests).
+        train_split: the tensorflow-datasets split to train on.
 
     Returns:
         The results dict also written to `output_dir/results.json`.
@@ -194,7 +196,10 @@ def run(
         )
 
     train, test, info = datasets_override or data_lib.load(
-        dataset_name, flags_obj.data_dir, flags_obj.synthetic_data
+        dataset_name,
+        flags_obj.data_dir,
+        flags_obj.synthetic_data,
+        train_split=train_split,
     )
     if flags_obj.label_noise > 0:
         noisy, _ = data_lib.add_label_noise(

@@ -1,0 +1,63 @@
+"""CIFAR-10 and CIFAR-100 with SAM, with optional label noise.
+
+Needs a prepared tensorflow-datasets copy in --data_dir. Quick CPU run:
+
+    python -m trainers.cifar --dataset=cifar10 --data_dir=<tfds dir> \\
+        --model=resnet20 --epochs=5
+
+The paper's WRN-28-10 setting (200 epochs, batch 256, lr 0.1 cosine,
+weight decay 5e-4, basic augmentation; ρ = 0.05 for CIFAR-10, 0.1 for
+CIFAR-100; 2.7 % / 16.5 % error with SAM against 3.5 % / 18.8 %):
+
+    python -m trainers.cifar --dataset=cifar10 --data_dir=<tfds dir> \\
+        --model=wrn_28_10 --epochs=200 --batch_size=256 \\
+        --learning_rate=0.1 --weight_decay=5e-4 --rho=0.05 \\
+        --augmentation=basic
+
+Label noise (Table 4: ResNet-32, 200 epochs; ρ = 0.1 up to 60 % noise,
+0.05 at 80 %):
+
+    python -m trainers.cifar --dataset=cifar10 --label_noise=0.8 \\
+        --model=resnet32 --epochs=200 --rho=0.05 --augmentation=basic
+"""
+
+from absl import app
+from absl import flags
+
+from trainers import flags as trainer_flags
+from trainers import train
+
+
+def define_flags():
+    flags.DEFINE_enum(
+        "dataset", "cifar10", ["cifar10", "cifar100"], "Which CIFAR."
+    )
+    trainer_flags.define_common_flags(
+        model="wrn_16_4",
+        epochs=200,
+        batch_size=256,
+        learning_rate=0.1,
+        weight_decay=5e-4,
+        rho=0.05,
+        augmentation="basic",
+        output_dir="runs/cifar",
+    )
+
+
+def run(flags_obj, datasets_override=None, strategy_override=None):
+    return train.run(
+        flags_obj,
+        flags_obj.dataset,
+        datasets_override=datasets_override,
+        strategy_override=strategy_override,
+    )
+
+
+def main(_):
+    results = run(flags.FLAGS)
+    print(f"test accuracy {results['test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,53 @@
+"""SVHN (train + extra, as in the paper) with SAM.
+
+Needs a prepared tensorflow-datasets copy of svhn_cropped in --data_dir.
+The paper's WRN-28-10 setting (batch 256, lr 0.01, weight decay 5e-4,
+ρ = 0.01; 1.42 % error with SAM against 1.58 %, basic augmentation without
+flips):
+
+    python -m trainers.svhn --data_dir=<tfds dir> --model=wrn_28_10 \\
+        --epochs=200 --batch_size=256 --learning_rate=0.01 \\
+        --weight_decay=5e-4 --rho=0.01 --augmentation=basic
+"""
+
+from absl import app
+from absl import flags
+
+from trainers import flags as trainer_flags
+from trainers import train
+
+DATASET = "svhn"
+TRAIN_SPLIT = "train+extra"
+
+
+def define_flags():
+    trainer_flags.define_common_flags(
+        model="wrn_16_4",
+        epochs=200,
+        batch_size=256,
+        learning_rate=0.01,
+        weight_decay=5e-4,
+        rho=0.01,
+        augmentation="basic",
+        output_dir="runs/svhn",
+    )
+
+
+def run(flags_obj, datasets_override=None, strategy_override=None):
+    return train.run(
+        flags_obj,
+        DATASET,
+        datasets_override=datasets_override,
+        strategy_override=strategy_override,
+        train_split=TRAIN_SPLIT,
+    )
+
+
+def main(_):
+    results = run(flags.FLAGS)
+    print(f"test accuracy {results['test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
