@@ -6,7 +6,7 @@ What `make train` runs:
         --data_dir=/usr/share/datasets/fashion-mnist
 
 Both runs use the small CNN, 2 epochs at batch 128, SGD with momentum 0.9 and
-a cosine schedule from 0.05; SGD is ρ = 0 (the same code path) and SAM is
+a cosine schedule from 0.02; SGD is ρ = 0 (the same code path) and SAM is
 ρ = 0.05. Each run checkpoints in --output_dir/{sgd,sam}, so running the
 command again resumes or, when finished, only reprints the table.
 """
