@@ -70,11 +70,16 @@ def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
     assert np.isfinite(results["test_loss"])
 
 
+@pytest.mark.parametrize("augmentation", ["none", "cutout"])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, augmentation
 ):
     settings = dict(
-        train_steps=6, checkpoint_every_steps=2, deterministic=True, rho=0.1
+        train_steps=6,
+        checkpoint_every_steps=2,
+        deterministic=True,
+        rho=0.1,
+        augmentation=augmentation,
     )
     whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
 

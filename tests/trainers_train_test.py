@@ -4,7 +4,6 @@ import json
 import types
 
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
 
 from tests.trainer_run_test import make_flags
@@ -47,38 +46,6 @@ def test_training_batches_are_augmented_by_step_not_by_call_order():
     for want, got in zip(whole[4:], resumed):
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(whole[0], whole[1])
-
-
-def test_interrupted_run_with_cutout_resumes_to_the_uninterrupted_result(
-    tmp_path, monkeypatch
-):
-    settings = dict(
-        train_steps=4,
-        checkpoint_every_steps=2,
-        deterministic=True,
-        augmentation="cutout",
-    )
-    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
-
-    original = train.AtomicCheckpoint.on_train_batch_end
-
-    def crash_after_step_two(self, batch, logs=None):
-        original(self, batch, logs)
-        if self.step == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(
-        train.AtomicCheckpoint, "on_train_batch_end", crash_after_step_two
-    )
-    with pytest.raises(KeyboardInterrupt):
-        fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
-    monkeypatch.undo()
-
-    resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
-    assert resumed["resumed_from_step"] == 2
-    np.testing.assert_allclose(
-        resumed["test_loss"], whole["test_loss"], rtol=1e-6
-    )
 
 
 class _Flags(types.SimpleNamespace):
