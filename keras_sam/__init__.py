@@ -1,7 +1,12 @@
 """keras_sam: Sharpness-Aware Minimization (SAM, ASAM) for Keras 3."""
 
+from keras_sam import schedules
+from keras_sam import switching
 from keras_sam.perturbations import asam_perturbation
 from keras_sam.perturbations import global_norm
+from keras_sam.perturbations import gsam_gradients
+from keras_sam.perturbations import looksam_direction
+from keras_sam.perturbations import looksam_gradients
 from keras_sam.perturbations import sam_perturbation
 from keras_sam.sam_model import SAMModel
 from keras_sam.sam_step import SAMResult
@@ -16,6 +21,11 @@ __all__ = [
     "asam_perturbation",
     "compute_sam_gradients",
     "global_norm",
+    "gsam_gradients",
+    "looksam_direction",
+    "looksam_gradients",
     "sam_gradients",
     "sam_perturbation",
+    "schedules",
+    "switching",
 ]

@@ -105,3 +105,105 @@ def _scaled_direction(norm_terms, directions, rho, epsilon, like=None):
         d = ops.where(finite, d, ops.zeros_like(d))
         perturbation.append(ops.cast(d * scale, g.dtype))
     return perturbation
+
+
+def gsam_gradients(clean, perturbed, alpha, epsilon=DEFAULT_EPSILON):
+    """GSAM's update direction (Zhuang et al., ICLR 2022, Algorithm 1).
+
+    With the clean gradient `g = ∇L(w)` and the SAM gradient
+    `g_p = ∇L(w + ε)`, GSAM removes from `g_p` α times the part of `g`
+    orthogonal to `g_p`, which descends the surrogate gap without changing
+    the perturbed loss to first order:
+
+    ```
+    g_∥ = (g · g_p / (‖g_p‖² + epsilon)) g_p
+    d   = g_p − α (g − g_∥)
+    ```
+
+    Dot products and norms run over all variables together, in float32.
+    `alpha=0` returns `perturbed` unchanged.
+
+    Args:
+        clean: list of clean gradients (or `None`).
+        perturbed: list of SAM gradients, aligned with `clean`.
+        alpha: α ≥ 0, the weight of the orthogonal component.
+        epsilon: guards the division by ‖g_p‖². Defaults to `1e-12`.
+
+    Returns:
+        A list of tensors, each of the dtype of its SAM gradient.
+    """
+    pairs = _present_pairs(clean, perturbed)
+    dot = _sum_over(ops.sum(g * p) for g, p in pairs)
+    squared = _sum_over(ops.sum(ops.square(p)) for _, p in pairs)
+    projection = dot / (squared + epsilon)
+    result = []
+    for g, p in zip(clean, perturbed):
+        if g is None or p is None:
+            result.append(p)
+            continue
+        g32, p32 = ops.cast(g, "float32"), ops.cast(p, "float32")
+        orthogonal = g32 - projection * p32
+        result.append(ops.cast(p32 - alpha * orthogonal, p.dtype))
+    return result
+
+
+def looksam_direction(clean, perturbed, epsilon=DEFAULT_EPSILON):
+    """The direction LookSAM keeps from a SAM step (Liu et al., CVPR 2022).
+
+    For each variable separately, as in the authors' code, the part of the
+    SAM gradient `g_s` orthogonal to the clean gradient `g`:
+
+    ```
+    g_v = g_s − (g · g_s / (‖g‖² + epsilon)) g
+    ```
+
+    Returns one float32 tensor per variable (`None` kept in place).
+    """
+    directions = []
+    for g, s in zip(clean, perturbed):
+        if g is None or s is None:
+            directions.append(None)
+            continue
+        g32, s32 = ops.cast(g, "float32"), ops.cast(s, "float32")
+        coefficient = ops.sum(g32 * s32) / (ops.sum(ops.square(g32)) + epsilon)
+        directions.append(s32 - coefficient * g32)
+    return directions
+
+
+def looksam_gradients(clean, directions, alpha, epsilon=DEFAULT_EPSILON):
+    """LookSAM's gradient on the steps between two SAM steps.
+
+    For each variable separately, the clean gradient plus the stored
+    direction `g_v` (see `looksam_direction`) rescaled to α times the
+    clean gradient's norm:
+
+    ```
+    g + α (‖g‖ / (‖g_v‖ + epsilon)) g_v
+    ```
+
+    A zero direction (before the first SAM step) gives `g` itself.
+    """
+    result = []
+    for g, v in zip(clean, directions):
+        if g is None or v is None:
+            result.append(g)
+            continue
+        g32, v32 = ops.cast(g, "float32"), ops.cast(v, "float32")
+        scale = alpha * global_norm([g32]) / (global_norm([v32]) + epsilon)
+        result.append(ops.cast(g32 + scale * v32, g.dtype))
+    return result
+
+
+def _present_pairs(first, second):
+    return [
+        (ops.cast(a, "float32"), ops.cast(b, "float32"))
+        for a, b in zip(first, second)
+        if a is not None and b is not None
+    ]
+
+
+def _sum_over(scalars):
+    scalars = list(scalars)
+    if not scalars:
+        return ops.zeros((), "float32")
+    return ops.sum(ops.stack(scalars))

@@ -1,5 +1,6 @@
 """`SAMModel`: wrap any Keras model to train it with SAM or ASAM."""
 
+import re
 import warnings
 
 import keras
@@ -9,6 +10,13 @@ from keras import tree
 
 from keras_sam import perturbations
 from keras_sam import sam_step
+from keras_sam import switching as switching_lib
+
+NORMALIZATION_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -54,6 +62,31 @@ class SAMModel(keras.Model):
     parts, each with its own ε, and averages their perturbed gradients:
     m = global batch size / (replicas · k).
 
+    **Variants** (each an option of this one step; their defaults give
+    exact SAM):
+
+    - ρ schedule: `rho` may be a schedule of the step, e.g.
+      `keras_sam.schedules.RhoFollowingLearningRate` (GSAM's ρ_t).
+    - GSAM (Zhuang et al., ICLR 2022), `gsam_alpha=α > 0`: apply
+      `g_SAM − α (g − (g·g_SAM/‖g_SAM‖²) g_SAM)`, with `g` the clean
+      gradient: the clean gradient's component orthogonal to the SAM
+      gradient is subtracted (`keras_sam.perturbations.gsam_gradients`).
+    - SAM-ON (Mueller et al., NeurIPS 2023), `perturbed_variables=
+      "normalization"`: ε is computed from and added to the weights of
+      normalization layers only; other values: `"all"` (default) or a list
+      of regular expressions searched in each variable's `path`.
+    - Switching, `switching=policy` (see `keras_sam.switching`): the policy
+      decides after the clean pass whether this step is a SAM step
+      (`Periodic(k)`, `Randomized(p)`, `GradientNormOutlier()` for AE-SAM);
+      otherwise the perturbed pass is skipped and the clean gradient is
+      applied, as by the base optimizer.
+    - LookSAM (Liu et al., CVPR 2022), `looksam_alpha=α` with a switching
+      policy (the paper's is `Periodic(k)`, α = 0.7): each SAM step stores,
+      per variable, the SAM gradient's component orthogonal to the clean
+      gradient, `g_v = g_SAM − (g·g_SAM/‖g‖²) g`; the other steps apply
+      `g + α (‖g‖/‖g_v‖) g_v` instead of `g`. Across replicas, each keeps
+      the direction of its own SAM gradient, as it keeps its own ε.
+
     `evaluate`, `predict` and `base` are those of the wrapped model; save and
     export `model.base` for inference.
 
@@ -81,6 +114,16 @@ class SAMModel(keras.Model):
         micro_batches: the number of equal parts, each with its own ε, into
             which each replica's batch is split. It must divide the
             per-replica batch size. Defaults to `1`.
+        gsam_alpha: GSAM's α ≥ 0; `0` is SAM. Defaults to `0.0`.
+        perturbed_variables: which trainable variables ε perturbs: `"all"`,
+            `"normalization"` (SAM-ON) or a list of regular expressions
+            matched against `variable.path`. Defaults to `"all"`.
+        switching: a `keras_sam.switching.SwitchingPolicy` choosing the
+            steps that run SAM, or `None` for every step. Defaults to
+            `None`.
+        looksam_alpha: LookSAM's α ≥ 0 for the steps that a `switching`
+            policy leaves without SAM, or `None` to apply the plain clean
+            gradient there. Defaults to `None`.
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -92,6 +135,10 @@ class SAMModel(keras.Model):
         eta=0.01,
         sync_perturbations=False,
         micro_batches=1,
+        gsam_alpha=0.0,
+        perturbed_variables="all",
+        switching=None,
+        looksam_alpha=None,
         **kwargs,
     ):
         if not isinstance(base, keras.Model):
@@ -102,14 +149,33 @@ class SAMModel(keras.Model):
         sam_step.validate_sam_arguments(
             rho, eta, micro_batches, sync_perturbations
         )
+        _validate_variant_arguments(
+            gsam_alpha,
+            perturbed_variables,
+            switching,
+            looksam_alpha,
+            micro_batches,
+        )
         super().__init__(**kwargs)
         self.base = base
-        self.rho = float(rho)
+        self.rho = rho if callable(rho) else float(rho)
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
         self.sync_perturbations = bool(sync_perturbations)
         self.micro_batches = int(micro_batches)
+        self.gsam_alpha = float(gsam_alpha)
+        self.perturbed_variables = (
+            perturbed_variables
+            if isinstance(perturbed_variables, str)
+            else list(perturbed_variables)
+        )
+        self.switching = switching
+        self.looksam_alpha = (
+            None if looksam_alpha is None else float(looksam_alpha)
+        )
+        self._looksam_directions = None
         if base.built:
+            self._build_variant_state()
             self.built = True
 
     def call(self, inputs, training=None):
@@ -118,7 +184,54 @@ class SAMModel(keras.Model):
     def build(self, input_shape=None):
         if not self.base.built:
             self.base.build(input_shape)
+        self._build_variant_state()
         self.built = True
+
+    def _build_variant_state(self):
+        if self.looksam_alpha is None or self._looksam_directions is not None:
+            return
+        # On-read: each replica keeps the direction of its own SAM gradient,
+        # as it keeps its own ε; a checkpoint stores their mean.
+        self._looksam_directions = [
+            keras.Variable(
+                keras.initializers.Zeros(),
+                shape=v.shape,
+                dtype="float32",
+                trainable=False,
+                aggregation="mean",
+                synchronization="on_read",
+                name="looksam_direction",
+            )
+            for v in self.base.trainable_variables
+        ]
+
+    def _perturbed_mask(self):
+        """Booleans aligned with `trainable_variables`, or `None` for all."""
+        if self.perturbed_variables == "all":
+            return None
+        if self.perturbed_variables == "normalization":
+            selected = {
+                id(v)
+                for layer in self.base._flatten_layers()
+                if isinstance(layer, NORMALIZATION_LAYERS)
+                for v in layer.trainable_variables
+            }
+            mask = [id(v) in selected for v in self.trainable_variables]
+        else:
+            patterns = [re.compile(p) for p in self.perturbed_variables]
+            mask = [
+                any(p.search(v.path) for p in patterns)
+                for v in self.trainable_variables
+            ]
+        if not any(mask):
+            raise ValueError(
+                "`perturbed_variables` selects none of the trainable "
+                "variables. Received: "
+                f"perturbed_variables={self.perturbed_variables!r}; the "
+                "variables are "
+                f"{[v.path for v in self.trainable_variables]}"
+            )
+        return mask
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -129,19 +242,26 @@ class SAMModel(keras.Model):
             y_pred = self(x, training=True)
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
+        rho = self.rho
+        if callable(rho):
+            rho = ops.cast(rho(self.optimizer.iterations), "float32")
         result = sam_step.compute_sam_gradients(
             self,
             self._compute_total_loss,
             x,
             y,
             sample_weight,
-            rho=self.rho,
+            rho=rho,
             adaptive=self.adaptive,
             eta=self.eta,
             micro_batches=self.micro_batches,
             sync_perturbations=self.sync_perturbations,
             scale_loss=self.optimizer.scale_loss,
             epsilon=perturbations.DEFAULT_EPSILON,
+            perturbed_mask=self._perturbed_mask(),
+            should_perturb=self._should_perturb(),
+            combine=self._combine(),
+            fallback=self._fallback(),
         )
         self._loss_tracker.update_state(
             _unscale_loss_for_distribution(result.loss),
@@ -155,6 +275,63 @@ class SAMModel(keras.Model):
         return self.compute_metrics(
             x, y, result.y_pred, sample_weight=sample_weight
         )
+
+    def _should_perturb(self):
+        if self.switching is None:
+            return None
+
+        def should_perturb(clean):
+            squared_norm = None
+            if self.switching.needs_gradient_norm:
+                squared_norm = self._squared_clean_norm(clean)
+            return self.switching(self.optimizer.iterations, squared_norm)
+
+        return should_perturb
+
+    def _squared_clean_norm(self, clean):
+        """‖∇L‖² of this replica's batch, without loss or replica scaling,
+        averaged across replicas."""
+        scale = ops.cast(self.optimizer.scale_loss(ops.ones(())), "float32")
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        norm = perturbations.global_norm(clean) * replicas / scale
+        squared = ops.square(norm)
+        if replicas > 1:
+            context = tf.distribute.get_replica_context()
+            squared = context.all_reduce(tf.distribute.ReduceOp.MEAN, squared)
+        return squared
+
+    def _combine(self):
+        if self.gsam_alpha == 0 and self.looksam_alpha is None:
+            return None
+
+        def combine(clean, perturbed):
+            if self.looksam_alpha is not None:
+                directions = perturbations.looksam_direction(clean, perturbed)
+                for variable, direction in zip(
+                    self._looksam_directions, directions
+                ):
+                    if direction is not None:
+                        variable.assign(direction)
+            if self.gsam_alpha:
+                perturbed = perturbations.gsam_gradients(
+                    clean, perturbed, self.gsam_alpha
+                )
+            return perturbed
+
+        return combine
+
+    def _fallback(self):
+        if self.looksam_alpha is None:
+            return None
+
+        def fallback(clean):
+            return perturbations.looksam_gradients(
+                clean,
+                [v.value for v in self._looksam_directions],
+                self.looksam_alpha,
+            )
+
+        return fallback
 
     def _compute_total_loss(self, x, y, y_pred, sample_weight):
         return self.compute_loss(
@@ -171,8 +348,15 @@ class SAMModel(keras.Model):
                 "eta": self.eta,
                 "sync_perturbations": self.sync_perturbations,
                 "micro_batches": self.micro_batches,
+                "gsam_alpha": self.gsam_alpha,
+                "perturbed_variables": self.perturbed_variables,
+                "looksam_alpha": self.looksam_alpha,
             }
         )
+        for name in ("rho", "switching"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, float):
+                config[name] = keras.saving.serialize_keras_object(value)
         return config
 
     @classmethod
@@ -181,6 +365,11 @@ class SAMModel(keras.Model):
         base = keras.saving.deserialize_keras_object(
             config.pop("base"), custom_objects=custom_objects
         )
+        for name in ("rho", "switching"):
+            if isinstance(config.get(name), dict):
+                config[name] = keras.saving.deserialize_keras_object(
+                    config[name], custom_objects=custom_objects
+                )
         return cls(base, **config)
 
 
@@ -191,3 +380,52 @@ def _unscale_loss_for_distribution(loss):
     if replicas > 1:
         loss = loss * ops.cast(replicas, loss.dtype)
     return loss
+
+
+def _validate_variant_arguments(
+    gsam_alpha, perturbed_variables, switching, looksam_alpha, micro_batches
+):
+    if not isinstance(gsam_alpha, (int, float)) or not gsam_alpha >= 0:
+        raise ValueError(
+            f"`gsam_alpha` must be a number >= 0. Received: "
+            f"gsam_alpha={gsam_alpha!r}"
+        )
+    if isinstance(perturbed_variables, str):
+        if perturbed_variables not in ("all", "normalization"):
+            raise ValueError(
+                "`perturbed_variables` must be 'all', 'normalization' or a "
+                "list of regular expressions. Received: "
+                f"perturbed_variables={perturbed_variables!r}"
+            )
+    elif not perturbed_variables or not all(
+        isinstance(p, str) for p in perturbed_variables
+    ):
+        raise ValueError(
+            "`perturbed_variables` must be 'all', 'normalization' or a "
+            "non-empty list of regular expressions. Received: "
+            f"perturbed_variables={perturbed_variables!r}"
+        )
+    if switching is not None and not isinstance(
+        switching, switching_lib.SwitchingPolicy
+    ):
+        raise ValueError(
+            "`switching` must be None or a keras_sam.switching."
+            f"SwitchingPolicy. Received: switching={switching!r}"
+        )
+    if looksam_alpha is not None:
+        if not isinstance(looksam_alpha, (int, float)) or looksam_alpha < 0:
+            raise ValueError(
+                "`looksam_alpha` must be None or a number >= 0. Received: "
+                f"looksam_alpha={looksam_alpha!r}"
+            )
+        if switching is None:
+            raise ValueError(
+                "`looksam_alpha` acts on the steps without SAM, so it needs "
+                "a `switching` policy, e.g. keras_sam.switching.Periodic(5)."
+                f" Received: looksam_alpha={looksam_alpha}, switching=None"
+            )
+        if micro_batches > 1:
+            raise ValueError(
+                "`looksam_alpha` stores one direction per step and cannot "
+                f"be combined with micro_batches={micro_batches}."
+            )

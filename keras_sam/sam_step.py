@@ -34,10 +34,17 @@ Attributes:
 
 
 def validate_sam_arguments(rho, eta, micro_batches, sync_perturbations):
-    """Raises `ValueError` naming the argument and the value when invalid."""
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool):
-        raise ValueError(f"`rho` must be a number >= 0. Received: rho={rho!r}")
-    if not rho >= 0:
+    """Raises `ValueError` naming the argument and the value when invalid.
+
+    `rho` may be a number or a schedule (a callable of the step).
+    """
+    if callable(rho):
+        pass
+    elif not isinstance(rho, (int, float)) or isinstance(rho, bool):
+        raise ValueError(
+            f"`rho` must be a number >= 0 or a schedule. Received: rho={rho!r}"
+        )
+    elif not rho >= 0:
         raise ValueError(f"`rho` must be >= 0. Received: rho={rho}")
     if not isinstance(eta, (int, float)) or isinstance(eta, bool):
         raise ValueError(f"`eta` must be a number > 0. Received: eta={eta!r}")
@@ -159,6 +166,10 @@ def compute_sam_gradients(
     sync_perturbations=False,
     scale_loss=None,
     epsilon=perturbations.DEFAULT_EPSILON,
+    perturbed_mask=None,
+    should_perturb=None,
+    combine=None,
+    fallback=None,
 ):
     """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
 
@@ -167,6 +178,18 @@ def compute_sam_gradients(
     so regularizers see the weights of that pass. Metric variables that it
     updates during the clean pass keep their updates; those of the perturbed
     pass are dropped.
+
+    The variants of `SAMModel` enter through four optional hooks, applied
+    to each micro-batch:
+
+    - `perturbed_mask`: booleans aligned with the trainable variables; ε is
+      computed from, and added to, the selected variables only (SAM-ON).
+    - `should_perturb(clean_gradients)`: a boolean scalar; when false the
+      perturbed pass is skipped (not computed) and the step uses
+      `fallback(clean_gradients)`, by default the clean gradients. It must
+      decide the same on every replica.
+    - `combine(clean_gradients, sam_gradients)`: the gradients of a SAM
+      step, by default `sam_gradients` (GSAM, LookSAM).
 
     Returns:
         A `SAMResult`.
@@ -191,26 +214,51 @@ def compute_sam_gradients(
             scale_loss,
             keep_metric_updates=True,
         )
+
+        selected = grads
+        if perturbed_mask is not None:
+            selected = [
+                g if on else None for g, on in zip(grads, perturbed_mask)
+            ]
         if sync_perturbations:
-            grads = _all_reduce_sum(grads)
-        if adaptive:
-            eps = perturbations.asam_perturbation(
-                grads, weights, rho, eta, epsilon
+            # Outside the switch: tf.distribute cannot all-reduce inside a
+            # cond, so with switching the all-reduce runs on every step.
+            selected = all_reduce_sum(selected)
+
+        def sam_branch(clean, selected=selected, xs=xs, ys=ys, sws=sws):
+            if adaptive:
+                eps = perturbations.asam_perturbation(
+                    selected, weights, rho, eta, epsilon
+                )
+            else:
+                eps = perturbations.sam_perturbation(selected, rho, epsilon)
+            perturbed = [
+                w if e is None else w + e for w, e in zip(weights, eps)
+            ]
+            _, _, sam_grads, _ = _forward_and_gradients(
+                model,
+                compute_loss,
+                perturbed,
+                state,
+                xs,
+                ys,
+                sws,
+                scale_loss,
+                keep_metric_updates=False,
             )
+            if combine is not None:
+                return combine(clean, sam_grads)
+            return sam_grads
+
+        if should_perturb is None:
+            grads = sam_branch(grads)
         else:
-            eps = perturbations.sam_perturbation(grads, rho, epsilon)
-        perturbed = [w if e is None else w + e for w, e in zip(weights, eps)]
-        _, _, grads, _ = _forward_and_gradients(
-            model,
-            compute_loss,
-            perturbed,
-            state,
-            xs,
-            ys,
-            sws,
-            scale_loss,
-            keep_metric_updates=False,
-        )
+            grads = _cond_gradients(
+                should_perturb(grads),
+                sam_branch,
+                fallback or (lambda clean: clean),
+                grads,
+            )
         losses.append(loss)
         y_preds.append(y_pred)
         sam_grads.append(grads)
@@ -264,6 +312,24 @@ def _forward_and_gradients(
             if value is not None:
                 v.assign(value)
     return loss, y_pred, gradients, new_state
+
+
+def _cond_gradients(predicate, true_fn, false_fn, gradients):
+    """`tf.cond` over gradient lists that may hold `None` entries."""
+    present = [i for i, g in enumerate(gradients) if g is not None]
+
+    def branch(fn):
+        def run():
+            out = fn(gradients)
+            return [out[i] for i in present]
+
+        return run
+
+    chosen = tf.cond(predicate, branch(true_fn), branch(false_fn))
+    result = [None] * len(gradients)
+    for i, g in zip(present, chosen):
+        result[i] = g
+    return result
 
 
 def _stateless_scope(mapping):
@@ -356,7 +422,7 @@ def _mean_or_none(tensors):
     return ops.mean(ops.stack(tensors), axis=0)
 
 
-def _all_reduce_sum(tensors):
+def all_reduce_sum(tensors):
     """Sums `tensors` over the replicas of the current tf.distribute context."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:

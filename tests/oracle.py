@@ -69,19 +69,101 @@ def train_sgd_momentum(
 ):
     """Keras' SGD with momentum (v ← μv − ηg; w ← w + v) on SAM gradients.
 
-    `batches` holds `(x, y)` or `(x, y, sample_weight)` tuples. Returns the
+    `batches` holds `(x, y)` or `(x, y, sample_weight)` tuples; `lr` may be
+    a function of the step index. Returns the
     final (W, b) and the clean loss of every step.
     """
     w, b = w.astype(np.float64), b.astype(np.float64)
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     losses = []
-    for batch in batches:
+    for step, batch in enumerate(batches):
         x, y, sw = batch if len(batch) == 3 else (*batch, None)
         loss, (gw, gb) = gradient_fn(
             w, b, x, y, rho, sample_weight=sw, **kwargs
         )
         losses.append(loss)
-        vw = momentum * vw - lr * gw
-        vb = momentum * vb - lr * gb
+        rate = lr(step) if callable(lr) else lr
+        vw = momentum * vw - rate * gw
+        vb = momentum * vb - rate * gb
         w, b = w + vw, b + vb
     return w, b, losses
+
+
+def _dot(a, b):
+    return sum(np.sum(ai * bi) for ai, bi in zip(a, b))
+
+
+def gsam_gradient(w, b, x, y, rho, alpha, sample_weight=None):
+    """GSAM: g_p − α (g − (g·g_p / ‖g_p‖²) g_p), over both tensors."""
+    loss, clean = softmax_regression_loss_and_grad(w, b, x, y, sample_weight)
+    _, sam = sam_gradient(w, b, x, y, rho, sample_weight)
+    projection = _dot(clean, sam) / _dot(sam, sam)
+    return loss, [p - alpha * (g - projection * p) for g, p in zip(clean, sam)]
+
+
+def masked_sam_gradient(w, b, x, y, rho, mask, sample_weight=None):
+    """SAM with ε computed from and added to the tensors in `mask` only."""
+    loss, clean = softmax_regression_loss_and_grad(w, b, x, y, sample_weight)
+    chosen = [g for g, m in zip(clean, mask) if m]
+    norm = np.sqrt(sum(np.sum(g**2) for g in chosen))
+    eps = [rho * g / norm if m else 0.0 * g for g, m in zip(clean, mask)]
+    _, sam = softmax_regression_loss_and_grad(
+        w + eps[0], b + eps[1], x, y, sample_weight
+    )
+    return loss, list(sam)
+
+
+class Switching:
+    """A stateful gradient function: SAM on the steps `is_sam(t)` says.
+
+    On the other steps the clean gradient is used, or with `looksam_alpha`
+    LookSAM's g + α (‖g‖/‖g_v‖) g_v, per tensor, where g_v is the part of
+    the last SAM gradient orthogonal to that step's clean gradient.
+    """
+
+    def __init__(self, is_sam, looksam_alpha=None):
+        self.is_sam = is_sam
+        self.alpha = looksam_alpha
+        self.step = 0
+        self.directions = None
+        self.decisions = []
+
+    def __call__(self, w, b, x, y, rho, sample_weight=None):
+        loss, clean = softmax_regression_loss_and_grad(
+            w, b, x, y, sample_weight
+        )
+        use_sam = self.is_sam(self.step, _dot(clean, clean))
+        self.decisions.append(bool(use_sam))
+        self.step += 1
+        if use_sam:
+            _, sam = sam_gradient(w, b, x, y, rho, sample_weight)
+            self.directions = [
+                s - (np.sum(g * s) / np.sum(g * g)) * g
+                for g, s in zip(clean, sam)
+            ]
+            return loss, sam
+        if self.alpha is None or self.directions is None:
+            return loss, list(clean)
+        return loss, [
+            g + self.alpha * np.linalg.norm(g) / np.linalg.norm(v) * v
+            for g, v in zip(clean, self.directions)
+        ]
+
+
+def gradient_norm_outlier(decay, c_start, c_end, decay_steps):
+    """AE-SAM's decision as a function of (step, ‖g‖²), with its state."""
+    state = {}
+
+    def is_sam(step, squared_norm):
+        if not state:
+            state.update(mean=squared_norm, variance=0.0)
+            return True
+        mean = decay * state["mean"] + (1 - decay) * squared_norm
+        variance = (
+            decay * state["variance"] + (1 - decay) * (squared_norm - mean) ** 2
+        )
+        state.update(mean=mean, variance=variance)
+        c = c_start + (c_end - c_start) * min(step / decay_steps, 1.0)
+        return squared_norm >= mean + c * np.sqrt(variance)
+
+    return is_sam

@@ -46,6 +46,12 @@ def define_common_flags(**defaults):
     flags.DEFINE_enum("model", d["model"], sorted(models.MODELS), "Model.")
     flags.DEFINE_integer("epochs", d["epochs"], "Passes over the training set.")
     flags.DEFINE_integer(
+        "train_examples",
+        None,
+        "Train on only the first N training examples (default: all); "
+        "applied before --label_noise. For CPU-sized studies.",
+    )
+    flags.DEFINE_integer(
         "train_steps", None, "Total training steps; overrides --epochs."
     )
     flags.DEFINE_integer(
@@ -160,6 +166,7 @@ def _define_validators():
         "batch_size": (lambda v: v >= 1, "must be >= 1"),
         "epochs": (lambda v: v >= 1, "must be >= 1"),
         "train_steps": (lambda v: v is None or v >= 1, "must be >= 1"),
+        "train_examples": (lambda v: v is None or v >= 1, "must be >= 1"),
         "micro_batches": (lambda v: v >= 1, "must be >= 1"),
         "learning_rate": (lambda v: v > 0, "must be > 0"),
         "label_noise": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),

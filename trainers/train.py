@@ -201,6 +201,16 @@ def run(
         flags_obj.synthetic_data,
         train_split=train_split,
     )
+    train_examples = flags_obj.train_examples
+    if train_examples:
+        if train_examples > len(train.labels):
+            raise ValueError(
+                f"--train_examples={train_examples} exceeds the "
+                f"{len(train.labels)} training examples of {dataset_name}."
+            )
+        train = data_lib.Split(
+            train.images[:train_examples], train.labels[:train_examples]
+        )
     if flags_obj.label_noise > 0:
         noisy, _ = data_lib.add_label_noise(
             train.labels,

@@ -1,0 +1,233 @@
+"""When to take a SAM step: policies that switch between SAM and the base step.
+
+A SAM step costs two forward/backward passes; the base optimizer's step
+costs one. `SAMModel(..., switching=policy)` asks the policy at every step
+(after the clean pass) whether to run the perturbed pass; when it says no,
+the clean gradient is applied as is (or LookSAM's reused direction is added,
+see `SAMModel`'s `looksam_alpha`). The untaken branch is not computed, so a
+policy that takes SAM on a fraction `f` of the steps costs about `1 + f`
+base steps.
+
+Every policy decides identically on every replica (from the step counter,
+a stateless draw keyed by the step, or gradient statistics averaged across
+replicas), so replicas never disagree on which branch to run. Policies are
+Keras layers only to own their state: it is saved with the model and
+restored by `load_model`, `BackupAndRestore` and the trainers' checkpoints.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+
+class SwitchingPolicy(keras.layers.Layer):
+    """Base class: `policy(step, squared_gradient_norm)` → a boolean scalar.
+
+    `step` is the optimizer's iteration counter (int64), and
+    `squared_gradient_norm` is ‖∇L(w)‖² of the clean pass, unscaled by loss
+    scaling and averaged across replicas, or `None` when the policy sets
+    `needs_gradient_norm = False`.
+    """
+
+    needs_gradient_norm = False
+
+    def __init__(self, **kwargs):
+        kwargs["trainable"] = False
+        super().__init__(**kwargs)
+        self.built = True
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class Periodic(SwitchingPolicy):
+    """A SAM step every `every` steps, the base step in between.
+
+    SAM runs on the steps `t` with `t % every == 0` (so on the first one).
+    `every=1` is exact SAM.
+
+    Args:
+        every: the period k ≥ 1. Defaults to `2`.
+    """
+
+    def __init__(self, every=2, **kwargs):
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(
+                f"`every` must be an integer >= 1. Received: every={every!r}"
+            )
+        super().__init__(**kwargs)
+        self.every = every
+
+    def call(self, step, squared_gradient_norm=None):
+        del squared_gradient_norm
+        return ops.equal(ops.mod(step, self.every), 0)
+
+    def get_config(self):
+        return {**super().get_config(), "every": self.every}
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class Randomized(SwitchingPolicy):
+    """A SAM step with probability p_t, the base step otherwise.
+
+    The randomized sharpness-aware training of Zhao, Zhang and Hu (2022,
+    "Randomized Sharpness-Aware Training for Boosting Computational
+    Efficiency in Deep Learning"): at step `t` a Bernoulli(p_t) trial picks
+    SAM. The draw is stateless, keyed by `(seed, t)`, so it is the same on
+    every replica and after a resume. `probability=1` is exact SAM and
+    `probability=0` the base optimizer.
+
+    Args:
+        probability: p in [0, 1], or a schedule (a callable of the step,
+            e.g. a `keras.optimizers.schedules.LearningRateSchedule`) giving
+            p_t. Defaults to `0.5`.
+        seed: integer seed of the draws. Defaults to `0`.
+    """
+
+    def __init__(self, probability=0.5, seed=0, **kwargs):
+        if not callable(probability) and not (
+            isinstance(probability, (int, float))
+            and not isinstance(probability, bool)
+            and 0 <= probability <= 1
+        ):
+            raise ValueError(
+                "`probability` must be a number in [0, 1] or a schedule. "
+                f"Received: probability={probability!r}"
+            )
+        super().__init__(**kwargs)
+        self.probability = probability
+        self.seed = int(seed)
+
+    def call(self, step, squared_gradient_norm=None):
+        del squared_gradient_norm
+        probability = self.probability
+        if callable(probability):
+            probability = probability(step)
+        draw = tf.random.stateless_uniform(
+            [],
+            seed=tf.stack(
+                [tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)]
+            ),
+        )
+        return draw < ops.cast(probability, "float32")
+
+    def get_config(self):
+        probability = self.probability
+        if callable(probability):
+            probability = keras.saving.serialize_keras_object(probability)
+        return {
+            **super().get_config(),
+            "probability": probability,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["probability"], dict):
+            config["probability"] = keras.saving.deserialize_keras_object(
+                config["probability"]
+            )
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class GradientNormOutlier(SwitchingPolicy):
+    """AE-SAM: a SAM step when the gradient norm is unusually large.
+
+    Jiang, Yang, Zhang and Kwok, "An Adaptive Policy to Employ
+    Sharpness-Aware Minimization" (ICLR 2023). With `n_t = ‖∇L(w_t)‖²` of
+    the clean pass, exponential moving estimates of its mean and variance,
+
+    ```
+    μ_t  = δ μ_{t−1} + (1 − δ) n_t
+    σ²_t = δ σ²_{t−1} + (1 − δ) (n_t − μ_t)²
+    SAM at step t  ⇔  n_t ≥ μ_t + c_t σ_t
+    c_t  = c_start + (c_end − c_start) · min(t / decay_steps, 1)
+    ```
+
+    The first step initializes `μ = n`, `σ² = 0` and takes SAM. A lower
+    `c` takes SAM more often; the paper lowers it over training, because
+    sharp regions matter more late. The statistics are saved with the
+    model.
+
+    Args:
+        decay: δ in [0, 1). Defaults to `0.9`.
+        c_start: the threshold coefficient at step 0. Defaults to `-1.0`.
+        c_end: the threshold coefficient from `decay_steps` on. Defaults to
+            `1.0`.
+        decay_steps: steps over which c moves from `c_start` to `c_end`;
+            `None` keeps `c_start` throughout. Defaults to `None`.
+    """
+
+    needs_gradient_norm = True
+
+    def __init__(
+        self,
+        decay=0.9,
+        c_start=-1.0,
+        c_end=1.0,
+        decay_steps=None,
+        **kwargs,
+    ):
+        if not 0 <= decay < 1:
+            raise ValueError(
+                f"`decay` must lie in [0, 1). Received: decay={decay!r}"
+            )
+        if decay_steps is not None and decay_steps < 1:
+            raise ValueError(
+                "`decay_steps` must be None or >= 1. "
+                f"Received: decay_steps={decay_steps!r}"
+            )
+        super().__init__(**kwargs)
+        self.decay = float(decay)
+        self.c_start = float(c_start)
+        self.c_end = float(c_end)
+        self.decay_steps = decay_steps
+        self.mean = self._statistic("mean")
+        self.variance = self._statistic("variance")
+        self.started = self._statistic("started")
+
+    def _statistic(self, name):
+        return self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+            name=name,
+        )
+
+    def threshold_coefficient(self, step):
+        """c_t at `step`."""
+        if self.decay_steps is None:
+            return ops.convert_to_tensor(self.c_start, "float32")
+        fraction = ops.minimum(
+            ops.cast(step, "float32") / float(self.decay_steps), 1.0
+        )
+        return self.c_start + (self.c_end - self.c_start) * fraction
+
+    def call(self, step, squared_gradient_norm=None):
+        n = ops.cast(squared_gradient_norm, "float32")
+        first = ops.equal(self.started, 0.0)
+        mean = ops.where(
+            first, n, self.decay * self.mean + (1 - self.decay) * n
+        )
+        variance = ops.where(
+            first,
+            0.0,
+            self.decay * self.variance
+            + (1 - self.decay) * ops.square(n - mean),
+        )
+        self.mean.assign(mean)
+        self.variance.assign(variance)
+        self.started.assign(1.0)
+        threshold = mean + self.threshold_coefficient(step) * ops.sqrt(variance)
+        return ops.logical_or(first, n >= threshold)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "decay": self.decay,
+            "c_start": self.c_start,
+            "c_end": self.c_end,
+            "decay_steps": self.decay_steps,
+        }
