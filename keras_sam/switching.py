@@ -101,12 +101,7 @@ class Randomized(SwitchingPolicy):
         probability = self.probability
         if callable(probability):
             probability = probability(step)
-        draw = tf.random.stateless_uniform(
-            [],
-            seed=tf.stack(
-                [tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)]
-            ),
-        )
+        draw = uniform_from_step(self.seed, step)
         return draw < ops.cast(probability, "float32")
 
     def get_config(self):
@@ -127,6 +122,26 @@ class Randomized(SwitchingPolicy):
                 config["probability"]
             )
         return cls(**config)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def uniform_from_step(seed, step):
+    """A uniform draw in [0, 1) that is a pure function of `(seed, step)`.
+
+    A murmur3-style integer mix of the two, in 32-bit arithmetic carried in
+    int64. Unlike `tf.random.stateless_uniform`, whose XLA kernel draws
+    other numbers than its TensorFlow kernel, it gives the same draw with
+    and without `jit_compile`, on every device.
+    """
+    x = tf.cast(step, tf.int64) & _MASK32
+    x = (x + (int(seed) * 0x9E3779B9 & _MASK32)) & _MASK32
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, shift))
+        x = (x * multiplier) & _MASK32
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    return tf.cast(tf.cast(x, tf.float64) / 2.0**32, tf.float32)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")

@@ -260,11 +260,14 @@ def test_ae_sam_matches_the_oracle():
     assert 0 < sum(decisions.decisions) < len(decisions.decisions)
 
 
-def test_randomized_switching_matches_its_own_draws():
+@pytest.mark.parametrize("mode", ["graph", "jit"])
+def test_randomized_switching_matches_its_eager_draws(mode):
     policy = switching.Randomized(0.5, seed=3)
     draws = [bool(policy(tf.constant(t, tf.int64))) for t in range(6)]
     assert 0 < sum(draws) < 6
-    model = fit_softmax(rho=RHO, switching=switching.Randomized(0.5, seed=3))
+    model = fit_softmax(
+        mode, rho=RHO, switching=switching.Randomized(0.5, seed=3)
+    )
     assert_weights(
         model, oracle_weights(oracle.Switching(lambda t, _: draws[t]))
     )
