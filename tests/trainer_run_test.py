@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+import keras_sam
 from tests.distribute_test import mirrored
 from trainers import compare_sgd_sam
 from trainers import fashion_mnist
@@ -70,16 +71,27 @@ def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
     assert np.isfinite(results["test_loss"])
 
 
-@pytest.mark.parametrize("augmentation", ["none", "cutout"])
+RESUMED_SETTINGS = {
+    "sam": dict(),
+    "cutout": dict(augmentation="cutout"),
+    # Variants whose state carries across steps: LookSAM's stored direction
+    # (SAM on steps 0 and 3, so step 5 reuses a direction saved before the
+    # kill) and AE-SAM's gradient-norm statistics.
+    "looksam": dict(switching="periodic", sam_every=3, looksam_alpha=0.7),
+    "ae_sam": dict(switching="ae_sam"),
+}
+
+
+@pytest.mark.parametrize("variant", RESUMED_SETTINGS)
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-    tmp_path, monkeypatch, augmentation
+    tmp_path, monkeypatch, variant
 ):
     settings = dict(
         train_steps=6,
         checkpoint_every_steps=2,
         deterministic=True,
         rho=0.1,
-        augmentation=augmentation,
+        **RESUMED_SETTINGS[variant],
     )
     whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
 
@@ -102,6 +114,37 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     assert resumed["train_steps"] == 6
     np.testing.assert_allclose(
         resumed["test_loss"], whole["test_loss"], rtol=1e-6
+    )
+
+
+def test_variant_flags_build_the_documented_sam_model(tmp_path):
+    results = fashion_mnist.run(
+        make_flags(
+            tmp_path,
+            rho_min=0.01,
+            gsam_alpha=0.2,
+            perturbed_variables="normalization",
+            switching="periodic",
+            sam_every=2,
+            looksam_alpha=0.5,
+        )
+    )
+    assert results["train_steps"] == 2 and np.isfinite(results["test_loss"])
+    arguments = train.variant_arguments(
+        make_flags(
+            tmp_path,
+            perturbed_variables="kernel,bias",
+            switching="randomized",
+            sam_probability=0.25,
+            seed=4,
+        )
+    )
+    assert arguments["perturbed_variables"] == ["kernel", "bias"]
+    policy = arguments["switching"]
+    assert policy.probability == 0.25 and policy.seed == 4
+    policy = train.variant_arguments(make_flags(tmp_path, switching="ae_sam"))
+    assert isinstance(
+        policy["switching"], keras_sam.switching.GradientNormOutlier
     )
 
 

@@ -107,6 +107,49 @@ def define_common_flags(**defaults):
         "Split each replica's batch into this many parts, each with its own "
         "ε (m-sharpness: m = batch_size / (replicas · micro_batches)).",
     )
+    flags.DEFINE_float(
+        "rho_min",
+        None,
+        "If set, ρ follows the learning-rate schedule linearly from --rho at "
+        "the peak rate down to --rho_min at rate 0 (GSAM); default: "
+        "constant ρ.",
+    )
+    flags.DEFINE_float(
+        "gsam_alpha",
+        0.0,
+        "GSAM's α: subtract α times the clean gradient's component "
+        "orthogonal to the SAM gradient; 0 is SAM.",
+    )
+    flags.DEFINE_string(
+        "perturbed_variables",
+        "all",
+        "Which weights ε perturbs: all, normalization (SAM-ON), or a "
+        "comma-separated list of regular expressions matched against "
+        "variable paths.",
+    )
+    flags.DEFINE_enum(
+        "switching",
+        "none",
+        ["none", "periodic", "randomized", "ae_sam"],
+        "Which steps run SAM: none (every step); periodic (every "
+        "--sam_every-th step); randomized (with probability "
+        "--sam_probability); ae_sam (when the gradient norm is an outlier, "
+        "Jiang et al. 2023). Other steps are plain SGD steps.",
+    )
+    flags.DEFINE_integer(
+        "sam_every", 2, "Period of --switching=periodic, in steps."
+    )
+    flags.DEFINE_float(
+        "sam_probability",
+        0.5,
+        "Probability of a SAM step for --switching=randomized.",
+    )
+    flags.DEFINE_float(
+        "looksam_alpha",
+        None,
+        "LookSAM's α: on the steps --switching leaves without SAM, add the "
+        "stored SAM direction scaled to α‖g‖ (default: plain SGD steps).",
+    )
     flags.DEFINE_enum(
         "augmentation",
         d["augmentation"],
@@ -167,6 +210,11 @@ def _define_validators():
         "epochs": (lambda v: v >= 1, "must be >= 1"),
         "train_steps": (lambda v: v is None or v >= 1, "must be >= 1"),
         "train_examples": (lambda v: v is None or v >= 1, "must be >= 1"),
+        "rho_min": (lambda v: v is None or v >= 0, "must be >= 0"),
+        "gsam_alpha": (lambda v: v >= 0, "must be >= 0"),
+        "sam_every": (lambda v: v >= 1, "must be >= 1"),
+        "sam_probability": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+        "looksam_alpha": (lambda v: v is None or v >= 0, "must be >= 0"),
         "micro_batches": (lambda v: v >= 1, "must be >= 1"),
         "learning_rate": (lambda v: v > 0, "must be > 0"),
         "label_noise": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),

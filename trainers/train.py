@@ -142,12 +142,15 @@ def test_dataset(split, batch_size, num_classes):
     )
 
 
-def _optimizer(flags_obj, total_steps):
-    learning_rate = flags_obj.learning_rate
+def _learning_rate(flags_obj, total_steps):
     if flags_obj.lr_schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate, decay_steps=total_steps
+        return keras.optimizers.schedules.CosineDecay(
+            flags_obj.learning_rate, decay_steps=total_steps
         )
+    return flags_obj.learning_rate
+
+
+def _optimizer(flags_obj, learning_rate):
     return keras.optimizers.SGD(
         learning_rate,
         momentum=flags_obj.momentum,
@@ -155,6 +158,37 @@ def _optimizer(flags_obj, total_steps):
         global_clipnorm=flags_obj.gradient_clipping or None,
         use_ema=flags_obj.ema_decay > 0,
         ema_momentum=flags_obj.ema_decay or 0.99,
+    )
+
+
+def _rho(flags_obj, learning_rate):
+    # With a constant learning rate, ρ following it is the constant --rho.
+    if flags_obj.rho_min is None or not callable(learning_rate):
+        return flags_obj.rho
+    return keras_sam.schedules.RhoFollowingLearningRate(
+        learning_rate, rho_max=flags_obj.rho, rho_min=flags_obj.rho_min
+    )
+
+
+def variant_arguments(flags_obj):
+    """The SAMModel arguments of the variant flags (GSAM, SAM-ON, switching,
+    LookSAM)."""
+    policies = {
+        "none": lambda: None,
+        "periodic": lambda: keras_sam.switching.Periodic(flags_obj.sam_every),
+        "randomized": lambda: keras_sam.switching.Randomized(
+            flags_obj.sam_probability, seed=flags_obj.seed
+        ),
+        "ae_sam": lambda: keras_sam.switching.GradientNormOutlier(),
+    }
+    perturbed = flags_obj.perturbed_variables
+    if perturbed not in ("all", "normalization"):
+        perturbed = [p for p in perturbed.split(",") if p]
+    return dict(
+        gsam_alpha=flags_obj.gsam_alpha,
+        perturbed_variables=perturbed,
+        switching=policies[flags_obj.switching](),
+        looksam_alpha=flags_obj.looksam_alpha,
     )
 
 
@@ -240,16 +274,18 @@ def run(
             info.num_classes,
             flags_obj.weight_decay,
         )
+        learning_rate = _learning_rate(flags_obj, total_steps)
         model = keras_sam.SAMModel(
             base,
-            rho=flags_obj.rho,
+            rho=_rho(flags_obj, learning_rate),
             adaptive=flags_obj.adaptive,
             eta=flags_obj.eta,
             sync_perturbations=flags_obj.sync_perturbations,
             micro_batches=flags_obj.micro_batches,
+            **variant_arguments(flags_obj),
         )
         model.compile(
-            optimizer=_optimizer(flags_obj, total_steps),
+            optimizer=_optimizer(flags_obj, learning_rate),
             loss=keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=flags_obj.label_smoothing
             ),
