@@ -43,6 +43,22 @@ def define_flags():
     flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
     flags.DEFINE_integer("steps", 10, "Training steps per contender a round.")
     flags.DEFINE_integer("batch_size", 64, "Batch size of every step.")
+    flags.DEFINE_list(
+        "contenders",
+        CORE,
+        f"What to time against sgd; any of {sorted(CONTENDERS)}.",
+    )
+    flags.DEFINE_bool(
+        "pipeline",
+        True,
+        "Also time the Fashion-MNIST trainer's input pipeline (needs the "
+        "data; see --data_dir).",
+    )
+    flags.DEFINE_string(
+        "data_dir",
+        "/usr/share/datasets/fashion-mnist",
+        "Fashion-MNIST for --pipeline.",
+    )
     flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
@@ -88,17 +104,60 @@ class NaiveSAM(keras.Model):
         return self.compute_metrics(x, y, y_pred)
 
 
+class TwoGradients(keras.Model):
+    """The floor of exact SAM: two forward/backward passes, no ε."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def call(self, inputs, training=None):
+        return self.base(inputs, training=training)
+
+    def train_step(self, data):
+        x, y = data
+        variables = self.trainable_variables
+        # The second pass sees the batch reversed, so that graph
+        # optimizations cannot merge two identical computations into one.
+        for batch_x, batch_y in ((x, y), (x[::-1], y[::-1])):
+            with tf.GradientTape() as tape:
+                y_pred = self(batch_x, training=True)
+                loss = self.compute_loss(x=batch_x, y=batch_y, y_pred=y_pred)
+            grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self._loss_tracker.update_state(loss)
+        return self.compute_metrics(batch_x, batch_y, y_pred)
+
+
+def _sam(**kwargs):
+    return lambda base: keras_sam.SAMModel(base, rho=0.05, **kwargs)
+
+
+switching = keras_sam.switching
 CONTENDERS = {
     "sgd": lambda base: base,
-    "sam": lambda base: keras_sam.SAMModel(base, rho=0.05),
-    "sam_micro_batches_2": lambda base: keras_sam.SAMModel(
-        base, rho=0.05, micro_batches=2
-    ),
-    "sam_sync": lambda base: keras_sam.SAMModel(
-        base, rho=0.05, sync_perturbations=True
-    ),
+    "sam": _sam(),
+    "floor_two_passes": TwoGradients,
+    "sam_micro_batches_2": _sam(micro_batches=2),
+    "sam_sync": _sam(sync_perturbations=True),
     "naive_assign_subtract": lambda base: NaiveSAM(base, rho=0.05),
+    "asam": lambda base: keras_sam.SAMModel(base, rho=0.5, adaptive=True),
+    "gsam": _sam(gsam_alpha=0.1),
+    "sam_on": _sam(perturbed_variables="normalization"),
+    "periodic_2": _sam(switching=switching.Periodic(2)),
+    "periodic_5": _sam(switching=switching.Periodic(5)),
+    "randomized_0.5": _sam(switching=switching.Randomized(0.5)),
+    "ae_sam": _sam(switching=switching.GradientNormOutlier()),
+    "looksam_5": _sam(switching=switching.Periodic(5), looksam_alpha=0.7),
 }
+CORE = [
+    "sgd",
+    "sam",
+    "floor_two_passes",
+    "sam_micro_batches_2",
+    "sam_sync",
+    "naive_assign_subtract",
+]
 
 
 def _dataset(shape, batch_size):
@@ -113,10 +172,11 @@ def _dataset(shape, batch_size):
     )
 
 
-def time_model(name, mode, rounds, steps, batch_size):
+def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
     dataset = _dataset(MODELS[name], batch_size)
     compiled = {}
-    for contender, wrap in CONTENDERS.items():
+    for contender in ["sgd"] + [c for c in contenders if c != "sgd"]:
+        wrap = CONTENDERS[contender]
         keras.utils.set_random_seed(0)
         model = wrap(_build(name))
         model.compile(
@@ -126,14 +186,27 @@ def time_model(name, mode, rounds, steps, batch_size):
         )
         model.fit(dataset, steps_per_epoch=2, verbose=0)  # trace, warm up
         compiled[contender] = model
+    result = interleaved_ratios(compiled, dataset, rounds, steps)
+    result["params"] = int(compiled["sgd"].count_params())
+    return result
+
+
+def interleaved_ratios(compiled, datasets, rounds, steps):
+    """Seconds per step of each model, and its per-round ratio to "sgd".
+
+    `datasets` is one dataset for all, or a dict with one per model.
+    """
     seconds = {c: [] for c in compiled}
     for _ in range(rounds):
         for contender, model in compiled.items():
+            data = datasets
+            if isinstance(datasets, dict):
+                data = datasets[contender]
             start = time.perf_counter()
-            model.fit(dataset, steps_per_epoch=steps, verbose=0)
+            model.fit(data, steps_per_epoch=steps, verbose=0)
             seconds[contender].append((time.perf_counter() - start) / steps)
     sgd = np.array(seconds["sgd"])
-    result = {"params": int(compiled["sgd"].count_params()), "contenders": {}}
+    result = {"contenders": {}}
     for contender, values in seconds.items():
         ratios = np.array(values) / sgd
         result["contenders"][contender] = {
@@ -142,6 +215,48 @@ def time_model(name, mode, rounds, steps, batch_size):
             "ratio_min": float(ratios.min()),
             "ratio_max": float(ratios.max()),
         }
+    return result
+
+
+def time_pipeline(data_dir, rounds, steps, batch_size):
+    """The Fashion-MNIST trainer's tf.data pipeline against in-memory data.
+
+    The same small CNN trains with SGD, fed either by the trainer's own
+    pipeline over the real data (gather, scale, one-hot, prefetch) or by
+    one cached batch, which costs nothing to produce. The ratio is what
+    the input pipeline adds to a step; the pipeline's own throughput is
+    measured alone, without training.
+    """
+    from trainers import data as data_lib
+    from trainers import train
+
+    train_split, _, info = data_lib.load("fashion_mnist", data_dir)
+    total = (rounds + 1) * steps + 2
+    indices = train.step_indices(len(train_split.labels), batch_size, total, 0)
+    real = train.training_dataset(train_split, indices, 0, None, 10).repeat()
+    cached = real.take(1).cache().repeat()
+    compiled = {}
+    for name in ("sgd", "real_pipeline"):
+        keras.utils.set_random_seed(0)
+        model = models.build("small_cnn", info.shape, 10)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(cached, steps_per_epoch=2, verbose=0)
+        compiled[name] = model
+    result = interleaved_ratios(
+        compiled, {"sgd": cached, "real_pipeline": real}, rounds, steps
+    )
+    result["contenders"]["in_memory_batch"] = result["contenders"].pop("sgd")
+    iterator = iter(real)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(200):
+        next(iterator)
+    result["pipeline_alone_ms_per_batch"] = (
+        1e3 * (time.perf_counter() - start) / 200
+    )
     return result
 
 
@@ -212,6 +327,7 @@ def run(flags_obj):
                 flags_obj.rounds,
                 flags_obj.steps,
                 flags_obj.batch_size,
+                flags_obj.contenders,
             )
             print(key, json.dumps(results["timings"][key], indent=1))
         results["peak_rss_mb"][name] = {
@@ -219,6 +335,11 @@ def run(flags_obj):
             for c in ("sgd", "sam", "naive_assign_subtract")
         }
         print(name, "peak RSS MB", results["peak_rss_mb"][name])
+    if flags_obj.pipeline:
+        results["pipeline"] = time_pipeline(
+            flags_obj.data_dir, flags_obj.rounds, flags_obj.steps, 128
+        )
+        print("pipeline", json.dumps(results["pipeline"], indent=1))
     if flags_obj.output:
         with open(flags_obj.output, "w") as f:
             json.dump(results, f, indent=1)
