@@ -147,6 +147,7 @@ CONTENDERS = {
     "periodic_2": _sam(switching=switching.Periodic(2)),
     "periodic_5": _sam(switching=switching.Periodic(5)),
     "randomized_0.5": _sam(switching=switching.Randomized(0.5)),
+    "randomized_0.2": _sam(switching=switching.Randomized(0.2)),
     "ae_sam": _sam(switching=switching.GradientNormOutlier()),
     "looksam_5": _sam(switching=switching.Periodic(5), looksam_alpha=0.7),
 }
