@@ -1,0 +1,104 @@
+"""The report scripts on small synthetic results: tables, verdicts, plots."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from benchmarks import report_results
+
+
+def test_paired_difference_is_a_paired_t_test():
+    a = {0: 80.0, 1: 82.0, 2: 81.0}
+    b = {0: 81.0, 1: 83.5, 2: 81.5}
+    mean, sd, t, significant = report_results.paired_difference(a, b)
+    d = np.array([1.0, 1.5, 0.5])
+    assert mean == pytest.approx(1.0)
+    assert sd == pytest.approx(d.std(ddof=1))
+    assert t == pytest.approx(1.0 / (0.5 / np.sqrt(3)))
+    assert t == pytest.approx(3.4641, rel=1e-4)
+    assert not significant  # t(2) critical value is 4.303
+    _, _, _, significant = report_results.paired_difference(
+        a, {0: 81.0, 1: 83.1, 2: 81.9}
+    )
+    assert significant
+
+
+def _run(optimizer, noise, seed, accuracy, rho=0.1):
+    history = {"accuracy": [0.5, 0.7], "val_accuracy": [0.6, accuracy]}
+    return dict(
+        optimizer=optimizer,
+        label_noise=noise,
+        seed=seed,
+        rho=rho,
+        test_accuracy=accuracy,
+        history=history,
+    )
+
+
+def test_report_writes_tables_plots_and_an_honest_verdict(tmp_path):
+    flags_values = dict(
+        model="small_cnn",
+        train_examples=10000,
+        epochs=15,
+        batch_size=128,
+        momentum=0.9,
+        learning_rate=0.02,
+        lr_schedule="cosine",
+        weight_decay=5e-4,
+    )
+    clean = [
+        _run(name, 0.0, seed, acc + 0.001 * seed)
+        for seed in range(3)
+        for name, acc in (("SGD", 0.88), ("SAM", 0.89), ("ASAM", 0.885))
+    ]
+    noise = [
+        _run(name, rate, seed, acc - rate / 2)
+        for rate in (0.2, 0.8)
+        for seed in range(2)
+        for name, acc in (("SGD", 0.80), ("SAM", 0.85))
+    ]
+    variants = [
+        _run(name, 0.4, seed, acc + 0.001 * seed)
+        for seed in range(2)
+        for name, acc in (
+            ("SGD", 0.70),
+            ("SAM", 0.80),
+            ("periodic k=5", 0.79),
+            ("GSAM", 0.81),
+        )
+    ]
+    costs = {
+        "timings": {
+            "small_cnn/graph": {
+                "contenders": {
+                    "sam": {"median_ratio_to_sgd": 2.0},
+                    "periodic_5": {"median_ratio_to_sgd": 1.2},
+                    "gsam": {"median_ratio_to_sgd": 2.05},
+                }
+            }
+        }
+    }
+    for name, runs in (
+        ("results_clean.json", clean),
+        ("results_label_noise.json", noise),
+        ("results_variants.json", variants),
+    ):
+        (tmp_path / name).write_text(
+            json.dumps({"flags": flags_values, "runs": runs})
+        )
+    (tmp_path / "performance_variants.json").write_text(json.dumps(costs))
+
+    report_results.run(types.SimpleNamespace(docs=str(tmp_path)))
+
+    text = (tmp_path / "results.md").read_text()
+    assert "| 20 % | 70.00 ± 0.00 | 75.00 ± 0.00 | +5.00 ± 0.00 |" in text
+    assert "84.8 → 95.1" in text and "26.2 → 77.9" in text
+    assert "| periodic k=5 | 79.05 ± 0.07 | +9.00 ± 0.00 | 90 % | 1.20× |" in (
+        text
+    )
+    assert "the target (≤ 1.25× an SGD step, ≥ 80 % of SAM's gain): " in text
+    assert "gain): periodic k=5." in text
+    for png in ("label_noise.png", "learning_curves.png", "variants.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
