@@ -179,9 +179,16 @@ def define_common_flags(**defaults):
     )
     flags.DEFINE_enum(
         "mixed_precision",
-        "none",
-        ["none", "float16", "bfloat16"],
-        "Mixed precision compute dtype (float16 for GPUs, bfloat16 for TPUs).",
+        "auto",
+        ["auto", "none", "float16", "bfloat16"],
+        "Mixed precision compute dtype: float16 for GPUs, bfloat16 for TPUs; "
+        "auto is bfloat16 under --strategy=tpu and none otherwise.",
+    )
+    flags.DEFINE_integer(
+        "steps_per_execution",
+        None,
+        "Training steps per compiled call, to keep the host from limiting "
+        "the step (default: 32 under --strategy=tpu, else 1).",
     )
     flags.DEFINE_integer("seed", 0, "Seed of weights, data order and noise.")
     flags.DEFINE_bool(
@@ -210,6 +217,10 @@ def _define_validators():
         "epochs": (lambda v: v >= 1, "must be >= 1"),
         "train_steps": (lambda v: v is None or v >= 1, "must be >= 1"),
         "train_examples": (lambda v: v is None or v >= 1, "must be >= 1"),
+        "steps_per_execution": (
+            lambda v: v is None or v >= 1,
+            "must be >= 1",
+        ),
         "rho_min": (lambda v: v is None or v >= 0, "must be >= 0"),
         "gsam_alpha": (lambda v: v >= 0, "must be >= 0"),
         "sam_every": (lambda v: v >= 1, "must be >= 1"),

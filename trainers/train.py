@@ -71,26 +71,40 @@ def restore_checkpoint(path, model):
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
-    """Saves `checkpoint.npz` every `every` steps and at the end of training."""
+    """Saves `checkpoint.npz` every `every` steps and at the end of training.
+
+    Steps are read from the optimizer's counter, so the schedule holds with
+    `steps_per_execution` > 1 (the callback then runs once per execution).
+    A state with a non-finite loss or weight is never written: the last
+    good checkpoint stays in place.
+    """
 
     def __init__(self, path, every, start_step, is_chief=True):
         super().__init__()
         self.path = path
         self.every = every
         self.step = start_step
+        self.saved_step = start_step
         self.is_chief = is_chief
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step % self.every == 0:
-            self._save()
+        self.step = int(self.model.optimizer.iterations.numpy())
+        if self.step // self.every > self.saved_step // self.every:
+            self._save(logs)
 
     def on_train_end(self, logs=None):
-        self._save()
+        if self.step > self.saved_step:
+            self._save(logs)
 
-    def _save(self):
+    def _save(self, logs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            return
+        if not all(np.all(np.isfinite(v.numpy())) for v in self.model.weights):
+            return
         path = self.path if self.is_chief else self.path + ".worker"
         save_checkpoint(path, self.model, self.step)
+        self.saved_step = self.step
 
 
 def step_indices(num_examples, batch_size, steps, seed):
@@ -192,8 +206,27 @@ def variant_arguments(flags_obj):
     )
 
 
-def _jit(value):
-    return {"auto": "auto", "true": True, "false": False}[value]
+def accelerator_settings(flags_obj, on_tpu):
+    """jit_compile, steps_per_execution and the mixed-precision policy.
+
+    On TPUs everything is compiled with XLA, bfloat16 is the mixed
+    precision of choice and several steps run per host call.
+    """
+    precision = flags_obj.mixed_precision
+    if precision == "auto":
+        precision = "bfloat16" if on_tpu else "none"
+    if on_tpu and precision == "float16":
+        raise ValueError(
+            "--mixed_precision=float16 is for GPUs; TPUs compute in "
+            "bfloat16 (use --mixed_precision=bfloat16 or auto)."
+        )
+    jit = {"auto": "auto", "true": True, "false": False}[flags_obj.jit_compile]
+    steps_per_execution = flags_obj.steps_per_execution or (32 if on_tpu else 1)
+    return dict(
+        jit_compile=True if on_tpu else jit,
+        steps_per_execution=steps_per_execution,
+        policy=None if precision == "none" else f"mixed_{precision}",
+    )
 
 
 def run(
@@ -224,11 +257,36 @@ def run(
     strategy = strategy_override or strategy_lib.get_strategy(
         flags_obj.strategy, flags_obj.tpu
     )
-    if flags_obj.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(
-            f"mixed_{flags_obj.mixed_precision}"
-        )
 
+    settings = accelerator_settings(
+        flags_obj, isinstance(strategy, tf.distribute.TPUStrategy)
+    )
+    previous_policy = keras.mixed_precision.global_policy()
+    if settings["policy"]:
+        keras.mixed_precision.set_global_policy(settings["policy"])
+    try:
+        return _train(
+            flags_obj,
+            dataset_name,
+            strategy,
+            settings,
+            datasets_override,
+            train_split,
+            start_time,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(
+    flags_obj,
+    dataset_name,
+    strategy,
+    settings,
+    datasets_override,
+    train_split,
+    start_time,
+):
     train, test, info = datasets_override or data_lib.load(
         dataset_name,
         flags_obj.data_dir,
@@ -290,7 +348,8 @@ def run(
                 from_logits=True, label_smoothing=flags_obj.label_smoothing
             ),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-            jit_compile=_jit(flags_obj.jit_compile),
+            jit_compile=settings["jit_compile"],
+            steps_per_execution=settings["steps_per_execution"],
         )
         model.optimizer.build(model.trainable_variables)
 
