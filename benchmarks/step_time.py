@@ -118,12 +118,15 @@ class TwoGradients(keras.Model):
         x, y = data
         variables = self.trainable_variables
         # The second pass sees the batch reversed, so that graph
-        # optimizations cannot merge two identical computations into one.
+        # optimizations cannot merge two identical computations into one,
+        # and both gradients are used, so that neither pass is pruned.
+        passes = []
         for batch_x, batch_y in ((x, y), (x[::-1], y[::-1])):
             with tf.GradientTape() as tape:
                 y_pred = self(batch_x, training=True)
                 loss = self.compute_loss(x=batch_x, y=batch_y, y_pred=y_pred)
-            grads = tape.gradient(loss, variables)
+            passes.append(tape.gradient(loss, variables))
+        grads = [0.5 * (a + b) for a, b in zip(*passes)]
         self.optimizer.apply_gradients(zip(grads, variables))
         self._loss_tracker.update_state(loss)
         return self.compute_metrics(batch_x, batch_y, y_pred)
