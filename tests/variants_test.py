@@ -458,3 +458,21 @@ def test_a_selector_matching_nothing_fails_at_the_first_step():
     model.compile(optimizer=sgd(), loss=xent())
     with pytest.raises(ValueError, match="selects none"):
         model.fit(x, y, batch_size=BATCH, verbose=0)
+
+
+VARIANT_SETTINGS = {
+    "gsam": lambda: dict(gsam_alpha=0.3),
+    "sam_on": lambda: dict(perturbed_variables=["bias"]),
+    "periodic": lambda: dict(switching=switching.Periodic(2)),
+    "randomized": lambda: dict(switching=switching.Randomized(0.5, seed=1)),
+    "ae_sam": lambda: dict(switching=switching.GradientNormOutlier(0.5)),
+    "looksam": lambda: dict(switching=switching.Periodic(3), looksam_alpha=0.7),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANT_SETTINGS)
+def test_every_variant_trains_the_same_with_xla(variant):
+    graph = fit_softmax("graph", rho=RHO, **VARIANT_SETTINGS[variant]())
+    jit = fit_softmax("jit", rho=RHO, **VARIANT_SETTINGS[variant]())
+    assert_weights(jit, graph.base.get_weights())
+    assert_weights_differ(graph.base.get_weights(), softmax_data()[2:])
