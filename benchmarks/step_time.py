@@ -151,7 +151,8 @@ CONTENDERS = {
     "periodic_5": _sam(switching=switching.Periodic(5)),
     "randomized_0.5": _sam(switching=switching.Randomized(0.5)),
     "randomized_0.2": _sam(switching=switching.Randomized(0.2)),
-    "ae_sam": _sam(switching=switching.GradientNormOutlier()),
+    # c = 0 throughout: SAM on about half of the steps, AE-SAM's average.
+    "ae_sam": _sam(switching=switching.GradientNormOutlier(c_start=0.0)),
     "looksam_5": _sam(switching=switching.Periodic(5), looksam_alpha=0.7),
 }
 CORE = [

@@ -79,7 +79,8 @@ class SAMModel(keras.Model):
       decides after the clean pass whether this step is a SAM step
       (`Periodic(k)`, `Randomized(p)`, `GradientNormOutlier()` for AE-SAM);
       otherwise the perturbed pass is skipped and the clean gradient is
-      applied, as by the base optimizer.
+      applied, as by the base optimizer. The fraction of SAM steps is
+      logged as the metric `sam_fraction`.
     - LookSAM (Liu et al., CVPR 2022), `looksam_alpha=α` with a switching
       policy (the paper's is `Periodic(k)`, α = 0.7): each SAM step stores,
       per variable, the SAM gradient's component orthogonal to the clean
@@ -174,6 +175,8 @@ class SAMModel(keras.Model):
             None if looksam_alpha is None else float(looksam_alpha)
         )
         self._looksam_directions = None
+        if switching is not None:
+            self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         if base.built:
             self._build_variant_state()
             self.built = True
@@ -276,6 +279,12 @@ class SAMModel(keras.Model):
             x, y, result.y_pred, sample_weight=sample_weight
         )
 
+    def test_step(self, data):
+        logs = super().test_step(data)
+        # Evaluation takes no steps; the training fraction means nothing here.
+        logs.pop("sam_fraction", None)
+        return logs
+
     def _should_perturb(self):
         if self.switching is None:
             return None
@@ -284,7 +293,11 @@ class SAMModel(keras.Model):
             squared_norm = None
             if self.switching.needs_gradient_norm:
                 squared_norm = self._squared_clean_norm(clean)
-            return self.switching(self.optimizer.iterations, squared_norm)
+            decision = self.switching(self.optimizer.iterations, squared_norm)
+            self.sam_fraction_tracker.update_state(
+                ops.cast(decision, "float32")
+            )
+            return decision
 
         return should_perturb
 

@@ -476,3 +476,19 @@ def test_every_variant_trains_the_same_with_xla(variant):
     jit = fit_softmax("jit", rho=RHO, **VARIANT_SETTINGS[variant]())
     assert_weights(jit, graph.base.get_weights())
     assert_weights_differ(graph.base.get_weights(), softmax_data()[2:])
+
+
+def test_the_fraction_of_sam_steps_is_logged_per_epoch():
+    x, y, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(
+        softmax_regression(w0, b0), rho=RHO, switching=switching.Periodic(2)
+    )
+    model.compile(optimizer=sgd(), loss=xent())
+    history = model.fit(
+        x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    )
+    # Steps 0, 1, 2 then 3, 4, 5: SAM on 0 and 2, then on 4.
+    np.testing.assert_allclose(history.history["sam_fraction"], [2 / 3, 1 / 3])
+    assert "sam_fraction" not in model.evaluate(
+        x, y, verbose=0, return_dict=True
+    )

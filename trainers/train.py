@@ -184,16 +184,18 @@ def _rho(flags_obj, learning_rate):
     )
 
 
-def variant_arguments(flags_obj):
+def variant_arguments(flags_obj, total_steps=None):
     """The SAMModel arguments of the variant flags (GSAM, SAM-ON, switching,
-    LookSAM)."""
+    LookSAM). AE-SAM's threshold moves over `total_steps`."""
     policies = {
         "none": lambda: None,
         "periodic": lambda: keras_sam.switching.Periodic(flags_obj.sam_every),
         "randomized": lambda: keras_sam.switching.Randomized(
             flags_obj.sam_probability, seed=flags_obj.seed
         ),
-        "ae_sam": lambda: keras_sam.switching.GradientNormOutlier(),
+        "ae_sam": lambda: keras_sam.switching.GradientNormOutlier(
+            decay_steps=total_steps
+        ),
     }
     perturbed = flags_obj.perturbed_variables
     if perturbed not in ("all", "normalization"):
@@ -340,7 +342,7 @@ def _train(
             eta=flags_obj.eta,
             sync_perturbations=flags_obj.sync_perturbations,
             micro_batches=flags_obj.micro_batches,
-            **variant_arguments(flags_obj),
+            **variant_arguments(flags_obj, total_steps),
         )
         model.compile(
             optimizer=_optimizer(flags_obj, learning_rate),
