@@ -67,8 +67,14 @@ def test_report_writes_tables_plots_and_an_honest_verdict(tmp_path):
             ("SAM", 0.80),
             ("periodic k=5", 0.79),
             ("GSAM", 0.81),
+            ("AE-SAM", 0.75),
         )
     ]
+    for run in variants:
+        if run["optimizer"] == "periodic k=5":
+            run["history"]["sam_fraction"] = [0.2, 0.2]
+        if run["optimizer"] == "AE-SAM":
+            run["history"]["sam_fraction"] = [0.2, 0.4]
     costs = {
         "timings": {
             "small_cnn/graph": {
@@ -95,8 +101,16 @@ def test_report_writes_tables_plots_and_an_honest_verdict(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "| 20 % | 70.00 ± 0.00 | 75.00 ± 0.00 | +5.00 ± 0.00 |" in text
     assert "84.8 → 95.1" in text and "26.2 → 77.9" in text
-    assert "| periodic k=5 | 79.05 ± 0.07 | +9.00 ± 0.00 | 90 % | 1.20× |" in (
-        text
+    row = "| periodic k=5 | 79.05 ± 0.07 | +9.00 ± 0.00 | 90 % | 20 % | 1.20× |"
+    assert row in text
+    # AE-SAM: SAM on 30 % of the steps, SAM costs 2.0×: about 1.3×.
+    row = (
+        "| AE-SAM | 75.05 ± 0.07 | +5.00 ± 0.00 | 50 % | 30 % | 1.30× (est.) |"
+    )
+    assert row in text
+    assert (
+        "| GSAM | 81.05 ± 0.07 | +11.00 ± 0.00 | 110 % | 100 % | 2.05× |"
+        in (text)
     )
     assert "the target (≤ 1.25× an SGD step, ≥ 80 % of SAM's gain): " in text
     assert "gain): periodic k=5." in text
