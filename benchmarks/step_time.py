@@ -40,7 +40,7 @@ def define_flags():
     flags.DEFINE_list(
         "modes", ["graph", "xla"], "Compilation modes: graph and/or xla."
     )
-    flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
+    flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
     flags.DEFINE_integer("steps", 10, "Training steps per contender a round.")
     flags.DEFINE_integer("batch_size", 64, "Batch size of every step.")
     flags.DEFINE_list(
