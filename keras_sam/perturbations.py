@@ -136,15 +136,12 @@ def gsam_gradients(clean, perturbed, alpha, epsilon=DEFAULT_EPSILON):
     dot = _sum_over(ops.sum(g * p) for g, p in pairs)
     squared = _sum_over(ops.sum(ops.square(p)) for _, p in pairs)
     projection = dot / (squared + epsilon)
-    result = []
-    for g, p in zip(clean, perturbed):
-        if g is None or p is None:
-            result.append(p)
-            continue
-        g32, p32 = ops.cast(g, "float32"), ops.cast(p, "float32")
-        orthogonal = g32 - projection * p32
-        result.append(ops.cast(p32 - alpha * orthogonal, p.dtype))
-    return result
+
+    def update(g, p):
+        orthogonal = g - projection * p
+        return p - alpha * orthogonal
+
+    return _map_pairs(update, clean, perturbed, keep="second")
 
 
 def looksam_direction(clean, perturbed, epsilon=DEFAULT_EPSILON):
@@ -159,15 +156,11 @@ def looksam_direction(clean, perturbed, epsilon=DEFAULT_EPSILON):
 
     Returns one float32 tensor per variable (`None` kept in place).
     """
-    directions = []
-    for g, s in zip(clean, perturbed):
-        if g is None or s is None:
-            directions.append(None)
-            continue
-        g32, s32 = ops.cast(g, "float32"), ops.cast(s, "float32")
-        coefficient = ops.sum(g32 * s32) / (ops.sum(ops.square(g32)) + epsilon)
-        directions.append(s32 - coefficient * g32)
-    return directions
+
+    def direction(g, s):
+        return s - ops.sum(g * s) / (ops.sum(ops.square(g)) + epsilon) * g
+
+    return _map_pairs(direction, clean, perturbed, keep=None, cast=False)
 
 
 def looksam_gradients(clean, directions, alpha, epsilon=DEFAULT_EPSILON):
@@ -183,14 +176,28 @@ def looksam_gradients(clean, directions, alpha, epsilon=DEFAULT_EPSILON):
 
     A zero direction (before the first SAM step) gives `g` itself.
     """
+
+    def reuse(g, v):
+        return g + alpha * global_norm([g]) / (global_norm([v]) + epsilon) * v
+
+    return _map_pairs(reuse, clean, directions, keep="first")
+
+
+def _map_pairs(fn, first, second, keep, cast=True):
+    """`fn(a, b)` in float32 over aligned lists, skipping `None` entries.
+
+    Where either entry is `None` the result is the `keep` list's entry
+    ("first", "second") or `None`. With `cast`, each result takes the dtype
+    of the kept list's entry.
+    """
     result = []
-    for g, v in zip(clean, directions):
-        if g is None or v is None:
-            result.append(g)
+    for a, b in zip(first, second):
+        kept = {"first": a, "second": b}.get(keep)
+        if a is None or b is None:
+            result.append(kept)
             continue
-        g32, v32 = ops.cast(g, "float32"), ops.cast(v, "float32")
-        scale = alpha * global_norm([g32]) / (global_norm([v32]) + epsilon)
-        result.append(ops.cast(g32 + scale * v32, g.dtype))
+        out = fn(ops.cast(a, "float32"), ops.cast(b, "float32"))
+        result.append(ops.cast(out, kept.dtype) if cast else out)
     return result
 
 
