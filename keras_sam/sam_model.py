@@ -243,7 +243,9 @@ class SAMModel(keras.Model):
                 "The model does not have any trainable weights.", stacklevel=2
             )
             y_pred = self(x, training=True)
-            return self.compute_metrics(x, y, y_pred, sample_weight)
+            return _logs_for_multi_worker(
+                self.compute_metrics(x, y, y_pred, sample_weight)
+            )
 
         rho = self.rho
         if callable(rho):
@@ -275,15 +277,40 @@ class SAMModel(keras.Model):
         self.optimizer.apply_gradients(
             zip(result.gradients, self.trainable_weights)
         )
-        return self.compute_metrics(
-            x, y, result.y_pred, sample_weight=sample_weight
+        return _logs_for_multi_worker(
+            self.compute_metrics(
+                x, y, result.y_pred, sample_weight=sample_weight
+            )
         )
 
     def test_step(self, data):
         logs = super().test_step(data)
         # Evaluation takes no steps; the training fraction means nothing here.
         logs.pop("sam_fraction", None)
-        return logs
+        return _logs_for_multi_worker(logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.15) builds from one batch that it all-reduces eagerly
+        # with `strategy.reduce`, which MultiWorkerMirroredStrategy cannot
+        # do (keras-team/keras#20585). One replica's share of the batch has
+        # the same structure and serves as well.
+        if iterator is not None and data_batch is None:
+            if _is_multi_worker(self.distribute_strategy):
+                for _, _, it in iterator:
+                    data_batch = tree.map_structure(
+                        self._first_local_value, next(it)
+                    )
+                    break
+                iterator = None
+        return super()._maybe_symbolic_build(
+            iterator=iterator, data_batch=data_batch
+        )
+
+    def _first_local_value(self, value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            strategy = self.distribute_strategy
+            return strategy.experimental_local_results(value)[0]
+        return value
 
     def _should_perturb(self):
         if self.switching is None:
@@ -384,6 +411,26 @@ class SAMModel(keras.Model):
                     config[name], custom_objects=custom_objects
                 )
         return cls(base, **config)
+
+
+def _is_multi_worker(strategy):
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def _logs_for_multi_worker(logs):
+    """Logs as shape-[1] tensors under a multi-worker strategy.
+
+    Keras (3.15) averages a step's logs across workers with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+    (keras-team/keras#20585). The logged values are the same on every
+    replica, so a length-1 axis makes that reduction the identity.
+    """
+    if not _is_multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return {key: ops.reshape(value, [1]) for key, value in logs.items()}
 
 
 def _unscale_loss_for_distribution(loss):
