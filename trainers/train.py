@@ -359,6 +359,12 @@ def _train(
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT)
     start_step = 0
+    # Workers restore the chief's checkpoint on a shared file system, else
+    # the copy each writes beside it (on a disk of its own).
+    own_copy = checkpoint_path + ".worker"
+    if not os.path.exists(checkpoint_path) and not _is_chief(strategy):
+        if os.path.exists(own_copy):
+            start_step = restore_checkpoint(own_copy, model)
     if os.path.exists(checkpoint_path):
         start_step = restore_checkpoint(checkpoint_path, model)
         print(f"Resuming from step {start_step} of {total_steps}.")
