@@ -263,6 +263,15 @@ def run(
     settings = accelerator_settings(
         flags_obj, isinstance(strategy, tf.distribute.TPUStrategy)
     )
+    if (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and settings["steps_per_execution"] > 1
+    ):
+        raise ValueError(
+            "Keras cannot run several steps per call under "
+            "--strategy=multi_worker. Received: "
+            f"--steps_per_execution={settings['steps_per_execution']}"
+        )
     previous_policy = keras.mixed_precision.global_policy()
     if settings["policy"]:
         keras.mixed_precision.set_global_policy(settings["policy"])
