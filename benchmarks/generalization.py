@@ -48,7 +48,6 @@ NOISE_RATES = (0.2, 0.4, 0.6, 0.8)
 VARIANTS = {
     "GSAM": ("gsam", dict(gsam_alpha=0.1, rho_min=0.01)),
     "SAM-ON": ("sam_on", dict(perturbed_variables="normalization", rho=0.5)),
-    "periodic k=2": ("periodic_2", dict(switching="periodic", sam_every=2)),
     "periodic k=5": ("periodic_5", dict(switching="periodic", sam_every=5)),
     "randomized p=0.2": (
         "randomized_0.2",
@@ -68,6 +67,12 @@ def define_flags():
         "study", "clean", ["clean", "label_noise", "variants"], "Study."
     )
     flags.DEFINE_float(
+        "noise_rho",
+        None,
+        "ρ of SAM and the variants in the label-noise and variants studies "
+        "(default: the paper's, 0.1 up to 60 % noise and 0.05 at 80 %).",
+    )
+    flags.DEFINE_float(
         "variants_noise",
         0.4,
         "Label-noise rate of the variants study (SGD and SAM run there too).",
@@ -84,7 +89,7 @@ def define_flags():
     FLAGS.set_default("verbose", 2)
 
 
-def configurations(study, seeds, variants_noise=0.4):
+def configurations(study, seeds, variants_noise=0.4, noise_rho=None):
     """(name, label_noise, seed, overrides) of every run of a study."""
     if study == "clean":
         for seed in range(seeds):
@@ -95,25 +100,31 @@ def configurations(study, seeds, variants_noise=0.4):
         rate = variants_noise
         for seed in range(seeds):
             yield "SGD", rate, seed, dict(rho=0.0)
-            yield "SAM", rate, seed, _noise_rho(rate)
+            yield "SAM", rate, seed, _noise_rho(rate, noise_rho)
             for name, (_, overrides) in VARIANTS.items():
-                yield name, rate, seed, {**_noise_rho(rate), **overrides}
+                rho = _noise_rho(rate, noise_rho)
+                yield name, rate, seed, {**rho, **overrides}
         return
     for rate in NOISE_RATES:
         for seed in range(seeds):
             yield "SGD", rate, seed, dict(rho=0.0)
-            yield "SAM", rate, seed, _noise_rho(rate)
+            yield "SAM", rate, seed, _noise_rho(rate, noise_rho)
 
 
-def _noise_rho(rate):
-    """The paper's label-noise ρ: 0.1 up to 60 % noise, 0.05 at 80 %."""
+def _noise_rho(rate, noise_rho=None):
+    """The paper's label-noise ρ (0.1 up to 60 % noise, 0.05 at 80 %), or
+    `noise_rho` when given."""
+    if noise_rho is not None:
+        return dict(rho=noise_rho)
     return dict(rho=0.05 if rate >= 0.8 else 0.1)
 
 
-def _run_name(name, noise, seed):
+def _run_name(name, noise, seed, noise_rho=None):
     # Shared across studies: the variants study reuses the SGD and SAM runs
-    # of the label-noise study at its rate.
+    # of the label-noise study at its rate (and ρ).
     slug = name.lower().replace(" ", "_").replace("=", "")
+    if noise_rho is not None and name != "SGD":
+        slug += f"-rho{noise_rho}"
     return f"{slug}-noise{noise}-seed{seed}"
 
 
@@ -132,7 +143,10 @@ def _finished(output_dir):
 def run(flags_obj):
     results = []
     for name, noise, seed, overrides in configurations(
-        flags_obj.study, flags_obj.seeds, flags_obj.variants_noise
+        flags_obj.study,
+        flags_obj.seeds,
+        flags_obj.variants_noise,
+        flags_obj.noise_rho,
     ):
         values = dict(flags_obj.flag_values_dict())
         values.update(overrides)
@@ -140,7 +154,8 @@ def run(flags_obj):
             seed=seed,
             label_noise=noise,
             output_dir=os.path.join(
-                flags_obj.runs_dir, _run_name(name, noise, seed)
+                flags_obj.runs_dir,
+                _run_name(name, noise, seed, flags_obj.noise_rho),
             ),
         )
         print(f"=== {name}, label noise {noise}, seed {seed} ===")
