@@ -72,6 +72,11 @@ def define_flags():
         "ρ of SAM and the variants in the label-noise and variants studies "
         "(default: the paper's, 0.1 up to 60 % noise and 0.05 at 80 %).",
     )
+    flags.DEFINE_list(
+        "noise_rates",
+        [str(r) for r in NOISE_RATES],
+        "Label-noise rates of the label_noise study.",
+    )
     flags.DEFINE_float(
         "variants_noise",
         0.4,
@@ -89,7 +94,9 @@ def define_flags():
     FLAGS.set_default("verbose", 2)
 
 
-def configurations(study, seeds, variants_noise=0.4, noise_rho=None):
+def configurations(
+    study, seeds, variants_noise=0.4, noise_rho=None, rates=NOISE_RATES
+):
     """(name, label_noise, seed, overrides) of every run of a study."""
     if study == "clean":
         for seed in range(seeds):
@@ -105,7 +112,7 @@ def configurations(study, seeds, variants_noise=0.4, noise_rho=None):
                 rho = _noise_rho(rate, noise_rho)
                 yield name, rate, seed, {**rho, **overrides}
         return
-    for rate in NOISE_RATES:
+    for rate in rates:
         for seed in range(seeds):
             yield "SGD", rate, seed, dict(rho=0.0)
             yield "SAM", rate, seed, _noise_rho(rate, noise_rho)
@@ -147,6 +154,7 @@ def run(flags_obj):
         flags_obj.seeds,
         flags_obj.variants_noise,
         flags_obj.noise_rho,
+        [float(r) for r in flags_obj.noise_rates],
     ):
         values = dict(flags_obj.flag_values_dict())
         values.update(overrides)
