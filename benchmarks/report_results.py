@@ -423,11 +423,11 @@ The paper's Table 4 protocol: a fraction of the training labels is replaced
 by uniformly random classes (seeded), the test set stays clean. SAM runs
 twice: with the paper's ρ (0.1, and 0.05 at 80 % noise) at every rate,
 and with ρ = {SMALL_RHO} at 40 and 60 % (CPU time ran short for more). On
-this small CNN the paper's ρ is too large under heavy noise: training collapses within the first epoch to a constant
-prediction (chance accuracy, loss ln 10 plus the L2 term), with our
-`SAMModel` and with the naive assign-and-subtract port of
-`benchmarks/step_time.py` alike, so it is a property of SAM at that radius
-on this model, not of the implementation.
+this small CNN the paper's ρ is too large under heavy noise: training
+collapses within the first epoch to a constant prediction (chance
+accuracy, loss ln 10 plus the L2 term), with our `SAMModel` and with the
+naive assign-and-subtract port of `benchmarks/step_time.py` alike, so it is
+a property of SAM at that radius on this model, not of the implementation.
 
 ```sh
 {COMMANDS["label_noise"]}
