@@ -8,6 +8,7 @@ weight files leave out) and the step, written to a temporary file and
 renamed into place, so a kill never leaves a half-written checkpoint.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -253,13 +254,27 @@ def run(
         The results dict also written to `output_dir/results.json`.
     """
     start_time = time.time()
+    strategy, settings = prepare(flags_obj, strategy_override)
+    with precision_policy(settings["policy"]):
+        return _train(
+            flags_obj,
+            dataset_name,
+            strategy,
+            settings,
+            datasets_override,
+            train_split,
+            start_time,
+        )
+
+
+def prepare(flags_obj, strategy_override=None):
+    """Seeds, determinism, the strategy and the accelerator settings."""
     keras.utils.set_random_seed(flags_obj.seed)
     if flags_obj.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = strategy_override or strategy_lib.get_strategy(
         flags_obj.strategy, flags_obj.tpu
     )
-
     settings = accelerator_settings(
         flags_obj, isinstance(strategy, tf.distribute.TPUStrategy)
     )
@@ -272,21 +287,24 @@ def run(
             "--strategy=multi_worker. Received: "
             f"--steps_per_execution={settings['steps_per_execution']}"
         )
-    previous_policy = keras.mixed_precision.global_policy()
-    if settings["policy"]:
-        keras.mixed_precision.set_global_policy(settings["policy"])
-    try:
-        return _train(
-            flags_obj,
-            dataset_name,
-            strategy,
-            settings,
-            datasets_override,
-            train_split,
-            start_time,
+    if flags_obj.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"--batch_size={flags_obj.batch_size} must be divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas."
         )
+    return strategy, settings
+
+
+@contextlib.contextmanager
+def precision_policy(policy):
+    """Sets the global mixed-precision policy, and restores it after."""
+    previous = keras.mixed_precision.global_policy()
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
     finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _train(
@@ -322,11 +340,6 @@ def _train(
             flags_obj.seed,
         )
         train = data_lib.Split(train.images, noisy)
-    if flags_obj.batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(
-            f"--batch_size={flags_obj.batch_size} must be divisible by the "
-            f"{strategy.num_replicas_in_sync} replicas."
-        )
     steps_per_epoch = len(train.labels) // flags_obj.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -334,15 +347,59 @@ def _train(
             f"{len(train.labels)} training examples."
         )
     total_steps = flags_obj.train_steps or flags_obj.epochs * steps_per_epoch
-    every = flags_obj.checkpoint_every_steps or steps_per_epoch
-
-    with strategy.scope():
-        base = models.build(
+    base, model = build_sam_model(
+        flags_obj,
+        strategy,
+        settings,
+        lambda: models.build(
             flags_obj.model,
             info.shape,
             info.num_classes,
             flags_obj.weight_decay,
+        ),
+        total_steps,
+    )
+    augment = None
+    if flags_obj.augmentation != "none":
+        augment = augment_lib.Augmentation(
+            flags_obj.augmentation,
+            info.shape,
+            seed=flags_obj.seed,
+            flip=dataset_name not in ("svhn",),
         )
+    indices = step_indices(
+        len(train.labels), flags_obj.batch_size, total_steps, flags_obj.seed
+    )
+
+    def train_data(step, epoch, steps):
+        del epoch
+        return training_dataset(
+            train,
+            indices,
+            step,
+            augment,
+            info.num_classes,
+            seed=flags_obj.seed,
+        ).take(steps)
+
+    return fit_and_report(
+        flags_obj,
+        strategy,
+        base,
+        model,
+        dataset_name,
+        steps_per_epoch,
+        total_steps,
+        train_data,
+        test_dataset(test, flags_obj.batch_size, info.num_classes),
+        start_time,
+    )
+
+
+def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
+    """`(base, model)`: `make_base()` wrapped in a compiled `SAMModel`."""
+    with strategy.scope():
+        base = make_base()
         learning_rate = _learning_rate(flags_obj, total_steps)
         model = keras_sam.SAMModel(
             base,
@@ -363,7 +420,26 @@ def _train(
             steps_per_execution=settings["steps_per_execution"],
         )
         model.optimizer.build(model.trainable_variables)
+    return base, model
 
+
+def fit_and_report(
+    flags_obj,
+    strategy,
+    base,
+    model,
+    dataset_name,
+    steps_per_epoch,
+    total_steps,
+    train_data,
+    test_data,
+    start_time,
+):
+    """Resumes, trains epoch by epoch, evaluates and writes the results.
+
+    `train_data(step, epoch, steps)` returns the dataset of the `steps`
+    batches that follow global step `step` in `epoch`.
+    """
     output_dir = flags_obj.output_dir
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT)
@@ -378,23 +454,11 @@ def _train(
         start_step = restore_checkpoint(checkpoint_path, model)
         print(f"Resuming from step {start_step} of {total_steps}.")
 
-    augment = None
-    if flags_obj.augmentation != "none":
-        augment = augment_lib.Augmentation(
-            flags_obj.augmentation,
-            info.shape,
-            seed=flags_obj.seed,
-            flip=dataset_name not in ("svhn",),
-        )
-    indices = step_indices(
-        len(train.labels), flags_obj.batch_size, total_steps, flags_obj.seed
-    )
-    test_data = test_dataset(test, flags_obj.batch_size, info.num_classes)
-    checkpoint = AtomicCheckpoint(
-        checkpoint_path, every, start_step, _is_chief(strategy)
-    )
+    every = flags_obj.checkpoint_every_steps or steps_per_epoch
     callbacks = [
-        checkpoint,
+        AtomicCheckpoint(
+            checkpoint_path, every, start_step, _is_chief(strategy)
+        ),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
     ]
@@ -404,14 +468,7 @@ def _train(
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
         fit = model.fit(
-            training_dataset(
-                train,
-                indices,
-                step,
-                augment,
-                info.num_classes,
-                seed=flags_obj.seed,
-            ).take(steps),
+            train_data(step, epoch, steps),
             epochs=epoch + 1,
             initial_epoch=epoch,
             steps_per_epoch=steps,

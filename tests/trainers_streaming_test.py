@@ -1,0 +1,264 @@
+"""The streaming trainers: ImageNet and finetuning, tf.data from tfds."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tests.distribute_test import mirrored
+from tests.trainer_run_test import make_flags as make_common_flags
+from trainers import finetune
+from trainers import imagenet
+from trainers import streaming
+from trainers import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def restore_op_determinism():
+    yield
+    from tensorflow.python.framework import config
+
+    if config.is_op_determinism_enabled():
+        config.disable_op_determinism()
+
+
+def make_flags(output_dir, **overrides):
+    """The common test flags plus the streaming trainers' own, small."""
+    values = vars(make_common_flags(output_dir))
+    values.update(
+        batch_size=8,
+        image_size=32,
+        shuffle_buffer=64,
+        model="small_cnn",
+        augmentation="basic",
+        dataset="oxford_flowers102",
+        pretrained_weights=None,
+        freeze_batchnorm=True,
+    )
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def test_random_resized_crop_is_seeded_sized_and_in_range():
+    image = tf.cast(
+        tf.random.stateless_uniform(
+            [50, 70, 3], [1, 2], maxval=256, dtype=tf.int32
+        ),
+        tf.uint8,
+    )
+    seed = tf.constant([0, 5], tf.int64)
+    a = streaming.random_resized_crop(image, 32, seed)
+    b = streaming.random_resized_crop(image, 32, seed)
+    c = streaming.random_resized_crop(image, 32, tf.constant([0, 6], tf.int64))
+    assert a.shape == (32, 32, 3) and a.dtype == tf.float32
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(a.numpy(), c.numpy())
+    assert 0.0 <= float(tf.reduce_min(a)) and float(tf.reduce_max(a)) <= 1.0
+
+
+def test_center_crop_keeps_the_central_224_of_256():
+    # Column index as the value: the crop of a 256x320 image keeps columns
+    # 48 .. 271 (the central 224 of the 256-pixel shorter side).
+    columns = tf.range(320, dtype=tf.float32)[None, :, None]
+    image = tf.cast(tf.broadcast_to(columns, [256, 320, 3]) / 2, tf.uint8)
+    crop = streaming.center_crop(image, 224).numpy() * 255
+    np.testing.assert_allclose(crop[0, :, 0], np.arange(48, 272) // 2, atol=1)
+
+
+def test_imagenet_resnet50_trains_two_synthetic_steps(tmp_path):
+    results = imagenet.run(make_flags(tmp_path, model="resnet50"))
+    assert results["dataset"] == "imagenet2012"
+    assert results["train_steps"] == 2
+    assert np.isfinite(results["test_loss"])
+    with open(tmp_path / train.RESULTS) as f:
+        saved = json.load(f)
+    for key in ("test_accuracy", "test_loss", "wall_time_seconds", "flags"):
+        assert key in saved
+    assert saved["flags"]["image_size"] == 32
+    base = keras.saving.load_model(tmp_path / train.MODEL)
+    assert base.output_shape == (None, 1000)
+
+
+@pytest.mark.parametrize(
+    "use_mirrored", [False, True], ids=["default", "mirrored"]
+)
+@pytest.mark.parametrize(
+    "trainer, dataset",
+    [(imagenet, "imagenet2012"), (finetune, "oxford_flowers102")],
+    ids=["imagenet", "finetune"],
+)
+def test_trainers_run_two_steps_on_mock_tfds(
+    tmp_path, trainer, dataset, use_mirrored
+):
+    options = make_flags(
+        tmp_path / "out",
+        synthetic_data=False,
+        data_dir=str(tmp_path),
+        augmentation="randaugment",
+        dataset=dataset,
+        jit_compile="false" if use_mirrored else "auto",
+    )
+    with tfds.testing.mock_data(num_examples=24):
+        results = trainer.run(
+            options, strategy_override=mirrored() if use_mirrored else None
+        )
+    assert results["dataset"] == dataset
+    assert results["train_steps"] == 2
+    assert results["replicas"] == (2 if use_mirrored else 1)
+    assert np.isfinite(results["test_loss"])
+
+
+def _layer_weights(layers):
+    return [w.numpy() for layer in layers for w in layer.weights]
+
+
+def test_pretrained_weights_load_with_a_new_head_and_frozen_batchnorm(
+    tmp_path,
+):
+    source = keras.applications.EfficientNetB0(
+        weights=None, input_shape=(32, 32, 3), classes=1000
+    )
+    path = str(tmp_path / "efficientnetb0.weights.h5")
+    source.save_weights(path)
+    expected = _layer_weights(
+        layer for layer in source.layers if layer.name != "predictions"
+    )
+
+    model = streaming.build_model(
+        "efficientnetb0",
+        32,
+        102,
+        pretrained_weights=path,
+        freeze_batchnorm=True,
+    )
+    (backbone,) = [
+        layer for layer in model.layers if isinstance(layer, keras.Model)
+    ]
+    loaded = _layer_weights(backbone.layers)
+    assert len(loaded) == len(expected)
+    for got, want in zip(loaded, expected):
+        np.testing.assert_array_equal(got, want)
+    assert model.get_layer(streaming.HEAD).kernel.shape == (1280, 102)
+    # As keras.applications builds it with weights="imagenet".
+    kinds = [type(layer).__name__ for layer in backbone.layers[1:4]]
+    assert kinds == ["Rescaling", "Normalization", "Rescaling"]
+    normalizations = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert normalizations and not any(
+        layer.trainable for layer in normalizations
+    )
+
+    results = finetune.run(
+        make_flags(
+            tmp_path / "run",
+            model="efficientnetb0",
+            pretrained_weights=path,
+            learning_rate=0.1,
+        )
+    )
+    assert results["train_steps"] == 2 and np.isfinite(results["test_loss"])
+    trained = keras.saving.load_model(tmp_path / "run" / train.MODEL)
+    frozen = [
+        (layer.name, [w.numpy() for w in layer.weights])
+        for layer in trained._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for name, weights in frozen:
+        for got, want in zip(weights, source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_legacy_notop_h5_loads_and_another_architecture_is_refused(tmp_path):
+    source = keras.applications.ResNet50(
+        weights=None, include_top=False, input_shape=(32, 32, 3)
+    )
+    path = str(tmp_path / "resnet50_notop.h5")
+    source.save(path)
+    model = streaming.build_model("resnet50", 32, 10, pretrained_weights=path)
+    (backbone,) = [
+        layer for layer in model.layers if isinstance(layer, keras.Model)
+    ]
+    for got, want in zip(
+        _layer_weights(backbone.layers), _layer_weights(source.layers)
+    ):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="another architecture"):
+        streaming.build_model("efficientnetb0", 32, 10, pretrained_weights=path)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+):
+    # Synthetic epochs have 4 steps: the cut at step 3 resumes mid-epoch,
+    # skipping 3 batches of the epoch's stream.
+    settings = dict(
+        train_steps=6,
+        checkpoint_every_steps=1,
+        deterministic=True,
+        augmentation="cutout",
+    )
+    whole = imagenet.run(make_flags(tmp_path / "whole", **settings))
+
+    original = train.AtomicCheckpoint.on_train_batch_end
+
+    def crash_after_step_three(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(
+        train.AtomicCheckpoint, "on_train_batch_end", crash_after_step_three
+    )
+    with pytest.raises(KeyboardInterrupt):
+        imagenet.run(make_flags(tmp_path / "cut", **settings))
+    monkeypatch.undo()
+
+    resumed = imagenet.run(make_flags(tmp_path / "cut", **settings))
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["train_steps"] == 6
+    np.testing.assert_allclose(
+        resumed["test_loss"], whole["test_loss"], rtol=1e-6
+    )
+    again = imagenet.run(make_flags(tmp_path / "cut", **settings))
+    assert again["resumed_from_step"] == 6 and again["train_steps"] == 6
+
+
+def test_missing_tfds_copy_names_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No prepared.*imagenet2012"):
+        imagenet.run(
+            make_flags(
+                tmp_path / "out", synthetic_data=False, data_dir=str(tmp_path)
+            )
+        )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainers.finetune",
+            "--dataset=cars196",
+            f"--data_dir={tmp_path / 'missing'}",
+            f"--output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "FileNotFoundError" in result.stderr
+    assert f"--data_dir='{tmp_path / 'missing'}' is not a directory" in (
+        result.stderr
+    )
+    assert "cars196" in result.stderr
