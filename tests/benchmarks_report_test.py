@@ -132,3 +132,31 @@ def test_report_writes_tables_plots_and_an_honest_verdict(tmp_path):
     assert "gain): periodic k=5." in text
     for png in ("label_noise.png", "learning_curves.png", "variants.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
+
+
+def test_without_a_sam_gain_the_target_is_not_claimed(tmp_path):
+    variants = {
+        "runs": [
+            _run(name, 0.4, seed, acc)
+            for seed in range(2)
+            for name, acc in (
+                ("SGD", 0.80),
+                ("SAM", 0.79),
+                ("periodic k=5", 0.80),
+            )
+        ]
+    }
+    costs = {
+        "timings": {
+            "small_cnn/graph": {
+                "contenders": {
+                    "sam": {"median_ratio_to_sgd": 2.0},
+                    "periodic_5": {"median_ratio_to_sgd": 1.2},
+                }
+            }
+        }
+    }
+    text = report_results._variants_section(variants, costs, str(tmp_path))
+    assert "SAM itself gains -1.00 points over SGD here" in text
+    assert "no variant can be said to reach it" in text
+    assert "| periodic k=5 | 80.00 ± 0.00 | +0.00 ± 0.00 | — |" in text
