@@ -156,3 +156,21 @@ def test_tpu_strategy_goes_through_the_cluster_resolver(monkeypatch):
     assert resolved == ["grpc://10.0.0.2:8470"]
     with pytest.raises(ValueError, match="--tpu"):
         strategy_lib.get_strategy("tpu", None)
+
+
+def test_a_write_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / train.CHECKPOINT
+    train.write_atomically(
+        str(path), lambda f: np.savez(f, step=np.int64(2), v0=np.ones(3))
+    )
+
+    def dies_midway(f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt("killed during the write")
+
+    with pytest.raises(KeyboardInterrupt):
+        train.write_atomically(str(path), dies_midway)
+    with np.load(path) as saved:
+        assert int(saved["step"]) == 2
+        np.testing.assert_array_equal(saved["v0"], np.ones(3))
+    assert os.listdir(tmp_path) == [train.CHECKPOINT]

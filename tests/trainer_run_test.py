@@ -236,10 +236,13 @@ def test_analyze_compares_two_trained_models(tmp_path):
         assert (tmp_path / "analysis" / name).stat().st_size > 0
 
 
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
 @pytest.mark.parametrize(
     "module, dataset", [("cifar", "cifar100"), ("svhn", "svhn")]
 )
-def test_tfds_trainers_run_two_steps_on_mock_data(tmp_path, module, dataset):
+def test_tfds_trainers_run_two_steps_on_mock_data(
+    tmp_path, module, dataset, strategy
+):
     import importlib
 
     import tensorflow_datasets as tfds
@@ -252,11 +255,16 @@ def test_tfds_trainers_run_two_steps_on_mock_data(tmp_path, module, dataset):
         model="resnet20",
         augmentation="basic",
         dataset=dataset,
+        jit_compile="false",
     )
     with tfds.testing.mock_data(num_examples=48):
-        results = trainer.run(options)
+        results = trainer.run(
+            options,
+            strategy_override=mirrored() if strategy == "mirrored" else None,
+        )
     assert results["dataset"] == dataset
     assert results["train_steps"] == 2
+    assert results["replicas"] == (2 if strategy == "mirrored" else 1)
     assert np.isfinite(results["test_loss"])
 
 
