@@ -1,4 +1,4 @@
-"""Batch augmentation for the tf.data pipeline: basic, cutout, RandAugment.
+"""Batch augmentation for tf.data: basic, cutout, RandAugment, AutoAugment.
 
 Images arrive as float32 in [0, 1], NHWC; every function keeps the shape,
 the dtype and the range. Each image gets its own random draw, as in the SAM
@@ -15,7 +15,20 @@ images of a batch would be shifted alike.
 import keras
 import tensorflow as tf
 
-AUGMENTATIONS = ("none", "basic", "cutout", "randaugment")
+from trainers import autoaugment
+
+AUGMENTATIONS = (
+    "none",
+    "basic",
+    "cutout",
+    "randaugment",
+    "autoaugment_cifar",
+    "autoaugment_svhn",
+)
+_AUTOAUGMENT_POLICIES = {
+    "autoaugment_cifar": "cifar10",
+    "autoaugment_svhn": "svhn",
+}
 
 
 def _uniform(shape, seed):
@@ -89,6 +102,9 @@ class Augmentation:
     one `cutout_size` square (half the image height by default, 16 pixels
     on CIFAR as in the paper) to `basic`; `randaugment` adds Keras'
     `RandAugment` to `basic`, whose own random state ignores `seed`.
+    `autoaugment_cifar` and `autoaugment_svhn` apply AutoAugment's CIFAR-10
+    or SVHN policy (`trainers.autoaugment`), then `basic` and the cutout,
+    in the order of the SAM paper's code.
     """
 
     def __init__(
@@ -103,6 +119,7 @@ class Augmentation:
         self.flip = flip
         self.pad = pad
         self.cutout_size = cutout_size or max(1, image_shape[0] // 2)
+        self.policy = _AUTOAUGMENT_POLICIES.get(name)
         self.randaugment = None
         if name == "randaugment":
             self.randaugment = keras.layers.RandAugment(
@@ -112,11 +129,15 @@ class Augmentation:
     def __call__(self, images, training=True, seed=None):
         if not training or self.name == "none":
             return images
-        flip_seed, crop_seed, cutout_seed = _split(seed, 3)
+        if self.policy is None:
+            flip_seed, crop_seed, cutout_seed = _split(seed, 3)
+        else:
+            flip_seed, crop_seed, cutout_seed, policy_seed = _split(seed, 4)
+            images = autoaugment.autoaugment(images, self.policy, policy_seed)
         if self.flip:
             images = random_flip(images, flip_seed)
         images = random_crop(images, self.pad, crop_seed)
-        if self.name == "cutout":
+        if self.name == "cutout" or self.policy is not None:
             images = cutout(images, self.cutout_size, cutout_seed)
         if self.randaugment is not None:
             images = self.randaugment(images, training=True)

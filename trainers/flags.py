@@ -155,7 +155,9 @@ def define_common_flags(**defaults):
         d["augmentation"],
         list(augment.AUGMENTATIONS),
         "none; basic (flip, pad 4, random crop); cutout (basic + cutout); "
-        "randaugment (basic + Keras RandAugment).",
+        "randaugment (basic + Keras RandAugment); autoaugment_cifar and "
+        "autoaugment_svhn (the AutoAugment policy, then basic and cutout, "
+        "as in the SAM paper's code).",
     )
     flags.DEFINE_float(
         "label_noise",

@@ -9,6 +9,8 @@ Biases and BatchNorm parameters are not decayed.
 
 import keras
 
+from trainers import shake_models
+
 
 def _l2(weight_decay):
     # Keras' L2(l) adds l · Σ w², whose gradient is 2l · w.
@@ -139,6 +141,18 @@ MODELS = {
     "resnet32": lambda s, c, wd=0.0: cifar_resnet(s, c, 32, wd),
     "wrn_16_4": lambda s, c, wd=0.0: wide_resnet(s, c, 16, 4, wd),
     "wrn_28_10": lambda s, c, wd=0.0: wide_resnet(s, c, 28, 10, wd),
+    "shake_shake_26_2x32d": lambda s, c, wd=0.0: shake_models.shake_shake(
+        s, c, 26, 32, wd
+    ),
+    "shake_shake_26_2x96d": lambda s, c, wd=0.0: shake_models.shake_shake(
+        s, c, 26, 96, wd
+    ),
+    "pyramidnet_110_48": lambda s, c, wd=0.0: shake_models.pyramidnet_shakedrop(
+        s, c, 110, 48, wd
+    ),
+    "pyramidnet_272_200": lambda s, c, wd=0.0: (
+        shake_models.pyramidnet_shakedrop(s, c, 272, 200, wd)
+    ),
 }
 
 
