@@ -144,6 +144,32 @@ def _plot(results, path):
     plt.close(fig)
 
 
+def _flat_modes(results):
+    """The model/mode keys whose contenders all take about the same time."""
+    flat = []
+    for key, timing in results["timings"].items():
+        times = [c["median_step_ms"] for c in timing["contenders"].values()]
+        if max(times) < 1.1 * min(times):
+            flat.append((key, min(times), max(times)))
+    return flat
+
+
+def _flat_note(results):
+    flat = _flat_modes(results)
+    if not flat:
+        return ""
+    cases = "; ".join(f"{k}: {lo:.0f}–{hi:.0f} ms" for k, lo, hi in flat)
+    return f"""
+**A caveat on XLA here.** In these cases every contender, SGD included,
+takes the same time per step ({cases}), several times a graph-mode SGD step,
+and the times come in multiples of about 127 ms (10 steps of SGD took
+1.27 s once and 2.55 s the next time). Two passes or one make no
+difference, so the XLA CPU runtime is waiting on something rather than
+computing; on this machine the XLA columns say nothing about what SAM costs.
+Read the graph-mode columns.
+"""
+
+
 def _overhead_table(results):
     lines = [
         "| model / mode | SAM / floor | SAM overhead over the floor, ms |",
@@ -229,7 +255,7 @@ Exact SAM runs two forward/backward passes, so 2.0× is its floor.
 ## Step time over SGD
 
 {_table(results)}
-
+{_flat_note(results)}
 ![step time ratios](step_time.png)
 
 ## Memory

@@ -160,3 +160,61 @@ def test_without_a_sam_gain_the_target_is_not_claimed(tmp_path):
     assert "SAM itself gains -1.00 points over SGD here" in text
     assert "no variant can be said to reach it" in text
     assert "| periodic k=5 | 80.00 ± 0.00 | +0.00 ± 0.00 | — |" in text
+
+
+def _timing(ms):
+    return {
+        "params": 1000,
+        "contenders": {
+            name: {
+                "median_step_ms": value,
+                "median_ratio_to_sgd": value / ms["sgd"],
+                "ratio_min": 0.9 * value / ms["sgd"],
+                "ratio_max": 1.1 * value / ms["sgd"],
+            }
+            for name, value in ms.items()
+        },
+    }
+
+
+def test_performance_report_decomposes_sam_and_flags_flat_modes(tmp_path):
+    from benchmarks import report_performance
+
+    ms = dict(sgd=20.0, sam=42.0, floor_two_passes=40.0)
+    results = {
+        "machine": {"cpus": 2, "tensorflow": "2.21", "keras": "3.15"},
+        "batch_size": 64,
+        "timings": {
+            "small_cnn/graph": _timing(ms),
+            "small_cnn/xla": _timing(
+                dict(sgd=127.0, sam=127.5, floor_two_passes=127.2)
+            ),
+        },
+        "peak_rss_mb": {
+            "small_cnn": {"sgd": 1.0, "sam": 2.0, "naive_assign_subtract": 3.0}
+        },
+        "pipeline": {
+            "contenders": {
+                "real_pipeline": _timing(dict(sgd=50.0, r=51.0))["contenders"][
+                    "r"
+                ],
+                "in_memory_batch": _timing(dict(sgd=50.0))["contenders"]["sgd"],
+            },
+            "pipeline_alone_ms_per_batch": 0.2,
+        },
+    }
+    (tmp_path / "p.json").write_text(json.dumps(results))
+    report_performance.run(
+        types.SimpleNamespace(
+            input=str(tmp_path / "p.json"),
+            variants_input=None,
+            output_dir=str(tmp_path),
+        )
+    )
+    text = (tmp_path / "performance.md").read_text()
+    assert "| `SAMModel` (SAM) | 2.10× (1.89–2.31) |" in text
+    assert "| small_cnn/graph | 1.05 | 2.0 |" in text  # SAM over the floor
+    assert "small_cnn/xla: 127–128 ms" in text
+    assert "small_cnn/graph:" not in text
+    assert "**1.02×** the in-memory step" in text
+    assert (tmp_path / "step_time.png").stat().st_size > 1000
