@@ -71,6 +71,22 @@ def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
     assert np.isfinite(results["test_loss"])
 
 
+def run_killed_after_step(monkeypatch, step, run, flags_obj):
+    """Runs `run(flags_obj)`, interrupted right after the checkpoint
+    callback has handled `step`, as a kill would interrupt it."""
+    original = train.AtomicCheckpoint.on_train_batch_end
+
+    def crash(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == step:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train.AtomicCheckpoint, "on_train_batch_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(flags_obj)
+    monkeypatch.undo()
+
+
 RESUMED_SETTINGS = {
     "sam": dict(),
     "cutout": dict(augmentation="cutout"),
@@ -94,21 +110,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
         **RESUMED_SETTINGS[variant],
     )
     whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
-
-    original = train.AtomicCheckpoint.on_train_batch_end
-
-    def crash_after_step_four(self, batch, logs=None):
-        original(self, batch, logs)
-        if self.step == 4:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(
-        train.AtomicCheckpoint, "on_train_batch_end", crash_after_step_four
+    run_killed_after_step(
+        monkeypatch,
+        4,
+        fashion_mnist.run,
+        make_flags(tmp_path / "cut", **settings),
     )
-    with pytest.raises(KeyboardInterrupt):
-        fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
-    monkeypatch.undo()
-
     resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
     assert resumed["resumed_from_step"] == 4
     assert resumed["train_steps"] == 6

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from tests.distribute_test import mirrored
 from tests.trainer_run_test import make_flags as make_common_flags
+from tests.trainer_run_test import run_killed_after_step
 from trainers import finetune
 from trainers import imagenet
 from trainers import streaming
@@ -210,20 +211,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
         augmentation="cutout",
     )
     whole = imagenet.run(make_flags(tmp_path / "whole", **settings))
-
-    original = train.AtomicCheckpoint.on_train_batch_end
-
-    def crash_after_step_three(self, batch, logs=None):
-        original(self, batch, logs)
-        if self.step == 3:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(
-        train.AtomicCheckpoint, "on_train_batch_end", crash_after_step_three
+    run_killed_after_step(
+        monkeypatch, 3, imagenet.run, make_flags(tmp_path / "cut", **settings)
     )
-    with pytest.raises(KeyboardInterrupt):
-        imagenet.run(make_flags(tmp_path / "cut", **settings))
-    monkeypatch.undo()
 
     resumed = imagenet.run(make_flags(tmp_path / "cut", **settings))
     assert resumed["resumed_from_step"] == 3
