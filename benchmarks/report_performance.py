@@ -161,12 +161,21 @@ def _flat_note(results):
     cases = "; ".join(f"{k}: {lo:.0f}–{hi:.0f} ms" for k, lo, hi in flat)
     return f"""
 **A caveat on XLA here.** In these cases every contender, SGD included,
-takes the same time per step ({cases}), several times a graph-mode SGD step,
-and the times come in multiples of about 127 ms (10 steps of SGD took
-1.27 s once and 2.55 s the next time). Two passes or one make no
-difference, so the XLA CPU runtime is waiting on something rather than
-computing; on this machine the XLA columns say nothing about what SAM costs.
-Read the graph-mode columns.
+takes the same time per step ({cases}), several times a graph-mode SGD step.
+Two passes or one make no difference, so the XLA CPU runtime is waiting on
+something rather than computing; on this machine those columns say nothing
+about what SAM costs.
+"""
+
+
+QUANTUM_NOTE = """
+**A caveat on this machine.** Step times here come in multiples of about
+128 ms once a step is longer than that (10 XLA steps of the small CNN took
+1.27 s once and 2.55 s the next time; ResNet-20 steps take 255 or 511 ms),
+which points at the sandbox's CPU scheduling. Ratios of long steps are
+therefore coarse (2.0× may be anything from about 1.8× to 2.2×); the small
+CNN in graph mode, whose steps are shorter than the quantum, gives the
+finest reading.
 """
 
 
@@ -255,7 +264,7 @@ Exact SAM runs two forward/backward passes, so 2.0× is its floor.
 ## Step time over SGD
 
 {_table(results)}
-{_flat_note(results)}
+{QUANTUM_NOTE}{_flat_note(results)}
 ![step time ratios](step_time.png)
 
 ## Memory
