@@ -17,7 +17,7 @@ FLAGS = flags.FLAGS
 
 COMMAND = "python -m benchmarks.step_time --output=docs/performance.json"
 VARIANTS_COMMAND = (
-    "python -m benchmarks.step_time --models=small_cnn --pipeline=false \\\n"
+    "python -m benchmarks.step_time --models=small_cnn --modes=graph \\\n"
     "    --contenders=sam,asam,gsam,sam_on,periodic_2,periodic_5,"
     "randomized_0.5,\\\nrandomized_0.2,ae_sam,looksam_5 "
     "--output=docs/performance_variants.json"
@@ -212,7 +212,10 @@ trainer takes, so the hardest to keep fed): the real-data step takes
 {real["ratio_min"]:.2f}–{real["ratio_max"]:.2f}; in-memory step
 {memory["median_step_ms"]:.0f} ms). On its own the pipeline produces a batch
 in {pipeline["pipeline_alone_ms_per_batch"]:.2f} ms, far below a step, and
-prefetching overlaps it with training.
+prefetching overlaps it with training, so the step never waits for data;
+what difference there is comes, we think, from the pipeline's threads
+sharing the 2 cores with the step. SAM's steps are twice as long, so the
+pipeline's share of them is smaller still.
 """
 
 
@@ -233,8 +236,10 @@ protocol, small CNN, every variant of `SAMModel` against plain SGD.
 {_table(variants, VARIANT_LABELS)}
 
 Switching policies skip the perturbed pass on the steps they leave to SGD
-(a `tf.cond`), so a policy taking SAM on a fraction f of the steps costs
-about 1 + f SGD steps in graph mode.
+(a `tf.cond`), so a policy taking SAM on a fraction f of the steps should
+cost about 1 + f · (SAM − 1) SGD steps. On this machine the spread of these
+timings (the ranges above, and the step quantum noted earlier) is too wide
+to confirm that: medians below 1.0× are noise, not speed-ups.
 """
 
 
@@ -261,6 +266,7 @@ process; each cell is the median over rounds of (contender step time / SGD
 step time in the same round), with the range over rounds in parentheses.
 Exact SAM runs two forward/backward passes, so 2.0× is its floor.
 
+{"".join(chr(10) + "> " + n + chr(10) for n in results.get("notes", []))}
 ## Step time over SGD
 
 {_table(results)}
