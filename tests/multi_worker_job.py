@@ -17,39 +17,17 @@ import tensorflow as tf  # noqa: E402
 # The strategy must exist before anything else touches TensorFlow's context.
 STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import keras_sam  # noqa: E402
-from tests.sam_model_test import LR  # noqa: E402
-from tests.sam_model_test import MOMENTUM  # noqa: E402
+from tests.distribute_test import fit  # noqa: E402
 from tests.sam_model_test import RHO  # noqa: E402
-from tests.sam_model_test import softmax_data  # noqa: E402
-from tests.sam_model_test import softmax_regression  # noqa: E402
-from tests.sam_model_test import xent  # noqa: E402
-
-GLOBAL_BATCH = 8
 
 
 def train(sync_perturbations):
-    x, y, w0, b0 = softmax_data()
-    with STRATEGY.scope():
-        model = keras_sam.SAMModel(
-            softmax_regression(w0, b0),
-            rho=RHO,
-            sync_perturbations=sync_perturbations,
-        )
-        model.compile(
-            optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
-            loss=xent(),
-            jit_compile=False,
-        )
-    # tf.distribute splits each global batch into per-replica batches and
-    # shards those across the workers (AUTO policy: by data), so worker i
-    # trains on the i-th contiguous half of every global batch.
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
-    history = model.fit(dataset, epochs=1, verbose=0)
-    return model.base.get_weights(), history.history["loss"][0]
+    # tf.distribute splits each global batch of 8 into per-replica batches
+    # and shards those across the workers (AUTO policy: by data), so worker
+    # i trains on the i-th contiguous half of every global batch.
+    return fit(STRATEGY, rho=RHO, sync_perturbations=sync_perturbations)
 
 
 def main(path):

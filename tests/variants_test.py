@@ -1,6 +1,8 @@
 """GSAM, SAM-ON, switching and LookSAM against NumPy oracles and their
 reductions to SAM and to the base optimizer."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -27,17 +29,13 @@ EPOCHS = 2  # 6 steps of 8 examples.
 
 def fit_softmax(mode="graph", optimizer=None, strategy=None, **sam_kwargs):
     x, y, w0, b0 = softmax_data()
-    scope = strategy.scope() if strategy else _null_scope()
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
         model = keras_sam.SAMModel(softmax_regression(w0, b0), **sam_kwargs)
         model.compile(optimizer=optimizer or sgd(), loss=xent(), **MODES[mode])
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     model.fit(dataset, epochs=EPOCHS, shuffle=False, verbose=0)
     return model
-
-
-def _null_scope():
-    return tf.distribute.get_strategy().scope()
 
 
 def oracle_weights(gradient_fn, lr=LR, **kwargs):
@@ -62,9 +60,6 @@ def assert_weights(model, want, rtol=1e-5, atol=1e-6):
 
 def assert_weights_differ(first, second):
     assert max(np.abs(a - b).max() for a, b in zip(first, second)) > 1e-3
-
-
-SAM_WEIGHTS = None
 
 
 def sam_weights():
