@@ -52,6 +52,20 @@ def define_common_flags(**defaults):
         "applied before --label_noise. For CPU-sized studies.",
     )
     flags.DEFINE_integer(
+        "validation_examples",
+        0,
+        "Hold out the last N examples of the training split as a "
+        "validation set (labels noised like the training labels, at "
+        "--label_noise); its accuracy is recorded every epoch, for choosing "
+        "hyperparameters without the test set.",
+    )
+    flags.DEFINE_bool(
+        "track_memorization",
+        False,
+        "Record every epoch the training accuracy on the examples whose "
+        "label --label_noise changed (memorization) and on the others.",
+    )
+    flags.DEFINE_integer(
         "train_steps", None, "Total training steps; overrides --epochs."
     )
     flags.DEFINE_integer(
@@ -90,6 +104,12 @@ def define_common_flags(**defaults):
         d["ema_decay"],
         "Evaluate an exponential moving average of the weights with this "
         "decay; 0 disables.",
+    )
+    flags.DEFINE_bool(
+        "sam",
+        True,
+        "Train with keras_sam.SAMModel; --nosam trains the base model with "
+        "a plain Keras fit and ignores the SAM flags (the SGD baseline).",
     )
     flags.DEFINE_float(
         "rho", d["rho"], "SAM radius ρ; 0 is plain SGD through the same code."
@@ -219,6 +239,7 @@ def _define_validators():
         "epochs": (lambda v: v >= 1, "must be >= 1"),
         "train_steps": (lambda v: v is None or v >= 1, "must be >= 1"),
         "train_examples": (lambda v: v is None or v >= 1, "must be >= 1"),
+        "validation_examples": (lambda v: v >= 0, "must be >= 0"),
         "steps_per_execution": (
             lambda v: v is None or v >= 1,
             "must be >= 1",

@@ -40,6 +40,27 @@ def small_cnn(input_shape, num_classes, weight_decay=0.0):
     )
 
 
+def mlp(input_shape, num_classes, weight_decay=0.0, width=512):
+    """Two ReLU hidden layers of `width` units: ~0.67M weights on 28x28.
+
+    Without convolutions, pooling, dropout or BatchNorm it has nothing but
+    the optimizer to keep it from fitting noisy labels, and it trains in
+    seconds on a CPU: the model of the label-noise study
+    (`benchmarks/generalization.py`).
+    """
+    reg = _l2(weight_decay)
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Flatten(),
+            keras.layers.Dense(width, activation="relu", kernel_regularizer=reg),
+            keras.layers.Dense(width, activation="relu", kernel_regularizer=reg),
+            keras.layers.Dense(num_classes, kernel_regularizer=reg),
+        ],
+        name="mlp",
+    )
+
+
 def _conv(channels, kernel, strides, reg):
     return keras.layers.Conv2D(
         channels,
@@ -136,6 +157,7 @@ def cifar_resnet(input_shape, num_classes, depth, weight_decay=0.0):
 
 
 MODELS = {
+    "mlp": mlp,
     "small_cnn": small_cnn,
     "resnet20": lambda s, c, wd=0.0: cifar_resnet(s, c, 20, wd),
     "resnet32": lambda s, c, wd=0.0: cifar_resnet(s, c, 32, wd),

@@ -512,6 +512,12 @@ def run(
             "The streaming trainers do not add label noise. Received: "
             f"--label_noise={flags_obj.label_noise}"
         )
+    for name in ("validation_examples", "track_memorization"):
+        if getattr(flags_obj, name, None):
+            raise ValueError(
+                f"The streaming trainers do not support --{name}. Received: "
+                f"--{name}={getattr(flags_obj, name)}"
+            )
     if flags_obj.synthetic_data:
         source = synthetic_source(
             info, flags_obj.image_size, flags_obj.batch_size, flags_obj.seed

@@ -322,6 +322,20 @@ def _train(
         flags_obj.synthetic_data,
         train_split=train_split,
     )
+    validation = None
+    if flags_obj.validation_examples:
+        held_out = flags_obj.validation_examples
+        if held_out >= len(train.labels):
+            raise ValueError(
+                f"--validation_examples={held_out} leaves no training "
+                f"examples of the {len(train.labels)} in {dataset_name}."
+            )
+        validation = data_lib.Split(
+            train.images[-held_out:], train.labels[-held_out:]
+        )
+        train = data_lib.Split(
+            train.images[:-held_out], train.labels[:-held_out]
+        )
     train_examples = flags_obj.train_examples
     if train_examples:
         if train_examples > len(train.labels):
@@ -332,6 +346,7 @@ def _train(
         train = data_lib.Split(
             train.images[:train_examples], train.labels[:train_examples]
         )
+    clean_labels = train.labels
     if flags_obj.label_noise > 0:
         noisy, _ = data_lib.add_label_noise(
             train.labels,
@@ -340,6 +355,28 @@ def _train(
             flags_obj.seed,
         )
         train = data_lib.Split(train.images, noisy)
+        if validation is not None:
+            # A user has no clean labels to validate on. Under symmetric
+            # noise the expected noisy-label accuracy is an increasing
+            # affine function of the clean one, so it ranks models alike.
+            noisy, _ = data_lib.add_label_noise(
+                validation.labels,
+                flags_obj.label_noise,
+                info.num_classes,
+                [flags_obj.seed, 1],
+            )
+            validation = data_lib.Split(validation.images, noisy)
+    example_sets = {}
+    if validation is not None:
+        example_sets["validation_accuracy"] = validation
+    if flags_obj.track_memorization:
+        flipped = train.labels != clean_labels
+        example_sets["train_accuracy_flipped"] = data_lib.Split(
+            train.images[flipped], train.labels[flipped]
+        )
+        example_sets["train_accuracy_unflipped"] = data_lib.Split(
+            train.images[~flipped], train.labels[~flipped]
+        )
     steps_per_epoch = len(train.labels) // flags_obj.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -393,7 +430,20 @@ def _train(
         train_data,
         test_dataset(test, flags_obj.batch_size, info.num_classes),
         start_time,
+        example_sets=example_sets,
     )
+
+
+def accuracy(model, split, batch_size=1024):
+    """Accuracy of `model` (inference mode) on a `Split` of uint8 images."""
+    if not len(split.labels):
+        return float("nan")
+    logits = model.predict(
+        split.images.astype(np.float32) / 255.0,
+        batch_size=batch_size,
+        verbose=0,
+    )
+    return float(np.mean(np.argmax(logits, axis=-1) == split.labels))
 
 
 def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
@@ -401,15 +451,9 @@ def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
     with strategy.scope():
         base = make_base()
         learning_rate = _learning_rate(flags_obj, total_steps)
-        model = keras_sam.SAMModel(
-            base,
-            rho=_rho(flags_obj, learning_rate),
-            adaptive=flags_obj.adaptive,
-            eta=flags_obj.eta,
-            sync_perturbations=flags_obj.sync_perturbations,
-            micro_batches=flags_obj.micro_batches,
-            **variant_arguments(flags_obj, total_steps),
-        )
+        model = base
+        if getattr(flags_obj, "sam", True):
+            model = _sam_model(flags_obj, base, learning_rate, total_steps)
         model.compile(
             optimizer=_optimizer(flags_obj, learning_rate),
             loss=keras.losses.CategoricalCrossentropy(
@@ -423,6 +467,18 @@ def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
     return base, model
 
 
+def _sam_model(flags_obj, base, learning_rate, total_steps):
+    return keras_sam.SAMModel(
+        base,
+        rho=_rho(flags_obj, learning_rate),
+        adaptive=flags_obj.adaptive,
+        eta=flags_obj.eta,
+        sync_perturbations=flags_obj.sync_perturbations,
+        micro_batches=flags_obj.micro_batches,
+        **variant_arguments(flags_obj, total_steps),
+    )
+
+
 def fit_and_report(
     flags_obj,
     strategy,
@@ -434,12 +490,16 @@ def fit_and_report(
     train_data,
     test_data,
     start_time,
+    example_sets=None,
 ):
     """Resumes, trains epoch by epoch, evaluates and writes the results.
 
     `train_data(step, epoch, steps)` returns the dataset of the `steps`
-    batches that follow global step `step` in `epoch`.
+    batches that follow global step `step` in `epoch`. `example_sets` maps
+    a history key to a `Split` whose accuracy is recorded after every
+    epoch (and its last value in the results).
     """
+    example_sets = example_sets or {}
     output_dir = flags_obj.output_dir
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT)
@@ -483,6 +543,8 @@ def fit_and_report(
         )
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(values)
+        for key, split in example_sets.items():
+            history.setdefault(key, []).append(accuracy(base, split))
         step += steps
         if model.stop_training:
             raise FloatingPointError(
@@ -503,6 +565,7 @@ def fit_and_report(
         "resumed_from_step": int(start_step),
         "wall_time_seconds": time.time() - start_time,
         "replicas": strategy.num_replicas_in_sync,
+        **{key: history[key][-1] for key in example_sets if history.get(key)},
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "flags": _flag_dict(flags_obj),
     }
