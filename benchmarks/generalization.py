@@ -15,13 +15,14 @@ labels carry the same noise as the training labels.
         --output=docs/results_variants.json
     python -m benchmarks.report_results
 
-`noise` trains, for each label-noise rate in 0/20/40/60/80 % and each of 3
-seeds, plain SGD (a Keras `fit` of the base model) and SAM at every ρ in
-{0.01, 0.02, 0.05, 0.1, 0.2}: 90 runs, about 2 hours on 2 cores. The report
-picks ρ per noise rate on the validation split (never the test set) and
-compares SGD and SAM at that ρ seed by seed (same initial weights, noise and
-data order). `variants` trains the efficient and improved variants at one
-noise rate (--variants_noise) with the ρ that `noise` selected there.
+`noise` trains, for each label-noise rate in 0/20/40/60/80 %, plain SGD (a
+Keras `fit` of the base model) and SAM at every ρ in {0.01, 0.02, 0.05, 0.1,
+0.2} with seed 0, and selects ρ per rate by seed 0's accuracy on the
+validation split (never the test set). Seeds 1 and 2 then train SGD and SAM
+at the selected ρ, and the report compares SGD and SAM seed by seed (same
+initial weights, label noise and data order): 50 runs, about 70 minutes on
+2 cores. `variants` trains the efficient and improved variants at one noise
+rate (--variants_noise) with the ρ selected there.
 
 Runs that finished are read back from --runs_dir, so an interrupted study
 continues where it stopped; `--shard=i/n` runs every n-th run from the i-th,
@@ -30,6 +31,7 @@ so n processes can share the work.
 
 import json
 import os
+import time
 import types
 
 from absl import app
@@ -85,14 +87,11 @@ def define_flags():
         "variants_rho",
         None,
         "ρ of SAM and the variants in the variants study (default: the one "
-        "the noise study selected on the validation split at that rate).",
+        "the noise study selected on seed 0's validation split there).",
     )
     flags.DEFINE_string(
-        "noise_results",
-        "docs/results_noise.json",
-        "The noise study's results, read to select the variants' ρ.",
+        "shard", "0/1", "i/n: run every n-th run from the i-th."
     )
-    flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run from the i-th.")
     flags.DEFINE_string("output", None, "JSON file for the results.")
     flags.DEFINE_string(
         "runs_dir", "runs/generalization", "Per-run output directories."
@@ -101,20 +100,58 @@ def define_flags():
         FLAGS.set_default(name, value)
 
 
-def configurations(study, seeds, noise_rates, rhos, variants_noise, rho):
-    """(name, label_noise, seed, overrides) of every run of a study."""
+def configurations(study, seeds, noise_rates, rhos, variants_noise, select):
+    """(name, label_noise, seed, overrides) of every run of a study.
+
+    `select(noise, rhos)` returns the ρ selected at `noise` from seed 0's
+    runs; it is called only once those runs are listed.
+    """
     if study == "noise":
-        for seed in range(seeds):
+        for noise in noise_rates:
+            yield "SGD", noise, 0, dict(sam=False)
+            for r in rhos:
+                yield "SAM", noise, 0, dict(rho=r)
+        for seed in range(1, seeds):
             for noise in noise_rates:
                 yield "SGD", noise, seed, dict(sam=False)
-                for r in rhos:
-                    yield "SAM", noise, seed, dict(rho=r)
+                yield "SAM", noise, seed, dict(rho=select(noise, rhos))
         return
+    rho = select(variants_noise, rhos)
     for seed in range(seeds):
         yield "SGD", variants_noise, seed, dict(sam=False)
         yield "SAM", variants_noise, seed, dict(rho=rho)
         for name, (_, overrides) in VARIANTS.items():
             yield name, variants_noise, seed, dict(rho=rho, **overrides)
+
+
+def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
+    """`select(noise, rhos)`: the ρ whose seed-0 run had the best validation
+    accuracy at `noise`, waiting for runs that other shards still train."""
+
+    def select(noise, rhos):
+        if fixed_rho is not None:
+            return fixed_rho
+        deadline = time.time() + timeout_seconds
+        while True:
+            scores = {
+                r: finished(
+                    os.path.join(
+                        runs_dir, run_name("SAM", noise, 0, dict(rho=r))
+                    )
+                )
+                for r in rhos
+            }
+            if all(scores.values()):
+                return max(rhos, key=lambda r: scores[r]["validation_accuracy"])
+            if time.time() > deadline:
+                missing = [r for r in rhos if not scores[r]]
+                raise RuntimeError(
+                    f"No seed-0 SAM runs at label noise {noise} for ρ in "
+                    f"{missing} in {runs_dir}: run --study=noise first."
+                )
+            time.sleep(30)
+
+    return select
 
 
 def run_name(name, noise, seed, overrides):
@@ -136,27 +173,8 @@ def finished(output_dir):
     return results
 
 
-def selected_rho(noise_results, noise):
-    """The ρ with the best mean validation accuracy at `noise`."""
-    with open(noise_results) as f:
-        runs = json.load(f)["runs"]
-    scores = {}
-    for r in runs:
-        if r["optimizer"] == "SAM" and r["label_noise"] == noise:
-            scores.setdefault(r["rho"], []).append(r["validation_accuracy"])
-    if not scores:
-        raise ValueError(
-            f"{noise_results} has no SAM run at label noise {noise}; run "
-            "--study=noise first or pass --variants_rho."
-        )
-    return max(scores, key=lambda rho: sum(scores[rho]) / len(scores[rho]))
-
-
 def run(flags_obj):
     index, count = (int(v) for v in flags_obj.shard.split("/"))
-    rho = flags_obj.variants_rho
-    if flags_obj.study == "variants" and rho is None:
-        rho = selected_rho(flags_obj.noise_results, flags_obj.variants_noise)
     results = []
     for i, (name, noise, seed, overrides) in enumerate(
         configurations(
@@ -165,7 +183,7 @@ def run(flags_obj):
             [float(r) for r in flags_obj.noise_rates],
             [float(r) for r in flags_obj.rhos],
             flags_obj.variants_noise,
-            rho,
+            selection(flags_obj.runs_dir, flags_obj.variants_rho),
         )
     ):
         output_dir = os.path.join(

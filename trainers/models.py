@@ -53,8 +53,12 @@ def mlp(input_shape, num_classes, weight_decay=0.0, width=512):
         [
             keras.Input(input_shape),
             keras.layers.Flatten(),
-            keras.layers.Dense(width, activation="relu", kernel_regularizer=reg),
-            keras.layers.Dense(width, activation="relu", kernel_regularizer=reg),
+            keras.layers.Dense(
+                width, activation="relu", kernel_regularizer=reg
+            ),
+            keras.layers.Dense(
+                width, activation="relu", kernel_regularizer=reg
+            ),
             keras.layers.Dense(num_classes, kernel_regularizer=reg),
         ],
         name="mlp",
