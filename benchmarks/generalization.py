@@ -43,18 +43,6 @@ FLAGS = flags.FLAGS
 
 NOISE_RATES = (0.0, 0.2, 0.4, 0.6, 0.8)
 RHOS = (0.01, 0.02, 0.05, 0.1, 0.2)
-# The study's regime; each value is also the flag's default here.
-REGIME = dict(
-    model="mlp",
-    train_examples=4000,
-    validation_examples=2000,
-    epochs=60,
-    batch_size=128,
-    learning_rate=0.05,
-    weight_decay=5e-4,
-    track_memorization=True,
-    verbose=0,
-)
 # Each variant with its contender in benchmarks.step_time (for its cost).
 VARIANTS = {
     "GSAM": ("gsam", dict(gsam_alpha=0.1, rho_min=0.01)),
@@ -73,7 +61,11 @@ VARIANTS = {
 
 
 def define_flags():
-    fashion_mnist.define_flags()
+    fashion_mnist.define_flags(
+        **fashion_mnist.MEMORIZATION_REGIME,
+        verbose=0,
+        output_dir="runs/generalization/unused",
+    )
     flags.DEFINE_enum("study", "noise", ["noise", "variants"], "Study.")
     flags.DEFINE_list(
         "noise_rates", [str(r) for r in NOISE_RATES], "Label-noise rates."
@@ -96,8 +88,6 @@ def define_flags():
     flags.DEFINE_string(
         "runs_dir", "runs/generalization", "Per-run output directories."
     )
-    for name, value in REGIME.items():
-        FLAGS.set_default(name, value)
 
 
 def configurations(study, seeds, noise_rates, rhos, variants_noise, select):
@@ -214,7 +204,9 @@ def run(flags_obj):
             )
         )
     if flags_obj.output and count == 1:
-        regime = {k: getattr(flags_obj, k) for k in REGIME}
+        regime = {
+            k: getattr(flags_obj, k) for k in fashion_mnist.MEMORIZATION_REGIME
+        }
         with open(flags_obj.output, "w") as f:
             json.dump(
                 {"study": flags_obj.study, "regime": regime, "runs": results},

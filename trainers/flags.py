@@ -23,9 +23,24 @@ DEFAULTS = dict(
 )
 
 
+_OTHER_DEFAULTABLE = {
+    "data_dir",
+    "output_dir",
+    "train_examples",
+    "validation_examples",
+    "track_memorization",
+    "label_noise",
+    "seed",
+    "verbose",
+}
+
+
 def define_common_flags(**defaults):
     """Declares the shared flags, with `defaults` overriding `DEFAULTS`."""
     d = dict(DEFAULTS, **defaults)
+    unknown = set(defaults) - set(DEFAULTS) - _OTHER_DEFAULTABLE
+    if unknown:
+        raise ValueError(f"No such trainer flags: {sorted(unknown)}")
     flags.DEFINE_string(
         "data_dir",
         d.get("data_dir"),
@@ -47,13 +62,13 @@ def define_common_flags(**defaults):
     flags.DEFINE_integer("epochs", d["epochs"], "Passes over the training set.")
     flags.DEFINE_integer(
         "train_examples",
-        None,
+        d.get("train_examples"),
         "Train on only the first N training examples (default: all); "
         "applied before --label_noise. For CPU-sized studies.",
     )
     flags.DEFINE_integer(
         "validation_examples",
-        0,
+        d.get("validation_examples", 0),
         "Hold out the last N examples of the training split as a "
         "validation set (labels noised like the training labels, at "
         "--label_noise); its accuracy is recorded every epoch, for choosing "
@@ -61,7 +76,7 @@ def define_common_flags(**defaults):
     )
     flags.DEFINE_bool(
         "track_memorization",
-        False,
+        d.get("track_memorization", False),
         "Record every epoch the training accuracy on the examples whose "
         "label --label_noise changed (memorization) and on the others.",
     )
@@ -181,7 +196,7 @@ def define_common_flags(**defaults):
     )
     flags.DEFINE_float(
         "label_noise",
-        0.0,
+        d.get("label_noise", 0.0),
         "Fraction of training labels replaced by uniformly random classes "
         "(seeded; the test set stays clean).",
     )
@@ -212,7 +227,9 @@ def define_common_flags(**defaults):
         "Training steps per compiled call, to keep the host from limiting "
         "the step (default: 32 under --strategy=tpu, else 1).",
     )
-    flags.DEFINE_integer("seed", 0, "Seed of weights, data order and noise.")
+    flags.DEFINE_integer(
+        "seed", d.get("seed", 0), "Seed of weights, data order and noise."
+    )
     flags.DEFINE_bool(
         "deterministic",
         False,
@@ -227,7 +244,9 @@ def define_common_flags(**defaults):
     flags.DEFINE_integer(
         "eval_every_epochs", 1, "Evaluate on the test set every N epochs."
     )
-    flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0, 1 (bars), 2.")
+    flags.DEFINE_integer(
+        "verbose", d.get("verbose", 1), "Keras verbosity: 0, 1 (bars), 2."
+    )
     _define_validators()
 
 

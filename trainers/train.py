@@ -8,6 +8,7 @@ weight files leave out) and the step, written to a temporary file and
 renamed into place, so a kill never leaves a half-written checkpoint.
 """
 
+import collections
 import contextlib
 import json
 import math
@@ -316,61 +317,16 @@ def _train(
     train_split,
     start_time,
 ):
-    train, test, info = datasets_override or data_lib.load(
-        dataset_name,
-        flags_obj.data_dir,
-        flags_obj.synthetic_data,
-        train_split=train_split,
+    splits = in_memory_splits(
+        flags_obj, dataset_name, datasets_override, train_split
     )
-    validation = None
-    if flags_obj.validation_examples:
-        held_out = flags_obj.validation_examples
-        if held_out >= len(train.labels):
-            raise ValueError(
-                f"--validation_examples={held_out} leaves no training "
-                f"examples of the {len(train.labels)} in {dataset_name}."
-            )
-        validation = data_lib.Split(
-            train.images[-held_out:], train.labels[-held_out:]
-        )
-        train = data_lib.Split(
-            train.images[:-held_out], train.labels[:-held_out]
-        )
-    train_examples = flags_obj.train_examples
-    if train_examples:
-        if train_examples > len(train.labels):
-            raise ValueError(
-                f"--train_examples={train_examples} exceeds the "
-                f"{len(train.labels)} training examples of {dataset_name}."
-            )
-        train = data_lib.Split(
-            train.images[:train_examples], train.labels[:train_examples]
-        )
-    clean_labels = train.labels
-    if flags_obj.label_noise > 0:
-        noisy, _ = data_lib.add_label_noise(
-            train.labels,
-            flags_obj.label_noise,
-            info.num_classes,
-            flags_obj.seed,
-        )
-        train = data_lib.Split(train.images, noisy)
-        if validation is not None:
-            # A user has no clean labels to validate on. Under symmetric
-            # noise the expected noisy-label accuracy is an increasing
-            # affine function of the clean one, so it ranks models alike.
-            noisy, _ = data_lib.add_label_noise(
-                validation.labels,
-                flags_obj.label_noise,
-                info.num_classes,
-                [flags_obj.seed, 1],
-            )
-            validation = data_lib.Split(validation.images, noisy)
+    train, validation, info = splits.train, splits.validation, splits.info
+    test = splits.test
     example_sets = {}
     if validation is not None:
         example_sets["validation_accuracy"] = validation
     if flags_obj.track_memorization:
-        flipped = train.labels != clean_labels
+        flipped = splits.flipped
         example_sets["train_accuracy_flipped"] = data_lib.Split(
             train.images[flipped], train.labels[flipped]
         )
@@ -444,6 +400,74 @@ def accuracy(model, split, batch_size=1024):
         verbose=0,
     )
     return float(np.mean(np.argmax(logits, axis=-1) == split.labels))
+
+
+Splits = collections.namedtuple(
+    "Splits", ["train", "validation", "test", "info", "flipped"]
+)
+
+
+def in_memory_splits(
+    flags_obj, dataset_name, datasets_override=None, train_split="train"
+):
+    """The training, validation and test `Split`s a run trains on.
+
+    The last --validation_examples training examples are held out first,
+    then the first --train_examples of the rest are kept, and --label_noise
+    is applied to both the training and the validation labels. `flipped`
+    marks the training examples whose label the noise changed.
+    """
+    train, test, info = datasets_override or data_lib.load(
+        dataset_name,
+        flags_obj.data_dir,
+        flags_obj.synthetic_data,
+        train_split=train_split,
+    )
+    validation = None
+    if flags_obj.validation_examples:
+        held_out = flags_obj.validation_examples
+        if held_out >= len(train.labels):
+            raise ValueError(
+                f"--validation_examples={held_out} leaves no training "
+                f"examples of the {len(train.labels)} in {dataset_name}."
+            )
+        validation = data_lib.Split(
+            train.images[-held_out:], train.labels[-held_out:]
+        )
+        train = data_lib.Split(
+            train.images[:-held_out], train.labels[:-held_out]
+        )
+    train_examples = flags_obj.train_examples
+    if train_examples:
+        if train_examples > len(train.labels):
+            raise ValueError(
+                f"--train_examples={train_examples} exceeds the "
+                f"{len(train.labels)} training examples of {dataset_name}."
+            )
+        train = data_lib.Split(
+            train.images[:train_examples], train.labels[:train_examples]
+        )
+    clean_labels = train.labels
+    if flags_obj.label_noise > 0:
+        noisy, _ = data_lib.add_label_noise(
+            train.labels,
+            flags_obj.label_noise,
+            info.num_classes,
+            flags_obj.seed,
+        )
+        train = data_lib.Split(train.images, noisy)
+        if validation is not None:
+            # A user has no clean labels to validate on. Under symmetric
+            # noise the expected noisy-label accuracy is an increasing
+            # affine function of the clean one, so it ranks models alike.
+            noisy, _ = data_lib.add_label_noise(
+                validation.labels,
+                flags_obj.label_noise,
+                info.num_classes,
+                [flags_obj.seed, 1],
+            )
+            validation = data_lib.Split(validation.images, noisy)
+    return Splits(train, validation, test, info, train.labels != clean_labels)
 
 
 def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
@@ -523,10 +547,12 @@ def fit_and_report(
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
     ]
     history = {}
+    train_wall_seconds = train_cpu_seconds = 0.0
     step = start_step
     while step < total_steps:
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
+        wall, cpu = time.time(), time.process_time()
         fit = model.fit(
             train_data(step, epoch, steps),
             epochs=epoch + 1,
@@ -541,6 +567,8 @@ def fit_and_report(
             shuffle=False,
             verbose=flags_obj.verbose,
         )
+        train_wall_seconds += time.time() - wall
+        train_cpu_seconds += time.process_time() - cpu
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(values)
         for key, split in example_sets.items():
@@ -564,6 +592,10 @@ def fit_and_report(
         "requested_train_steps": int(total_steps),
         "resumed_from_step": int(start_step),
         "wall_time_seconds": time.time() - start_time,
+        # Of the `fit` calls of this process (per-epoch test evaluation
+        # included); CPU time is the whole process's, all threads.
+        "train_wall_seconds": train_wall_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "replicas": strategy.num_replicas_in_sync,
         **{key: history[key][-1] for key in example_sets if history.get(key)},
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
