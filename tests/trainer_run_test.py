@@ -168,20 +168,34 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         fashion_mnist.run(make_flags(tmp_path, model="resnet20"))
 
 
-def test_compare_table_lists_both_runs():
-    fake = {
-        name: dict(
+def test_compare_table_and_summary_state_the_numbers():
+    def fake(rho, acc, flipped, sharpness, cpu):
+        return dict(
             flags=dict(rho=rho),
             test_accuracy=acc,
-            test_loss=1.0,
-            train_steps=10,
-            wall_time_seconds=3.0,
+            train_accuracy_flipped=flipped,
+            train_accuracy_unflipped=0.99,
+            sharpness=sharpness,
+            train_wall_seconds=60.0,
+            train_cpu_seconds=cpu,
+            history=dict(loss=[0.0] * 60),
         )
-        for name, rho, acc in (("SGD", 0.0, 0.9), ("SAM", 0.05, 0.91))
+
+    results = {
+        "SGD": fake(0.05, 0.70, 0.8, 40.0, 30.0),
+        "SAM": fake(0.1, 0.78, 0.3, 10.0, 45.0),
     }
-    table = compare_sgd_sam.format_table(fake)
-    assert "| SGD | 0.0 | 0.9000 |" in table
-    assert "| SAM | 0.05 | 0.9100 |" in table
+    table = compare_sgd_sam.format_table(results, 0.4)
+    assert "| test accuracy (clean test set) | 70.00% | 78.00% |" in table
+    assert "| SGD | SAM (ρ = 0.1) |" in table
+    assert "(memorized) | 80.0% | 30.0% |" in table
+    assert "| 40.0 | 10.0 |" in table
+    assert "| 1.00 | 1.00 |" in table and "| 0.50 | 0.75 |" in table
+    summary = compare_sgd_sam.summary(results)
+    assert summary.startswith("SAM ends 8.0 points above SGD")
+    assert "80%" in summary and "4.0x as sharp" in summary
+    results["SAM"]["test_accuracy"] = 0.65
+    assert "5.0 points below" in compare_sgd_sam.summary(results)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import json
 import types
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from tests.trainer_run_test import make_flags
@@ -53,22 +54,82 @@ class _Flags(types.SimpleNamespace):
         return dict(vars(self))
 
 
-def test_comparison_trains_sgd_and_sam_alike_but_for_rho(tmp_path, capsys):
-    flags_obj = _Flags(**vars(make_flags(tmp_path, train_steps=3)))
-    flags_obj.sam_rho = 0.05
+def test_comparison_trains_a_plain_fit_and_sam_alike(tmp_path):
+    flags_obj = _Flags(
+        **vars(make_flags(tmp_path, train_steps=3, rho=0.05)),
+        sharpness_examples=64,
+    )
     results = compare_sgd_sam.run(flags_obj)
     assert list(results) == ["SGD", "SAM"]
     sgd, sam = results["SGD"], results["SAM"]
-    assert sgd["flags"]["rho"] == 0.0 and sam["flags"]["rho"] == 0.05
+    assert sgd["flags"]["sam"] is False and sam["flags"]["sam"] is True
     assert sgd["train_steps"] == sam["train_steps"] == 3
     differing = {k for k in sgd["flags"] if sgd["flags"][k] != sam["flags"][k]}
-    assert differing == {"rho", "output_dir"}
+    assert differing == {"sam", "output_dir"}
     for name in ("sgd", "sam"):
         with open(tmp_path / name / "results.json") as f:
             assert json.load(f)["train_steps"] == 3
-    # Different ρ, same data, seed and initial weights: different models.
+    # Same data, seed and initial weights: SAM alone makes them differ.
     assert sgd["test_loss"] != sam["test_loss"]
-    assert flags_obj.rho == 0.05 and flags_obj.output_dir == str(tmp_path)
+    assert all(r["sharpness"] > 0 for r in results.values())
+    assert flags_obj.output_dir == str(tmp_path)
+
+
+def test_plain_fit_matches_sam_model_with_rho_zero(tmp_path):
+    plain = fashion_mnist.run(make_flags(tmp_path / "plain", sam=False))
+    sam0 = fashion_mnist.run(make_flags(tmp_path / "sam0", rho=0.0))
+    assert plain["test_loss"] == pytest.approx(sam0["test_loss"], rel=1e-6)
+
+
+def test_validation_split_is_held_out_and_noised_like_training(tmp_path):
+    synthetic = data.load("fashion_mnist", synthetic_data=True)
+    flags_obj = make_flags(
+        tmp_path, validation_examples=100, train_examples=300, label_noise=0.5
+    )
+    splits = train.in_memory_splits(
+        flags_obj, "fashion_mnist", datasets_override=synthetic
+    )
+    images = synthetic[0].images
+    np.testing.assert_array_equal(splits.validation.images, images[-100:])
+    np.testing.assert_array_equal(splits.train.images, images[:300])
+    changed = splits.validation.labels != synthetic[0].labels[-100:]
+    # Half resampled uniformly over 10 classes: 45 % changed, in expectation.
+    assert 0.3 < changed.mean() < 0.6
+    np.testing.assert_array_equal(
+        splits.flipped, splits.train.labels != synthetic[0].labels[:300]
+    )
+    assert 0.3 < splits.flipped.mean() < 0.6
+
+
+def test_memorization_and_validation_accuracy_are_recorded(tmp_path):
+    synthetic = data.load("fashion_mnist", synthetic_data=True)
+    results = fashion_mnist.run(
+        make_flags(
+            tmp_path,
+            validation_examples=64,
+            label_noise=0.5,
+            track_memorization=True,
+            train_steps=None,
+            epochs=2,
+        ),
+        datasets_override=synthetic,
+    )
+    history = results["history"]
+    for key in (
+        "validation_accuracy",
+        "train_accuracy_flipped",
+        "train_accuracy_unflipped",
+    ):
+        assert len(history[key]) == 2
+        assert 0.0 <= history[key][-1] <= 1.0
+        assert results[key] == history[key][-1]
+    assert results["train_cpu_seconds"] > 0
+    assert results["train_wall_seconds"] > 0
+
+
+def test_validation_examples_must_leave_training_examples(tmp_path):
+    with pytest.raises(ValueError, match="--validation_examples=512"):
+        fashion_mnist.run(make_flags(tmp_path, validation_examples=512))
 
 
 def test_label_noise_reaches_the_training_labels_only(tmp_path, monkeypatch):
