@@ -200,6 +200,8 @@ def run(flags_obj):
                 train_accuracy_unflipped=r["train_accuracy_unflipped"],
                 train_steps=r["train_steps"],
                 wall_time_seconds=r["wall_time_seconds"],
+                train_cpu_seconds=r["train_cpu_seconds"],
+                train_wall_seconds=r["train_wall_seconds"],
                 history=r["history"],
             )
         )
