@@ -22,7 +22,8 @@ validation split (never the test set). Seeds 1 and 2 then train SGD and SAM
 at the selected ρ, and the report compares SGD and SAM seed by seed (same
 initial weights, label noise and data order): 50 runs, about 70 minutes on
 2 cores. `variants` trains the efficient and improved variants at one noise
-rate (--variants_noise) with the ρ selected there.
+rate (--variants_noise) with the ρ selected there (not SAM-ON: it perturbs
+normalization layers only, and the MLP has none).
 
 Runs that finished are read back from --runs_dir, so an interrupted study
 continues where it stopped; `--shard=i/n` runs every n-th run from the i-th,
@@ -46,13 +47,20 @@ RHOS = (0.01, 0.02, 0.05, 0.1, 0.2)
 # Each variant with its contender in benchmarks.step_time (for its cost).
 VARIANTS = {
     "GSAM": ("gsam", dict(gsam_alpha=0.1, rho_min=0.01)),
-    "SAM-ON": ("sam_on", dict(perturbed_variables="normalization")),
     "periodic k=5": ("periodic_5", dict(switching="periodic", sam_every=5)),
     "randomized p=0.2": (
         "randomized_0.2",
         dict(switching="randomized", sam_probability=0.2),
     ),
     "AE-SAM": ("ae_sam", dict(switching="ae_sam")),
+    "late-phase 10 %": (
+        "late_phase_0.9",
+        dict(switching="late_phase", sam_start_fraction=0.9),
+    ),
+    "late-phase 30 %": (
+        "late_phase_0.7",
+        dict(switching="late_phase", sam_start_fraction=0.7),
+    ),
     "LookSAM k=5": (
         "looksam_5",
         dict(switching="periodic", sam_every=5, looksam_alpha=0.7),

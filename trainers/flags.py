@@ -165,11 +165,19 @@ def define_common_flags(**defaults):
     flags.DEFINE_enum(
         "switching",
         "none",
-        ["none", "periodic", "randomized", "ae_sam"],
+        ["none", "periodic", "randomized", "ae_sam", "late_phase"],
         "Which steps run SAM: none (every step); periodic (every "
         "--sam_every-th step); randomized (with probability "
         "--sam_probability); ae_sam (when the gradient norm is an outlier, "
-        "Jiang et al. 2023). Other steps are plain SGD steps.",
+        "Jiang et al. 2023); late_phase (from --sam_start_fraction of the "
+        "training steps on, Zhou et al. 2025). Other steps are plain SGD "
+        "steps.",
+    )
+    flags.DEFINE_float(
+        "sam_start_fraction",
+        0.9,
+        "For --switching=late_phase: the fraction of the training steps "
+        "after which every step is a SAM step (0 is SAM throughout).",
     )
     flags.DEFINE_integer(
         "sam_every", 2, "Period of --switching=periodic, in steps."
@@ -267,6 +275,7 @@ def _define_validators():
         "gsam_alpha": (lambda v: v >= 0, "must be >= 0"),
         "sam_every": (lambda v: v >= 1, "must be >= 1"),
         "sam_probability": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+        "sam_start_fraction": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
         "looksam_alpha": (lambda v: v is None or v >= 0, "must be >= 0"),
         "micro_batches": (lambda v: v >= 1, "must be >= 1"),
         "learning_rate": (lambda v: v > 0, "must be > 0"),

@@ -198,6 +198,9 @@ def variant_arguments(flags_obj, total_steps=None):
         "ae_sam": lambda: keras_sam.switching.GradientNormOutlier(
             decay_steps=total_steps
         ),
+        "late_phase": lambda: keras_sam.switching.LatePhase(
+            int(round(flags_obj.sam_start_fraction * total_steps))
+        ),
     }
     perturbed = flags_obj.perturbed_variables
     if perturbed not in ("all", "normalization"):

@@ -1,0 +1,81 @@
+"""Late-phase SAM (`switching.LatePhase`) against the NumPy oracle and its
+reductions to SAM and to the base optimizer."""
+
+import pytest
+import tensorflow as tf
+
+import keras_sam
+from keras_sam import switching
+from tests import oracle
+from tests.sam_model_test import RHO
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.variants_test import assert_weights
+from tests.variants_test import assert_weights_differ
+from tests.variants_test import fit_softmax
+from tests.variants_test import oracle_weights
+from tests.variants_test import sam_weights
+
+STEPS = 6  # fit_softmax: 2 epochs of 3 batches.
+
+
+def test_late_phase_decides_by_the_step_window():
+    steps = tf.range(10, dtype=tf.int64)
+    assert [bool(switching.LatePhase(4)(s)) for s in steps] == [
+        t >= 4 for t in range(10)
+    ]
+    window = switching.LatePhase(2, end_step=5)
+    assert [bool(window(s)) for s in steps] == [2 <= t < 5 for t in range(10)]
+
+
+@pytest.mark.parametrize("mode", ["graph", "jit"])
+def test_late_phase_matches_the_oracle(mode):
+    model = fit_softmax(mode, rho=RHO, switching=switching.LatePhase(4))
+    want = oracle_weights(oracle.Switching(lambda t, _: t >= 4))
+    assert_weights(model, want)
+    assert_weights_differ(want, sam_weights())
+
+
+def test_late_phase_from_step_zero_is_sam():
+    model = fit_softmax(rho=RHO, switching=switching.LatePhase(0))
+    assert_weights(model, sam_weights())
+
+
+def test_late_phase_after_the_last_step_is_the_base_optimizer():
+    model = fit_softmax(rho=RHO, switching=switching.LatePhase(STEPS))
+    assert_weights(model, oracle_weights(oracle.Switching(lambda t, _: False)))
+    assert_weights_differ(model.base.get_weights(), sam_weights())
+
+
+def test_late_phase_round_trips_through_get_config():
+    policy = switching.LatePhase(7, end_step=9)
+    base = softmax_regression(*softmax_data()[2:])
+    model = keras_sam.SAMModel(base, rho=RHO, switching=policy)
+    restored = keras_sam.SAMModel.from_config(model.get_config())
+    assert restored.switching.start_step == 7
+    assert restored.switching.end_step == 9
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(start_step=-1), "start_step=-1"),
+        (dict(start_step=1.5), "start_step=1.5"),
+        (dict(start_step=4, end_step=4), "end_step=4"),
+    ],
+)
+def test_bad_late_phase_arguments_name_the_argument_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        switching.LatePhase(**kwargs)
+
+
+def test_trainer_flag_starts_sam_at_the_given_fraction(tmp_path):
+    from tests.trainer_run_test import make_flags
+    from trainers import train
+
+    flags_obj = make_flags(
+        tmp_path, switching="late_phase", sam_start_fraction=0.75
+    )
+    policy = train.variant_arguments(flags_obj, total_steps=200)["switching"]
+    assert isinstance(policy, switching.LatePhase)
+    assert policy.start_step == 150 and policy.end_step is None
