@@ -30,6 +30,7 @@ continues where it stopped; `--shard=i/n` runs every n-th run from the i-th,
 so n processes can share the work.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -116,10 +117,13 @@ def configurations(study, seeds, noise_rates, rhos, variants_noise, select):
         return
     rho = select(variants_noise, rhos)
     for seed in range(seeds):
-        yield "SGD", variants_noise, seed, dict(sam=False)
-        yield "SAM", variants_noise, seed, dict(rho=rho)
         for name, (_, overrides) in VARIANTS.items():
             yield name, variants_noise, seed, dict(rho=rho, **overrides)
+    # The noise study trains these too; they come last so that it usually
+    # has.
+    for seed in range(seeds):
+        yield "SGD", variants_noise, seed, dict(sam=False)
+        yield "SAM", variants_noise, seed, dict(rho=rho)
 
 
 def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
@@ -171,6 +175,44 @@ def finished(output_dir):
     return results
 
 
+@contextlib.contextmanager
+def claimed(output_dir):
+    """Yields whether this process may train the run in `output_dir`.
+
+    Several study processes (shards, or the variants study beside the noise
+    study, which share runs) must never train one run at once. A lock file
+    holds the owner's PID; a lock whose process is gone is taken over.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    lock = os.path.join(output_dir, ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(lock) as f:
+            owner = int(f.read().strip() or 0)
+        if owner and _alive(owner):
+            yield False
+            return
+        os.remove(lock)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        os.remove(lock)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def run(flags_obj):
     index, count = (int(v) for v in flags_obj.shard.split("/"))
     results = []
@@ -194,8 +236,12 @@ def run(flags_obj):
         values.update(overrides)
         values.update(seed=seed, label_noise=noise, output_dir=output_dir)
         if r is None:
-            print(f"=== {name} {overrides}, noise {noise}, seed {seed} ===")
-            r = fashion_mnist.run(types.SimpleNamespace(**values))
+            with claimed(output_dir) as mine:
+                if not mine:
+                    print(f"=== {output_dir}: another process trains it ===")
+                    continue
+                print(f"=== {name} {overrides}, noise {noise}, seed {seed} ===")
+                r = fashion_mnist.run(types.SimpleNamespace(**values))
         results.append(
             dict(
                 optimizer=name,

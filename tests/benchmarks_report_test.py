@@ -210,3 +210,18 @@ def test_performance_report_decomposes_sam_and_flags_flat_modes(tmp_path):
     assert "small_cnn/graph:" not in text
     assert "**1.02×** the in-memory step" in text
     assert (tmp_path / "step_time.png").stat().st_size > 1000
+
+
+def test_a_run_is_claimed_by_one_study_process_at_a_time(tmp_path):
+    from benchmarks import generalization
+
+    run = str(tmp_path / "run")
+    with generalization.claimed(run) as first:
+        assert first
+        with generalization.claimed(run) as second:
+            assert not second
+    # A lock left by a process that is gone is taken over.
+    (tmp_path / "run" / ".lock").write_text("999999999")
+    with generalization.claimed(run) as third:
+        assert third
+    assert not (tmp_path / "run" / ".lock").exists()
