@@ -253,9 +253,14 @@ def run(flags_obj):
                 train_accuracy_flipped=r.get("train_accuracy_flipped"),
                 train_accuracy_unflipped=r["train_accuracy_unflipped"],
                 train_steps=r["train_steps"],
+                # A resumed run's history and times cover only the steps
+                # after `resumed_from_step`.
+                resumed_from_step=r.get("resumed_from_step", 0),
                 wall_time_seconds=r["wall_time_seconds"],
-                train_cpu_seconds=r["train_cpu_seconds"],
-                train_wall_seconds=r["train_wall_seconds"],
+                # Missing from the runs that the first version of this
+                # study trained (before the trainer recorded them).
+                train_cpu_seconds=r.get("train_cpu_seconds"),
+                train_wall_seconds=r.get("train_wall_seconds"),
                 history=r["history"],
             )
         )

@@ -59,7 +59,7 @@ def _select(runs, optimizer, noise=None, rho=None):
 
 
 def _by_seed(runs, key="test_accuracy", scale=100.0):
-    return {r["seed"]: scale * r[key] for r in runs}
+    return {r["seed"]: scale * r[key] for r in runs if r.get(key) is not None}
 
 
 def paired_difference(a, b):
@@ -229,6 +229,12 @@ def plot_noise(runs, path):
     plt.close(fig)
 
 
+def _whole(runs):
+    """The runs that trained in one process: their history covers every
+    epoch and their times the whole run (a resumed run's cover the rest)."""
+    return [r for r in runs if not r.get("resumed_from_step")]
+
+
 def plot_memorization(runs, path):
     plt = _pyplot()
     rhos = {n: r for n, r in selected_rhos(runs).items() if n > 0}
@@ -239,6 +245,7 @@ def plot_memorization(runs, path):
     for ax, (noise, rho) in zip(axes, rhos.items()):
         for name, color in (("SGD", "tab:red"), ("SAM", "tab:blue")):
             group = _select(runs, name, noise, None if name == "SGD" else rho)
+            group = _whole(group)
             for key, style in (
                 ("train_accuracy_flipped", "-"),
                 ("train_accuracy_unflipped", "--"),
@@ -304,12 +311,17 @@ def variants_rows(variants):
     time as a share of SAM's extra time, on the scale where SAM's two
     passes cost 2x. It cancels what every run spends alike (per-epoch
     evaluation, Keras' per-step overhead), which dominates a small MLP's
-    steps on a CPU and would flatter every ratio.
+    steps on a CPU and would flatter every ratio. Only seeds whose runs
+    were never resumed (so their CPU time covers the whole run) count.
     """
     runs = variants["runs"]
     sgd = _by_seed(_select(runs, "SGD"))
-    sgd_cpu = _by_seed(_select(runs, "SGD"), "train_cpu_seconds", 1.0)
-    sam_cpu = _by_seed(_select(runs, "SAM"), "train_cpu_seconds", 1.0)
+
+    def cpu_seconds(group):
+        return _by_seed(_whole(group), "train_cpu_seconds", 1.0)
+
+    sgd_cpu = cpu_seconds(_select(runs, "SGD"))
+    sam_cpu = cpu_seconds(_select(runs, "SAM"))
     sam_gain = paired_difference(sgd, _by_seed(_select(runs, "SAM")))["mean"]
     rows = []
     for name in dict.fromkeys(r["optimizer"] for r in runs):
@@ -317,7 +329,7 @@ def variants_rows(variants):
             continue
         group = _select(runs, name)
         gain = paired_difference(sgd, _by_seed(group))
-        cpu = _by_seed(group, "train_cpu_seconds", 1.0)
+        cpu = cpu_seconds(group)
         seeds = sorted(set(cpu) & set(sgd_cpu) & set(sam_cpu))
         measured = np.mean([cpu[s] / sgd_cpu[s] for s in seeds])
         bound = 1 + np.mean(

@@ -107,6 +107,11 @@ def _variants_study():
         weak = _run("LookSAM k=5", 0.4, seed, 0.72, 0.6, rho=0.1)
         weak["train_cpu_seconds"] = 150.0
         runs.append(weak)
+    # A resumed run's CPU time covers only part of it: left out of costs.
+    resumed = _run("SAM", 0.4, 2, 0.80, 0.6, rho=0.1)
+    resumed.update(train_cpu_seconds=1.0, resumed_from_step=5)
+    runs.append(resumed)
+    runs.append(_run("SGD", 0.4, 2, 0.70, 0.5))
     return {"study": "variants", "runs": runs}
 
 
