@@ -105,7 +105,10 @@ class SAMModel(keras.Model):
 
     Args:
         base: the Keras model to train. It is used as is, not copied.
-        rho: the neighbourhood radius ρ ≥ 0. `0` reproduces the base
+        rho: the neighbourhood radius ρ ≥ 0: a number, a schedule of the
+            step, or a float `keras.Variable` read at every step (so that a
+            callback may set it; `get_config` and `.keras` files store its
+            value at saving time as a number). `0` reproduces the base
             optimizer. ASAM typically wants a ρ about 10x larger than SAM.
             Defaults to `0.05`.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
@@ -147,8 +150,14 @@ class SAMModel(keras.Model):
                 "`base` must be a Keras model (an instance of `keras.Model`). "
                 f"Received: base={base!r} of type {type(base).__name__}"
             )
+        if isinstance(base, SAMModel):
+            raise ValueError(
+                "`base` is already a SAMModel; wrap its base model instead, "
+                "`SAMModel(model.base, ...)`. Received: "
+                f"base={base.name!r} of type SAMModel"
+            )
         sam_step.validate_sam_arguments(
-            rho, eta, micro_batches, sync_perturbations
+            rho, eta, micro_batches, sync_perturbations, adaptive
         )
         _validate_variant_arguments(
             gsam_alpha,
@@ -159,7 +168,12 @@ class SAMModel(keras.Model):
         )
         super().__init__(**kwargs)
         self.base = base
-        self.rho = rho if callable(rho) else float(rho)
+        if isinstance(rho, keras.Variable):
+            # Read at every step and never tracked: it is not a weight of
+            # the model, and a callback may assign it.
+            object.__setattr__(self, "rho", rho)
+        else:
+            self.rho = rho if callable(rho) else float(rho)
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
         self.sync_perturbations = bool(sync_perturbations)
@@ -247,9 +261,7 @@ class SAMModel(keras.Model):
                 self.compute_metrics(x, y, y_pred, sample_weight)
             )
 
-        rho = self.rho
-        if callable(rho):
-            rho = ops.cast(rho(self.optimizer.iterations), "float32")
+        rho = self._current_rho()
         result = sam_step.compute_sam_gradients(
             self,
             self._compute_total_loss,
@@ -311,6 +323,13 @@ class SAMModel(keras.Model):
             strategy = self.distribute_strategy
             return strategy.experimental_local_results(value)[0]
         return value
+
+    def _current_rho(self):
+        if isinstance(self.rho, keras.Variable):
+            return ops.cast(self.rho.value, "float32")
+        if callable(self.rho):
+            return ops.cast(self.rho(self.optimizer.iterations), "float32")
+        return self.rho
 
     def _should_perturb(self):
         if self.switching is None:
@@ -393,8 +412,10 @@ class SAMModel(keras.Model):
                 "looksam_alpha": self.looksam_alpha,
             }
         )
+        if isinstance(self.rho, keras.Variable):
+            config["rho"] = float(ops.convert_to_numpy(self.rho.value))
         for name in ("rho", "switching"):
-            value = getattr(self, name)
+            value = config[name] if name == "rho" else getattr(self, name)
             if value is not None and not isinstance(value, float):
                 config[name] = keras.saving.serialize_keras_object(value)
         return config
@@ -445,7 +466,7 @@ def _unscale_loss_for_distribution(loss):
 def _validate_variant_arguments(
     gsam_alpha, perturbed_variables, switching, looksam_alpha, micro_batches
 ):
-    if not isinstance(gsam_alpha, (int, float)) or not gsam_alpha >= 0:
+    if not sam_step._is_real(gsam_alpha) or not gsam_alpha >= 0:
         raise ValueError(
             f"`gsam_alpha` must be a number >= 0. Received: "
             f"gsam_alpha={gsam_alpha!r}"
@@ -473,7 +494,7 @@ def _validate_variant_arguments(
             f"SwitchingPolicy. Received: switching={switching!r}"
         )
     if looksam_alpha is not None:
-        if not isinstance(looksam_alpha, (int, float)) or looksam_alpha < 0:
+        if not sam_step._is_real(looksam_alpha) or not looksam_alpha >= 0:
             raise ValueError(
                 "`looksam_alpha` must be None or a number >= 0. Received: "
                 f"looksam_alpha={looksam_alpha!r}"
