@@ -10,7 +10,10 @@ from keras import tree
 
 from keras_sam import perturbations
 from keras_sam import sam_step
+from keras_sam import saving
 from keras_sam import switching as switching_lib
+
+_WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
 
 NORMALIZATION_LAYERS = (
     keras.layers.BatchNormalization,
@@ -88,8 +91,10 @@ class SAMModel(keras.Model):
       `g + α (‖g‖/‖g_v‖) g_v` instead of `g`. Across replicas, each keeps
       the direction of its own SAM gradient, as it keeps its own ε.
 
-    `evaluate`, `predict` and `base` are those of the wrapped model; save and
-    export `model.base` for inference.
+    `evaluate`, `predict` and `base` are those of the wrapped model; save
+    `model.base` for inference. `export` exports the base model, and
+    `save_weights` (also through `ModelCheckpoint(save_weights_only=True)`)
+    writes the base model's layout, so the file loads into the bare base.
 
     Example:
 
@@ -300,6 +305,56 @@ class SAMModel(keras.Model):
         # Evaluation takes no steps; the training fraction means nothing here.
         logs.pop("sam_fraction", None)
         return _logs_for_multi_worker(logs)
+
+    def export(
+        self,
+        filepath,
+        format="tf_saved_model",
+        verbose=None,
+        input_signature=None,
+        **kwargs,
+    ):
+        """Exports the base model for inference: see `keras.Model.export`.
+
+        The artifact is the one `model.base.export(...)` writes, with the
+        base model's serving signature; SAM only changes training.
+        """
+        return self.base.export(
+            filepath,
+            format=format,
+            verbose=verbose,
+            input_signature=input_signature,
+            **kwargs,
+        )
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves the weights in the layout of `model.base.save_weights`.
+
+        The file loads into the bare base model with
+        `base.load_weights(filepath)`, and into a `SAMModel` (with the
+        optimizer's and the variants' state, kept in a `sam_model` group
+        that the base model ignores). See `keras.Model.save_weights`.
+        """
+        path = str(filepath)
+        if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
+            return super().save_weights(filepath, overwrite, max_shard_size)
+        saving.save_weights(self, path, overwrite, max_shard_size)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Loads weights saved by a `SAMModel` or by its base model.
+
+        A file written by `model.base.save_weights` loads into the base.
+        See `keras.Model.load_weights`.
+        """
+        path = str(filepath)
+        if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
+            if saving.has_sam_layout(path):
+                return saving.load_weights(self, path, skip_mismatch)
+            if not saving.has_path(path, "base"):
+                return self.base.load_weights(path, skip_mismatch)
+        return super().load_weights(
+            filepath, skip_mismatch=skip_mismatch, **kwargs
+        )
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (3.15) builds from one batch that it all-reduces eagerly
