@@ -205,9 +205,34 @@ class SAMModel(keras.Model):
 
     def build(self, input_shape=None):
         if not self.base.built:
-            self.base.build(input_shape)
+            if input_shape is None:
+                self.base.build(input_shape)
+            else:
+                self._build_base(
+                    tree.map_shape_structure(keras.KerasTensor, input_shape)
+                )
         self._build_variant_state()
         self.built = True
+
+    def _build_base(self, inputs):
+        # A first call on symbolic inputs builds the base as Keras does: a
+        # subclassed model has no `build` of its own to call.
+        self.base(inputs, training=False)
+
+    def _build_from_batch(self, x):
+        # Keras builds a model at its first call, inside the first step; the
+        # SAM step needs the weights before its clean pass.
+        specs = tree.map_structure(
+            lambda t: (
+                None if t is None else keras.KerasTensor(t.shape, t.dtype)
+            ),
+            x,
+        )
+        if not self.base.built:
+            self._build_base(specs)
+        self.build(
+            tree.map_structure(lambda t: None if t is None else t.shape, specs)
+        )
 
     def _build_variant_state(self):
         if self.looksam_alpha is None or self._looksam_directions is not None:
@@ -257,6 +282,8 @@ class SAMModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if not self.built:
+            self._build_from_batch(x)
         if not self.trainable_weights:
             warnings.warn(
                 "The model does not have any trainable weights.", stacklevel=2
