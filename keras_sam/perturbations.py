@@ -19,14 +19,24 @@ def global_norm(tensors):
     """Euclidean norm of all `tensors` taken as one vector, in float32.
 
     `None` entries are skipped. Returns `0.0` when every entry is `None`.
+    A norm whose square overflows float32 (finite entries above ~1e19) is
+    recomputed from the entries divided by the largest magnitude, so it is
+    finite whenever the norm itself is.
     """
-    squares = [
-        ops.sum(ops.square(ops.cast(t, "float32")))
-        for t in tensors
-        if t is not None
-    ]
-    if not squares:
+    present = [ops.cast(t, "float32") for t in tensors if t is not None]
+    if not present:
         return ops.zeros((), "float32")
+    norm = _norm(present)
+
+    def rescaled():
+        largest = ops.max(ops.stack([ops.max(ops.abs(t)) for t in present]))
+        return largest * _norm([t / largest for t in present])
+
+    return ops.cond(ops.isinf(norm), rescaled, lambda: norm)
+
+
+def _norm(tensors):
+    squares = [ops.sum(ops.square(t)) for t in tensors]
     return ops.sqrt(ops.sum(ops.stack(squares)))
 
 

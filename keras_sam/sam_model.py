@@ -10,7 +10,10 @@ from keras import tree
 
 from keras_sam import perturbations
 from keras_sam import sam_step
+from keras_sam import saving
 from keras_sam import switching as switching_lib
+
+_WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
 
 NORMALIZATION_LAYERS = (
     keras.layers.BatchNormalization,
@@ -88,8 +91,10 @@ class SAMModel(keras.Model):
       `g + α (‖g‖/‖g_v‖) g_v` instead of `g`. Across replicas, each keeps
       the direction of its own SAM gradient, as it keeps its own ε.
 
-    `evaluate`, `predict` and `base` are those of the wrapped model; save and
-    export `model.base` for inference.
+    `evaluate`, `predict` and `base` are those of the wrapped model; save
+    `model.base` for inference. `export` exports the base model, and
+    `save_weights` (also through `ModelCheckpoint(save_weights_only=True)`)
+    writes the base model's layout, so the file loads into the bare base.
 
     Example:
 
@@ -105,7 +110,10 @@ class SAMModel(keras.Model):
 
     Args:
         base: the Keras model to train. It is used as is, not copied.
-        rho: the neighbourhood radius ρ ≥ 0. `0` reproduces the base
+        rho: the neighbourhood radius ρ ≥ 0: a number, a schedule of the
+            step, or a float `keras.Variable` read at every step (so that a
+            callback may set it; `get_config` and `.keras` files store its
+            value at saving time as a number). `0` reproduces the base
             optimizer. ASAM typically wants a ρ about 10x larger than SAM.
             Defaults to `0.05`.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
@@ -147,8 +155,14 @@ class SAMModel(keras.Model):
                 "`base` must be a Keras model (an instance of `keras.Model`). "
                 f"Received: base={base!r} of type {type(base).__name__}"
             )
+        if isinstance(base, SAMModel):
+            raise ValueError(
+                "`base` is already a SAMModel; wrap its base model instead, "
+                "`SAMModel(model.base, ...)`. Received: "
+                f"base={base.name!r} of type SAMModel"
+            )
         sam_step.validate_sam_arguments(
-            rho, eta, micro_batches, sync_perturbations
+            rho, eta, micro_batches, sync_perturbations, adaptive
         )
         _validate_variant_arguments(
             gsam_alpha,
@@ -159,7 +173,12 @@ class SAMModel(keras.Model):
         )
         super().__init__(**kwargs)
         self.base = base
-        self.rho = rho if callable(rho) else float(rho)
+        if isinstance(rho, keras.Variable):
+            # Read at every step and never tracked: it is not a weight of
+            # the model, and a callback may assign it.
+            object.__setattr__(self, "rho", rho)
+        else:
+            self.rho = rho if callable(rho) else float(rho)
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
         self.sync_perturbations = bool(sync_perturbations)
@@ -186,9 +205,34 @@ class SAMModel(keras.Model):
 
     def build(self, input_shape=None):
         if not self.base.built:
-            self.base.build(input_shape)
+            if input_shape is None:
+                self.base.build(input_shape)
+            else:
+                self._build_base(
+                    tree.map_shape_structure(keras.KerasTensor, input_shape)
+                )
         self._build_variant_state()
         self.built = True
+
+    def _build_base(self, inputs):
+        # A first call on symbolic inputs builds the base as Keras does: a
+        # subclassed model has no `build` of its own to call.
+        self.base(inputs, training=False)
+
+    def _build_from_batch(self, x):
+        # Keras builds a model at its first call, inside the first step; the
+        # SAM step needs the weights before its clean pass.
+        specs = tree.map_structure(
+            lambda t: (
+                None if t is None else keras.KerasTensor(t.shape, t.dtype)
+            ),
+            x,
+        )
+        if not self.base.built:
+            self._build_base(specs)
+        self.build(
+            tree.map_structure(lambda t: None if t is None else t.shape, specs)
+        )
 
     def _build_variant_state(self):
         if self.looksam_alpha is None or self._looksam_directions is not None:
@@ -238,6 +282,8 @@ class SAMModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if not self.built:
+            self._build_from_batch(x)
         if not self.trainable_weights:
             warnings.warn(
                 "The model does not have any trainable weights.", stacklevel=2
@@ -247,9 +293,7 @@ class SAMModel(keras.Model):
                 self.compute_metrics(x, y, y_pred, sample_weight)
             )
 
-        rho = self.rho
-        if callable(rho):
-            rho = ops.cast(rho(self.optimizer.iterations), "float32")
+        rho = self._current_rho()
         result = sam_step.compute_sam_gradients(
             self,
             self._compute_total_loss,
@@ -289,6 +333,56 @@ class SAMModel(keras.Model):
         logs.pop("sam_fraction", None)
         return _logs_for_multi_worker(logs)
 
+    def export(
+        self,
+        filepath,
+        format="tf_saved_model",
+        verbose=None,
+        input_signature=None,
+        **kwargs,
+    ):
+        """Exports the base model for inference: see `keras.Model.export`.
+
+        The artifact is the one `model.base.export(...)` writes, with the
+        base model's serving signature; SAM only changes training.
+        """
+        return self.base.export(
+            filepath,
+            format=format,
+            verbose=verbose,
+            input_signature=input_signature,
+            **kwargs,
+        )
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves the weights in the layout of `model.base.save_weights`.
+
+        The file loads into the bare base model with
+        `base.load_weights(filepath)`, and into a `SAMModel` (with the
+        optimizer's and the variants' state, kept in a `sam_model` group
+        that the base model ignores). See `keras.Model.save_weights`.
+        """
+        path = str(filepath)
+        if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
+            return super().save_weights(filepath, overwrite, max_shard_size)
+        saving.save_weights(self, path, overwrite, max_shard_size)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Loads weights saved by a `SAMModel` or by its base model.
+
+        A file written by `model.base.save_weights` loads into the base.
+        See `keras.Model.load_weights`.
+        """
+        path = str(filepath)
+        if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
+            if saving.has_sam_layout(path):
+                return saving.load_weights(self, path, skip_mismatch)
+            if not saving.has_path(path, "base"):
+                return self.base.load_weights(path, skip_mismatch)
+        return super().load_weights(
+            filepath, skip_mismatch=skip_mismatch, **kwargs
+        )
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras (3.15) builds from one batch that it all-reduces eagerly
         # with `strategy.reduce`, which MultiWorkerMirroredStrategy cannot
@@ -311,6 +405,13 @@ class SAMModel(keras.Model):
             strategy = self.distribute_strategy
             return strategy.experimental_local_results(value)[0]
         return value
+
+    def _current_rho(self):
+        if isinstance(self.rho, keras.Variable):
+            return ops.cast(self.rho.value, "float32")
+        if callable(self.rho):
+            return ops.cast(self.rho(self.optimizer.iterations), "float32")
+        return self.rho
 
     def _should_perturb(self):
         if self.switching is None:
@@ -393,8 +494,10 @@ class SAMModel(keras.Model):
                 "looksam_alpha": self.looksam_alpha,
             }
         )
+        if isinstance(self.rho, keras.Variable):
+            config["rho"] = float(ops.convert_to_numpy(self.rho.value))
         for name in ("rho", "switching"):
-            value = getattr(self, name)
+            value = config[name] if name == "rho" else getattr(self, name)
             if value is not None and not isinstance(value, float):
                 config[name] = keras.saving.serialize_keras_object(value)
         return config
@@ -445,7 +548,7 @@ def _unscale_loss_for_distribution(loss):
 def _validate_variant_arguments(
     gsam_alpha, perturbed_variables, switching, looksam_alpha, micro_batches
 ):
-    if not isinstance(gsam_alpha, (int, float)) or not gsam_alpha >= 0:
+    if not sam_step._is_real(gsam_alpha) or not gsam_alpha >= 0:
         raise ValueError(
             f"`gsam_alpha` must be a number >= 0. Received: "
             f"gsam_alpha={gsam_alpha!r}"
@@ -473,7 +576,7 @@ def _validate_variant_arguments(
             f"SwitchingPolicy. Received: switching={switching!r}"
         )
     if looksam_alpha is not None:
-        if not isinstance(looksam_alpha, (int, float)) or looksam_alpha < 0:
+        if not sam_step._is_real(looksam_alpha) or not looksam_alpha >= 0:
             raise ValueError(
                 "`looksam_alpha` must be None or a number >= 0. Received: "
                 f"looksam_alpha={looksam_alpha!r}"

@@ -13,7 +13,12 @@ seed state as the clean pass, dropout draws the same masks in both.
 """
 
 import collections
+import inspect
+import math
+import numbers
 
+import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 from keras import tree
@@ -33,38 +38,70 @@ Attributes:
 """
 
 
-def validate_sam_arguments(rho, eta, micro_batches, sync_perturbations):
+def validate_sam_arguments(
+    rho, eta, micro_batches, sync_perturbations, adaptive=False
+):
     """Raises `ValueError` naming the argument and the value when invalid.
 
-    `rho` may be a number or a schedule (a callable of the step).
+    `rho` may be a number (Python or NumPy), a scalar float `keras.Variable`
+    (read at every step) or a schedule (a callable of the step).
     """
-    if callable(rho):
+    if isinstance(rho, keras.Variable):
+        if tuple(rho.shape) != () or "float" not in str(rho.dtype):
+            raise ValueError(
+                "A `keras.Variable` `rho` must be a float scalar. Received: "
+                f"rho={rho!r} of shape {tuple(rho.shape)} and dtype "
+                f"{rho.dtype}"
+            )
+        if tf.executing_eagerly() and not rho.numpy() >= 0:
+            raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
+    elif callable(rho):
         pass
-    elif not isinstance(rho, (int, float)) or isinstance(rho, bool):
+    elif not _is_real(rho):
         raise ValueError(
-            f"`rho` must be a number >= 0 or a schedule. Received: rho={rho!r}"
+            "`rho` must be a number >= 0, a float `keras.Variable` or a "
+            f"schedule. Received: rho={rho!r}"
         )
     elif not rho >= 0:
         raise ValueError(f"`rho` must be >= 0. Received: rho={rho}")
-    if not isinstance(eta, (int, float)) or isinstance(eta, bool):
+    elif not math.isfinite(rho):
+        raise ValueError(f"`rho` must be finite. Received: rho={rho}")
+    if not _is_real(eta):
         raise ValueError(f"`eta` must be a number > 0. Received: eta={eta!r}")
     if not eta > 0:
         raise ValueError(f"`eta` must be > 0. Received: eta={eta}")
+    if not math.isfinite(eta):
+        raise ValueError(f"`eta` must be finite. Received: eta={eta}")
     if (
-        not isinstance(micro_batches, int)
-        or isinstance(micro_batches, bool)
+        not isinstance(micro_batches, numbers.Integral)
+        or isinstance(micro_batches, (bool, np.bool_))
         or micro_batches < 1
     ):
         raise ValueError(
             "`micro_batches` must be an integer >= 1. "
             f"Received: micro_batches={micro_batches!r}"
         )
+    for name, value in (
+        ("adaptive", adaptive),
+        ("sync_perturbations", sync_perturbations),
+    ):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(
+                f"`{name}` must be True or False. Received: {name}={value!r}"
+            )
     if sync_perturbations and micro_batches > 1:
         raise ValueError(
             "`sync_perturbations=True` computes one ε for the whole global "
             "batch, so it cannot be combined with `micro_batches` > 1. "
             f"Received: micro_batches={micro_batches}"
         )
+
+
+def _is_real(value):
+    """A Python or NumPy real number, not a boolean."""
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 def sam_gradients(
@@ -90,29 +127,67 @@ def sam_gradients(
     gradients = ∇L(w + ε)
     ```
 
-    `L` is `loss_fn(y, y_pred, sample_weight)` plus `model.losses` (weight
-    regularizers and `add_loss` terms), all evaluated at the weights of the
-    pass they belong to, so regularizers are evaluated at `w + ε` in the
-    second pass. The model is called with `training=True` in both passes and
-    its non-trainable state (BatchNorm moving statistics, seeds) is updated
+    `L` is the loss of `loss_fn` plus `model.losses` (weight regularizers
+    and `add_loss` terms), all evaluated at the weights of the pass they
+    belong to, so regularizers are evaluated at `w + ε` in the second pass.
+    The model is called with `training=True` in both passes and its
+    non-trainable state (BatchNorm moving statistics, seeds) is updated
     once, from the clean pass. No trainable variable is modified: apply the
     gradients yourself.
 
+    Under a `tf.distribute` strategy, call it in each replica, inside
+    `strategy.run`: each replica computes ε from its own share of the batch
+    (see `sync_perturbations`), and, as in Keras' `fit`, its loss and
+    `model.losses` are divided by the number of replicas, so that the
+    optimizer's sum of the replicas' gradients is the gradient of the mean,
+    and the sum of the replicas' losses is the loss of the global batch.
+    Called outside `strategy.run` with more than one replica, it raises.
+
+    Given a built `model`, an `optimizer` and a `dataset` of `(x, y)`
+    batches created under `strategy.scope()` (with no strategy:
+    `strategy = tf.distribute.get_strategy()`):
+
     ```python
-    with strategy.scope():  # optional
-        loss, grads = keras_sam.sam_gradients(model, x, y, loss_fn)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+    @tf.function
+    def train_step(x, y):
+        def step(x, y):
+            loss, grads = keras_sam.sam_gradients(
+                model, x, y, loss_fn, rho=0.05, optimizer=optimizer
+            )
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        losses = strategy.run(step, args=(x, y))
+        return strategy.reduce("SUM", losses, axis=None)
+
+
+    for x, y in strategy.experimental_distribute_dataset(dataset):
+        loss = train_step(x, y)
     ```
 
     Args:
         model: a built Keras model.
         x: the inputs of the batch.
         y: the targets of the batch.
-        loss_fn: `loss_fn(y_true, y_pred, sample_weight)` returning a scalar,
-            e.g. a `keras.losses.Loss` instance.
+        loss_fn: the loss, as in `compile(loss=...)`: a `keras.losses.Loss`
+            instance, a name such as `"sparse_categorical_crossentropy"`,
+            or a function `fn(y_true, y_pred)` of per-example losses (e.g.
+            `keras.losses.sparse_categorical_crossentropy`), which is
+            weighted by `sample_weight` and averaged over the batch as
+            Keras does. A function whose third parameter is required or
+            named `sample_weight` is called as
+            `loss_fn(y_true, y_pred, sample_weight)`, must return a scalar,
+            and is used as is (under a strategy, divide it by the number
+            of replicas, as Keras' losses do).
         sample_weight: optional per-example weights.
-        rho: the neighbourhood radius ρ ≥ 0. `0` gives the plain gradient.
-            Defaults to `0.05`.
+        rho: the neighbourhood radius ρ ≥ 0: a number, a float
+            `keras.Variable`, or a schedule of `optimizer.iterations`.
+            `0` gives the plain gradient. Defaults to `0.05`.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
         eta: ASAM's η > 0. Defaults to `0.01`.
         micro_batches: split the batch into this many equal parts, each with
@@ -125,16 +200,49 @@ def sam_gradients(
             before differentiating (needed for a `LossScaleOptimizer`).
 
     Returns:
-        `(loss, gradients)`: the clean loss (scalar) and a list of gradients
-        aligned with `model.trainable_variables`.
+        `(loss, gradients)`: the clean loss (scalar; under a strategy, this
+        replica's share, see above) and a list of gradients aligned with
+        `model.trainable_variables`.
     """
-    validate_sam_arguments(rho, eta, micro_batches, sync_perturbations)
+    validate_sam_arguments(
+        rho, eta, micro_batches, sync_perturbations, adaptive
+    )
+    strategy = tf.distribute.get_strategy()
+    if (
+        strategy.num_replicas_in_sync > 1
+        and tf.distribute.in_cross_replica_context()
+    ):
+        raise ValueError(
+            "`sam_gradients` must be called in each replica, inside "
+            "`strategy.run(...)`: in the cross-replica context of "
+            f"{type(strategy).__name__} with "
+            f"{strategy.num_replicas_in_sync} replicas, the gradients would "
+            "not be averaged across replicas."
+        )
+    if isinstance(rho, keras.Variable):
+        rho = ops.cast(rho.value, "float32")
+    elif callable(rho):
+        if optimizer is None:
+            raise ValueError(
+                "A schedule `rho` is a function of the step: pass the "
+                "`optimizer` whose `iterations` it follows. Received: "
+                f"rho={rho!r}, optimizer=None"
+            )
+        rho = ops.cast(rho(optimizer.iterations), "float32")
+    loss_fn = _loss_function(loss_fn)
 
     def compute_loss(x, y, y_pred, sample_weight):
         del x
         total = ops.cast(loss_fn(y, y_pred, sample_weight), "float32")
-        for loss in model.losses:
-            total = total + ops.cast(loss, "float32")
+        if len(total.shape):
+            raise ValueError(
+                "`loss_fn(y_true, y_pred, sample_weight)` must return a "
+                f"scalar; it returned shape {tuple(total.shape)}. Received: "
+                f"loss_fn={loss_fn!r}"
+            )
+        if model.losses:
+            extra = ops.sum([ops.cast(t, "float32") for t in model.losses])
+            total = total + _scale_loss_for_replicas(extra)
         return total
 
     result = compute_sam_gradients(
@@ -151,6 +259,67 @@ def sam_gradients(
         scale_loss=None if optimizer is None else optimizer.scale_loss,
     )
     return result.loss, result.gradients
+
+
+def _loss_function(loss_fn):
+    """`loss_fn` as `f(y_true, y_pred, sample_weight)` giving a scalar."""
+    if isinstance(loss_fn, (str, dict)):
+        try:
+            loss_fn = keras.losses.get(loss_fn)
+        except ValueError as error:
+            raise ValueError(
+                "`loss_fn` is not a Keras loss identifier. Received: "
+                f"loss_fn={loss_fn!r}"
+            ) from error
+    if isinstance(loss_fn, keras.losses.Loss):
+        return loss_fn
+    if not callable(loss_fn):
+        raise TypeError(
+            "`loss_fn` must be a `keras.losses.Loss`, a loss name or a "
+            f"function. Received: loss_fn={loss_fn!r}"
+        )
+    if _takes_sample_weight(loss_fn):
+        return loss_fn
+    return _PerExampleLoss(loss_fn)
+
+
+def _takes_sample_weight(fn):
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = []
+    for p in parameters:
+        if p.name == "sample_weight" or p.kind == p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional.append(p)
+    required = inspect.Parameter.empty
+    return len(positional) >= 3 and positional[2].default is required
+
+
+class _PerExampleLoss(keras.losses.Loss):
+    """A function `fn(y_true, y_pred)` reduced as Keras' losses are.
+
+    `keras.losses.Loss` weights the per-example values by `sample_weight`,
+    averages them over the batch and divides by the number of replicas.
+    """
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+def _scale_loss_for_replicas(loss):
+    # As Keras' losses and `compute_loss` do under tf.distribute: summing
+    # the replicas' gradients then averages them.
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        loss = loss / replicas
+    return loss
 
 
 def compute_sam_gradients(

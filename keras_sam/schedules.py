@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+_SCHEDULES = keras.optimizers.schedules
+
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -13,19 +15,30 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
     ```
     ρ_t = ρ_min + (ρ_max − ρ_min) · (lr_t − lr_min) / (lr_max − lr_min)
+    ρ_t ← min(max(ρ_t, ρ_min), ρ_max)
     ```
 
     so ρ is `rho_max` at the peak learning rate and `rho_min` at the end of
-    a decaying schedule. Use the same schedule object as the optimizer.
+    a decaying schedule, and never leaves [ρ_min, ρ_max]. During a warm-up
+    ρ rises with the learning rate. Use the same schedule object as the
+    optimizer.
+
+    The peak `lr_max`, when not given, is read from the schedule's
+    arguments for Keras' schedules whose peak they determine: `CosineDecay`
+    (its `warmup_target` when it warms up, else `initial_learning_rate`),
+    `PolynomialDecay`, `PiecewiseConstantDecay`, and `ExponentialDecay`,
+    `InverseTimeDecay` and `CosineDecayRestarts` when they do not grow.
+    Any other schedule needs `lr_max`.
 
     Args:
         learning_rate: the optimizer's learning-rate schedule (a callable
             of the step).
         rho_max: ρ at `lr_max`. Defaults to `0.05`.
         rho_min: ρ at `lr_min`. Defaults to `0.0`.
-        lr_max: the peak learning rate. Defaults to `None`: the schedule's
-            value at step 0.
-        lr_min: the final learning rate. Defaults to `0.0`.
+        lr_max: the peak learning rate. Defaults to `None`: the maximum of
+            the schedule over all steps, read from its arguments.
+        lr_min: the learning rate at which ρ is `rho_min`. Defaults to
+            `0.0`.
     """
 
     def __init__(
@@ -47,7 +60,14 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 f"rho_min={rho_min}, rho_max={rho_max}"
             )
         if lr_max is None:
-            lr_max = float(ops.convert_to_numpy(learning_rate(0)))
+            lr_max = _peak_learning_rate(learning_rate)
+            if lr_max is None:
+                raise ValueError(
+                    "`lr_max` is required for this schedule: its peak "
+                    "cannot be read from its arguments. Pass the largest "
+                    "learning rate it reaches. Received: lr_max=None, "
+                    f"learning_rate={learning_rate!r}"
+                )
         if not lr_max > lr_min:
             raise ValueError(
                 "Expected lr_max > lr_min. Received: "
@@ -62,7 +82,8 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         lr = ops.cast(self.learning_rate(step), "float32")
         fraction = (lr - self.lr_min) / (self.lr_max - self.lr_min)
-        return self.rho_min + (self.rho_max - self.rho_min) * fraction
+        rho = self.rho_min + (self.rho_max - self.rho_min) * fraction
+        return ops.clip(rho, self.rho_min, self.rho_max)
 
     def get_config(self):
         return {
@@ -82,3 +103,34 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
             config["learning_rate"]
         )
         return cls(**config)
+
+
+def _peak_learning_rate(schedule):
+    """The largest value of a Keras schedule over all steps, or `None`.
+
+    `None` when the schedule is not one of Keras' or its arguments let it
+    grow without a bound that they state.
+    """
+    if not isinstance(schedule, _SCHEDULES.LearningRateSchedule):
+        return None
+    config = schedule.get_config()
+    if isinstance(schedule, _SCHEDULES.CosineDecay):
+        start = config["initial_learning_rate"]
+        top = config["warmup_target"]
+        top = start if top is None else top
+        return max(start, top, config["alpha"] * top)
+    if isinstance(schedule, _SCHEDULES.PolynomialDecay):
+        return max(config["initial_learning_rate"], config["end_learning_rate"])
+    if isinstance(schedule, _SCHEDULES.PiecewiseConstantDecay):
+        return max(float(v) for v in config["values"])
+    grows = {
+        _SCHEDULES.ExponentialDecay: lambda c: c["decay_rate"] > 1,
+        _SCHEDULES.InverseTimeDecay: lambda c: c["decay_rate"] < 0,
+        _SCHEDULES.CosineDecayRestarts: lambda c: (
+            c["m_mul"] > 1 or c["alpha"] > 1
+        ),
+    }
+    for kind, grows_from in grows.items():
+        if isinstance(schedule, kind) and not grows_from(config):
+            return config["initial_learning_rate"]
+    return None

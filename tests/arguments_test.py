@@ -1,0 +1,176 @@
+"""What `SAMModel` accepts as arguments, and what it refuses."""
+
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from tests import oracle
+from tests.sam_model_test import BATCH
+from tests.sam_model_test import LR
+from tests.sam_model_test import MODES
+from tests.sam_model_test import MOMENTUM
+from tests.sam_model_test import batches
+from tests.sam_model_test import sgd
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+
+
+def fit(rho, mode="graph", callbacks=()):
+    x, y, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(softmax_regression(w0, b0), rho=rho)
+    model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
+    return model
+
+
+def oracle_weights(rhos):
+    x, y, w0, b0 = softmax_data()
+    rhos = iter(rhos)
+
+    def gradient(w, b, x, y, rho, sample_weight=None):
+        return oracle.sam_gradient(w, b, x, y, next(rhos), sample_weight)
+
+    w, b, _ = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), None, LR, MOMENTUM, gradient_fn=gradient
+    )
+    return w, b
+
+
+def assert_weights(model, want):
+    for got, expected in zip(model.base.get_weights(), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_numpy_rho_trains_as_the_same_python_float():
+    rho = np.float32(0.3)
+    model = fit(rho)
+    assert model.rho == float(rho)
+    assert_weights(model, oracle_weights([float(rho)] * 3))
+
+
+class SetRho(keras.callbacks.Callback):
+    """Sets `model.rho` before each batch from a list."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = iter(values)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.rho.assign(next(self.values))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_variable_rho_set_by_a_callback_takes_effect_at_the_next_step(mode):
+    rhos = [0.5, 0.0, 0.2]
+    rho = keras.Variable(0.05, trainable=False)
+    model = fit(rho, mode, callbacks=[SetRho(rhos)])
+    assert model.rho is rho
+    assert_weights(model, oracle_weights(rhos))
+    assert float(rho.numpy()) == pytest.approx(0.2)
+
+
+def test_a_trainable_variable_rho_is_not_a_weight_of_the_model():
+    rho = keras.Variable(0.3)  # trainable by default
+    model = fit(rho)
+    assert len(model.trainable_variables) == 2
+    assert all(v is not rho for v in model.variables)
+    assert_weights(model, oracle_weights([0.3] * 3))
+
+
+@pytest.mark.parametrize(
+    "rho", [np.float32(0.25), keras.Variable(0.25)], ids=["numpy", "variable"]
+)
+def test_new_rho_kinds_round_trip_as_their_value(rho, tmp_path):
+    model = fit(rho)
+    config = model.get_config()
+    assert config["rho"] == pytest.approx(0.25)
+    assert isinstance(config["rho"], float)
+    clone = keras_sam.SAMModel.from_config(config)
+    assert clone.rho == pytest.approx(0.25)
+    path = os.fspath(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.rho == pytest.approx(0.25)
+    x, _, _, _ = softmax_data()
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+
+
+def base():
+    return softmax_regression(*softmax_data()[2:])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: keras_sam.SAMModel(base(), adaptive="yes"),
+            "`adaptive` must be True or False. Received: adaptive='yes'",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), sync_perturbations="no"),
+            "Received: sync_perturbations='no'",
+        ),
+        (
+            lambda: keras_sam.SAMModel(keras_sam.SAMModel(base())),
+            "`base` is already a SAMModel",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=float("inf")),
+            "`rho` must be finite. Received: rho=inf",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=float("nan")),
+            "`rho` must be >= 0. Received: rho=nan",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=True),
+            "Received: rho=True",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=keras.Variable([0.1, 0.2])),
+            "must be a float scalar. Received: rho=",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=keras.Variable(-0.1)),
+            "`rho` must be >= 0. Received: rho=",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), eta=np.float32(0)),
+            "`eta` must be > 0. Received: eta=0.0",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), micro_batches=2.0),
+            "Received: micro_batches=2.0",
+        ),
+    ],
+)
+def test_bad_arguments_raise_naming_argument_and_value(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_numpy_numbers_are_accepted_where_python_numbers_are():
+    model = keras_sam.SAMModel(
+        base(),
+        rho=np.float64(0.1),
+        eta=np.float32(0.02),
+        micro_batches=np.int64(2),
+        gsam_alpha=np.float32(0.5),
+        adaptive=np.bool_(True),
+    )
+    assert model.get_config()["micro_batches"] == 2
+    assert model.adaptive is True

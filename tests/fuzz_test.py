@@ -1,0 +1,174 @@
+"""Seeded fuzzing of the SAM step: random small models, batches and data.
+
+The property: SAM never makes the weights non-finite where the base
+optimizer's own step (ρ = 0, the same model, data and seed) keeps them
+finite; a non-finite SAM gradient under loss scaling is skipped, as Keras
+skips any overflowing step; and every refusal is a clear error.
+"""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from tests import oracle
+from tests.mixed_precision_test import mixed_float16  # noqa: F401
+from tests.sam_model_test import BATCH
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+
+CASES = 8
+
+
+def random_case(seed):
+    rng = np.random.RandomState(seed)
+    image = rng.rand() < 0.4
+    layers = []
+    if image:
+        shape = (4, 4, 1)
+        layers.append(keras.layers.Conv2D(rng.randint(1, 3), 3, padding="same"))
+        if rng.rand() < 0.5:
+            layers.append(keras.layers.BatchNormalization())
+        layers.append(keras.layers.Flatten())
+    else:
+        shape = (5,)
+    layers.append(keras.layers.Dense(rng.randint(1, 5), activation="relu"))
+    if rng.rand() < 0.5:
+        layers.append(keras.layers.BatchNormalization())
+    if rng.rand() < 0.5:
+        layers.append(keras.layers.Dropout(rng.uniform(0.1, 0.6)))
+    layers.append(keras.layers.Dense(3))
+    batch = int(rng.choice([1, 2, 3, 5, 8]))
+    n = 2 * batch + rng.randint(0, batch)  # often a partial last batch
+    x_scale = float(rng.choice([0.0, 1.0, 1e4]))
+    weights = rng.choice(["none", "random", "zeros"])
+    sample_weight = {
+        "none": None,
+        "random": rng.uniform(0, 2, n),
+        "zeros": np.zeros(n),
+    }[weights]
+    return dict(
+        shape=shape,
+        layers=layers,
+        batch=batch,
+        x=(x_scale * rng.randn(n, *shape)).astype("float32"),
+        y=rng.randint(0, 3, n),
+        sample_weight=sample_weight,
+        rho=float(rng.choice([0.05, 2.0])),
+        adaptive=bool(rng.rand() < 0.5),
+        model_seed=seed,
+    )
+
+
+def train(case, rho):
+    keras.utils.set_random_seed(case["model_seed"])
+    base = keras.Sequential(
+        [keras.Input(case["shape"])]
+        + [
+            keras.layers.deserialize(keras.layers.serialize(layer))
+            for layer in case["layers"]
+        ]
+    )
+    before = [v.numpy() for v in base.trainable_variables]
+    model = keras_sam.SAMModel(base, rho=rho, adaptive=case["adaptive"])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss=xent(), run_eagerly=True
+    )
+    model.fit(
+        case["x"],
+        case["y"],
+        sample_weight=case["sample_weight"],
+        batch_size=case["batch"],
+        shuffle=False,
+        verbose=0,
+    )
+    return before, base
+
+
+def finite(model):
+    return all(
+        np.all(np.isfinite(v.numpy()))
+        for v in model.variables
+        if "float" in v.dtype
+    )
+
+
+def test_sam_keeps_weights_finite_wherever_the_base_step_does():
+    checked = 0
+    for seed in range(CASES):
+        case = random_case(seed)
+        _, plain = train(case, rho=0.0)
+        before, sam = train(case, rho=case["rho"])
+        if not finite(plain):
+            continue
+        checked += 1
+        assert finite(sam), f"seed {seed}: {case}"
+        if (
+            case["sample_weight"] is not None
+            and not case["sample_weight"].any()
+        ):
+            # No example counts: g = 0, ε = 0 and the SAM gradient is 0.
+            for want, got in zip(before, sam.trainable_variables):
+                np.testing.assert_array_equal(got.numpy(), want)
+    assert checked >= CASES - 2
+
+
+def test_huge_finite_gradients_keep_the_sam_direction():
+    # ‖g‖² overflows float32 (g ~ 1e21) though ‖g‖ does not: ε must still
+    # be ρ g / ‖g‖, not zero.
+    x, y, w0, b0 = softmax_data()
+    x = (1e21 * x).astype("float32")
+    _, got = keras_sam.sam_gradients(
+        softmax_regression(w0, b0), x, y, xent(), rho=0.5
+    )
+    x64 = x.astype("float64")
+    with np.errstate(divide="ignore"):  # the loss is infinite, not needed
+        _, want = oracle.sam_gradient(w0, b0, x64, y, 0.5)
+        _, clean = oracle.softmax_regression_loss_and_grad(w0, b0, x64, y)
+    scale = np.abs(want[0]).max()
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5 * scale)
+    assert np.abs(clean[0] - want[0]).max() > 1e-2 * scale
+
+
+def test_an_overflow_in_the_perturbed_pass_alone_skips_the_step(
+    mixed_float16,  # noqa: F811
+):
+    x, y, w0, b0 = softmax_data()
+    x, y = x[:BATCH], y[:BATCH]
+    # Clean logits up to 3e4, finite in float16 (max 65504); a ρ of 5 moves
+    # them past it, so only the perturbed pass overflows.
+    x = (3e4 / np.abs(x @ w0).max() * x).astype("float32")
+    model = keras_sam.SAMModel(softmax_regression(w0, b0), rho=5.0)
+    model.compile(optimizer=keras.optimizers.SGD(1e-9), loss=xent())
+    clean = softmax_regression(w0, b0)(x.astype("float16"))
+    assert np.all(np.isfinite(np.asarray(clean, "float32")))
+    scale = model.optimizer.initial_scale
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    got_w, got_b = model.base.get_weights()
+    np.testing.assert_array_equal(got_w, w0)
+    np.testing.assert_array_equal(got_b, b0)
+    assert float(model.optimizer.dynamic_scale) == scale / 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_bad_arguments_are_refused_naming_the_value(seed):
+    rng = np.random.RandomState(seed)
+    bad = [
+        ("rho", -rng.uniform(0.01, 10)),
+        ("rho", float("nan")),
+        ("rho", str(rng.uniform())),
+        ("eta", -rng.uniform()),
+        ("micro_batches", -rng.randint(0, 5)),
+        ("micro_batches", 1.5),
+        ("adaptive", rng.choice(["yes", "no", "1"])),
+        ("sync_perturbations", int(rng.randint(0, 2))),
+        ("gsam_alpha", -rng.uniform()),
+        ("looksam_alpha", -rng.uniform()),
+    ]
+    for name, value in bad:
+        base = softmax_regression(*softmax_data()[2:])
+        with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}")):
+            keras_sam.SAMModel(base, **{name: value})

@@ -1,0 +1,198 @@
+"""`keras_sam.sam_gradients` in custom loops, with and without a strategy."""
+
+import re
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sam
+from tests import oracle
+from tests.distribute_test import mirrored
+from tests.sam_model_test import LR
+from tests.sam_model_test import MOMENTUM
+from tests.sam_model_test import RHO
+from tests.sam_model_test import N
+from tests.sam_model_test import batches
+from tests.sam_model_test import sgd
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+
+L2 = 0.01
+DOCUMENTED_RHO = 0.05
+
+
+def documented_example():
+    match = re.search(
+        r"```python\n(.*?)```", keras_sam.sam_gradients.__doc__, re.DOTALL
+    )
+    return textwrap.dedent(match.group(1))
+
+
+def run_documented_example(strategy):
+    x, y, w0, b0 = softmax_data()
+    with strategy.scope():
+        model = softmax_regression(w0, b0, l2=L2)
+        optimizer = sgd()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    namespace = dict(
+        keras=keras,
+        keras_sam=keras_sam,
+        tf=tf,
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        dataset=dataset,
+    )
+    exec(documented_example(), namespace)
+    return model.get_weights(), float(namespace["loss"])
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_documented_example_matches_the_numpy_oracle(replicas):
+    strategy = mirrored() if replicas == 2 else tf.distribute.get_strategy()
+    (w, b), last_loss = run_documented_example(strategy)
+    x, y, w0, b0 = softmax_data()
+    # Each replica computes ε from its own half of the batch; the weight
+    # penalty counts once in the loss of the global batch.
+    want_w, want_b, want_losses = oracle.train_sgd_momentum(
+        w0,
+        b0,
+        batches(x, y),
+        DOCUMENTED_RHO,
+        LR,
+        MOMENTUM,
+        gradient_fn=oracle.split_sam_gradient,
+        parts=replicas,
+        l2=L2,
+    )
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(last_loss, want_losses[-1], rtol=1e-5)
+    sgd_w, _, _ = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), 0.0, LR, MOMENTUM, l2=L2
+    )
+    assert np.abs(sgd_w - want_w).max() > 1e-4
+
+
+def test_cross_replica_call_under_a_strategy_is_refused():
+    x, y, w0, b0 = softmax_data()
+    strategy = mirrored()
+    with strategy.scope():
+        model = softmax_regression(w0, b0)
+        with pytest.raises(ValueError, match="inside `strategy.run"):
+            keras_sam.sam_gradients(model, x, y, xent())
+
+
+def softmax_probabilities(w0, b0):
+    model = softmax_regression(w0, b0)
+    return keras.Sequential([model, keras.layers.Softmax()])
+
+
+LOSSES = {
+    "name": "sparse_categorical_crossentropy",
+    "keras_function": keras.losses.sparse_categorical_crossentropy,
+    "function_of_two_arguments": lambda y, p: (
+        keras.losses.sparse_categorical_crossentropy(y, p)
+    ),
+    "config": {"class_name": "SparseCategoricalCrossentropy", "config": {}},
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_keras_losses_by_name_and_function_match_the_oracle(loss, weighted):
+    x, y, w0, b0 = softmax_data()
+    sw = np.random.RandomState(1).uniform(0.0, 2.0, N) if weighted else None
+    model = softmax_probabilities(w0, b0)
+    loss, grads = keras_sam.sam_gradients(
+        model, x, y, LOSSES[loss], sample_weight=sw, rho=RHO
+    )
+    want_loss, want = oracle.sam_gradient(w0, b0, x, y, RHO, sample_weight=sw)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_function_taking_sample_weight_is_called_with_it():
+    x, y, w0, b0 = softmax_data()
+    sw = np.random.RandomState(1).uniform(0.0, 2.0, N)
+    seen = []
+
+    def loss_fn(y_true, y_pred, sample_weight):
+        seen.append(sample_weight)
+        return xent()(y_true, y_pred, sample_weight)
+
+    _, grads = keras_sam.sam_gradients(
+        softmax_regression(w0, b0), x, y, loss_fn, sample_weight=sw, rho=RHO
+    )
+    _, want = oracle.sam_gradient(w0, b0, x, y, RHO, sample_weight=sw)
+    assert seen and all(s is not None for s in seen)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_variable_rho_is_read_at_every_call():
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0)
+    rho = keras.Variable(0.0, trainable=False)
+
+    @tf.function
+    def gradients():
+        return keras_sam.sam_gradients(model, x, y, xent(), rho=rho)[1]
+
+    for value in (0.0, RHO, 0.2):
+        rho.assign(value)
+        _, want = oracle.sam_gradient(w0, b0, x, y, value)
+        for got, expected in zip(gradients(), want):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(loss_fn="no_such_loss"), ValueError, "loss_fn='no_such_loss'"),
+        (dict(loss_fn=3), TypeError, "loss_fn=3"),
+        (
+            dict(loss_fn=lambda y, p, sw: ops_square(p)),
+            ValueError,
+            "must return a scalar; it returned shape",
+        ),
+        (
+            dict(rho=keras.optimizers.schedules.CosineDecay(0.1, 10)),
+            ValueError,
+            "optimizer=None",
+        ),
+        (dict(adaptive="yes"), ValueError, "adaptive='yes'"),
+        (dict(rho=np.nan), ValueError, "rho=nan"),
+    ],
+)
+def test_bad_arguments_raise_naming_argument_and_value(kwargs, error, message):
+    x, y, w0, b0 = softmax_data()
+    kwargs = {"loss_fn": xent(), **kwargs}
+    with pytest.raises(error, match=re.escape(message)):
+        keras_sam.sam_gradients(softmax_regression(w0, b0), x, y, **kwargs)
+
+
+def ops_square(t):
+    return keras.ops.square(t)
+
+
+def test_a_schedule_rho_follows_the_optimizer_step():
+    x, y, w0, b0 = softmax_data()
+    optimizer = keras.optimizers.SGD(0.0)
+    model = softmax_regression(w0, b0)
+    optimizer.build(model.trainable_variables)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [0], [RHO, 0.2]
+    )
+    optimizer.iterations.assign(1)
+    _, grads = keras_sam.sam_gradients(
+        model, x, y, xent(), rho=schedule, optimizer=optimizer
+    )
+    _, want = oracle.sam_gradient(w0, b0, x, y, 0.2)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
