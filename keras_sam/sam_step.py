@@ -105,6 +105,10 @@ def sam_gradients(
     gradients = ∇L(w + ε)
     ```
 
+    ASAM's `T_w` applies to the weights (kernels, normalization scales) and
+    `T = 1` to biases and normalization offsets, as in `SAMModel`'s default
+    `adaptive_variables="weights"`.
+
     `L` is `loss_fn(y, y_pred, sample_weight)` plus `model.losses` (weight
     regularizers and `add_loss` terms), all evaluated at the weights of the
     pass they belong to, so regularizers are evaluated at `w + ε` in the
@@ -130,9 +134,10 @@ def sam_gradients(
             Defaults to `0.05`.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
         eta: ASAM's η > 0. Defaults to `0.01`.
-        micro_batches: split the batch into this many equal parts, each with
+        micro_batches: split the batch into this many parts, each with
             its own ε, and average their gradients (m-sharpness with
-            m = batch size / micro_batches). Defaults to `1`.
+            m = batch size / micro_batches; unequal parts are weighted by
+            their size, see `compute_sam_gradients`). Defaults to `1`.
         sync_perturbations: inside `tf.distribute`, all-reduce the clean
             gradient before computing ε, so every replica uses the ε of the
             global batch. Defaults to `False` (each replica uses its own).

@@ -417,3 +417,38 @@ def test_evaluate_does_not_log_the_training_metrics():
     x, y, _, _ = softmax_data()
     evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
     assert set(evaluated) == {"loss"}
+
+
+@pytest.mark.parametrize("mode", ["graph", "jit"])
+@pytest.mark.parametrize("n", [8, 2], ids=["parts_3_3_2", "parts_1_1_0"])
+def test_unequal_micro_batches_average_batchnorm_updates_by_size(mode, n):
+    x, y, _, _ = softmax_data()
+    x, y = x[:n], y[:n]
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(4, use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.9),
+            keras.layers.Dense(3),
+        ]
+    )
+    hidden = x @ base.layers[0].kernel.numpy()
+    model = keras_sam.SAMModel(base, rho=RHO, micro_batches=3)
+    model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+    model.fit(x, y, batch_size=n, shuffle=False, verbose=0)
+    parts = [p for p in np.array_split(hidden, 3) if len(p)]
+    shares = [len(p) / n for p in parts]
+    bn = base.layers[1]
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(),
+        0.1 * sum(s * p.mean(axis=0) for s, p in zip(shares, parts)),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(),
+        0.9 + 0.1 * sum(s * p.var(axis=0) for s, p in zip(shares, parts)),
+        rtol=1e-5,
+    )
+    assert all(np.all(np.isfinite(w)) for w in base.get_weights())
