@@ -62,15 +62,26 @@ def sam_perturbation(gradients, rho, epsilon=DEFAULT_EPSILON):
 
 
 def asam_perturbation(
-    gradients, weights, rho, eta=0.01, epsilon=DEFAULT_EPSILON
+    gradients,
+    weights,
+    rho,
+    eta=0.01,
+    epsilon=DEFAULT_EPSILON,
+    adaptive_mask=None,
 ):
     """ASAM's scale-invariant perturbation (Kwon et al., 2021, eq. 7).
 
-    With the elementwise operator `T_w = |w| + η`:
+    With the elementwise operator `T_w = |w| + η` on the tensors that
+    `adaptive_mask` selects and `T = 1` on the others:
 
     ```
     ε = ρ · T_w² g / (‖T_w g‖₂ + epsilon)
     ```
+
+    The authors' code (SamsungLabs/ASAM) applies `T_w` to the weight
+    tensors only (kernels, normalization scales) and `T = 1` to biases and
+    normalization offsets; `SAMModel(adaptive=True)` does the same by
+    default (its `adaptive_variables` argument).
 
     Args:
         gradients: list of gradient tensors (or `None`).
@@ -79,6 +90,9 @@ def asam_perturbation(
         rho: radius ρ ≥ 0; ASAM's ρ is typically about 10x SAM's.
         eta: η > 0, keeps weights near zero perturbable. Defaults to `0.01`.
         epsilon: added to the norm. Defaults to `1e-12`.
+        adaptive_mask: booleans aligned with `gradients`: `True` where
+            `T_w = |w| + η`, `False` where `T = 1`; `None` applies `T_w` to
+            every tensor. Defaults to `None`.
 
     Returns:
         A list of tensors ε, each of the dtype of its gradient.
@@ -88,15 +102,27 @@ def asam_perturbation(
             "`gradients` and `weights` must have the same length. Received "
             f"{len(gradients)} gradients and {len(weights)} weights."
         )
-    scaled = []
-    for g, w in zip(gradients, weights):
+    if adaptive_mask is None:
+        adaptive_mask = [True] * len(gradients)
+    elif len(adaptive_mask) != len(gradients):
+        raise ValueError(
+            "`adaptive_mask` must have one entry per gradient. Received "
+            f"{len(adaptive_mask)} entries for {len(gradients)} gradients."
+        )
+    norm_terms, directions = [], []
+    for g, w, adapt in zip(gradients, weights, adaptive_mask):
         if g is None:
-            scaled.append(None)
+            norm_terms.append(None)
+            directions.append(None)
             continue
-        t = ops.abs(ops.cast(w, "float32")) + eta
-        scaled.append((t, ops.cast(g, "float32") * t))
-    norm_terms = [s if s is None else s[1] for s in scaled]
-    directions = [s if s is None else s[0] * s[1] for s in scaled]
+        g = ops.cast(g, "float32")
+        if adapt:
+            t = ops.abs(ops.cast(w, "float32")) + eta
+            norm_terms.append(g * t)
+            directions.append(g * t * t)
+        else:
+            norm_terms.append(g)
+            directions.append(g)
     return _scaled_direction(norm_terms, directions, rho, epsilon, gradients)
 
 

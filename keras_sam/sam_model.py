@@ -35,15 +35,19 @@ class SAMModel(keras.Model):
     g     = ∇L_B(w)                                 # clean pass
     ε     = ρ · g / (‖g‖₂ + 1e-12)                  # SAM
     ε     = ρ · T_w² g / (‖T_w g‖₂ + 1e-12),        # ASAM (adaptive=True),
-            T_w = |w| + η                           # Kwon et al., 2021
+            T_w = |w| + η on weights, 1 on biases   # Kwon et al., 2021
     g_SAM = ∇L_B(w)|_{w + ε}                        # perturbed pass
     w     ← optimizer.apply_gradients(g_SAM at w)
     ```
 
     `L_B` is the compiled loss plus the model's regularization and
     `add_loss` terms, computed by `compute_loss`, so weight regularizers are
-    evaluated at `w + ε` in the perturbed pass. Both passes call the model
-    with `training=True` (BatchNorm normalizes with batch statistics) on the
+    evaluated at `w + ε` in the perturbed pass. When `base` overrides
+    `compute_loss` (a custom objective), `base.compute_loss` is `L_B` in
+    both passes and in `evaluate`; a call to `super().compute_loss` inside
+    it computes the loss given to `SAMModel.compile` (or the base's own, if
+    the base was compiled). Both passes call the model with
+    `training=True` (BatchNorm normalizes with batch statistics) on the
     same batch with the same random state (the same dropout masks). The
     moving statistics of BatchNorm and the seeds are updated once per step,
     from the clean pass. No variable is written by the perturbed pass: it is
@@ -51,10 +55,28 @@ class SAMModel(keras.Model):
     drift. The optimizer then applies `g_SAM` at `w` as usual (momentum,
     weight decay, clipping, gradient accumulation, loss scaling).
 
-    With `rho=0` the step is exactly the base optimizer's step.
+    With `rho=0` the step is exactly the base optimizer's step, at its
+    cost: the perturbed pass is not computed, also when a `rho` schedule
+    reaches 0 (a conditional at run time).
 
     **Logged loss and metrics** are those of the clean pass at `w`, as in a
     plain `fit`, so they compare directly with a model trained without SAM.
+    Two more metrics show what SAM does (`fit` only, not `evaluate`):
+
+    - `sharpness`: `L_B(w + ε) − L_B(w)`, the perturbed pass's loss minus
+      the clean loss, averaged over the steps that ran the perturbed pass
+      (steps left to the base optimizer by `switching`, or with ρ = 0, are
+      not counted; an epoch without any logs 0).
+    - `grad_norm`: `‖∇L_B(w)‖₂` of the clean gradient, unscaled by loss
+      scaling, averaged over the steps.
+
+    Both are computed per part of the batch that has its own ε (a
+    replica's share, a micro-batch) and averaged over the parts, so across
+    replicas they are the mean of the per-replica values. A step whose
+    values are not finite (a mixed-precision overflow, which the
+    loss-scale optimizer skips) is left out. With `rho=0` (a number) they
+    are not logged, and `fit` logs and computes exactly what the base
+    model's `fit` does.
 
     **Across replicas** (`tf.distribute`), each replica computes ε from the
     gradient of its own share of the batch (the paper's default; m-sharpness
@@ -63,7 +85,11 @@ class SAMModel(keras.Model):
     first, so every replica uses the ε of the whole global batch (m = global
     batch size). `micro_batches=k` splits each replica's batch into `k`
     parts, each with its own ε, and averages their perturbed gradients:
-    m = global batch size / (replicas · k).
+    m = global batch size / (replicas · k). A batch of `n` examples that `k`
+    does not divide (a partial last batch) is cut as `np.array_split` cuts
+    it, the first `n mod k` parts one example larger, and the parts are
+    averaged weighted by their number of examples, so every example counts
+    the same; the same happens in eager, graph and XLA execution.
 
     **Variants** (each an option of this one step; their defaults give
     exact SAM):
@@ -82,14 +108,18 @@ class SAMModel(keras.Model):
       decides after the clean pass whether this step is a SAM step
       (`Periodic(k)`, `Randomized(p)`, `GradientNormOutlier()` for AE-SAM);
       otherwise the perturbed pass is skipped and the clean gradient is
-      applied, as by the base optimizer. The fraction of SAM steps is
-      logged as the metric `sam_fraction`.
+      applied, as by the base optimizer. The policy is asked once per step,
+      with the clean gradient of the whole batch (with micro-batches, their
+      weighted mean). The fraction of SAM steps is logged as the metric
+      `sam_fraction`.
     - LookSAM (Liu et al., CVPR 2022), `looksam_alpha=α` with a switching
       policy (the paper's is `Periodic(k)`, α = 0.7): each SAM step stores,
       per variable, the SAM gradient's component orthogonal to the clean
       gradient, `g_v = g_SAM − (g·g_SAM/‖g‖²) g`; the other steps apply
       `g + α (‖g‖/‖g_v‖) g_v` instead of `g`. Across replicas, each keeps
-      the direction of its own SAM gradient, as it keeps its own ε.
+      the direction of its own SAM gradient, as it keeps its own ε. A SAM
+      step whose direction is not finite (a mixed-precision overflow) keeps
+      the previous direction.
 
     `evaluate`, `predict` and `base` are those of the wrapped model; save
     `model.base` for inference. `export` exports the base model, and
@@ -120,9 +150,10 @@ class SAMModel(keras.Model):
         eta: ASAM's η > 0, added to `|w|`. Defaults to `0.01`.
         sync_perturbations: all-reduce the clean gradient across replicas
             before computing ε. Defaults to `False`.
-        micro_batches: the number of equal parts, each with its own ε, into
-            which each replica's batch is split. It must divide the
-            per-replica batch size. Defaults to `1`.
+        micro_batches: the number of parts, each with its own ε, into
+            which each replica's batch is split (equal parts when it
+            divides the per-replica batch size; see above otherwise).
+            Defaults to `1`.
         gsam_alpha: GSAM's α ≥ 0; `0` is SAM. Defaults to `0.0`.
         perturbed_variables: which trainable variables ε perturbs: `"all"`,
             `"normalization"` (SAM-ON) or a list of regular expressions
@@ -133,6 +164,13 @@ class SAMModel(keras.Model):
         looksam_alpha: LookSAM's α ≥ 0 for the steps that a `switching`
             policy leaves without SAM, or `None` to apply the plain clean
             gradient there. Defaults to `None`.
+        adaptive_variables: with `adaptive=True`, the variables whose ε is
+            scaled by `T_w = |w| + η`. `"weights"`: every trainable variable
+            except biases and normalization offsets (variables named `bias`
+            or `beta`), which get `T = 1`, the convention of the ASAM
+            authors' code (SamsungLabs/ASAM). `"all"`: every trainable
+            variable, as davda54/sam's ASAM (with η). Defaults to
+            `"weights"`.
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -148,6 +186,7 @@ class SAMModel(keras.Model):
         perturbed_variables="all",
         switching=None,
         looksam_alpha=None,
+        adaptive_variables="weights",
         **kwargs,
     ):
         if not isinstance(base, keras.Model):
@@ -171,8 +210,14 @@ class SAMModel(keras.Model):
             looksam_alpha,
             micro_batches,
         )
+        if adaptive_variables not in ("weights", "all"):
+            raise ValueError(
+                "`adaptive_variables` must be 'weights' or 'all'. Received: "
+                f"adaptive_variables={adaptive_variables!r}"
+            )
         super().__init__(**kwargs)
         self.base = base
+        self.adaptive_variables = adaptive_variables
         if isinstance(rho, keras.Variable):
             # Read at every step and never tracked: it is not a weight of
             # the model, and a callback may assign it.
@@ -196,6 +241,10 @@ class SAMModel(keras.Model):
         self._looksam_directions = None
         if switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
+        self.sharpness_tracker = self.grad_norm_tracker = None
+        if not (isinstance(self.rho, float) and self.rho == 0):
+            self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
+            self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         if base.built:
             self._build_variant_state()
             self.built = True
@@ -311,7 +360,9 @@ class SAMModel(keras.Model):
             should_perturb=self._should_perturb(),
             combine=self._combine(),
             fallback=self._fallback(),
+            adaptive_variables=self.adaptive_variables,
         )
+        self._track_sharpness(result)
         self._loss_tracker.update_state(
             _unscale_loss_for_distribution(result.loss),
             sample_weight=ops.shape(
@@ -327,10 +378,56 @@ class SAMModel(keras.Model):
             )
         )
 
+    def _track_sharpness(self, result):
+        """Logs the replica's sharpness and unscaled ‖g‖, if finite."""
+        if self.sharpness_tracker is None:
+            return
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        scale = ops.cast(self.optimizer.scale_loss(ops.ones(())), "float32")
+        grad_norm = result.grad_norm * replicas / scale
+        sharpness = _unscale_loss_for_distribution(result.sharpness)
+        finite = ops.logical_and(
+            ops.isfinite(grad_norm), ops.isfinite(sharpness)
+        )
+        self.grad_norm_tracker.update_state(
+            ops.where(finite, grad_norm, 0.0),
+            sample_weight=ops.cast(finite, "float32"),
+        )
+        self.sharpness_tracker.update_state(
+            ops.where(finite, sharpness, 0.0),
+            sample_weight=ops.cast(
+                ops.logical_and(finite, result.perturbed), "float32"
+            ),
+        )
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """`base.compute_loss` if the base overrides it, else Keras' own."""
+        if type(self.base).compute_loss is keras.Model.compute_loss:
+            return super().compute_loss(
+                x, y, y_pred, sample_weight, training=training
+            )
+        base_compile_loss = self.base._compile_loss
+        if base_compile_loss is None:
+            self.base._compile_loss = self._compile_loss
+        try:
+            return self.base._compute_loss(
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=training,
+            )
+        finally:
+            self.base._compile_loss = base_compile_loss
+
     def test_step(self, data):
         logs = super().test_step(data)
-        # Evaluation takes no steps; the training fraction means nothing here.
-        logs.pop("sam_fraction", None)
+        # Evaluation takes no SAM steps; these training metrics mean nothing
+        # here.
+        for name in ("sam_fraction", "sharpness", "grad_norm"):
+            logs.pop(name, None)
         return _logs_for_multi_worker(logs)
 
     def export(
@@ -448,11 +545,14 @@ class SAMModel(keras.Model):
         def combine(clean, perturbed):
             if self.looksam_alpha is not None:
                 directions = perturbations.looksam_direction(clean, perturbed)
+                finite = ops.isfinite(perturbations.global_norm(directions))
                 for variable, direction in zip(
                     self._looksam_directions, directions
                 ):
                     if direction is not None:
-                        variable.assign(direction)
+                        variable.assign(
+                            ops.where(finite, direction, variable.value)
+                        )
             if self.gsam_alpha:
                 perturbed = perturbations.gsam_gradients(
                     clean, perturbed, self.gsam_alpha
@@ -486,6 +586,7 @@ class SAMModel(keras.Model):
                 "base": keras.saving.serialize_keras_object(self.base),
                 "rho": self.rho,
                 "adaptive": self.adaptive,
+                "adaptive_variables": self.adaptive_variables,
                 "eta": self.eta,
                 "sync_perturbations": self.sync_perturbations,
                 "micro_batches": self.micro_batches,

@@ -25,8 +25,15 @@ from keras import tree
 
 from keras_sam import perturbations
 
-SAMResult = collections.namedtuple("SAMResult", ["loss", "y_pred", "gradients"])
+SAMResult = collections.namedtuple(
+    "SAMResult",
+    ["loss", "y_pred", "gradients", "sharpness", "grad_norm", "perturbed"],
+    defaults=(None, None, None),
+)
 SAMResult.__doc__ = """What one SAM step computed.
+
+Quantities "averaged over micro-batches" are weighted by each micro-batch's
+share of the examples (see `compute_sam_gradients`).
 
 Attributes:
     loss: the loss at the current weights w (the clean pass), averaged over
@@ -35,6 +42,14 @@ Attributes:
     gradients: ∇L(w + ε), one per trainable variable (`None` where the loss
         does not depend on it), multiplied by the optimizer's loss scale when
         one is in use; averaged over micro-batches.
+    sharpness: L(w + ε) − L(w), the perturbed pass's loss minus the clean
+        pass's, averaged over micro-batches; `0` when the perturbed pass did
+        not run.
+    grad_norm: ‖∇L(w)‖₂ of each micro-batch's clean gradient over all
+        trainable variables, averaged over micro-batches, multiplied by the
+        loss scale like `gradients`.
+    perturbed: a boolean scalar, whether the perturbed pass ran (false when
+        ρ = 0 or when `should_perturb` declined).
 """
 
 
@@ -127,6 +142,10 @@ def sam_gradients(
     gradients = ∇L(w + ε)
     ```
 
+    ASAM's `T_w` applies to the weights (kernels, normalization scales) and
+    `T = 1` to biases and normalization offsets, as in `SAMModel`'s default
+    `adaptive_variables="weights"`.
+
     `L` is the loss of `loss_fn` plus `model.losses` (weight regularizers
     and `add_loss` terms), all evaluated at the weights of the pass they
     belong to, so regularizers are evaluated at `w + ε` in the second pass.
@@ -190,9 +209,10 @@ def sam_gradients(
             `0` gives the plain gradient. Defaults to `0.05`.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
         eta: ASAM's η > 0. Defaults to `0.01`.
-        micro_batches: split the batch into this many equal parts, each with
+        micro_batches: split the batch into this many parts, each with
             its own ε, and average their gradients (m-sharpness with
-            m = batch size / micro_batches). Defaults to `1`.
+            m = batch size / micro_batches; unequal parts are weighted by
+            their size, see `compute_sam_gradients`). Defaults to `1`.
         sync_perturbations: inside `tf.distribute`, all-reduce the clean
             gradient before computing ε, so every replica uses the ε of the
             global batch. Defaults to `False` (each replica uses its own).
@@ -339,6 +359,7 @@ def compute_sam_gradients(
     should_perturb=None,
     combine=None,
     fallback=None,
+    adaptive_variables="weights",
 ):
     """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
 
@@ -348,17 +369,43 @@ def compute_sam_gradients(
     updates during the clean pass keep their updates; those of the perturbed
     pass are dropped.
 
-    The variants of `SAMModel` enter through four optional hooks, applied
-    to each micro-batch:
+    **Micro-batches.** With `micro_batches=k` and `n` examples, the batch is
+    cut into `k` consecutive parts, the first `n mod k` of ⌈n/k⌉ examples
+    and the others of ⌊n/k⌋ (as `np.array_split`; parts left empty when
+    `n < k` contribute nothing). Each part `B_i` of `n_i` examples gets its
+    own ε from its own clean gradient, and the step returns
+
+    ```
+    Σ_i (n_i / n) ∇L_{B_i}(w + ε_i)
+    ```
+
+    the mean over parts weighted by their share of the examples: the plain
+    mean when `k` divides `n`, and the full-batch gradient when ρ = 0. The
+    loss, the sharpness, the clean gradient norm and the updates of
+    BatchNorm moving statistics are averaged with the same weights. The
+    same numbers come out in eager, graph and XLA execution.
+
+    **ρ = 0.** The perturbed pass is not computed: when `rho` is `0`, or at
+    run time when a tensor `rho` is `0` (a schedule that reaches 0), the
+    step returns the clean gradients, without calling `combine`.
+
+    The variants of `SAMModel` enter through four optional hooks:
 
     - `perturbed_mask`: booleans aligned with the trainable variables; ε is
       computed from, and added to, the selected variables only (SAM-ON).
-    - `should_perturb(clean_gradients)`: a boolean scalar; when false the
-      perturbed pass is skipped (not computed) and the step uses
-      `fallback(clean_gradients)`, by default the clean gradients. It must
-      decide the same on every replica.
+    - `should_perturb(clean_gradients)`: a boolean scalar, asked once per
+      step with the clean gradients of the whole batch (the weighted mean
+      over micro-batches); when false the perturbed passes are skipped (not
+      computed) and the step uses `fallback(clean_gradients)`, by default
+      the clean gradients. It must decide the same on every replica.
     - `combine(clean_gradients, sam_gradients)`: the gradients of a SAM
-      step, by default `sam_gradients` (GSAM, LookSAM).
+      step, by default `sam_gradients` (GSAM, LookSAM); applied to each
+      micro-batch.
+
+    `adaptive_variables` chooses, with `adaptive=True`, the variables whose
+    ε is scaled by `T_w = |w| + η`: `"weights"`, every variable except
+    biases and normalization offsets (variables named `bias` or `beta`),
+    which get `T = 1`, as in the ASAM authors' code; or `"all"`.
 
     Returns:
         A `SAMResult`.
@@ -368,10 +415,17 @@ def compute_sam_gradients(
     non_trainable = model.non_trainable_variables
     weights = [tf.convert_to_tensor(v.value) for v in trainable]
     initial_state = [tf.convert_to_tensor(v.value) for v in non_trainable]
+    adaptive_mask = (
+        adaptive_variables_mask(trainable, adaptive_variables)
+        if adaptive
+        else None
+    )
 
-    losses, y_preds, sam_grads, state_updates = [], [], [], []
+    parts = []
     state = initial_state
-    for xs, ys, sws in _split_batch((x, y, sample_weight), micro_batches):
+    for fraction, (xs, ys, sws) in _split_batch(
+        (x, y, sample_weight), micro_batches
+    ):
         loss, y_pred, grads, new_state = _forward_and_gradients(
             model,
             compute_loss,
@@ -383,65 +437,144 @@ def compute_sam_gradients(
             scale_loss,
             keep_metric_updates=True,
         )
-
         selected = grads
         if perturbed_mask is not None:
             selected = [
                 g if on else None for g, on in zip(grads, perturbed_mask)
             ]
         if sync_perturbations:
-            # Outside the switch: tf.distribute cannot all-reduce inside a
-            # cond, so with switching the all-reduce runs on every step.
+            # Outside the conditionals: tf.distribute cannot all-reduce
+            # inside a cond, so the all-reduce runs on every step.
             selected = all_reduce_sum(selected)
+        parts.append(
+            _Part(
+                fraction,
+                (xs, ys, sws),
+                state,
+                loss,
+                y_pred,
+                grads,
+                selected,
+                new_state,
+            )
+        )
+        state = _advance_counters(state, new_state)
 
-        def sam_branch(clean, selected=selected, xs=xs, ys=ys, sws=sws):
+    fractions = [part.fraction for part in parts]
+    clean = _weighted_gradients([part.grads for part in parts], fractions)
+
+    def perturbed_step():
+        step_grads, sharpness = [], []
+        for part in parts:
             if adaptive:
                 eps = perturbations.asam_perturbation(
-                    selected, weights, rho, eta, epsilon
+                    part.selected,
+                    weights,
+                    rho,
+                    eta,
+                    epsilon,
+                    adaptive_mask=adaptive_mask,
                 )
             else:
-                eps = perturbations.sam_perturbation(selected, rho, epsilon)
+                eps = perturbations.sam_perturbation(
+                    part.selected, rho, epsilon
+                )
             perturbed = [
                 w if e is None else w + e for w, e in zip(weights, eps)
             ]
-            _, _, sam_grads, _ = _forward_and_gradients(
+            perturbed_loss, _, sam_grads, _ = _forward_and_gradients(
                 model,
                 compute_loss,
                 perturbed,
-                state,
-                xs,
-                ys,
-                sws,
+                part.state,
+                *part.data,
                 scale_loss,
                 keep_metric_updates=False,
             )
             if combine is not None:
-                return combine(clean, sam_grads)
-            return sam_grads
+                sam_grads = combine(part.grads, sam_grads)
+            step_grads.append(sam_grads)
+            sharpness.append(perturbed_loss - part.loss)
+        return (
+            _weighted_gradients(step_grads, fractions),
+            _weighted_mean(sharpness, fractions),
+        )
 
-        if should_perturb is None:
-            grads = sam_branch(grads)
-        else:
-            grads = _cond_gradients(
-                should_perturb(grads),
-                sam_branch,
-                fallback or (lambda clean: clean),
-                grads,
-            )
-        losses.append(loss)
-        y_preds.append(y_pred)
-        sam_grads.append(grads)
-        state_updates.append(new_state)
-        state = _advance_counters(state, new_state)
+    def clean_step():
+        return clean, ops.zeros((), "float32")
 
-    _assign(non_trainable, _merge_states(initial_state, state, state_updates))
-    if micro_batches == 1:
-        return SAMResult(losses[0], y_preds[0], sam_grads[0])
-    return SAMResult(
-        ops.mean(ops.stack(losses)),
-        tree.map_structure(lambda *t: ops.concatenate(t, axis=0), *y_preds),
-        [_mean_or_none(g) for g in zip(*sam_grads)],
+    def base_step():
+        return (fallback or (lambda g: g))(clean), ops.zeros((), "float32")
+
+    if isinstance(rho, (int, float)):
+        sam_step = perturbed_step if rho > 0 else clean_step
+        ran = ops.convert_to_tensor(rho > 0)
+    else:
+        ran = ops.greater(rho, 0)
+
+        def sam_step():
+            return _cond(ran, perturbed_step, clean_step, clean)
+
+    if should_perturb is None:
+        grads, sharpness = sam_step()
+    else:
+        decision = should_perturb(clean)
+        ran = ops.logical_and(decision, ran)
+        grads, sharpness = _cond(decision, sam_step, base_step, clean)
+
+    _assign(
+        non_trainable,
+        _merge_states(
+            initial_state,
+            state,
+            [part.new_state for part in parts],
+            fractions,
+        ),
     )
+    y_pred = parts[0].y_pred
+    if len(parts) > 1:
+        y_pred = tree.map_structure(
+            lambda *t: ops.concatenate(t, axis=0),
+            *[part.y_pred for part in parts],
+        )
+    return SAMResult(
+        loss=_weighted_mean([part.loss for part in parts], fractions),
+        y_pred=y_pred,
+        gradients=grads,
+        sharpness=ops.cast(sharpness, "float32"),
+        grad_norm=_weighted_mean(
+            [perturbations.global_norm(part.grads) for part in parts],
+            fractions,
+        ),
+        perturbed=ran,
+    )
+
+
+_Part = collections.namedtuple(
+    "_Part",
+    ["fraction", "data", "state", "loss", "y_pred", "grads", "selected"]
+    + ["new_state"],
+)
+
+
+def adaptive_variables_mask(variables, adaptive_variables="weights"):
+    """ASAM's `adaptive_mask` for `variables`, or `None` for all of them.
+
+    `"weights"`: `True` for every variable except biases and normalization
+    offsets (named `bias` or `beta`), as in the ASAM authors' code; `"all"`:
+    `None`, every variable.
+    """
+    if adaptive_variables == "all":
+        return None
+    if adaptive_variables != "weights":
+        raise ValueError(
+            "`adaptive_variables` must be 'weights' or 'all'. Received: "
+            f"adaptive_variables={adaptive_variables!r}"
+        )
+    return [v.name not in _OFFSET_NAMES for v in variables]
+
+
+_OFFSET_NAMES = ("bias", "beta")
 
 
 def _forward_and_gradients(
@@ -483,22 +616,23 @@ def _forward_and_gradients(
     return loss, y_pred, gradients, new_state
 
 
-def _cond_gradients(predicate, true_fn, false_fn, gradients):
-    """`tf.cond` over gradient lists that may hold `None` entries."""
-    present = [i for i, g in enumerate(gradients) if g is not None]
+def _cond(predicate, true_fn, false_fn, like):
+    """`tf.cond` over `(gradients, scalar)` pairs whose gradient lists may
+    hold `None` entries, where `like` has them."""
+    present = [i for i, g in enumerate(like) if g is not None]
 
     def branch(fn):
         def run():
-            out = fn(gradients)
-            return [out[i] for i in present]
+            gradients, scalar = fn()
+            return [gradients[i] for i in present], scalar
 
         return run
 
-    chosen = tf.cond(predicate, branch(true_fn), branch(false_fn))
-    result = [None] * len(gradients)
+    chosen, scalar = tf.cond(predicate, branch(true_fn), branch(false_fn))
+    result = [None] * len(like)
     for i, g in zip(present, chosen):
         result[i] = g
-    return result
+    return result, scalar
 
 
 def _stateless_scope(mapping):
@@ -510,33 +644,69 @@ def _stateless_scope(mapping):
 
 
 def _split_batch(data, parts):
-    """Yields `parts` equal slices along the batch axis of a nested batch."""
+    """`(fraction, part)` for `parts` consecutive slices of a nested batch.
+
+    With `n` examples, the first `n % parts` slices hold `n // parts + 1`
+    examples and the others `n // parts`, as `np.array_split` cuts; each
+    slice comes with its share `n_i / n` of the examples. When `n` is known
+    while tracing, empty slices (`n < parts`) are left out; otherwise they
+    come with the share 0.
+    """
     if parts == 1:
-        yield data
-        return
+        return [(1.0, data)]
     first = next(t for t in tree.flatten(data) if t is not None)
-    static_size = first.shape[0]
-    if static_size is not None and static_size % parts:
-        raise ValueError(
-            f"`micro_batches={parts}` must divide the per-replica batch size, "
-            f"but the batch has {static_size} examples."
-        )
-    size = ops.shape(first)[0]
-    if static_size is None:
-        tf.debugging.assert_equal(
-            size % parts,
-            0,
-            message=(
-                f"`micro_batches={parts}` must divide the per-replica batch "
-                "size (a partial last batch? use drop_remainder=True)."
-            ),
-        )
-    part = size // parts
+    n = first.shape[0]
+    if n is None:
+        n = tf.shape(first)[0]
+    size, extra = n // parts, n % parts
+    slices = []
     for i in range(parts):
-        yield tree.map_structure(
-            lambda t, i=i: None if t is None else t[i * part : (i + 1) * part],
-            data,
+        if isinstance(n, int):
+            start = i * size + min(i, extra)
+            length = size + (1 if i < extra else 0)
+            if length == 0:
+                continue
+            fraction = length / n
+        else:
+            start = i * size + tf.minimum(i, extra)
+            length = size + tf.cast(i < extra, n.dtype)
+            fraction = tf.cast(length, "float32") / tf.cast(n, "float32")
+        slices.append(
+            (
+                fraction,
+                tree.map_structure(
+                    lambda t, a=start, b=start + length: (
+                        None if t is None else t[a:b]
+                    ),
+                    data,
+                ),
+            )
         )
+    return slices
+
+
+def _weighted_mean(values, fractions):
+    """`Σ_i f_i v_i`; a part with `f_i = 0` (an empty slice) adds 0."""
+    if len(values) == 1:
+        return values[0]
+    total = None
+    for value, fraction in zip(values, fractions):
+        term = value * ops.cast(fraction, value.dtype)
+        if not isinstance(fraction, float):
+            term = ops.where(fraction > 0, term, ops.zeros_like(term))
+        total = term if total is None else total + term
+    return total
+
+
+def _weighted_gradients(gradient_lists, fractions):
+    if len(gradient_lists) == 1:
+        return gradient_lists[0]
+    return [
+        None
+        if any(g is None for g in grads)
+        else _weighted_mean(grads, fractions)
+        for grads in zip(*gradient_lists)
+    ]
 
 
 def _advance_counters(state, new_state):
@@ -551,12 +721,13 @@ def _advance_counters(state, new_state):
     ]
 
 
-def _merge_states(initial_state, threaded_state, updates):
+def _merge_states(initial_state, threaded_state, updates, fractions):
     """The state to write back after all micro-batches, `None` if unchanged.
 
-    Float state gets the mean of the micro-batches' updates, the way
-    tf.distribute aggregates a BatchNorm update across replicas; integer
-    state (seeds) takes the value threaded through the micro-batches.
+    Float state gets the mean of the micro-batches' updates weighted by
+    their share of the examples, the way tf.distribute averages a BatchNorm
+    update across replicas; integer state (seeds) takes the value threaded
+    through the micro-batches.
     """
     merged = []
     for i, old in enumerate(initial_state):
@@ -571,7 +742,7 @@ def _merge_states(initial_state, threaded_state, updates):
             deltas = [
                 ops.zeros_like(old) if v is None else v - old for v in values
             ]
-            merged.append(old + ops.mean(ops.stack(deltas), axis=0))
+            merged.append(old + _weighted_mean(deltas, fractions))
     return merged
 
 
@@ -583,12 +754,6 @@ def _assign(variables, values):
 
 def _is_floating(tensor):
     return tf.as_dtype(tensor.dtype).is_floating
-
-
-def _mean_or_none(tensors):
-    if any(t is None for t in tensors):
-        return None
-    return ops.mean(ops.stack(tensors), axis=0)
 
 
 def all_reduce_sum(tensors):

@@ -13,6 +13,8 @@ a stateless draw keyed by the step, or gradient statistics averaged across
 replicas), so replicas never disagree on which branch to run. Policies are
 Keras layers only to own their state: it is saved with the model and
 restored by `load_model`, `BackupAndRestore` and the trainers' checkpoints.
+Their dtype policy is float32 whatever the global policy (e.g.
+`mixed_float16`), so their statistics are float32.
 """
 
 import keras
@@ -33,6 +35,7 @@ class SwitchingPolicy(keras.layers.Layer):
 
     def __init__(self, **kwargs):
         kwargs["trainable"] = False
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.built = True
 
@@ -159,7 +162,10 @@ class GradientNormOutlier(SwitchingPolicy):
     c_t  = c_start + (c_end − c_start) · min(t / decay_steps, 1)
     ```
 
-    The first step initializes `μ = n`, `σ² = 0` and takes SAM. A lower
+    The first step initializes `μ = n`, `σ² = 0` and takes SAM. A step
+    whose `n_t` is not finite (a mixed-precision overflow, which the
+    loss-scale optimizer skips) leaves the statistics unchanged and takes
+    no SAM. A lower
     `c` takes SAM more often: if n_t were normal, c = 1 would take SAM on
     about 16 % of the steps and c = −1 on about 84 %. The paper moves c
     linearly from 1 to −1 over training (λ₂ = 1, λ₁ = −1), taking SAM on
@@ -225,6 +231,8 @@ class GradientNormOutlier(SwitchingPolicy):
 
     def call(self, step, squared_gradient_norm=None):
         n = ops.cast(squared_gradient_norm, "float32")
+        finite = ops.isfinite(n)
+        n = ops.where(finite, n, 0.0)
         first = ops.equal(self.started, 0.0)
         mean = ops.where(
             first, n, self.decay * self.mean + (1 - self.decay) * n
@@ -235,11 +243,11 @@ class GradientNormOutlier(SwitchingPolicy):
             self.decay * self.variance
             + (1 - self.decay) * ops.square(n - mean),
         )
-        self.mean.assign(mean)
-        self.variance.assign(variance)
-        self.started.assign(1.0)
+        self.mean.assign(ops.where(finite, mean, self.mean))
+        self.variance.assign(ops.where(finite, variance, self.variance))
+        self.started.assign(ops.where(finite, 1.0, self.started))
         threshold = mean + self.threshold_coefficient(step) * ops.sqrt(variance)
-        return ops.logical_or(first, n >= threshold)
+        return ops.logical_and(finite, ops.logical_or(first, n >= threshold))
 
     def get_config(self):
         return {

@@ -25,26 +25,59 @@ def softmax_regression_loss_and_grad(w, b, x, y, sample_weight=None, l2=0.0):
     return loss, (x.T @ dlogits + 2.0 * l2 * w, dlogits.sum(axis=0))
 
 
-def perturbation(grads, weights, rho, adaptive=False, eta=0.01):
-    """ε of SAM, or of ASAM when `adaptive` (T_w = |w| + η)."""
+def perturbation(
+    grads, weights, rho, adaptive=False, eta=0.01, adaptive_variables="weights"
+):
+    """ε of SAM, or of ASAM when `adaptive`.
+
+    ASAM's T is |w| + η on the kernel W and, with `adaptive_variables="all"`
+    only, on the bias b; with the default `"weights"`, T = 1 on b, as in the
+    ASAM authors' code. `weights` is `[W, b]`.
+    """
     if adaptive:
-        t = [np.abs(w) + eta for w in weights]
+        scaled = (True, adaptive_variables == "all")
+        t = [
+            np.abs(w) + eta if on else np.ones_like(w)
+            for w, on in zip(weights, scaled)
+        ]
         norm = np.sqrt(sum(np.sum((ti * g) ** 2) for ti, g in zip(t, grads)))
         return [rho * ti**2 * g / (norm + 1e-12) for ti, g in zip(t, grads)]
     norm = np.sqrt(sum(np.sum(g**2) for g in grads))
     return [rho * g / (norm + 1e-12) for g in grads]
 
 
-def sam_gradient(w, b, x, y, rho, sample_weight=None, l2=0.0, **kwargs):
-    """(clean loss, [dW, db] at (W, b) + ε)."""
-    loss, grads = softmax_regression_loss_and_grad(
+def sam_gradient(
+    w,
+    b,
+    x,
+    y,
+    rho,
+    sample_weight=None,
+    l2=0.0,
+    loss_and_grad=softmax_regression_loss_and_grad,
+    **kwargs,
+):
+    """(clean loss, [dW, db] at (W, b) + ε) of `loss_and_grad`."""
+    loss, grads = loss_and_grad(w, b, x, y, sample_weight, l2)
+    ew, eb = perturbation(grads, [w, b], rho, **kwargs)
+    _, sam = loss_and_grad(w + ew, b + eb, x, y, sample_weight, l2)
+    return loss, list(sam)
+
+
+def penalized_loss_and_grad(w, b, x, y, sample_weight=None, l2=0.0):
+    """`2 · (cross-entropy + l2 · Σ W²) + 0.1 · mean(logits²)`, by hand.
+
+    The mean runs over the n × C logits.
+    """
+    loss, (gw, gb) = softmax_regression_loss_and_grad(
         w, b, x, y, sample_weight, l2
     )
-    ew, eb = perturbation(grads, [w, b], rho, **kwargs)
-    _, sam = softmax_regression_loss_and_grad(
-        w + ew, b + eb, x, y, sample_weight, l2
+    logits = x @ w + b
+    dlogits = 0.2 * logits / logits.size
+    return (
+        2.0 * loss + 0.1 * np.mean(logits**2),
+        (2.0 * gw + x.T @ dlogits, 2.0 * gb + dlogits.sum(axis=0)),
     )
-    return loss, list(sam)
 
 
 def split_sam_gradient(w, b, x, y, rho, parts=2, sample_weight=None, **kwargs):
@@ -61,6 +94,34 @@ def split_sam_gradient(w, b, x, y, rho, parts=2, sample_weight=None, **kwargs):
     ]
     loss = np.mean([r[0] for r in results])
     grads = [np.mean([r[1][i] for r in results], axis=0) for i in range(2)]
+    return loss, grads
+
+
+def array_split_sam_gradient(
+    w, b, x, y, rho, parts=2, sample_weight=None, **kwargs
+):
+    """SAM over `parts` slices cut as `np.array_split` cuts (sizes n_i).
+
+    Each slice gets its own ε; loss and gradients are the means over the
+    non-empty slices weighted by n_i / n.
+    """
+    n = x.shape[0]
+    sws = (
+        [None] * parts
+        if sample_weight is None
+        else np.array_split(sample_weight, parts)
+    )
+    loss, grads = 0.0, [np.zeros_like(w), np.zeros_like(b)]
+    for xi, yi, si in zip(
+        np.array_split(x, parts), np.array_split(y, parts), sws
+    ):
+        if len(xi) == 0:
+            continue
+        part_loss, part_grads = sam_gradient(
+            w, b, xi, yi, rho, sample_weight=si, **kwargs
+        )
+        loss += len(xi) / n * part_loss
+        grads = [g + len(xi) / n * p for g, p in zip(grads, part_grads)]
     return loss, grads
 
 

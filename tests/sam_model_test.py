@@ -61,6 +61,11 @@ def batches(x, y, sample_weight=None):
 VARIANTS = {
     "sam": dict(kwargs={}, l2=0.0, weighted=False),
     "asam": dict(kwargs=dict(adaptive=True, eta=0.05), l2=0.0, weighted=False),
+    "asam_all": dict(
+        kwargs=dict(adaptive=True, eta=0.05, adaptive_variables="all"),
+        l2=0.0,
+        weighted=False,
+    ),
     "sam_weighted_l2": dict(kwargs={}, l2=0.01, weighted=True),
 }
 
@@ -291,14 +296,3 @@ def test_bad_arguments_raise_naming_argument_and_value(kwargs, message):
 def test_base_that_is_not_a_keras_model_is_rejected():
     with pytest.raises(ValueError, match="`base` must be a Keras model.*Dense"):
         keras_sam.SAMModel(keras.layers.Dense(3))
-
-
-def test_micro_batches_that_do_not_divide_the_batch_are_rejected():
-    x, y, w0, b0 = softmax_data()
-    model = keras_sam.SAMModel(softmax_regression(w0, b0), micro_batches=3)
-    model.compile(optimizer="sgd", loss=xent())
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(
-        BATCH, drop_remainder=True
-    )
-    with pytest.raises(ValueError, match="micro_batches=3.*8 examples"):
-        model.fit(dataset, verbose=0)

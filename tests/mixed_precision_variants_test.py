@@ -1,0 +1,122 @@
+"""Every variant under mixed_float16 and mixed_bfloat16, through an overflow.
+
+The first batch has infinite inputs, so its gradients are not finite and
+the loss-scale optimizer skips the step. The variants' state (AE-SAM's
+statistics, LookSAM's direction) and the logged metrics must stay finite,
+and SAM must keep running on the finite batches that follow.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sam
+from keras_sam import switching
+from tests.sam_model_test import BATCH
+from tests.sam_model_test import RHO
+from tests.sam_model_test import sgd
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+from tests.variants_test import VARIANT_SETTINGS
+
+EPOCHS = 3  # 3 steps each; the first step of the first epoch overflows.
+
+
+@pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
+def mixed_policy(request):
+    keras.config.set_dtype_policy(request.param)
+    try:
+        yield request.param
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def overflowing_dataset():
+    x, y, _, _ = softmax_data()
+    x = x.copy()
+    x[:BATCH] = np.inf
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+
+
+@pytest.mark.parametrize("variant", VARIANT_SETTINGS)
+def test_an_overflow_leaves_every_variant_finite_and_running(
+    mixed_policy, variant
+):
+    _, _, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(
+        softmax_regression(w0, b0), rho=RHO, **VARIANT_SETTINGS[variant]()
+    )
+    # Keras wraps the optimizer for mixed_float16 only; bfloat16 needs the
+    # wrapper to skip a non-finite step at all.
+    model.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(sgd()), loss=xent()
+    )
+    history = model.fit(
+        overflowing_dataset(), epochs=EPOCHS, shuffle=False, verbose=0
+    )
+
+    assert float(model.optimizer.dynamic_scale) < 2.0**15  # it overflowed
+    for variable in model.base.weights + model.non_trainable_variables:
+        assert np.all(np.isfinite(variable.numpy())), variable.path
+    assert np.abs(model.base.get_weights()[0] - w0).max() > 1e-2
+    for name in ("grad_norm", "sharpness"):
+        assert np.all(np.isfinite(history.history[name])), name
+        assert max(history.history[name]) > 0, name
+    if "sam_fraction" in history.history:
+        assert max(history.history["sam_fraction"]) > 0
+    policy = model.switching
+    if isinstance(policy, switching.GradientNormOutlier):
+        assert float(policy.started.numpy()) == 1.0
+        assert float(policy.mean.numpy()) > 0
+    if model.looksam_alpha is not None:
+        directions = model._looksam_directions
+        assert any(np.abs(d.numpy()).max() > 0 for d in directions)
+
+
+def test_ae_sam_ignores_a_non_finite_gradient_norm():
+    policy = switching.GradientNormOutlier(decay=0.5, c_start=0.0)
+    assert bool(policy(tf.constant(0, tf.int64), tf.constant(4.0)))
+    for bad in (np.inf, np.nan):
+        assert not bool(
+            policy(tf.constant(1, tf.int64), tf.constant(bad, tf.float32))
+        )
+        assert float(policy.mean.numpy()) == 4.0
+        assert float(policy.variance.numpy()) == 0.0
+    # The next finite norm updates the statistics as if nothing happened:
+    # μ = 0.5·4 + 0.5·6 = 5, σ² = 0.5·(6 − 5)² = 0.5.
+    assert bool(policy(tf.constant(2, tf.int64), tf.constant(6.0)))
+    assert float(policy.mean.numpy()) == 5.0
+    assert float(policy.variance.numpy()) == 0.5
+
+
+def test_ae_sam_keeps_float32_statistics_under_mixed_float16(mixed_policy):
+    policy = switching.GradientNormOutlier()
+    assert policy.dtype_policy.name == "float32"
+    assert bool(policy(tf.constant(0, tf.int64), tf.constant(2.0)))
+    assert policy.mean.dtype == "float32"
+
+
+def test_looksam_keeps_its_direction_when_a_sam_step_is_not_finite():
+    _, _, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(
+        softmax_regression(w0, b0),
+        rho=RHO,
+        switching=switching.Periodic(3),
+        looksam_alpha=0.7,
+    )
+    rng = np.random.RandomState(4)
+    clean = [rng.randn(*w.shape).astype("float32") for w in (w0, b0)]
+    sam = [rng.randn(*w.shape).astype("float32") for w in (w0, b0)]
+    combine = model._combine()
+    combine(clean, sam)
+    kept = [d.numpy() for d in model._looksam_directions]
+    for g, s, v in zip(clean, sam, kept):
+        np.testing.assert_allclose(
+            v, s - np.sum(g * s) / np.sum(g * g) * g, rtol=1e-5, atol=1e-6
+        )
+    overflowed = [sam[0], np.full_like(sam[1], np.nan)]
+    combine(clean, overflowed)
+    for d, v in zip(model._looksam_directions, kept):
+        np.testing.assert_array_equal(d.numpy(), v)
