@@ -24,8 +24,8 @@ in tensorflow-datasets):
         --train_steps=5000 --batch_size=1024 --learning_rate=0.016 \\
         --weight_decay=1e-5 --rho=0.05 --strategy=tpu --tpu=<name>
 
-The paper used AutoAugment for CIFAR-100; --augmentation=randaugment is the
-closest one here.
+The paper used AutoAugment for CIFAR-100: add
+--augmentation=autoaugment_cifar (its CIFAR-10 policy, after the crop).
 """
 
 from absl import app
