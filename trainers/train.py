@@ -4,8 +4,10 @@ Batches are indexed by their absolute step: data epoch k visits the training
 set in the order of a permutation seeded by (seed, k). A resumed run
 therefore sees exactly the batches an uninterrupted run would. Checkpoints
 hold every model and optimizer variable (seed states included, which Keras'
-weight files leave out) and the step, written to a temporary file and
-renamed into place, so a kill never leaves a half-written checkpoint.
+weight files leave out), keyed by variable path, and the step, written to a
+temporary file and renamed into place, so a kill never leaves a
+half-written checkpoint. A checkpoint restores only into a model whose
+variables have the same paths and shapes.
 """
 
 import contextlib
@@ -51,24 +53,90 @@ def _state_variables(model):
     return list(model.variables) + list(model.optimizer.variables)
 
 
-def save_checkpoint(path, model, step):
-    arrays = {f"v{i}": v.numpy() for i, v in enumerate(_state_variables(model))}
+def state_paths(model):
+    """`{key: variable}` of every model and optimizer variable.
+
+    A key is the variable's path; a path that occurs more than once gets
+    `#k` appended to its k-th repeat (k = 1, 2, … in variable order).
+    """
+    keys, seen = {}, {}
+    for variable in _state_variables(model):
+        count = seen.get(variable.path, 0)
+        seen[variable.path] = count + 1
+        keys[variable.path + (f"#{count}" if count else "")] = variable
+    return keys
+
+
+_VARIABLES = "variables/"
+
+
+def save_checkpoint(path, model, step, history=None):
+    """Writes the model's and optimizer's variables, keyed by path, with
+    `step` and the `history` so far, to `path`, atomically."""
+    arrays = {_VARIABLES + k: v.numpy() for k, v in state_paths(model).items()}
+    arrays["history"] = np.array(json.dumps(history or {}))
     write_atomically(path, lambda f: np.savez(f, step=np.int64(step), **arrays))
 
 
 def restore_checkpoint(path, model):
-    """Loads a checkpoint into `model`; returns its step."""
+    """Loads a checkpoint into `model`; returns its step.
+
+    Every variable is matched by its path (`state_paths`). Variables
+    missing from the checkpoint, saved ones the model lacks and shapes
+    that differ are an error that lists them, and nothing is assigned.
+    """
+    variables = state_paths(model)
     with np.load(path) as saved:
-        variables = _state_variables(model)
-        if len(saved.files) - 1 != len(variables):
-            raise ValueError(
-                f"Checkpoint {path} holds {len(saved.files) - 1} variables "
-                f"but the model has {len(variables)}; was it written by "
-                "another model or flag setting?"
-            )
-        for i, variable in enumerate(variables):
-            variable.assign(saved[f"v{i}"])
-        return int(saved["step"])
+        step = int(saved["step"])
+        if "v0" in saved.files:
+            arrays = _positional(path, saved, list(variables))
+        else:
+            arrays = {
+                name[len(_VARIABLES) :]: saved[name]
+                for name in saved.files
+                if name.startswith(_VARIABLES)
+            }
+    problems = [f"missing {k}" for k in variables if k not in arrays]
+    problems += [f"unexpected {k}" for k in arrays if k not in variables]
+    problems += [
+        f"{k} has shape {arrays[k].shape} in the checkpoint and "
+        f"{tuple(v.shape)} in the model"
+        for k, v in variables.items()
+        if k in arrays and arrays[k].shape != tuple(v.shape)
+    ]
+    if problems:
+        listed = "; ".join(problems[:20])
+        if len(problems) > 20:
+            listed += f"; and {len(problems) - 20} more"
+        raise ValueError(
+            f"Checkpoint {path} does not match the model; was it written by "
+            f"another model or flag setting? {len(problems)} mismatches: "
+            f"{listed}."
+        )
+    for key, variable in variables.items():
+        variable.assign(arrays[key])
+    return step
+
+
+def _positional(path, saved, keys):
+    # Earlier versions keyed the variables by their position only.
+    count = sum(name != "step" for name in saved.files)
+    if count != len(keys):
+        raise ValueError(
+            f"Checkpoint {path} holds {count} variables (keyed by position, "
+            f"as earlier versions wrote them) but the model has {len(keys)}; "
+            "was it written by another model or flag setting?"
+        )
+    return {key: saved[f"v{i}"] for i, key in enumerate(keys)}
+
+
+def checkpoint_history(path):
+    """The training history saved with the checkpoint at `path` ({} if
+    none)."""
+    with np.load(path) as saved:
+        if "history" not in saved.files:
+            return {}
+        return json.loads(str(saved["history"]))
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -268,7 +336,15 @@ def run(
 
 
 def prepare(flags_obj, strategy_override=None):
-    """Seeds, determinism, the strategy and the accelerator settings."""
+    """Seeds, determinism, the strategy and the accelerator settings.
+
+    Keras' session is cleared first (the global mixed-precision policy is
+    kept): layers are then named alike in every run, in this process or
+    another, so checkpoints, keyed by variable path, match.
+    """
+    policy = keras.mixed_precision.global_policy()
+    keras.backend.clear_session(free_memory=False)
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(flags_obj.seed)
     if flags_obj.deterministic:
         tf.config.experimental.enable_op_determinism()
