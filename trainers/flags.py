@@ -1,5 +1,8 @@
 """The flags every trainer shares; each trainer sets its own defaults."""
 
+import os
+import sys
+
 from absl import flags
 
 from trainers import augment
@@ -268,3 +271,29 @@ def _define_validators():
             check,
             message=f"--{name} {message}",
         )
+
+
+def foreign_flag_names(flag_values=flags.FLAGS):
+    """Names of the flags in `flag_values` that no trainer declared.
+
+    A flag is a trainer's when a module of `trainers` or the main program
+    declared it; absl, TensorFlow and other libraries declare the rest
+    (logging, help, TPU tracing, ...).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def trainers_own(module):
+        return (
+            module == sys.argv[0]
+            or module.split(".")[0] == "trainers"
+            or os.path.dirname(os.path.abspath(module)) == here
+        )
+
+    return {
+        name
+        for module, declared in flag_values.flags_by_module_dict().items()
+        if not trainers_own(module)
+        for flag in declared
+        for name in (flag.name, flag.short_name)
+        if name
+    }

@@ -24,6 +24,7 @@ import tensorflow as tf
 import keras_sam
 from trainers import augment as augment_lib
 from trainers import data as data_lib
+from trainers import flags as trainer_flags
 from trainers import models
 from trainers import strategy as strategy_lib
 
@@ -144,21 +145,36 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     Steps are read from the optimizer's counter, so the schedule holds with
     `steps_per_execution` > 1 (the callback then runs once per execution).
-    A state with a non-finite loss or weight is never written: the last
-    good checkpoint stays in place.
+    The checkpoint also holds `history`, the logs of every epoch so far
+    (to which this callback appends each epoch's). A state with a
+    non-finite loss or weight is never written: the last good checkpoint
+    stays in place.
     """
 
-    def __init__(self, path, every, start_step, is_chief=True):
+    def __init__(self, path, every, start_step, is_chief=True, history=None):
         super().__init__()
         self.path = path
         self.every = every
         self.step = start_step
         self.saved_step = start_step
         self.is_chief = is_chief
+        self.history = {} if history is None else history
+        self._due = False
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = int(self.model.optimizer.iterations.numpy())
         if self.step // self.every > self.saved_step // self.every:
+            # At the epoch's last batch, wait for the epoch's logs.
+            steps = (self.params or {}).get("steps")
+            if steps and batch + 1 >= steps:
+                self._due = True
+            else:
+                self._save(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        if self._due:
             self._save(logs)
 
     def on_train_end(self, logs=None):
@@ -166,14 +182,30 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             self._save(logs)
 
     def _save(self, logs):
+        self._due = False
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
             return
         if not all(np.all(np.isfinite(v.numpy())) for v in self.model.weights):
             return
         path = self.path if self.is_chief else self.path + ".worker"
-        save_checkpoint(path, self.model, self.step)
+        save_checkpoint(path, self.model, self.step, self.history)
         self.saved_step = self.step
+
+
+class ExampleSetAccuracy(keras.callbacks.Callback):
+    """Adds to each epoch's logs the accuracy of `model` on each `Split`
+    of `example_sets` (a dict: log key to split)."""
+
+    def __init__(self, model, example_sets):
+        super().__init__()
+        self.measured = model
+        self.example_sets = example_sets
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            for key, split in self.example_sets.items():
+                logs[key] = accuracy(self.measured, split)
 
 
 def step_indices(num_examples, batch_size, steps, seed):
@@ -573,37 +605,53 @@ def fit_and_report(
     `train_data(step, epoch, steps)` returns the dataset of the `steps`
     batches that follow global step `step` in `epoch`. `example_sets` maps
     a history key to a `Split` whose accuracy is recorded after every
-    epoch (and its last value in the results).
+    epoch (and its last value in the results). The history of the epochs
+    before a resumed checkpoint comes from that checkpoint; a finished run
+    started again trains no more and keeps its history.
     """
     example_sets = example_sets or {}
     output_dir = flags_obj.output_dir
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT)
-    start_step = 0
     # Workers restore the chief's checkpoint on a shared file system, else
     # the copy each writes beside it (on a disk of its own).
-    own_copy = checkpoint_path + ".worker"
-    if not os.path.exists(checkpoint_path) and not _is_chief(strategy):
-        if os.path.exists(own_copy):
-            start_step = restore_checkpoint(own_copy, model)
+    restored = None
     if os.path.exists(checkpoint_path):
-        start_step = restore_checkpoint(checkpoint_path, model)
-        print(f"Resuming from step {start_step} of {total_steps}.")
+        restored = checkpoint_path
+    elif not _is_chief(strategy) and os.path.exists(
+        checkpoint_path + ".worker"
+    ):
+        restored = checkpoint_path + ".worker"
+    start_step, history = 0, {}
+    if restored:
+        start_step = restore_checkpoint(restored, model)
+        history = checkpoint_history(restored)
+        if start_step >= total_steps:
+            print(
+                f"The run in {output_dir} has finished: {start_step} steps "
+                f"trained, {total_steps} asked for. Evaluating it again."
+            )
+        else:
+            print(f"Resuming from step {start_step} of {total_steps}.")
 
     every = flags_obj.checkpoint_every_steps or steps_per_epoch
     callbacks = [
+        ExampleSetAccuracy(base, example_sets),
         AtomicCheckpoint(
-            checkpoint_path, every, start_step, _is_chief(strategy)
+            checkpoint_path,
+            every,
+            start_step,
+            _is_chief(strategy),
+            history=history,
         ),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
     ]
-    history = {}
     step = start_step
     while step < total_steps:
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
-        fit = model.fit(
+        model.fit(
             train_data(step, epoch, steps),
             epochs=epoch + 1,
             initial_epoch=epoch,
@@ -617,10 +665,6 @@ def fit_and_report(
             shuffle=False,
             verbose=flags_obj.verbose,
         )
-        for key, values in fit.history.items():
-            history.setdefault(key, []).extend(values)
-        for key, split in example_sets.items():
-            history.setdefault(key, []).append(accuracy(base, split))
         step += steps
         if model.stop_training:
             raise FloatingPointError(
@@ -667,12 +711,16 @@ def _is_chief(strategy):
 
 
 def _flag_dict(flags_obj):
+    """The trainer's flags: those absl, TensorFlow and others declare in
+    the same `absl.flags.FLAGS` (logging, help, ...) are left out."""
     if hasattr(flags_obj, "flag_values_dict"):
         values = flags_obj.flag_values_dict()
     else:
         values = dict(vars(flags_obj))
+    foreign = trainer_flags.foreign_flag_names()
     return {
         k: v
         for k, v in values.items()
-        if isinstance(v, (str, int, float, bool, type(None), list))
+        if k not in foreign
+        and isinstance(v, (str, int, float, bool, type(None), list))
     }
