@@ -18,11 +18,11 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 
 from keras_sam import analysis
 from trainers import data as data_lib
+from trainers import flags as trainer_flags
 
 # The custom layers of the trainers' models (Shake-Shake, ShakeDrop, the
 # ImageNet preprocessing) are registered when their modules are imported.
@@ -185,4 +185,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

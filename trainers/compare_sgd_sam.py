@@ -14,16 +14,17 @@ command again resumes or, when finished, only reprints the table.
 import os
 import types
 
-from absl import app
 from absl import flags
 
 from trainers import fashion_mnist
+from trainers import flags as trainer_flags
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
     fashion_mnist.define_flags()
+    flags.adopt_module_key_flags(fashion_mnist)
     flags.DEFINE_float("sam_rho", 0.05, "ρ of the SAM run.")
     FLAGS.set_default("epochs", 2)
     FLAGS.set_default("output_dir", "runs/compare_sgd_sam")
@@ -69,4 +70,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)
