@@ -170,3 +170,12 @@ def test_repeated_variable_paths_get_distinct_keys():
     keys = list(train.state_paths(model))
     assert len(set(keys)) == len(keys) == len(train._state_variables(model))
     assert {"state", "state#1", "state#2"} <= set(keys)
+
+
+def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
+    path = str(tmp_path / train.CHECKPOINT)
+    model = _compiled()
+    arrays = {f"v{i}": v.numpy() for i, v in enumerate(model.variables)}
+    np.savez(path, step=np.int64(3), **arrays)
+    with pytest.raises(ValueError, match="by position"):
+        train.restore_checkpoint(path, model)

@@ -90,13 +90,16 @@ def restore_checkpoint(path, model):
     with np.load(path) as saved:
         step = int(saved["step"])
         if "v0" in saved.files:
-            arrays = _positional(path, saved, list(variables))
-        else:
-            arrays = {
-                name[len(_VARIABLES) :]: saved[name]
-                for name in saved.files
-                if name.startswith(_VARIABLES)
-            }
+            raise ValueError(
+                f"Checkpoint {path} keys its variables by position, as "
+                "earlier versions wrote them; it cannot be matched to the "
+                "model. Train afresh in another --output_dir."
+            )
+        arrays = {
+            name[len(_VARIABLES) :]: saved[name]
+            for name in saved.files
+            if name.startswith(_VARIABLES)
+        }
     problems = [f"missing {k}" for k in variables if k not in arrays]
     problems += [f"unexpected {k}" for k in arrays if k not in variables]
     problems += [
@@ -117,18 +120,6 @@ def restore_checkpoint(path, model):
     for key, variable in variables.items():
         variable.assign(arrays[key])
     return step
-
-
-def _positional(path, saved, keys):
-    # Earlier versions keyed the variables by their position only.
-    count = sum(name != "step" for name in saved.files)
-    if count != len(keys):
-        raise ValueError(
-            f"Checkpoint {path} holds {count} variables (keyed by position, "
-            f"as earlier versions wrote them) but the model has {len(keys)}; "
-            "was it written by another model or flag setting?"
-        )
-    return {key: saved[f"v{i}"] for i, key in enumerate(keys)}
 
 
 def checkpoint_history(path):
