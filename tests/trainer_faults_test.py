@@ -36,7 +36,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     with np.load(tmp_path / train.CHECKPOINT) as saved:
         assert int(saved["step"]) >= 4
         for name in saved.files:
-            assert np.all(np.isfinite(saved[name])), name
+            if name != "history":
+                assert np.all(np.isfinite(saved[name])), name
 
 
 def _command(output_dir, steps):

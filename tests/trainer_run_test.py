@@ -162,6 +162,59 @@ def test_rerunning_a_finished_run_trains_no_more(tmp_path):
     assert again["test_loss"] == first["test_loss"]
 
 
+# Two steps an epoch.
+EPOCHS = dict(train_examples=32, batch_size=16, deterministic=True)
+
+
+def test_a_finished_run_started_again_says_so_and_keeps_its_history(
+    tmp_path, capsys
+):
+    first = fashion_mnist.run(make_flags(tmp_path, train_steps=4, **EPOCHS))
+    assert len(first["history"]["loss"]) == 2
+    assert len(first["history"]["val_loss"]) == 2
+    capsys.readouterr()
+    again = fashion_mnist.run(make_flags(tmp_path, train_steps=4, **EPOCHS))
+    printed = capsys.readouterr().out
+    assert "has finished: 4 steps trained, 4 asked for" in printed
+    assert "Resuming" not in printed
+    assert again["history"] == first["history"]
+    with open(tmp_path / train.RESULTS) as f:
+        assert json.load(f)["history"] == first["history"]
+
+
+def test_a_resumed_run_keeps_the_history_of_the_epochs_before(
+    tmp_path, monkeypatch
+):
+    settings = dict(train_steps=6, checkpoint_every_steps=1, **EPOCHS)
+    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
+    run_killed_after_step(
+        monkeypatch,
+        3,
+        fashion_mnist.run,
+        make_flags(tmp_path / "cut", **settings),
+    )
+    resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
+    assert resumed["resumed_from_step"] == 3
+    for key in ("loss", "accuracy", "val_loss"):
+        got, want = resumed["history"][key], whole["history"][key]
+        assert len(got) == len(want) == 3
+        # Epoch 1 was cut in two; epochs 0 and 2 were trained whole.
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-6)
+
+
+def test_results_record_the_trainer_flags_only(tmp_path):
+    assert "logtostderr" in flags.FLAGS and "run_with_pdb" in flags.FLAGS
+    fashion_mnist.run(make_flags(tmp_path))
+    with open(tmp_path / train.RESULTS) as f:
+        recorded = json.load(f)["flags"]
+    declared = {
+        flag.name
+        for flag in flags.FLAGS.flags_by_module_dict()["trainers.flags"]
+    }
+    assert set(recorded) == declared
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     fashion_mnist.run(make_flags(tmp_path))
     with pytest.raises(ValueError, match="another model or flag setting"):

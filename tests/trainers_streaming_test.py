@@ -15,6 +15,8 @@ import tensorflow_datasets as tfds
 from tests.distribute_test import mirrored
 from tests.trainer_run_test import make_flags as make_common_flags
 from tests.trainer_run_test import run_killed_after_step
+from trainers import augment
+from trainers import autoaugment
 from trainers import finetune
 from trainers import imagenet
 from trainers import streaming
@@ -73,6 +75,39 @@ def test_center_crop_keeps_the_central_224_of_256():
     image = tf.cast(tf.broadcast_to(columns, [256, 320, 3]) / 2, tf.uint8)
     crop = streaming.center_crop(image, 224).numpy() * 255
     np.testing.assert_allclose(crop[0, :, 0], np.arange(48, 272) // 2, atol=1)
+
+
+@pytest.mark.parametrize(
+    "augmentation, policy",
+    [("autoaugment_cifar", "cifar10"), ("autoaugment_svhn", "svhn")],
+)
+def test_autoaugment_applies_its_policy_after_the_crop_then_cutout(
+    tmp_path, augmentation, policy
+):
+    flags_obj = make_flags(tmp_path, seed=3)
+    source = streaming.synthetic_source(
+        streaming.StreamInfo("synthetic", 10, "train", "test"), 32, 8
+    )
+
+    def batches(name):
+        return list(
+            streaming.training_dataset(source, flags_obj, 0, 1, 2, 4, name)
+        )
+
+    basic, augmented = batches("basic"), batches(augmentation)
+    for step, ((x, y), (got, labels)) in enumerate(zip(basic, augmented), 1):
+        key = tf.constant([3, step], tf.int64)
+        cutout_key, policy_key = tf.unstack(
+            tf.random.experimental.stateless_split(key, 2)
+        )
+        want = augment.cutout(
+            autoaugment.autoaugment(x, policy, policy_key), 16, cutout_key
+        )
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_array_equal(labels, y)
+        assert not np.allclose(got, x)
+    with pytest.raises(ValueError, match="--augmentation=autoaugment_x"):
+        batches("autoaugment_x")
 
 
 def test_imagenet_resnet50_trains_two_synthetic_steps(tmp_path):

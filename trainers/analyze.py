@@ -8,7 +8,8 @@ writes `analysis.json` (top Hessian eigenvalues, m-sharpness and the loss
 at w for each model) and PNG plots: 1-D and 2-D filter-normalized loss
 landscapes side by side (like the SAM paper's Figure 1) and the Hessian
 spectral densities. All is measured on the first --num_examples training
-examples, with the models in inference mode.
+examples, with the models in inference mode. Any model the trainers save
+loads, their custom layers included.
 """
 
 import json
@@ -17,11 +18,16 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 
 from keras_sam import analysis
 from trainers import data as data_lib
+from trainers import flags as trainer_flags
+
+# The custom layers of the trainers' models (Shake-Shake, ShakeDrop, the
+# ImageNet preprocessing) are registered when their modules are imported.
+from trainers import models  # noqa: F401
+from trainers import streaming  # noqa: F401
 
 FLAGS = flags.FLAGS
 
@@ -118,6 +124,11 @@ def measure(model, dataset, flags_obj):
     return result
 
 
+def load_model(path):
+    """A `.keras` model the trainers saved, without its training config."""
+    return keras.saving.load_model(path, compile=False)
+
+
 def run(flags_obj):
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     dataset = _dataset(flags_obj)
@@ -129,7 +140,7 @@ def run(flags_obj):
             raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
     results = {
         os.path.basename(os.path.dirname(os.path.abspath(p))) or p: measure(
-            keras.saving.load_model(p, compile=False), dataset, flags_obj
+            load_model(p), dataset, flags_obj
         )
         for p in paths.values()
     }
@@ -174,4 +185,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

@@ -25,7 +25,8 @@ AUGMENTATIONS = (
     "autoaugment_cifar",
     "autoaugment_svhn",
 )
-_AUTOAUGMENT_POLICIES = {
+# --augmentation: the `trainers.autoaugment` policy it applies.
+AUTOAUGMENT_POLICIES = {
     "autoaugment_cifar": "cifar10",
     "autoaugment_svhn": "svhn",
 }
@@ -119,7 +120,7 @@ class Augmentation:
         self.flip = flip
         self.pad = pad
         self.cutout_size = cutout_size or max(1, image_shape[0] // 2)
-        self.policy = _AUTOAUGMENT_POLICIES.get(name)
+        self.policy = AUTOAUGMENT_POLICIES.get(name)
         self.randaugment = None
         if name == "randaugment":
             self.randaugment = keras.layers.RandAugment(

@@ -34,7 +34,6 @@ Label noise (Table 4: ResNet-32, 200 epochs; ρ = 0.1 up to 60 % noise,
         --model=resnet32 --epochs=200 --rho=0.05 --augmentation=basic
 """
 
-from absl import app
 from absl import flags
 
 from trainers import flags as trainer_flags
@@ -55,6 +54,7 @@ def define_flags():
         augmentation="basic",
         output_dir="runs/cifar",
     )
+    flags.adopt_module_key_flags(trainer_flags)
 
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
@@ -73,4 +73,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

@@ -27,11 +27,11 @@ import types
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app
 from absl import flags
 
 import keras_sam.analysis
 from trainers import fashion_mnist
+from trainers import flags as trainer_flags
 from trainers import train
 
 FLAGS = flags.FLAGS
@@ -48,6 +48,7 @@ def define_flags():
         rho=SELECTED_RHO,
         output_dir="runs/compare_sgd_sam",
     )
+    flags.adopt_module_key_flags(fashion_mnist)
     flags.DEFINE_integer(
         "sharpness_examples",
         2000,
@@ -184,4 +185,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

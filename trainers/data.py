@@ -68,7 +68,10 @@ def read_idx(path):
 
 def load_fashion_mnist_idx(data_dir):
     """Fashion-MNIST from the four IDX files in `data_dir`."""
-    data_dir = data_dir or DEBIAN_FASHION_MNIST
+    where = f"--data_dir={data_dir!r}"
+    if not data_dir:
+        data_dir = DEBIAN_FASHION_MNIST
+        where = f"{data_dir!r} (no --data_dir given)"
     missing = [
         name
         for pair in _IDX_FILES.values()
@@ -77,7 +80,7 @@ def load_fashion_mnist_idx(data_dir):
     ]
     if missing:
         raise FileNotFoundError(
-            f"Fashion-MNIST not found: looked in {data_dir!r} for "
+            f"Fashion-MNIST not found: {where} lacks "
             f"{', '.join(missing)}. Install Debian's package "
             "(apt-get update && apt-get install dataset-fashion-mnist, which "
             f"puts them in {DEBIAN_FASHION_MNIST}) or pass --data_dir=<dir "

@@ -13,7 +13,6 @@ The paper's setting (WRN-28-10, 200 epochs, batch 256, lr 0.1, weight decay
         --rho=0.05 --augmentation=cutout --output_dir=runs/fmnist_wrn
 """
 
-from absl import app
 from absl import flags
 
 from trainers import flags as trainer_flags
@@ -55,6 +54,7 @@ def define_flags(**defaults):
             **defaults,
         }
     )
+    flags.adopt_module_key_flags(trainer_flags)
 
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
@@ -77,4 +77,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

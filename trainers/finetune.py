@@ -24,13 +24,13 @@ in tensorflow-datasets):
         --train_steps=5000 --batch_size=1024 --learning_rate=0.016 \\
         --weight_decay=1e-5 --rho=0.05 --strategy=tpu --tpu=<name>
 
-The paper used AutoAugment for CIFAR-100; --augmentation=randaugment is the
-closest one here.
+The paper used AutoAugment for CIFAR-100: add
+--augmentation=autoaugment_cifar (its CIFAR-10 policy, after the crop).
 """
 
-from absl import app
 from absl import flags
 
+from trainers import flags as trainer_flags
 from trainers import streaming
 
 DATASETS = {
@@ -82,6 +82,8 @@ def define_flags():
         augmentation="basic",
         output_dir="runs/finetune",
     )
+    flags.adopt_module_key_flags(trainer_flags)
+    flags.adopt_module_key_flags(streaming)
 
 
 def run(flags_obj, strategy_override=None):
@@ -106,4 +108,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

@@ -1,5 +1,14 @@
-"""The flags every trainer shares; each trainer sets its own defaults."""
+"""The flags every trainer shares; each trainer sets its own defaults.
 
+A trainer's `define_flags()` declares them and adopts them as key flags of
+its module (`flags.adopt_module_key_flags`), so `--help` lists them; its
+program ends with `run_main(main)`.
+"""
+
+import os
+import sys
+
+from absl import app
 from absl import flags
 
 from trainers import augment
@@ -86,7 +95,7 @@ def define_common_flags(**defaults):
     flags.DEFINE_integer(
         "batch_size",
         d["batch_size"],
-        "Global batch size, split evenly across replicas.",
+        "Global batch size, in examples, split evenly across replicas.",
     )
     flags.DEFINE_float(
         "learning_rate", d["learning_rate"], "Peak learning rate of SGD."
@@ -127,10 +136,15 @@ def define_common_flags(**defaults):
         "a plain Keras fit and ignores the SAM flags (the SGD baseline).",
     )
     flags.DEFINE_float(
-        "rho", d["rho"], "SAM radius ρ; 0 is plain SGD through the same code."
+        "rho",
+        d["rho"],
+        "SAM radius ρ, the L2 norm of the weight perturbation ε; 0 is "
+        "plain SGD through the same code.",
     )
     flags.DEFINE_bool("adaptive", False, "ASAM instead of SAM.")
-    flags.DEFINE_float("eta", 0.01, "ASAM's η.")
+    flags.DEFINE_float(
+        "eta", 0.01, "ASAM's η, added to |w| in its scale T_w = |w| + η."
+    )
     flags.DEFINE_bool(
         "sync_perturbations",
         False,
@@ -296,3 +310,63 @@ def _define_validators():
             check,
             message=f"--{name} {message}",
         )
+
+
+def foreign_flag_names(flag_values=flags.FLAGS):
+    """Names of the flags in `flag_values` that no trainer declared.
+
+    A flag is a trainer's when a module of `trainers` or the main program
+    declared it; absl, TensorFlow and other libraries declare the rest
+    (logging, help, TPU tracing, ...).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def trainers_own(module):
+        return (
+            module == sys.argv[0]
+            or module.split(".")[0] == "trainers"
+            or os.path.dirname(os.path.abspath(module)) == here
+        )
+
+    return {
+        name
+        for module, declared in flag_values.flags_by_module_dict().items()
+        if not trainers_own(module)
+        for flag in declared
+        for name in (flag.name, flag.short_name)
+        if name
+    }
+
+
+_OURS = (
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "keras_sam",
+    ),
+)
+
+
+def run_main(main):
+    """`absl.app.run(main)`, with the errors the trainers raise on purpose
+    printed as one line, not a traceback.
+
+    Those are the `ValueError`s, `FileNotFoundError`s and
+    `FloatingPointError`s raised in `trainers` or `keras_sam` (a flag
+    value that cannot work, missing data, a diverged run); the program
+    then exits with status 1. Any other error keeps its traceback.
+    """
+
+    def main_with_clear_errors(argv):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError, FloatingPointError) as error:
+            frame = error.__traceback__
+            while frame.tb_next is not None:
+                frame = frame.tb_next
+            filename = os.path.abspath(frame.tb_frame.f_code.co_filename)
+            if not filename.startswith(_OURS):
+                raise
+            sys.exit(f"{type(error).__name__}: {error}")
+
+    app.run(main_with_clear_errors)

@@ -20,9 +20,9 @@ against 22.3 % after 400; ResNet-152, 400 epochs: 18.4 % against 20.9 %):
 (--epochs=400 for the longer runs, --model=resnet152 for the deeper one.)
 """
 
-from absl import app
 from absl import flags
 
+from trainers import flags as trainer_flags
 from trainers import streaming
 
 IMAGENET = streaming.StreamInfo("imagenet2012", 1000, "train", "validation")
@@ -40,6 +40,8 @@ def define_flags():
         augmentation="basic",
         output_dir="runs/imagenet",
     )
+    flags.adopt_module_key_flags(trainer_flags)
+    flags.adopt_module_key_flags(streaming)
 
 
 def run(flags_obj, strategy_override=None):
@@ -53,4 +55,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

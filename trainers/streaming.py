@@ -13,8 +13,12 @@ the central 224/256 of their shorter side, resized to `--image_size` (at
 224 pixels: resize to 256, crop 224). --augmentation=none crops training
 images like evaluation ones; basic is the random crop and flip; cutout and
 randaugment add a square of half the image side or Keras' RandAugment to
-each batch. Images reach the model as float32 in [0, 1], like everywhere
-in `trainers`; each model converts them to what its architecture expects.
+each batch; autoaugment_cifar and autoaugment_svhn apply that AutoAugment
+policy (`trainers.autoaugment`) to each cropped and flipped image, then the
+cutout, as `trainers.augment` does for the in-memory data sets (where the
+policy comes before the crop). Images reach the model as float32 in
+[0, 1], like everywhere in `trainers`; each model converts them to what its
+architecture expects.
 
 Resumption: data epoch k visits the training split in an order fixed by
 (--seed, k) (tensorflow-datasets' file shuffling and a `shuffle` buffer,
@@ -37,6 +41,7 @@ import tensorflow as tf
 from absl import flags
 
 from trainers import augment as augment_lib
+from trainers import autoaugment
 from trainers import flags as trainer_flags
 from trainers import models
 from trainers import train as train_lib
@@ -410,8 +415,14 @@ def training_dataset(
     The epoch's order is fixed by (seed, epoch); `start` batches are
     skipped before decoding. Example i of the run (counting across epochs)
     is cropped with the seed (seed, i), batch k is augmented with
-    (seed, k).
+    (seed, k). `augmentation` is one of `trainers.augment.AUGMENTATIONS`.
     """
+    if augmentation not in augment_lib.AUGMENTATIONS:
+        raise ValueError(
+            f"Unknown augmentation {augmentation!r}; expected one of "
+            f"{list(augment_lib.AUGMENTATIONS)}. Received: "
+            f"--augmentation={augmentation}"
+        )
     info, seed = source.info, flags_obj.seed
     batch_size, size = flags_obj.batch_size, flags_obj.image_size
     if flags_obj.train_examples:
@@ -444,7 +455,8 @@ def training_dataset(
         crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    if augmentation in ("cutout", "randaugment"):
+    policy = augment_lib.AUTOAUGMENT_POLICIES.get(augmentation)
+    if augmentation in ("cutout", "randaugment") or policy:
         randaugment = None
         if augmentation == "randaugment":
             randaugment = keras.layers.RandAugment(
@@ -454,14 +466,16 @@ def training_dataset(
 
         def augment(step, batch):
             images, labels = batch
-            if randaugment is None:
-                key = tf.stack([tf.constant(seed, tf.int64), step])
-                images = augment_lib.cutout(images, size // 2, seed=key)
-            else:
-                images = tf.clip_by_value(
-                    randaugment(images, training=True), 0.0, 1.0
+            if randaugment is not None:
+                images = randaugment(images, training=True)
+                return tf.clip_by_value(images, 0.0, 1.0), labels
+            key = tf.stack([tf.constant(seed, tf.int64), step])
+            if policy:
+                key, policy_key = tf.unstack(
+                    tf.random.experimental.stateless_split(key, 2)
                 )
-            return images, labels
+                images = autoaugment.autoaugment(images, policy, policy_key)
+            return augment_lib.cutout(images, size // 2, seed=key), labels
 
         dataset = tf.data.Dataset.zip(
             tf.data.Dataset.range(first_step, first_step + steps), dataset

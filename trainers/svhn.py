@@ -10,7 +10,6 @@ flips):
         --weight_decay=5e-4 --rho=0.01 --augmentation=basic
 """
 
-from absl import app
 from absl import flags
 
 from trainers import flags as trainer_flags
@@ -31,6 +30,7 @@ def define_flags():
         augmentation="basic",
         output_dir="runs/svhn",
     )
+    flags.adopt_module_key_flags(trainer_flags)
 
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
@@ -50,4 +50,4 @@ def main(_):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    trainer_flags.run_main(main)

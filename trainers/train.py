@@ -4,8 +4,10 @@ Batches are indexed by their absolute step: data epoch k visits the training
 set in the order of a permutation seeded by (seed, k). A resumed run
 therefore sees exactly the batches an uninterrupted run would. Checkpoints
 hold every model and optimizer variable (seed states included, which Keras'
-weight files leave out) and the step, written to a temporary file and
-renamed into place, so a kill never leaves a half-written checkpoint.
+weight files leave out), keyed by variable path, and the step, written to a
+temporary file and renamed into place, so a kill never leaves a
+half-written checkpoint. A checkpoint restores only into a model whose
+variables have the same paths and shapes.
 """
 
 import collections
@@ -23,6 +25,7 @@ import tensorflow as tf
 import keras_sam
 from trainers import augment as augment_lib
 from trainers import data as data_lib
+from trainers import flags as trainer_flags
 from trainers import models
 from trainers import strategy as strategy_lib
 
@@ -52,24 +55,81 @@ def _state_variables(model):
     return list(model.variables) + list(model.optimizer.variables)
 
 
-def save_checkpoint(path, model, step):
-    arrays = {f"v{i}": v.numpy() for i, v in enumerate(_state_variables(model))}
+def state_paths(model):
+    """`{key: variable}` of every model and optimizer variable.
+
+    A key is the variable's path; a path that occurs more than once gets
+    `#k` appended to its k-th repeat (k = 1, 2, … in variable order).
+    """
+    keys, seen = {}, {}
+    for variable in _state_variables(model):
+        count = seen.get(variable.path, 0)
+        seen[variable.path] = count + 1
+        keys[variable.path + (f"#{count}" if count else "")] = variable
+    return keys
+
+
+_VARIABLES = "variables/"
+
+
+def save_checkpoint(path, model, step, history=None):
+    """Writes the model's and optimizer's variables, keyed by path, with
+    `step` and the `history` so far, to `path`, atomically."""
+    arrays = {_VARIABLES + k: v.numpy() for k, v in state_paths(model).items()}
+    arrays["history"] = np.array(json.dumps(history or {}))
     write_atomically(path, lambda f: np.savez(f, step=np.int64(step), **arrays))
 
 
 def restore_checkpoint(path, model):
-    """Loads a checkpoint into `model`; returns its step."""
+    """Loads a checkpoint into `model`; returns its step.
+
+    Every variable is matched by its path (`state_paths`). Variables
+    missing from the checkpoint, saved ones the model lacks and shapes
+    that differ are an error that lists them, and nothing is assigned.
+    """
+    variables = state_paths(model)
     with np.load(path) as saved:
-        variables = _state_variables(model)
-        if len(saved.files) - 1 != len(variables):
+        step = int(saved["step"])
+        if "v0" in saved.files:
             raise ValueError(
-                f"Checkpoint {path} holds {len(saved.files) - 1} variables "
-                f"but the model has {len(variables)}; was it written by "
-                "another model or flag setting?"
+                f"Checkpoint {path} keys its variables by position, as "
+                "earlier versions wrote them; it cannot be matched to the "
+                "model. Train afresh in another --output_dir."
             )
-        for i, variable in enumerate(variables):
-            variable.assign(saved[f"v{i}"])
-        return int(saved["step"])
+        arrays = {
+            name[len(_VARIABLES) :]: saved[name]
+            for name in saved.files
+            if name.startswith(_VARIABLES)
+        }
+    problems = [f"missing {k}" for k in variables if k not in arrays]
+    problems += [f"unexpected {k}" for k in arrays if k not in variables]
+    problems += [
+        f"{k} has shape {arrays[k].shape} in the checkpoint and "
+        f"{tuple(v.shape)} in the model"
+        for k, v in variables.items()
+        if k in arrays and arrays[k].shape != tuple(v.shape)
+    ]
+    if problems:
+        listed = "; ".join(problems[:20])
+        if len(problems) > 20:
+            listed += f"; and {len(problems) - 20} more"
+        raise ValueError(
+            f"Checkpoint {path} does not match the model; was it written by "
+            f"another model or flag setting? {len(problems)} mismatches: "
+            f"{listed}."
+        )
+    for key, variable in variables.items():
+        variable.assign(arrays[key])
+    return step
+
+
+def checkpoint_history(path):
+    """The training history saved with the checkpoint at `path` ({} if
+    none)."""
+    with np.load(path) as saved:
+        if "history" not in saved.files:
+            return {}
+        return json.loads(str(saved["history"]))
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -77,21 +137,36 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     Steps are read from the optimizer's counter, so the schedule holds with
     `steps_per_execution` > 1 (the callback then runs once per execution).
-    A state with a non-finite loss or weight is never written: the last
-    good checkpoint stays in place.
+    The checkpoint also holds `history`, the logs of every epoch so far
+    (to which this callback appends each epoch's). A state with a
+    non-finite loss or weight is never written: the last good checkpoint
+    stays in place.
     """
 
-    def __init__(self, path, every, start_step, is_chief=True):
+    def __init__(self, path, every, start_step, is_chief=True, history=None):
         super().__init__()
         self.path = path
         self.every = every
         self.step = start_step
         self.saved_step = start_step
         self.is_chief = is_chief
+        self.history = {} if history is None else history
+        self._due = False
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = int(self.model.optimizer.iterations.numpy())
         if self.step // self.every > self.saved_step // self.every:
+            # At the epoch's last batch, wait for the epoch's logs.
+            steps = (self.params or {}).get("steps")
+            if steps and batch + 1 >= steps:
+                self._due = True
+            else:
+                self._save(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        if self._due:
             self._save(logs)
 
     def on_train_end(self, logs=None):
@@ -99,14 +174,30 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             self._save(logs)
 
     def _save(self, logs):
+        self._due = False
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
             return
         if not all(np.all(np.isfinite(v.numpy())) for v in self.model.weights):
             return
         path = self.path if self.is_chief else self.path + ".worker"
-        save_checkpoint(path, self.model, self.step)
+        save_checkpoint(path, self.model, self.step, self.history)
         self.saved_step = self.step
+
+
+class ExampleSetAccuracy(keras.callbacks.Callback):
+    """Adds to each epoch's logs the accuracy of `model` on each `Split`
+    of `example_sets` (a dict: log key to split)."""
+
+    def __init__(self, model, example_sets):
+        super().__init__()
+        self.measured = model
+        self.example_sets = example_sets
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            for key, split in self.example_sets.items():
+                logs[key] = accuracy(self.measured, split)
 
 
 def step_indices(num_examples, batch_size, steps, seed):
@@ -272,7 +363,15 @@ def run(
 
 
 def prepare(flags_obj, strategy_override=None):
-    """Seeds, determinism, the strategy and the accelerator settings."""
+    """Seeds, determinism, the strategy and the accelerator settings.
+
+    Keras' session is cleared first (the global mixed-precision policy is
+    kept): layers are then named alike in every run, in this process or
+    another, so checkpoints, keyed by variable path, match.
+    """
+    policy = keras.mixed_precision.global_policy()
+    keras.backend.clear_session(free_memory=False)
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(flags_obj.seed)
     if flags_obj.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -524,39 +623,55 @@ def fit_and_report(
     `train_data(step, epoch, steps)` returns the dataset of the `steps`
     batches that follow global step `step` in `epoch`. `example_sets` maps
     a history key to a `Split` whose accuracy is recorded after every
-    epoch (and its last value in the results).
+    epoch (and its last value in the results). The history of the epochs
+    before a resumed checkpoint comes from that checkpoint; a finished run
+    started again trains no more and keeps its history.
     """
     example_sets = example_sets or {}
     output_dir = flags_obj.output_dir
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, CHECKPOINT)
-    start_step = 0
     # Workers restore the chief's checkpoint on a shared file system, else
     # the copy each writes beside it (on a disk of its own).
-    own_copy = checkpoint_path + ".worker"
-    if not os.path.exists(checkpoint_path) and not _is_chief(strategy):
-        if os.path.exists(own_copy):
-            start_step = restore_checkpoint(own_copy, model)
+    restored = None
     if os.path.exists(checkpoint_path):
-        start_step = restore_checkpoint(checkpoint_path, model)
-        print(f"Resuming from step {start_step} of {total_steps}.")
+        restored = checkpoint_path
+    elif not _is_chief(strategy) and os.path.exists(
+        checkpoint_path + ".worker"
+    ):
+        restored = checkpoint_path + ".worker"
+    start_step, history = 0, {}
+    if restored:
+        start_step = restore_checkpoint(restored, model)
+        history = checkpoint_history(restored)
+        if start_step >= total_steps:
+            print(
+                f"The run in {output_dir} has finished: {start_step} steps "
+                f"trained, {total_steps} asked for. Evaluating it again."
+            )
+        else:
+            print(f"Resuming from step {start_step} of {total_steps}.")
 
     every = flags_obj.checkpoint_every_steps or steps_per_epoch
     callbacks = [
+        ExampleSetAccuracy(base, example_sets),
         AtomicCheckpoint(
-            checkpoint_path, every, start_step, _is_chief(strategy)
+            checkpoint_path,
+            every,
+            start_step,
+            _is_chief(strategy),
+            history=history,
         ),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
     ]
-    history = {}
     train_wall_seconds = train_cpu_seconds = 0.0
     step = start_step
     while step < total_steps:
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
         wall, cpu = time.time(), time.process_time()
-        fit = model.fit(
+        model.fit(
             train_data(step, epoch, steps),
             epochs=epoch + 1,
             initial_epoch=epoch,
@@ -572,10 +687,6 @@ def fit_and_report(
         )
         train_wall_seconds += time.time() - wall
         train_cpu_seconds += time.process_time() - cpu
-        for key, values in fit.history.items():
-            history.setdefault(key, []).extend(values)
-        for key, split in example_sets.items():
-            history.setdefault(key, []).append(accuracy(base, split))
         step += steps
         if model.stop_training:
             raise FloatingPointError(
@@ -595,8 +706,9 @@ def fit_and_report(
         "requested_train_steps": int(total_steps),
         "resumed_from_step": int(start_step),
         "wall_time_seconds": time.time() - start_time,
-        # Of the `fit` calls of this process (per-epoch test evaluation
-        # included); CPU time is the whole process's, all threads.
+        # Of the `fit` calls of this process (the per-epoch evaluations of
+        # the test set and example sets included); CPU time is the whole
+        # process's, all threads.
         "train_wall_seconds": train_wall_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "replicas": strategy.num_replicas_in_sync,
@@ -626,12 +738,16 @@ def _is_chief(strategy):
 
 
 def _flag_dict(flags_obj):
+    """The trainer's flags: those absl, TensorFlow and others declare in
+    the same `absl.flags.FLAGS` (logging, help, ...) are left out."""
     if hasattr(flags_obj, "flag_values_dict"):
         values = flags_obj.flag_values_dict()
     else:
         values = dict(vars(flags_obj))
+    foreign = trainer_flags.foreign_flag_names()
     return {
         k: v
         for k, v in values.items()
-        if isinstance(v, (str, int, float, bool, type(None), list))
+        if k not in foreign
+        and isinstance(v, (str, int, float, bool, type(None), list))
     }

@@ -1,0 +1,74 @@
+"""The trainers as programs: `--help` and errors a user can act on."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer_run_test import ROOT
+
+
+def _program(module, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "module, own",
+    [
+        ("trainers.fashion_mnist", []),
+        ("trainers.compare_sgd_sam", ["--sam_rho"]),
+        ("trainers.cifar", ["--dataset"]),
+        ("trainers.imagenet", ["--image_size", "--shuffle_buffer"]),
+    ],
+)
+def test_help_lists_the_trainer_flags_with_their_units(module, own):
+    result = _program(module, "--help")  # absl then exits with status 1.
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for flag in ["--rho", "--batch_size", "--checkpoint_every_steps", *own]:
+        assert f"  {flag}" in result.stdout, flag
+    assert "Global batch size, in examples" in result.stdout
+    assert "every this many steps" in result.stdout
+    # Not absl's and TensorFlow's own (those are under --helpfull).
+    assert "--logtostderr" not in result.stdout
+    assert "--tt_check_filter" not in result.stdout
+
+
+def _last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_missing_data_is_one_line_naming_the_flag_and_the_files(tmp_path):
+    result = _program(
+        "trainers.fashion_mnist",
+        "--data_dir=/nonexistent",
+        f"--output_dir={tmp_path}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    line = _last_line(result)
+    assert line.startswith("FileNotFoundError: Fashion-MNIST not found: ")
+    assert "--data_dir='/nonexistent' lacks train-images-idx3-ubyte.gz" in line
+
+
+def test_flags_that_cannot_work_together_are_one_line(tmp_path):
+    result = _program(
+        "trainers.fashion_mnist",
+        "--synthetic_data",
+        "--validation_examples=100000",
+        f"--output_dir={tmp_path}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert _last_line(result).startswith(
+        "ValueError: --validation_examples=100000 leaves no training examples"
+    )
