@@ -26,7 +26,7 @@ def _program(module, *args):
     "module, own",
     [
         ("trainers.fashion_mnist", []),
-        ("trainers.compare_sgd_sam", ["--sam_rho"]),
+        ("trainers.compare_sgd_sam", ["--sharpness_examples"]),
         ("trainers.cifar", ["--dataset"]),
         ("trainers.imagenet", ["--image_size", "--shuffle_buffer"]),
     ],
