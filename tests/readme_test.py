@@ -9,7 +9,9 @@ import os
 import re
 
 import pytest
+import tensorflow as tf
 
+from tests.distribute_test import mirrored
 from tests.trainer_run_test import ROOT
 
 SKIP = "<!-- readme-test: skip -->"
@@ -46,4 +48,10 @@ def test_readme_block_runs(line, code, skipped, tmp_path, monkeypatch):
     if skipped:
         pytest.skip(f"README.md:{line} is marked {SKIP}")
     monkeypatch.chdir(tmp_path)
+    # One MirroredStrategy per test process (see distribute_test.mirrored):
+    # a README block's own would collide with the other tests'.
+    strategy = mirrored()
+    monkeypatch.setattr(
+        tf.distribute, "MirroredStrategy", lambda *a, **k: strategy
+    )
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})

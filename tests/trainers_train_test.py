@@ -124,8 +124,11 @@ def test_memorization_and_validation_accuracy_are_recorded(tmp_path):
         assert len(history[key]) == 2
         assert 0.0 <= history[key][-1] <= 1.0
         assert results[key] == history[key][-1]
-    assert results["train_cpu_seconds"] > 0
-    assert results["train_wall_seconds"] > 0
+    # Training time, evaluation left out, per epoch and summed.
+    for key in ("train_cpu_seconds", "train_wall_seconds"):
+        per_epoch = history["epoch_" + key]
+        assert len(per_epoch) == 2 and min(per_epoch) > 0
+        assert results[key] == pytest.approx(sum(per_epoch))
 
 
 def test_validation_examples_must_leave_training_examples(tmp_path):

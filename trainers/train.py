@@ -21,6 +21,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.utils import naming
 
 import keras_sam
 from trainers import augment as augment_lib
@@ -183,6 +184,29 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         path = self.path if self.is_chief else self.path + ".worker"
         save_checkpoint(path, self.model, self.step, self.history)
         self.saved_step = self.step
+
+
+class TrainingTime(keras.callbacks.Callback):
+    """Adds to each epoch's logs the wall and process CPU seconds from the
+    epoch's start to its last training batch, so evaluation is left out."""
+
+    KEYS = {
+        "train_wall_seconds": "epoch_train_wall_seconds",
+        "train_cpu_seconds": "epoch_train_cpu_seconds",
+    }
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = (time.time(), time.process_time())
+        self.elapsed = (0.0, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = (time.time(), time.process_time())
+        self.elapsed = tuple(b - a for a, b in zip(self.start, now))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_train_wall_seconds"] = self.elapsed[0]
+            logs["epoch_train_cpu_seconds"] = self.elapsed[1]
 
 
 class ExampleSetAccuracy(keras.callbacks.Callback):
@@ -365,13 +389,13 @@ def run(
 def prepare(flags_obj, strategy_override=None):
     """Seeds, determinism, the strategy and the accelerator settings.
 
-    Keras' session is cleared first (the global mixed-precision policy is
-    kept): layers are then named alike in every run, in this process or
-    another, so checkpoints, keyed by variable path, match.
+    Keras' counters of layer names are reset first: layers are then named
+    alike in every run, in this process or another, so checkpoints, keyed
+    by variable path, match. (Not `keras.backend.clear_session()`: after
+    it, a new MirroredStrategy's all-reduces can collide with an earlier
+    strategy's in the same process.)
     """
-    policy = keras.mixed_precision.global_policy()
-    keras.backend.clear_session(free_memory=False)
-    keras.mixed_precision.set_global_policy(policy)
+    naming.reset_uids()
     keras.utils.set_random_seed(flags_obj.seed)
     if flags_obj.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -654,6 +678,7 @@ def fit_and_report(
 
     every = flags_obj.checkpoint_every_steps or steps_per_epoch
     callbacks = [
+        TrainingTime(),
         ExampleSetAccuracy(base, example_sets),
         AtomicCheckpoint(
             checkpoint_path,
@@ -665,12 +690,10 @@ def fit_and_report(
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
     ]
-    train_wall_seconds = train_cpu_seconds = 0.0
     step = start_step
     while step < total_steps:
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
-        wall, cpu = time.time(), time.process_time()
         model.fit(
             train_data(step, epoch, steps),
             epochs=epoch + 1,
@@ -685,8 +708,6 @@ def fit_and_report(
             shuffle=False,
             verbose=flags_obj.verbose,
         )
-        train_wall_seconds += time.time() - wall
-        train_cpu_seconds += time.process_time() - cpu
         step += steps
         if model.stop_training:
             raise FloatingPointError(
@@ -706,11 +727,12 @@ def fit_and_report(
         "requested_train_steps": int(total_steps),
         "resumed_from_step": int(start_step),
         "wall_time_seconds": time.time() - start_time,
-        # Of the `fit` calls of this process (the per-epoch evaluations of
-        # the test set and example sets included); CPU time is the whole
-        # process's, all threads.
-        "train_wall_seconds": train_wall_seconds,
-        "train_cpu_seconds": train_cpu_seconds,
+        # Training batches only, every epoch (evaluations left out); CPU
+        # time is the whole process's, all threads.
+        **{
+            key: float(sum(history.get(TrainingTime.KEYS[key], [])))
+            for key in TrainingTime.KEYS
+        },
         "replicas": strategy.num_replicas_in_sync,
         **{key: history[key][-1] for key in example_sets if history.get(key)},
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
