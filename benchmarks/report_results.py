@@ -176,6 +176,20 @@ def rho_table(runs):
     return "\n".join(lines)
 
 
+def grid_edge_note(runs):
+    """Says where the chosen ρ is the largest of the grid."""
+    rhos = sorted({r["rho"] for r in _select(runs, "SAM")})
+    edge = [n for n, rho in selected_rhos(runs).items() if rho == rhos[-1]]
+    if not edge:
+        return ""
+    rates = ", ".join(f"{100 * n:.0f} %" for n in edge)
+    return (
+        f"At {rates} noise the chosen ρ is the largest of the grid "
+        f"(ρ = {rhos[-1]}): a larger ρ may do better still; it was not "
+        "tried."
+    )
+
+
 def clean_verdict(runs):
     rhos = selected_rhos(runs)
     if 0.0 not in rhos:
@@ -534,6 +548,8 @@ Seed 0's validation / test accuracy (%) at every ρ (bold: the ρ chosen
 on validation).
 
 {rho_table(runs)}
+
+{grid_edge_note(runs)}
 
 ![validation accuracy by ρ](results/rho.png)
 

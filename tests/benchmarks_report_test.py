@@ -234,3 +234,8 @@ def test_a_run_is_claimed_by_one_study_process_at_a_time(tmp_path):
     with generalization.claimed(run) as third:
         assert third
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_choice_at_the_edge_of_the_grid_is_said():
+    note = report_results.grid_edge_note(_noise_study())
+    assert note.startswith("At 0 %, 40 % noise the chosen ρ is the largest")
