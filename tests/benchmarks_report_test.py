@@ -133,16 +133,9 @@ def test_variants_cost_counts_the_extra_passes():
 
 
 def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
-    regime = dict(
-        model="mlp",
-        train_examples=4000,
-        validation_examples=2000,
-        epochs=3,
-        batch_size=128,
-        learning_rate=0.05,
-        weight_decay=5e-4,
-        track_memorization=True,
-    )
+    from trainers import fashion_mnist
+
+    regime = dict(fashion_mnist.MEMORIZATION_REGIME, epochs=3)
     (tmp_path / "results_noise.json").write_text(
         json.dumps({"study": "noise", "regime": regime, "runs": _noise_study()})
     )

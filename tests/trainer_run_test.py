@@ -71,6 +71,21 @@ def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
     assert np.isfinite(results["test_loss"])
 
 
+def whole_and_resumed(monkeypatch, tmp_path, step, **settings):
+    """Results of an uninterrupted run and of one killed after `step`,
+    then started again."""
+    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
+    run_killed_after_step(
+        monkeypatch,
+        step,
+        fashion_mnist.run,
+        make_flags(tmp_path / "cut", **settings),
+    )
+    resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
+    assert resumed["resumed_from_step"] == step
+    return whole, resumed
+
+
 def run_killed_after_step(monkeypatch, step, run, flags_obj):
     """Runs `run(flags_obj)`, interrupted right after the checkpoint
     callback has handled `step`, as a kill would interrupt it."""
@@ -109,15 +124,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
         rho=0.1,
         **RESUMED_SETTINGS[variant],
     )
-    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
-    run_killed_after_step(
-        monkeypatch,
-        4,
-        fashion_mnist.run,
-        make_flags(tmp_path / "cut", **settings),
-    )
-    resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
-    assert resumed["resumed_from_step"] == 4
+    whole, resumed = whole_and_resumed(monkeypatch, tmp_path, 4, **settings)
     assert resumed["train_steps"] == 6
     np.testing.assert_allclose(
         resumed["test_loss"], whole["test_loss"], rtol=1e-6
@@ -186,15 +193,7 @@ def test_a_resumed_run_keeps_the_history_of_the_epochs_before(
     tmp_path, monkeypatch
 ):
     settings = dict(train_steps=6, checkpoint_every_steps=1, **EPOCHS)
-    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
-    run_killed_after_step(
-        monkeypatch,
-        3,
-        fashion_mnist.run,
-        make_flags(tmp_path / "cut", **settings),
-    )
-    resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
-    assert resumed["resumed_from_step"] == 3
+    whole, resumed = whole_and_resumed(monkeypatch, tmp_path, 3, **settings)
     for key in ("loss", "accuracy", "val_loss"):
         got, want = resumed["history"][key], whole["history"][key]
         assert len(got) == len(want) == 3
