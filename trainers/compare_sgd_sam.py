@@ -30,6 +30,7 @@ import tensorflow as tf
 from absl import flags
 
 import keras_sam.analysis
+from trainers import data as data_lib
 from trainers import fashion_mnist
 from trainers import flags as trainer_flags
 from trainers import train
@@ -59,6 +60,10 @@ def define_flags():
 
 def run(flags_obj, datasets_override=None):
     """Trains SGD then SAM; returns {name: results with "sharpness"}."""
+    # Read once: both runs and both sharpness measurements use the same.
+    datasets = datasets_override or data_lib.load(
+        fashion_mnist.DATASET, flags_obj.data_dir, flags_obj.synthetic_data
+    )
     results = {}
     for name, sam in (("SGD", False), ("SAM", True)):
         values = dict(
@@ -69,8 +74,8 @@ def run(flags_obj, datasets_override=None):
         label = f"rho={flags_obj.rho}" if sam else "plain Keras fit"
         print(f"\n=== {name} ({label}) ===")
         run_flags = types.SimpleNamespace(**values)
-        r = fashion_mnist.run(run_flags, datasets_override=datasets_override)
-        r["sharpness"] = top_hessian_eigenvalue(run_flags, datasets_override)
+        r = fashion_mnist.run(run_flags, datasets_override=datasets)
+        r["sharpness"] = top_hessian_eigenvalue(run_flags, datasets)
         results[name] = r
     return results
 
