@@ -3,6 +3,7 @@
 import setuptools
 
 TENSORFLOW = "2.21.*"
+JAX = "jax>=0.4.36"
 
 setuptools.setup(
     name="keras_sam",
@@ -24,6 +25,9 @@ setuptools.setup(
         "cpu": [f"tensorflow-cpu=={TENSORFLOW}"],
         "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW}"],
         "tpu": [f"tensorflow-tpu=={TENSORFLOW}"],
+        # Keras' JAX backend on CPU; for GPUs install "jax[cuda12]", for
+        # TPUs "jax[tpu]" (see the README's Backends section).
+        "jax": [JAX],
         "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
     },
     classifiers=[

@@ -12,6 +12,7 @@ from keras_sam.sam_model import SAMModel
 from keras_sam.sam_step import SAMResult
 from keras_sam.sam_step import compute_sam_gradients
 from keras_sam.sam_step import sam_gradients
+from keras_sam.sam_step import stateless_sam_gradients
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,6 @@ __all__ = [
     "sam_gradients",
     "sam_perturbation",
     "schedules",
+    "stateless_sam_gradients",
     "switching",
 ]

@@ -24,8 +24,10 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+from keras import tree
 
+from keras_sam import backend
 from keras_sam import perturbations
 
 
@@ -38,63 +40,57 @@ class _LossFunctions:
         self.loss_fn = loss_fn
         self.training = training
         self.variables = model.trainable_variables
-        self._batch_loss = tf.function(self._batch_loss_impl)
-        self._batch_grad = tf.function(self._batch_grad_impl)
-        self._batch_hvp = tf.function(self._batch_hvp_impl)
+        self._batch_loss = backend.function(self._batch_loss_impl)
+        self._batch_grad = backend.function(self._batch_grad_impl)
+        self._batch_hvp = backend.function(self._batch_hvp_impl)
 
     def _loss_at(self, weights, x, y):
         mapping = list(zip(self.variables, weights))
         mapping.extend(
-            (v, tf.convert_to_tensor(v.value))
+            (v, ops.convert_to_tensor(v.value))
             for v in self.model.non_trainable_variables
         )
         with keras.StatelessScope(state_mapping=mapping):
             y_pred = self.model(x, training=self.training)
             # Per-example losses or their mean: either way, the batch mean.
-            return tf.reduce_mean(tf.cast(self.loss_fn(y, y_pred), tf.float32))
+            return ops.mean(ops.cast(self.loss_fn(y, y_pred), "float32"))
 
     def _batch_loss_impl(self, weights, x, y):
         return self._loss_at(weights, x, y)
 
     def _batch_grad_impl(self, weights, x, y):
-        with tf.GradientTape() as tape:
-            tape.watch(weights)
+        def objective(weights):
             loss = self._loss_at(weights, x, y)
-        return loss, _zeros_for_none(tape.gradient(loss, weights), weights)
+            return loss, loss
+
+        loss, grads = backend.value_and_gradients(objective, weights)
+        return loss, _zeros_for_none(grads, weights)
 
     def _batch_hvp_impl(self, weights, vector, x, y):
-        with tf.GradientTape() as outer:
-            outer.watch(weights)
-            with tf.GradientTape() as inner:
-                inner.watch(weights)
-                loss = self._loss_at(weights, x, y)
-            grads = _zeros_for_none(inner.gradient(loss, weights), weights)
-            grad_dot_vector = tf.add_n(
-                [tf.reduce_sum(g * v) for g, v in zip(grads, vector)]
-            )
-        return _zeros_for_none(
-            outer.gradient(grad_dot_vector, weights), weights
+        return backend.hessian_vector_product(
+            lambda w: self._loss_at(w, x, y), weights, vector
         )
 
     def current_weights(self):
-        return [tf.convert_to_tensor(v.value) for v in self.variables]
+        return [ops.convert_to_tensor(v.value) for v in self.variables]
 
     def _mean_over_dataset(self, fn, *args):
         total, count = None, 0
-        for x, y in self.dataset:
-            n = int(tf.shape(tf.nest.flatten(x)[0])[0])
-            value = tf.nest.map_structure(
-                lambda t, n=n: t.numpy().astype(np.float64) * n, fn(*args, x, y)
+        for x, y in _batches(self.dataset):
+            n = int(ops.shape(tree.flatten(x)[0])[0])
+            value = tree.map_structure(
+                lambda t, n=n: ops.convert_to_numpy(t).astype(np.float64) * n,
+                fn(*args, x, y),
             )
             total = (
                 value
                 if total is None
-                else tf.nest.map_structure(np.add, total, value)
+                else tree.map_structure(np.add, total, value)
             )
             count += n
         if count == 0:
             raise ValueError("`dataset` is empty.")
-        return tf.nest.map_structure(lambda t: t / count, total)
+        return tree.map_structure(lambda t: t / count, total)
 
     def loss(self, weights):
         return float(self._mean_over_dataset(self._batch_loss, weights))
@@ -107,9 +103,19 @@ class _LossFunctions:
         return self._mean_over_dataset(self._batch_hvp, weights, vector)
 
 
+def _batches(dataset):
+    """The `(x, y)` batches of `dataset` as the backend's tensors."""
+    for x, y in dataset:
+        if backend.BACKEND != "tensorflow":
+            x, y = tree.map_structure(
+                lambda t: ops.convert_to_tensor(np.asarray(t)), (x, y)
+            )
+        yield x, y
+
+
 def _zeros_for_none(grads, weights):
     return [
-        tf.zeros_like(w) if g is None else g for g, w in zip(grads, weights)
+        ops.zeros_like(w) if g is None else g for g, w in zip(grads, weights)
     ]
 
 
@@ -131,7 +137,7 @@ class _Flattener:
         out, start = [], 0
         for shape, size, dtype in zip(self.shapes, self.sizes, self.dtypes):
             piece = vector[start : start + size].reshape(shape)
-            out.append(tf.constant(piece, dtype=dtype))
+            out.append(ops.convert_to_tensor(piece, dtype=dtype))
             start += size
         return out
 
@@ -357,7 +363,7 @@ def m_sharpness(model, dataset, loss_fn, rho, m, training=False):
     functions = _LossFunctions(model, groups, loss_fn, training)
     weights = functions.current_weights()
     values = []
-    for x, y in groups:
+    for x, y in _batches(groups):
         loss, grads = functions._batch_grad(weights, x, y)
         eps = perturbations.sam_perturbation(grads, rho)
         perturbed = [w + e for w, e in zip(weights, eps)]
@@ -408,7 +414,8 @@ def filter_normalized_direction(weights, seed=0, ignore_1d=True):
 
 def _weights_of(model):
     return [
-        np.asarray(v.numpy(), np.float64) for v in model.trainable_variables
+        ops.convert_to_numpy(v.value).astype(np.float64)
+        for v in model.trainable_variables
     ]
 
 
@@ -490,7 +497,7 @@ def _combine(functions, weights, steps):
         for c, d in zip(combined, direction):
             c += scale * d
     return [
-        tf.constant(c, dtype=v.dtype)
+        ops.convert_to_tensor(c, dtype=v.dtype)
         for c, v in zip(combined, functions.variables)
     ]
 

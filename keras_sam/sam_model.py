@@ -4,11 +4,10 @@ import re
 import warnings
 
 import keras
-import tensorflow as tf
 from keras import ops
 from keras import tree
 
-from keras_sam import perturbations
+from keras_sam import backend
 from keras_sam import sam_step
 from keras_sam import saving
 from keras_sam import switching as switching_lib
@@ -329,7 +328,11 @@ class SAMModel(keras.Model):
             )
         return mask
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # `(data)` on TensorFlow, `(state, data)` on JAX's stateless trainer.
+        return backend.train_step(self, self._sam_train_step, *args)
+
+    def _sam_train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not self.built:
             self._build_from_batch(x)
@@ -338,30 +341,32 @@ class SAMModel(keras.Model):
                 "The model does not have any trainable weights.", stacklevel=2
             )
             y_pred = self(x, training=True)
-            return _logs_for_multi_worker(
-                self.compute_metrics(x, y, y_pred, sample_weight)
-            )
+            return self.compute_metrics(x, y, y_pred, sample_weight)
 
-        rho = self._current_rho()
         result = sam_step.compute_sam_gradients(
             self,
             self._compute_total_loss,
             x,
             y,
             sample_weight,
-            rho=rho,
+            rho=self._current_rho(),
             adaptive=self.adaptive,
             eta=self.eta,
+            adaptive_variables=self.adaptive_variables,
             micro_batches=self.micro_batches,
             sync_perturbations=self.sync_perturbations,
             scale_loss=self.optimizer.scale_loss,
-            epsilon=perturbations.DEFAULT_EPSILON,
             perturbed_mask=self._perturbed_mask(),
-            should_perturb=self._should_perturb(),
-            combine=self._combine(),
-            fallback=self._fallback(),
-            adaptive_variables=self.adaptive_variables,
+            gsam_alpha=self.gsam_alpha,
+            switching=self.switching,
+            step=self.optimizer.iterations,
+            looksam_alpha=self.looksam_alpha,
+            looksam_directions=self._looksam_directions,
         )
+        if self.switching is not None:
+            self.sam_fraction_tracker.update_state(
+                ops.cast(result.sam_step, "float32")
+            )
         self._track_sharpness(result)
         self._loss_tracker.update_state(
             _unscale_loss_for_distribution(result.loss),
@@ -369,22 +374,19 @@ class SAMModel(keras.Model):
                 next(t for t in tree.flatten(x) if t is not None)
             )[0],
         )
-        self.optimizer.apply_gradients(
-            zip(result.gradients, self.trainable_weights)
+        backend.apply_gradients(
+            self.optimizer, result.gradients, self.trainable_weights
         )
-        return _logs_for_multi_worker(
-            self.compute_metrics(
-                x, y, result.y_pred, sample_weight=sample_weight
-            )
+        return self.compute_metrics(
+            x, y, result.y_pred, sample_weight=sample_weight
         )
 
     def _track_sharpness(self, result):
         """Logs the replica's sharpness and unscaled ‖g‖, if finite."""
         if self.sharpness_tracker is None:
             return
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         scale = ops.cast(self.optimizer.scale_loss(ops.ones(())), "float32")
-        grad_norm = result.grad_norm * replicas / scale
+        grad_norm = result.grad_norm * backend.replica_count() / scale
         sharpness = _unscale_loss_for_distribution(result.sharpness)
         finite = ops.logical_and(
             ops.isfinite(grad_norm), ops.isfinite(sharpness)
@@ -422,13 +424,14 @@ class SAMModel(keras.Model):
         finally:
             self.base._compile_loss = base_compile_loss
 
-    def test_step(self, data):
-        logs = super().test_step(data)
-        # Evaluation takes no SAM steps; these training metrics mean nothing
-        # here.
+    def test_step(self, *args):
+        output = super().test_step(*args)
+        # `logs` on TensorFlow, `(logs, state)` on JAX. Evaluation takes no
+        # SAM steps; these training metrics mean nothing here.
+        logs = output[0] if isinstance(output, tuple) else output
         for name in ("sam_fraction", "sharpness", "grad_norm"):
             logs.pop(name, None)
-        return _logs_for_multi_worker(logs)
+        return backend.logs_for_workers(output)
 
     def export(
         self,
@@ -481,98 +484,20 @@ class SAMModel(keras.Model):
         )
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras (3.15) builds from one batch that it all-reduces eagerly
-        # with `strategy.reduce`, which MultiWorkerMirroredStrategy cannot
-        # do (keras-team/keras#20585). One replica's share of the batch has
-        # the same structure and serves as well.
         if iterator is not None and data_batch is None:
-            if _is_multi_worker(self.distribute_strategy):
-                for _, _, it in iterator:
-                    data_batch = tree.map_structure(
-                        self._first_local_value, next(it)
-                    )
-                    break
+            data_batch = backend.symbolic_build_batch(self, iterator)
+            if data_batch is not None:
                 iterator = None
         return super()._maybe_symbolic_build(
             iterator=iterator, data_batch=data_batch
         )
 
-    def _first_local_value(self, value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            strategy = self.distribute_strategy
-            return strategy.experimental_local_results(value)[0]
-        return value
-
     def _current_rho(self):
         if isinstance(self.rho, keras.Variable):
-            return ops.cast(self.rho.value, "float32")
+            return backend.read_live(self.rho)
         if callable(self.rho):
             return ops.cast(self.rho(self.optimizer.iterations), "float32")
         return self.rho
-
-    def _should_perturb(self):
-        if self.switching is None:
-            return None
-
-        def should_perturb(clean):
-            squared_norm = None
-            if self.switching.needs_gradient_norm:
-                squared_norm = self._squared_clean_norm(clean)
-            decision = self.switching(self.optimizer.iterations, squared_norm)
-            self.sam_fraction_tracker.update_state(
-                ops.cast(decision, "float32")
-            )
-            return decision
-
-        return should_perturb
-
-    def _squared_clean_norm(self, clean):
-        """‖∇L‖² of this replica's batch, without loss or replica scaling,
-        averaged across replicas."""
-        scale = ops.cast(self.optimizer.scale_loss(ops.ones(())), "float32")
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        norm = perturbations.global_norm(clean) * replicas / scale
-        squared = ops.square(norm)
-        if replicas > 1:
-            context = tf.distribute.get_replica_context()
-            squared = context.all_reduce(tf.distribute.ReduceOp.MEAN, squared)
-        return squared
-
-    def _combine(self):
-        if self.gsam_alpha == 0 and self.looksam_alpha is None:
-            return None
-
-        def combine(clean, perturbed):
-            if self.looksam_alpha is not None:
-                directions = perturbations.looksam_direction(clean, perturbed)
-                finite = ops.isfinite(perturbations.global_norm(directions))
-                for variable, direction in zip(
-                    self._looksam_directions, directions
-                ):
-                    if direction is not None:
-                        variable.assign(
-                            ops.where(finite, direction, variable.value)
-                        )
-            if self.gsam_alpha:
-                perturbed = perturbations.gsam_gradients(
-                    clean, perturbed, self.gsam_alpha
-                )
-            return perturbed
-
-        return combine
-
-    def _fallback(self):
-        if self.looksam_alpha is None:
-            return None
-
-        def fallback(clean):
-            return perturbations.looksam_gradients(
-                clean,
-                [v.value for v in self._looksam_directions],
-                self.looksam_alpha,
-            )
-
-        return fallback
 
     def _compute_total_loss(self, x, y, y_pred, sample_weight):
         return self.compute_loss(
@@ -617,30 +542,10 @@ class SAMModel(keras.Model):
         return cls(base, **config)
 
 
-def _is_multi_worker(strategy):
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
-def _logs_for_multi_worker(logs):
-    """Logs as shape-[1] tensors under a multi-worker strategy.
-
-    Keras (3.15) averages a step's logs across workers with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
-    (keras-team/keras#20585). The logged values are the same on every
-    replica, so a length-1 axis makes that reduction the identity.
-    """
-    if not _is_multi_worker(tf.distribute.get_strategy()):
-        return logs
-    return {key: ops.reshape(value, [1]) for key, value in logs.items()}
-
-
 def _unscale_loss_for_distribution(loss):
     # `compute_loss` divides by the replica count so that summing gradients
     # across replicas averages them; the logged loss must not be divided.
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    replicas = backend.replica_count()
     if replicas > 1:
         loss = loss * ops.cast(replicas, loss.dtype)
     return loss

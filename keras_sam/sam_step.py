@@ -19,16 +19,25 @@ import numbers
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from keras import tree
+from keras.src.backend.common import stateless_scope
 
+from keras_sam import backend
 from keras_sam import perturbations
 
 SAMResult = collections.namedtuple(
     "SAMResult",
-    ["loss", "y_pred", "gradients", "sharpness", "grad_norm", "perturbed"],
-    defaults=(None, None, None),
+    [
+        "loss",
+        "y_pred",
+        "gradients",
+        "sharpness",
+        "grad_norm",
+        "perturbed",
+        "sam_step",
+    ],
+    defaults=(None, None, None, None),
 )
 SAMResult.__doc__ = """What one SAM step computed.
 
@@ -49,7 +58,9 @@ Attributes:
         trainable variables, averaged over micro-batches, multiplied by the
         loss scale like `gradients`.
     perturbed: a boolean scalar, whether the perturbed pass ran (false when
-        ρ = 0 or when `should_perturb` declined).
+        ρ = 0 or when the `switching` policy declined).
+    sam_step: a boolean scalar, the `switching` policy's decision (true
+        without a policy).
 """
 
 
@@ -68,7 +79,10 @@ def validate_sam_arguments(
                 f"rho={rho!r} of shape {tuple(rho.shape)} and dtype "
                 f"{rho.dtype}"
             )
-        if tf.executing_eagerly() and not rho.numpy() >= 0:
+        value = rho.value
+        if not backend.is_symbolic(value) and not (
+            ops.convert_to_numpy(value) >= 0
+        ):
             raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
     elif callable(rho):
         pass
@@ -227,20 +241,9 @@ def sam_gradients(
     validate_sam_arguments(
         rho, eta, micro_batches, sync_perturbations, adaptive
     )
-    strategy = tf.distribute.get_strategy()
-    if (
-        strategy.num_replicas_in_sync > 1
-        and tf.distribute.in_cross_replica_context()
-    ):
-        raise ValueError(
-            "`sam_gradients` must be called in each replica, inside "
-            "`strategy.run(...)`: in the cross-replica context of "
-            f"{type(strategy).__name__} with "
-            f"{strategy.num_replicas_in_sync} replicas, the gradients would "
-            "not be averaged across replicas."
-        )
+    backend.check_per_replica_call("sam_gradients")
     if isinstance(rho, keras.Variable):
-        rho = ops.cast(rho.value, "float32")
+        rho = backend.read_live(rho)
     elif callable(rho):
         if optimizer is None:
             raise ValueError(
@@ -279,6 +282,83 @@ def sam_gradients(
         scale_loss=None if optimizer is None else optimizer.scale_loss,
     )
     return result.loss, result.gradients
+
+
+def stateless_sam_gradients(
+    model,
+    trainable_variables,
+    non_trainable_variables,
+    x,
+    y,
+    loss_fn,
+    sample_weight=None,
+    rho=0.05,
+    adaptive=False,
+    eta=0.01,
+    micro_batches=1,
+    optimizer=None,
+    optimizer_variables=None,
+):
+    """`sam_gradients` as a pure function of the variables' values.
+
+    For stateless training loops, e.g. under `jax.jit` on the JAX backend,
+    in the style of `model.stateless_call` and `optimizer.stateless_apply`:
+    the values of `model.trainable_variables` and
+    `model.non_trainable_variables` are passed in, and the new values of
+    the non-trainable ones (BatchNorm statistics and seeds, updated once
+    from the clean pass) come back. No variable is read or written.
+
+    ```python
+    @jax.jit
+    def train_step(trainable, non_trainable, optimizer_variables, x, y):
+        loss, grads, non_trainable = keras_sam.stateless_sam_gradients(
+            model, trainable, non_trainable, x, y, loss_fn, rho=0.05
+        )
+        trainable, optimizer_variables = optimizer.stateless_apply(
+            optimizer_variables, grads, trainable
+        )
+        return loss, trainable, non_trainable, optimizer_variables
+    ```
+
+    Args:
+        model: a built Keras model.
+        trainable_variables: the values of `model.trainable_variables`.
+        non_trainable_variables: the values of
+            `model.non_trainable_variables`.
+        x, y, loss_fn, sample_weight, rho, adaptive, eta, micro_batches:
+            as in `sam_gradients`.
+        optimizer: optional; its `scale_loss` is applied (a
+            `LossScaleOptimizer`) and a schedule `rho` follows its
+            `iterations`.
+        optimizer_variables: the values of `optimizer.variables`, needed
+            with an `optimizer` inside a compiled function.
+
+    Returns:
+        `(loss, gradients, non_trainable_variables)`: the clean loss, the
+        SAM gradients aligned with `trainable_variables`, and the new
+        values of the non-trainable variables.
+    """
+    mapping = list(zip(model.trainable_variables, trainable_variables))
+    mapping.extend(zip(model.non_trainable_variables, non_trainable_variables))
+    if optimizer is not None and optimizer_variables is not None:
+        mapping.extend(zip(optimizer.variables, optimizer_variables))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        loss, gradients = sam_gradients(
+            model,
+            x,
+            y,
+            loss_fn,
+            sample_weight=sample_weight,
+            rho=rho,
+            adaptive=adaptive,
+            eta=eta,
+            micro_batches=micro_batches,
+            optimizer=optimizer,
+        )
+    new_state = [
+        scope.get_current_value(v) for v in model.non_trainable_variables
+    ]
+    return loss, gradients, new_state
 
 
 def _loss_function(loss_fn):
@@ -336,7 +416,7 @@ class _PerExampleLoss(keras.losses.Loss):
 def _scale_loss_for_replicas(loss):
     # As Keras' losses and `compute_loss` do under tf.distribute: summing
     # the replicas' gradients then averages them.
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    replicas = backend.replica_count()
     if replicas > 1:
         loss = loss / replicas
     return loss
@@ -355,11 +435,13 @@ def compute_sam_gradients(
     sync_perturbations=False,
     scale_loss=None,
     epsilon=perturbations.DEFAULT_EPSILON,
-    perturbed_mask=None,
-    should_perturb=None,
-    combine=None,
-    fallback=None,
     adaptive_variables="weights",
+    perturbed_mask=None,
+    gsam_alpha=0.0,
+    switching=None,
+    step=None,
+    looksam_alpha=None,
+    looksam_directions=None,
 ):
     """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
 
@@ -367,7 +449,8 @@ def compute_sam_gradients(
     including `model.losses`; it is called inside the pass's stateless scope,
     so regularizers see the weights of that pass. Metric variables that it
     updates during the clean pass keep their updates; those of the perturbed
-    pass are dropped.
+    pass are dropped. The non-trainable state (BatchNorm statistics, seeds)
+    is written once, from the clean pass.
 
     **Micro-batches.** With `micro_batches=k` and `n` examples, the batch is
     cut into `k` consecutive parts, the first `n mod k` of ⌈n/k⌉ examples
@@ -385,27 +468,34 @@ def compute_sam_gradients(
     BatchNorm moving statistics are averaged with the same weights. The
     same numbers come out in eager, graph and XLA execution.
 
-    **ρ = 0.** The perturbed pass is not computed: when `rho` is `0`, or at
-    run time when a tensor `rho` is `0` (a schedule that reaches 0), the
-    step returns the clean gradients, without calling `combine`.
+    **Across devices.** Under `tf.distribute` this function runs in each
+    replica, on its shard. Under `keras.distribution` on JAX it runs once on
+    the global batch, and each device's shard (consecutive rows, as Keras
+    shards a batch) is split into `micro_batches` parts, so the numbers are
+    those of a `tf.distribute` replica's step; `sync_perturbations=True`
+    computes one ε from the gradient of the global batch.
 
-    The variants of `SAMModel` enter through four optional hooks:
+    **When the perturbed pass runs.** Only when ρ > 0 (checked at run time
+    for a tensor ρ) and, given a `switching` policy, when the policy says
+    so. Otherwise it is not computed, and the step returns the clean
+    gradient, or LookSAM's `g + α (‖g‖/‖g_v‖) g_v` on the steps that the
+    policy declined.
 
+    The variants of `SAMModel`, each visible in the code below:
+
+    - `adaptive`, `eta`, `adaptive_variables`: ASAM's ε (see
+      `adaptive_variables_mask`).
     - `perturbed_mask`: booleans aligned with the trainable variables; ε is
       computed from, and added to, the selected variables only (SAM-ON).
-    - `should_perturb(clean_gradients)`: a boolean scalar, asked once per
-      step with the clean gradients of the whole batch (the weighted mean
-      over micro-batches); when false the perturbed passes are skipped (not
-      computed) and the step uses `fallback(clean_gradients)`, by default
-      the clean gradients. It must decide the same on every replica.
-    - `combine(clean_gradients, sam_gradients)`: the gradients of a SAM
-      step, by default `sam_gradients` (GSAM, LookSAM); applied to each
-      micro-batch.
-
-    `adaptive_variables` chooses, with `adaptive=True`, the variables whose
-    ε is scaled by `T_w = |w| + η`: `"weights"`, every variable except
-    biases and normalization offsets (variables named `bias` or `beta`),
-    which get `T = 1`, as in the ASAM authors' code; or `"all"`.
+    - `gsam_alpha`: GSAM's α; the perturbed gradient of each micro-batch is
+      combined with its clean gradient by `perturbations.gsam_gradients`.
+    - `switching`, `step`: a `keras_sam.switching.SwitchingPolicy`, asked
+      once per step with `step` and ‖∇L(w)‖² of the whole batch (the
+      weighted mean over micro-batches, unscaled by loss scaling, averaged
+      across replicas). It decides the same on every replica.
+    - `looksam_alpha`, `looksam_directions`: LookSAM's α and the variables
+      holding its direction `g_v`, which SAM steps overwrite (keeping the
+      old one when the new one is not finite).
 
     Returns:
         A `SAMResult`.
@@ -413,62 +503,67 @@ def compute_sam_gradients(
     scale_loss = scale_loss or (lambda loss: loss)
     trainable = model.trainable_variables
     non_trainable = model.non_trainable_variables
-    weights = [tf.convert_to_tensor(v.value) for v in trainable]
-    initial_state = [tf.convert_to_tensor(v.value) for v in non_trainable]
+    weights = [ops.convert_to_tensor(v.value) for v in trainable]
+    initial_state = [ops.convert_to_tensor(v.value) for v in non_trainable]
     adaptive_mask = (
         adaptive_variables_mask(trainable, adaptive_variables)
         if adaptive
         else None
     )
 
+    if not sync_perturbations:
+        # Under `keras.distribution` (JAX) the step sees the global batch:
+        # each device's shard is cut into its own micro-batches, so every
+        # shard gets its own ε, as a tf.distribute replica does.
+        micro_batches *= backend.data_parallel_shards()
+
+    # The clean pass at w, one per micro-batch.
     parts = []
     state = initial_state
-    for fraction, (xs, ys, sws) in _split_batch(
-        (x, y, sample_weight), micro_batches
-    ):
-        loss, y_pred, grads, new_state = _forward_and_gradients(
-            model,
-            compute_loss,
-            weights,
-            state,
-            xs,
-            ys,
-            sws,
-            scale_loss,
-            keep_metric_updates=True,
+    for fraction, batch in _split_batch((x, y, sample_weight), micro_batches):
+        clean = _forward_and_gradients(
+            model, compute_loss, weights, state, batch, scale_loss, True
         )
-        selected = grads
+        for_epsilon = clean.gradients
         if perturbed_mask is not None:
-            selected = [
-                g if on else None for g, on in zip(grads, perturbed_mask)
+            for_epsilon = [
+                g if on else None for g, on in zip(for_epsilon, perturbed_mask)
             ]
         if sync_perturbations:
             # Outside the conditionals: tf.distribute cannot all-reduce
             # inside a cond, so the all-reduce runs on every step.
-            selected = all_reduce_sum(selected)
-        parts.append(
-            _Part(
-                fraction,
-                (xs, ys, sws),
-                state,
-                loss,
-                y_pred,
-                grads,
-                selected,
-                new_state,
-            )
-        )
-        state = _advance_counters(state, new_state)
-
+            for_epsilon = _all_reduce(for_epsilon, "sum")
+        parts.append(_Part(fraction, batch, state, clean, for_epsilon))
+        state = _advance_counters(state, clean.state)
     fractions = [part.fraction for part in parts]
-    clean = _weighted_gradients([part.grads for part in parts], fractions)
+    clean_gradients = _weighted_gradients(
+        [part.clean.gradients for part in parts], fractions
+    )
 
-    def perturbed_step():
-        step_grads, sharpness = [], []
+    # Whether this step runs the perturbed pass.
+    take_sam = True
+    if switching is not None:
+        squared_norm = None
+        if switching.needs_gradient_norm:
+            squared_norm = _squared_norm_across_replicas(
+                clean_gradients, scale_loss
+            )
+        take_sam = switching(step, squared_norm)
+    if isinstance(rho, (int, float)):
+        run_perturbed = take_sam if rho > 0 else False
+    else:
+        run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+    old_directions = None
+    if looksam_directions is not None:
+        old_directions = [d.value for d in looksam_directions]
+
+    def sam_branch():
+        sam_gradients, sharpness = [], []
+        directions = old_directions
         for part in parts:
             if adaptive:
-                eps = perturbations.asam_perturbation(
-                    part.selected,
+                epsilon_ = perturbations.asam_perturbation(
+                    part.for_epsilon,
                     weights,
                     rho,
                     eta,
@@ -476,85 +571,115 @@ def compute_sam_gradients(
                     adaptive_mask=adaptive_mask,
                 )
             else:
-                eps = perturbations.sam_perturbation(
-                    part.selected, rho, epsilon
+                epsilon_ = perturbations.sam_perturbation(
+                    part.for_epsilon, rho, epsilon
                 )
-            perturbed = [
-                w if e is None else w + e for w, e in zip(weights, eps)
+            perturbed_weights = [
+                w if e is None else w + e for w, e in zip(weights, epsilon_)
             ]
-            perturbed_loss, _, sam_grads, _ = _forward_and_gradients(
+            perturbed = _forward_and_gradients(
                 model,
                 compute_loss,
-                perturbed,
+                perturbed_weights,
                 part.state,
-                *part.data,
+                part.batch,
                 scale_loss,
-                keep_metric_updates=False,
+                False,
             )
-            if combine is not None:
-                sam_grads = combine(part.grads, sam_grads)
-            step_grads.append(sam_grads)
-            sharpness.append(perturbed_loss - part.loss)
+            gradients = perturbed.gradients
+            if looksam_alpha is not None:
+                new = perturbations.looksam_direction(
+                    part.clean.gradients, gradients
+                )
+                finite = ops.isfinite(perturbations.global_norm(new))
+                directions = [
+                    old if d is None else ops.where(finite, d, old)
+                    for d, old in zip(new, old_directions)
+                ]
+            if gsam_alpha:
+                gradients = perturbations.gsam_gradients(
+                    part.clean.gradients, gradients, gsam_alpha
+                )
+            sam_gradients.append(gradients)
+            sharpness.append(perturbed.loss - part.clean.loss)
         return (
-            _weighted_gradients(step_grads, fractions),
-            _weighted_mean(sharpness, fractions),
+            _weighted_gradients(sam_gradients, fractions),
+            ops.cast(_weighted_mean(sharpness, fractions), "float32"),
+            directions,
         )
 
-    def clean_step():
-        return clean, ops.zeros((), "float32")
+    def base_branch():
+        zero = ops.zeros((), "float32")
+        if looksam_alpha is None:
+            return clean_gradients, zero, old_directions
 
-    def base_step():
-        return (fallback or (lambda g: g))(clean), ops.zeros((), "float32")
+        def reuse_direction():
+            gradients = perturbations.looksam_gradients(
+                clean_gradients, old_directions, looksam_alpha
+            )
+            return gradients, zero, old_directions
 
-    if isinstance(rho, (int, float)):
-        sam_step = perturbed_step if rho > 0 else clean_step
-        ran = ops.convert_to_tensor(rho > 0)
-    else:
-        ran = ops.greater(rho, 0)
+        # LookSAM reuses g_v on the steps the policy declined; a SAM step
+        # with ρ = 0 is the base step.
+        return _cond(
+            take_sam,
+            lambda: (clean_gradients, zero, old_directions),
+            reuse_direction,
+        )
 
-        def sam_step():
-            return _cond(ran, perturbed_step, clean_step, clean)
+    gradients, sharpness, directions = _cond(
+        run_perturbed, sam_branch, base_branch
+    )
 
-    if should_perturb is None:
-        grads, sharpness = sam_step()
-    else:
-        decision = should_perturb(clean)
-        ran = ops.logical_and(decision, ran)
-        grads, sharpness = _cond(decision, sam_step, base_step, clean)
-
+    if looksam_directions is not None:
+        for variable, value in zip(looksam_directions, directions):
+            variable.assign(value)
     _assign(
         non_trainable,
         _merge_states(
             initial_state,
             state,
-            [part.new_state for part in parts],
+            [part.clean.state for part in parts],
             fractions,
         ),
     )
-    y_pred = parts[0].y_pred
+    y_pred = parts[0].clean.y_pred
     if len(parts) > 1:
         y_pred = tree.map_structure(
             lambda *t: ops.concatenate(t, axis=0),
-            *[part.y_pred for part in parts],
+            *[part.clean.y_pred for part in parts],
         )
     return SAMResult(
-        loss=_weighted_mean([part.loss for part in parts], fractions),
+        loss=_weighted_mean([part.clean.loss for part in parts], fractions),
         y_pred=y_pred,
-        gradients=grads,
-        sharpness=ops.cast(sharpness, "float32"),
+        gradients=gradients,
+        sharpness=sharpness,
         grad_norm=_weighted_mean(
-            [perturbations.global_norm(part.grads) for part in parts],
+            [perturbations.global_norm(p.clean.gradients) for p in parts],
             fractions,
         ),
-        perturbed=ran,
+        perturbed=ops.convert_to_tensor(run_perturbed),
+        sam_step=ops.convert_to_tensor(take_sam),
     )
 
 
 _Part = collections.namedtuple(
-    "_Part",
-    ["fraction", "data", "state", "loss", "y_pred", "grads", "selected"]
-    + ["new_state"],
+    "_Part", ["fraction", "batch", "state", "clean", "for_epsilon"]
 )
+_Pass = collections.namedtuple(
+    "_Pass", ["loss", "y_pred", "gradients", "state"]
+)
+
+
+def _squared_norm_across_replicas(gradients, scale_loss):
+    """‖∇L‖² of this replica's batch, without loss or replica scaling,
+    averaged across replicas."""
+    scale = ops.cast(scale_loss(ops.ones(())), "float32")
+    norm = perturbations.global_norm(gradients) * backend.replica_count()
+    squared = ops.square(norm / scale)
+    if backend.replica_count() > 1:
+        (squared,) = backend.all_reduce([squared], "mean")
+    return squared
 
 
 def adaptive_variables_mask(variables, adaptive_variables="weights"):
@@ -578,69 +703,83 @@ _OFFSET_NAMES = ("bias", "beta")
 
 
 def _forward_and_gradients(
-    model,
-    compute_loss,
-    weights,
-    state,
-    x,
-    y,
-    sample_weight,
-    scale_loss,
-    keep_metric_updates,
+    model, compute_loss, weights, state, batch, scale_loss, keep_metric_updates
 ):
     """Loss, predictions, gradients and new state of one pass at `weights`.
 
     The new state has one entry per non-trainable variable: its updated
     value, or `None` where the pass left it unchanged.
     """
+    x, y, sample_weight = batch
     non_trainable = model.non_trainable_variables
-    mapping = list(zip(model.trainable_variables, weights))
-    mapping.extend(zip(non_trainable, state))
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(weights)
+    metrics = model.metrics_variables if keep_metric_updates else []
+
+    def objective(weights):
+        mapping = list(zip(model.trainable_variables, weights))
+        mapping.extend(zip(non_trainable, state))
         with _stateless_scope(mapping) as scope:
             before = [scope.get_current_value(v) for v in non_trainable]
+            metrics_before = [scope.get_current_value(v) for v in metrics]
             y_pred = model(x, training=True)
             loss = compute_loss(x, y, y_pred, sample_weight)
-        scaled_loss = scale_loss(loss)
-    gradients = tape.gradient(scaled_loss, weights)
-    after = [scope.get_current_value(v) for v in non_trainable]
-    new_state = [
-        new if new is not old else None for old, new in zip(before, after)
-    ]
-    if keep_metric_updates:
-        for v in model.metrics_variables:
-            value = scope.get_current_value(v)
-            if value is not None:
-                v.assign(value)
-    return loss, y_pred, gradients, new_state
+            scaled_loss = scale_loss(loss)
+        new_state = _changed(before, scope, non_trainable)
+        new_metrics = _changed(metrics_before, scope, metrics)
+        return scaled_loss, (loss, y_pred, new_state, new_metrics)
+
+    (loss, y_pred, new_state, new_metrics), gradients = (
+        backend.value_and_gradients(objective, weights)
+    )
+    _assign(metrics, new_metrics)
+    return _Pass(loss, y_pred, list(gradients), new_state)
 
 
-def _cond(predicate, true_fn, false_fn, like):
-    """`tf.cond` over `(gradients, scalar)` pairs whose gradient lists may
-    hold `None` entries, where `like` has them."""
-    present = [i for i, g in enumerate(like) if g is not None]
+def _changed(before, scope, variables):
+    """The variables' values in `scope`, `None` where still `before`."""
+    after = [scope.get_current_value(v) for v in variables]
+    return [None if new is old else new for old, new in zip(before, after)]
 
-    def branch(fn):
+
+def _cond(predicate, true_fn, false_fn):
+    """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
+    a Python bool. Both return the same nested structure of tensors, with
+    `None` entries in the same places."""
+    if isinstance(predicate, bool):
+        return true_fn() if predicate else false_fn()
+    structure = []
+
+    def without_none(fn):
         def run():
-            gradients, scalar = fn()
-            return [gradients[i] for i in present], scalar
+            output = fn()
+            structure.append(output)
+            return [t for t in tree.flatten(output) if t is not None]
 
         return run
 
-    chosen, scalar = tf.cond(predicate, branch(true_fn), branch(false_fn))
-    result = [None] * len(like)
-    for i, g in zip(present, chosen):
-        result[i] = g
-    return result, scalar
+    values = iter(
+        backend.cond(predicate, without_none(true_fn), without_none(false_fn))
+    )
+    return tree.pack_sequence_as(
+        structure[0],
+        [
+            None if t is None else next(values)
+            for t in tree.flatten(structure[0])
+        ],
+    )
 
 
 def _stateless_scope(mapping):
-    # Imported here: StatelessScope is exported by keras but its
-    # `collect_losses` is how `add_loss` terms stay visible inside it.
-    from keras import StatelessScope
+    """A `StatelessScope` over `mapping` that also sees the enclosing one's.
 
-    return StatelessScope(state_mapping=mapping, collect_losses=True)
+    Inside Keras' stateless JAX train step, every variable is read from the
+    enclosing scope; a nested scope must map them too (the loss scale, the
+    metrics), or it would read their stale stored values.
+    """
+    scope = keras.StatelessScope(state_mapping=mapping, collect_losses=True)
+    outer = stateless_scope.get_stateless_scope()
+    if outer is not None:
+        scope.state_mapping = {**outer.state_mapping, **scope.state_mapping}
+    return scope
 
 
 def _split_batch(data, parts):
@@ -657,7 +796,7 @@ def _split_batch(data, parts):
     first = next(t for t in tree.flatten(data) if t is not None)
     n = first.shape[0]
     if n is None:
-        n = tf.shape(first)[0]
+        n = ops.shape(first)[0]
     size, extra = n // parts, n % parts
     slices = []
     for i in range(parts):
@@ -668,9 +807,9 @@ def _split_batch(data, parts):
                 continue
             fraction = length / n
         else:
-            start = i * size + tf.minimum(i, extra)
-            length = size + tf.cast(i < extra, n.dtype)
-            fraction = tf.cast(length, "float32") / tf.cast(n, "float32")
+            start = i * size + ops.minimum(i, extra)
+            length = size + ops.cast(i < extra, n.dtype)
+            fraction = ops.cast(length, "float32") / ops.cast(n, "float32")
         slices.append(
             (
                 fraction,
@@ -753,14 +892,13 @@ def _assign(variables, values):
 
 
 def _is_floating(tensor):
-    return tf.as_dtype(tensor.dtype).is_floating
+    return keras.backend.is_float_dtype(tensor.dtype)
 
 
-def all_reduce_sum(tensors):
-    """Sums `tensors` over the replicas of the current tf.distribute context."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return tensors
+def _all_reduce(tensors, op):
+    """`backend.all_reduce` of the tensors that are not `None`."""
     present = [t for t in tensors if t is not None]
-    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    if not present or backend.replica_count() == 1:
+        return tensors
+    reduced = iter(backend.all_reduce(present, op))
     return [None if t is None else next(reduced) for t in tensors]

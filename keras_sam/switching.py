@@ -18,7 +18,7 @@ Their dtype policy is float32 whatever the global policy (e.g.
 """
 
 import keras
-import tensorflow as tf
+import numpy as np
 from keras import ops
 
 
@@ -133,18 +133,17 @@ _MASK32 = 0xFFFFFFFF
 def uniform_from_step(seed, step):
     """A uniform draw in [0, 1) that is a pure function of `(seed, step)`.
 
-    A murmur3-style integer mix of the two, in 32-bit arithmetic carried in
-    int64. Unlike `tf.random.stateless_uniform`, whose XLA kernel draws
-    other numbers than its TensorFlow kernel, it gives the same draw with
-    and without `jit_compile`, on every device.
+    A murmur3-style integer mix of the two in uint32 arithmetic (wrapping
+    modulo 2³²). Unlike the backends' stateless random ops, whose XLA
+    kernels may draw other numbers than their plain kernels, it gives the
+    same draw with and without `jit_compile`, on every device and backend.
     """
-    x = tf.cast(step, tf.int64) & _MASK32
-    x = (x + (int(seed) * 0x9E3779B9 & _MASK32)) & _MASK32
+    x = ops.cast(step, "uint32") + np.uint32(int(seed) * 0x9E3779B9 & _MASK32)
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, shift))
-        x = (x * multiplier) & _MASK32
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    return tf.cast(tf.cast(x, tf.float64) / 2.0**32, tf.float32)
+        x = ops.bitwise_xor(x, ops.right_shift(x, np.uint32(shift)))
+        x = x * np.uint32(multiplier)
+    x = ops.bitwise_xor(x, ops.right_shift(x, np.uint32(16)))
+    return ops.cast(x, "float32") / 2.0**32
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -233,19 +232,18 @@ class GradientNormOutlier(SwitchingPolicy):
         n = ops.cast(squared_gradient_norm, "float32")
         finite = ops.isfinite(n)
         n = ops.where(finite, n, 0.0)
-        first = ops.equal(self.started, 0.0)
-        mean = ops.where(
-            first, n, self.decay * self.mean + (1 - self.decay) * n
-        )
+        old_mean, old_variance = self.mean.value, self.variance.value
+        started = self.started.value
+        first = ops.equal(started, 0.0)
+        mean = ops.where(first, n, self.decay * old_mean + (1 - self.decay) * n)
         variance = ops.where(
             first,
             0.0,
-            self.decay * self.variance
-            + (1 - self.decay) * ops.square(n - mean),
+            self.decay * old_variance + (1 - self.decay) * ops.square(n - mean),
         )
-        self.mean.assign(ops.where(finite, mean, self.mean))
-        self.variance.assign(ops.where(finite, variance, self.variance))
-        self.started.assign(ops.where(finite, 1.0, self.started))
+        self.mean.assign(ops.where(finite, mean, old_mean))
+        self.variance.assign(ops.where(finite, variance, old_variance))
+        self.started.assign(ops.where(finite, 1.0, started))
         threshold = mean + self.threshold_coefficient(step) * ops.sqrt(variance)
         return ops.logical_and(finite, ops.logical_or(first, n >= threshold))
 

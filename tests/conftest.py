@@ -1,4 +1,4 @@
-"""Test session setup: two logical CPUs, so MirroredStrategy has 2 replicas.
+"""Test session setup: two CPU devices, for MirroredStrategy and DataParallel.
 
 Logical devices can only be configured before TensorFlow initializes its
 devices, so this runs at collection time, before any test module imports.
@@ -6,7 +6,14 @@ devices, so this runs at collection time, before any test module imports.
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("KERAS_BACKEND") == "jax":
+    # Two JAX CPU devices for keras.distribution, read when JAX starts.
+    os.environ.setdefault(
+        "XLA_FLAGS", "--xla_force_host_platform_device_count=2"
+    )
 
 import tensorflow as tf  # noqa: E402
 
@@ -18,3 +25,14 @@ try:
     )
 except RuntimeError:
     pass  # Already initialized with its own configuration.
+
+
+def pytest_collection_modifyitems(config, items):
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason="exercises a TensorFlow-only feature")
+    for item in items:
+        if "tensorflow_only" in item.keywords:
+            item.add_marker(skip)

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
+from tests import backends
 from tests import oracle
 from tests.distribute_test import mirrored
 from tests.sam_model_test import LR
@@ -25,10 +26,8 @@ L2 = 0.01
 DOCUMENTED_RHO = 0.05
 
 
-def documented_example():
-    match = re.search(
-        r"```python\n(.*?)```", keras_sam.sam_gradients.__doc__, re.DOTALL
-    )
+def documented_example(function=keras_sam.sam_gradients):
+    match = re.search(r"```python\n(.*?)```", function.__doc__, re.DOTALL)
     return textwrap.dedent(match.group(1))
 
 
@@ -51,6 +50,7 @@ def run_documented_example(strategy):
     return model.get_weights(), float(namespace["loss"])
 
 
+@backends.tensorflow_only
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_documented_example_matches_the_numpy_oracle(replicas):
     strategy = mirrored() if replicas == 2 else tf.distribute.get_strategy()
@@ -78,6 +78,44 @@ def test_documented_example_matches_the_numpy_oracle(replicas):
     assert np.abs(sgd_w - want_w).max() > 1e-4
 
 
+@pytest.mark.skipif(
+    backends.BACKEND != "jax",
+    reason="`optimizer.stateless_apply` is not supported on TensorFlow",
+)
+def test_documented_stateless_example_matches_the_numpy_oracle():
+    """The `stateless_sam_gradients` example under `jax.jit`."""
+    import jax
+
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0, l2=L2)
+    optimizer = sgd()
+    optimizer.build(model.trainable_variables)
+    namespace = dict(
+        keras_sam=keras_sam,
+        jax=jax,
+        model=model,
+        optimizer=optimizer,
+        loss_fn=xent(),
+    )
+    exec(documented_example(keras_sam.stateless_sam_gradients), namespace)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    optimizer_variables = [v.value for v in optimizer.variables]
+    losses = []
+    for bx, by, _ in batches(x, y):
+        loss, trainable, non_trainable, optimizer_variables = namespace[
+            "train_step"
+        ](trainable, non_trainable, optimizer_variables, bx, by)
+        losses.append(float(loss))
+    want_w, want_b, want_losses = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), DOCUMENTED_RHO, LR, MOMENTUM, l2=L2
+    )
+    np.testing.assert_allclose(trainable[0], want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trainable[1], want_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+
+
+@backends.tensorflow_only
 def test_cross_replica_call_under_a_strategy_is_refused():
     x, y, w0, b0 = softmax_data()
     strategy = mirrored()
@@ -140,9 +178,17 @@ def test_a_variable_rho_is_read_at_every_call():
     model = softmax_regression(w0, b0)
     rho = keras.Variable(0.0, trainable=False)
 
-    @tf.function
+    @backends.compiled
+    def stateless_gradients(trainable, non_trainable):
+        return keras_sam.stateless_sam_gradients(
+            model, trainable, non_trainable, x, y, xent(), rho=rho
+        )[1]
+
     def gradients():
-        return keras_sam.sam_gradients(model, x, y, xent(), rho=rho)[1]
+        return stateless_gradients(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+        )
 
     for value in (0.0, RHO, 0.2):
         rho.assign(value)

@@ -1,5 +1,15 @@
-"""One factory for every tf.distribute strategy the trainers support."""
+"""One factory for every strategy the trainers support, on each backend.
 
+On TensorFlow, `--strategy` names a `tf.distribute` strategy. On JAX,
+`mirrored` sets `keras.distribution.DataParallel` over the local devices
+(each device perturbs with its own shard's gradient, as a replica of
+MirroredStrategy does); `default` uses one device; `multi_worker` and
+`tpu` are TensorFlow strategies and are refused.
+"""
+
+import contextlib
+
+import keras
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -12,6 +22,12 @@ def get_strategy(name, tpu=None):
     variable; `tpu` resolves `tpu` (a name or a grpc:// address) through the
     standard cluster resolver.
     """
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"Unknown strategy {name!r}; expected one of {list(STRATEGIES)}."
+        )
+    if keras.backend.backend() != "tensorflow":
+        return _keras_distribution(name)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -28,3 +44,32 @@ def get_strategy(name, tpu=None):
     raise ValueError(
         f"Unknown strategy {name!r}; expected one of {list(STRATEGIES)}."
     )
+
+
+class KerasDistribution:
+    """The part of a tf.distribute strategy the trainers use, for a
+    `keras.distribution` set for the whole process (JAX)."""
+
+    def __init__(self, num_replicas_in_sync):
+        self.num_replicas_in_sync = num_replicas_in_sync
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def _keras_distribution(name):
+    backend = keras.backend.backend()
+    if name in ("multi_worker", "tpu"):
+        raise ValueError(
+            f"--strategy={name} is a tf.distribute strategy; on the "
+            f"{backend} backend use --strategy=mirrored (keras.distribution."
+            "DataParallel over this host's devices) or run with "
+            "KERAS_BACKEND=tensorflow."
+        )
+    if name == "default":
+        return KerasDistribution(1)
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
+    return KerasDistribution(len(devices))

@@ -1,0 +1,41 @@
+"""What the SAM step needs that differs per Keras backend.
+
+`keras_sam` is written in `keras.ops`; the few things that `keras.ops` does
+not offer live in one small module per backend, as Keras splits
+`keras/src/backend/<name>/trainer.py`:
+
+- `value_and_gradients(fn, weights)`: `fn(weights)` returns
+  `(objective, aux)`; returns `(aux, ∇objective)`.
+- `hessian_vector_product(fn, weights, vector)`: `∇²fn(weights) · vector`.
+- `function(fn)`: `fn` compiled (`tf.function`, `jax.jit`).
+- `cond(predicate, true_fn, false_fn)`: branches return lists of tensors.
+- `replica_count()` and `all_reduce(tensors, op)`: the replicas among which
+  a batch is split, and a sum or mean across them.
+- `data_parallel_shards()`: the shards of a batch that one call of the
+  step sees whole (`keras.distribution` on JAX), each to get its own ε.
+- `check_per_replica_call(name)`: raises when a per-replica function is
+  called where replicas cannot be reduced.
+- `read_live(variable)`: a variable's value when the step runs, also in a
+  compiled step that does not hold it in its state.
+- `is_symbolic(tensor)`: whether its value is unknown until run time.
+- `apply_gradients(optimizer, gradients, variables)`: as the optimizer's
+  own, in a way the trainer's step can run.
+- `train_step(model, step, *args)`: runs the stateful step of `SAMModel`
+  in the trainer's calling convention.
+- `symbolic_build_batch(model, iterator)` and `logs_for_workers(logs)`:
+  workarounds of the backend's trainer.
+"""
+
+import keras
+
+BACKEND = keras.backend.backend()
+
+if BACKEND == "tensorflow":
+    from keras_sam.backend.tensorflow import *  # noqa: F403
+elif BACKEND == "jax":
+    from keras_sam.backend.jax import *  # noqa: F403
+else:
+    raise ImportError(
+        "keras_sam runs on Keras' TensorFlow and JAX backends. Received: "
+        f"KERAS_BACKEND={BACKEND!r}"
+    )

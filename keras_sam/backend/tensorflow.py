@@ -1,0 +1,160 @@
+"""The TensorFlow backend: gradient tapes, `tf.cond` and `tf.distribute`."""
+
+import tensorflow as tf
+from keras import ops
+from keras import tree
+
+__all__ = [
+    "all_reduce",
+    "apply_gradients",
+    "check_per_replica_call",
+    "cond",
+    "data_parallel_shards",
+    "function",
+    "hessian_vector_product",
+    "is_symbolic",
+    "logs_for_workers",
+    "read_live",
+    "replica_count",
+    "symbolic_build_batch",
+    "train_step",
+    "value_and_gradients",
+]
+
+
+def value_and_gradients(fn, weights):
+    weights = [tf.convert_to_tensor(w) for w in weights]
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(weights)
+        objective, aux = fn(weights)
+    # `None` where the objective does not depend on a weight, as Keras'
+    # TensorFlow trainer leaves it.
+    return aux, tape.gradient(objective, weights)
+
+
+def hessian_vector_product(fn, weights, vector):
+    """`∇²fn(weights) · vector` by double backpropagation."""
+    weights = [tf.convert_to_tensor(w) for w in weights]
+    with tf.GradientTape() as outer:
+        outer.watch(weights)
+        with tf.GradientTape() as inner:
+            inner.watch(weights)
+            objective = fn(weights)
+        grads = _zeros_for_none(inner.gradient(objective, weights), weights)
+        grad_dot_vector = tf.add_n(
+            [tf.reduce_sum(g * v) for g, v in zip(grads, vector)]
+        )
+    return _zeros_for_none(outer.gradient(grad_dot_vector, weights), weights)
+
+
+def _zeros_for_none(grads, weights):
+    return [
+        tf.zeros_like(w) if g is None else g for g, w in zip(grads, weights)
+    ]
+
+
+def function(fn):
+    """`fn` compiled into a graph."""
+    return tf.function(fn)
+
+
+def cond(predicate, true_fn, false_fn):
+    return tf.cond(predicate, true_fn, false_fn)
+
+
+def replica_count():
+    # Keras' losses divide by this under tf.distribute, so that the sum of
+    # the replicas' gradients is the gradient of the mean.
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def all_reduce(tensors, op="sum"):
+    """`op` ("sum" or "mean") of each tensor across the replicas."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return list(tensors)
+    reduce_op = {"sum": tf.distribute.ReduceOp.SUM}.get(
+        op, tf.distribute.ReduceOp.MEAN
+    )
+    return list(context.all_reduce(reduce_op, list(tensors)))
+
+
+def data_parallel_shards():
+    # tf.distribute runs the step once per replica, on its own shard.
+    return 1
+
+
+def check_per_replica_call(name):
+    strategy = tf.distribute.get_strategy()
+    if (
+        strategy.num_replicas_in_sync > 1
+        and tf.distribute.in_cross_replica_context()
+    ):
+        raise ValueError(
+            f"`{name}` must be called in each replica, inside "
+            "`strategy.run(...)`: in the cross-replica context of "
+            f"{type(strategy).__name__} with "
+            f"{strategy.num_replicas_in_sync} replicas, the gradients would "
+            "not be averaged across replicas."
+        )
+
+
+def is_symbolic(tensor):
+    del tensor
+    return not tf.executing_eagerly()
+
+
+def train_step(model, step, data):
+    return logs_for_workers(step(data))
+
+
+def apply_gradients(optimizer, gradients, variables):
+    optimizer.apply_gradients(zip(gradients, variables))
+
+
+def read_live(variable):
+    # A tf.function reads a variable when it runs.
+    return tf.cast(variable.value, tf.float32)
+
+
+def is_multi_worker(strategy=None):
+    strategy = strategy or tf.distribute.get_strategy()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def symbolic_build_batch(model, iterator):
+    """One replica's share of a batch, to build from, or `None`.
+
+    Keras (3.15) builds from one batch that it all-reduces eagerly with
+    `strategy.reduce`, which MultiWorkerMirroredStrategy cannot do
+    (keras-team/keras#20585). One replica's share of the batch has the
+    same structure and serves as well.
+    """
+    strategy = model.distribute_strategy
+    if not is_multi_worker(strategy):
+        return None
+    for _, _, it in iterator:
+
+        def first_local(value):
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.experimental_local_results(value)[0]
+            return value
+
+        return tree.map_structure(first_local, next(it))
+    return None
+
+
+def logs_for_workers(logs):
+    """Logs as shape-[1] tensors under a multi-worker strategy.
+
+    Keras (3.15) averages a step's logs across workers with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+    (keras-team/keras#20585). The logged values are the same on every
+    replica, so a length-1 axis makes that reduction the identity.
+    """
+    if not is_multi_worker():
+        return logs
+    return {key: ops.reshape(value, [1]) for key, value in logs.items()}
