@@ -119,6 +119,13 @@ class SAMModel(keras.Model):
       the direction of its own SAM gradient, as it keeps its own ε. A SAM
       step whose direction is not finite (a mixed-precision overflow) keeps
       the previous direction.
+    - Momentum-SAM (Becker et al., 2024), `perturbation="momentum"`: one
+      pass per step, at `w + ρ m/‖m‖` with `m` the momentum of the
+      optimizer (`keras.optimizers.SGD(momentum=μ)`, required); no clean
+      pass, so the logged loss is `L(w + ε)` and `sharpness`/`grad_norm`
+      are not logged. It costs about one SGD step; the authors use a ρ
+      several times SAM's (e.g. 0.3–3). See
+      `sam_step.compute_momentum_sam_gradients`.
 
     `evaluate`, `predict` and `base` are those of the wrapped model; save
     `model.base` for inference. `export` exports the base model, and
@@ -170,6 +177,9 @@ class SAMModel(keras.Model):
             authors' code (SamsungLabs/ASAM). `"all"`: every trainable
             variable, as davda54/sam's ASAM (with η). Defaults to
             `"weights"`.
+        perturbation: `"gradient"` (SAM: ε along the clean gradient) or
+            `"momentum"` (Momentum-SAM: ε along the optimizer's momentum,
+            one pass per step). Defaults to `"gradient"`.
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -186,6 +196,7 @@ class SAMModel(keras.Model):
         switching=None,
         looksam_alpha=None,
         adaptive_variables="weights",
+        perturbation="gradient",
         **kwargs,
     ):
         if not isinstance(base, keras.Model):
@@ -209,6 +220,15 @@ class SAMModel(keras.Model):
             looksam_alpha,
             micro_batches,
         )
+        _validate_perturbation(
+            perturbation,
+            adaptive=adaptive,
+            sync_perturbations=sync_perturbations,
+            micro_batches=micro_batches,
+            gsam_alpha=gsam_alpha,
+            switching=switching,
+            looksam_alpha=looksam_alpha,
+        )
         if adaptive_variables not in ("weights", "all"):
             raise ValueError(
                 "`adaptive_variables` must be 'weights' or 'all'. Received: "
@@ -217,6 +237,7 @@ class SAMModel(keras.Model):
         super().__init__(**kwargs)
         self.base = base
         self.adaptive_variables = adaptive_variables
+        self.perturbation = perturbation
         if isinstance(rho, keras.Variable):
             # Read at every step and never tracked: it is not a weight of
             # the model, and a callback may assign it.
@@ -241,7 +262,9 @@ class SAMModel(keras.Model):
         if switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.sharpness_tracker = self.grad_norm_tracker = None
-        if not (isinstance(self.rho, float) and self.rho == 0):
+        if perturbation == "gradient" and not (
+            isinstance(self.rho, float) and self.rho == 0
+        ):
             self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
             self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         if base.built:
@@ -343,7 +366,42 @@ class SAMModel(keras.Model):
             y_pred = self(x, training=True)
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
-        result = sam_step.compute_sam_gradients(
+        if self.perturbation == "momentum":
+            result = sam_step.compute_momentum_sam_gradients(
+                self,
+                self._compute_total_loss,
+                x,
+                y,
+                sample_weight,
+                rho=self._current_rho(),
+                momentums=_momentum_variables(
+                    self.optimizer, self.trainable_variables
+                ),
+                scale_loss=self.optimizer.scale_loss,
+                perturbed_mask=self._perturbed_mask(),
+            )
+        else:
+            result = self._sam_gradients(x, y, sample_weight)
+        if self.switching is not None:
+            self.sam_fraction_tracker.update_state(
+                ops.cast(result.sam_step, "float32")
+            )
+        self._track_sharpness(result)
+        self._loss_tracker.update_state(
+            _unscale_loss_for_distribution(result.loss),
+            sample_weight=ops.shape(
+                next(t for t in tree.flatten(x) if t is not None)
+            )[0],
+        )
+        backend.apply_gradients(
+            self.optimizer, result.gradients, self.trainable_weights
+        )
+        return self.compute_metrics(
+            x, y, result.y_pred, sample_weight=sample_weight
+        )
+
+    def _sam_gradients(self, x, y, sample_weight):
+        return sam_step.compute_sam_gradients(
             self,
             self._compute_total_loss,
             x,
@@ -362,23 +420,6 @@ class SAMModel(keras.Model):
             step=self.optimizer.iterations,
             looksam_alpha=self.looksam_alpha,
             looksam_directions=self._looksam_directions,
-        )
-        if self.switching is not None:
-            self.sam_fraction_tracker.update_state(
-                ops.cast(result.sam_step, "float32")
-            )
-        self._track_sharpness(result)
-        self._loss_tracker.update_state(
-            _unscale_loss_for_distribution(result.loss),
-            sample_weight=ops.shape(
-                next(t for t in tree.flatten(x) if t is not None)
-            )[0],
-        )
-        backend.apply_gradients(
-            self.optimizer, result.gradients, self.trainable_weights
-        )
-        return self.compute_metrics(
-            x, y, result.y_pred, sample_weight=sample_weight
         )
 
     def _track_sharpness(self, result):
@@ -518,6 +559,7 @@ class SAMModel(keras.Model):
                 "gsam_alpha": self.gsam_alpha,
                 "perturbed_variables": self.perturbed_variables,
                 "looksam_alpha": self.looksam_alpha,
+                "perturbation": self.perturbation,
             }
         )
         if isinstance(self.rho, keras.Variable):
@@ -549,6 +591,64 @@ def _unscale_loss_for_distribution(loss):
     if replicas > 1:
         loss = loss * ops.cast(replicas, loss.dtype)
     return loss
+
+
+def _momentum_optimizer(optimizer):
+    """The SGD with momentum inside `optimizer` (loss scaling unwrapped)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not isinstance(inner, keras.optimizers.SGD) or not inner.momentum:
+        raise ValueError(
+            "`perturbation='momentum'` (Momentum-SAM) moves the weights "
+            "along the optimizer's momentum, so it needs "
+            "`keras.optimizers.SGD(momentum=...)` with a momentum > 0. "
+            f"Received: optimizer={type(inner).__name__}"
+            + (
+                f"(momentum={inner.momentum})"
+                if isinstance(inner, keras.optimizers.SGD)
+                else ""
+            )
+        )
+    return inner
+
+
+def _momentum_variables(optimizer, variables):
+    # Checked at the first step, not in `compile`: Keras does not restore
+    # the compiled state of a model whose `compile` is overridden.
+    _momentum_optimizer(optimizer)
+    if not optimizer.built:
+        # As `optimizer.apply` would at its first call, a moment later.
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(variables)
+        optimizer.built = True
+    inner = _momentum_optimizer(optimizer)
+    return [inner.momentums[inner._get_variable_index(v)] for v in variables]
+
+
+def _validate_perturbation(perturbation, **others):
+    if perturbation not in ("gradient", "momentum"):
+        raise ValueError(
+            "`perturbation` must be 'gradient' (SAM) or 'momentum' "
+            f"(Momentum-SAM). Received: perturbation={perturbation!r}"
+        )
+    if perturbation == "gradient":
+        return
+    # Each of these needs the clean gradient, which Momentum-SAM does not
+    # compute, or splits the batch for per-part ε, which it does not have.
+    defaults = dict(
+        adaptive=False,
+        sync_perturbations=False,
+        micro_batches=1,
+        gsam_alpha=0.0,
+        switching=None,
+        looksam_alpha=None,
+    )
+    for name, default in defaults.items():
+        if others[name] != default:
+            raise ValueError(
+                f"`perturbation='momentum'` cannot be combined with `{name}`"
+                f" (Momentum-SAM has no clean gradient and one ε). "
+                f"Received: {name}={others[name]!r}"
+            )
 
 
 def _validate_variant_arguments(

@@ -663,6 +663,91 @@ def compute_sam_gradients(
     )
 
 
+def compute_momentum_sam_gradients(
+    model,
+    compute_loss,
+    x,
+    y,
+    sample_weight=None,
+    rho=0.3,
+    momentums=(),
+    scale_loss=None,
+    epsilon=perturbations.DEFAULT_EPSILON,
+    perturbed_mask=None,
+):
+    """Momentum-SAM's step: one pass, at weights moved along the momentum.
+
+    Becker, Altrichter and Kalinowski, "Momentum-SAM: Sharpness Aware
+    Minimization without Computational Overhead" (2024, arXiv 2401.12033).
+    With `m` the optimizer's momentum (Keras' convention for SGD,
+    `m ← μ m − lr g`, `w ← w + m`):
+
+    ```
+    ε        = ρ · m / (‖m‖₂ + 1e-12)
+    gradient = ∇L(w + ε)                 # the only pass
+    ```
+
+    The authors' code (MarlonBecker/MSAM) keeps PyTorch's buffer
+    `v ← μ v + g`, `w ← w − lr v`, and takes the gradient at
+    `w − ρ v/‖v‖`; with a constant learning rate `m = −lr v`, so the two
+    are the same point, and with a schedule the directions agree up to the
+    change of lr within the momentum's memory. No clean pass is computed:
+    the loss returned (and logged) is `L(w + ε)`, the BatchNorm statistics
+    are those of that pass, and on the first step (`m = 0`) `ε = 0`.
+
+    Args:
+        momentums: the optimizer's momentum variables, one per trainable
+            variable of `model`.
+        perturbed_mask: optional booleans aligned with the trainable
+            variables; ε moves only the selected ones.
+        Other arguments as in `compute_sam_gradients`.
+
+    Returns:
+        A `SAMResult` whose `sharpness` is 0 (not measured) and whose
+        `grad_norm` is ‖∇L(w + ε)‖₂.
+    """
+    scale_loss = scale_loss or (lambda loss: loss)
+    weights = [
+        ops.convert_to_tensor(v.value) for v in model.trainable_variables
+    ]
+    state = [
+        ops.convert_to_tensor(v.value) for v in model.non_trainable_variables
+    ]
+    directions = [ops.convert_to_tensor(m.value) for m in momentums]
+    if perturbed_mask is not None:
+        directions = [
+            d if on else None for d, on in zip(directions, perturbed_mask)
+        ]
+    epsilon_ = perturbations.sam_perturbation(directions, rho, epsilon)
+    perturbed_weights = [
+        w if e is None else w + ops.cast(e, w.dtype)
+        for w, e in zip(weights, epsilon_)
+    ]
+    perturbed = _forward_and_gradients(
+        model,
+        compute_loss,
+        perturbed_weights,
+        state,
+        (x, y, sample_weight),
+        scale_loss,
+        True,
+    )
+    _assign(model.non_trainable_variables, perturbed.state)
+    if isinstance(rho, (int, float)):
+        moved = ops.convert_to_tensor(rho > 0)
+    else:
+        moved = ops.greater(rho, 0)
+    return SAMResult(
+        loss=perturbed.loss,
+        y_pred=perturbed.y_pred,
+        gradients=perturbed.gradients,
+        sharpness=ops.zeros((), "float32"),
+        grad_norm=perturbations.global_norm(perturbed.gradients),
+        perturbed=moved,
+        sam_step=ops.convert_to_tensor(True),
+    )
+
+
 _Part = collections.namedtuple(
     "_Part", ["fraction", "batch", "state", "clean", "for_epsilon"]
 )

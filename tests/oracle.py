@@ -228,3 +228,49 @@ def gradient_norm_outlier(decay, c_start, c_end, decay_steps):
         return squared_norm >= mean + c * np.sqrt(variance)
 
     return is_sam
+
+
+def train_momentum_sam(w, b, batches, rho, lr, momentum, l2=0.0):
+    """Momentum-SAM in Keras' convention, by hand.
+
+    Per step: ε = ρ m/(‖m‖ + 1e-12) from the momentum m (zero at first);
+    g = ∇L(w + ε); m ← μ m − lr g; w ← w + m. Returns the final (W, b)
+    and the loss at w + ε of every step.
+    """
+    w, b = w.astype(np.float64), b.astype(np.float64)
+    mw, mb = np.zeros_like(w), np.zeros_like(b)
+    losses = []
+    for x, y, sw in batches:
+        norm = np.sqrt(np.sum(mw**2) + np.sum(mb**2))
+        ew, eb = rho * mw / (norm + 1e-12), rho * mb / (norm + 1e-12)
+        loss, (gw, gb) = softmax_regression_loss_and_grad(
+            w + ew, b + eb, x, y, sw, l2
+        )
+        losses.append(loss)
+        mw, mb = momentum * mw - lr * gw, momentum * mb - lr * gb
+        w, b = w + mw, b + mb
+    return w, b, losses
+
+
+def train_momentum_sam_as_published(w, b, batches, rho, lr, momentum, l2=0.0):
+    """Momentum-SAM as the authors' PyTorch code runs it (MarlonBecker/MSAM).
+
+    PyTorch's buffer v ← μ v + g, w ← w − lr v; the parameters are stored
+    at the perturbed point p = w − ρ v/‖v‖, where the next gradient is
+    taken. Returns the unperturbed final (W, b).
+    """
+    params = [w.astype(np.float64), b.astype(np.float64)]
+    buffers = [np.zeros_like(p) for p in params]
+    inverse_norm = 0.0
+    for x, y, sw in batches:
+        _, grads = softmax_regression_loss_and_grad(*params, x, y, sw, l2)
+        for p, v, g in zip(params, buffers, grads):
+            p += rho * inverse_norm * v  # back to w
+            v *= momentum
+            v += g
+            p -= lr * v
+        norm = np.sqrt(sum(np.sum(v**2) for v in buffers))
+        inverse_norm = 1.0 / (norm + 1e-12)
+        for p, v in zip(params, buffers):
+            p -= rho * inverse_norm * v  # to the next gradient's point
+    return [p + rho * inverse_norm * v for p, v in zip(params, buffers)]

@@ -462,6 +462,7 @@ VARIANT_SETTINGS = {
     "randomized": lambda: dict(switching=switching.Randomized(0.5, seed=1)),
     "ae_sam": lambda: dict(switching=switching.GradientNormOutlier(0.5)),
     "looksam": lambda: dict(switching=switching.Periodic(3), looksam_alpha=0.7),
+    "msam": lambda: dict(perturbation="momentum"),
 }
 
 

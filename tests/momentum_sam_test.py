@@ -1,0 +1,201 @@
+"""Momentum-SAM (`perturbation="momentum"`) against two NumPy oracles."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from keras_sam import switching
+from tests import backends
+from tests import oracle
+from tests.sam_model_test import BATCH
+from tests.sam_model_test import LR
+from tests.sam_model_test import MODES
+from tests.sam_model_test import MOMENTUM
+from tests.sam_model_test import batches
+from tests.sam_model_test import sgd
+from tests.sam_model_test import softmax_data
+from tests.sam_model_test import softmax_regression
+from tests.sam_model_test import xent
+
+RHO = 0.3
+EPOCHS = 3
+L2 = 0.01
+
+
+def msam_model(rho=RHO, l2=L2, **kwargs):
+    x, y, w0, b0 = softmax_data()
+    model = keras_sam.SAMModel(
+        softmax_regression(w0, b0, l2=l2),
+        rho=rho,
+        perturbation="momentum",
+        **kwargs,
+    )
+    return model
+
+
+def all_batches(epochs=EPOCHS, sample_weight=None):
+    x, y, _, _ = softmax_data()
+    return batches(x, y, sample_weight) * epochs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_the_keras_convention_oracle_over_several_steps(mode):
+    x, y, w0, b0 = softmax_data()
+    model = msam_model()
+    model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+    history = model.fit(
+        x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0
+    )
+    want_w, want_b, losses = oracle.train_momentum_sam(
+        w0, b0, all_batches(), RHO, LR, MOMENTUM, l2=L2
+    )
+    got_w, got_b = model.base.get_weights()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
+    # The logged loss is the loss at w + ε, averaged over the epoch's steps.
+    steps = len(losses) // EPOCHS
+    np.testing.assert_allclose(
+        history.history["loss"],
+        np.mean(np.reshape(losses, (EPOCHS, steps)), axis=1),
+        rtol=1e-5,
+    )
+    assert "sharpness" not in history.history
+
+
+def test_is_the_authors_pytorch_formulation_at_a_constant_rate():
+    _, _, w0, b0 = softmax_data()
+    keras_w, keras_b, _ = oracle.train_momentum_sam(
+        w0, b0, all_batches(), RHO, LR, MOMENTUM, l2=L2
+    )
+    authors_w, authors_b = oracle.train_momentum_sam_as_published(
+        w0, b0, all_batches(), RHO, LR, MOMENTUM, l2=L2
+    )
+    np.testing.assert_allclose(keras_w, authors_w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(keras_b, authors_b, rtol=1e-9, atol=1e-12)
+    plain_w, _, _ = oracle.train_sgd_momentum(
+        w0, b0, all_batches(), 0.0, LR, MOMENTUM, l2=L2
+    )
+    assert np.abs(plain_w - keras_w).max() > 1e-3
+
+
+def test_sample_weights_follow_the_oracle():
+    x, y, w0, b0 = softmax_data()
+    sample_weight = np.linspace(0.2, 2.0, len(y)).astype("float32")
+    model = msam_model()
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+    )
+    want_w, want_b, _ = oracle.train_momentum_sam(
+        w0,
+        b0,
+        all_batches(sample_weight=sample_weight),
+        RHO,
+        LR,
+        MOMENTUM,
+        l2=L2,
+    )
+    np.testing.assert_allclose(model.base.get_weights()[0], want_w, rtol=1e-5)
+
+
+def test_rho_zero_is_the_plain_fit():
+    x, y, w0, b0 = softmax_data()
+    model = msam_model(rho=0.0)
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    plain = softmax_regression(w0, b0, l2=L2)
+    plain.compile(optimizer=sgd(), loss=xent())
+    plain.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    for a, b in zip(model.base.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_resumed_run_continues_exactly(tmp_path):
+    x, y, _, _ = softmax_data()
+    straight = msam_model()
+    straight.compile(optimizer=sgd(), loss=xent())
+    straight.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0)
+    first = msam_model()
+    first.compile(optimizer=sgd(), loss=xent())
+    first.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    path = os.fspath(tmp_path / "msam.keras")
+    first.save(path)
+    resumed = keras.saving.load_model(path)
+    assert resumed.perturbation == "momentum"
+    resumed.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(resumed.base.get_weights(), straight.base.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@backends.tensorflow_only
+def test_two_replicas_take_the_single_device_step():
+    import tensorflow as tf
+
+    from tests.distribute_test import mirrored
+
+    x, y, _, _ = softmax_data()
+    weights = []
+    for strategy in (mirrored(), tf.distribute.get_strategy()):
+        with strategy.scope():
+            model = msam_model()
+            model.compile(optimizer=sgd(), loss=xent(), jit_compile=False)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+        model.fit(dataset.repeat(EPOCHS), verbose=0)
+        weights.append(model.base.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "optimizer, message",
+    [
+        (keras.optimizers.Adam(), "Received: optimizer=Adam"),
+        (keras.optimizers.SGD(0.1), "SGD(momentum=0.0)"),
+    ],
+    ids=["adam", "sgd_without_momentum"],
+)
+def test_an_optimizer_without_momentum_is_refused(optimizer, message):
+    x, y, _, _ = softmax_data()
+    model = msam_model()
+    model.compile(optimizer=optimizer, loss=xent())
+    with pytest.raises(ValueError, match=re_escape(message)):
+        model.fit(x, y, batch_size=BATCH, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(adaptive=True),
+        dict(micro_batches=2),
+        dict(gsam_alpha=0.1),
+        dict(switching=switching.Periodic(2)),
+        dict(sync_perturbations=True),
+    ],
+    ids=lambda kwargs: next(iter(kwargs)),
+)
+def test_combinations_without_a_meaning_are_refused(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"cannot be combined with `{name}`"):
+        msam_model(**kwargs)
+
+
+def test_a_bad_perturbation_names_the_value():
+    with pytest.raises(ValueError, match="perturbation='gradients'"):
+        keras_sam.SAMModel(
+            softmax_regression(*softmax_data()[2:]), perturbation="gradients"
+        )
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
