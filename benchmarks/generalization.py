@@ -45,6 +45,7 @@ FLAGS = flags.FLAGS
 
 NOISE_RATES = (0.0, 0.2, 0.4, 0.6, 0.8)
 RHOS = (0.01, 0.02, 0.05, 0.1, 0.2)
+MSAM_RHOS = (0.3, 1.0, 3.0)
 # Each variant with its contender in benchmarks.step_time (for its cost).
 VARIANTS = {
     "GSAM": ("gsam", dict(gsam_alpha=0.1, rho_min=0.01)),
@@ -66,6 +67,15 @@ VARIANTS = {
         "looksam_5",
         dict(switching="periodic", sam_every=5, looksam_alpha=0.7),
     ),
+    # Momentum-SAM wants a larger ρ than SAM's; the authors' range, with
+    # the ρ chosen on seed 0's validation split by the report.
+    **{
+        f"Momentum-SAM ρ={rho}": (
+            "msam",
+            dict(perturbation="momentum", rho=rho),
+        )
+        for rho in MSAM_RHOS
+    },
 }
 
 
@@ -118,7 +128,7 @@ def configurations(study, seeds, noise_rates, rhos, variants_noise, select):
     rho = select(variants_noise, rhos)
     for seed in range(seeds):
         for name, (_, overrides) in VARIANTS.items():
-            yield name, variants_noise, seed, dict(rho=rho, **overrides)
+            yield name, variants_noise, seed, {"rho": rho, **overrides}
     # The noise study trains these too; they come last so that it usually
     # has.
     for seed in range(seeds):
@@ -157,7 +167,7 @@ def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
 
 
 def run_name(name, noise, seed, overrides):
-    slug = name.lower().replace(" ", "_").replace("=", "")
+    slug = name.lower().replace(" ", "_").replace("=", "").replace("ρ", "rho")
     if "rho" in overrides:
         slug += f"-rho{overrides['rho']}"
     return f"{slug}-noise{noise}-seed{seed}"

@@ -108,6 +108,11 @@ def _variants_study():
         weak["train_cpu_seconds"] = 150.0
         weak["history"]["sam_fraction"] = [0.2, 0.2, 0.2]
         runs.append(weak)
+        # Momentum-SAM at two ρ: ρ = 1 validates better on seed 0.
+        for rho, test, validation in ((0.3, 0.71, 0.55), (1.0, 0.79, 0.58)):
+            runs.append(
+                _run(f"Momentum-SAM ρ={rho}", 0.4, seed, test, validation, rho)
+            )
     # A resumed run's CPU time covers only part of it: left out of costs.
     resumed = _run("SAM", 0.4, 2, 0.80, 0.6, rho=0.1)
     resumed.update(train_cpu_seconds=1.0, resumed_from_step=5)
@@ -117,7 +122,7 @@ def _variants_study():
 
 
 def test_variants_cost_counts_the_extra_passes():
-    sam_gain, rows = report_results.variants_rows(_variants_study())
+    sam_gain, rows, momentum = report_results.variants_rows(_variants_study())
     assert sam_gain == pytest.approx(10.0)
     by_name = {r["name"]: r for r in rows}
     assert by_name["SAM"]["cost"] == pytest.approx(2.0)
@@ -130,6 +135,11 @@ def test_variants_cost_counts_the_extra_passes():
     assert periodic["sam_steps"] == pytest.approx(0.2)
     assert periodic["measured_cost"] == pytest.approx(1.4)
     assert by_name["LookSAM k=5"]["share"] == pytest.approx(0.2)
+    # Momentum-SAM: the ρ chosen on validation, one pass per step.
+    assert momentum == (1.0, {0.3: 0.55, 1.0: 0.58})
+    assert not any(name.startswith("Momentum-SAM ρ") for name in by_name)
+    assert by_name["Momentum-SAM"]["cost"] == pytest.approx(1.0)
+    assert by_name["Momentum-SAM"]["share"] == pytest.approx(0.9)
 
 
 def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
@@ -146,7 +156,9 @@ def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
     for png in ("label_noise", "memorization", "rho", "variants"):
         assert (tmp_path / "results" / f"{png}.png").stat().st_size > 1000
     assert "python -m benchmarks.generalization --study=noise" in text
-    assert "keep ≥ 80 %" in text and "Yes: periodic k=5." in text
+    assert "keep ≥ 80 %" in text
+    assert "Yes: periodic k=5, Momentum-SAM." in text
+    assert "ρ = 1 was chosen" in text and "one pass |" in text
     assert "No GPU was lent" in text
     assert (tmp_path / "results.md").read_text() == text
 

@@ -208,6 +208,14 @@ def define_common_flags(**defaults):
         "stored SAM direction scaled to α‖g‖ (default: plain SGD steps).",
     )
     flags.DEFINE_enum(
+        "perturbation",
+        "gradient",
+        ["gradient", "momentum"],
+        "gradient: SAM's ε along the clean gradient; momentum: "
+        "Momentum-SAM's ε along SGD's momentum, one pass per step (needs "
+        "--momentum > 0; the authors' ρ is 0.3 to 3).",
+    )
+    flags.DEFINE_enum(
         "augmentation",
         d["augmentation"],
         list(augment.AUGMENTATIONS),

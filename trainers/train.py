@@ -303,7 +303,7 @@ def _rho(flags_obj, learning_rate):
 
 def variant_arguments(flags_obj, total_steps=None):
     """The SAMModel arguments of the variant flags (GSAM, SAM-ON, switching,
-    LookSAM). AE-SAM's threshold moves over `total_steps`."""
+    LookSAM, Momentum-SAM). AE-SAM's threshold moves over `total_steps`."""
     policies = {
         "none": lambda: None,
         "periodic": lambda: keras_sam.switching.Periodic(flags_obj.sam_every),
@@ -325,6 +325,7 @@ def variant_arguments(flags_obj, total_steps=None):
         perturbed_variables=perturbed,
         switching=policies[flags_obj.switching](),
         looksam_alpha=flags_obj.looksam_alpha,
+        perturbation=flags_obj.perturbation,
     )
 
 
