@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 
 from benchmarks import report_results
+from tests import backends
+
+# NumPy and matplotlib only: run once, in the TensorFlow pass.
+pytestmark = backends.tensorflow_only
 
 
 def test_paired_difference_gives_a_student_t_interval_and_wins():

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
+from tests import backends
 from tests import oracle
 from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
@@ -17,6 +18,9 @@ from tests.sam_model_test import batches
 from tests.sam_model_test import softmax_data
 from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
+
+# tf.distribute; jax_distribution_test.py covers keras.distribution.
+pytestmark = backends.tensorflow_only
 
 BATCH = 8  # Global batch: 4 examples per replica.
 

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from tests import backends
 from tests import oracle
 from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
@@ -200,6 +201,9 @@ def test_a_lost_worker_fails_the_job_and_a_restart_resumes(tmp_path):
     assert results["train_steps"] == steps
 
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="uses localhost ports and POSIX signals"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        sys.platform != "linux", reason="uses localhost ports and POSIX signals"
+    ),
+    backends.tensorflow_only,
+]

@@ -11,8 +11,12 @@ import re
 import pytest
 import tensorflow as tf
 
+from tests import backends
 from tests.distribute_test import mirrored
 from tests.trainer_run_test import ROOT
+
+# The README's examples use tf.distribute and the trainers.
+pytestmark = backends.tensorflow_only
 
 SKIP = "<!-- readme-test: skip -->"
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)

@@ -9,8 +9,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tests import backends
 from trainers import augment
 from trainers import data
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 
 def write_idx(path, array, compress=True):

@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import backends
 from tests.trainer_run_test import ROOT
 from tests.trainer_run_test import make_flags
 from trainers import fashion_mnist
 from trainers import strategy as strategy_lib
 from trainers import train
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(

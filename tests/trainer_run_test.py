@@ -11,10 +11,15 @@ import pytest
 from absl import flags
 
 import keras_sam
+from tests import backends
 from tests.distribute_test import mirrored
 from trainers import compare_sgd_sam
 from trainers import fashion_mnist
 from trainers import train
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

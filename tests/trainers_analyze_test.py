@@ -11,9 +11,14 @@ import sys
 
 import numpy as np
 
+from tests import backends
 from tests.trainer_run_test import ROOT
 from trainers import shake_models
 from trainers import streaming
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 
 def _python(*args):

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import backends
 from trainers import augment
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 PAD = 4
 

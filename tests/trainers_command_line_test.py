@@ -6,7 +6,12 @@ import sys
 
 import pytest
 
+from tests import backends
 from tests.trainer_run_test import ROOT
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 
 def _program(module, *args):

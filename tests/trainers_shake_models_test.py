@@ -6,8 +6,13 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
+from tests import backends
 from trainers import models
 from trainers import shake_models
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 
 def trainable_count(model):

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tests import backends
 from tests.distribute_test import mirrored
 from tests.trainer_run_test import make_flags as make_common_flags
 from tests.trainer_run_test import run_killed_after_step
@@ -21,6 +22,10 @@ from trainers import finetune
 from trainers import imagenet
 from trainers import streaming
 from trainers import train
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

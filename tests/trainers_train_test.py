@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests import backends
 from tests.trainer_run_test import make_flags
 from trainers import compare_sgd_sam
 from trainers import data
 from trainers import fashion_mnist
 from trainers import train
+
+# TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
+# tests/trainers_backends_test.py runs a trainer on the other backends.
+pytestmark = backends.tensorflow_only
 
 
 def test_each_epoch_visits_distinct_examples_and_drops_the_remainder():

@@ -34,8 +34,10 @@ if BACKEND == "tensorflow":
     from keras_sam.backend.tensorflow import *  # noqa: F403
 elif BACKEND == "jax":
     from keras_sam.backend.jax import *  # noqa: F403
+elif BACKEND == "torch":
+    from keras_sam.backend.torch import *  # noqa: F403
 else:
     raise ImportError(
-        "keras_sam runs on Keras' TensorFlow and JAX backends. Received: "
-        f"KERAS_BACKEND={BACKEND!r}"
+        "keras_sam runs on Keras' TensorFlow, JAX and PyTorch backends. "
+        f"Received: KERAS_BACKEND={BACKEND!r}"
     )

@@ -1,0 +1,116 @@
+"""The PyTorch backend: `torch.autograd.grad` on detached copies, eagerly.
+
+Keras' PyTorch trainer runs the step eagerly (or through `torch.compile`)
+and has no `keras.distribution` support, so a conditional is a Python `if`
+and there is one replica.
+"""
+
+import keras
+import torch
+from keras import tree
+
+__all__ = [
+    "all_reduce",
+    "apply_gradients",
+    "check_per_replica_call",
+    "cond",
+    "data_parallel_shards",
+    "function",
+    "hessian_vector_product",
+    "is_symbolic",
+    "logs_for_workers",
+    "read_live",
+    "replica_count",
+    "symbolic_build_batch",
+    "train_step",
+    "value_and_gradients",
+]
+
+
+def _leaves(weights):
+    # Fresh leaves that share the weights' storage: the graph of a pass
+    # starts here and never reaches the model's parameters.
+    return [torch.as_tensor(w).detach().requires_grad_(True) for w in weights]
+
+
+def _detached(structure):
+    # What leaves a pass keeps no autograd graph alive until the next step.
+    return tree.map_structure(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, structure
+    )
+
+
+def value_and_gradients(fn, weights):
+    weights = _leaves(weights)
+    with torch.enable_grad():
+        objective, aux = fn(weights)
+        gradients = torch.autograd.grad(objective, weights, allow_unused=True)
+    # `None` where the objective does not depend on a weight, as Keras'
+    # PyTorch trainer leaves `.grad`.
+    return _detached(aux), list(gradients)
+
+
+def hessian_vector_product(fn, weights, vector):
+    """`∇²fn(weights) · vector` by double backpropagation."""
+    weights = _leaves(weights)
+    with torch.enable_grad():
+        objective = fn(weights)
+        grads = torch.autograd.grad(objective, weights, create_graph=True)
+        dot = sum(torch.sum(g * v) for g, v in zip(grads, vector))
+        products = torch.autograd.grad(dot, weights, allow_unused=True)
+    return [
+        torch.zeros_like(w) if p is None else p.detach()
+        for p, w in zip(products, weights)
+    ]
+
+
+def function(fn):
+    return fn
+
+
+def cond(predicate, true_fn, false_fn):
+    return true_fn() if bool(predicate) else false_fn()
+
+
+def replica_count():
+    return 1
+
+
+def data_parallel_shards():
+    return 1
+
+
+def all_reduce(tensors, op="sum"):
+    del op
+    return list(tensors)
+
+
+def check_per_replica_call(name):
+    del name
+
+
+def is_symbolic(tensor):
+    del tensor
+    return False
+
+
+def read_live(variable):
+    return keras.ops.cast(variable.value, "float32")
+
+
+def apply_gradients(optimizer, gradients, variables):
+    with torch.no_grad():
+        optimizer.apply(list(gradients), list(variables))
+
+
+def train_step(model, step, data):
+    return step(data)
+
+
+def symbolic_build_batch(model, iterator):
+    del model, iterator
+    return None
+
+
+def logs_for_workers(logs):
+    return logs

@@ -1,0 +1,62 @@
+"""The Fashion-MNIST trainer on the backends other than TensorFlow.
+
+The trainers read data with `tf.data` on every backend; what changes is the
+training step and `--strategy`, which maps onto `keras.distribution` on JAX.
+The TensorFlow pass runs the full trainer suite (trainer_*_test.py).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from tests.backends import BACKEND
+from tests.trainer_run_test import make_flags
+from tests.trainer_run_test import whole_and_resumed
+from trainers import fashion_mnist
+from trainers import strategy as strategy_lib
+
+pytestmark = pytest.mark.skipif(
+    BACKEND == "tensorflow", reason="trainer_*_test.py cover TensorFlow"
+)
+
+
+def test_two_synthetic_steps_write_results(tmp_path):
+    results = fashion_mnist.run(make_flags(tmp_path))
+    assert results["train_steps"] == 2
+    assert np.isfinite(results["test_loss"])
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(switching="periodic", sam_every=3, looksam_alpha=0.7)],
+    ids=["sam", "looksam"],
+)
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, variant
+):
+    settings = dict(train_steps=6, checkpoint_every_steps=2, rho=0.1)
+    whole, resumed = whole_and_resumed(
+        monkeypatch, tmp_path, 4, **settings, **variant
+    )
+    assert resumed["train_steps"] == 6
+    np.testing.assert_allclose(
+        resumed["test_loss"], whole["test_loss"], rtol=1e-6
+    )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
+def test_mirrored_maps_onto_data_parallel_over_the_devices(tmp_path):
+    try:
+        results = fashion_mnist.run(make_flags(tmp_path, strategy="mirrored"))
+        distribution = keras.distribution.distribution()
+    finally:
+        keras.distribution.set_distribution(None)
+    assert isinstance(distribution, keras.distribution.DataParallel)
+    assert results["replicas"] == 2 == len(keras.distribution.list_devices())
+    assert np.isfinite(results["test_loss"])
+
+
+@pytest.mark.parametrize("name", ["tpu", "multi_worker"])
+def test_tensorflow_strategies_are_refused_naming_the_backend(name):
+    with pytest.raises(ValueError, match=f"--strategy={name} .* {BACKEND}"):
+        strategy_lib.get_strategy(name, tpu="local")
