@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import keras_sam
-from tests import oracle
 from tests.backends import BACKEND
 from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
 from tests.sam_model_test import RHO
-from tests.sam_model_test import batches
+from tests.sam_model_test import assert_one_epoch_matches_the_oracle
 from tests.sam_model_test import softmax_data
 from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
@@ -55,52 +54,18 @@ def fit(distribution, jit_compile=True, **sam_kwargs):
 
 @pytest.mark.parametrize("jit_compile", [True, False])
 def test_each_device_perturbs_with_its_own_half_batch(jit_compile):
-    (w, b), _ = fit(data_parallel(), jit_compile=jit_compile, rho=RHO)
-    x, y, w0, b0 = softmax_data()
-    want_w, want_b, _ = oracle.train_sgd_momentum(
-        w0,
-        b0,
-        batches(x, y),
-        RHO,
-        LR,
-        MOMENTUM,
-        gradient_fn=oracle.split_sam_gradient,
-        parts=2,
-    )
-    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
-    full_w, _, _ = oracle.train_sgd_momentum(
-        w0, b0, batches(x, y), RHO, LR, MOMENTUM
-    )
-    assert np.abs(full_w - want_w).max() > 1e-4
+    weights, _ = fit(data_parallel(), jit_compile=jit_compile, rho=RHO)
+    assert_one_epoch_matches_the_oracle(weights, parts=2)
 
 
 def test_sync_perturbations_matches_the_full_batch_oracle():
-    (w, b), loss = fit(data_parallel(), rho=RHO, sync_perturbations=True)
-    x, y, w0, b0 = softmax_data()
-    want_w, want_b, want_losses = oracle.train_sgd_momentum(
-        w0, b0, batches(x, y), RHO, LR, MOMENTUM
-    )
-    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(loss, np.mean(want_losses), rtol=1e-5)
+    weights, loss = fit(data_parallel(), rho=RHO, sync_perturbations=True)
+    assert_one_epoch_matches_the_oracle(weights, loss=loss)
 
 
 def test_micro_batches_split_each_devices_shard():
-    (w, b), _ = fit(data_parallel(), rho=RHO, micro_batches=2)
-    x, y, w0, b0 = softmax_data()
-    want_w, want_b, _ = oracle.train_sgd_momentum(
-        w0,
-        b0,
-        batches(x, y),
-        RHO,
-        LR,
-        MOMENTUM,
-        gradient_fn=oracle.split_sam_gradient,
-        parts=4,
-    )
-    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+    weights, _ = fit(data_parallel(), rho=RHO, micro_batches=2)
+    assert_one_epoch_matches_the_oracle(weights, parts=4)
 
 
 def test_reported_loss_is_the_global_batch_loss():

@@ -59,6 +59,32 @@ def batches(x, y, sample_weight=None):
     return out
 
 
+def assert_one_epoch_matches_the_oracle(weights, parts=1, loss=None):
+    """`weights` (W, b) after one epoch of SGD with momentum on SAM
+    gradients, each batch cut into `parts` with their own ε, match the
+    NumPy oracle; so does the epoch's mean `loss`, if given."""
+    x, y, w0, b0 = softmax_data()
+    want_w, want_b, want_losses = oracle.train_sgd_momentum(
+        w0,
+        b0,
+        batches(x, y),
+        RHO,
+        LR,
+        MOMENTUM,
+        gradient_fn=oracle.split_sam_gradient,
+        parts=parts,
+    )
+    np.testing.assert_allclose(weights[0], want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights[1], want_b, rtol=1e-5, atol=1e-6)
+    if loss is not None:
+        np.testing.assert_allclose(loss, np.mean(want_losses), rtol=1e-5)
+    if parts > 1:
+        full_w, _, _ = oracle.train_sgd_momentum(
+            w0, b0, batches(x, y), RHO, LR, MOMENTUM
+        )
+        assert np.abs(full_w - want_w).max() > 1e-4
+
+
 VARIANTS = {
     "sam": dict(kwargs={}, l2=0.0, weighted=False),
     "asam": dict(kwargs=dict(adaptive=True, eta=0.05), l2=0.0, weighted=False),

@@ -26,18 +26,32 @@ not offer live in one small module per backend, as Keras splits
   workarounds of the backend's trainer.
 """
 
+import importlib
+
 import keras
 
-BACKEND = keras.backend.backend()
+INTERFACE = (
+    "all_reduce",
+    "apply_gradients",
+    "check_per_replica_call",
+    "cond",
+    "data_parallel_shards",
+    "function",
+    "hessian_vector_product",
+    "is_symbolic",
+    "logs_for_workers",
+    "read_live",
+    "replica_count",
+    "symbolic_build_batch",
+    "train_step",
+    "value_and_gradients",
+)
 
-if BACKEND == "tensorflow":
-    from keras_sam.backend.tensorflow import *  # noqa: F403
-elif BACKEND == "jax":
-    from keras_sam.backend.jax import *  # noqa: F403
-elif BACKEND == "torch":
-    from keras_sam.backend.torch import *  # noqa: F403
-else:
+BACKEND = keras.backend.backend()
+if BACKEND not in ("tensorflow", "jax", "torch"):
     raise ImportError(
         "keras_sam runs on Keras' TensorFlow, JAX and PyTorch backends. "
         f"Received: KERAS_BACKEND={BACKEND!r}"
     )
+_module = importlib.import_module(f"keras_sam.backend.{BACKEND}")
+globals().update({name: getattr(_module, name) for name in INTERFACE})

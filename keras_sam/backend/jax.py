@@ -5,23 +5,6 @@ import jax.experimental
 import keras
 import numpy as np
 
-__all__ = [
-    "all_reduce",
-    "apply_gradients",
-    "check_per_replica_call",
-    "cond",
-    "data_parallel_shards",
-    "function",
-    "hessian_vector_product",
-    "is_symbolic",
-    "logs_for_workers",
-    "read_live",
-    "replica_count",
-    "symbolic_build_batch",
-    "train_step",
-    "value_and_gradients",
-]
-
 
 def value_and_gradients(fn, weights):
     (_, aux), gradients = jax.value_and_grad(fn, has_aux=True)(list(weights))

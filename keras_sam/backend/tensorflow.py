@@ -4,23 +4,6 @@ import tensorflow as tf
 from keras import ops
 from keras import tree
 
-__all__ = [
-    "all_reduce",
-    "apply_gradients",
-    "check_per_replica_call",
-    "cond",
-    "data_parallel_shards",
-    "function",
-    "hessian_vector_product",
-    "is_symbolic",
-    "logs_for_workers",
-    "read_live",
-    "replica_count",
-    "symbolic_build_batch",
-    "train_step",
-    "value_and_gradients",
-]
-
 
 def value_and_gradients(fn, weights):
     weights = [tf.convert_to_tensor(w) for w in weights]

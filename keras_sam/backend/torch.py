@@ -9,23 +9,6 @@ import keras
 import torch
 from keras import tree
 
-__all__ = [
-    "all_reduce",
-    "apply_gradients",
-    "check_per_replica_call",
-    "cond",
-    "data_parallel_shards",
-    "function",
-    "hessian_vector_product",
-    "is_symbolic",
-    "logs_for_workers",
-    "read_live",
-    "replica_count",
-    "symbolic_build_batch",
-    "train_step",
-    "value_and_gradients",
-]
-
 
 def _leaves(weights):
     # Fresh leaves that share the weights' storage: the graph of a pass
