@@ -474,7 +474,9 @@ def variants_section(variants, figures):
         momentum_note = (
             f"Momentum-SAM takes its one pass at w + ρ m/‖m‖, so it wants a "
             f"larger ρ than SAM: ρ = {chosen:g} was chosen from the authors' "
-            f"range by seed 0's validation accuracy ({listed})."
+            f"range by seed 0's validation accuracy ({listed}). Its result "
+            "rests on two seeds in one regime (an MLP without normalization "
+            "layers): a strong sign, not yet a general finding."
         )
     noise = variants["runs"][0]["label_noise"]
     rho = _select(variants["runs"], "SAM")[0]["rho"]
@@ -605,8 +607,9 @@ on validation).
 ## At GPU scale
 
 No GPU was lent to this session, so the WRN-16-4 / WRN-28-10 version of
-this study has not been run; it needs `SAMModel` on Keras' JAX backend
-(the GPU machines have JAX, not TensorFlow). The calibration runs in the
+this study has not been run. `SAMModel` now runs on Keras' JAX backend, the
+only one the GPU machines have (README, Backends), so the trainers can run
+it there when a GPU is lent. The calibration runs in the
 project's issue tracker (WRN-16-4, JAX, 40 % noise, no augmentation: SGD
 73.3 %, SAM ρ = 0.1 77.7 %) point the same way.
 """
