@@ -4,6 +4,8 @@ ASAM's normalized variables, switching with micro-batches, ρ = 0, and the
 logged sharpness and gradient norm. Every number comes from tests/oracle.py.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -391,7 +393,7 @@ def oracle_metrics(parts=1, is_sam=lambda t: True):
 
 def fit_and_log(mode="graph", strategy=None, **sam_kwargs):
     x, y, w0, b0 = softmax_data()
-    with strategy.scope() if strategy else tf.distribute.get_strategy().scope():
+    with strategy.scope() if strategy else contextlib.nullcontext():
         model = keras_sam.SAMModel(
             softmax_regression(w0, b0), rho=RHO, **sam_kwargs
         )

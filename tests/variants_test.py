@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import keras_sam
 from keras_sam import switching
+from tests import backends
 from tests import oracle
 from tests.distribute_test import mirrored
 from tests.sam_model_test import BATCH
@@ -304,6 +305,7 @@ def test_switching_that_never_chooses_sam_is_the_base_fit(mode):
 # -- distribution, saving, arguments ------------------------------------------
 
 
+@backends.tensorflow_only
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -330,6 +332,7 @@ def test_synced_switching_under_mirrored_strategy_equals_one_device(kwargs):
     assert_weights(two, one.base.get_weights())
 
 
+@backends.tensorflow_only
 @pytest.mark.parametrize(
     "kwargs",
     [
