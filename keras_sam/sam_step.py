@@ -558,11 +558,11 @@ def compute_sam_gradients(
         old_directions = [d.value for d in looksam_directions]
 
     def sam_branch():
-        sam_gradients, sharpness = [], []
+        perturbed_gradients, sharpness = [], []
         directions = old_directions
         for part in parts:
             if adaptive:
-                epsilon_ = perturbations.asam_perturbation(
+                perturbation = perturbations.asam_perturbation(
                     part.for_epsilon,
                     weights,
                     rho,
@@ -571,11 +571,11 @@ def compute_sam_gradients(
                     adaptive_mask=adaptive_mask,
                 )
             else:
-                epsilon_ = perturbations.sam_perturbation(
+                perturbation = perturbations.sam_perturbation(
                     part.for_epsilon, rho, epsilon
                 )
             perturbed_weights = [
-                w if e is None else w + e for w, e in zip(weights, epsilon_)
+                w if e is None else w + e for w, e in zip(weights, perturbation)
             ]
             perturbed = _forward_and_gradients(
                 model,
@@ -600,10 +600,10 @@ def compute_sam_gradients(
                 gradients = perturbations.gsam_gradients(
                     part.clean.gradients, gradients, gsam_alpha
                 )
-            sam_gradients.append(gradients)
+            perturbed_gradients.append(gradients)
             sharpness.append(perturbed.loss - part.clean.loss)
         return (
-            _weighted_gradients(sam_gradients, fractions),
+            _weighted_gradients(perturbed_gradients, fractions),
             ops.cast(_weighted_mean(sharpness, fractions), "float32"),
             directions,
         )
@@ -718,10 +718,10 @@ def compute_momentum_sam_gradients(
         directions = [
             d if on else None for d, on in zip(directions, perturbed_mask)
         ]
-    epsilon_ = perturbations.sam_perturbation(directions, rho, epsilon)
+    perturbation = perturbations.sam_perturbation(directions, rho, epsilon)
     perturbed_weights = [
         w if e is None else w + ops.cast(e, w.dtype)
-        for w, e in zip(weights, epsilon_)
+        for w, e in zip(weights, perturbation)
     ]
     perturbed = _forward_and_gradients(
         model,
