@@ -614,13 +614,12 @@ def _momentum_optimizer(optimizer):
 def _momentum_variables(optimizer, variables):
     # Checked at the first step, not in `compile`: Keras does not restore
     # the compiled state of a model whose `compile` is overridden.
-    _momentum_optimizer(optimizer)
+    inner = _momentum_optimizer(optimizer)
     if not optimizer.built:
         # As `optimizer.apply` would at its first call, a moment later.
         with keras.name_scope(optimizer.name, caller=optimizer):
             optimizer.build(variables)
         optimizer.built = True
-    inner = _momentum_optimizer(optimizer)
     return [inner.momentums[inner._get_variable_index(v)] for v in variables]
 
 

@@ -733,17 +733,13 @@ def compute_momentum_sam_gradients(
         True,
     )
     _assign(model.non_trainable_variables, perturbed.state)
-    if isinstance(rho, (int, float)):
-        moved = ops.convert_to_tensor(rho > 0)
-    else:
-        moved = ops.greater(rho, 0)
     return SAMResult(
         loss=perturbed.loss,
         y_pred=perturbed.y_pred,
         gradients=perturbed.gradients,
         sharpness=ops.zeros((), "float32"),
         grad_norm=perturbations.global_norm(perturbed.gradients),
-        perturbed=moved,
+        perturbed=ops.greater(rho, 0),
         sam_step=ops.convert_to_tensor(True),
     )
 

@@ -34,16 +34,12 @@ def get_strategy(name, tpu=None):
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        if not tpu:
-            raise ValueError("--strategy=tpu needs --tpu=<name or address>.")
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(
-        f"Unknown strategy {name!r}; expected one of {list(STRATEGIES)}."
-    )
+    if not tpu:
+        raise ValueError("--strategy=tpu needs --tpu=<name or address>.")
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
 
 
 class KerasDistribution:
