@@ -74,7 +74,7 @@ def test_reported_loss_is_the_global_batch_loss():
     np.testing.assert_allclose(distributed_loss, single_loss, rtol=1e-6)
 
 
-def test_the_batch_is_sharded_over_both_devices():
+def test_the_weights_are_replicated_over_both_devices():
     x, y, w0, b0 = softmax_data()
     keras.distribution.set_distribution(data_parallel())
     try:
