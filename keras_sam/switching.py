@@ -138,12 +138,20 @@ def uniform_from_step(seed, step):
     kernels may draw other numbers than their plain kernels, it gives the
     same draw with and without `jit_compile`, on every device and backend.
     """
-    x = ops.cast(step, "uint32") + np.uint32(int(seed) * 0x9E3779B9 & _MASK32)
+    x = _low32(
+        ops.cast(step, "uint32") + np.uint32(int(seed) * 0x9E3779B9 & _MASK32)
+    )
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
         x = ops.bitwise_xor(x, ops.right_shift(x, np.uint32(shift)))
-        x = x * np.uint32(multiplier)
+        x = _low32(x * np.uint32(multiplier))
     x = ops.bitwise_xor(x, ops.right_shift(x, np.uint32(16)))
     return ops.cast(x, "float32") / 2.0**32
+
+
+def _low32(x):
+    # PyTorch promotes uint32 arithmetic to int64, which does not wrap at
+    # 2³²; keeping the low 32 bits is a no-op where uint32 does wrap.
+    return ops.bitwise_and(x, np.uint32(_MASK32))
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")

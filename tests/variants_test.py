@@ -79,6 +79,7 @@ def test_gsam_gradients_match_numpy_and_keep_the_sam_component():
         [tf.constant(g, tf.float32) for g in sam] + [None],
         alpha=0.3,
     )
+    got = [None if g is None else keras.ops.convert_to_numpy(g) for g in got]
     dot = sum(np.sum(g * s) for g, s in zip(clean, sam))
     squared = sum(np.sum(s * s) for s in sam)
     for g, s, out in zip(clean, sam, got):
@@ -128,6 +129,24 @@ def test_rho_following_learning_rate_is_linear_in_the_learning_rate():
         np.testing.assert_allclose(float(rho(step)), want, rtol=1e-5)
     np.testing.assert_allclose(float(rho(0)), 0.2, rtol=1e-6)
     np.testing.assert_allclose(float(rho(100)), 0.02, rtol=1e-5)
+
+
+def test_step_draws_are_numpy_uint32_murmur_mixes():
+    def numpy_draw(seed, step):
+        with np.errstate(over="ignore"):
+            x = np.uint32(step) + np.uint32(seed * 0x9E3779B9 & 0xFFFFFFFF)
+            for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+                x ^= x >> np.uint32(shift)
+                x *= np.uint32(multiplier)
+            x ^= x >> np.uint32(16)
+        return np.float32(x) / np.float32(2.0**32)
+
+    for seed in (0, 5, 123456):
+        for step in (0, 1, 7, 99_999, 2**31 - 1):
+            got = switching.uniform_from_step(
+                seed, keras.ops.convert_to_tensor(step, "int32")
+            )
+            assert float(got) == numpy_draw(seed, step), (seed, step)
 
 
 def test_switching_policies_decide_as_documented():
@@ -299,7 +318,9 @@ def test_switching_that_never_chooses_sam_is_the_base_fit(mode):
         model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
         trained.append([v.numpy() for v in base.variables])
     for plain, never_sam in zip(*trained):
-        np.testing.assert_allclose(never_sam, plain, rtol=1e-6, atol=1e-7)
+        backends.assert_matches_plain_fit(
+            never_sam, plain, mode, rtol=1e-6, atol=1e-7
+        )
 
 
 # -- distribution, saving, arguments ------------------------------------------
