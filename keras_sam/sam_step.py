@@ -521,6 +521,7 @@ def compute_sam_gradients(
     parts = []
     state = initial_state
     for fraction, batch in _split_batch((x, y, sample_weight), micro_batches):
+        random_state = backend.random_state()
         clean = _forward_and_gradients(
             model, compute_loss, weights, state, batch, scale_loss, True
         )
@@ -533,8 +534,11 @@ def compute_sam_gradients(
             # Outside the conditionals: tf.distribute cannot all-reduce
             # inside a cond, so the all-reduce runs on every step.
             for_epsilon = _all_reduce(for_epsilon, "sum")
-        parts.append(_Part(fraction, batch, state, clean, for_epsilon))
+        parts.append(
+            _Part(fraction, batch, state, random_state, clean, for_epsilon)
+        )
         state = _advance_counters(state, clean.state)
+    random_state_after_clean_passes = backend.random_state()
     fractions = [part.fraction for part in parts]
     clean_gradients = _weighted_gradients(
         [part.clean.gradients for part in parts], fractions
@@ -577,6 +581,7 @@ def compute_sam_gradients(
             perturbed_weights = [
                 w if e is None else w + e for w, e in zip(weights, perturbation)
             ]
+            backend.set_random_state(part.random_state)
             perturbed = _forward_and_gradients(
                 model,
                 compute_loss,
@@ -602,6 +607,7 @@ def compute_sam_gradients(
                 )
             perturbed_gradients.append(gradients)
             sharpness.append(perturbed.loss - part.clean.loss)
+        backend.set_random_state(random_state_after_clean_passes)
         return (
             _weighted_gradients(perturbed_gradients, fractions),
             ops.cast(_weighted_mean(sharpness, fractions), "float32"),
@@ -745,7 +751,8 @@ def compute_momentum_sam_gradients(
 
 
 _Part = collections.namedtuple(
-    "_Part", ["fraction", "batch", "state", "clean", "for_epsilon"]
+    "_Part",
+    ["fraction", "batch", "state", "random_state", "clean", "for_epsilon"],
 )
 _Pass = collections.namedtuple(
     "_Pass", ["loss", "y_pred", "gradients", "state"]

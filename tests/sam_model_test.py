@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras import ops
 
 import keras_sam
 from tests import backends
@@ -202,7 +203,7 @@ def test_rho_zero_is_bitwise_plain_fit_with_dropout_and_batchnorm(mode):
         trained.append([v.numpy() for v in model.variables])
     assert len(trained[0]) == len(trained[1])
     for plain, sam in zip(*trained):
-        np.testing.assert_array_equal(sam, plain)
+        backends.assert_matches_plain_fit(sam, plain, mode)
 
 
 def test_batchnorm_moving_stats_update_once_from_the_clean_pass():
@@ -255,6 +256,47 @@ def test_both_passes_use_batch_statistics_and_match_an_assign_reference():
         np.testing.assert_allclose(
             keras.ops.convert_to_numpy(g), w, rtol=1e-4, atol=1e-6
         )
+
+
+def test_both_passes_draw_the_same_dropout_masks():
+    # y_pred = dropout(x) W with an invertible W gives the clean pass's
+    # dropped inputs z = y_pred W⁻¹. The loss Σ y⊙y_pred / n is linear in
+    # W, so the gradient at W + ε is that of the clean mask, zᵀy / n; with
+    # another mask in the perturbed pass it would differ.
+    rng = np.random.RandomState(0)
+    x = rng.randn(64, D).astype("float32")
+    y = rng.randn(64, D).astype("float32")
+    kernel = (np.eye(D) + 0.1 * rng.randn(D, D)).astype("float32")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dropout(0.5),  # unseeded, as users write it
+            keras.layers.Dense(D, use_bias=False),
+        ]
+    )
+    model.set_weights([kernel])
+
+    def linear_loss(y_true, y_pred):
+        return ops.mean(ops.sum(ops.multiply(y_true, y_pred), axis=-1))
+
+    result = keras_sam.sam_step.compute_sam_gradients(
+        model,
+        lambda x, y, y_pred, sample_weight: linear_loss(y, y_pred),
+        x,
+        y,
+        rho=RHO,
+    )
+    z = keras.ops.convert_to_numpy(result.y_pred) @ np.linalg.inv(kernel)
+    dropped = np.abs(z) < 1e-4
+    assert 0.3 < dropped.mean() < 0.7
+    np.testing.assert_allclose(z[~dropped], 2 * x[~dropped], rtol=1e-3)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(result.gradients[0]),
+        z.T @ y / len(x),
+        rtol=1e-3,
+        atol=1e-4,
+    )
 
 
 def test_perturbed_pass_writes_no_variable():

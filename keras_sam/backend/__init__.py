@@ -18,6 +18,10 @@ not offer live in one small module per backend, as Keras splits
 - `read_live(variable)`: a variable's value when the step runs, also in a
   compiled step that does not hold it in its state.
 - `is_symbolic(tensor)`: whether its value is unknown until run time.
+- `random_state()` and `set_random_state(state)`: the backend's global
+  random-number state, which random layers may draw from outside Keras'
+  seed variables (PyTorch's unseeded dropout), so that both passes draw
+  the same masks; `None` where every draw goes through seed variables.
 - `apply_gradients(optimizer, gradients, variables)`: as the optimizer's
   own, in a way the trainer's step can run.
 - `train_step(model, step, *args)`: runs the stateful step of `SAMModel`
@@ -40,8 +44,10 @@ INTERFACE = (
     "hessian_vector_product",
     "is_symbolic",
     "logs_for_workers",
+    "random_state",
     "read_live",
     "replica_count",
+    "set_random_state",
     "symbolic_build_batch",
     "train_step",
     "value_and_gradients",

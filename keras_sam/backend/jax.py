@@ -129,3 +129,13 @@ def symbolic_build_batch(model, iterator):
 
 def logs_for_workers(logs):
     return logs
+
+
+def random_state():
+    # Every random layer draws through Keras' seed variables here, which
+    # the step hands to both passes.
+    return None
+
+
+def set_random_state(state):
+    del state

@@ -141,3 +141,13 @@ def logs_for_workers(logs):
     if not is_multi_worker():
         return logs
     return {key: ops.reshape(value, [1]) for key, value in logs.items()}
+
+
+def random_state():
+    # Every random layer draws through Keras' seed variables here, which
+    # the step hands to both passes.
+    return None
+
+
+def set_random_state(state):
+    del state
