@@ -2,7 +2,9 @@
 
 Keras' PyTorch trainer runs the step eagerly (or through `torch.compile`)
 and has no `keras.distribution` support, so a conditional is a Python `if`
-and there is one replica.
+and there is one replica. Several processes of `torch.distributed` are
+refused: gradients taken with `torch.autograd.grad` bypass the all-reduce
+hooks of `DistributedDataParallel`, so each process would train alone.
 """
 
 import keras
@@ -23,7 +25,25 @@ def _detached(structure):
     )
 
 
+def _check_single_process():
+    if not torch.distributed.is_available():
+        return
+    if not torch.distributed.is_initialized():
+        return
+    world_size = torch.distributed.get_world_size()
+    if world_size > 1:
+        raise RuntimeError(
+            "keras_sam on PyTorch trains on one device: torch.distributed "
+            f"is initialized with world_size={world_size}, and the SAM "
+            "step's gradients (torch.autograd.grad) bypass the all-reduce "
+            "of DistributedDataParallel, so each process would train its "
+            "own model. Use KERAS_BACKEND=jax (keras.distribution) or "
+            "tensorflow (tf.distribute) for several devices."
+        )
+
+
 def value_and_gradients(fn, weights):
+    _check_single_process()
     weights = _leaves(weights)
     with torch.enable_grad():
         objective, aux = fn(weights)
@@ -75,6 +95,22 @@ def check_per_replica_call(name):
 def is_symbolic(tensor):
     del tensor
     return False
+
+
+def random_state():
+    # Keras' unseeded `Dropout` draws from torch's default generators, not
+    # from a seed variable that the step could hand to both passes.
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    )
+    return torch.get_rng_state(), cuda
+
+
+def set_random_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def read_live(variable):
