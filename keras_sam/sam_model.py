@@ -570,6 +570,13 @@ class SAMModel(keras.Model):
                 config[name] = keras.saving.serialize_keras_object(value)
         return config
 
+    def get_compile_config(self):
+        return _public_optimizer_classes(super().get_compile_config())
+
+    def compile_from_config(self, config):
+        # Files that an earlier version saved on PyTorch name its classes.
+        super().compile_from_config(_public_optimizer_classes(config))
+
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
@@ -582,6 +589,31 @@ class SAMModel(keras.Model):
                     config[name], custom_objects=custom_objects
                 )
         return cls(base, **config)
+
+
+def _public_optimizer_classes(config):
+    """`config` with backend-specific optimizer classes named by their
+    public class in `keras.optimizers`.
+
+    On PyTorch, Keras serializes `SGD` as its PyTorch subclass
+    (`keras.src.backend.torch.optimizers.torch_sgd.SGD`), and a file that
+    names it would train with PyTorch's kernels on another backend (and
+    fail). `keras.optimizers.SGD` picks each backend's own class.
+    """
+    if isinstance(config, list):
+        return [_public_optimizer_classes(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    config = {k: _public_optimizer_classes(v) for k, v in config.items()}
+    module = config.get("module")
+    if (
+        isinstance(module, str)
+        and module.startswith("keras.src.backend.")
+        and ".optimizers." in module
+        and hasattr(keras.optimizers, config.get("class_name", ""))
+    ):
+        config["module"] = "keras.optimizers"
+    return config
 
 
 def _unscale_loss_for_distribution(loss):

@@ -41,6 +41,29 @@ def test_get_config_holds_every_argument_and_round_trips():
     assert isinstance(clone.base, keras.Sequential)
 
 
+def test_compile_config_names_public_optimizer_classes():
+    model = keras_sam.SAMModel(bn_dropout_model())
+    model.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(sgd()), loss=xent()
+    )
+    config = model.get_compile_config()
+    optimizer = config["optimizer"]
+    assert optimizer["module"] == "keras.optimizers"
+    assert optimizer["config"]["inner_optimizer"]["module"] == (
+        "keras.optimizers"
+    )
+    # As Keras writes them on PyTorch (and earlier versions saved them).
+    optimizer["config"]["inner_optimizer"]["module"] = (
+        "keras.src.backend.torch.optimizers.torch_sgd"
+    )
+    clone = keras_sam.SAMModel(bn_dropout_model())
+    clone.compile_from_config(config)
+    inner = clone.optimizer.inner_optimizer
+    assert isinstance(inner, keras.optimizers.SGD)
+    assert type(inner) is type(sgd())  # this backend's own class
+    assert inner.momentum == sgd().momentum
+
+
 def test_wrapper_is_built_when_its_base_is():
     assert keras_sam.SAMModel(bn_dropout_model()).built
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
