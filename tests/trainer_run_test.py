@@ -76,7 +76,9 @@ def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
     assert np.isfinite(results["test_loss"])
 
 
-def whole_and_resumed(monkeypatch, tmp_path, step, **settings):
+def whole_and_resumed(
+    monkeypatch, tmp_path, step, hook="on_train_batch_end", **settings
+):
     """Results of an uninterrupted run and of one killed after `step`,
     then started again."""
     whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
@@ -85,23 +87,26 @@ def whole_and_resumed(monkeypatch, tmp_path, step, **settings):
         step,
         fashion_mnist.run,
         make_flags(tmp_path / "cut", **settings),
+        hook,
     )
     resumed = fashion_mnist.run(make_flags(tmp_path / "cut", **settings))
     assert resumed["resumed_from_step"] == step
     return whole, resumed
 
 
-def run_killed_after_step(monkeypatch, step, run, flags_obj):
+def run_killed_after_step(
+    monkeypatch, step, run, flags_obj, hook="on_train_batch_end"
+):
     """Runs `run(flags_obj)`, interrupted right after the checkpoint
-    callback has handled `step`, as a kill would interrupt it."""
-    original = train.AtomicCheckpoint.on_train_batch_end
+    callback's `hook` has handled `step`, as a kill would interrupt it."""
+    original = getattr(train.AtomicCheckpoint, hook)
 
-    def crash(self, batch, logs=None):
-        original(self, batch, logs)
+    def crash(self, batch_or_epoch, logs=None):
+        original(self, batch_or_epoch, logs)
         if self.step == step:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train.AtomicCheckpoint, "on_train_batch_end", crash)
+    monkeypatch.setattr(train.AtomicCheckpoint, hook, crash)
     with pytest.raises(KeyboardInterrupt):
         run(flags_obj)
     monkeypatch.undo()

@@ -28,8 +28,15 @@ def test_two_synthetic_steps_write_results(tmp_path):
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(), dict(switching="periodic", sam_every=3, looksam_alpha=0.7)],
-    ids=["sam", "looksam"],
+    [
+        dict(),
+        dict(switching="periodic", sam_every=3, looksam_alpha=0.7),
+        # 512 synthetic examples: 4 steps an epoch, so the kill after the
+        # epoch's checkpoint falls between two `fit` calls, after a
+        # validation pass (new data iterators).
+        dict(batch_size=128, hook="on_epoch_end", eval_every_epochs=1),
+    ],
+    ids=["sam", "looksam", "epoch_boundary"],
 )
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
     tmp_path, monkeypatch, variant
@@ -56,7 +63,19 @@ def test_mirrored_maps_onto_data_parallel_over_the_devices(tmp_path):
     assert np.isfinite(results["test_loss"])
 
 
-@pytest.mark.parametrize("name", ["tpu", "multi_worker"])
-def test_tensorflow_strategies_are_refused_naming_the_backend(name):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tpu",
+        "multi_worker",
+        pytest.param(
+            "mirrored",
+            marks=pytest.mark.skipif(
+                BACKEND != "torch", reason="runs on keras.distribution"
+            ),
+        ),
+    ],
+)
+def test_strategies_without_a_route_are_refused_naming_the_backend(name):
     with pytest.raises(ValueError, match=f"--strategy={name} .* {BACKEND}"):
         strategy_lib.get_strategy(name, tpu="local")

@@ -4,7 +4,8 @@ On TensorFlow, `--strategy` names a `tf.distribute` strategy. On JAX,
 `mirrored` sets `keras.distribution.DataParallel` over the local devices
 (each device perturbs with its own shard's gradient, as a replica of
 MirroredStrategy does); `default` uses one device; `multi_worker` and
-`tpu` are TensorFlow strategies and are refused.
+`tpu` are TensorFlow strategies and are refused. On PyTorch, which has
+no `keras.distribution`, only `default` runs.
 """
 
 import contextlib
@@ -55,6 +56,15 @@ class KerasDistribution:
 
 def _keras_distribution(name):
     backend = keras.backend.backend()
+    if name == "default":
+        return KerasDistribution(1)
+    if backend == "torch":
+        raise ValueError(
+            f"--strategy={name} needs several devices, which the trainers "
+            "reach through tf.distribute or keras.distribution; Keras' "
+            f"{backend} backend has neither. Run --strategy=default (one "
+            "device) or use KERAS_BACKEND=jax or tensorflow."
+        )
     if name in ("multi_worker", "tpu"):
         raise ValueError(
             f"--strategy={name} is a tf.distribute strategy; on the "
@@ -62,8 +72,6 @@ def _keras_distribution(name):
             "DataParallel over this host's devices) or run with "
             "KERAS_BACKEND=tensorflow."
         )
-    if name == "default":
-        return KerasDistribution(1)
     devices = keras.distribution.list_devices()
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=devices)

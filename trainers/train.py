@@ -71,13 +71,23 @@ def state_paths(model):
 
 
 _VARIABLES = "variables/"
+_TORCH_RANDOM_STATE = "torch_random_state"
 
 
 def save_checkpoint(path, model, step, history=None):
     """Writes the model's and optimizer's variables, keyed by path, with
-    `step` and the `history` so far, to `path`, atomically."""
+    `step` and the `history` so far, to `path`, atomically.
+
+    On PyTorch it also writes torch's CPU generator, which Keras' unseeded
+    `Dropout` draws from there instead of from a seed variable (see
+    `TorchRandomStream`).
+    """
     arrays = {_VARIABLES + k: v.numpy() for k, v in state_paths(model).items()}
     arrays["history"] = np.array(json.dumps(history or {}))
+    if keras.backend.backend() == "torch":
+        import torch
+
+        arrays[_TORCH_RANDOM_STATE] = torch.get_rng_state().numpy()
     write_atomically(path, lambda f: np.savez(f, step=np.int64(step), **arrays))
 
 
@@ -102,6 +112,9 @@ def restore_checkpoint(path, model):
             for name in saved.files
             if name.startswith(_VARIABLES)
         }
+        torch_random_state = None
+        if _TORCH_RANDOM_STATE in saved.files:
+            torch_random_state = saved[_TORCH_RANDOM_STATE]
     problems = [f"missing {k}" for k in variables if k not in arrays]
     problems += [f"unexpected {k}" for k in arrays if k not in variables]
     problems += [
@@ -121,7 +134,41 @@ def restore_checkpoint(path, model):
         )
     for key, variable in variables.items():
         variable.assign(arrays[key])
+    if torch_random_state is not None and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_rng_state(torch.from_numpy(torch_random_state))
     return step
+
+
+class TorchRandomStream(keras.callbacks.Callback):
+    """Gives the training steps a stream of torch random numbers of their own.
+
+    On PyTorch, Keras' unseeded `Dropout` draws from torch's global CPU
+    generator, which Keras' data loaders also draw from whenever an
+    iterator starts (each `fit` and `evaluate`). Setting the generator at
+    every batch to where the previous batch left it takes those draws out
+    of the masks' stream, so a run resumed from a checkpoint (which saves
+    the generator after its step) draws the masks of an uninterrupted run.
+    """
+
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self._torch = torch
+        self._state = torch.get_rng_state()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._torch.set_rng_state(self._state)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._state = self._torch.get_rng_state()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Before `AtomicCheckpoint` saves at the epoch's end: the stream as
+        # the last batch left it, not as the validation data loader did.
+        self._torch.set_rng_state(self._state)
 
 
 def checkpoint_history(path):
@@ -679,6 +726,7 @@ def fit_and_report(
 
     every = flags_obj.checkpoint_every_steps or steps_per_epoch
     callbacks = [
+        *([TorchRandomStream()] if keras.backend.backend() == "torch" else []),
         TrainingTime(),
         ExampleSetAccuracy(base, example_sets),
         AtomicCheckpoint(
