@@ -7,6 +7,7 @@ the trainers' `tf.data` pipelines) carry `tensorflow_only`.
 """
 
 import keras
+import numpy as np
 import pytest
 
 BACKEND = keras.backend.backend()
@@ -14,13 +15,37 @@ BACKEND = keras.backend.backend()
 # conftest.py skips these on other backends; `make test` deselects them.
 tensorflow_only = pytest.mark.tensorflow_only
 
+# Keras' PyTorch trainer refuses `steps_per_execution` > 1.
+needs_steps_per_execution = pytest.mark.skipif(
+    BACKEND == "torch",
+    reason="Keras' PyTorch trainer requires steps_per_execution=1",
+)
+
+
+def assert_matches_plain_fit(got, want, mode, rtol=0.0, atol=0.0):
+    """`got` equals `want` within `rtol`, `atol` (bitwise by default).
+
+    Under `torch.compile` (PyTorch's `jit_compile=True`) only to float32
+    rounding: inductor fuses the plain step and the SAM step, two other
+    programs, into other kernels.
+    """
+    if BACKEND == "torch" and mode == "jit":
+        rtol, atol = max(rtol, 1e-5), max(atol, 1e-6)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
 
 def compiled(fn):
-    """`fn` compiled the backend's way: `tf.function` or `jax.jit`."""
+    """`fn` compiled the backend's way: `tf.function` or `jax.jit`.
+
+    On PyTorch `fn` itself: Keras' PyTorch trainer runs eagerly unless
+    `jit_compile=True`, and `torch.compile` takes minutes per test here.
+    """
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
         return tf.function(fn)
+    if BACKEND == "torch":
+        return fn
     import jax
 
     return jax.jit(fn)
@@ -40,6 +65,12 @@ def gradients(model, loss_of_outputs, x):
             keras.ops.convert_to_numpy(g)
             for g in tape.gradient(loss, trainable)
         ]
+    if BACKEND == "torch":
+        import torch
+
+        loss = loss_of_outputs(model(x, training=True))
+        grads = torch.autograd.grad(loss, [v.value for v in trainable])
+        return [g.detach().numpy() for g in grads]
     import jax
 
     def loss_at(weights):

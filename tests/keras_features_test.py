@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import backends
 from tests import oracle
 from tests.sam_model_test import BATCH
 from tests.sam_model_test import LR
@@ -101,7 +102,15 @@ def compile_and_fit(model, x, y, compile_kwargs, fit_kwargs):
     )
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(name, marks=backends.needs_steps_per_execution)
+        if name == "steps_per_execution"
+        else name
+        for name in CONFIGS
+    ],
+)
 def test_rho_zero_reproduces_plain_fit_bitwise(config):
     setup, compile_kwargs, fit_kwargs = CONFIGS[config]
     base, x, y = setup()
@@ -132,6 +141,7 @@ def test_multi_output_logs_every_output_loss_and_metric():
     )
 
 
+@backends.needs_steps_per_execution
 def test_steps_per_execution_does_not_change_sam_steps():
     results = []
     for steps in (1, 3):

@@ -280,7 +280,8 @@ def test_switching_with_micro_batches_decides_once_per_step():
 
 class CallCounter:
     """Counts executed (not traced) calls: a `tf.Variable` incremented by
-    the graph on TensorFlow, a host callback on JAX."""
+    the graph on TensorFlow, a host callback on JAX, a Python counter on
+    PyTorch."""
 
     def __init__(self):
         if backends.BACKEND == "tensorflow":
@@ -290,10 +291,12 @@ class CallCounter:
     def increment(self):
         if backends.BACKEND == "tensorflow":
             self.variable.assign_add(1)
-        else:
+        elif backends.BACKEND == "jax":
             import jax
 
             jax.debug.callback(self._add_one)
+        else:  # PyTorch runs the step eagerly.
+            self._add_one()
 
     def _add_one(self):
         self.calls += 1
@@ -340,8 +343,19 @@ def test_rho_zero_runs_no_perturbed_pass(mode, rho, passes):
     x, y, w0, b0 = softmax_data()
     model = keras_sam.SAMModel(counting_model(w0, b0), rho=rho)
     model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
-    CALLS.reset()
-    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        shuffle=False,
+        verbose=0,
+        # After Keras' build, which calls the model once on PyTorch.
+        callbacks=[
+            keras.callbacks.LambdaCallback(
+                on_train_begin=lambda logs: CALLS.reset()
+            )
+        ],
+    )
     assert CALLS.count() == sum(passes)
     rhos = iter([float(rho(t)) if callable(rho) else rho for t in range(3)])
 
