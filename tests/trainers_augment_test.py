@@ -95,13 +95,27 @@ def test_augmentation_is_a_function_of_its_step_seed(name):
     assert not np.array_equal(at(3), at(4))
 
 
-@pytest.mark.parametrize("name", ["basic", "cutout"])
-def test_augmentation_keeps_shape_dtype_and_value_range(name):
-    images = tf.random.uniform((16, 32, 32, 3), seed=1)
-    out = augment.Augmentation(name, (32, 32, 3))(images, seed=(0, 0))
+@pytest.mark.parametrize("name", ["basic", "cutout", "randaugment"])
+def test_augmentation_keeps_shape_dtype_and_range(name):
+    images = tf.random.uniform((8, 32, 32, 3), seed=1)
+    out = augment.Augmentation(name, (32, 32, 3), seed=0)(images)
     assert out.shape == images.shape and out.dtype == tf.float32
     assert float(tf.reduce_min(out)) >= 0.0
     assert float(tf.reduce_max(out)) <= 1.0
+    assert not np.allclose(out.numpy(), images.numpy())
+
+
+def test_cutout_zeroes_at_most_one_square_per_image():
+    images = tf.ones((64, 28, 28, 1))
+    out = augment.cutout(images, 8, seed=0).numpy()
+    zeros = (out == 0).reshape(64, -1).sum(axis=1)
+    assert zeros.max() == 64 and zeros.min() > 0
+    assert np.mean(zeros == 64) > 0.3  # most squares fall fully inside
+
+
+def test_unknown_augmentation_is_rejected():
+    with pytest.raises(ValueError, match="Unknown augmentation 'mixup'"):
+        augment.Augmentation("mixup", (32, 32, 3))
 
 
 def test_no_augmentation_and_evaluation_return_the_images():

@@ -1,8 +1,8 @@
 """Data for the trainers: IDX Fashion-MNIST, tensorflow-datasets, synthetic.
 
 Every loader returns `Split` arrays (uint8 images HWC, int32 labels) for
-the training and the test set; `make_dataset` turns one into a tf.data
-pipeline. Data sets small enough for memory (all the paper's except
+the training and the test set (`trainers.train` builds the input
+pipelines). Data sets small enough for memory (all the paper's except
 ImageNet) are loaded as arrays, which makes label noise and exact resumption
 simple.
 """
@@ -208,39 +208,3 @@ def add_label_noise(labels, fraction, num_classes, seed):
     chosen = rng.choice(len(labels), count, replace=False)
     noisy[chosen] = rng.integers(0, num_classes, count)
     return noisy, chosen
-
-
-def make_dataset(
-    split,
-    batch_size,
-    training,
-    augment=None,
-    seed=0,
-    epoch=0,
-):
-    """A tf.data pipeline: scale to [0, 1], shuffle, augment, batch, prefetch.
-
-    Training batches drop the remainder, so every step has the same batch
-    size. The shuffle order depends only on `(seed, epoch)`, which lets a
-    resumed run see the same batches as an uninterrupted one.
-    """
-    dataset = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    if training:
-        dataset = dataset.shuffle(
-            len(split.labels),
-            seed=seed * 100003 + epoch,
-            reshuffle_each_iteration=False,
-        )
-    dataset = dataset.batch(batch_size, drop_remainder=training)
-    dataset = dataset.map(
-        lambda x, y: (tf.cast(x, tf.float32) / 255.0, y),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    if training and augment is not None:
-        dataset = dataset.map(
-            lambda x, y: (augment(x, training=True), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-    return dataset.prefetch(tf.data.AUTOTUNE)
