@@ -70,7 +70,7 @@ def test_bad_late_phase_arguments_name_the_argument_and_value(kwargs, message):
 
 
 def test_trainer_flag_starts_sam_at_the_given_fraction(tmp_path):
-    from tests.trainer_run_test import make_flags
+    from tests.trainers_run_test import make_flags
     from trainers import train
 
     flags_obj = make_flags(

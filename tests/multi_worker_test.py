@@ -24,7 +24,7 @@ from tests.sam_model_test import MOMENTUM
 from tests.sam_model_test import RHO
 from tests.sam_model_test import batches
 from tests.sam_model_test import softmax_data
-from tests.trainer_run_test import ROOT
+from tests.trainers_run_test import ROOT
 from trainers import train
 
 TIMEOUT = 240

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tests import backends
 from tests.distribute_test import mirrored
-from tests.trainer_run_test import ROOT
+from tests.trainers_run_test import ROOT
 
 # The README's examples use tf.distribute and the trainers.
 pytestmark = backends.tensorflow_only

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from tests import backends
-from tests.trainer_run_test import ROOT
+from tests.trainers_run_test import ROOT
 from trainers import shake_models
 from trainers import streaming
 

@@ -2,7 +2,7 @@
 
 The trainers read data with `tf.data` on every backend; what changes is the
 training step and `--strategy`, which maps onto `keras.distribution` on JAX.
-The TensorFlow pass runs the full trainer suite (trainer_*_test.py).
+The TensorFlow pass runs the full trainer suite (trainers_*_test.py).
 """
 
 import keras
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from tests.backends import BACKEND
-from tests.trainer_run_test import make_flags
-from tests.trainer_run_test import whole_and_resumed
+from tests.trainers_run_test import make_flags
+from tests.trainers_run_test import whole_and_resumed
 from trainers import fashion_mnist
 from trainers import strategy as strategy_lib
 
 pytestmark = pytest.mark.skipif(
-    BACKEND == "tensorflow", reason="trainer_*_test.py cover TensorFlow"
+    BACKEND == "tensorflow", reason="trainers_*_test.py cover TensorFlow"
 )
 
 

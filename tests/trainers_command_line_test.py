@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests import backends
-from tests.trainer_run_test import ROOT
+from tests.trainers_run_test import ROOT
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.

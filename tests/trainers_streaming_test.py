@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 
 from tests import backends
 from tests.distribute_test import mirrored
-from tests.trainer_run_test import make_flags as make_common_flags
-from tests.trainer_run_test import run_killed_after_step
+from tests.trainers_run_test import make_flags as make_common_flags
+from tests.trainers_run_test import run_killed_after_step
 from trainers import augment
 from trainers import autoaugment
 from trainers import finetune

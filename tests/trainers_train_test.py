@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests import backends
-from tests.trainer_run_test import make_flags
+from tests.trainers_run_test import make_flags
 from trainers import compare_sgd_sam
 from trainers import data
 from trainers import fashion_mnist

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from tests import backends
-from tests.trainer_run_test import ROOT
-from tests.trainer_run_test import make_flags
+from tests.trainers_run_test import ROOT
+from tests.trainers_run_test import make_flags
 from trainers import fashion_mnist
 from trainers import strategy as strategy_lib
 from trainers import train
