@@ -12,7 +12,6 @@ ratio is meaningful, a single wall-clock time is not.
 
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -25,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_sam  # noqa: E402
+from benchmarks import process  # noqa: E402
 from keras_sam import perturbations  # noqa: E402
 from trainers import models  # noqa: E402
 
@@ -267,27 +267,11 @@ def time_pipeline(data_dir, rounds, steps, batch_size):
 
 def peak_memory_mb(contender, name, batch_size):
     """Peak RSS growth of training steps in a fresh process (Linux, MB)."""
-    import subprocess
-
     code = (
         "import sys; sys.argv=['x']; from benchmarks import step_time as s; "
         f"s._train_only({contender!r}, {name!r}, {batch_size})"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def _read_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return float(process.last_line_of_python(code))
 
 
 def _train_only(contender, name, batch_size):
@@ -305,11 +289,10 @@ def _train_only(contender, name, batch_size):
     )
     dataset = _dataset(MODELS[name], batch_size)
     model.fit(dataset, steps_per_epoch=2, verbose=0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _read_status_kb("VmRSS")
+    process.reset_peak()
+    before = process.status_kb("VmRSS")
     model.fit(dataset, steps_per_epoch=5, verbose=0)
-    print((_read_status_kb("VmHWM") - before) / 1024.0)
+    print((process.status_kb("VmHWM") - before) / 1024.0)
 
 
 def run(flags_obj):
