@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
-EXTRAS ?= cpu,jax,dev
+EXTRAS ?= cpu,jax,torch,dev
 
 .PHONY: venv data train test lint bench clean
 
@@ -23,10 +23,12 @@ train: venv data
 	$(PY) -m trainers.compare_sgd_sam --data_dir=$(FASHION_MNIST_DIR)
 
 # One pytest process per backend: Keras fixes its backend per process. The
-# JAX pass skips what only TensorFlow has (tf.distribute, the trainers).
+# JAX and PyTorch passes skip what only TensorFlow has (tf.distribute, the
+# trainers' multi-worker and TPU paths).
 test: venv data
 	$(PY) -m pytest tests
 	KERAS_BACKEND=jax $(PY) -m pytest -m "not tensorflow_only" tests
+	KERAS_BACKEND=torch $(PY) -m pytest -m "not tensorflow_only" tests
 
 lint: venv
 	$(VENV)/bin/ruff check keras_sam trainers tests benchmarks

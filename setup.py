@@ -4,6 +4,12 @@ import setuptools
 
 TENSORFLOW = "2.21.*"
 JAX = "jax>=0.4.36"
+# Pinned: this project's machines hold torch 2.13.0's CPU build as a local
+# wheel (pip's find-links), and any other version, or a bare "torch",
+# resolves to a multi-GB CUDA build. Elsewhere pip takes 2.13.0 from PyPI
+# (its CUDA build on Linux; for the CPU one add --extra-index-url
+# https://download.pytorch.org/whl/cpu).
+TORCH = "torch==2.13.0"
 
 setuptools.setup(
     name="keras_sam",
@@ -28,6 +34,8 @@ setuptools.setup(
         # Keras' JAX backend on CPU; for GPUs install "jax[cuda12]", for
         # TPUs "jax[tpu]" (see the README's Backends section).
         "jax": [JAX],
+        # Keras' PyTorch backend (KERAS_BACKEND=torch).
+        "torch": [TORCH],
         "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
     },
     classifiers=[
