@@ -25,6 +25,7 @@ from tests.sam_model_test import RHO
 from tests.sam_model_test import batches
 from tests.sam_model_test import softmax_data
 from tests.trainers_run_test import ROOT
+from trainers import checkpoint
 from trainers import train
 
 TIMEOUT = 240
@@ -147,8 +148,8 @@ def test_trainer_runs_on_two_workers_and_both_end_alike(tmp_path):
     with open(out / train.RESULTS) as f:
         results = json.load(f)
     assert results["train_steps"] == 4 and results["replicas"] == 2
-    chief = np.load(out / train.CHECKPOINT)
-    worker = np.load(out / (train.CHECKPOINT + ".worker"))
+    chief = np.load(out / checkpoint.CHECKPOINT)
+    worker = np.load(out / (checkpoint.CHECKPOINT + ".worker"))
     assert int(chief["step"]) == int(worker["step"]) == 4
     # The history holds each process's own timings: not compared.
     differing = [
@@ -173,7 +174,7 @@ def test_a_lost_worker_fails_the_job_and_a_restart_resumes(tmp_path):
     )
     try:
         deadline = time.time() + TIMEOUT
-        while not (out / train.CHECKPOINT).exists():
+        while not (out / checkpoint.CHECKPOINT).exists():
             assert time.time() < deadline, _log(tmp_path, 0, "lost-")
             assert all(p.poll() is None for p in processes), _log(
                 tmp_path, 0, "lost-"
@@ -189,7 +190,7 @@ def test_a_lost_worker_fails_the_job_and_a_restart_resumes(tmp_path):
     assert codes[1] == -signal.SIGKILL
     assert codes[0] != 0
     assert "Error" in _log(tmp_path, 0, "lost-")
-    with np.load(out / train.CHECKPOINT) as saved:
+    with np.load(out / checkpoint.CHECKPOINT) as saved:
         lost_at = int(saved["step"])
     assert 2 <= lost_at < steps
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 from tests import backends
 from tests.trainers_run_test import ROOT
 from tests.trainers_run_test import make_flags
+from trainers import checkpoint
 from trainers import fashion_mnist
 from trainers import strategy as strategy_lib
 from trainers import train
@@ -38,7 +39,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
                 learning_rate=1e30,
             )
         )
-    with np.load(tmp_path / train.CHECKPOINT) as saved:
+    with np.load(tmp_path / checkpoint.CHECKPOINT) as saved:
         assert int(saved["step"]) >= 4
         for name in saved.files:
             if name != "history":
@@ -85,7 +86,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
     )
     try:
         deadline = time.time() + 300
-        while not (cut / train.CHECKPOINT).exists():
+        while not (cut / checkpoint.CHECKPOINT).exists():
             assert process.poll() is None, "the run ended before a checkpoint"
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
@@ -97,7 +98,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
             process.kill()
     assert process.returncode == -signal.SIGKILL
     assert not (cut / train.RESULTS).exists()
-    with np.load(cut / train.CHECKPOINT) as saved:
+    with np.load(cut / checkpoint.CHECKPOINT) as saved:
         killed_at = int(saved["step"])
     assert 3 <= killed_at < steps
 
@@ -127,7 +128,7 @@ def test_steps_per_execution_keeps_the_checkpoint_schedule(tmp_path):
         )
     )
     assert results["train_steps"] == 6
-    with np.load(tmp_path / train.CHECKPOINT) as saved:
+    with np.load(tmp_path / checkpoint.CHECKPOINT) as saved:
         assert int(saved["step"]) == 6
 
 
@@ -165,8 +166,8 @@ def test_tpu_strategy_goes_through_the_cluster_resolver(monkeypatch):
 
 
 def test_a_write_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
-    path = tmp_path / train.CHECKPOINT
-    train.write_atomically(
+    path = tmp_path / checkpoint.CHECKPOINT
+    checkpoint.write_atomically(
         str(path), lambda f: np.savez(f, step=np.int64(2), v0=np.ones(3))
     )
 
@@ -175,8 +176,8 @@ def test_a_write_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
         raise KeyboardInterrupt("killed during the write")
 
     with pytest.raises(KeyboardInterrupt):
-        train.write_atomically(str(path), dies_midway)
+        checkpoint.write_atomically(str(path), dies_midway)
     with np.load(path) as saved:
         assert int(saved["step"]) == 2
         np.testing.assert_array_equal(saved["v0"], np.ones(3))
-    assert os.listdir(tmp_path) == [train.CHECKPOINT]
+    assert os.listdir(tmp_path) == [checkpoint.CHECKPOINT]

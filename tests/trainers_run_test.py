@@ -13,6 +13,7 @@ from absl import flags
 import keras_sam
 from tests import backends
 from tests.distribute_test import mirrored
+from trainers import checkpoint
 from trainers import compare_sgd_sam
 from trainers import fashion_mnist
 from trainers import train
@@ -63,7 +64,7 @@ def test_two_synthetic_steps_write_results(tmp_path):
         assert key in saved
     assert saved["flags"]["rho"] == 0.05
     assert 0.0 <= saved["test_accuracy"] <= 1.0
-    assert os.path.exists(tmp_path / train.CHECKPOINT)
+    assert os.path.exists(tmp_path / checkpoint.CHECKPOINT)
     assert os.listdir(tmp_path / "tensorboard")
     assert os.path.exists(tmp_path / train.MODEL)
 
@@ -99,14 +100,14 @@ def run_killed_after_step(
 ):
     """Runs `run(flags_obj)`, interrupted right after the checkpoint
     callback's `hook` has handled `step`, as a kill would interrupt it."""
-    original = getattr(train.AtomicCheckpoint, hook)
+    original = getattr(checkpoint.AtomicCheckpoint, hook)
 
     def crash(self, batch_or_epoch, logs=None):
         original(self, batch_or_epoch, logs)
         if self.step == step:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train.AtomicCheckpoint, hook, crash)
+    monkeypatch.setattr(checkpoint.AtomicCheckpoint, hook, crash)
     with pytest.raises(KeyboardInterrupt):
         run(flags_obj)
     monkeypatch.undo()

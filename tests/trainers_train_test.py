@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from tests import backends
 from tests.trainers_run_test import make_flags
+from trainers import checkpoint
 from trainers import compare_sgd_sam
 from trainers import data
 from trainers import fashion_mnist
@@ -192,13 +193,13 @@ def _compiled(hidden=3, names=("a", "b")):
 def test_checkpoint_is_keyed_by_variable_path_and_restores_every_value(
     tmp_path,
 ):
-    path = str(tmp_path / train.CHECKPOINT)
+    path = str(tmp_path / checkpoint.CHECKPOINT)
     model = _compiled()
     rng = np.random.default_rng(0)
-    for variable in train.state_paths(model).values():
+    for variable in checkpoint.state_paths(model).values():
         variable.assign(10 * rng.random(variable.shape) + 1)
-    want = {k: v.numpy() for k, v in train.state_paths(model).items()}
-    train.save_checkpoint(path, model, step=7)
+    want = {k: v.numpy() for k, v in checkpoint.state_paths(model).items()}
+    checkpoint.save(path, model, step=7)
     with np.load(path) as saved:
         keys = {f for f in saved.files if f.startswith("variables/")}
     assert "variables/net/a/kernel" in keys
@@ -206,26 +207,28 @@ def test_checkpoint_is_keyed_by_variable_path_and_restores_every_value(
     assert len(keys) == len(want) == 4 + 4 + 2
 
     restored = _compiled()
-    assert train.restore_checkpoint(path, restored) == 7
-    for key, variable in train.state_paths(restored).items():
+    assert checkpoint.restore(path, restored) == 7
+    for key, variable in checkpoint.state_paths(restored).items():
         np.testing.assert_array_equal(variable.numpy(), want[key])
 
 
 def test_checkpoint_mismatches_are_listed_and_nothing_is_assigned(tmp_path):
-    path = str(tmp_path / train.CHECKPOINT)
-    train.save_checkpoint(path, _compiled(), step=1)
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    checkpoint.save(path, _compiled(), step=1)
     # Same number of variables, same shapes: restoring by position would
     # have succeeded silently.
     renamed = _compiled(names=("c", "b"))
-    before = [v.numpy() for v in train.state_paths(renamed).values()]
+    before = [v.numpy() for v in checkpoint.state_paths(renamed).values()]
     with pytest.raises(ValueError, match="another model") as error:
-        train.restore_checkpoint(path, renamed)
+        checkpoint.restore(path, renamed)
     assert "missing net/c/kernel" in str(error.value)
     assert "unexpected net/a/kernel" in str(error.value)
-    for variable, value in zip(train.state_paths(renamed).values(), before):
+    for variable, value in zip(
+        checkpoint.state_paths(renamed).values(), before
+    ):
         np.testing.assert_array_equal(variable.numpy(), value)
     with pytest.raises(ValueError, match="another model") as error:
-        train.restore_checkpoint(path, _compiled(hidden=5))
+        checkpoint.restore(path, _compiled(hidden=5))
     assert (
         "net/a/kernel has shape (4, 3) in the checkpoint and (4, 5) in the "
         "model"
@@ -235,15 +238,17 @@ def test_checkpoint_mismatches_are_listed_and_nothing_is_assigned(tmp_path):
 def test_repeated_variable_paths_get_distinct_keys():
     model = _compiled()
     model.extra = [keras.Variable(float(i), name="state") for i in range(3)]
-    keys = list(train.state_paths(model))
-    assert len(set(keys)) == len(keys) == len(train._state_variables(model))
+    keys = list(checkpoint.state_paths(model))
+    assert (
+        len(set(keys)) == len(keys) == len(checkpoint._state_variables(model))
+    )
     assert {"state", "state#1", "state#2"} <= set(keys)
 
 
 def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
-    path = str(tmp_path / train.CHECKPOINT)
+    path = str(tmp_path / checkpoint.CHECKPOINT)
     model = _compiled()
     arrays = {f"v{i}": v.numpy() for i, v in enumerate(model.variables)}
     np.savez(path, step=np.int64(3), **arrays)
     with pytest.raises(ValueError, match="by position"):
-        train.restore_checkpoint(path, model)
+        checkpoint.restore(path, model)
