@@ -35,6 +35,7 @@ DEFAULTS = dict(
 _OTHER_DEFAULTABLE = {
     "data_dir",
     "output_dir",
+    "train_steps",
     "train_examples",
     "validation_examples",
     "track_memorization",
@@ -44,8 +45,12 @@ _OTHER_DEFAULTABLE = {
 }
 
 
-def define_common_flags(**defaults):
-    """Declares the shared flags, with `defaults` overriding `DEFAULTS`."""
+def define_common_flags(model_names=None, model_help="Model.", **defaults):
+    """Declares the shared flags, with `defaults` overriding `DEFAULTS`.
+
+    `--model` takes one of `model_names` (default: `trainers.models`'
+    registry), described by `model_help`.
+    """
     d = dict(DEFAULTS, **defaults)
     unknown = set(defaults) - set(DEFAULTS) - _OTHER_DEFAULTABLE
     if unknown:
@@ -67,7 +72,9 @@ def define_common_flags(**defaults):
         "Checkpoints, TensorBoard logs and results.json go here; a run "
         "started again with the same output_dir resumes.",
     )
-    flags.DEFINE_enum("model", d["model"], sorted(models.MODELS), "Model.")
+    flags.DEFINE_enum(
+        "model", d["model"], model_names or sorted(models.MODELS), model_help
+    )
     flags.DEFINE_integer("epochs", d["epochs"], "Passes over the training set.")
     flags.DEFINE_integer(
         "train_examples",
@@ -90,7 +97,9 @@ def define_common_flags(**defaults):
         "label --label_noise changed (memorization) and on the others.",
     )
     flags.DEFINE_integer(
-        "train_steps", None, "Total training steps; overrides --epochs."
+        "train_steps",
+        d.get("train_steps"),
+        "Total training steps; overrides --epochs.",
     )
     flags.DEFINE_integer(
         "batch_size",

@@ -82,21 +82,11 @@ def define_flags(**defaults):
     tests) are left as they are.
     """
     if "rho" not in flags.FLAGS:
-        model = defaults.pop("model", "resnet50")
-        own = ("data_dir", "output_dir", *trainer_flags.DEFAULTS)
         trainer_flags.define_common_flags(
-            **{k: v for k, v in defaults.items() if k in own}
-        )
-        for name, value in defaults.items():
-            if name not in own:
-                flags.FLAGS.set_default(name, value)
-        delattr(flags.FLAGS, "model")
-        flags.DEFINE_enum(
-            "model",
-            model,
-            MODELS,
-            "Model: a keras.applications ResNet or EfficientNet, or a "
-            "CIFAR-sized model of trainers.models for CPU runs.",
+            model_names=MODELS,
+            model_help="Model: a keras.applications ResNet or EfficientNet, "
+            "or a CIFAR-sized model of trainers.models for CPU runs.",
+            **{"model": "resnet50", **defaults},
         )
     if "image_size" not in flags.FLAGS:
         flags.DEFINE_integer(
