@@ -9,17 +9,13 @@ Biases and BatchNorm parameters are not decayed.
 
 import keras
 
+from trainers import regularization
 from trainers import shake_models
-
-
-def _l2(weight_decay):
-    # Keras' L2(l) adds l · Σ w², whose gradient is 2l · w.
-    return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
 def small_cnn(input_shape, num_classes, weight_decay=0.0):
     """Two conv blocks and a dense head: ~0.4M weights, fast on a CPU."""
-    reg = _l2(weight_decay)
+    reg = regularization.weight_decay_regularizer(weight_decay)
     return keras.Sequential(
         [
             keras.Input(input_shape),
@@ -48,7 +44,7 @@ def mlp(input_shape, num_classes, weight_decay=0.0, width=512):
     seconds on a CPU: the model of the label-noise study
     (`benchmarks/generalization.py`).
     """
-    reg = _l2(weight_decay)
+    reg = regularization.weight_decay_regularizer(weight_decay)
     return keras.Sequential(
         [
             keras.Input(input_shape),
@@ -97,7 +93,7 @@ def residual_net(
     ResNet (Zagoruyko & Komodakis, 2016); with `(16, 32, 64)` and
     post-activation blocks, He et al.'s CIFAR ResNet.
     """
-    reg = _l2(weight_decay)
+    reg = regularization.weight_decay_regularizer(weight_decay)
     inputs = keras.Input(input_shape)
     h = _conv(16, 3, 1, reg)(inputs)
     if not preactivation:

@@ -19,10 +19,7 @@ import math
 import keras
 from keras import ops
 
-
-def _l2(weight_decay):
-    # As in trainers.models: λ/2 · Σ w², whose gradient is λ · w.
-    return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+from trainers import regularization
 
 
 def _conv(channels, kernel, strides, reg):
@@ -263,7 +260,7 @@ def shake_shake(input_shape, num_classes, depth=26, width=96, weight_decay=0.0):
         raise ValueError(
             f"Shake-Shake width must be even. Received: width={width}"
         )
-    reg = _l2(weight_decay)
+    reg = regularization.weight_decay_regularizer(weight_decay)
     inputs = keras.Input(input_shape)
     h = _bn(_conv(16, 3, 1, reg)(inputs))
     for stage, channels in enumerate((width, 2 * width, 4 * width)):
@@ -319,7 +316,7 @@ def pyramidnet_shakedrop(
         raise ValueError(
             f"PyramidNet depth must be 9n+2. Received: depth={depth}"
         )
-    reg = _l2(weight_decay)
+    reg = regularization.weight_decay_regularizer(weight_decay)
     blocks_per_stage = (depth - 2) // 9
     total_blocks = 3 * blocks_per_stage
     inputs = keras.Input(input_shape)

@@ -44,6 +44,7 @@ from trainers import augment as augment_lib
 from trainers import autoaugment
 from trainers import flags as trainer_flags
 from trainers import models
+from trainers import regularization
 from trainers import train as train_lib
 
 StreamInfo = collections.namedtuple(
@@ -387,7 +388,9 @@ def build_model(
     if weight_decay:
         for variable in model.trainable_weights:
             if variable.name.endswith("kernel"):
-                variable.regularizer = keras.regularizers.L2(weight_decay / 2)
+                variable.regularizer = regularization.weight_decay_regularizer(
+                    weight_decay
+                )
     return model
 
 
