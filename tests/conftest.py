@@ -36,3 +36,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def restore_op_determinism():
+    # A trainer's --deterministic enables op determinism for the whole
+    # process, which also turns XLA off in Keras; later tests must not
+    # inherit it.
+    yield
+    from tensorflow.python.framework import config
+
+    if config.is_op_determinism_enabled():
+        config.disable_op_determinism()
+    assert not config.is_op_determinism_enabled()

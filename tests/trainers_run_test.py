@@ -25,18 +25,6 @@ pytestmark = backends.tensorflow_only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def restore_op_determinism():
-    # --deterministic enables op determinism for the whole process, which
-    # also turns XLA off in Keras; later tests must not inherit it.
-    yield
-    from tensorflow.python.framework import config
-
-    if config.is_op_determinism_enabled():
-        config.disable_op_determinism()
-    assert not config.is_op_determinism_enabled()
-
-
 def make_flags(output_dir, **overrides):
     """Parsed default flags of the Fashion-MNIST trainer, with overrides."""
     if "rho" not in flags.FLAGS:

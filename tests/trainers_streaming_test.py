@@ -30,15 +30,6 @@ pytestmark = backends.tensorflow_only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def restore_op_determinism():
-    yield
-    from tensorflow.python.framework import config
-
-    if config.is_op_determinism_enabled():
-        config.disable_op_determinism()
-
-
 def make_flags(output_dir, **overrides):
     """The common test flags plus the streaming trainers' own, small."""
     values = vars(make_common_flags(output_dir))
