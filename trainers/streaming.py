@@ -386,11 +386,10 @@ def build_model(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     if weight_decay:
+        regularizer = regularization.weight_decay_regularizer(weight_decay)
         for variable in model.trainable_weights:
             if variable.name.endswith("kernel"):
-                variable.regularizer = regularization.weight_decay_regularizer(
-                    weight_decay
-                )
+                variable.regularizer = regularizer
     return model
 
 
