@@ -1,13 +1,19 @@
-"""Step time and peak memory of SAM over plain SGD, measured in one process.
+"""What a SAM step costs over an SGD step, in CPU time, measured in one process.
 
     python -m benchmarks.step_time --output=docs/performance.json
+    python -m benchmarks.step_time --memory=false --pipeline=false \
+        --output=docs/performance_repeat.json
 
-For each model, the contenders (plain `fit` with SGD, `SAMModel`, its
-m-sharpness and sync options, and the naive port that assigns ε to the
-variables, recomputes and subtracts it) are compiled once, then timed in
-interleaved rounds, so that load on this shared machine hits all of them
-alike. We report per-round ratios to SGD and their median and spread; a
-ratio is meaningful, a single wall-clock time is not.
+For each model and mode, every contender (plain `fit` with SGD, exact SAM,
+the two-pass floor, the naive port, every variant of `SAMModel`) is
+compiled once; then all are timed in interleaved rounds. A round times a
+few steps of each, calling Keras' train function directly, and records the
+process's CPU time (`time.process_time`) and the wall time of those steps.
+The ratio to SGD is taken within a round. TensorFlow runs on one thread
+(`--threads`): CPU time then counts the step's work only, and this
+sandbox's wall clock, which advances in ~128 ms quanta under load, agrees
+with it. The second command repeats the timings, so that the report can
+show how well two runs agree.
 """
 
 import json
@@ -34,19 +40,49 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_list(
         "models",
-        ["small_cnn", "resnet20", "wrn_16_4"],
-        "Models to time: small_cnn (28x28x1), resnet20 and wrn_16_4 (32x32x3).",
+        list(MODELS),
+        f"Models to time, any of {list(MODELS)}.",
     )
     flags.DEFINE_list(
         "modes", ["graph", "xla"], "Compilation modes: graph and/or xla."
     )
-    flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
-    flags.DEFINE_integer("steps", 10, "Training steps per contender a round.")
+    flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
+    flags.DEFINE_list(
+        "steps",
+        ["small_cnn:10", "small_cnn_no_dropout:10", "resnet20:5", "wrn_16_4:3"],
+        "Training steps per contender and round, as model:steps.",
+    )
     flags.DEFINE_integer("batch_size", 64, "Batch size of every step.")
     flags.DEFINE_list(
         "contenders",
-        CORE,
-        f"What to time against sgd; any of {sorted(CONTENDERS)}.",
+        list(CONTENDERS),
+        f"What to time against sgd; any of {list(CONTENDERS)}.",
+    )
+    flags.DEFINE_list(
+        "core_only_models",
+        ["wrn_16_4"],
+        f"Models timed with only {CORE}, whatever --contenders says (a "
+        "WRN-16-4 step takes seconds on one thread).",
+    )
+    flags.DEFINE_list(
+        "xla_switching_models",
+        ["small_cnn", "small_cnn_no_dropout"],
+        f"Models whose {SWITCHED_SAM_STEPS} are timed under XLA too. XLA's CPU "
+        "compiler runs weight-gradient convolutions inside a conditional "
+        "~100x slower (jax-ml/jax#12868), and these policies take SAM "
+        "behind one, so on larger models a step takes minutes.",
+    )
+    flags.DEFINE_integer(
+        "threads",
+        1,
+        "TensorFlow's intra- and inter-op threads; 0 keeps its default. With "
+        "one thread, process CPU time counts the step's work and nothing "
+        "else (no idle workers spinning).",
+    )
+    flags.DEFINE_bool(
+        "memory",
+        True,
+        "Also measure peak memory, in a fresh process per contender.",
     )
     flags.DEFINE_bool(
         "pipeline",
@@ -59,17 +95,35 @@ def define_flags():
         "/usr/share/datasets/fashion-mnist",
         "Fashion-MNIST for --pipeline.",
     )
-    flags.DEFINE_string("output", None, "Write the results as JSON here.")
+    flags.DEFINE_string(
+        "output",
+        None,
+        "Write the results as JSON here, after every model and mode.",
+    )
 
 
 MODELS = {
     "small_cnn": (28, 28, 1),
+    # The same CNN without its dropout layer: under XLA on a CPU, dropout's
+    # random numbers cost more than the rest of the step (see the report).
+    "small_cnn_no_dropout": (28, 28, 1),
     "resnet20": (32, 32, 3),
     "wrn_16_4": (32, 32, 3),
 }
 
 
 def _build(name):
+    if name == "small_cnn_no_dropout":
+        base = models.build("small_cnn", MODELS[name], 10)
+        return keras.Sequential(
+            [keras.Input(MODELS[name])]
+            + [
+                layer
+                for layer in base.layers
+                if not isinstance(layer, keras.layers.Dropout)
+            ],
+            name=name,
+        )
     return models.build(name, MODELS[name], 10)
 
 
@@ -133,34 +187,70 @@ class TwoGradients(keras.Model):
 
 
 def _sam(**kwargs):
-    return lambda base: keras_sam.SAMModel(base, rho=0.05, **kwargs)
+    kwargs.setdefault("rho", 0.05)
+    return lambda base: keras_sam.SAMModel(base, **kwargs)
 
 
-switching = keras_sam.switching
+def _switched(policy, *args, **kwargs):
+    """SAM behind `switching.<policy>(*args)`, made when the model is: a
+    policy made at import would start TensorFlow before `--threads` is
+    applied."""
+
+    def wrap(base):
+        made = getattr(keras_sam.switching, policy)(*args)
+        return keras_sam.SAMModel(base, rho=0.05, switching=made, **kwargs)
+
+    return wrap
+
+
 CONTENDERS = {
     "sgd": lambda base: base,
     "sam": _sam(),
     "floor_two_passes": TwoGradients,
+    "sam_rho_0": _sam(rho=0.0),
     "sam_micro_batches_2": _sam(micro_batches=2),
     "sam_sync": _sam(sync_perturbations=True),
     "naive_assign_subtract": lambda base: NaiveSAM(base, rho=0.05),
-    "asam": lambda base: keras_sam.SAMModel(base, rho=0.5, adaptive=True),
+    "asam": _sam(rho=0.5, adaptive=True),
     "gsam": _sam(gsam_alpha=0.1),
     "sam_on": _sam(perturbed_variables="normalization"),
-    "periodic_2": _sam(switching=switching.Periodic(2)),
-    "periodic_5": _sam(switching=switching.Periodic(5)),
-    "randomized_0.5": _sam(switching=switching.Randomized(0.5)),
-    "randomized_0.2": _sam(switching=switching.Randomized(0.2)),
+    "periodic_2": _switched("Periodic", 2),
+    "periodic_5": _switched("Periodic", 5),
+    "randomized_0.5": _switched("Randomized", 0.5),
+    "randomized_0.2": _switched("Randomized", 0.2),
     # c = 0 throughout: SAM on about half of the steps, AE-SAM's average.
-    "ae_sam": _sam(switching=switching.GradientNormOutlier(c_start=0.0)),
-    "looksam_5": _sam(switching=switching.Periodic(5), looksam_alpha=0.7),
+    "ae_sam": _switched("GradientNormOutlier", 0.9, 0.0),
+    "looksam_5": _switched("Periodic", 5, looksam_alpha=0.7),
+    # Late-phase SAM's two kinds of step: before its phase (the base step
+    # behind a switch) and during it (SAM behind a switch).
+    "late_phase_before": _switched("LatePhase", 10**9),
+    "late_phase_during": _switched("LatePhase", 0),
+    "momentum_sam": _sam(rho=1.0, perturbation="momentum"),
 }
 CORE = [
     "sgd",
     "sam",
     "floor_two_passes",
-    "sam_micro_batches_2",
-    "sam_sync",
+    "sam_rho_0",
+    "late_phase_before",
+    "momentum_sam",
+    "naive_assign_subtract",
+]
+# The contenders that take SAM steps behind a switch (a conditional).
+SWITCHED_SAM_STEPS = [
+    "periodic_2",
+    "periodic_5",
+    "randomized_0.5",
+    "randomized_0.2",
+    "ae_sam",
+    "looksam_5",
+    "late_phase_during",
+]
+MEMORY_CONTENDERS = [
+    "sgd",
+    "sam",
+    "floor_two_passes",
+    "momentum_sam",
     "naive_assign_subtract",
 ]
 
@@ -177,49 +267,77 @@ def _dataset(shape, batch_size):
     )
 
 
+def _compiled_step(model, dataset, jit_compile, loss=None):
+    """Compiles `model`, runs two steps, and returns a one-step callable.
+
+    The callable runs Keras' own train function on an iterator of
+    `dataset`, without `fit`'s per-call work (callbacks, a new iterator),
+    which would add the same constant to every contender.
+    """
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=loss
+        or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    model.fit(dataset.take(2), verbose=0)  # builds the train function
+    iterator = iter(dataset)
+    for _ in range(2):  # traces it for this iterator, warms up
+        model.train_function(iterator)
+    return lambda: model.train_function(iterator)
+
+
 def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
     dataset = _dataset(MODELS[name], batch_size)
     compiled = {}
     for contender in ["sgd"] + [c for c in contenders if c != "sgd"]:
-        wrap = CONTENDERS[contender]
         keras.utils.set_random_seed(0)
-        model = wrap(_build(name))
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=(mode == "xla"),
-        )
-        model.fit(dataset, steps_per_epoch=2, verbose=0)  # trace, warm up
-        compiled[contender] = model
-    result = interleaved_ratios(compiled, dataset, rounds, steps)
-    result["params"] = int(compiled["sgd"].count_params())
+        model = CONTENDERS[contender](_build(name))
+        compiled[contender] = _compiled_step(model, dataset, mode == "xla")
+        if contender == "sgd":
+            params = int(model.count_params())
+    result = interleaved_ratios(compiled, rounds, steps)
+    result["params"] = params
+    result["steps_per_round"] = steps
     return result
 
 
-def interleaved_ratios(compiled, datasets, rounds, steps):
-    """Seconds per step of each model, and its per-round ratio to "sgd".
+def interleaved_ratios(compiled, rounds, steps):
+    """Per-step CPU and wall time of each contender, and ratios to "sgd".
 
-    `datasets` is one dataset for all, or a dict with one per model.
+    Every round times `steps` steps of each contender, starting with a
+    different contender each round, so that a slow spell of the machine,
+    or a position in the order, hits all of them alike. A ratio is taken
+    within a round, and the report gives its median over rounds.
     """
-    seconds = {c: [] for c in compiled}
-    for _ in range(rounds):
-        for contender, model in compiled.items():
-            data = datasets
-            if isinstance(datasets, dict):
-                data = datasets[contender]
-            start = time.perf_counter()
-            model.fit(data, steps_per_epoch=steps, verbose=0)
-            seconds[contender].append((time.perf_counter() - start) / steps)
-    sgd = np.array(seconds["sgd"])
+    names = list(compiled)
+    seconds = {c: {"cpu": [], "wall": []} for c in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for contender in names[shift:] + names[:shift]:
+            step = compiled[contender]
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                step()
+            seconds[contender]["cpu"].append(
+                (time.process_time() - cpu) / steps
+            )
+            seconds[contender]["wall"].append(
+                (time.perf_counter() - wall) / steps
+            )
     result = {"contenders": {}}
-    for contender, values in seconds.items():
-        ratios = np.array(values) / sgd
-        result["contenders"][contender] = {
-            "median_step_ms": 1e3 * float(np.median(values)),
-            "median_ratio_to_sgd": float(np.median(ratios)),
-            "ratio_min": float(ratios.min()),
-            "ratio_max": float(ratios.max()),
-        }
+    for contender, measured in seconds.items():
+        stats = {}
+        for clock, values in measured.items():
+            ratios = np.array(values) / np.array(seconds["sgd"][clock])
+            stats[clock] = {
+                "median_step_ms": 1e3 * float(np.median(values)),
+                "median_ratio_to_sgd": float(np.median(ratios)),
+                "ratio_min": float(ratios.min()),
+                "ratio_max": float(ratios.max()),
+                "step_ms": [1e3 * v for v in values],
+            }
+        result["contenders"][contender] = stats
     return result
 
 
@@ -236,31 +354,29 @@ def time_pipeline(data_dir, rounds, steps, batch_size):
     from trainers import train
 
     train_split, _, info = data_lib.load("fashion_mnist", data_dir)
-    total = (rounds + 1) * steps + 2
+    total = (rounds + 1) * steps + 4
     indices = train.step_indices(len(train_split.labels), batch_size, total, 0)
     real = train.training_dataset(train_split, indices, 0, None, 10).repeat()
     cached = real.take(1).cache().repeat()
     compiled = {}
-    for name in ("sgd", "real_pipeline"):
+    for name, dataset in (("sgd", cached), ("real_pipeline", real)):
         keras.utils.set_random_seed(0)
         model = models.build("small_cnn", info.shape, 10)
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        compiled[name] = _compiled_step(
+            model,
+            dataset,
+            False,
+            keras.losses.CategoricalCrossentropy(from_logits=True),
         )
-        model.fit(cached, steps_per_epoch=2, verbose=0)
-        compiled[name] = model
-    result = interleaved_ratios(
-        compiled, {"sgd": cached, "real_pipeline": real}, rounds, steps
-    )
+    result = interleaved_ratios(compiled, rounds, steps)
     result["contenders"]["in_memory_batch"] = result["contenders"].pop("sgd")
     iterator = iter(real)
     next(iterator)
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(200):
         next(iterator)
-    result["pipeline_alone_ms_per_batch"] = (
-        1e3 * (time.perf_counter() - start) / 200
+    result["pipeline_alone_cpu_ms_per_batch"] = (
+        1e3 * (time.process_time() - start) / 200
     )
     return result
 
@@ -282,20 +398,33 @@ def _train_only(contender, name, batch_size):
     """
     keras.utils.set_random_seed(0)
     model = CONTENDERS[contender](_build(name))
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=False,
-    )
-    dataset = _dataset(MODELS[name], batch_size)
-    model.fit(dataset, steps_per_epoch=2, verbose=0)
+    step = _compiled_step(model, _dataset(MODELS[name], batch_size), False)
     process.reset_peak()
     before = process.status_kb("VmRSS")
-    model.fit(dataset, steps_per_epoch=5, verbose=0)
+    for _ in range(5):
+        step()
     print((process.status_kb("VmHWM") - before) / 1024.0)
 
 
+def _set_threads(threads):
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _write(results, path):
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def run(flags_obj):
+    _set_threads(flags_obj.threads)
+    steps = {
+        name: int(count)
+        for name, count in (item.split(":") for item in flags_obj.steps)
+    }
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -303,34 +432,42 @@ def run(flags_obj):
             "keras": keras.__version__,
         },
         "batch_size": flags_obj.batch_size,
+        "threads": flags_obj.threads,
+        "rounds": flags_obj.rounds,
         "timings": {},
         "peak_rss_mb": {},
     }
     for name in flags_obj.models:
+        contenders = flags_obj.contenders
+        if name in flags_obj.core_only_models:
+            contenders = [c for c in CORE if c in contenders]
         for mode in flags_obj.modes:
             key = f"{name}/{mode}"
+            timed = contenders
+            if mode == "xla" and name not in flags_obj.xla_switching_models:
+                timed = [c for c in contenders if c not in SWITCHED_SAM_STEPS]
             results["timings"][key] = time_model(
                 name,
                 mode,
                 flags_obj.rounds,
-                flags_obj.steps,
+                steps[name],
                 flags_obj.batch_size,
-                flags_obj.contenders,
+                timed,
             )
-            print(key, json.dumps(results["timings"][key], indent=1))
-        results["peak_rss_mb"][name] = {
-            c: peak_memory_mb(c, name, flags_obj.batch_size)
-            for c in ("sgd", "sam", "naive_assign_subtract")
-        }
-        print(name, "peak RSS MB", results["peak_rss_mb"][name])
+            print(key, "done", flush=True)
+            _write(results, flags_obj.output)
+        if flags_obj.memory:
+            results["peak_rss_mb"][name] = {
+                c: peak_memory_mb(c, name, flags_obj.batch_size)
+                for c in MEMORY_CONTENDERS
+            }
+            print(name, "peak RSS MB", results["peak_rss_mb"][name])
+            _write(results, flags_obj.output)
     if flags_obj.pipeline:
         results["pipeline"] = time_pipeline(
-            flags_obj.data_dir, flags_obj.rounds, flags_obj.steps, 128
+            flags_obj.data_dir, flags_obj.rounds, 10, 128
         )
-        print("pipeline", json.dumps(results["pipeline"], indent=1))
-    if flags_obj.output:
-        with open(flags_obj.output, "w") as f:
-            json.dump(results, f, indent=1)
+        _write(results, flags_obj.output)
     return results
 
 
