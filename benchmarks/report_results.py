@@ -395,6 +395,41 @@ def _with_chosen_momentum_rho(runs):
     return kept, (chosen, candidates)
 
 
+# The per-step cost table it reads (benchmarks.report_performance), and
+# the model and mode of its cells that the variants are priced with.
+PERFORMANCE = "performance.json"
+PRICED_ON = "small_cnn/graph"
+
+
+def measured_step_cost(row, performance):
+    """A method's CPU time per step over SGD's, from the per-step table.
+
+    SAM, GSAM, Momentum-SAM and LookSAM (k = 5, as in the study) have
+    cells of their own; a switching policy that took SAM on a fraction f
+    of the steps costs f SAM steps behind its switch (late-phase SAM
+    during its phase) and 1 − f declined steps (before it). None when the
+    table lacks the cells.
+    """
+    if performance is None or PRICED_ON not in performance["timings"]:
+        return None
+    cells = {
+        name: cell["cpu"]["median_ratio_to_sgd"]
+        for name, cell in performance["timings"][PRICED_ON][
+            "contenders"
+        ].items()
+    }
+    name = row["name"]
+    own = {"SAM": "sam", "GSAM": "gsam", MOMENTUM_SAM: "momentum_sam"}
+    if name in own:
+        return cells.get(own[name])
+    if name.startswith("LookSAM"):
+        return cells.get("looksam_5")
+    if "late_phase_during" not in cells or "late_phase_before" not in cells:
+        return None
+    f = row["sam_steps"]
+    return f * cells["late_phase_during"] + (1 - f) * cells["late_phase_before"]
+
+
 def _percent_or_one_pass(fraction):
     return "one pass" if np.isnan(fraction) else f"{100 * fraction:.0f} %"
 
@@ -416,23 +451,48 @@ def plot_variants(rows, path):
     plt.close(fig)
 
 
-def variants_section(variants, figures):
+def _step_cost_answer(rows):
+    priced = [r for r in rows if r.get("step_cost") is not None]
+    if not priced:
+        return ""
+    reached = [
+        r["name"]
+        for r in priced
+        if r["name"] != "SAM" and r["step_cost"] <= 1.25 and r["share"] >= 0.8
+    ]
+    listed = ", ".join(
+        f"{r['name']} {r['step_cost']:.2f}×"
+        for r in sorted(priced, key=lambda r: r["step_cost"])
+    )
+    return (
+        f"Priced by measured CPU time per step instead ({PRICED_ON} of "
+        f"docs/performance.md: {listed}), the methods within 1.25× that "
+        "keep ≥ 80 % are: " + (", ".join(reached) if reached else "none") + "."
+    )
+
+
+def variants_section(variants, figures, performance=None):
     if variants is None:
         return ""
     sam_gain, rows, momentum_choice = variants_rows(variants)
+    for row in rows:
+        row["step_cost"] = measured_step_cost(row, performance)
     plot_variants(rows, os.path.join(figures, "variants.png"))
     lines = [
         "| method | test accuracy, % | gain over SGD, points (95 % CI) "
         "| share of SAM's gain | SAM steps | cost (1 + SAM steps) "
-        "| CPU time / SGD, measured |",
-        "|---|---|---|---|---|---|---|",
+        f"| CPU time per step / SGD's ({PRICED_ON}) "
+        "| CPU time / SGD, whole runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        step_cost = row["step_cost"]
         lines.append(
             f"| {row['name']} | {row['accuracy']} | {row['gain']:+.2f} "
             f"(± {row['gain_ci']:.2f}) | {100 * row['share']:.0f} % | "
             f"{_percent_or_one_pass(row['sam_steps'])} | {row['cost']:.2f}× | "
-            f"{row['measured_cost']:.2f}× ({row['measured_seeds']} seed"
+            + ("—" if step_cost is None else f"{step_cost:.2f}×")
+            + f" | {row['measured_cost']:.2f}× ({row['measured_seeds']} seed"
             f"{'s' if row['measured_seeds'] != 1 else ''}) |"
         )
     reached = [
@@ -499,15 +559,19 @@ left out: it perturbs only normalization layers, and this MLP has none.
 The cost counts passes: each SAM step adds one forward/backward pass to
 an SGD step, so a method that runs SAM on a fraction f of the steps costs
 1 + f SGD steps where the step's compute dominates (large models, GPUs;
-LookSAM's extra vector operations are not counted). The measured CPU
-ratios of whole runs are shown for completeness but cannot carry a
-decision here: they include what every run spends alike (per-epoch
-evaluation, Keras' per-step overhead, which dominate a small MLP's steps on
-a CPU, so SAM itself measures well below 2x), and they move with the load
-that the other study processes put on this shared 2-core machine.
+LookSAM's extra vector operations are not counted). The next column
+prices the same fractions with the measured CPU time per step of
+docs/performance.md (the small CNN in graph mode: the study's MLP is not
+in that table; a switching policy's SAM steps at the cost of a SAM step
+behind a switch, its other steps at the cost of a declined one). The last
+column, CPU time of whole runs, includes what every run spends alike
+(per-epoch evaluation, Keras' per-step overhead, which dominate a small
+MLP's steps on a CPU, so SAM itself measures well below 2×) and moves
+with the load of the other study processes: it cannot carry a decision.
 
 **Does any mode cost ≤ 1.25× an SGD step and keep ≥ 80 %
 of exact SAM's gain ({sam_gain:+.2f} points)? {answer}.** {closest}
+{_step_cost_answer(rows)}
 
 ![variants: cost against gain](results/variants.png)
 """
@@ -528,7 +592,11 @@ def run(flags_obj):
     plot_noise(runs, os.path.join(figures, "label_noise.png"))
     plot_memorization(runs, os.path.join(figures, "memorization.png"))
     plot_rho(runs, os.path.join(figures, "rho.png"))
-    variants = variants_section(_load(docs, "results_variants.json"), figures)
+    variants = variants_section(
+        _load(docs, "results_variants.json"),
+        figures,
+        _load(docs, PERFORMANCE),
+    )
     seeds = len({r["seed"] for r in runs})
     text = f"""# Results: where SAM beats SGD, and by how much
 

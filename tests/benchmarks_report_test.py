@@ -167,41 +167,96 @@ def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
     assert (tmp_path / "results.md").read_text() == text
 
 
+def test_variants_are_priced_by_the_measured_step_costs(tmp_path):
+    ms = dict(
+        sgd=10.0,
+        sam=20.0,
+        momentum_sam=10.5,
+        late_phase_before=11.0,
+        late_phase_during=21.0,
+        looksam_5=14.0,
+    )
+    performance = {"timings": {"small_cnn/graph": _timing(ms)}}
+    sam_gain, rows, _ = report_results.variants_rows(_variants_study())
+    by_name = {r["name"]: r for r in rows}
+    cost = report_results.measured_step_cost
+    assert cost(by_name["SAM"], performance) == pytest.approx(2.0)
+    assert cost(by_name["Momentum-SAM"], performance) == pytest.approx(1.05)
+    assert cost(by_name["LookSAM k=5"], performance) == pytest.approx(1.4)
+    # 20 % of the steps at 2.1, the others at 1.1.
+    periodic = by_name["periodic k=5"]
+    assert cost(periodic, performance) == pytest.approx(0.2 * 2.1 + 0.8 * 1.1)
+    assert cost(periodic, None) is None
+    (tmp_path / "performance.json").write_text(json.dumps(performance))
+    text = report_results.variants_section(
+        _variants_study(), str(tmp_path), performance
+    )
+    assert "| 1.30× | 1.40× (2 seeds) |" in text  # periodic: measured, runs
+    assert "Momentum-SAM 1.05×, periodic k=5 1.30×" in text
+    # Counted, periodic k=5 costs 1.2×; priced, 1.30×: over the target.
+    assert "Yes: periodic k=5, Momentum-SAM." in text
+    assert "keep ≥ 80 % are: Momentum-SAM." in text
+
+
 def test_report_without_the_noise_study_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="--study=noise"):
         report_results.run(types.SimpleNamespace(docs=str(tmp_path)))
 
 
-def _timing(ms):
+def _timing(ms, wall_factor=1.0):
+    """A step_time cell per contender from CPU ms; wall ms = factor × CPU."""
+
+    def clock(value, sgd):
+        return {
+            "median_step_ms": value,
+            "median_ratio_to_sgd": value / sgd,
+            "ratio_min": 0.9 * value / sgd,
+            "ratio_max": 1.1 * value / sgd,
+        }
+
     return {
-        "params": 1000,
+        "params": 2**18,  # 1 MB of float32
+        "rounds": 3,
         "contenders": {
             name: {
-                "median_step_ms": value,
-                "median_ratio_to_sgd": value / ms["sgd"],
-                "ratio_min": 0.9 * value / ms["sgd"],
-                "ratio_max": 1.1 * value / ms["sgd"],
+                "cpu": clock(value, ms["sgd"]),
+                "wall": clock(wall_factor * value, wall_factor * ms["sgd"]),
             }
             for name, value in ms.items()
         },
     }
 
 
-def test_performance_report_decomposes_sam_and_flags_flat_modes(tmp_path):
-    from benchmarks import report_performance
-
-    ms = dict(sgd=20.0, sam=42.0, floor_two_passes=40.0)
-    results = {
+def _performance(sam_ms, wall_factor=1.0):
+    graph = dict(
+        sgd=20.0,
+        sam=sam_ms,
+        floor_two_passes=40.0,
+        sam_rho_0=20.4,
+        late_phase_before=21.0,
+        late_phase_during=44.0,
+        periodic_5=25.0,
+    )
+    return {
         "machine": {"cpus": 2, "tensorflow": "2.21", "keras": "3.15"},
         "batch_size": 64,
+        "threads": 1,
         "timings": {
-            "small_cnn/graph": _timing(ms),
-            "small_cnn/xla": _timing(
-                dict(sgd=127.0, sam=127.5, floor_two_passes=127.2)
+            "small_cnn/graph": _timing(graph, wall_factor),
+            "small_cnn/xla": _timing(dict(sgd=100.0, sam=110.0)),
+            "small_cnn_no_dropout/graph": _timing(graph),
+            "small_cnn_no_dropout/xla": _timing(
+                dict(sgd=50.0, sam=100.0, late_phase_during=300.0)
             ),
         },
         "peak_rss_mb": {
-            "small_cnn": {"sgd": 1.0, "sam": 2.0, "naive_assign_subtract": 3.0}
+            "small_cnn": {
+                "sgd": 1.0,
+                "sam": 1.5,
+                "floor_two_passes": 1.2,
+                "momentum_sam": 1.0,
+                "naive_assign_subtract": 3.0,
+            }
         },
         "pipeline": {
             "contenders": {
@@ -210,24 +265,55 @@ def test_performance_report_decomposes_sam_and_flags_flat_modes(tmp_path):
                 ],
                 "in_memory_batch": _timing(dict(sgd=50.0))["contenders"]["sgd"],
             },
-            "pipeline_alone_ms_per_batch": 0.2,
+            "pipeline_alone_cpu_ms_per_batch": 0.2,
         },
     }
-    (tmp_path / "p.json").write_text(json.dumps(results))
+
+
+def _performance_report(tmp_path, first, repeat):
+    from benchmarks import report_performance
+
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(repeat))
     report_performance.run(
         types.SimpleNamespace(
-            input=str(tmp_path / "p.json"),
-            variants_input=None,
+            input=str(tmp_path / "a.json"),
+            repeat_input=str(tmp_path / "b.json"),
             output_dir=str(tmp_path),
         )
     )
-    text = (tmp_path / "performance.md").read_text()
-    assert "| `SAMModel` (SAM) | 2.10× (1.89–2.31) |" in text
-    assert "| small_cnn/graph | 1.05 | 2.0 |" in text  # SAM over the floor
-    assert "small_cnn/xla: 127–128 ms" in text
-    assert "small_cnn/graph:" not in text
-    assert "**1.02×** the in-memory step" in text
+    return (tmp_path / "performance.md").read_text()
+
+
+def test_performance_report_gives_cpu_and_wall_ratios_and_the_floor(tmp_path):
+    text = _performance_report(
+        tmp_path, _performance(42.0, wall_factor=2.0), _performance(41.0)
+    )
+    # CPU-time ratio, then the wall ratio (equal here: both scale alike).
+    assert "| `SAMModel` (SAM) | 2.10× (2.10×) | 2.10× (2.10×) |" in text
+    assert "| SGD step, CPU ms (wall ms) | 20 (40) | 20 (20) |" in text
+    assert "| small_cnn/graph | 1.050 | 1.025 | 2.0 |" in text
+    assert "SAM takes at most 1.050× the floor's CPU time" in text
+    # 42 / 41 apart: 2.4 %, within 5 %.
+    assert "| small_cnn/graph | 2.4 % (`SAMModel` (SAM)) |" in text
+    assert "agrees within 5 %" in text
+    # (44 + 4 × 21) / 5 / 20 = 1.28 predicted, 25 / 20 measured.
+    assert "| small_cnn/graph | every 5th step | 1.25× | 1.28× |" in text
+    assert "range over 1.02–1.05×" in text
+    # (1.5 − 1.0) MB over SGD is half a copy of the 1 MB of parameters.
+    assert "| small_cnn | 1.0 | 1.0 | 1.5 (+0.5) | 1.2 (+0.2) |" in text
+    assert "costs\n1.10× SGD with dropout and\n2.00× without" in text
+    assert "costs\n6.00× SGD under XLA" in text
+    assert "**1.02×** the CPU time" in text
     assert (tmp_path / "step_time.png").stat().st_size > 1000
+
+
+def test_performance_report_says_when_runs_disagree_or_sam_exceeds_the_floor(
+    tmp_path,
+):
+    text = _performance_report(tmp_path, _performance(46.0), _performance(42.0))
+    assert "**Not every cell agrees within 5 %**: small_cnn/graph" in text
+    assert "up to 1.150× the floor's CPU time, above the 1.05×" in text
 
 
 def test_a_run_is_claimed_by_one_study_process_at_a_time(tmp_path):
