@@ -46,27 +46,27 @@ def define_flags():
     flags.DEFINE_list(
         "modes", ["graph", "xla"], "Compilation modes: graph and/or xla."
     )
-    flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
+    flags.DEFINE_list(
+        "rounds",
+        ["small_cnn:6", "small_cnn_no_dropout:6", "resnet20:5", "wrn_16_4:3"],
+        "Interleaved timing rounds, as model:rounds, after one untimed round "
+        "(the first steps after compiling run slow).",
+    )
     flags.DEFINE_list(
         "steps",
-        ["small_cnn:10", "small_cnn_no_dropout:10", "resnet20:5", "wrn_16_4:3"],
+        ["small_cnn:4", "small_cnn_no_dropout:4", "resnet20:2", "wrn_16_4:1"],
         "Training steps per contender and round, as model:steps.",
     )
     flags.DEFINE_integer("batch_size", 64, "Batch size of every step.")
     flags.DEFINE_list(
         "contenders",
         list(CONTENDERS),
-        f"What to time against sgd; any of {list(CONTENDERS)}.",
-    )
-    flags.DEFINE_list(
-        "core_only_models",
-        ["wrn_16_4"],
-        f"Models timed with only {CORE}, whatever --contenders says (a "
-        "WRN-16-4 step takes seconds on one thread).",
+        "What to time against sgd, of what `TIMED` lists for each model; "
+        f"any of {list(CONTENDERS)}.",
     )
     flags.DEFINE_list(
         "xla_switching_models",
-        ["small_cnn", "small_cnn_no_dropout"],
+        ["small_cnn_no_dropout"],
         f"Models whose {SWITCHED_SAM_STEPS} are timed under XLA too. XLA's CPU "
         "compiler runs weight-gradient convolutions inside a conditional "
         "~100x slower (jax-ml/jax#12868), and these policies take SAM "
@@ -246,6 +246,15 @@ SWITCHED_SAM_STEPS = [
     "looksam_5",
     "late_phase_during",
 ]
+# What is timed on each model: every contender on the small CNN, whose step
+# takes tens of milliseconds; on the others, which take up to seconds on
+# one thread, the core and what each model is there for.
+TIMED = {
+    "small_cnn": list(CONTENDERS),
+    "small_cnn_no_dropout": CORE + ["late_phase_during"],  # XLA's caveats
+    "resnet20": CORE + ["sam_on"],  # SAM-ON needs normalization layers
+    "wrn_16_4": CORE,
+}
 MEMORY_CONTENDERS = [
     "sgd",
     "sam",
@@ -298,6 +307,7 @@ def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
             params = int(model.count_params())
     result = interleaved_ratios(compiled, rounds, steps)
     result["params"] = params
+    result["rounds"] = rounds
     result["steps_per_round"] = steps
     return result
 
@@ -305,20 +315,23 @@ def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
 def interleaved_ratios(compiled, rounds, steps):
     """Per-step CPU and wall time of each contender, and ratios to "sgd".
 
-    Every round times `steps` steps of each contender, starting with a
-    different contender each round, so that a slow spell of the machine,
-    or a position in the order, hits all of them alike. A ratio is taken
+    After an untimed round, every round times `steps` steps of each
+    contender, starting with a different contender each round, so that a
+    slow spell of the machine, or a position in the order, hits all of
+    them alike. A ratio is taken
     within a round, and the report gives its median over rounds.
     """
     names = list(compiled)
     seconds = {c: {"cpu": [], "wall": []} for c in names}
-    for round_index in range(rounds):
+    for round_index in range(-1, rounds):  # round -1 is not recorded
         shift = round_index % len(names)
         for contender in names[shift:] + names[:shift]:
             step = compiled[contender]
             cpu, wall = time.process_time(), time.perf_counter()
             for _ in range(steps):
                 step()
+            if round_index < 0:
+                continue
             seconds[contender]["cpu"].append(
                 (time.process_time() - cpu) / steps
             )
@@ -350,13 +363,13 @@ def time_pipeline(data_dir, rounds, steps, batch_size):
     the input pipeline adds to a step; the pipeline's own throughput is
     measured alone, without training.
     """
-    from trainers import data as data_lib
-    from trainers import train
+    from trainers.data import arrays
+    from trainers.data import datasets as data_lib
 
     train_split, _, info = data_lib.load("fashion_mnist", data_dir)
     total = (rounds + 1) * steps + 4
-    indices = train.step_indices(len(train_split.labels), batch_size, total, 0)
-    real = train.training_dataset(train_split, indices, 0, None, 10).repeat()
+    indices = arrays.step_indices(len(train_split.labels), batch_size, total, 0)
+    real = arrays.training_dataset(train_split, indices, 0, None, 10).repeat()
     cached = real.take(1).cache().repeat()
     compiled = {}
     for name, dataset in (("sgd", cached), ("real_pipeline", real)):
@@ -421,10 +434,10 @@ def _write(results, path):
 
 def run(flags_obj):
     _set_threads(flags_obj.threads)
-    steps = {
-        name: int(count)
-        for name, count in (item.split(":") for item in flags_obj.steps)
-    }
+    steps, rounds = (
+        {name: int(n) for name, n in (item.split(":") for item in counts)}
+        for counts in (flags_obj.steps, flags_obj.rounds)
+    )
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -433,14 +446,11 @@ def run(flags_obj):
         },
         "batch_size": flags_obj.batch_size,
         "threads": flags_obj.threads,
-        "rounds": flags_obj.rounds,
         "timings": {},
         "peak_rss_mb": {},
     }
     for name in flags_obj.models:
-        contenders = flags_obj.contenders
-        if name in flags_obj.core_only_models:
-            contenders = [c for c in CORE if c in contenders]
+        contenders = [c for c in TIMED[name] if c in flags_obj.contenders]
         for mode in flags_obj.modes:
             key = f"{name}/{mode}"
             timed = contenders
@@ -449,7 +459,7 @@ def run(flags_obj):
             results["timings"][key] = time_model(
                 name,
                 mode,
-                flags_obj.rounds,
+                rounds[name],
                 steps[name],
                 flags_obj.batch_size,
                 timed,
@@ -465,7 +475,7 @@ def run(flags_obj):
             _write(results, flags_obj.output)
     if flags_obj.pipeline:
         results["pipeline"] = time_pipeline(
-            flags_obj.data_dir, flags_obj.rounds, 10, 128
+            flags_obj.data_dir, rounds["small_cnn"], 10, 128
         )
         _write(results, flags_obj.output)
     return results

@@ -71,11 +71,11 @@ def test_bad_late_phase_arguments_name_the_argument_and_value(kwargs, message):
 
 def test_trainer_flag_starts_sam_at_the_given_fraction(tmp_path):
     from tests.trainers_run_test import make_flags
-    from trainers import train
+    from trainers import loop
 
     flags_obj = make_flags(
         tmp_path, switching="late_phase", sam_start_fraction=0.75
     )
-    policy = train.variant_arguments(flags_obj, total_steps=200)["switching"]
+    policy = loop.variant_arguments(flags_obj, total_steps=200)["switching"]
     assert isinstance(policy, switching.LatePhase)
     assert policy.start_step == 150 and policy.end_step is None

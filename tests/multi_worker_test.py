@@ -26,7 +26,7 @@ from tests.sam_model_test import batches
 from tests.sam_model_test import softmax_data
 from tests.trainers_run_test import ROOT
 from trainers import checkpoint
-from trainers import train
+from trainers import loop
 
 TIMEOUT = 240
 
@@ -145,7 +145,7 @@ def test_trainer_runs_on_two_workers_and_both_end_alike(tmp_path):
     out = tmp_path / "run"
     processes = _start_workers(lambda i: _trainer_args(out, 4), tmp_path)
     assert _wait(processes) == [0, 0], _log(tmp_path, 0) + _log(tmp_path, 1)
-    with open(out / train.RESULTS) as f:
+    with open(out / loop.RESULTS) as f:
         results = json.load(f)
     assert results["train_steps"] == 4 and results["replicas"] == 2
     chief = np.load(out / checkpoint.CHECKPOINT)
@@ -196,7 +196,7 @@ def test_a_lost_worker_fails_the_job_and_a_restart_resumes(tmp_path):
 
     processes = _start_workers(lambda i: _trainer_args(out, steps), tmp_path)
     assert _wait(processes) == [0, 0], _log(tmp_path, 0)
-    with open(out / train.RESULTS) as f:
+    with open(out / loop.RESULTS) as f:
         results = json.load(f)
     assert results["resumed_from_step"] >= lost_at
     assert results["train_steps"] == steps

@@ -13,8 +13,8 @@ import numpy as np
 
 from tests import backends
 from tests.trainers_run_test import ROOT
-from trainers import shake_models
-from trainers import streaming
+from trainers import models
+from trainers.models import shake
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -38,10 +38,8 @@ def _python(*args):
 
 def test_analyze_measures_saved_shake_shake_and_pyramidnet_models(tmp_path):
     models = {
-        "shake_shake": shake_models.shake_shake(
-            (32, 32, 3), 10, depth=8, width=4
-        ),
-        "pyramidnet": shake_models.pyramidnet_shakedrop(
+        "shake_shake": shake.shake_shake((32, 32, 3), 10, depth=8, width=4),
+        "pyramidnet": shake.pyramidnet_shakedrop(
             (32, 32, 3), 10, depth=11, alpha=6
         ),
     }
@@ -75,7 +73,7 @@ def test_analyze_measures_saved_shake_shake_and_pyramidnet_models(tmp_path):
 def test_analyze_loads_a_saved_imagenet_model(tmp_path):
     # Measuring a ResNet-50 takes minutes on a CPU; loading is what failed.
     path = str(tmp_path / "model.keras")
-    streaming.build_model("resnet50", 32, 10).save(path)
+    models.build("resnet50", (32, 32, 3), 10).save(path)
     result = _python(
         "-c",
         "import sys; from trainers import analyze; "

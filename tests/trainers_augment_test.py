@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tests import backends
-from trainers import augment
+from trainers.data import augment
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 from tests import backends
-from trainers import augment
-from trainers import autoaugment
+from trainers.data import augment
+from trainers.data import autoaugment
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.

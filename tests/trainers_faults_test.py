@@ -16,8 +16,8 @@ from tests.trainers_run_test import ROOT
 from tests.trainers_run_test import make_flags
 from trainers import checkpoint
 from trainers import fashion_mnist
+from trainers import loop
 from trainers import strategy as strategy_lib
-from trainers import train
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -97,7 +97,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGKILL
-    assert not (cut / train.RESULTS).exists()
+    assert not (cut / loop.RESULTS).exists()
     with np.load(cut / checkpoint.CHECKPOINT) as saved:
         killed_at = int(saved["step"])
     assert 3 <= killed_at < steps
@@ -109,9 +109,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
         capture_output=True,
     )
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
-    with open(tmp_path / "whole" / train.RESULTS) as f:
+    with open(tmp_path / "whole" / loop.RESULTS) as f:
         want = json.load(f)
-    with open(cut / train.RESULTS) as f:
+    with open(cut / loop.RESULTS) as f:
         got = json.load(f)
     assert got["resumed_from_step"] == killed_at
     assert got["train_steps"] == want["train_steps"] == steps
@@ -136,15 +136,15 @@ def test_tpu_settings_compile_with_xla_in_bfloat16_several_steps_a_call(
     tmp_path,
 ):
     flags_obj = make_flags(tmp_path, jit_compile="false")
-    tpu = train.accelerator_settings(flags_obj, on_tpu=True)
+    tpu = loop.accelerator_settings(flags_obj, on_tpu=True)
     assert tpu == dict(
         jit_compile=True, steps_per_execution=32, policy="mixed_bfloat16"
     )
-    cpu = train.accelerator_settings(flags_obj, on_tpu=False)
+    cpu = loop.accelerator_settings(flags_obj, on_tpu=False)
     assert cpu == dict(jit_compile=False, steps_per_execution=1, policy=None)
     flags_obj.mixed_precision = "float16"
     with pytest.raises(ValueError, match="float16 is for GPUs"):
-        train.accelerator_settings(flags_obj, on_tpu=True)
+        loop.accelerator_settings(flags_obj, on_tpu=True)
 
 
 def test_tpu_strategy_goes_through_the_cluster_resolver(monkeypatch):

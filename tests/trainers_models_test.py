@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tests import backends
 from trainers import models
+from trainers.models import residual
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -69,9 +70,9 @@ def test_no_weight_decay_adds_no_loss():
 
 def test_bad_depths_and_names_are_rejected():
     with pytest.raises(ValueError, match="6n\\+4. Received: depth=27"):
-        models.wide_resnet((32, 32, 3), 10, 27, 10)
+        residual.wide_resnet((32, 32, 3), 10, 27, 10)
     with pytest.raises(ValueError, match="6n\\+2. Received: depth=33"):
-        models.cifar_resnet((32, 32, 3), 10, 33)
+        residual.cifar_resnet((32, 32, 3), 10, 33)
     with pytest.raises(ValueError, match="Unknown model 'vgg'"):
         models.build("vgg", (32, 32, 3), 10)
 

@@ -16,7 +16,7 @@ from tests.distribute_test import mirrored
 from trainers import checkpoint
 from trainers import compare_sgd_sam
 from trainers import fashion_mnist
-from trainers import train
+from trainers import loop
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -54,7 +54,7 @@ def test_two_synthetic_steps_write_results(tmp_path):
     assert 0.0 <= saved["test_accuracy"] <= 1.0
     assert os.path.exists(tmp_path / checkpoint.CHECKPOINT)
     assert os.listdir(tmp_path / "tensorboard")
-    assert os.path.exists(tmp_path / train.MODEL)
+    assert os.path.exists(tmp_path / loop.MODEL)
 
 
 def test_two_synthetic_steps_under_mirrored_strategy(tmp_path):
@@ -143,7 +143,7 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
         )
     )
     assert results["train_steps"] == 2 and np.isfinite(results["test_loss"])
-    arguments = train.variant_arguments(
+    arguments = loop.variant_arguments(
         make_flags(
             tmp_path,
             perturbed_variables="kernel,bias",
@@ -155,7 +155,7 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
     assert arguments["perturbed_variables"] == ["kernel", "bias"]
     policy = arguments["switching"]
     assert policy.probability == 0.25 and policy.seed == 4
-    policy = train.variant_arguments(make_flags(tmp_path, switching="ae_sam"))
+    policy = loop.variant_arguments(make_flags(tmp_path, switching="ae_sam"))
     assert isinstance(
         policy["switching"], keras_sam.switching.GradientNormOutlier
     )
@@ -184,7 +184,7 @@ def test_a_finished_run_started_again_says_so_and_keeps_its_history(
     assert "has finished: 4 steps trained, 4 asked for" in printed
     assert "Resuming" not in printed
     assert again["history"] == first["history"]
-    with open(tmp_path / train.RESULTS) as f:
+    with open(tmp_path / loop.RESULTS) as f:
         assert json.load(f)["history"] == first["history"]
 
 
@@ -204,7 +204,7 @@ def test_a_resumed_run_keeps_the_history_of_the_epochs_before(
 def test_results_record_the_trainer_flags_only(tmp_path):
     assert "logtostderr" in flags.FLAGS and "run_with_pdb" in flags.FLAGS
     fashion_mnist.run(make_flags(tmp_path))
-    with open(tmp_path / train.RESULTS) as f:
+    with open(tmp_path / loop.RESULTS) as f:
         recorded = json.load(f)["flags"]
     declared = {
         flag.name
@@ -276,8 +276,8 @@ def test_analyze_compares_two_trained_models(tmp_path):
     for rho in (0.0, 0.05):
         fashion_mnist.run(make_flags(tmp_path / f"rho{rho}", rho=rho))
     options = types.SimpleNamespace(
-        checkpoint=str(tmp_path / "rho0.0" / train.MODEL),
-        compare=str(tmp_path / "rho0.05" / train.MODEL),
+        checkpoint=str(tmp_path / "rho0.0" / loop.MODEL),
+        compare=str(tmp_path / "rho0.05" / loop.MODEL),
         dataset="fashion_mnist",
         data_dir=None,
         synthetic_data=True,

@@ -21,13 +21,12 @@ import tensorflow as tf
 from absl import flags
 
 from keras_sam import analysis
-from trainers import data as data_lib
 from trainers import flags as trainer_flags
 
 # The custom layers of the trainers' models (Shake-Shake, ShakeDrop, the
 # ImageNet preprocessing) are registered when their modules are imported.
 from trainers import models  # noqa: F401
-from trainers import streaming  # noqa: F401
+from trainers.data import datasets as data_lib
 
 FLAGS = flags.FLAGS
 

@@ -37,7 +37,8 @@ Label noise (Table 4: ResNet-32, 200 epochs; ρ = 0.1 up to 60 % noise,
 from absl import flags
 
 from trainers import flags as trainer_flags
-from trainers import train
+from trainers import loop
+from trainers.data import arrays
 
 
 def define_flags():
@@ -58,19 +59,15 @@ def define_flags():
 
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
-    return train.run(
+    return loop.run(
         flags_obj,
-        flags_obj.dataset,
-        datasets_override=datasets_override,
-        strategy_override=strategy_override,
+        lambda config: arrays.load(
+            config, flags_obj.dataset, datasets_override
+        ),
+        strategy_override,
     )
-
-
-def main(_):
-    results = run(flags.FLAGS)
-    print(f"test accuracy {results['test_accuracy']:.4f}")
 
 
 if __name__ == "__main__":
     define_flags()
-    trainer_flags.run_main(main)
+    trainer_flags.run_main(trainer_flags.accuracy_main(run))

@@ -30,10 +30,12 @@ import tensorflow as tf
 from absl import flags
 
 import keras_sam.analysis
-from trainers import data as data_lib
 from trainers import fashion_mnist
 from trainers import flags as trainer_flags
-from trainers import train
+from trainers import loop
+from trainers.data import arrays
+from trainers.data import config as data_config
+from trainers.data import datasets as data_lib
 
 FLAGS = flags.FLAGS
 
@@ -84,8 +86,10 @@ def top_hessian_eigenvalue(run_flags, datasets_override=None):
     """λ_max of the training loss (cross-entropy on the noisy labels, no
     weight decay) of the model a run saved, on its first training
     examples."""
-    splits = train.in_memory_splits(
-        run_flags, fashion_mnist.DATASET, datasets_override
+    splits = arrays.in_memory_splits(
+        data_config.DataConfig.from_flags(run_flags),
+        fashion_mnist.DATASET,
+        datasets_override,
     )
     count = min(run_flags.sharpness_examples, len(splits.train.labels))
     images = splits.train.images[:count].astype(np.float32) / 255.0
@@ -93,7 +97,7 @@ def top_hessian_eigenvalue(run_flags, datasets_override=None):
         (images, splits.train.labels[:count])
     ).batch(500)
     model = keras.saving.load_model(
-        os.path.join(run_flags.output_dir, train.MODEL)
+        os.path.join(run_flags.output_dir, loop.MODEL)
     )
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return float(

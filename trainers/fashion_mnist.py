@@ -16,7 +16,8 @@ The paper's setting (WRN-28-10, 200 epochs, batch 256, lr 0.1, weight decay
 from absl import flags
 
 from trainers import flags as trainer_flags
-from trainers import train
+from trainers import loop
+from trainers.data import arrays
 
 DATASET = "fashion_mnist"
 
@@ -58,11 +59,10 @@ def define_flags(**defaults):
 
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
-    return train.run(
+    return loop.run(
         flags_obj,
-        DATASET,
-        datasets_override=datasets_override,
-        strategy_override=strategy_override,
+        lambda config: arrays.load(config, DATASET, datasets_override),
+        strategy_override,
     )
 
 

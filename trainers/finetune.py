@@ -31,21 +31,23 @@ The paper used AutoAugment for CIFAR-100: add
 from absl import flags
 
 from trainers import flags as trainer_flags
-from trainers import streaming
+from trainers import loop
+from trainers.data import datasets
+from trainers.data import stream
 
 DATASETS = {
-    info.tfds_name: info
-    for info in (
-        streaming.StreamInfo(
-            "oxford_flowers102", 102, "train+validation", "test"
-        ),
-        streaming.StreamInfo("cars196", 196, "train", "test"),
-        streaming.StreamInfo("oxford_iiit_pet", 37, "train", "test"),
-        streaming.StreamInfo("cifar10", 10, "train", "test"),
-        streaming.StreamInfo("cifar100", 100, "train", "test"),
-        streaming.StreamInfo("food101", 101, "train", "validation"),
-        streaming.StreamInfo("stanford_dogs", 120, "train", "test"),
-        streaming.StreamInfo("caltech_birds2011", 200, "train", "test"),
+    name: datasets.DatasetInfo(
+        name, None, classes, name, train_split, test_split
+    )
+    for name, classes, train_split, test_split in (
+        ("oxford_flowers102", 102, "train+validation", "test"),
+        ("cars196", 196, "train", "test"),
+        ("oxford_iiit_pet", 37, "train", "test"),
+        ("cifar10", 10, "train", "test"),
+        ("cifar100", 100, "train", "test"),
+        ("food101", 101, "train", "validation"),
+        ("stanford_dogs", 120, "train", "test"),
+        ("caltech_birds2011", 200, "train", "test"),
     )
 }
 
@@ -72,7 +74,7 @@ def define_flags():
             True,
             "Keep BatchNorm layers (scale, offset and statistics) fixed.",
         )
-    streaming.define_flags(
+    trainer_flags.define_stream_flags(
         model="efficientnetb0",
         train_steps=5000,
         batch_size=1024,
@@ -83,7 +85,6 @@ def define_flags():
         output_dir="runs/finetune",
     )
     flags.adopt_module_key_flags(trainer_flags)
-    flags.adopt_module_key_flags(streaming)
 
 
 def run(flags_obj, strategy_override=None):
@@ -92,20 +93,15 @@ def run(flags_obj, strategy_override=None):
             f"Unknown --dataset={flags_obj.dataset!r}; expected one of "
             f"{sorted(DATASETS)}."
         )
-    return streaming.run(
+    return loop.run(
         flags_obj,
-        DATASETS[flags_obj.dataset],
+        lambda config: stream.load(config, DATASETS[flags_obj.dataset]),
         strategy_override,
         pretrained_weights=flags_obj.pretrained_weights,
         freeze_batchnorm=flags_obj.freeze_batchnorm,
     )
 
 
-def main(_):
-    results = run(flags.FLAGS)
-    print(f"top-1 accuracy {results['test_accuracy']:.4f}")
-
-
 if __name__ == "__main__":
     define_flags()
-    trainer_flags.run_main(main)
+    trainer_flags.run_main(trainer_flags.accuracy_main(run, "top-1 accuracy"))

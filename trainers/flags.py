@@ -11,9 +11,9 @@ import sys
 from absl import app
 from absl import flags
 
-from trainers import augment
 from trainers import models
 from trainers import strategy
+from trainers.data import augment
 
 DEFAULTS = dict(
     model="small_cnn",
@@ -289,6 +289,40 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     _define_validators()
 
 
+def define_stream_flags(**defaults):
+    """Declares the common flags and the streaming ones, each only once.
+
+    `defaults` override `trainers.flags.DEFAULTS`; `model` may name any of
+    `trainers.models.NAMES`. Flags already declared in the process (by
+    another trainer, in tests) are left as they are.
+    """
+    if "rho" not in flags.FLAGS:
+        define_common_flags(
+            model_names=models.NAMES,
+            model_help="Model: a keras.applications ResNet or EfficientNet, "
+            "or a CIFAR-sized model of trainers.models for CPU runs.",
+            **{"model": "resnet50", **defaults},
+        )
+    if "image_size" not in flags.FLAGS:
+        flags.DEFINE_integer(
+            "image_size",
+            224,
+            "Height and width, in pixels, of the images the model sees.",
+        )
+        flags.register_validator(
+            "image_size",
+            lambda v: v >= 32,
+            message="--image_size must be >= 32",
+        )
+    if "shuffle_buffer" not in flags.FLAGS:
+        flags.DEFINE_integer(
+            "shuffle_buffer",
+            10000,
+            "Examples in the shuffle buffer (encoded images, about 110 kB "
+            "each on ImageNet), after tensorflow-datasets' file shuffling.",
+        )
+
+
 def _define_validators():
     checks = {
         "rho": (lambda v: v >= 0, "must be >= 0"),
@@ -362,6 +396,18 @@ _OURS = (
         "keras_sam",
     ),
 )
+
+
+def accuracy_main(run, label="test accuracy"):
+    """An absl `main` that runs `run(FLAGS)` and prints its test accuracy
+    after `label`."""
+
+    def main(argv):
+        del argv
+        results = run(flags.FLAGS)
+        print(f"{label} {results['test_accuracy']:.4f}")
+
+    return main
 
 
 def run_main(main):

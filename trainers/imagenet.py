@@ -23,13 +23,17 @@ against 22.3 % after 400; ResNet-152, 400 epochs: 18.4 % against 20.9 %):
 from absl import flags
 
 from trainers import flags as trainer_flags
-from trainers import streaming
+from trainers import loop
+from trainers.data import datasets
+from trainers.data import stream
 
-IMAGENET = streaming.StreamInfo("imagenet2012", 1000, "train", "validation")
+IMAGENET = datasets.DatasetInfo(
+    "imagenet2012", None, 1000, "imagenet2012", "train", "validation"
+)
 
 
 def define_flags():
-    streaming.define_flags(
+    trainer_flags.define_stream_flags(
         model="resnet50",
         epochs=100,
         batch_size=4096,
@@ -41,18 +45,16 @@ def define_flags():
         output_dir="runs/imagenet",
     )
     flags.adopt_module_key_flags(trainer_flags)
-    flags.adopt_module_key_flags(streaming)
 
 
 def run(flags_obj, strategy_override=None):
-    return streaming.run(flags_obj, IMAGENET, strategy_override)
-
-
-def main(_):
-    results = run(flags.FLAGS)
-    print(f"top-1 accuracy {results['test_accuracy']:.4f}")
+    return loop.run(
+        flags_obj,
+        lambda config: stream.load(config, IMAGENET),
+        strategy_override,
+    )
 
 
 if __name__ == "__main__":
     define_flags()
-    trainer_flags.run_main(main)
+    trainer_flags.run_main(trainer_flags.accuracy_main(run, "top-1 accuracy"))

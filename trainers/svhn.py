@@ -13,7 +13,8 @@ flips):
 from absl import flags
 
 from trainers import flags as trainer_flags
-from trainers import train
+from trainers import loop
+from trainers.data import arrays
 
 DATASET = "svhn"
 TRAIN_SPLIT = "train+extra"
@@ -34,20 +35,15 @@ def define_flags():
 
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
-    return train.run(
+    return loop.run(
         flags_obj,
-        DATASET,
-        datasets_override=datasets_override,
-        strategy_override=strategy_override,
-        train_split=TRAIN_SPLIT,
+        lambda config: arrays.load(
+            config, DATASET, datasets_override, train_split=TRAIN_SPLIT
+        ),
+        strategy_override,
     )
-
-
-def main(_):
-    results = run(flags.FLAGS)
-    print(f"test accuracy {results['test_accuracy']:.4f}")
 
 
 if __name__ == "__main__":
     define_flags()
-    trainer_flags.run_main(main)
+    trainer_flags.run_main(trainer_flags.accuracy_main(run))

@@ -1,7 +1,7 @@
 """Data for the trainers: IDX Fashion-MNIST, tensorflow-datasets, synthetic.
 
 Every loader returns `Split` arrays (uint8 images HWC, int32 labels) for
-the training and the test set (`trainers.train` builds the input
+the training and the test set (`trainers.data.arrays` builds the input
 pipelines). Data sets small enough for memory (all the paper's except
 ImageNet) are loaded as arrays, which makes label noise and exact resumption
 simple.
@@ -17,8 +17,13 @@ import tensorflow as tf
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 Split = collections.namedtuple("Split", ["images", "labels"])
+# A data set, in memory or streamed: `shape` is None for streamed sets
+# (their images are resized to --image_size), `tfds_name` None for those
+# read from elsewhere, and the splits are tensorflow-datasets'.
 DatasetInfo = collections.namedtuple(
-    "DatasetInfo", ["name", "shape", "num_classes", "tfds_name"]
+    "DatasetInfo",
+    ["name", "shape", "num_classes", "tfds_name", "train_split", "test_split"],
+    defaults=("train", "test"),
 )
 
 DATASETS = {

@@ -1,30 +1,29 @@
-"""The training loop every trainer runs: data, model, SAM, fit, results.
+"""The one training path of every trainer: seeds, strategy, model, fit.
 
-Batches are indexed by their absolute step: data epoch k visits the training
-set in the order of a permutation seeded by (seed, k). A resumed run
-therefore sees exactly the batches an uninterrupted run would, from the
-state in its checkpoint (`trainers.checkpoint`).
+`run` takes the parsed flags, a function that loads the data (an
+`trainers.arrays.ArrayData` held in memory, or a `trainers.stream.StreamData`
+read from tensorflow-datasets) and a function that builds the model for it.
+Both kinds of data index their batches by absolute step, so a run resumed
+from its checkpoint (`trainers.checkpoint`) sees exactly the batches an
+uninterrupted run would; the loop trains one data epoch per `fit` call and
+saves, evaluates and writes `results.json` the same way for both.
 """
 
-import collections
 import contextlib
 import json
-import math
 import os
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras.src.utils import naming
 
 import keras_sam
-from trainers import augment as augment_lib
 from trainers import checkpoint as checkpoint_lib
-from trainers import data as data_lib
 from trainers import flags as trainer_flags
 from trainers import models
 from trainers import strategy as strategy_lib
+from trainers.data import config as data_config
 
 RESULTS = "results.json"
 MODEL = "model.keras"  # the trained base model, for inference and analysis
@@ -54,8 +53,8 @@ class TrainingTime(keras.callbacks.Callback):
 
 
 class ExampleSetAccuracy(keras.callbacks.Callback):
-    """Adds to each epoch's logs the accuracy of `model` on each `Split`
-    of `example_sets` (a dict: log key to split)."""
+    """Adds to each epoch's logs, for each `key: measure` of
+    `example_sets`, `measure(model)` (an accuracy on a set of examples)."""
 
     def __init__(self, model, example_sets):
         super().__init__()
@@ -64,57 +63,49 @@ class ExampleSetAccuracy(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            for key, split in self.example_sets.items():
-                logs[key] = accuracy(self.measured, split)
+            for key, measure in self.example_sets.items():
+                logs[key] = measure(self.measured)
 
 
-def step_indices(num_examples, batch_size, steps, seed):
-    """Example indices of every training step: shape (steps, batch_size)."""
-    per_epoch = num_examples // batch_size
-    epochs = math.ceil(steps / per_epoch)
-    order = [
-        np.random.default_rng([seed, epoch]).permutation(num_examples)[
-            : per_epoch * batch_size
-        ]
-        for epoch in range(epochs)
-    ]
-    return np.concatenate(order).reshape(-1, batch_size)[:steps]
+def run(flags_obj, load_data, strategy_override=None, **model_options):
+    """Trains --model with SAM on the data of `load_data`; returns results.
 
+    Args:
+        flags_obj: the parsed flags (`absl.flags.FLAGS` or any object with
+            the same attributes).
+        load_data: called with the flags' `DataConfig` once seeds and
+            precision are set; returns the run's data: an `ArrayData` or a
+            `StreamData` (`trainers.data`).
+        strategy_override: optional tf.distribute strategy (tests).
+        **model_options: for `trainers.models.build`: pretrained_weights,
+            freeze_batchnorm.
 
-def training_dataset(split, indices, start_step, augment, num_classes, seed=0):
-    """Batches for steps `start_step ..`, scaled, augmented and one-hot.
-
-    The augmentation of step k is drawn from the seed (seed, k), so it too
-    is the same in a resumed and in an uninterrupted run.
+    Returns:
+        The results dict also written to `output_dir/results.json`.
     """
-    images = tf.constant(split.images)
-    labels = tf.constant(split.labels)
-
-    def batch(step, index):
-        x = tf.cast(tf.gather(images, index), tf.float32) / 255.0
-        if augment is not None:
-            x = augment(x, seed=tf.stack([tf.constant(seed, tf.int64), step]))
-        y = tf.one_hot(tf.gather(labels, index), num_classes)
-        return x, y
-
-    dataset = tf.data.Dataset.zip(
-        tf.data.Dataset.range(start_step, len(indices)),
-        tf.data.Dataset.from_tensor_slices(indices[start_step:]),
-    )
-    dataset = dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def test_dataset(split, batch_size, num_classes):
-    def scale(x, y):
-        return tf.cast(x, tf.float32) / 255.0, tf.one_hot(y, num_classes)
-
-    return (
-        tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-        .batch(batch_size)
-        .map(scale, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    start_time = time.time()
+    strategy, settings = prepare(flags_obj, strategy_override)
+    with precision_policy(settings["policy"]):
+        data = load_data(data_config.DataConfig.from_flags(flags_obj))
+        total_steps = (
+            flags_obj.train_steps or flags_obj.epochs * data.steps_per_epoch
+        )
+        base, model = build_sam_model(
+            flags_obj,
+            strategy,
+            settings,
+            lambda: models.build(
+                flags_obj.model,
+                data.shape,
+                data.info.num_classes,
+                flags_obj.weight_decay,
+                **model_options,
+            ),
+            total_steps,
+        )
+        return fit_and_report(
+            flags_obj, strategy, base, model, data, total_steps, start_time
+        )
 
 
 def _learning_rate(flags_obj, total_steps):
@@ -196,41 +187,6 @@ def accelerator_settings(flags_obj, on_tpu):
     )
 
 
-def run(
-    flags_obj,
-    dataset_name,
-    datasets_override=None,
-    strategy_override=None,
-    train_split="train",
-):
-    """Trains `flags_obj.model` on `dataset_name` with SAM; returns results.
-
-    Args:
-        flags_obj: the parsed flags (`absl.flags.FLAGS` or any object with
-            the same attributes).
-        dataset_name: a key of `trainers.data.DATASETS`.
-        datasets_override: optional `(train, test, info)` to use instead of
-            loading (tests).
-        strategy_override: optional tf.distribute strategy (tests).
-        train_split: the tensorflow-datasets split to train on.
-
-    Returns:
-        The results dict also written to `output_dir/results.json`.
-    """
-    start_time = time.time()
-    strategy, settings = prepare(flags_obj, strategy_override)
-    with precision_policy(settings["policy"]):
-        return _train(
-            flags_obj,
-            dataset_name,
-            strategy,
-            settings,
-            datasets_override,
-            train_split,
-            start_time,
-        )
-
-
 def prepare(flags_obj, strategy_override=None):
     """Seeds, determinism, the strategy and the accelerator settings.
 
@@ -279,168 +235,6 @@ def precision_policy(policy):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _train(
-    flags_obj,
-    dataset_name,
-    strategy,
-    settings,
-    datasets_override,
-    train_split,
-    start_time,
-):
-    splits = in_memory_splits(
-        flags_obj, dataset_name, datasets_override, train_split
-    )
-    train, validation, info = splits.train, splits.validation, splits.info
-    test = splits.test
-    example_sets = {}
-    if validation is not None:
-        example_sets["validation_accuracy"] = validation
-    if flags_obj.track_memorization:
-        flipped = splits.flipped
-        example_sets["train_accuracy_flipped"] = data_lib.Split(
-            train.images[flipped], train.labels[flipped]
-        )
-        example_sets["train_accuracy_unflipped"] = data_lib.Split(
-            train.images[~flipped], train.labels[~flipped]
-        )
-    steps_per_epoch = len(train.labels) // flags_obj.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"--batch_size={flags_obj.batch_size} exceeds the "
-            f"{len(train.labels)} training examples."
-        )
-    total_steps = flags_obj.train_steps or flags_obj.epochs * steps_per_epoch
-    base, model = build_sam_model(
-        flags_obj,
-        strategy,
-        settings,
-        lambda: models.build(
-            flags_obj.model,
-            info.shape,
-            info.num_classes,
-            flags_obj.weight_decay,
-        ),
-        total_steps,
-    )
-    augment = None
-    if flags_obj.augmentation != "none":
-        augment = augment_lib.Augmentation(
-            flags_obj.augmentation,
-            info.shape,
-            seed=flags_obj.seed,
-            flip=dataset_name not in ("svhn",),
-        )
-    indices = step_indices(
-        len(train.labels), flags_obj.batch_size, total_steps, flags_obj.seed
-    )
-
-    def train_data(step, epoch, steps):
-        del epoch
-        return training_dataset(
-            train,
-            indices,
-            step,
-            augment,
-            info.num_classes,
-            seed=flags_obj.seed,
-        ).take(steps)
-
-    return fit_and_report(
-        flags_obj,
-        strategy,
-        base,
-        model,
-        dataset_name,
-        steps_per_epoch,
-        total_steps,
-        train_data,
-        test_dataset(test, flags_obj.batch_size, info.num_classes),
-        start_time,
-        example_sets=example_sets,
-    )
-
-
-def accuracy(model, split, batch_size=1024):
-    """Accuracy of `model` (inference mode) on a `Split` of uint8 images."""
-    if not len(split.labels):
-        return float("nan")
-    logits = model.predict(
-        split.images.astype(np.float32) / 255.0,
-        batch_size=batch_size,
-        verbose=0,
-    )
-    return float(np.mean(np.argmax(logits, axis=-1) == split.labels))
-
-
-Splits = collections.namedtuple(
-    "Splits", ["train", "validation", "test", "info", "flipped"]
-)
-
-
-def in_memory_splits(
-    flags_obj, dataset_name, datasets_override=None, train_split="train"
-):
-    """The training, validation and test `Split`s a run trains on.
-
-    The last --validation_examples training examples are held out first,
-    then the first --train_examples of the rest are kept, and --label_noise
-    is applied to both the training and the validation labels. `flipped`
-    marks the training examples whose label the noise changed.
-    """
-    train, test, info = datasets_override or data_lib.load(
-        dataset_name,
-        flags_obj.data_dir,
-        flags_obj.synthetic_data,
-        train_split=train_split,
-    )
-    validation = None
-    if flags_obj.validation_examples:
-        held_out = flags_obj.validation_examples
-        if held_out >= len(train.labels):
-            raise ValueError(
-                f"--validation_examples={held_out} leaves no training "
-                f"examples of the {len(train.labels)} in {dataset_name}."
-            )
-        validation = data_lib.Split(
-            train.images[-held_out:], train.labels[-held_out:]
-        )
-        train = data_lib.Split(
-            train.images[:-held_out], train.labels[:-held_out]
-        )
-    train_examples = flags_obj.train_examples
-    if train_examples:
-        if train_examples > len(train.labels):
-            raise ValueError(
-                f"--train_examples={train_examples} exceeds the "
-                f"{len(train.labels)} training examples of {dataset_name}."
-            )
-        train = data_lib.Split(
-            train.images[:train_examples], train.labels[:train_examples]
-        )
-    clean_labels = train.labels
-    if flags_obj.label_noise > 0:
-        noisy, _ = data_lib.add_label_noise(
-            train.labels,
-            flags_obj.label_noise,
-            info.num_classes,
-            flags_obj.seed,
-        )
-        train = data_lib.Split(train.images, noisy)
-        if validation is not None:
-            # A user has no clean labels to validate on. Under symmetric
-            # noise the expected noisy-label accuracy is an increasing
-            # affine function of the clean one, so it ranks models alike.
-            noisy, _ = data_lib.add_label_noise(
-                validation.labels,
-                flags_obj.label_noise,
-                info.num_classes,
-                [flags_obj.seed, 1],
-            )
-            validation = data_lib.Split(validation.images, noisy)
-    return Splits(train, validation, test, info, train.labels != clean_labels)
-
-
 def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
     """`(base, model)`: `make_base()` wrapped in a compiled `SAMModel`."""
     with strategy.scope():
@@ -475,28 +269,21 @@ def _sam_model(flags_obj, base, learning_rate, total_steps):
 
 
 def fit_and_report(
-    flags_obj,
-    strategy,
-    base,
-    model,
-    dataset_name,
-    steps_per_epoch,
-    total_steps,
-    train_data,
-    test_data,
-    start_time,
-    example_sets=None,
+    flags_obj, strategy, base, model, data, total_steps, start_time
 ):
     """Resumes, trains epoch by epoch, evaluates and writes the results.
 
-    `train_data(step, epoch, steps)` returns the dataset of the `steps`
-    batches that follow global step `step` in `epoch`. `example_sets` maps
-    a history key to a `Split` whose accuracy is recorded after every
-    epoch (and its last value in the results). The history of the epochs
-    before a resumed checkpoint comes from that checkpoint; a finished run
-    started again trains no more and keeps its history.
+    `data.training_batches(step, epoch, steps)` is the dataset of the
+    `steps` batches that follow global step `step` in data epoch `epoch`;
+    `data.example_sets` maps a history key to a measure of the base model
+    recorded after every epoch (and its last value in the results). The
+    history of the epochs before a resumed checkpoint comes from that
+    checkpoint; a finished run started again trains no more and keeps its
+    history.
     """
-    example_sets = example_sets or {}
+    example_sets = data.example_sets
+    steps_per_epoch = data.steps_per_epoch
+    test_data = data.test_batches()
     output_dir = flags_obj.output_dir
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, checkpoint_lib.CHECKPOINT)
@@ -546,7 +333,7 @@ def fit_and_report(
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
         model.fit(
-            train_data(step, epoch, steps),
+            data.training_batches(step, epoch, steps),
             epochs=epoch + 1,
             initial_epoch=epoch,
             steps_per_epoch=steps,
@@ -571,7 +358,7 @@ def fit_and_report(
         model.optimizer.finalize_variable_values(model.trainable_variables)
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
     results = {
-        "dataset": dataset_name,
+        "dataset": data.name,
         "test_accuracy": float(test_accuracy),
         "test_loss": float(test_loss),
         "train_steps": int(model.optimizer.iterations.numpy()),

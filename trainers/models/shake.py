@@ -19,21 +19,15 @@ import math
 import keras
 from keras import ops
 
-from trainers import regularization
+from trainers.models import regularization
+from trainers.models import residual
 
 
 def _conv(channels, kernel, strides, reg):
-    return keras.layers.Conv2D(
-        channels,
-        kernel,
-        strides=strides,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=keras.initializers.VarianceScaling(
-            2.0, mode="fan_out", distribution="untruncated_normal"
-        ),
-        kernel_regularizer=reg,
+    fan_out = keras.initializers.VarianceScaling(
+        2.0, mode="fan_out", distribution="untruncated_normal"
     )
+    return residual.conv(channels, kernel, strides, reg, fan_out)
 
 
 def _bn(h, relu=False):

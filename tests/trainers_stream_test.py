@@ -16,12 +16,16 @@ from tests import backends
 from tests.distribute_test import mirrored
 from tests.trainers_run_test import make_flags as make_common_flags
 from tests.trainers_run_test import run_killed_after_step
-from trainers import augment
-from trainers import autoaugment
 from trainers import finetune
 from trainers import imagenet
-from trainers import streaming
-from trainers import train
+from trainers import loop
+from trainers import models
+from trainers.data import augment
+from trainers.data import autoaugment
+from trainers.data import config
+from trainers.data import datasets
+from trainers.data import stream
+from trainers.models import applications
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -55,9 +59,9 @@ def test_random_resized_crop_is_seeded_sized_and_in_range():
         tf.uint8,
     )
     seed = tf.constant([0, 5], tf.int64)
-    a = streaming.random_resized_crop(image, 32, seed)
-    b = streaming.random_resized_crop(image, 32, seed)
-    c = streaming.random_resized_crop(image, 32, tf.constant([0, 6], tf.int64))
+    a = stream.random_resized_crop(image, 32, seed)
+    b = stream.random_resized_crop(image, 32, seed)
+    c = stream.random_resized_crop(image, 32, tf.constant([0, 6], tf.int64))
     assert a.shape == (32, 32, 3) and a.dtype == tf.float32
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not np.allclose(a.numpy(), c.numpy())
@@ -69,7 +73,7 @@ def test_center_crop_keeps_the_central_224_of_256():
     # 48 .. 271 (the central 224 of the 256-pixel shorter side).
     columns = tf.range(320, dtype=tf.float32)[None, :, None]
     image = tf.cast(tf.broadcast_to(columns, [256, 320, 3]) / 2, tf.uint8)
-    crop = streaming.center_crop(image, 224).numpy() * 255
+    crop = stream.center_crop(image, 224).numpy() * 255
     np.testing.assert_allclose(crop[0, :, 0], np.arange(48, 272) // 2, atol=1)
 
 
@@ -80,21 +84,23 @@ def test_center_crop_keeps_the_central_224_of_256():
 def test_autoaugment_applies_its_policy_after_the_crop_then_cutout(
     tmp_path, augmentation, policy
 ):
-    flags_obj = make_flags(tmp_path, seed=3)
-    source = streaming.synthetic_source(
-        streaming.StreamInfo("synthetic", 10, "train", "test"), 32, 8
+    data_config = config.DataConfig.from_flags(make_flags(tmp_path, seed=3))
+    source = stream.synthetic_source(
+        datasets.DatasetInfo("synthetic", None, 10, "synthetic"), 32, 8
     )
 
     def batches(name):
         return list(
-            streaming.training_dataset(source, flags_obj, 0, 1, 2, 4, name)
+            stream.training_dataset(source, data_config, 0, 1, 2, 4, name)
         )
 
     basic, augmented = batches("basic"), batches(augmentation)
     for step, ((x, y), (got, labels)) in enumerate(zip(basic, augmented), 1):
         key = tf.constant([3, step], tf.int64)
-        cutout_key, policy_key = tf.unstack(
-            tf.random.experimental.stateless_split(key, 2)
+        # `trainers.augment.Augmentation`'s draws: flip, crop, cutout and
+        # policy (the crop and the flip were done per example).
+        _, _, cutout_key, policy_key = tf.unstack(
+            tf.random.experimental.stateless_split(key, 4)
         )
         want = augment.cutout(
             autoaugment.autoaugment(x, policy, policy_key), 16, cutout_key
@@ -111,12 +117,12 @@ def test_imagenet_resnet50_trains_two_synthetic_steps(tmp_path):
     assert results["dataset"] == "imagenet2012"
     assert results["train_steps"] == 2
     assert np.isfinite(results["test_loss"])
-    with open(tmp_path / train.RESULTS) as f:
+    with open(tmp_path / loop.RESULTS) as f:
         saved = json.load(f)
     for key in ("test_accuracy", "test_loss", "wall_time_seconds", "flags"):
         assert key in saved
     assert saved["flags"]["image_size"] == 32
-    base = keras.saving.load_model(tmp_path / train.MODEL)
+    base = keras.saving.load_model(tmp_path / loop.MODEL)
     assert base.output_shape == (None, 1000)
 
 
@@ -165,9 +171,9 @@ def test_pretrained_weights_load_with_a_new_head_and_frozen_batchnorm(
         layer for layer in source.layers if layer.name != "predictions"
     )
 
-    model = streaming.build_model(
+    model = models.build(
         "efficientnetb0",
-        32,
+        (32, 32, 3),
         102,
         pretrained_weights=path,
         freeze_batchnorm=True,
@@ -179,7 +185,7 @@ def test_pretrained_weights_load_with_a_new_head_and_frozen_batchnorm(
     assert len(loaded) == len(expected)
     for got, want in zip(loaded, expected):
         np.testing.assert_array_equal(got, want)
-    assert model.get_layer(streaming.HEAD).kernel.shape == (1280, 102)
+    assert model.get_layer(applications.HEAD).kernel.shape == (1280, 102)
     # As keras.applications builds it with weights="imagenet".
     kinds = [type(layer).__name__ for layer in backbone.layers[1:4]]
     assert kinds == ["Rescaling", "Normalization", "Rescaling"]
@@ -201,7 +207,7 @@ def test_pretrained_weights_load_with_a_new_head_and_frozen_batchnorm(
         )
     )
     assert results["train_steps"] == 2 and np.isfinite(results["test_loss"])
-    trained = keras.saving.load_model(tmp_path / "run" / train.MODEL)
+    trained = keras.saving.load_model(tmp_path / "run" / loop.MODEL)
     frozen = [
         (layer.name, [w.numpy() for w in layer.weights])
         for layer in trained._flatten_layers()
@@ -218,7 +224,7 @@ def test_legacy_notop_h5_loads_and_another_architecture_is_refused(tmp_path):
     )
     path = str(tmp_path / "resnet50_notop.h5")
     source.save(path)
-    model = streaming.build_model("resnet50", 32, 10, pretrained_weights=path)
+    model = models.build("resnet50", (32, 32, 3), 10, pretrained_weights=path)
     (backbone,) = [
         layer for layer in model.layers if isinstance(layer, keras.Model)
     ]
@@ -227,7 +233,7 @@ def test_legacy_notop_h5_loads_and_another_architecture_is_refused(tmp_path):
     ):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="another architecture"):
-        streaming.build_model("efficientnetb0", 32, 10, pretrained_weights=path)
+        models.build("efficientnetb0", (32, 32, 3), 10, pretrained_weights=path)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(

@@ -27,7 +27,7 @@ AutoAugment authors released with their CIFAR code, not from these 25.
 
 Images are float32 in [0, 1], NHWC; the functions keep the shape, the dtype
 and the range. The draws are stateless given a `seed` of shape `[2]`, as in
-`trainers.augment`.
+`trainers.data.augment`.
 """
 
 import math

@@ -1,20 +1,19 @@
-"""The training loop: batch order, exact resume with augmentation, SGD/SAM."""
+"""In-memory data and the loop: batch order, augmentation by step, SGD/SAM."""
 
 import json
 import types
 
-import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from tests import backends
 from tests.trainers_run_test import make_flags
-from trainers import checkpoint
 from trainers import compare_sgd_sam
-from trainers import data
 from trainers import fashion_mnist
-from trainers import train
+from trainers.data import arrays
+from trainers.data import config
+from trainers.data import datasets
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -22,7 +21,7 @@ pytestmark = backends.tensorflow_only
 
 
 def test_each_epoch_visits_distinct_examples_and_drops_the_remainder():
-    indices = train.step_indices(103, 10, 25, seed=4)
+    indices = arrays.step_indices(103, 10, 25, seed=4)
     assert indices.shape == (25, 10)
     for epoch in range(3):
         visited = indices[epoch * 10 : (epoch + 1) * 10].ravel()
@@ -30,9 +29,9 @@ def test_each_epoch_visits_distinct_examples_and_drops_the_remainder():
         assert visited.min() >= 0 and visited.max() < 103
     assert not np.array_equal(indices[:10], indices[10:20])
     np.testing.assert_array_equal(
-        train.step_indices(103, 10, 25, seed=4), indices
+        arrays.step_indices(103, 10, 25, seed=4), indices
     )
-    assert not np.array_equal(train.step_indices(103, 10, 25, 5), indices)
+    assert not np.array_equal(arrays.step_indices(103, 10, 25, 5), indices)
 
 
 def test_training_batches_are_augmented_by_step_not_by_call_order():
@@ -40,11 +39,11 @@ def test_training_batches_are_augmented_by_step_not_by_call_order():
     split = types.SimpleNamespace(
         images=images.astype(np.uint8), labels=np.arange(64) % 10
     )
-    indices = train.step_indices(64, 8, 6, seed=0)
-    augmentation = train.augment_lib.Augmentation("cutout", (28, 28, 1))
+    indices = arrays.step_indices(64, 8, 6, seed=0)
+    augmentation = arrays.augment_lib.Augmentation("cutout", (28, 28, 1))
 
     def batches(start):
-        dataset = train.training_dataset(
+        dataset = arrays.training_dataset(
             split, indices, start, augmentation, 10, seed=3
         )
         return [x.numpy() for x, _ in dataset]
@@ -89,12 +88,14 @@ def test_plain_fit_matches_sam_model_with_rho_zero(tmp_path):
 
 
 def test_validation_split_is_held_out_and_noised_like_training(tmp_path):
-    synthetic = data.load("fashion_mnist", synthetic_data=True)
+    synthetic = datasets.load("fashion_mnist", synthetic_data=True)
     flags_obj = make_flags(
         tmp_path, validation_examples=100, train_examples=300, label_noise=0.5
     )
-    splits = train.in_memory_splits(
-        flags_obj, "fashion_mnist", datasets_override=synthetic
+    splits = arrays.in_memory_splits(
+        config.DataConfig.from_flags(flags_obj),
+        "fashion_mnist",
+        datasets_override=synthetic,
     )
     images = synthetic[0].images
     np.testing.assert_array_equal(splits.validation.images, images[-100:])
@@ -109,7 +110,7 @@ def test_validation_split_is_held_out_and_noised_like_training(tmp_path):
 
 
 def test_memorization_and_validation_accuracy_are_recorded(tmp_path):
-    synthetic = data.load("fashion_mnist", synthetic_data=True)
+    synthetic = datasets.load("fashion_mnist", synthetic_data=True)
     results = fashion_mnist.run(
         make_flags(
             tmp_path,
@@ -144,14 +145,14 @@ def test_validation_examples_must_leave_training_examples(tmp_path):
 
 def test_label_noise_reaches_the_training_labels_only(tmp_path, monkeypatch):
     calls = []
-    add_label_noise = data.add_label_noise
+    add_label_noise = datasets.add_label_noise
 
     def spy(labels, fraction, num_classes, seed):
         calls.append(np.array(labels))
         return add_label_noise(labels, fraction, num_classes, seed)
 
-    monkeypatch.setattr(train.data_lib, "add_label_noise", spy)
-    synthetic = data.load("fashion_mnist", synthetic_data=True)
+    monkeypatch.setattr(arrays.data_lib, "add_label_noise", spy)
+    synthetic = datasets.load("fashion_mnist", synthetic_data=True)
     train_split, test_split, _ = synthetic
     test_labels = test_split.labels.copy()
     fashion_mnist.run(
@@ -174,81 +175,3 @@ def test_fashion_mnist_reads_a_tfds_copy_in_data_dir(tmp_path):
         )
     assert results["train_steps"] == 2
     assert np.isfinite(results["test_loss"])
-
-
-def _compiled(hidden=3, names=("a", "b")):
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(hidden, name=names[0]),
-            keras.layers.Dense(2, name=names[1]),
-        ],
-        name="net",
-    )
-    model.compile(optimizer=keras.optimizers.SGD(0.1, 0.9, name="sgd"))
-    model.optimizer.build(model.trainable_variables)
-    return model
-
-
-def test_checkpoint_is_keyed_by_variable_path_and_restores_every_value(
-    tmp_path,
-):
-    path = str(tmp_path / checkpoint.CHECKPOINT)
-    model = _compiled()
-    rng = np.random.default_rng(0)
-    for variable in checkpoint.state_paths(model).values():
-        variable.assign(10 * rng.random(variable.shape) + 1)
-    want = {k: v.numpy() for k, v in checkpoint.state_paths(model).items()}
-    checkpoint.save(path, model, step=7)
-    with np.load(path) as saved:
-        keys = {f for f in saved.files if f.startswith("variables/")}
-    assert "variables/net/a/kernel" in keys
-    # Weights and momenta, the iteration counter and the learning rate.
-    assert len(keys) == len(want) == 4 + 4 + 2
-
-    restored = _compiled()
-    assert checkpoint.restore(path, restored) == 7
-    for key, variable in checkpoint.state_paths(restored).items():
-        np.testing.assert_array_equal(variable.numpy(), want[key])
-
-
-def test_checkpoint_mismatches_are_listed_and_nothing_is_assigned(tmp_path):
-    path = str(tmp_path / checkpoint.CHECKPOINT)
-    checkpoint.save(path, _compiled(), step=1)
-    # Same number of variables, same shapes: restoring by position would
-    # have succeeded silently.
-    renamed = _compiled(names=("c", "b"))
-    before = [v.numpy() for v in checkpoint.state_paths(renamed).values()]
-    with pytest.raises(ValueError, match="another model") as error:
-        checkpoint.restore(path, renamed)
-    assert "missing net/c/kernel" in str(error.value)
-    assert "unexpected net/a/kernel" in str(error.value)
-    for variable, value in zip(
-        checkpoint.state_paths(renamed).values(), before
-    ):
-        np.testing.assert_array_equal(variable.numpy(), value)
-    with pytest.raises(ValueError, match="another model") as error:
-        checkpoint.restore(path, _compiled(hidden=5))
-    assert (
-        "net/a/kernel has shape (4, 3) in the checkpoint and (4, 5) in the "
-        "model"
-    ) in str(error.value)
-
-
-def test_repeated_variable_paths_get_distinct_keys():
-    model = _compiled()
-    model.extra = [keras.Variable(float(i), name="state") for i in range(3)]
-    keys = list(checkpoint.state_paths(model))
-    assert (
-        len(set(keys)) == len(keys) == len(checkpoint._state_variables(model))
-    )
-    assert {"state", "state#1", "state#2"} <= set(keys)
-
-
-def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
-    path = str(tmp_path / checkpoint.CHECKPOINT)
-    model = _compiled()
-    arrays = {f"v{i}": v.numpy() for i, v in enumerate(model.variables)}
-    np.savez(path, step=np.int64(3), **arrays)
-    with pytest.raises(ValueError, match="by position"):
-        checkpoint.restore(path, model)

@@ -15,7 +15,7 @@ images of a batch would be shifted alike.
 import keras
 import tensorflow as tf
 
-from trainers import autoaugment
+from trainers.data import autoaugment
 
 AUGMENTATIONS = (
     "none",
@@ -25,7 +25,7 @@ AUGMENTATIONS = (
     "autoaugment_cifar",
     "autoaugment_svhn",
 )
-# --augmentation: the `trainers.autoaugment` policy it applies.
+# --augmentation: the `trainers.data.autoaugment` policy it applies.
 AUTOAUGMENT_POLICIES = {
     "autoaugment_cifar": "cifar10",
     "autoaugment_svhn": "svhn",
@@ -99,17 +99,26 @@ class Augmentation:
     """`augment(images, training=True, seed=None)` for one of `AUGMENTATIONS`.
 
     `basic` is a random horizontal flip (unless `flip=False`, e.g. for
-    digits) and a random crop after padding by `pad` pixels; `cutout` adds
+    digits) and a random crop after padding by `pad` pixels (unless
+    `crop=False`: the streamed data sets crop and flip each example as they
+    decode it, and use only what the other augmentations add); `cutout` adds
     one `cutout_size` square (half the image height by default, 16 pixels
     on CIFAR as in the paper) to `basic`; `randaugment` adds Keras'
     `RandAugment` to `basic`, whose own random state ignores `seed`.
     `autoaugment_cifar` and `autoaugment_svhn` apply AutoAugment's CIFAR-10
-    or SVHN policy (`trainers.autoaugment`), then `basic` and the cutout,
+    or SVHN policy (`trainers.data.autoaugment`), then `basic` and the cutout,
     in the order of the SAM paper's code.
     """
 
     def __init__(
-        self, name, image_shape, seed=0, flip=True, cutout_size=None, pad=4
+        self,
+        name,
+        image_shape,
+        seed=0,
+        flip=True,
+        crop=True,
+        cutout_size=None,
+        pad=4,
     ):
         if name not in AUGMENTATIONS:
             raise ValueError(
@@ -118,6 +127,7 @@ class Augmentation:
             )
         self.name = name
         self.flip = flip
+        self.crop = crop
         self.pad = pad
         self.cutout_size = cutout_size or max(1, image_shape[0] // 2)
         self.policy = AUTOAUGMENT_POLICIES.get(name)
@@ -137,7 +147,8 @@ class Augmentation:
             images = autoaugment.autoaugment(images, self.policy, policy_seed)
         if self.flip:
             images = random_flip(images, flip_seed)
-        images = random_crop(images, self.pad, crop_seed)
+        if self.crop:
+            images = random_crop(images, self.pad, crop_seed)
         if self.name == "cutout" or self.policy is not None:
             images = cutout(images, self.cutout_size, cutout_seed)
         if self.randaugment is not None:

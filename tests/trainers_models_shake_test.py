@@ -8,7 +8,7 @@ import tensorflow as tf
 import keras_sam
 from tests import backends
 from trainers import models
-from trainers import shake_models
+from trainers.models import shake
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -21,8 +21,8 @@ def trainable_count(model):
 
 def tiny_models():
     return [
-        shake_models.shake_shake((8, 8, 3), 10, depth=8, width=4),
-        shake_models.pyramidnet_shakedrop((8, 8, 3), 10, depth=11, alpha=6),
+        shake.shake_shake((8, 8, 3), 10, depth=8, width=4),
+        shake.pyramidnet_shakedrop((8, 8, 3), 10, depth=11, alpha=6),
     ]
 
 
@@ -46,21 +46,21 @@ def test_shake_models_have_the_published_number_of_weights(name, count):
 
 def test_bad_depths_and_rates_are_rejected():
     with pytest.raises(ValueError, match="6n\\+2. Received: depth=27"):
-        shake_models.shake_shake((32, 32, 3), 10, depth=27)
+        shake.shake_shake((32, 32, 3), 10, depth=27)
     with pytest.raises(ValueError, match="9n\\+2. Received: depth=273"):
-        shake_models.pyramidnet_shakedrop((32, 32, 3), 10, depth=273)
+        shake.pyramidnet_shakedrop((32, 32, 3), 10, depth=273)
     with pytest.raises(ValueError, match="Received: width=5"):
-        shake_models.shake_shake((32, 32, 3), 10, width=5)
+        shake.shake_shake((32, 32, 3), 10, width=5)
     with pytest.raises(ValueError, match="drop_rate=1.5"):
-        shake_models.ShakeDrop(1.5)
+        shake.ShakeDrop(1.5)
     with pytest.raises(ValueError, match="alpha_range=\\(1, -1\\)"):
-        shake_models.ShakeDrop(alpha_range=(1, -1))
+        shake.ShakeDrop(alpha_range=(1, -1))
 
 
 def test_weight_decay_is_an_l2_loss_on_every_kernel():
     for model in (
-        shake_models.shake_shake((8, 8, 3), 10, 8, 4, weight_decay=5e-4),
-        shake_models.pyramidnet_shakedrop((8, 8, 3), 10, 11, 6, 5e-4),
+        shake.shake_shake((8, 8, 3), 10, 8, 4, weight_decay=5e-4),
+        shake.pyramidnet_shakedrop((8, 8, 3), 10, 11, 6, 5e-4),
     ):
         kernels = [v for v in model.trainable_variables if len(v.shape) > 1]
         assert len(model.losses) == len(kernels)
@@ -78,10 +78,10 @@ def branches(seed=0):
 def test_inference_is_the_expectation_of_the_training_coefficients():
     a, b = branches()
     np.testing.assert_allclose(
-        shake_models.ShakeShake()([a, b], training=False), (a + b) / 2
+        shake.ShakeShake()([a, b], training=False), (a + b) / 2
     )
     # E[g + α − g α] with P(g = 1) = 0.7 and E[α] = 0.25.
-    layer = shake_models.ShakeDrop(0.3, alpha_range=(-0.5, 1.0))
+    layer = shake.ShakeDrop(0.3, alpha_range=(-0.5, 1.0))
     np.testing.assert_allclose(
         layer(a, training=False), a * (0.7 + 0.3 * 0.25), rtol=1e-6
     )
@@ -101,8 +101,8 @@ def test_training_coefficients_depend_on_the_seed_and_vary_by_example():
     # With a = 1 and b = 0 (or x = 1) the output is the forward coefficient.
     ones, zeros = np.ones((64, 1, 1, 1), "float32"), np.zeros((64, 1, 1, 1))
     for layer, inputs in (
-        (shake_models.ShakeShake, [ones, zeros]),
-        (shake_models.ShakeDrop, ones),
+        (shake.ShakeShake, [ones, zeros]),
+        (shake.ShakeDrop, ones),
     ):
 
         def draw(seed):
@@ -131,7 +131,7 @@ def forward_and_gradients(layer, inputs):
 def test_shake_shake_forward_uses_alpha_and_gradient_uses_beta():
     a, b = branches()
     outputs, (grad_a, grad_b) = forward_and_gradients(
-        shake_models.ShakeShake(seed=5), [a, b]
+        shake.ShakeShake(seed=5), [a, b]
     )
     # The layer draws α, then β, per example from its SeedGenerator.
     generator = keras.random.SeedGenerator(5)
@@ -147,9 +147,7 @@ def test_shake_shake_forward_uses_alpha_and_gradient_uses_beta():
 
 def test_shake_drop_forward_uses_alpha_and_gradient_uses_beta():
     x, _ = branches()
-    outputs, (grad,) = forward_and_gradients(
-        shake_models.ShakeDrop(0.5, seed=6), [x]
-    )
+    outputs, (grad,) = forward_and_gradients(shake.ShakeDrop(0.5, seed=6), [x])
     # Draws, per example: the gate's uniform, α ~ U(-1, 1), β ~ U(0, 1).
     generator = keras.random.SeedGenerator(6)
     gate = keras.random.uniform((64, 1, 1, 1), seed=generator) < 0.5
@@ -173,9 +171,7 @@ def test_seed_states_are_model_variables_that_fix_the_coefficients():
         shakes = [
             layer
             for layer in model._flatten_layers()
-            if isinstance(
-                layer, (shake_models.ShakeShake, shake_models.ShakeDrop)
-            )
+            if isinstance(layer, (shake.ShakeShake, shake.ShakeDrop))
         ]
         assert shakes
         state_paths = {v.path for v in model.non_trainable_variables}
@@ -212,11 +208,11 @@ def test_tiny_models_train_two_sam_steps():
 
 def test_shake_layers_round_trip_through_get_config():
     layers = [
-        shake_models.ShakeShake(seed=3, name="shake"),
-        shake_models.ShakeDrop(
+        shake.ShakeShake(seed=3, name="shake"),
+        shake.ShakeDrop(
             0.25, alpha_range=(-0.5, 0.5), beta_range=(0.1, 0.9), seed=4
         ),
-        shake_models.ZeroPadChannels(5),
+        shake.ZeroPadChannels(5),
     ]
     for layer in layers:
         config = layer.get_config()

@@ -1,0 +1,88 @@
+"""The trainers' checkpoint: keyed by variable path, refusing mismatches."""
+
+import keras
+import numpy as np
+import pytest
+
+from tests import backends
+from trainers import checkpoint
+
+pytestmark = backends.tensorflow_only
+
+
+def _compiled(hidden=3, names=("a", "b")):
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(hidden, name=names[0]),
+            keras.layers.Dense(2, name=names[1]),
+        ],
+        name="net",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1, 0.9, name="sgd"))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_checkpoint_is_keyed_by_variable_path_and_restores_every_value(
+    tmp_path,
+):
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    rng = np.random.default_rng(0)
+    for variable in checkpoint.state_paths(model).values():
+        variable.assign(10 * rng.random(variable.shape) + 1)
+    want = {k: v.numpy() for k, v in checkpoint.state_paths(model).items()}
+    checkpoint.save(path, model, step=7)
+    with np.load(path) as saved:
+        keys = {f for f in saved.files if f.startswith("variables/")}
+    assert "variables/net/a/kernel" in keys
+    # Weights and momenta, the iteration counter and the learning rate.
+    assert len(keys) == len(want) == 4 + 4 + 2
+
+    restored = _compiled()
+    assert checkpoint.restore(path, restored) == 7
+    for key, variable in checkpoint.state_paths(restored).items():
+        np.testing.assert_array_equal(variable.numpy(), want[key])
+
+
+def test_checkpoint_mismatches_are_listed_and_nothing_is_assigned(tmp_path):
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    checkpoint.save(path, _compiled(), step=1)
+    # Same number of variables, same shapes: restoring by position would
+    # have succeeded silently.
+    renamed = _compiled(names=("c", "b"))
+    before = [v.numpy() for v in checkpoint.state_paths(renamed).values()]
+    with pytest.raises(ValueError, match="another model") as error:
+        checkpoint.restore(path, renamed)
+    assert "missing net/c/kernel" in str(error.value)
+    assert "unexpected net/a/kernel" in str(error.value)
+    for variable, value in zip(
+        checkpoint.state_paths(renamed).values(), before
+    ):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    with pytest.raises(ValueError, match="another model") as error:
+        checkpoint.restore(path, _compiled(hidden=5))
+    assert (
+        "net/a/kernel has shape (4, 3) in the checkpoint and (4, 5) in the "
+        "model"
+    ) in str(error.value)
+
+
+def test_repeated_variable_paths_get_distinct_keys():
+    model = _compiled()
+    model.extra = [keras.Variable(float(i), name="state") for i in range(3)]
+    keys = list(checkpoint.state_paths(model))
+    assert (
+        len(set(keys)) == len(keys) == len(checkpoint._state_variables(model))
+    )
+    assert {"state", "state#1", "state#2"} <= set(keys)
+
+
+def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    by_position = {f"v{i}": v.numpy() for i, v in enumerate(model.variables)}
+    np.savez(path, step=np.int64(3), **by_position)
+    with pytest.raises(ValueError, match="by position"):
+        checkpoint.restore(path, model)
