@@ -171,7 +171,6 @@ def _overhead_table(results, repeat):
         "SAM − floor, CPU ms a step |",
         "|---|---|---|---|",
     ]
-    worst = 0.0
     for key in results["timings"]:
         sam, floor = (
             _cell(results, key, "sam"),
@@ -180,7 +179,6 @@ def _overhead_table(results, repeat):
         if sam is None or floor is None:
             continue
         ratio = sam["median_ratio_to_sgd"] / floor["median_ratio_to_sgd"]
-        worst = max(worst, ratio)
         again = "—"
         if repeat is not None and _cell(repeat, key, "floor_two_passes"):
             again = f"{_cell(repeat, key, 'sam')['median_ratio_to_sgd'] / _cell(repeat, key, 'floor_two_passes')['median_ratio_to_sgd']:.3f}"  # noqa: E501
@@ -188,7 +186,7 @@ def _overhead_table(results, repeat):
             f"| {key} | {ratio:.3f} | {again} | "
             f"{sam['median_step_ms'] - floor['median_step_ms']:.1f} |"
         )
-    return "\n".join(lines), worst
+    return "\n".join(lines)
 
 
 def _overhead_verdict(results, repeat):
@@ -415,7 +413,7 @@ def run(flags_obj):
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     _plot(results, os.path.join(flags_obj.output_dir, "step_time.png"))
     machine = results["machine"]
-    overhead, _ = _overhead_table(results, repeat)
+    overhead = _overhead_table(results, repeat)
     text = f"""# What SAM costs
 
 Measured by

@@ -32,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 import keras_sam  # noqa: E402
 from benchmarks import process  # noqa: E402
 from keras_sam import perturbations  # noqa: E402
+from trainers import checkpoint  # noqa: E402
 from trainers import models  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -427,9 +428,9 @@ def _set_threads(threads):
 
 def _write(results, path):
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        checkpoint.write_atomically(
+            path, lambda f: f.write(json.dumps(results, indent=1).encode())
+        )
 
 
 def run(flags_obj):
