@@ -6,14 +6,19 @@
 
 For each model and mode, every contender (plain `fit` with SGD, exact SAM,
 the two-pass floor, the naive port, every variant of `SAMModel`) is
-compiled once; then all are timed in interleaved rounds. A round times a
-few steps of each, calling Keras' train function directly, and records the
-process's CPU time (`time.process_time`) and the wall time of those steps.
-The ratio to SGD is taken within a round. TensorFlow runs on one thread
-(`--threads`): CPU time then counts the step's work only, and this
-sandbox's wall clock, which advances in ~128 ms quanta under load, agrees
-with it. The second command repeats the timings, so that the report can
-show how well two runs agree.
+compiled once; then all are timed in interleaved rounds. A round times one
+step of each, calling Keras' train function directly, and records the
+process's CPU time (`time.process_time`) and the wall time of that step.
+The ratio to SGD is taken within a round; the report gives its median over
+many rounds. A step's CPU time here varies by 10-15 % from one step to the
+next, without memory from step to step, so many short rounds estimate the
+ratio better than a few long ones (measured: medians over 30 one-step
+rounds agree within 2.5 %). TensorFlow runs on one thread (`--threads`):
+CPU time then counts the step's work only. The second command repeats the
+timings after the first, so that the report can show how well two runs
+agree; run them one after the other on an otherwise idle machine (two runs
+side by side, one per core, disagreed by up to 30 %: they share the
+cache and the memory bus).
 """
 
 import json
@@ -49,13 +54,18 @@ def define_flags():
     )
     flags.DEFINE_list(
         "rounds",
-        ["small_cnn:6", "small_cnn_no_dropout:6", "resnet20:5", "wrn_16_4:3"],
+        [
+            "small_cnn:40",
+            "small_cnn_no_dropout:40",
+            "resnet20:30",
+            "wrn_16_4:12",
+        ],
         "Interleaved timing rounds, as model:rounds, after one untimed round "
         "(the first steps after compiling run slow).",
     )
     flags.DEFINE_list(
         "steps",
-        ["small_cnn:4", "small_cnn_no_dropout:4", "resnet20:2", "wrn_16_4:1"],
+        ["small_cnn:1", "small_cnn_no_dropout:1", "resnet20:1", "wrn_16_4:1"],
         "Training steps per contender and round, as model:steps.",
     )
     flags.DEFINE_integer("batch_size", 64, "Batch size of every step.")
@@ -298,6 +308,7 @@ def _compiled_step(model, dataset, jit_compile, loss=None):
 
 
 def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
+    start = time.perf_counter()
     dataset = _dataset(MODELS[name], batch_size)
     compiled = {}
     for contender in ["sgd"] + [c for c in contenders if c != "sgd"]:
@@ -306,7 +317,10 @@ def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
         compiled[contender] = _compiled_step(model, dataset, mode == "xla")
         if contender == "sgd":
             params = int(model.count_params())
+    compiled_at = time.perf_counter()
     result = interleaved_ratios(compiled, rounds, steps)
+    result["compile_seconds"] = compiled_at - start
+    result["timing_seconds"] = time.perf_counter() - compiled_at
     result["params"] = params
     result["rounds"] = rounds
     result["steps_per_round"] = steps
@@ -319,8 +333,8 @@ def interleaved_ratios(compiled, rounds, steps):
     After an untimed round, every round times `steps` steps of each
     contender, starting with a different contender each round, so that a
     slow spell of the machine, or a position in the order, hits all of
-    them alike. A ratio is taken
-    within a round, and the report gives its median over rounds.
+    them alike. A ratio is taken within a round, and the report gives its
+    median over rounds.
     """
     names = list(compiled)
     seconds = {c: {"cpu": [], "wall": []} for c in names}
@@ -476,7 +490,7 @@ def run(flags_obj):
             _write(results, flags_obj.output)
     if flags_obj.pipeline:
         results["pipeline"] = time_pipeline(
-            flags_obj.data_dir, rounds["small_cnn"], 10, 128
+            flags_obj.data_dir, rounds["small_cnn"], 2, 128
         )
         _write(results, flags_obj.output)
     return results
