@@ -22,11 +22,9 @@ from absl import flags
 FLAGS = flags.FLAGS
 
 COMMANDS = """\
-taskset -c 0 python -m benchmarks.step_time \\
-    --output=docs/performance.json &
-taskset -c 1 python -m benchmarks.step_time --memory=false --pipeline=false \\
+taskset -c 0 python -m benchmarks.step_time --output=docs/performance.json
+taskset -c 0 python -m benchmarks.step_time --memory=false --pipeline=false \\
     --output=docs/performance_repeat.json
-wait
 python -m benchmarks.report_performance"""
 
 ORDINALS = {2: "2nd", 5: "5th"}
@@ -181,7 +179,9 @@ def _overhead_table(results, repeat):
         ratio = sam["median_ratio_to_sgd"] / floor["median_ratio_to_sgd"]
         again = "—"
         if repeat is not None and _cell(repeat, key, "floor_two_passes"):
-            again = f"{_cell(repeat, key, 'sam')['median_ratio_to_sgd'] / _cell(repeat, key, 'floor_two_passes')['median_ratio_to_sgd']:.3f}"  # noqa: E501
+            sam_again = _cell(repeat, key, "sam")["median_ratio_to_sgd"]
+            floor_again = _cell(repeat, key, "floor_two_passes")
+            again = f"{sam_again / floor_again['median_ratio_to_sgd']:.3f}"
         lines.append(
             f"| {key} | {ratio:.3f} | {again} | "
             f"{sam['median_step_ms'] - floor['median_step_ms']:.1f} |"
@@ -394,8 +394,8 @@ def _plot(results, path):
     plt.close(fig)
 
 
-def _rounds(results):
-    counts = [t["rounds"] for t in results["timings"].values()]
+def _span(results, key):
+    counts = [t[key] for t in results["timings"].values()]
     low, high = min(counts), max(counts)
     return str(low) if low == high else f"{low} to {high}"
 
@@ -427,17 +427,22 @@ on {machine["cpus"]} CPU cores, TensorFlow {machine["tensorflow"]}, Keras
 TensorFlow on {results["threads"]} thread(s).
 
 **What the columns measure.** For each model and mode every contender is
-compiled once; then {_rounds(results)} rounds each time a few steps of
-every contender (Keras' train function called directly; the order rotates
-from round to round). A cell is the median over rounds of (the contender's
-CPU time per step / SGD's CPU time per step in the same round); the wall-
-time ratio is in parentheses. CPU time is the process's
+compiled once; then {_span(results, "rounds")} rounds each time
+{_span(results, "steps_per_round")} step(s) of every contender (Keras' train
+function called directly; the order rotates from round to round). A cell
+is the median over rounds of (the contender's CPU time per step / SGD's
+CPU time per step in the same round); the wall-time ratio is in
+parentheses. A step's CPU time here varies by 10–15 % from one step to
+the next, with no memory from step to step, so many short paired rounds
+pin a ratio down better than a few long ones. CPU time is the process's
 (`time.process_time`): with TensorFlow on one thread it counts the step's
 own work, and not the ~128 ms quanta in which this sandbox's wall clock
 advances under load, which made earlier wall-clock tables of this file
 unreadable (ratios of one row from 1.3× to 3.0×). A step on one thread is
 slower than on two, but a ratio of work is what a cost decision needs. The
-two runs ran at the same time, one on each core, so each had a neighbour.
+two runs ran one after the other on the same core of an otherwise idle
+machine: side by side, one per core, they shared the cache and the memory
+bus and disagreed by up to 30 %.
 {"".join(chr(10) + "> " + note + chr(10) for note in results.get("notes", []))}
 ## Step time over SGD: graph mode
 

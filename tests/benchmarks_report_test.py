@@ -217,6 +217,7 @@ def _timing(ms, wall_factor=1.0):
     return {
         "params": 2**18,  # 1 MB of float32
         "rounds": 3,
+        "steps_per_round": 1,
         "contenders": {
             name: {
                 "cpu": clock(value, ms["sgd"]),
