@@ -7,18 +7,19 @@
 For each model and mode, every contender (plain `fit` with SGD, exact SAM,
 the two-pass floor, the naive port, every variant of `SAMModel`) is
 compiled once; then all are timed in interleaved rounds. A round times one
-step of each, calling Keras' train function directly, and records the
-process's CPU time (`time.process_time`) and the wall time of that step.
-The ratio to SGD is taken within a round; the report gives its median over
-many rounds. A step's CPU time here varies by 10-15 % from one step to the
-next, without memory from step to step, so many short rounds estimate the
-ratio better than a few long ones (measured: medians over 30 one-step
-rounds agree within 2.5 %). TensorFlow runs on one thread (`--threads`):
-CPU time then counts the step's work only. The second command repeats the
-timings after the first, so that the report can show how well two runs
-agree; run them one after the other on an otherwise idle machine (two runs
-side by side, one per core, disagreed by up to 30 %: they share the
-cache and the memory bus).
+step of each (a whole period of a switching policy), calling Keras' train
+function directly, with an SGD step between every two contenders, and
+records the process's CPU time (`time.process_time`) and the wall time of
+each step. A contender's ratio is to the SGD step beside it; the report
+gives its median over many rounds. A step's CPU time here varies by
+10-15 % from one step to the next, so many short rounds of neighbouring
+steps estimate a ratio better than a few long ones. TensorFlow runs on one
+thread (`--threads`): CPU time then counts the step's work only.
+
+The second command repeats the timings after the first, so that the report
+can show how well two runs agree; run them one after the other on an
+otherwise idle machine (two runs side by side, one per core, disagreed by
+up to 30 %: they share the cache and the memory bus).
 """
 
 import json
@@ -55,10 +56,10 @@ def define_flags():
     flags.DEFINE_list(
         "rounds",
         [
-            "small_cnn:40",
+            "small_cnn:32",
             "small_cnn_no_dropout:40",
-            "resnet20:30",
-            "wrn_16_4:12",
+            "resnet20:24",
+            "wrn_16_4:8",
         ],
         "Interleaved timing rounds, as model:rounds, after one untimed round "
         "(the first steps after compiling run slow).",
@@ -257,6 +258,18 @@ SWITCHED_SAM_STEPS = [
     "looksam_5",
     "late_phase_during",
 ]
+# Policies that mix SAM steps and base steps time, in each round, this many
+# times `--steps`: a whole period, or the count whose expected number of
+# SAM steps is whole, so that a round's mean step is the policy's cost and
+# the median over rounds does not pick one kind of step.
+MIXED_STEPS = {
+    "periodic_2": 2,
+    "periodic_5": 5,
+    "randomized_0.5": 2,
+    "randomized_0.2": 5,
+    "ae_sam": 2,
+    "looksam_5": 5,
+}
 # What is timed on each model: every contender on the small CNN, whose step
 # takes tens of milliseconds; on the others, which take up to seconds on
 # one thread, the core and what each model is there for.
@@ -318,7 +331,9 @@ def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
         if contender == "sgd":
             params = int(model.count_params())
     compiled_at = time.perf_counter()
-    result = interleaved_ratios(compiled, rounds, steps)
+    result = interleaved_ratios(
+        compiled, rounds, {c: steps * MIXED_STEPS.get(c, 1) for c in compiled}
+    )
     result["compile_seconds"] = compiled_at - start
     result["timing_seconds"] = time.perf_counter() - compiled_at
     result["params"] = params
@@ -330,43 +345,65 @@ def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
 def interleaved_ratios(compiled, rounds, steps):
     """Per-step CPU and wall time of each contender, and ratios to "sgd".
 
-    After an untimed round, every round times `steps` steps of each
-    contender, starting with a different contender each round, so that a
-    slow spell of the machine, or a position in the order, hits all of
-    them alike. A ratio is taken within a round, and the report gives its
-    median over rounds.
+    After an untimed round, every round times `steps[contender]` steps of
+    each contender (or `steps` steps of all) in an order that rotates from
+    round to round, with an SGD step between every two of them: sgd, a, b,
+    sgd, c, d, sgd, ... A contender's ratio in a round is to the SGD step
+    beside it, a fraction of a second away: this machine's speed drifts
+    by 10-15 % within seconds, and the SGD step of a round's start would
+    have seen another speed. The report gives the median over rounds.
     """
-    names = list(compiled)
-    seconds = {c: {"cpu": [], "wall": []} for c in names}
+    names = [c for c in compiled if c != "sgd"]
+    if isinstance(steps, int):
+        steps = dict.fromkeys(compiled, steps)
+    clocks = ("cpu", "wall")
+    seconds = {c: {clock: [] for clock in clocks} for c in compiled}
+    ratios = {c: {clock: [] for clock in clocks} for c in compiled}
     for round_index in range(-1, rounds):  # round -1 is not recorded
-        shift = round_index % len(names)
-        for contender in names[shift:] + names[:shift]:
-            step = compiled[contender]
-            cpu, wall = time.process_time(), time.perf_counter()
-            for _ in range(steps):
-                step()
-            if round_index < 0:
-                continue
-            seconds[contender]["cpu"].append(
-                (time.process_time() - cpu) / steps
-            )
-            seconds[contender]["wall"].append(
-                (time.perf_counter() - wall) / steps
-            )
+        shift = round_index % max(len(names), 1)
+        order = names[shift:] + names[:shift]
+        sequence = ["sgd"]
+        for i in range(0, len(order), 2):
+            sequence += order[i : i + 2] + ["sgd"]
+        timed = [(c, _time_steps(compiled[c], steps[c])) for c in sequence]
+        if round_index < 0:
+            continue
+        for position, (contender, measured) in enumerate(timed):
+            before = timed[position - 1] if position else None
+            beside = before if before and before[0] == "sgd" else None
+            beside = beside or timed[min(position + 1, len(timed) - 1)]
+            for clock in clocks:
+                seconds[contender][clock].append(measured[clock])
+                ratios[contender][clock].append(
+                    measured[clock] / beside[1][clock]
+                    if contender != "sgd"
+                    else 1.0
+                )
     result = {"contenders": {}}
     for contender, measured in seconds.items():
         stats = {}
         for clock, values in measured.items():
-            ratios = np.array(values) / np.array(seconds["sgd"][clock])
+            paired = np.array(ratios[contender][clock])
             stats[clock] = {
                 "median_step_ms": 1e3 * float(np.median(values)),
-                "median_ratio_to_sgd": float(np.median(ratios)),
-                "ratio_min": float(ratios.min()),
-                "ratio_max": float(ratios.max()),
+                "median_ratio_to_sgd": float(np.median(paired)),
+                "ratio_min": float(paired.min()),
+                "ratio_max": float(paired.max()),
                 "step_ms": [1e3 * v for v in values],
             }
         result["contenders"][contender] = stats
     return result
+
+
+def _time_steps(step, count):
+    """CPU and wall seconds per call of `step`, over `count` calls."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(count):
+        step()
+    return {
+        "cpu": (time.process_time() - cpu) / count,
+        "wall": (time.perf_counter() - wall) / count,
+    }
 
 
 def time_pipeline(data_dir, rounds, steps, batch_size):

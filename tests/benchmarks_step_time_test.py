@@ -1,0 +1,68 @@
+"""benchmarks.step_time: each contender is timed against the SGD step
+beside it."""
+
+from benchmarks import step_time
+from tests import backends
+
+pytestmark = backends.tensorflow_only
+
+
+class FakeClock:
+    """`time.process_time` and `time.perf_counter` that advance only when
+    a fake step runs, by what that step is set to cost."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls = []
+
+    def __call__(self):
+        return self.now
+
+    def step(self, name, costs):
+        costs = iter(costs)
+
+        def run():
+            self.calls.append(name)
+            self.now += next(costs)
+
+        return run
+
+
+def test_a_contender_is_paired_with_the_sgd_step_beside_it(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(step_time.time, "process_time", clock)
+    monkeypatch.setattr(step_time.time, "perf_counter", clock)
+    # The machine runs twice as fast in the second half of each round: the
+    # SGD step after "b" costs 1, the one before "a" 2, and a, b cost
+    # 10 and 5 at the speed of their neighbour.
+    compiled = {
+        "sgd": clock.step("sgd", [2.0, 1.0] * 2),
+        "a": clock.step("a", [20.0] * 2),
+        "b": clock.step("b", [5.0] * 2),
+    }
+    result = step_time.interleaved_ratios(compiled, rounds=1, steps=1)
+    # The untimed round (its order shifted by -1), then round 0.
+    assert clock.calls == ["sgd", "b", "a", "sgd", "sgd", "a", "b", "sgd"]
+    ratios = {
+        name: stats["cpu"]["median_ratio_to_sgd"]
+        for name, stats in result["contenders"].items()
+    }
+    # Against the round's first SGD step, "b" would read 2.5.
+    assert ratios == {"sgd": 1.0, "a": 10.0, "b": 5.0}
+    assert result["contenders"]["sgd"]["cpu"]["step_ms"] == [2000.0, 1000.0]
+
+
+def test_the_order_rotates_and_odd_counts_end_with_sgd(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(step_time.time, "process_time", clock)
+    monkeypatch.setattr(step_time.time, "perf_counter", clock)
+    compiled = {
+        name: clock.step(name, [1.0] * 20) for name in ("sgd", "a", "b", "c")
+    }
+    step_time.interleaved_ratios(compiled, rounds=2, steps=1)
+    rounds = [clock.calls[i : i + 6] for i in (0, 6, 12)]
+    assert rounds == [
+        ["sgd", "c", "a", "sgd", "b", "sgd"],  # the untimed round: shift -1
+        ["sgd", "a", "b", "sgd", "c", "sgd"],
+        ["sgd", "b", "c", "sgd", "a", "sgd"],
+    ]
