@@ -30,6 +30,7 @@ The paper used AutoAugment for CIFAR-100: add
 
 from absl import flags
 
+from trainers import config as trainer_config
 from trainers import flags as trainer_flags
 from trainers import loop
 from trainers.data import datasets
@@ -94,8 +95,10 @@ def run(flags_obj, strategy_override=None):
             f"{sorted(DATASETS)}."
         )
     return loop.run(
-        flags_obj,
-        lambda config: stream.load(config, DATASETS[flags_obj.dataset]),
+        trainer_config.TrainingConfig.from_flags(flags_obj),
+        lambda data_config: stream.load(
+            data_config, DATASETS[flags_obj.dataset]
+        ),
         strategy_override,
         pretrained_weights=flags_obj.pretrained_weights,
         freeze_batchnorm=flags_obj.freeze_batchnorm,
