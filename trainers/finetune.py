@@ -36,21 +36,7 @@ from trainers import loop
 from trainers.data import datasets
 from trainers.data import stream
 
-DATASETS = {
-    name: datasets.DatasetInfo(
-        name, None, classes, name, train_split, test_split
-    )
-    for name, classes, train_split, test_split in (
-        ("oxford_flowers102", 102, "train+validation", "test"),
-        ("cars196", 196, "train", "test"),
-        ("oxford_iiit_pet", 37, "train", "test"),
-        ("cifar10", 10, "train", "test"),
-        ("cifar100", 100, "train", "test"),
-        ("food101", 101, "train", "validation"),
-        ("stanford_dogs", 120, "train", "test"),
-        ("caltech_birds2011", 200, "train", "test"),
-    )
-}
+DATASETS = datasets.FINETUNING
 
 
 def define_flags():

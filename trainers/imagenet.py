@@ -28,9 +28,7 @@ from trainers import loop
 from trainers.data import datasets
 from trainers.data import stream
 
-IMAGENET = datasets.DatasetInfo(
-    "imagenet2012", None, 1000, "imagenet2012", "train", "validation"
-)
+IMAGENET = datasets.IMAGENET
 
 
 def define_flags():
