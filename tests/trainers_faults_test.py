@@ -1,5 +1,6 @@
 """Faults and scale: NaN losses, SIGKILL and resume, TPU settings."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from tests import backends
 from tests.trainers_run_test import ROOT
 from tests.trainers_run_test import make_flags
 from trainers import checkpoint
+from trainers import config as trainer_config
 from trainers import fashion_mnist
 from trainers import loop
 from trainers import strategy as strategy_lib
@@ -135,16 +137,18 @@ def test_steps_per_execution_keeps_the_checkpoint_schedule(tmp_path):
 def test_tpu_settings_compile_with_xla_in_bfloat16_several_steps_a_call(
     tmp_path,
 ):
-    flags_obj = make_flags(tmp_path, jit_compile="false")
-    tpu = loop.accelerator_settings(flags_obj, on_tpu=True)
+    accelerator = trainer_config.AcceleratorConfig.from_flags(
+        make_flags(tmp_path, jit_compile="false")
+    )
+    tpu = loop.accelerator_settings(accelerator, on_tpu=True)
     assert tpu == dict(
         jit_compile=True, steps_per_execution=32, policy="mixed_bfloat16"
     )
-    cpu = loop.accelerator_settings(flags_obj, on_tpu=False)
+    cpu = loop.accelerator_settings(accelerator, on_tpu=False)
     assert cpu == dict(jit_compile=False, steps_per_execution=1, policy=None)
-    flags_obj.mixed_precision = "float16"
+    float16 = dataclasses.replace(accelerator, mixed_precision="float16")
     with pytest.raises(ValueError, match="float16 is for GPUs"):
-        loop.accelerator_settings(flags_obj, on_tpu=True)
+        loop.accelerator_settings(float16, on_tpu=True)
 
 
 def test_tpu_strategy_goes_through_the_cluster_resolver(monkeypatch):

@@ -15,6 +15,7 @@ from tests import backends
 from tests.distribute_test import mirrored
 from trainers import checkpoint
 from trainers import compare_sgd_sam
+from trainers import config as trainer_config
 from trainers import fashion_mnist
 from trainers import loop
 
@@ -143,7 +144,7 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
         )
     )
     assert results["train_steps"] == 2 and np.isfinite(results["test_loss"])
-    arguments = loop.variant_arguments(
+    config = trainer_config.TrainingConfig.from_flags(
         make_flags(
             tmp_path,
             perturbed_variables="kernel,bias",
@@ -152,10 +153,15 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
             seed=4,
         )
     )
+    arguments = loop.variant_arguments(config.sam, config.seed)
     assert arguments["perturbed_variables"] == ["kernel", "bias"]
     policy = arguments["switching"]
     assert policy.probability == 0.25 and policy.seed == 4
-    policy = loop.variant_arguments(make_flags(tmp_path, switching="ae_sam"))
+    policy = loop.variant_arguments(
+        trainer_config.SAMConfig.from_flags(
+            make_flags(tmp_path, switching="ae_sam")
+        )
+    )
     assert isinstance(
         policy["switching"], keras_sam.switching.GradientNormOutlier
     )

@@ -12,6 +12,7 @@ examples, with the models in inference mode. Any model the trainers save
 loads, their custom layers included.
 """
 
+import dataclasses
 import json
 import os
 
@@ -21,11 +22,13 @@ import tensorflow as tf
 from absl import flags
 
 from keras_sam import analysis
+from trainers import checkpoint
 from trainers import flags as trainer_flags
 
 # The custom layers of the trainers' models (Shake-Shake, ShakeDrop, the
 # ImageNet preprocessing) are registered when their modules are imported.
 from trainers import models  # noqa: F401
+from trainers.data import config as data_config
 from trainers.data import datasets as data_lib
 
 FLAGS = flags.FLAGS
@@ -85,23 +88,37 @@ def _dataset(flags_obj):
     )
 
 
-def measure(model, dataset, flags_obj):
+@dataclasses.dataclass(frozen=True)
+class Measurements(data_config.FlagFields):
+    """What `measure` computes; each field is the flag of its name."""
+
+    top_k: int = 1
+    max_iterations: int = 40
+    rho: float = 0.05
+    m: int = 128
+    landscape_radius: float = 1.0
+    landscape_points: int = 21
+    spectrum_steps: int = 0
+
+
+def measure(model, dataset, measurements):
+    """The sharpness measures of `model` on `dataset`, as a dict."""
     alphas = np.linspace(
-        -flags_obj.landscape_radius,
-        flags_obj.landscape_radius,
-        flags_obj.landscape_points,
+        -measurements.landscape_radius,
+        measurements.landscape_radius,
+        measurements.landscape_points,
     )
     result = {
         "top_eigenvalues": analysis.hessian_top_eigenvalues(
             model,
             dataset,
             _loss,
-            k=flags_obj.top_k,
-            max_iterations=flags_obj.max_iterations,
+            k=measurements.top_k,
+            max_iterations=measurements.max_iterations,
             verbose=True,
         ).tolist(),
         "m_sharpness": analysis.m_sharpness(
-            model, dataset, _loss, rho=flags_obj.rho, m=flags_obj.m
+            model, dataset, _loss, rho=measurements.rho, m=measurements.m
         ),
         "landscape_1d": analysis.loss_landscape_1d(
             model, dataset, _loss, alphas
@@ -112,9 +129,9 @@ def measure(model, dataset, flags_obj):
         "alphas": alphas.tolist(),
     }
     result["loss"] = result["landscape_1d"][len(alphas) // 2]
-    if flags_obj.spectrum_steps:
+    if measurements.spectrum_steps:
         grid, density, _, _ = analysis.hessian_spectral_density(
-            model, dataset, _loss, lanczos_steps=flags_obj.spectrum_steps
+            model, dataset, _loss, lanczos_steps=measurements.spectrum_steps
         )
         result["spectrum"] = {
             "grid": grid.tolist(),
@@ -139,7 +156,7 @@ def run(flags_obj):
             raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
     results = {
         os.path.basename(os.path.dirname(os.path.abspath(p))) or p: measure(
-            load_model(p), dataset, flags_obj
+            load_model(p), dataset, Measurements.from_flags(flags_obj)
         )
         for p in paths.values()
     }
@@ -168,8 +185,10 @@ def run(flags_obj):
             os.path.join(out, "spectrum.png"),
             label=names,
         )
-    with open(os.path.join(out, "analysis.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    checkpoint.write_atomically(
+        os.path.join(out, "analysis.json"),
+        lambda f: f.write(json.dumps(results, indent=1).encode()),
+    )
     return results
 
 

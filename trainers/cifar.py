@@ -36,6 +36,7 @@ Label noise (Table 4: ResNet-32, 200 epochs; ρ = 0.1 up to 60 % noise,
 
 from absl import flags
 
+from trainers import config as trainer_config
 from trainers import flags as trainer_flags
 from trainers import loop
 from trainers.data import arrays
@@ -60,9 +61,9 @@ def define_flags():
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
     return loop.run(
-        flags_obj,
-        lambda config: arrays.load(
-            config, flags_obj.dataset, datasets_override
+        trainer_config.TrainingConfig.from_flags(flags_obj),
+        lambda data_config: arrays.load(
+            data_config, flags_obj.dataset, datasets_override
         ),
         strategy_override,
     )

@@ -15,6 +15,7 @@ The paper's setting (WRN-28-10, 200 epochs, batch 256, lr 0.1, weight decay
 
 from absl import flags
 
+from trainers import config as trainer_config
 from trainers import flags as trainer_flags
 from trainers import loop
 from trainers.data import arrays
@@ -60,8 +61,10 @@ def define_flags(**defaults):
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
     return loop.run(
-        flags_obj,
-        lambda config: arrays.load(config, DATASET, datasets_override),
+        trainer_config.TrainingConfig.from_flags(flags_obj),
+        lambda data_config: arrays.load(
+            data_config, DATASET, datasets_override
+        ),
         strategy_override,
     )
 

@@ -30,26 +30,13 @@ The paper used AutoAugment for CIFAR-100: add
 
 from absl import flags
 
+from trainers import config as trainer_config
 from trainers import flags as trainer_flags
 from trainers import loop
 from trainers.data import datasets
 from trainers.data import stream
 
-DATASETS = {
-    name: datasets.DatasetInfo(
-        name, None, classes, name, train_split, test_split
-    )
-    for name, classes, train_split, test_split in (
-        ("oxford_flowers102", 102, "train+validation", "test"),
-        ("cars196", 196, "train", "test"),
-        ("oxford_iiit_pet", 37, "train", "test"),
-        ("cifar10", 10, "train", "test"),
-        ("cifar100", 100, "train", "test"),
-        ("food101", 101, "train", "validation"),
-        ("stanford_dogs", 120, "train", "test"),
-        ("caltech_birds2011", 200, "train", "test"),
-    )
-}
+DATASETS = datasets.FINETUNING
 
 
 def define_flags():
@@ -94,8 +81,10 @@ def run(flags_obj, strategy_override=None):
             f"{sorted(DATASETS)}."
         )
     return loop.run(
-        flags_obj,
-        lambda config: stream.load(config, DATASETS[flags_obj.dataset]),
+        trainer_config.TrainingConfig.from_flags(flags_obj),
+        lambda data_config: stream.load(
+            data_config, DATASETS[flags_obj.dataset]
+        ),
         strategy_override,
         pretrained_weights=flags_obj.pretrained_weights,
         freeze_batchnorm=flags_obj.freeze_batchnorm,

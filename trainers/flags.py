@@ -32,7 +32,7 @@ DEFAULTS = dict(
 )
 
 
-_OTHER_DEFAULTABLE = {
+OTHER_DEFAULTABLE = {
     "data_dir",
     "output_dir",
     "train_steps",
@@ -52,7 +52,7 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     registry), described by `model_help`.
     """
     d = dict(DEFAULTS, **defaults)
-    unknown = set(defaults) - set(DEFAULTS) - _OTHER_DEFAULTABLE
+    unknown = set(defaults) - set(DEFAULTS) - OTHER_DEFAULTABLE
     if unknown:
         raise ValueError(f"No such trainer flags: {sorted(unknown)}")
     flags.DEFINE_string(

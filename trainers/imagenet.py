@@ -22,14 +22,13 @@ against 22.3 % after 400; ResNet-152, 400 epochs: 18.4 % against 20.9 %):
 
 from absl import flags
 
+from trainers import config as trainer_config
 from trainers import flags as trainer_flags
 from trainers import loop
 from trainers.data import datasets
 from trainers.data import stream
 
-IMAGENET = datasets.DatasetInfo(
-    "imagenet2012", None, 1000, "imagenet2012", "train", "validation"
-)
+IMAGENET = datasets.IMAGENET
 
 
 def define_flags():
@@ -49,8 +48,8 @@ def define_flags():
 
 def run(flags_obj, strategy_override=None):
     return loop.run(
-        flags_obj,
-        lambda config: stream.load(config, IMAGENET),
+        trainer_config.TrainingConfig.from_flags(flags_obj),
+        lambda data_config: stream.load(data_config, IMAGENET),
         strategy_override,
     )
 

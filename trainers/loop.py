@@ -1,12 +1,13 @@
 """The one training path of every trainer: seeds, strategy, model, fit.
 
-`run` takes the parsed flags, a function that loads the data (an
-`trainers.arrays.ArrayData` held in memory, or a `trainers.stream.StreamData`
-read from tensorflow-datasets) and a function that builds the model for it.
-Both kinds of data index their batches by absolute step, so a run resumed
-from its checkpoint (`trainers.checkpoint`) sees exactly the batches an
-uninterrupted run would; the loop trains one data epoch per `fit` call and
-saves, evaluates and writes `results.json` the same way for both.
+`run` takes a `trainers.config.TrainingConfig` (never the flags) and a
+function that loads the data (an `trainers.data.arrays.ArrayData` held in
+memory, or a `trainers.data.stream.StreamData` read from
+tensorflow-datasets). Both kinds of data index their batches by absolute
+step, so a run resumed from its checkpoint (`trainers.checkpoint`) sees
+exactly the batches an uninterrupted run would; the loop trains one data
+epoch per `fit` call and saves, evaluates and writes `results.json` the
+same way for both.
 """
 
 import contextlib
@@ -20,10 +21,8 @@ from keras.src.utils import naming
 
 import keras_sam
 from trainers import checkpoint as checkpoint_lib
-from trainers import flags as trainer_flags
 from trainers import models
 from trainers import strategy as strategy_lib
-from trainers.data import config as data_config
 
 RESULTS = "results.json"
 MODEL = "model.keras"  # the trained base model, for inference and analysis
@@ -67,15 +66,14 @@ class ExampleSetAccuracy(keras.callbacks.Callback):
                 logs[key] = measure(self.measured)
 
 
-def run(flags_obj, load_data, strategy_override=None, **model_options):
-    """Trains --model with SAM on the data of `load_data`; returns results.
+def run(config, load_data, strategy_override=None, **model_options):
+    """Trains `config.model` on the data of `load_data`; returns results.
 
     Args:
-        flags_obj: the parsed flags (`absl.flags.FLAGS` or any object with
-            the same attributes).
-        load_data: called with the flags' `DataConfig` once seeds and
-            precision are set; returns the run's data: an `ArrayData` or a
-            `StreamData` (`trainers.data`).
+        config: a `trainers.config.TrainingConfig`.
+        load_data: called with `config.data` once seeds and precision are
+            set; returns the run's data: an `ArrayData` or a `StreamData`
+            (`trainers.data`).
         strategy_override: optional tf.distribute strategy (tests).
         **model_options: for `trainers.models.build`: pretrained_weights,
             freeze_batchnorm.
@@ -84,93 +82,93 @@ def run(flags_obj, load_data, strategy_override=None, **model_options):
         The results dict also written to `output_dir/results.json`.
     """
     start_time = time.time()
-    strategy, settings = prepare(flags_obj, strategy_override)
+    strategy, settings = prepare(config, strategy_override)
     with precision_policy(settings["policy"]):
-        data = load_data(data_config.DataConfig.from_flags(flags_obj))
-        total_steps = (
-            flags_obj.train_steps or flags_obj.epochs * data.steps_per_epoch
-        )
+        data = load_data(config.data)
+        total_steps = config.train_steps or config.epochs * data.steps_per_epoch
         base, model = build_sam_model(
-            flags_obj,
+            config,
             strategy,
             settings,
             lambda: models.build(
-                flags_obj.model,
+                config.model,
                 data.shape,
                 data.info.num_classes,
-                flags_obj.weight_decay,
+                config.weight_decay,
                 **model_options,
             ),
             total_steps,
         )
         return fit_and_report(
-            flags_obj, strategy, base, model, data, total_steps, start_time
+            config, strategy, base, model, data, total_steps, start_time
         )
 
 
-def _learning_rate(flags_obj, total_steps):
-    if flags_obj.lr_schedule == "cosine":
+def _learning_rate(optimizer, total_steps):
+    if optimizer.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(
-            flags_obj.learning_rate, decay_steps=total_steps
+            optimizer.learning_rate, decay_steps=total_steps
         )
-    return flags_obj.learning_rate
+    return optimizer.learning_rate
 
 
-def _optimizer(flags_obj, learning_rate):
+def _optimizer(optimizer, learning_rate):
     return keras.optimizers.SGD(
         learning_rate,
-        momentum=flags_obj.momentum,
-        nesterov=flags_obj.nesterov,
-        global_clipnorm=flags_obj.gradient_clipping or None,
-        use_ema=flags_obj.ema_decay > 0,
-        ema_momentum=flags_obj.ema_decay or 0.99,
+        momentum=optimizer.momentum,
+        nesterov=optimizer.nesterov,
+        global_clipnorm=optimizer.gradient_clipping or None,
+        use_ema=optimizer.ema_decay > 0,
+        ema_momentum=optimizer.ema_decay or 0.99,
     )
 
 
-def _rho(flags_obj, learning_rate):
-    # With a constant learning rate, ρ following it is the constant --rho.
-    if flags_obj.rho_min is None or not callable(learning_rate):
-        return flags_obj.rho
+def _rho(sam, learning_rate):
+    # With a constant learning rate, ρ following it is the constant ρ.
+    if sam.rho_min is None or not callable(learning_rate):
+        return sam.rho
     return keras_sam.schedules.RhoFollowingLearningRate(
-        learning_rate, rho_max=flags_obj.rho, rho_min=flags_obj.rho_min
+        learning_rate, rho_max=sam.rho, rho_min=sam.rho_min
     )
 
 
-def variant_arguments(flags_obj, total_steps=None):
-    """The SAMModel arguments of the variant flags (GSAM, SAM-ON, switching,
-    LookSAM, Momentum-SAM). AE-SAM's threshold moves over `total_steps`."""
+def variant_arguments(sam, seed=0, total_steps=None):
+    """The SAMModel arguments of a `SAMConfig`'s variants (GSAM, SAM-ON,
+    switching, LookSAM, Momentum-SAM). The randomized policy draws from
+    `seed`; AE-SAM's threshold moves over `total_steps`."""
     policies = {
         "none": lambda: None,
-        "periodic": lambda: keras_sam.switching.Periodic(flags_obj.sam_every),
+        "periodic": lambda: keras_sam.switching.Periodic(sam.sam_every),
         "randomized": lambda: keras_sam.switching.Randomized(
-            flags_obj.sam_probability, seed=flags_obj.seed
+            sam.sam_probability, seed=seed
         ),
         "ae_sam": lambda: keras_sam.switching.GradientNormOutlier(
             decay_steps=total_steps
         ),
         "late_phase": lambda: keras_sam.switching.LatePhase(
-            int(round(flags_obj.sam_start_fraction * total_steps))
+            int(round(sam.sam_start_fraction * total_steps))
         ),
     }
-    perturbed = flags_obj.perturbed_variables
+    perturbed = sam.perturbed_variables
     if perturbed not in ("all", "normalization"):
         perturbed = [p for p in perturbed.split(",") if p]
     return dict(
-        gsam_alpha=flags_obj.gsam_alpha,
+        gsam_alpha=sam.gsam_alpha,
         perturbed_variables=perturbed,
-        switching=policies[flags_obj.switching](),
-        looksam_alpha=flags_obj.looksam_alpha,
-        perturbation=flags_obj.perturbation,
+        switching=policies[sam.switching](),
+        looksam_alpha=sam.looksam_alpha,
+        perturbation=sam.perturbation,
     )
 
 
-def accelerator_settings(flags_obj, on_tpu):
-    """jit_compile, steps_per_execution and the mixed-precision policy.
+def accelerator_settings(accelerator, on_tpu):
+    """jit_compile, steps_per_execution and the mixed-precision policy of
+    an `AcceleratorConfig`.
 
     On TPUs everything is compiled with XLA, bfloat16 is the mixed
     precision of choice and several steps run per host call.
     """
-    precision = flags_obj.mixed_precision
+    precision = accelerator.mixed_precision
     if precision == "auto":
         precision = "bfloat16" if on_tpu else "none"
     if on_tpu and precision == "float16":
@@ -178,8 +176,12 @@ def accelerator_settings(flags_obj, on_tpu):
             "--mixed_precision=float16 is for GPUs; TPUs compute in "
             "bfloat16 (use --mixed_precision=bfloat16 or auto)."
         )
-    jit = {"auto": "auto", "true": True, "false": False}[flags_obj.jit_compile]
-    steps_per_execution = flags_obj.steps_per_execution or (32 if on_tpu else 1)
+    jit = {"auto": "auto", "true": True, "false": False}[
+        accelerator.jit_compile
+    ]
+    steps_per_execution = accelerator.steps_per_execution or (
+        32 if on_tpu else 1
+    )
     return dict(
         jit_compile=True if on_tpu else jit,
         steps_per_execution=steps_per_execution,
@@ -187,7 +189,7 @@ def accelerator_settings(flags_obj, on_tpu):
     )
 
 
-def prepare(flags_obj, strategy_override=None):
+def prepare(config, strategy_override=None):
     """Seeds, determinism, the strategy and the accelerator settings.
 
     Keras' counters of layer names are reset first: layers are then named
@@ -197,14 +199,15 @@ def prepare(flags_obj, strategy_override=None):
     strategy's in the same process.)
     """
     naming.reset_uids()
-    keras.utils.set_random_seed(flags_obj.seed)
-    if flags_obj.deterministic:
+    keras.utils.set_random_seed(config.seed)
+    accelerator = config.accelerator
+    if accelerator.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = strategy_override or strategy_lib.get_strategy(
-        flags_obj.strategy, flags_obj.tpu
+        accelerator.strategy, accelerator.tpu
     )
     settings = accelerator_settings(
-        flags_obj, isinstance(strategy, tf.distribute.TPUStrategy)
+        accelerator, isinstance(strategy, tf.distribute.TPUStrategy)
     )
     if (
         isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -215,9 +218,9 @@ def prepare(flags_obj, strategy_override=None):
             "--strategy=multi_worker. Received: "
             f"--steps_per_execution={settings['steps_per_execution']}"
         )
-    if flags_obj.batch_size % strategy.num_replicas_in_sync:
+    if config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(
-            f"--batch_size={flags_obj.batch_size} must be divisible by the "
+            f"--batch_size={config.batch_size} must be divisible by the "
             f"{strategy.num_replicas_in_sync} replicas."
         )
     return strategy, settings
@@ -235,18 +238,28 @@ def precision_policy(policy):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
-    """`(base, model)`: `make_base()` wrapped in a compiled `SAMModel`."""
+def build_sam_model(config, strategy, settings, make_base, total_steps):
+    """`(base, model)`: `make_base()` wrapped in a compiled `SAMModel` (the
+    base model itself when `config.sam` is None)."""
     with strategy.scope():
         base = make_base()
-        learning_rate = _learning_rate(flags_obj, total_steps)
+        learning_rate = _learning_rate(config.optimizer, total_steps)
         model = base
-        if getattr(flags_obj, "sam", True):
-            model = _sam_model(flags_obj, base, learning_rate, total_steps)
+        if config.sam is not None:
+            model = keras_sam.SAMModel(
+                base,
+                rho=_rho(config.sam, learning_rate),
+                adaptive=config.sam.adaptive,
+                eta=config.sam.eta,
+                sync_perturbations=config.sam.sync_perturbations,
+                micro_batches=config.sam.micro_batches,
+                **variant_arguments(config.sam, config.seed, total_steps),
+            )
         model.compile(
-            optimizer=_optimizer(flags_obj, learning_rate),
+            optimizer=_optimizer(config.optimizer, learning_rate),
             loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, label_smoothing=flags_obj.label_smoothing
+                from_logits=True,
+                label_smoothing=config.optimizer.label_smoothing,
             ),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             jit_compile=settings["jit_compile"],
@@ -256,20 +269,8 @@ def build_sam_model(flags_obj, strategy, settings, make_base, total_steps):
     return base, model
 
 
-def _sam_model(flags_obj, base, learning_rate, total_steps):
-    return keras_sam.SAMModel(
-        base,
-        rho=_rho(flags_obj, learning_rate),
-        adaptive=flags_obj.adaptive,
-        eta=flags_obj.eta,
-        sync_perturbations=flags_obj.sync_perturbations,
-        micro_batches=flags_obj.micro_batches,
-        **variant_arguments(flags_obj, total_steps),
-    )
-
-
 def fit_and_report(
-    flags_obj, strategy, base, model, data, total_steps, start_time
+    config, strategy, base, model, data, total_steps, start_time
 ):
     """Resumes, trains epoch by epoch, evaluates and writes the results.
 
@@ -280,11 +281,18 @@ def fit_and_report(
     history of the epochs before a resumed checkpoint comes from that
     checkpoint; a finished run started again trains no more and keeps its
     history.
+
+    One `fit` call trains one data epoch: each epoch's batches are a
+    dataset that starts at that epoch's first absolute step, and a
+    resumed epoch, or a last one cut short by `train_steps`, has fewer
+    steps than the others, while `fit` takes one dataset and one
+    `steps_per_epoch` for all its epochs. Keras' `initial_epoch` numbers
+    the epochs and its `validation_freq` picks those that evaluate.
     """
     example_sets = data.example_sets
     steps_per_epoch = data.steps_per_epoch
     test_data = data.test_batches()
-    output_dir = flags_obj.output_dir
+    output_dir = config.output_dir
     os.makedirs(output_dir, exist_ok=True)
     checkpoint_path = os.path.join(output_dir, checkpoint_lib.CHECKPOINT)
     # Workers restore the chief's checkpoint on a shared file system, else
@@ -308,7 +316,7 @@ def fit_and_report(
         else:
             print(f"Resuming from step {start_step} of {total_steps}.")
 
-    every = flags_obj.checkpoint_every_steps or steps_per_epoch
+    every = config.checkpoint_every_steps or steps_per_epoch
     callbacks = [
         # Before `AtomicCheckpoint`, which saves the stream it restores.
         *(
@@ -337,14 +345,11 @@ def fit_and_report(
             epochs=epoch + 1,
             initial_epoch=epoch,
             steps_per_epoch=steps,
-            validation_data=(
-                test_data
-                if (epoch + 1) % flags_obj.eval_every_epochs == 0
-                else None
-            ),
+            validation_data=test_data,
+            validation_freq=config.eval_every_epochs,
             callbacks=callbacks,
             shuffle=False,
-            verbose=flags_obj.verbose,
+            verbose=config.verbose,
         )
         step += steps
         if model.stop_training:
@@ -354,7 +359,7 @@ def fit_and_report(
                 f"{checkpoint_path}; try a lower --learning_rate or --rho."
             )
 
-    if flags_obj.ema_decay > 0:
+    if config.optimizer.ema_decay > 0:
         model.optimizer.finalize_variable_values(model.trainable_variables)
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
     results = {
@@ -374,7 +379,7 @@ def fit_and_report(
         "replicas": strategy.num_replicas_in_sync,
         **{key: history[key][-1] for key in example_sets if history.get(key)},
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
-        "flags": _flag_dict(flags_obj),
+        "flags": config.recorded_flags,
     }
     if _is_chief(strategy):
         model_path = os.path.join(output_dir, MODEL)
@@ -395,19 +400,3 @@ def _is_chief(strategy):
     return resolver.task_type == "chief" or (
         resolver.task_type == "worker" and resolver.task_id == 0
     )
-
-
-def _flag_dict(flags_obj):
-    """The trainer's flags: those absl, TensorFlow and others declare in
-    the same `absl.flags.FLAGS` (logging, help, ...) are left out."""
-    if hasattr(flags_obj, "flag_values_dict"):
-        values = flags_obj.flag_values_dict()
-    else:
-        values = dict(vars(flags_obj))
-    foreign = trainer_flags.foreign_flag_names()
-    return {
-        k: v
-        for k, v in values.items()
-        if k not in foreign
-        and isinstance(v, (str, int, float, bool, type(None), list))
-    }

@@ -12,6 +12,7 @@ flips):
 
 from absl import flags
 
+from trainers import config as trainer_config
 from trainers import flags as trainer_flags
 from trainers import loop
 from trainers.data import arrays
@@ -36,9 +37,9 @@ def define_flags():
 
 def run(flags_obj, datasets_override=None, strategy_override=None):
     return loop.run(
-        flags_obj,
-        lambda config: arrays.load(
-            config, DATASET, datasets_override, train_split=TRAIN_SPLIT
+        trainer_config.TrainingConfig.from_flags(flags_obj),
+        lambda data_config: arrays.load(
+            data_config, DATASET, datasets_override, train_split=TRAIN_SPLIT
         ),
         strategy_override,
     )

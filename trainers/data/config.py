@@ -3,8 +3,25 @@
 import dataclasses
 
 
+class FlagFields:
+    """A dataclass whose fields are flags of the same names."""
+
+    @classmethod
+    def from_flags(cls, flags_obj):
+        """The fields of the same names in `flags_obj`; a field it lacks
+        (the streamed data sets' flags in an in-memory trainer) keeps its
+        default."""
+        return cls(
+            **{
+                field.name: getattr(flags_obj, field.name)
+                for field in dataclasses.fields(cls)
+                if hasattr(flags_obj, field.name)
+            }
+        )
+
+
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(FlagFields):
     """The data settings of a run; each field is the flag of its name.
 
     Attributes:
@@ -38,16 +55,3 @@ class DataConfig:
     track_memorization: bool = False
     image_size: int = 224
     shuffle_buffer: int = 10000
-
-    @classmethod
-    def from_flags(cls, flags_obj):
-        """The fields of the same names in `flags_obj`; a field it lacks
-        (the streamed data sets' flags in an in-memory trainer) keeps its
-        default."""
-        return cls(
-            **{
-                field.name: getattr(flags_obj, field.name)
-                for field in dataclasses.fields(cls)
-                if hasattr(flags_obj, field.name)
-            }
-        )

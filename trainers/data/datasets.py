@@ -32,6 +32,23 @@ DATASETS = {
     "cifar100": DatasetInfo("cifar100", (32, 32, 3), 100, "cifar100"),
     "svhn": DatasetInfo("svhn", (32, 32, 3), 10, "svhn_cropped"),
 }
+# Streamed sets: ImageNet, and the finetuning targets of the paper's Table 3.
+IMAGENET = DatasetInfo(
+    "imagenet2012", None, 1000, "imagenet2012", "train", "validation"
+)
+FINETUNING = {
+    name: DatasetInfo(name, None, classes, name, train_split, test_split)
+    for name, classes, train_split, test_split in (
+        ("oxford_flowers102", 102, "train+validation", "test"),
+        ("cars196", 196, "train", "test"),
+        ("oxford_iiit_pet", 37, "train", "test"),
+        ("cifar10", 10, "train", "test"),
+        ("cifar100", 100, "train", "test"),
+        ("food101", 101, "train", "validation"),
+        ("stanford_dogs", 120, "train", "test"),
+        ("caltech_birds2011", 200, "train", "test"),
+    )
+}
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

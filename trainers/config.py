@@ -1,0 +1,183 @@
+"""A run's settings as typed values: the flags are read here, once.
+
+`trainers.loop` takes a `TrainingConfig` and never sees the flags; an entry
+point builds one with `TrainingConfig.from_flags(flags_obj)` (or by hand,
+in a test or a notebook). Every field is the flag of its name, documented
+in `trainers.flags`.
+"""
+
+import dataclasses
+from typing import Optional
+
+from trainers import flags as trainer_flags
+from trainers.data import config as data_config
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(data_config.FlagFields):
+    """SGD with momentum, its learning rate and what Keras adds to it.
+
+    Attributes:
+        learning_rate: the peak (cosine) or constant learning rate.
+        lr_schedule: "cosine" (to 0 over the run's steps) or "constant".
+        momentum: SGD's momentum.
+        nesterov: Nesterov momentum.
+        gradient_clipping: clip the global gradient norm to this; 0: off.
+        ema_decay: evaluate an exponential moving average of the weights
+            with this decay; 0: off.
+        label_smoothing: of the cross-entropy loss.
+    """
+
+    learning_rate: float = 0.05
+    lr_schedule: str = "cosine"
+    momentum: float = 0.9
+    nesterov: bool = False
+    gradient_clipping: float = 0.0
+    ema_decay: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SAMConfig(data_config.FlagFields):
+    """The arguments of `keras_sam.SAMModel`, and the policy flags that
+    make its `switching` argument.
+
+    Attributes:
+        rho: ρ, or ρ at the peak learning rate when `rho_min` is set.
+        rho_min: ρ at learning rate 0 (ρ follows the schedule, GSAM);
+            None: constant ρ.
+        adaptive, eta: ASAM and its η.
+        sync_perturbations: one ε from the all-reduced gradient.
+        micro_batches: parts of each replica's batch, each with its own ε.
+        gsam_alpha: GSAM's α.
+        perturbed_variables: "all", "normalization" (SAM-ON) or regular
+            expressions separated by commas.
+        switching: "none", "periodic", "randomized", "ae_sam" or
+            "late_phase"; `sam_every`, `sam_probability` and
+            `sam_start_fraction` parametrize them.
+        looksam_alpha: LookSAM's α (None: off).
+        perturbation: "gradient" (SAM) or "momentum" (Momentum-SAM).
+    """
+
+    rho: float = 0.05
+    rho_min: Optional[float] = None
+    adaptive: bool = False
+    eta: float = 0.01
+    sync_perturbations: bool = False
+    micro_batches: int = 1
+    gsam_alpha: float = 0.0
+    perturbed_variables: str = "all"
+    switching: str = "none"
+    sam_every: int = 2
+    sam_probability: float = 0.5
+    sam_start_fraction: float = 0.9
+    looksam_alpha: Optional[float] = None
+    perturbation: str = "gradient"
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratorConfig(data_config.FlagFields):
+    """Where and how the steps run.
+
+    Attributes:
+        strategy: a name of `trainers.strategy.STRATEGIES`.
+        tpu: the TPU's name or grpc:// address.
+        jit_compile: "auto", "true" or "false".
+        mixed_precision: "auto", "none", "float16" or "bfloat16".
+        steps_per_execution: steps per compiled call (None: 32 on TPUs,
+            else 1).
+        deterministic: deterministic TensorFlow ops.
+    """
+
+    strategy: str = "default"
+    tpu: Optional[str] = None
+    jit_compile: str = "auto"
+    mixed_precision: str = "auto"
+    steps_per_execution: Optional[int] = None
+    deterministic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Everything `trainers.loop.run` needs besides the data and model
+    loaders.
+
+    Attributes:
+        model: a name of `trainers.models.NAMES`.
+        output_dir: where the checkpoint, the model and results.json go.
+        data: the data's settings (batch size and seed included).
+        optimizer: the base optimizer's settings.
+        sam: SAM's settings; None trains the base model with a plain Keras
+            `fit` (the SGD baseline).
+        accelerator: strategy, XLA, precision, determinism.
+        epochs: data epochs to train, unless `train_steps` is set.
+        train_steps: training steps (0: `epochs` data epochs).
+        weight_decay: λ of `trainers.models.regularization`.
+        checkpoint_every_steps: None: every data epoch.
+        eval_every_epochs: evaluate on the test set every this many epochs.
+        verbose: Keras' verbosity.
+        recorded_flags: what results.json lists under "flags".
+    """
+
+    model: str
+    output_dir: str
+    data: data_config.DataConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    sam: Optional[SAMConfig] = SAMConfig()
+    accelerator: AcceleratorConfig = AcceleratorConfig()
+    epochs: int = 10
+    train_steps: int = 0
+    weight_decay: float = 5e-4
+    checkpoint_every_steps: Optional[int] = None
+    eval_every_epochs: int = 1
+    verbose: int = 1
+    recorded_flags: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def seed(self):
+        return self.data.seed
+
+    @property
+    def batch_size(self):
+        return self.data.batch_size
+
+    @classmethod
+    def from_flags(cls, flags_obj):
+        """The settings `flags_obj` holds (`absl.flags.FLAGS` or any object
+        with the same attributes); without a `sam` attribute, SAM is on."""
+        return cls(
+            model=flags_obj.model,
+            output_dir=flags_obj.output_dir,
+            data=data_config.DataConfig.from_flags(flags_obj),
+            optimizer=OptimizerConfig.from_flags(flags_obj),
+            sam=(
+                SAMConfig.from_flags(flags_obj)
+                if getattr(flags_obj, "sam", True)
+                else None
+            ),
+            accelerator=AcceleratorConfig.from_flags(flags_obj),
+            epochs=flags_obj.epochs,
+            train_steps=flags_obj.train_steps or 0,
+            weight_decay=flags_obj.weight_decay,
+            checkpoint_every_steps=flags_obj.checkpoint_every_steps,
+            eval_every_epochs=flags_obj.eval_every_epochs,
+            verbose=flags_obj.verbose,
+            recorded_flags=flag_record(flags_obj),
+        )
+
+
+def flag_record(flags_obj):
+    """The trainer's flags as a dict: those absl, TensorFlow and others
+    declare in the same `absl.flags.FLAGS` (logging, help, ...) are left
+    out."""
+    if hasattr(flags_obj, "flag_values_dict"):
+        values = flags_obj.flag_values_dict()
+    else:
+        values = dict(vars(flags_obj))
+    foreign = trainer_flags.foreign_flag_names()
+    return {
+        k: v
+        for k, v in values.items()
+        if k not in foreign
+        and isinstance(v, (str, int, float, bool, type(None), list))
+    }
