@@ -39,6 +39,8 @@ import types
 from absl import app
 from absl import flags
 
+from trainers import checkpoint
+from trainers import compare_sgd_sam
 from trainers import fashion_mnist
 
 FLAGS = flags.FLAGS
@@ -81,7 +83,7 @@ VARIANTS = {
 
 def define_flags():
     fashion_mnist.define_flags(
-        **fashion_mnist.MEMORIZATION_REGIME,
+        **compare_sgd_sam.MEMORIZATION_REGIME,
         verbose=0,
         output_dir="runs/generalization/unused",
     )
@@ -276,14 +278,14 @@ def run(flags_obj):
         )
     if flags_obj.output and count == 1:
         regime = {
-            k: getattr(flags_obj, k) for k in fashion_mnist.MEMORIZATION_REGIME
+            k: getattr(flags_obj, k)
+            for k in compare_sgd_sam.MEMORIZATION_REGIME
         }
-        with open(flags_obj.output, "w") as f:
-            json.dump(
-                {"study": flags_obj.study, "regime": regime, "runs": results},
-                f,
-                indent=1,
-            )
+        summary = {"study": flags_obj.study, "regime": regime, "runs": results}
+        checkpoint.write_atomically(
+            flags_obj.output,
+            lambda f: f.write(json.dumps(summary, indent=1).encode()),
+        )
     return results
 
 

@@ -147,9 +147,9 @@ def test_variants_cost_counts_the_extra_passes():
 
 
 def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
-    from trainers import fashion_mnist
+    from trainers import compare_sgd_sam
 
-    regime = dict(fashion_mnist.MEMORIZATION_REGIME, epochs=3)
+    regime = dict(compare_sgd_sam.MEMORIZATION_REGIME, epochs=3)
     (tmp_path / "results_noise.json").write_text(
         json.dumps({"study": "noise", "regime": regime, "runs": _noise_study()})
     )

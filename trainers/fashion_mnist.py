@@ -23,22 +23,6 @@ from trainers.data import arrays
 DATASET = "fashion_mnist"
 
 
-# Where SGD memorizes noisy labels within minutes on a CPU: an MLP with no
-# dropout, BatchNorm or augmentation, 4,000 examples, 60 epochs. The regime
-# of `make train` (trainers.compare_sgd_sam) and of the label-noise study
-# (benchmarks.generalization).
-MEMORIZATION_REGIME = dict(
-    model="mlp",
-    train_examples=4000,
-    validation_examples=2000,
-    epochs=60,
-    batch_size=128,
-    learning_rate=0.05,
-    weight_decay=5e-4,
-    track_memorization=True,
-)
-
-
 def define_flags(**defaults):
     """Declares the trainer's flags; `defaults` override its defaults."""
     trainer_flags.define_common_flags(
