@@ -160,6 +160,11 @@ def _agreement_section(first, second):
         + ", ".join(over)
         + "; read those columns as rough."
     )
+    unrepeated = [k for k in first["timings"] if k not in cpu]
+    if unrepeated:
+        verdict += (
+            " **Not repeated**, so not checked: " + ", ".join(unrepeated) + "."
+        )
     return "\n".join(lines) + "\n\n" + verdict + "\n"
 
 

@@ -314,8 +314,17 @@ def test_performance_report_says_when_runs_disagree_or_sam_exceeds_the_floor(
 ):
     text = _performance_report(tmp_path, _performance(46.0), _performance(42.0))
     assert "**Not every cell agrees within 5 %**: small_cnn/graph" in text
+    assert "Not repeated" not in text
     assert "SAM / floor ranges over 1.05–1.15 across the cells of" in text
     assert "both runs, median 1.10" in text
+
+
+def test_performance_report_names_the_columns_the_repeat_lacks(tmp_path):
+    repeat = _performance(42.0)
+    del repeat["timings"]["small_cnn/xla"]
+    text = _performance_report(tmp_path, _performance(42.0), repeat)
+    assert "agrees within 5 %. **Not repeated**, so not checked: " in text
+    assert "not checked: small_cnn/xla." in text
 
 
 def test_a_run_is_claimed_by_one_study_process_at_a_time(tmp_path):
