@@ -434,12 +434,13 @@ TensorFlow on {results["threads"]} thread(s).
 **What the columns measure.** For each model and mode every contender is
 compiled once; then {_span(results, "rounds")} rounds each time
 {_span(results, "steps_per_round")} step(s) of every contender (Keras' train
-function called directly; the order rotates from round to round). A cell
-is the median over rounds of (the contender's CPU time per step / SGD's
-CPU time per step in the same round); the wall-time ratio is in
-parentheses. A step's CPU time here varies by 10–15 % from one step to
-the next, with no memory from step to step, so many short paired rounds
-pin a ratio down better than a few long ones. CPU time is the process's
+function called directly; the order rotates from round to round, and an
+SGD step runs between every two contenders). A cell is the median over
+rounds of (the contender's CPU time per step / the CPU time of the SGD
+step beside it); the wall-time ratio is in parentheses. A step's CPU
+time here varies by 10–15 % from one step to the next, so many short
+rounds of neighbouring steps pin a ratio down better than a few long
+ones. CPU time is the process's
 (`time.process_time`): with TensorFlow on one thread it counts the step's
 own work, and not the ~128 ms quanta in which this sandbox's wall clock
 advances under load, which made earlier wall-clock tables of this file
