@@ -30,6 +30,7 @@ import tensorflow as tf
 from absl import flags
 
 import keras_sam.analysis
+from trainers import config as trainer_config
 from trainers import fashion_mnist
 from trainers import flags as trainer_flags
 from trainers import loop
@@ -84,7 +85,7 @@ def run(flags_obj, datasets_override=None):
     results = {}
     for name, sam in (("SGD", False), ("SAM", True)):
         values = dict(
-            _flag_values(flags_obj),
+            trainer_config.flag_record(flags_obj),
             sam=sam,
             output_dir=os.path.join(flags_obj.output_dir, name.lower()),
         )
@@ -191,12 +192,6 @@ def summary(results):
         "docs/results.md has the study behind this (every noise rate, "
         "several seeds, ρ chosen on a validation split)."
     )
-
-
-def _flag_values(flags_obj):
-    if hasattr(flags_obj, "flag_values_dict"):
-        return flags_obj.flag_values_dict()
-    return dict(vars(flags_obj))
 
 
 def main(_):
