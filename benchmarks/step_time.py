@@ -1,7 +1,8 @@
 """What a SAM step costs over an SGD step, in CPU time, measured in one process.
 
-    python -m benchmarks.step_time --output=docs/performance.json
-    python -m benchmarks.step_time --memory=false --pipeline=false \
+    taskset -c 0 python -m benchmarks.step_time \
+        --output=docs/performance.json
+    taskset -c 0 python -m benchmarks.step_time --pipeline=false \
         --output=docs/performance_repeat.json
 
 For each model and mode, every contender (plain `fit` with SGD, exact SAM,
@@ -16,10 +17,14 @@ gives its median over many rounds. A step's CPU time here varies by
 steps estimate a ratio better than a few long ones. TensorFlow runs on one
 thread (`--threads`): CPU time then counts the step's work only.
 
-The second command repeats the timings after the first, so that the report
-can show how well two runs agree; run them one after the other on an
-otherwise idle machine (two runs side by side, one per core, disagreed by
-up to 30 %: they share the cache and the memory bus).
+Memory (`--memory`) is the peak of TensorFlow's allocator while a
+contender trains, in a fresh process per contender and mode
+(`peak_memory_mb`).
+
+The second command repeats the timings and the memory after the first, so
+that the report can show how well two runs agree; run them one after the
+other on an otherwise idle machine (two runs side by side, one per core,
+disagreed by up to 30 %: they share the cache and the memory bus).
 """
 
 import json
@@ -57,7 +62,9 @@ def define_flags():
         "rounds",
         [
             "small_cnn:32",
-            "small_cnn_no_dropout:40",
+            # Its switched SAM step under XLA is long (0.7-0.9 s) and
+            # bimodal; 40 rounds left its ratio 5.6 % apart in two runs.
+            "small_cnn_no_dropout:80",
             "resnet20:24",
             "wrn_16_4:8",
         ],
@@ -91,10 +98,20 @@ def define_flags():
         "one thread, process CPU time counts the step's work and nothing "
         "else (no idle workers spinning).",
     )
+    flags.DEFINE_bool("timings", True, "Time the steps (see --models).")
     flags.DEFINE_bool(
         "memory",
         True,
-        "Also measure peak memory, in a fresh process per contender.",
+        "Also measure peak memory, in a fresh process per contender and mode.",
+    )
+    flags.DEFINE_integer(
+        "graph_memory_processes",
+        3,
+        "Fresh processes per contender whose peak memory is measured in "
+        "graph mode. The peak depends on the order in which TensorFlow's "
+        "executor runs the ops that are ready, which differs between "
+        "processes (ResNet-20's peak moved by 6 MB of 140); XLA assigns its "
+        "buffers when it compiles, so one process measures it.",
     )
     flags.DEFINE_bool(
         "pipeline",
@@ -369,15 +386,16 @@ def interleaved_ratios(compiled, rounds, steps):
         if round_index < 0:
             continue
         for position, (contender, measured) in enumerate(timed):
-            before = timed[position - 1] if position else None
-            beside = before if before and before[0] == "sgd" else None
-            beside = beside or timed[min(position + 1, len(timed) - 1)]
+            beside = None
+            if contender != "sgd":  # it follows an SGD step or precedes one
+                previous = timed[position - 1]
+                beside = (
+                    previous if previous[0] == "sgd" else timed[position + 1]
+                )
             for clock in clocks:
                 seconds[contender][clock].append(measured[clock])
                 ratios[contender][clock].append(
-                    measured[clock] / beside[1][clock]
-                    if contender != "sgd"
-                    else 1.0
+                    measured[clock] / beside[1][clock] if beside else 1.0
                 )
     result = {"contenders": {}}
     for contender, measured in seconds.items():
@@ -446,29 +464,62 @@ def time_pipeline(data_dir, rounds, steps, batch_size):
     return result
 
 
-def peak_memory_mb(contender, name, batch_size):
-    """Peak RSS growth of training steps in a fresh process (Linux, MB)."""
+def peak_memory_mb(contender, name, batch_size, jit_compile):
+    """The most memory TensorFlow's allocator holds at once while the
+    contender trains (MB): variables, optimizer slots, the cached batches
+    and the step's tensors (under XLA, its buffers).
+
+    Measured in a fresh process whose CPU allocator keeps statistics
+    (`TF_CPU_ALLOCATOR_USE_BFC`), after warm-up, as the largest peak over a
+    few steps. The resident set, which earlier versions measured, moved by
+    tens of MB between processes doing the same work (the allocator's
+    pages, not the step); this figure counts the bytes of live tensors.
+    """
     code = (
         "import sys; sys.argv=['x']; from benchmarks import step_time as s; "
-        f"s._train_only({contender!r}, {name!r}, {batch_size})"
+        f"s._print_peak_memory({contender!r}, {name!r}, {batch_size}, "
+        f"{jit_compile})"
     )
-    return float(process.last_line_of_python(code))
+    return float(
+        process.last_line_of_python(code, TF_CPU_ALLOCATOR_USE_BFC="true")
+    )
 
 
-def _train_only(contender, name, batch_size):
-    """Prints the peak RSS growth (MB) of training steps after warm-up.
+def model_memory(name, modes, batch_size, graph_processes):
+    """The model's parameter count and, per mode and memory contender, the
+    peak memory (MB) of each fresh process that trained it."""
+    measured = {"params": int(_build(name).count_params()), "modes": {}}
+    for mode in modes:
+        processes = 1 if mode == "xla" else graph_processes
+        measured["modes"][mode] = {
+            c: [
+                peak_memory_mb(c, name, batch_size, mode == "xla")
+                for _ in range(processes)
+            ]
+            for c in MEMORY_CONTENDERS
+        }
+    return measured
 
-    TensorFlow's start-up sets the process's peak, so the high-water mark is
-    reset (Linux `clear_refs`) once the step is traced and has run.
-    """
+
+def _print_peak_memory(contender, name, batch_size, jit_compile):
+    _set_threads(1)
     keras.utils.set_random_seed(0)
     model = CONTENDERS[contender](_build(name))
-    step = _compiled_step(model, _dataset(MODELS[name], batch_size), False)
-    process.reset_peak()
-    before = process.status_kb("VmRSS")
-    for _ in range(5):
+    dataset = _dataset(MODELS[name], batch_size)
+    print(peak_bytes(_compiled_step(model, dataset, jit_compile)) / 2**20)
+
+
+def peak_bytes(step, count=6):
+    """The largest peak of TensorFlow's CPU allocator over `count` calls of
+    `step`; needs an allocator that keeps statistics."""
+    peak = 0
+    for _ in range(count):
+        tf.config.experimental.reset_memory_stats("CPU:0")
         step()
-    print((process.status_kb("VmHWM") - before) / 1024.0)
+        peak = max(
+            peak, tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        )
+    return peak
 
 
 def _set_threads(threads):
@@ -499,11 +550,11 @@ def run(flags_obj):
         "batch_size": flags_obj.batch_size,
         "threads": flags_obj.threads,
         "timings": {},
-        "peak_rss_mb": {},
+        "peak_memory_mb": {},
     }
     for name in flags_obj.models:
         contenders = [c for c in TIMED[name] if c in flags_obj.contenders]
-        for mode in flags_obj.modes:
+        for mode in flags_obj.modes if flags_obj.timings else []:
             key = f"{name}/{mode}"
             timed = contenders
             if mode == "xla" and name not in flags_obj.xla_switching_models:
@@ -519,11 +570,13 @@ def run(flags_obj):
             print(key, "done", flush=True)
             _write(results, flags_obj.output)
         if flags_obj.memory:
-            results["peak_rss_mb"][name] = {
-                c: peak_memory_mb(c, name, flags_obj.batch_size)
-                for c in MEMORY_CONTENDERS
-            }
-            print(name, "peak RSS MB", results["peak_rss_mb"][name])
+            results["peak_memory_mb"][name] = model_memory(
+                name,
+                flags_obj.modes,
+                flags_obj.batch_size,
+                flags_obj.graph_memory_processes,
+            )
+            print(name, "peak MB", results["peak_memory_mb"][name])
             _write(results, flags_obj.output)
     if flags_obj.pipeline:
         results["pipeline"] = time_pipeline(

@@ -212,6 +212,7 @@ def _timing(ms, wall_factor=1.0):
             "median_ratio_to_sgd": value / sgd,
             "ratio_min": 0.9 * value / sgd,
             "ratio_max": 1.1 * value / sgd,
+            "step_ms": [0.9 * value, value, 1.1 * value],
         }
 
     return {
@@ -228,7 +229,7 @@ def _timing(ms, wall_factor=1.0):
     }
 
 
-def _performance(sam_ms, wall_factor=1.0):
+def _performance(sam_ms, wall_factor=1.0, sam_memory_mb=10.5):
     graph = dict(
         sgd=20.0,
         sam=sam_ms,
@@ -250,13 +251,18 @@ def _performance(sam_ms, wall_factor=1.0):
                 dict(sgd=50.0, sam=100.0, late_phase_during=300.0)
             ),
         },
-        "peak_rss_mb": {
+        "peak_memory_mb": {
             "small_cnn": {
-                "sgd": 1.0,
-                "sam": 1.5,
-                "floor_two_passes": 1.2,
-                "momentum_sam": 1.0,
-                "naive_assign_subtract": 3.0,
+                "params": 2**18,  # 1 MB of float32
+                "modes": {
+                    "graph": {
+                        "sgd": [10.0, 9.8, 9.9],
+                        "sam": [sam_memory_mb, 10.2, 10.3],
+                        "floor_two_passes": [11.2, 11.2, 11.1],
+                        "momentum_sam": [10.0, 10.0, 10.0],
+                        "naive_assign_subtract": [13.0, 12.9, 13.0],
+                    }
+                },
             }
         },
         "pipeline": {
@@ -301,10 +307,20 @@ def test_performance_report_gives_cpu_and_wall_ratios_and_the_floor(tmp_path):
     # (44 + 4 × 21) / 5 / 20 = 1.28 predicted, 25 / 20 measured.
     assert "| small_cnn/graph | every 5th step | 1.25× | 1.28× |" in text
     assert "range over 1.02–1.05×" in text
-    # (1.5 − 1.0) MB over SGD is half a copy of the 1 MB of parameters.
-    assert "| small_cnn | 1.0 | 1.0 | 1.5 (+0.5) | 1.2 (+0.2) |" in text
+    # (10.5 − 10.0) MB over SGD is half a copy of the 1 MB of parameters;
+    # the runs' SAM peaks are 10.5 and 10.5 MB.
+    assert (
+        "| small_cnn/graph | 1.0 | 10.0 | 10.5 (+0.50) | 11.2 (+1.20) | "
+        "10.0 (+0.00) | 13.0 (+3.00) | 0.30 | 0.00 |"
+    ) in text
+    assert (
+        "Within the target of one copy: small_cnn/graph (at most +0.50" in text
+    )
     assert "costs\n1.10× SGD with dropout and\n2.00× without" in text
     assert "costs\n6.00× SGD under XLA" in text
+    # Deciles of 270, 300, 330 ms, and of SGD's 45, 50, 55 ms.
+    assert "its steps\nspan 276–324 ms" in text
+    assert "SGD's beside them\n46–54 ms" in text
     assert "**1.02×** the CPU time" in text
     assert (tmp_path / "step_time.png").stat().st_size > 1000
 
@@ -312,8 +328,19 @@ def test_performance_report_gives_cpu_and_wall_ratios_and_the_floor(tmp_path):
 def test_performance_report_says_when_runs_disagree_or_sam_exceeds_the_floor(
     tmp_path,
 ):
-    text = _performance_report(tmp_path, _performance(46.0), _performance(42.0))
+    text = _performance_report(
+        tmp_path,
+        _performance(46.0, sam_memory_mb=11.5),
+        _performance(42.0, sam_memory_mb=11.0),
+    )
     assert "**Not every cell agrees within 5 %**: small_cnn/graph" in text
+    # The highest of each contender's processes, SAM's 11.5 and 11.0 MB.
+    assert "| 13.0 (+3.00) | 1.30 | 0.50 |" in text
+    # SAM's processes peak at 11.5, 10.2 and 10.3 MB; SGD's at most 10.0.
+    assert (
+        "**Over the target: small_cnn/graph**, SAM's highest peak +1.50 "
+        "copies above SGD's highest, its lowest +0.20."
+    ) in text
     assert "Not repeated" not in text
     assert "SAM / floor ranges over 1.05–1.15 across the cells of" in text
     assert "both runs, median 1.10" in text

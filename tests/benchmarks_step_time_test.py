@@ -1,6 +1,13 @@
 """benchmarks.step_time: each contender is timed against the SGD step
 beside it."""
 
+import json
+
+import keras
+import pytest
+import tensorflow as tf
+
+from benchmarks import process
 from benchmarks import step_time
 from tests import backends
 
@@ -66,3 +73,60 @@ def test_the_order_rotates_and_odd_counts_end_with_sgd(monkeypatch):
         ["sgd", "a", "b", "sgd", "c", "sgd"],
         ["sgd", "b", "c", "sgd", "a", "sgd"],
     ]
+
+
+class HoldsACopy(keras.Model):
+    """A plain training step that also holds a copy of its weights from
+    before the forward pass until the gradients are computed."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def call(self, inputs, training=None):
+        return self.base(inputs, training=training)
+
+    def train_step(self, data):
+        x, y = data
+        variables = self.trainable_variables
+        copies = [2.0 * v for v in variables]
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss, variables)
+        with tf.control_dependencies(grads):  # the copies outlive the pass
+            total = tf.add_n([tf.reduce_sum(c) for c in copies])
+        with tf.control_dependencies([total]):
+            grads = [tf.identity(g) for g in grads]
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return {"loss": loss + 0.0 * total}
+
+
+def print_peak_bytes(holds_a_copy):
+    """Prints the peak bytes of training a 4 MB dense layer, as JSON."""
+    step_time._set_threads(1)
+    dataset = tf.data.Dataset.from_tensors(
+        (tf.ones((64, 1000)), tf.zeros((64,), "int32"))
+    ).repeat()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
+    if holds_a_copy:
+        model = HoldsACopy(model)
+    step = step_time._compiled_step(model, dataset, False)
+    print(json.dumps([step_time.peak_bytes(step), 4 * model.count_params()]))
+
+
+def test_peak_memory_resolves_one_held_copy_of_the_weights():
+    # Each in a fresh process, as the benchmark measures: the allocator's
+    # figures count every live tensor of the process.
+    (plain, weights), (holding, _) = (
+        json.loads(
+            process.last_line_of_python(
+                "from tests import benchmarks_step_time_test as t; "
+                f"t.print_peak_bytes({holds})",
+                TF_CPU_ALLOCATOR_USE_BFC="true",
+            )
+        )
+        for holds in (False, True)
+    )
+    # The batch and the activations take 0.5 MB; the copy 4 MB.
+    assert holding - plain == pytest.approx(weights, rel=0.01)
