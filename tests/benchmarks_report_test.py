@@ -261,7 +261,14 @@ def _performance(sam_ms, wall_factor=1.0, sam_memory_mb=10.5):
                         "floor_two_passes": [11.2, 11.2, 11.1],
                         "momentum_sam": [10.0, 10.0, 10.0],
                         "naive_assign_subtract": [13.0, 12.9, 13.0],
-                    }
+                    },
+                    "xla": {
+                        "sgd": [20.0],
+                        "sam": [20.2],
+                        "floor_two_passes": [30.0],
+                        "momentum_sam": [20.0],
+                        "naive_assign_subtract": [20.1],
+                    },
                 },
             }
         },
@@ -314,8 +321,15 @@ def test_performance_report_gives_cpu_and_wall_ratios_and_the_floor(tmp_path):
         "10.0 (+0.00) | 13.0 (+3.00) | 0.30 | 0.00 |"
     ) in text
     assert (
-        "Within the target of one copy: small_cnn/graph (at most +0.50" in text
+        "Within the target of one copy: small_cnn/graph, small_cnn/xla" in text
     )
+    assert "(at most +0.50 copies, small_cnn/graph)" in text
+    assert (
+        "Under XLA (figures the repeated run reproduces within 0.0 MB) SAM's "
+        "peak is at most\n+0.20 copies above SGD's."
+    ) in text
+    assert "spread by up to 0.3 MB (small_cnn/graph)" in text
+    assert "more than a copy above SGD's\nhighest: no row." in text
     assert "costs\n1.10× SGD with dropout and\n2.00× without" in text
     assert "costs\n6.00× SGD under XLA" in text
     # Deciles of 270, 300, 330 ms, and of SGD's 45, 50, 55 ms.
@@ -372,3 +386,14 @@ def test_a_run_is_claimed_by_one_study_process_at_a_time(tmp_path):
 def test_a_choice_at_the_edge_of_the_grid_is_said():
     note = report_results.grid_edge_note(_noise_study())
     assert note.startswith("At 0 %, 40 % noise the chosen ρ is the largest")
+
+
+def test_memory_report_finds_sam_only_above_all_of_sgds_processes(tmp_path):
+    first = _performance(42.0)
+    graph = first["peak_memory_mb"]["small_cnn"]["modes"]["graph"]
+    graph["sam"] = [11.5, 11.2, 12.0]  # SGD's processes: 10.0, 9.8, 9.9
+    text = _performance_report(tmp_path, first, _performance(42.0))
+    assert (
+        "highest: small_cnn/graph, where every SAM process peaked 1.2–2.0 MB "
+        "above SGD's highest, the floor +1.2 and the naive port +3.0 MB."
+    ) in " ".join(text.split())
