@@ -156,16 +156,23 @@ def _build(name):
     return models.build(name, MODELS[name], 10)
 
 
-class NaiveSAM(keras.Model):
-    """What earlier ports do: assign w + ε, recompute, subtract ε back."""
+class Wrapper(keras.Model):
+    """`base` inside a model whose subclasses write their own step."""
 
-    def __init__(self, base, rho=0.05):
+    def __init__(self, base):
         super().__init__()
         self.base = base
-        self.rho = rho
 
     def call(self, inputs, training=None):
         return self.base(inputs, training=training)
+
+
+class NaiveSAM(Wrapper):
+    """What earlier ports do: assign w + ε, recompute, subtract ε back."""
+
+    def __init__(self, base, rho=0.05):
+        super().__init__(base)
+        self.rho = rho
 
     def train_step(self, data):
         x, y = data
@@ -187,15 +194,8 @@ class NaiveSAM(keras.Model):
         return self.compute_metrics(x, y, y_pred)
 
 
-class TwoGradients(keras.Model):
+class TwoGradients(Wrapper):
     """The floor of exact SAM: two forward/backward passes, no ε."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def call(self, inputs, training=None):
-        return self.base(inputs, training=training)
 
     def train_step(self, data):
         x, y = data

@@ -75,16 +75,9 @@ def test_the_order_rotates_and_odd_counts_end_with_sgd(monkeypatch):
     ]
 
 
-class HoldsACopy(keras.Model):
+class HoldsACopy(step_time.Wrapper):
     """A plain training step that also holds a copy of its weights from
     before the forward pass until the gradients are computed."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def call(self, inputs, training=None):
-        return self.base(inputs, training=training)
 
     def train_step(self, data):
         x, y = data
