@@ -137,8 +137,9 @@ def _scaled_direction(norm_terms, directions, rho, epsilon, like=None):
         if d is None:
             perturbation.append(None)
             continue
-        d = ops.cast(d, "float32")
-        d = ops.where(finite, d, ops.zeros_like(d))
+        # A scalar 0, not `zeros_like(d)`: in graph mode that would hold
+        # one more parameter-sized tensor at the step's peak.
+        d = ops.where(finite, ops.cast(d, "float32"), 0.0)
         perturbation.append(ops.cast(d * scale, g.dtype))
     return perturbation
 
