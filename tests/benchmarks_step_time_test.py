@@ -94,12 +94,27 @@ class HoldsACopy(step_time.Wrapper):
         return {"loss": loss + 0.0 * total}
 
 
+def _batch_of_ones():
+    return tf.data.Dataset.from_tensors(
+        (tf.ones((64, 1000)), tf.zeros((64,), "int32"))
+    ).repeat()
+
+
+def _in_fresh_process(call):
+    """The JSON that `call`, a printing function of this module, prints in
+    a fresh process whose allocator keeps statistics."""
+    return json.loads(
+        process.last_line_of_python(
+            f"from tests import benchmarks_step_time_test as t; t.{call}",
+            TF_CPU_ALLOCATOR_USE_BFC="true",
+        )
+    )
+
+
 def print_peak_bytes(holds_a_copy):
     """Prints the peak bytes of training a 4 MB dense layer, as JSON."""
     step_time._set_threads(1)
-    dataset = tf.data.Dataset.from_tensors(
-        (tf.ones((64, 1000)), tf.zeros((64,), "int32"))
-    ).repeat()
+    dataset = _batch_of_ones()
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
     if holds_a_copy:
@@ -112,13 +127,7 @@ def test_peak_memory_resolves_one_held_copy_of_the_weights():
     # Each in a fresh process, as the benchmark measures: the allocator's
     # figures count every live tensor of the process.
     (plain, weights), (holding, _) = (
-        json.loads(
-            process.last_line_of_python(
-                "from tests import benchmarks_step_time_test as t; "
-                f"t.print_peak_bytes({holds})",
-                TF_CPU_ALLOCATOR_USE_BFC="true",
-            )
-        )
+        _in_fresh_process(f"print_peak_bytes({holds})")
         for holds in (False, True)
     )
     # The batch and the activations take 0.5 MB; the copy 4 MB.
@@ -131,9 +140,7 @@ def print_mlp_peak_bytes(sam, jit_compile):
     import keras_sam
 
     step_time._set_threads(1)
-    dataset = tf.data.Dataset.from_tensors(
-        (tf.ones((64, 1000)), tf.zeros((64,), "int32"))
-    ).repeat()
+    dataset = _batch_of_ones()
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -152,13 +159,7 @@ def print_mlp_peak_bytes(sam, jit_compile):
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_a_sam_step_holds_at_most_one_copy_of_the_weights_more(jit_compile):
     (sgd, weights), (sam, _) = (
-        json.loads(
-            process.last_line_of_python(
-                "from tests import benchmarks_step_time_test as t; "
-                f"t.print_mlp_peak_bytes({sam}, {jit_compile})",
-                TF_CPU_ALLOCATOR_USE_BFC="true",
-            )
-        )
+        _in_fresh_process(f"print_mlp_peak_bytes({sam}, {jit_compile})")
         for sam in (False, True)
     )
     # w + ε through the second pass. In graph mode, ε's guard against a
