@@ -255,6 +255,21 @@ def memory_rows(results):
     return rows
 
 
+def _copies_above_sgd(size, peaks, contender="sam"):
+    """A contender's highest peak beyond SGD's highest, in copies."""
+    return (max(peaks[contender]) - max(peaks["sgd"])) / size
+
+
+def _spread(peaks):
+    """The largest gap between the processes of one contender (MB)."""
+    return max(max(mb) - min(mb) for mb in peaks.values())
+
+
+def _repeat_gap(peaks, repeated):
+    """The largest gap between two runs' highest peaks (MB)."""
+    return max(abs(max(peaks[c]) - max(repeated[c])) for c in peaks)
+
+
 def _memory_table(results, repeat):
     rows = memory_rows(results)
     if not rows:
@@ -270,20 +285,17 @@ def _memory_table(results, repeat):
         "|---|---|---|" + "---|" * len(MEMORY_LABELS) + "---|---|",
     ]
     for key, (size, peaks) in rows.items():
-        peak = {c: max(mb) for c, mb in peaks.items()}
         cells = [
-            f"{peak[c]:.1f} ({(peak[c] - peak['sgd']) / size:+.2f})"
+            f"{max(peaks[c]):.1f} ({_copies_above_sgd(size, peaks, c):+.2f})"
             for c in MEMORY_LABELS
         ]
-        spread = max(max(mb) - min(mb) for mb in peaks.values())
         gap = "not repeated"
         if key in again:
-            gap = max(abs(peak[c] - max(again[key][1][c])) for c in peak)
-            gap = f"{gap:.2f}"
+            gap = f"{_repeat_gap(peaks, again[key][1]):.2f}"
         lines.append(
-            f"| {key} | {size:.1f} | {peak['sgd']:.1f} | "
+            f"| {key} | {size:.1f} | {max(peaks['sgd']):.1f} | "
             + " | ".join(cells)
-            + f" | {spread:.2f} | {gap} |"
+            + f" | {_spread(peaks):.2f} | {gap} |"
         )
     return "\n".join(lines)
 
@@ -295,7 +307,7 @@ def _memory_verdict(results):
     if not rows:
         return ""
     copies = {
-        key: (max(peaks["sam"]) - max(peaks["sgd"])) / size
+        key: _copies_above_sgd(size, peaks)
         for key, (size, peaks) in rows.items()
     }
     within = [k for k, c in copies.items() if c <= 1.0]
@@ -328,23 +340,19 @@ def _memory_reading(results, repeat):
     if not xla or not graph:
         return ""
     xla_copies = max(
-        (max(p["sam"]) - max(p["sgd"])) / size for size, p in xla.values()
+        _copies_above_sgd(size, peaks) for size, peaks in xla.values()
     )
     gaps = [
-        abs(max(peaks[c]) - max(again[key][1][c]))
+        _repeat_gap(peaks, again[key][1])
         for key, (_, peaks) in xla.items()
         if key in again
-        for c in peaks
     ]
     reproduced = (
         f" (figures the repeated run reproduces within {max(gaps):.1f} MB)"
         if gaps
         else ""
     )
-    spread = {
-        key: max(max(mb) - min(mb) for mb in peaks.values())
-        for key, (_, peaks) in graph.items()
-    }
+    spread = {key: _spread(peaks) for key, (_, peaks) in graph.items()}
     widest = max(spread, key=spread.get)
     found = []
     for key, (size, peaks) in graph.items():
