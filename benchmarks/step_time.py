@@ -17,9 +17,10 @@ gives its median over many rounds. A step's CPU time here varies by
 steps estimate a ratio better than a few long ones. TensorFlow runs on one
 thread (`--threads`): CPU time then counts the step's work only.
 
-Memory (`--memory`) is the peak of TensorFlow's allocator while a
-contender trains, in a fresh process per contender and mode
-(`peak_memory_mb`).
+Memory (`--memory`) is the peak of the bytes of live tensors while a
+contender trains, from the allocation events TensorFlow's allocator
+records, and the allocator's own peak, in a fresh process per contender
+and mode (`peak_memory_mb`).
 
 The second command repeats the timings and the memory after the first, so
 that the report can show how well two runs agree; run them one after the
@@ -29,6 +30,7 @@ disagreed by up to 30 %: they share the cache and the memory bus).
 
 import json
 import os
+import tempfile
 import time
 
 from absl import app
@@ -41,6 +43,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_sam  # noqa: E402
+from benchmarks import allocations  # noqa: E402
 from benchmarks import process  # noqa: E402
 from keras_sam import perturbations  # noqa: E402
 from trainers import checkpoint  # noqa: E402
@@ -465,29 +468,32 @@ def time_pipeline(data_dir, rounds, steps, batch_size):
 
 
 def peak_memory_mb(contender, name, batch_size, jit_compile):
-    """The most memory TensorFlow's allocator holds at once while the
-    contender trains (MB): variables, optimizer slots, the cached batches
-    and the step's tensors (under XLA, its buffers).
+    """What a contender's training holds at most at once (MB), measured in
+    a fresh process over six steps after warm-up:
 
-    Measured in a fresh process whose CPU allocator keeps statistics
-    (`TF_CPU_ALLOCATOR_USE_BFC`), after warm-up, as the largest peak over a
-    few steps. The resident set, which earlier versions measured, moved by
-    tens of MB between processes doing the same work (the allocator's
-    pages, not the step); this figure counts the bytes of live tensors.
+    - `tensors`: the bytes of live tensors (`allocations.tensor_peak`):
+      variables, optimizer slots, the cached batches and the step's
+      tensors (under XLA, its buffers);
+    - `outside_model`: of those, at that moment, the tensors not made in
+      the model's name scope: all but its layers' activations and the
+      gradients its backward pass computes (of activations and weights);
+      meaningful in graph mode, as XLA's buffers belong to no scope;
+    - `allocator`: the peak of TensorFlow's allocator, which also counts
+      the unused part of the chunks it handed out.
     """
     code = (
         "import sys; sys.argv=['x']; from benchmarks import step_time as s; "
         f"s._print_peak_memory({contender!r}, {name!r}, {batch_size}, "
         f"{jit_compile})"
     )
-    return float(
+    return json.loads(
         process.last_line_of_python(code, TF_CPU_ALLOCATOR_USE_BFC="true")
     )
 
 
 def model_memory(name, modes, batch_size, graph_processes):
     """The model's parameter count and, per mode and memory contender, the
-    peak memory (MB) of each fresh process that trained it."""
+    `peak_memory_mb` of each fresh process that trained it."""
     measured = {"params": int(_build(name).count_params()), "modes": {}}
     for mode in modes:
         processes = 1 if mode == "xla" else graph_processes
@@ -503,10 +509,35 @@ def model_memory(name, modes, batch_size, graph_processes):
 
 def _print_peak_memory(contender, name, batch_size, jit_compile):
     _set_threads(1)
-    keras.utils.set_random_seed(0)
-    model = CONTENDERS[contender](_build(name))
+
+    def build():
+        keras.utils.set_random_seed(0)
+        base = _build(name)
+        return CONTENDERS[contender](base), base
+
     dataset = _dataset(MODELS[name], batch_size)
-    print(peak_bytes(_compiled_step(model, dataset, jit_compile)) / 2**20)
+    print(json.dumps(memory_mb(build, dataset, jit_compile)))
+
+
+def memory_mb(build, dataset, jit_compile):
+    """`peak_memory_mb`'s three figures for the model that `build()`
+    returns with the base model whose name scope holds its layers, in this
+    process, which must not have started TensorFlow's allocator without
+    `TF_CPU_ALLOCATOR_USE_BFC=true`."""
+    with tempfile.TemporaryDirectory() as logdir:
+        with allocations.recorded(logdir):
+            model, base = build()
+            step = _compiled_step(model, dataset, jit_compile)
+            allocator = peak_bytes(allocations.measured(step))
+        events, steps = allocations.read(logdir)
+    tensors, outside = allocations.tensor_peak(
+        events, steps, allocations.scope_matcher(base.name)
+    )
+    return {
+        "tensors": tensors / 2**20,
+        "outside_model": outside / 2**20,
+        "allocator": allocator / 2**20,
+    }
 
 
 def peak_bytes(step, count=6):

@@ -111,57 +111,68 @@ def _in_fresh_process(call):
     )
 
 
-def print_peak_bytes(holds_a_copy):
-    """Prints the peak bytes of training a 4 MB dense layer, as JSON."""
+def print_memory(holds_a_copy):
+    """Prints the memory figures (MB) of training a 4 MB dense layer and
+    its weights' MB, as JSON."""
     step_time._set_threads(1)
-    dataset = _batch_of_ones()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
-    if holds_a_copy:
-        model = HoldsACopy(model)
-    step = step_time._compiled_step(model, dataset, False)
-    print(json.dumps([step_time.peak_bytes(step), 4 * model.count_params()]))
+    dense = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return (HoldsACopy(dense) if holds_a_copy else dense), dense
+
+    measured = step_time.memory_mb(build, _batch_of_ones(), False)
+    print(json.dumps([measured, 4 * dense.count_params() / 2**20]))
 
 
 def test_peak_memory_resolves_one_held_copy_of_the_weights():
-    # Each in a fresh process, as the benchmark measures: the allocator's
-    # figures count every live tensor of the process.
+    # Each in a fresh process, as the benchmark measures: the figures count
+    # every live tensor of the process.
     (plain, weights), (holding, _) = (
-        _in_fresh_process(f"print_peak_bytes({holds})")
-        for holds in (False, True)
+        _in_fresh_process(f"print_memory({holds})") for holds in (False, True)
     )
-    # The batch and the activations take 0.5 MB; the copy 4 MB.
-    assert holding - plain == pytest.approx(weights, rel=0.01)
+    # The batch and the activations take 0.5 MB; the copy 4 MB, made
+    # outside the model's layers.
+    for figure in ("tensors", "outside_model", "allocator"):
+        assert holding[figure] - plain[figure] == pytest.approx(
+            weights, rel=0.01
+        ), figure
+    # What the layer's scope holds at the peak: its output (64 x 1000) and
+    # its kernel's gradient (1000 x 1000), float32.
+    in_layers = plain["tensors"] - plain["outside_model"]
+    assert in_layers == pytest.approx((64 + 1000) * 1000 * 4 / 2**20, rel=0.01)
 
 
-def print_mlp_peak_bytes(sam, jit_compile):
-    """Prints the peak bytes of training an 8 MB MLP with SGD or inside a
-    `SAMModel`, and its weights' bytes, as JSON."""
+def print_mlp_memory(sam, jit_compile):
+    """Prints the memory figures (MB) of training an 8 MB MLP with SGD or
+    inside a `SAMModel` and its weights' MB, as JSON."""
     import keras_sam
 
     step_time._set_threads(1)
-    dataset = _batch_of_ones()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
+    mlp = keras.Sequential(
         [
             keras.Input((1000,)),
             keras.layers.Dense(1000, activation="relu"),
             keras.layers.Dense(1000),
         ]
     )
-    weights = 4 * model.count_params()
-    if sam:
-        model = keras_sam.SAMModel(model, rho=0.05)
-    step = step_time._compiled_step(model, dataset, jit_compile)
-    print(json.dumps([step_time.peak_bytes(step), weights]))
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return (keras_sam.SAMModel(mlp, rho=0.05) if sam else mlp), mlp
+
+    measured = step_time.memory_mb(build, _batch_of_ones(), jit_compile)
+    print(json.dumps([measured, 4 * mlp.count_params() / 2**20]))
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_a_sam_step_holds_at_most_one_copy_of_the_weights_more(jit_compile):
     (sgd, weights), (sam, _) = (
-        _in_fresh_process(f"print_mlp_peak_bytes({sam}, {jit_compile})")
+        _in_fresh_process(f"print_mlp_memory({sam}, {jit_compile})")
         for sam in (False, True)
     )
     # w + ε through the second pass. In graph mode, ε's guard against a
-    # non-finite norm once held a zeros tensor per variable: +1.47 copies.
-    assert sam - sgd <= 1.0 * weights
+    # non-finite norm once held a zeros tensor per variable: +1.47 copies
+    # of the allocator's peak.
+    for figure in ("tensors", "allocator"):
+        assert sam[figure] - sgd[figure] <= 1.0 * weights, figure
