@@ -262,9 +262,7 @@ class SAMModel(keras.Model):
         if switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.sharpness_tracker = self.grad_norm_tracker = None
-        if perturbation == "gradient" and not (
-            isinstance(self.rho, float) and self.rho == 0
-        ):
+        if self._takes_two_passes():
             self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
             self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         if base.built:
@@ -394,7 +392,10 @@ class SAMModel(keras.Model):
             )[0],
         )
         backend.apply_gradients(
-            self.optimizer, result.gradients, self.trainable_weights
+            self.optimizer,
+            result.gradients,
+            self.trainable_weights,
+            after_gradients=self._takes_two_passes(),
         )
         return self.compute_metrics(
             x, y, result.y_pred, sample_weight=sample_weight
@@ -531,6 +532,12 @@ class SAMModel(keras.Model):
                 iterator = None
         return super()._maybe_symbolic_build(
             iterator=iterator, data_batch=data_batch
+        )
+
+    def _takes_two_passes(self):
+        """Whether a step may run the perturbed pass after the clean one."""
+        return self.perturbation == "gradient" and not (
+            isinstance(self.rho, float) and self.rho == 0
         )
 
     def _current_rho(self):

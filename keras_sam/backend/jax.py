@@ -90,13 +90,15 @@ def train_step(model, step, state, data):
     return logs, new_state
 
 
-def apply_gradients(optimizer, gradients, variables):
+def apply_gradients(optimizer, gradients, variables, after_gradients=False):
     """`optimizer.apply_gradients`, inside `train_step`'s stateless scope.
 
     Through `stateless_apply`: the stateful `apply` of some optimizers
     (`LossScaleOptimizer`) assigns variables inside `lax.cond` branches,
-    which a traced step cannot do.
+    which a traced step cannot do. XLA orders the update itself:
+    `after_gradients` has no effect.
     """
+    del after_gradients
     variables = list(variables)
     new_weights, new_optimizer_values = optimizer.stateless_apply(
         [v.value for v in optimizer.variables],

@@ -117,7 +117,8 @@ def read_live(variable):
     return keras.ops.cast(variable.value, "float32")
 
 
-def apply_gradients(optimizer, gradients, variables):
+def apply_gradients(optimizer, gradients, variables, after_gradients=False):
+    del after_gradients  # eager: the update runs after the gradients
     with torch.no_grad():
         optimizer.apply(list(gradients), list(variables))
 
