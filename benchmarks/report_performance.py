@@ -244,14 +244,17 @@ def _one_pass_verdict(results):
     )
 
 
-def memory_rows(results):
+def memory_rows(results, figure="tensors"):
     """Per model/mode: the parameters' MB (float32) and each contender's
-    peaks (MB), one per process."""
+    `figure` (MB; see `step_time.peak_memory_mb`), one per process."""
     rows = {}
     for model, measured in results.get("peak_memory_mb", {}).items():
         size = 4 * measured["params"] / 2**20
-        for mode, peaks in measured["modes"].items():
-            rows[f"{model}/{mode}"] = (size, peaks)
+        for mode, processes in measured["modes"].items():
+            rows[f"{model}/{mode}"] = (
+                size,
+                {c: [p[figure] for p in runs] for c, runs in processes.items()},
+            )
     return rows
 
 
@@ -270,32 +273,72 @@ def _repeat_gap(peaks, repeated):
     return max(abs(max(peaks[c]) - max(repeated[c])) for c in peaks)
 
 
+def _contender_cells(size, peaks):
+    return [
+        f"{max(peaks[c]):.1f} ({_copies_above_sgd(size, peaks, c):+.2f})"
+        for c in MEMORY_LABELS
+    ]
+
+
+def _contender_header(first):
+    return (
+        f"| model / mode | parameters, MB | {first} | "
+        + " | ".join(
+            f"{label}, MB (copies)" for label in MEMORY_LABELS.values()
+        )
+        + " |"
+    )
+
+
 def _memory_table(results, repeat):
     rows = memory_rows(results)
     if not rows:
         return ""
     again = memory_rows(repeat or {})
+    allocators = memory_rows(results, "allocator")
     lines = [
-        "| model / mode | parameters, MB | SGD, MB | "
-        + " | ".join(
-            f"{label}, MB (copies)" for label in MEMORY_LABELS.values()
-        )
-        + " | spread between processes, MB | largest gap to the repeated "
-        "run, MB |",
-        "|---|---|---|" + "---|" * len(MEMORY_LABELS) + "---|---|",
+        _contender_header("SGD, MB")
+        + " spread between processes, MB | largest gap to the repeated "
+        "run, MB | allocator's peak beyond the tensors', MB |",
+        "|---|---|---|" + "---|" * len(MEMORY_LABELS) + "---|---|---|",
     ]
     for key, (size, peaks) in rows.items():
-        cells = [
-            f"{max(peaks[c]):.1f} ({_copies_above_sgd(size, peaks, c):+.2f})"
-            for c in MEMORY_LABELS
-        ]
         gap = "not repeated"
         if key in again:
             gap = f"{_repeat_gap(peaks, again[key][1]):.2f}"
+        unused = [
+            a - t
+            for c, runs in allocators[key][1].items()
+            for a, t in zip(runs, peaks[c])
+        ]
         lines.append(
             f"| {key} | {size:.1f} | {max(peaks['sgd']):.1f} | "
-            + " | ".join(cells)
-            + f" | {_spread(peaks):.2f} | {gap} |"
+            + " | ".join(_contender_cells(size, peaks))
+            + f" | {_spread(peaks):.2f} | {gap} | "
+            f"{min(unused):.1f}–{max(unused):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _held_table(results):
+    """Graph mode: at each contender's peak, the tensors outside the
+    model's layers."""
+    rows = {
+        key: row
+        for key, row in memory_rows(results, "outside_model").items()
+        if key.endswith("/graph")
+    }
+    if not rows:
+        return ""
+    lines = [
+        _contender_header("SGD, MB"),
+        "|---|---|---|" + "---|" * len(MEMORY_LABELS),
+    ]
+    for key, (size, held) in rows.items():
+        lines.append(
+            f"| {key} | {size:.1f} | {max(held['sgd']):.1f} | "
+            + " | ".join(_contender_cells(size, held))
+            + " |"
         )
     return "\n".join(lines)
 
@@ -330,50 +373,58 @@ def _memory_verdict(results):
     return "\n".join(lines)
 
 
+def _in_layers_at_highest(tensors, outside_model):
+    """In the process with the highest peak, the MB in the model's layers."""
+    highest = int(np.argmax(tensors))
+    return tensors[highest] - outside_model[highest]
+
+
 def _memory_reading(results, repeat):
-    """What the memory table resolves: XLA's reproducible figures, graph
-    mode's spread, and the graph-mode rows where every SAM process peaks
-    above SGD's highest by more than a copy."""
+    """What the tables resolve: how well the figures repeat, and for each
+    row where SAM's peak is more than a copy above SGD's, what else peaks
+    there and (in graph mode) whether SAM holds the excess outside the
+    model's layers or in them."""
     rows, again = memory_rows(results), memory_rows(repeat or {})
-    xla = {k: v for k, v in rows.items() if k.endswith("/xla")}
-    graph = {k: v for k, v in rows.items() if k.endswith("/graph")}
-    if not xla or not graph:
+    held = memory_rows(results, "outside_model")
+    if not rows:
         return ""
-    xla_copies = max(
-        _copies_above_sgd(size, peaks) for size, peaks in xla.values()
-    )
+    spread = max(_spread(peaks) for _, peaks in rows.values())
     gaps = [
         _repeat_gap(peaks, again[key][1])
-        for key, (_, peaks) in xla.items()
+        for key, (_, peaks) in rows.items()
         if key in again
     ]
-    reproduced = (
-        f" (figures the repeated run reproduces within {max(gaps):.1f} MB)"
-        if gaps
-        else ""
+    repeats = f"Identical processes differ by at most {spread:.2f} MB" + (
+        f", the two runs by at most {max(gaps):.2f} MB." if gaps else "."
     )
-    spread = {key: _spread(peaks) for key, (_, peaks) in graph.items()}
-    widest = max(spread, key=spread.get)
-    found = []
-    for key, (size, peaks) in graph.items():
-        above = {c: np.array(mb) - max(peaks["sgd"]) for c, mb in peaks.items()}
-        if above["sam"].min() <= size:
+    lines = []
+    for key, (size, peaks) in rows.items():
+        if _copies_above_sgd(size, peaks) <= 1.0:
             continue
-        found.append(
-            f"{key}, where every SAM process peaked "
-            f"{above['sam'].min():.1f}–{above['sam'].max():.1f} MB above "
-            f"SGD's highest, the floor {above['floor_two_passes'].max():+.1f} "
-            f"and the naive port {above['naive_assign_subtract'].max():+.1f} MB"
+        others = ", ".join(
+            f"{MEMORY_LABELS[c]} {_copies_above_sgd(size, peaks, c):+.2f}"
+            for c in MEMORY_LABELS
+            if c != "sam"
         )
-    finding = "; ".join(found) if found else "no row"
-    return f"""Under XLA{reproduced} SAM's peak is at most
-{xla_copies:+.2f} copies above SGD's. In graph mode identical processes
-spread by up to {spread[widest]:.1f} MB ({widest}), so a difference is a
-finding only where SAM's processes all peak more than a copy above SGD's
-highest: {finding}. The floor's two passes do not
-depend on each other, so XLA runs both forward passes before either
-backward pass (its peak nearly doubles) and graph mode may overlap them;
-SAM's second pass needs the first one's gradient."""
+        line = (
+            f"{key}: SAM {_copies_above_sgd(size, peaks):+.2f} copies above "
+            f"SGD ({others})"
+        )
+        if key.endswith("/graph"):
+            in_layers = {
+                c: _in_layers_at_highest(peaks[c], held[key][1][c])
+                for c in ("sam", "sgd")
+            }
+            held_copies = _copies_above_sgd(size, held[key][1])
+            line += (
+                f"; outside the model's layers SAM holds {held_copies:+.2f} "
+                "copies beyond SGD, in them "
+                f"{in_layers['sam'] - in_layers['sgd']:+.1f} MB"
+            )
+        lines.append(f"- {line}.")
+    if not lines:
+        return repeats
+    return repeats + " More than a copy above SGD:\n\n" + "\n".join(lines)
 
 
 def _switching_check(results):
@@ -606,29 +657,75 @@ two kinds of step, against the measurement:
 
 ## Memory
 
-The most memory TensorFlow's allocator held at once while the contender
-trained (MB): variables, optimizer slots, the cached batches and the step's
-tensors, under XLA its buffers. Each figure comes from a fresh process
-whose CPU allocator keeps statistics (`TF_CPU_ALLOCATOR_USE_BFC=true`), as
-the largest peak over six steps after warm-up. In graph mode
-TensorFlow's executor runs the ops that are ready in an order that differs
-from process to process, and the peak with it, so each contender is
-measured in three processes and the table gives the highest; XLA assigns
-its buffers when it compiles, and one process is measured (the repeated
-run checks it). In parentheses, the peak beyond SGD's, highest against
-highest, in copies of the parameters (float32). SAM holds w + ε through
-its second pass: the target is at most one copy beyond SGD. That the
-figure resolves one copy is tested (`tests/benchmarks_step_time_test.py`):
-a step that holds one copy of a 4 MB layer's weights through its pass
-reads 4 MB above the plain step, within 1 %. Earlier versions of this file
-measured the growth of the resident set, which moved by tens of MB between
-processes doing the same work.
+The most bytes of live tensors at once while the contender trained (MB):
+variables, optimizer slots, the cached batches and the step's tensors,
+under XLA its buffers. TensorFlow's CPU allocator, made to record its
+allocations (`TF_CPU_ALLOCATOR_USE_BFC=true`), reports each one to the
+profiler with the bytes its op asked for; the figure sums those over the
+tensors alive at each moment of six steps after warm-up, in a fresh
+process per contender and mode (`benchmarks/allocations.py`): three
+processes per contender in graph mode, one under XLA. In parentheses, the
+peak beyond SGD's, highest against highest, in copies of the parameters
+(float32). Exact SAM must hold one copy more than SGD: the whole clean
+gradient at the end of its first backward pass (ε needs its norm, where
+SGD frees each gradient when its update has run), then w + ε through its
+second pass. The target is at most one copy beyond SGD. That the figures
+resolve one copy is tested (`tests/benchmarks_step_time_test.py`): a step
+that holds one copy of a 4 MB layer's weights through its pass reads 4 MB
+above the plain step, within 1 %.
+
+The allocator's own peak, which earlier versions of this table gave, is
+not this figure: it counts the chunks the allocator hands out, and a
+request takes a free chunk of less than twice its size whole. The last
+column gives how far above the tensors' peak it lay: in graph mode it
+moved by up to 24 MB between identical processes, and under XLA a step's
+one large buffer takes a whole 128 MB chunk, so every contender on the
+small CNNs read 133–134 MB and a 46 MB difference between SGD and SAM did
+not show.
 
 {_memory_table(results, repeat)}
 
 {_memory_verdict(results)}
 
+**Where graph mode's peak is.** At each contender's peak in graph mode,
+the tensors made outside the model's layers (their name scope): weights,
+optimizer slots, the batches, and what a training step adds around the
+model (for SAM, w + ε and ε while they are alive). The rest are the
+layers' activations and the gradients of the backward pass, the clean
+gradient among them.
+
+{_held_table(results)}
+
 {_memory_reading(results, repeat)}
+
+**What was cut.** In graph mode TensorFlow's executor runs an op as soon
+as its inputs are ready, and an optimizer update's ops that need no
+gradient are ready when the step starts: SGD's m · μ, one
+parameter-sized tensor per variable, was computed before the first pass
+and held through both. A two-pass step of `SAMModel` now lets no op of
+the update run before the gradients exist (a control dependency; XLA,
+JAX and PyTorch order the update themselves), which took ResNet-20's SAM
+peak from +3.87 copies above SGD to the figure above; a test checks the
+order (`test_a_sam_step_updates_after_both_passes`). Before it, ε's guard
+against a non-finite norm held a zeros tensor per variable (+0.5 copies
+on an MLP).
+
+**What is left, and why.** Under XLA on a CPU, the gradient of a
+max-pooling layer becomes four int32 index arrays of the layer's input
+shape, which XLA's scheduler computes near the start of the step, before
+they are needed; a second pass's arrays are then alive through the
+first pass. On the small CNNs that is 16 arrays (73 MB) at SAM's peak
+against SGD's 8 (37 MB): [xla_peak.md](xla_peak.md) lists what is alive
+at each peak (`python -m benchmarks.xla_peak`). Every two-pass step has
+it (the floor, the naive port); Momentum-SAM's one pass and the models
+without max pooling (ResNet-20, WRN-16-4) do not. It is the compiler's
+schedule, not state that SAM keeps. In graph mode the order of ops
+still moves a peak: which activations and gradients the executor holds
+when the step's largest transient (a convolution's weight gradient) is
+allocated (the spread column). The floor is no model of SAM's memory
+under XLA: its two passes do not depend on each other, so XLA runs both
+forward passes before either backward pass and its peak nearly doubles;
+SAM's second pass needs the first one's gradient.
 
 {_pipeline_section(results)}"""
     with open(os.path.join(flags_obj.output_dir, "performance.md"), "w") as f:
