@@ -83,10 +83,14 @@ def group(buffers):
 
 
 def _print_peak(contender, model):
+    # TensorFlow reads XLA_FLAGS once, when it starts: only the fresh
+    # process that `measure` runs imports it.
+    import keras
+
     from benchmarks import step_time
 
     step_time._set_threads(1)
-    step_time.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     base = step_time._build(model)
     dataset = step_time._dataset(step_time.MODELS[model], 64)
     step = step_time._compiled_step(
@@ -98,6 +102,8 @@ def _print_peak(contender, model):
             os.environ["XLA_DUMP"], "*one_step_on_data*buffer-assignment.txt"
         )
     )
+    # One module per compilation of the train function (fit's, then the
+    # iterator's); they are the same step.
     measured = []
     for path in paths:
         with open(path) as f:
