@@ -166,7 +166,11 @@ def sam_gradients(
     The model is called with `training=True` in both passes and its
     non-trainable state (BatchNorm moving statistics, seeds) is updated
     once, from the clean pass. No trainable variable is modified: apply the
-    gradients yourself.
+    gradients yourself. On TensorFlow, in a `tf.function`, apply them under
+    a control dependency on the gradients, as below: the executor runs the
+    ops of an update that need no gradient (SGD's m · μ) when the step
+    starts and would hold them through both passes, one more copy of the
+    parameters at the step's peak (`SAMModel` does this itself).
 
     Under a `tf.distribute` strategy, call it in each replica, inside
     `strategy.run`: each replica computes ε from its own share of the batch
@@ -192,7 +196,8 @@ def sam_gradients(
             loss, grads = keras_sam.sam_gradients(
                 model, x, y, loss_fn, rho=0.05, optimizer=optimizer
             )
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
         losses = strategy.run(step, args=(x, y))
