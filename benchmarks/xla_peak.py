@@ -85,18 +85,12 @@ def group(buffers):
 def _print_peak(contender, model):
     # TensorFlow reads XLA_FLAGS once, when it starts: only the fresh
     # process that `measure` runs imports it.
-    import keras
-
     from benchmarks import step_time
 
     step_time._set_threads(1)
-    keras.utils.set_random_seed(0)
-    base = step_time._build(model)
+    compiled, _ = step_time.seeded_contender(contender, model)
     dataset = step_time._dataset(step_time.MODELS[model], 64)
-    step = step_time._compiled_step(
-        step_time.CONTENDERS[contender](base), dataset, True
-    )
-    step()
+    step_time._compiled_step(compiled, dataset, True)()
     paths = glob.glob(
         os.path.join(
             os.environ["XLA_DUMP"], "*one_step_on_data*buffer-assignment.txt"

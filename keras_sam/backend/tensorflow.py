@@ -98,8 +98,8 @@ def apply_gradients(optimizer, gradients, variables, after_gradients=False):
     In graph mode the executor runs an op as soon as its inputs are ready,
     and the ops of an update that need no gradient (SGD's m · μ, one
     parameter-sized tensor per variable) are ready when the step starts:
-    in a two-pass step they were held through both passes (ResNet-20: 3
-    copies of the parameters at the step's peak instead of SGD's 0).
+    in a two-pass step they were held through both passes (ResNet-20:
+    SAM's peak 3.9 parameter copies above SGD's; with the order, below it).
     """
     if not after_gradients:
         optimizer.apply_gradients(zip(gradients, variables))
