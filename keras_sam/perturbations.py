@@ -8,9 +8,17 @@ whatever the gradient dtype, so a float16 gradient cannot overflow them.
 A gradient with a NaN or an infinity (a mixed-precision overflow) gives
 ε = 0: the perturbed pass then runs at `w` itself and the loss-scale optimizer
 sees the same non-finite gradient and skips the step, as it would without SAM.
+
+Sparse gradients (TensorFlow's `tf.IndexedSlices`, the gradient of an
+`Embedding`) give the numbers of their dense equivalent: rows of an index
+looked up several times are summed first. The gradients stay sparse; ε of a
+sparse gradient is dense, since it is added to the whole table, and GSAM and
+LookSAM, which combine two gradients, make them dense.
 """
 
 from keras import ops
+
+from keras_sam import backend
 
 DEFAULT_EPSILON = 1e-12
 
@@ -23,6 +31,11 @@ def global_norm(tensors):
     recomputed from the entries divided by the largest magnitude, so it is
     finite whenever the norm itself is.
     """
+    return _global_norm(backend.sum_duplicate_rows(tensors))
+
+
+def _global_norm(tensors):
+    """`global_norm` of tensors whose sparse rows are already summed."""
     present = [ops.cast(t, "float32") for t in tensors if t is not None]
     if not present:
         return ops.zeros((), "float32")
@@ -30,7 +43,7 @@ def global_norm(tensors):
 
     def rescaled():
         largest = ops.max(ops.stack([ops.max(ops.abs(t)) for t in present]))
-        return largest * _norm([t / largest for t in present])
+        return largest * _norm([ops.divide(t, largest) for t in present])
 
     return ops.cond(ops.isinf(norm), rescaled, lambda: norm)
 
@@ -58,6 +71,7 @@ def sam_perturbation(gradients, rho, epsilon=DEFAULT_EPSILON):
     Returns:
         A list of tensors ε, each of the dtype of its gradient.
     """
+    gradients = backend.sum_duplicate_rows(gradients)
     return _scaled_direction(gradients, gradients, rho, epsilon)
 
 
@@ -102,6 +116,7 @@ def asam_perturbation(
             "`gradients` and `weights` must have the same length. Received "
             f"{len(gradients)} gradients and {len(weights)} weights."
         )
+    gradients = backend.sum_duplicate_rows(gradients)
     if adaptive_mask is None:
         adaptive_mask = [True] * len(gradients)
     elif len(adaptive_mask) != len(gradients):
@@ -118,8 +133,8 @@ def asam_perturbation(
         g = ops.cast(g, "float32")
         if adapt:
             t = ops.abs(ops.cast(w, "float32")) + eta
-            norm_terms.append(g * t)
-            directions.append(g * t * t)
+            norm_terms.append(ops.multiply(g, t))
+            directions.append(ops.multiply(ops.multiply(g, t), t))
         else:
             norm_terms.append(g)
             directions.append(g)
@@ -127,9 +142,12 @@ def asam_perturbation(
 
 
 def _scaled_direction(norm_terms, directions, rho, epsilon, like=None):
-    """`ρ · direction / (‖norm_terms‖ + epsilon)`, or zeros if not finite."""
+    """`ρ · direction / (‖norm_terms‖ + epsilon)`, or zeros if not finite.
+
+    Sparse rows must be summed already.
+    """
     like = directions if like is None else like
-    norm = global_norm(norm_terms)
+    norm = _global_norm(norm_terms)
     finite = ops.isfinite(norm)
     scale = ops.where(finite, rho / (norm + epsilon), 0.0)
     perturbation = []
@@ -140,7 +158,7 @@ def _scaled_direction(norm_terms, directions, rho, epsilon, like=None):
         # A scalar 0, not `zeros_like(d)`: in graph mode that would hold
         # one more parameter-sized tensor at the step's peak.
         d = ops.where(finite, ops.cast(d, "float32"), 0.0)
-        perturbation.append(ops.cast(d * scale, g.dtype))
+        perturbation.append(ops.cast(ops.multiply(d, scale), g.dtype))
     return perturbation
 
 
@@ -169,14 +187,16 @@ def gsam_gradients(clean, perturbed, alpha, epsilon=DEFAULT_EPSILON):
     Returns:
         A list of tensors, each of the dtype of its SAM gradient.
     """
+    clean = backend.to_dense(clean)
+    perturbed = backend.to_dense(perturbed)
     pairs = _present_pairs(clean, perturbed)
-    dot = _sum_over(ops.sum(g * p) for g, p in pairs)
+    dot = _sum_over(ops.sum(ops.multiply(g, p)) for g, p in pairs)
     squared = _sum_over(ops.sum(ops.square(p)) for _, p in pairs)
     projection = dot / (squared + epsilon)
 
     def update(g, p):
-        orthogonal = g - projection * p
-        return p - alpha * orthogonal
+        orthogonal = ops.subtract(g, ops.multiply(projection, p))
+        return ops.subtract(p, ops.multiply(alpha, orthogonal))
 
     return _map_pairs(update, clean, perturbed, keep="second")
 
@@ -195,9 +215,18 @@ def looksam_direction(clean, perturbed, epsilon=DEFAULT_EPSILON):
     """
 
     def direction(g, s):
-        return s - ops.sum(g * s) / (ops.sum(ops.square(g)) + epsilon) * g
+        coefficient = ops.sum(ops.multiply(g, s)) / (
+            ops.sum(ops.square(g)) + epsilon
+        )
+        return ops.subtract(s, ops.multiply(coefficient, g))
 
-    return _map_pairs(direction, clean, perturbed, keep=None, cast=False)
+    return _map_pairs(
+        direction,
+        backend.to_dense(clean),
+        backend.to_dense(perturbed),
+        keep=None,
+        cast=False,
+    )
 
 
 def looksam_gradients(clean, directions, alpha, epsilon=DEFAULT_EPSILON):
@@ -215,9 +244,10 @@ def looksam_gradients(clean, directions, alpha, epsilon=DEFAULT_EPSILON):
     """
 
     def reuse(g, v):
-        return g + alpha * global_norm([g]) / (global_norm([v]) + epsilon) * v
+        scale = alpha * _global_norm([g]) / (_global_norm([v]) + epsilon)
+        return ops.add(g, ops.multiply(scale, v))
 
-    return _map_pairs(reuse, clean, directions, keep="first")
+    return _map_pairs(reuse, backend.to_dense(clean), directions, keep="first")
 
 
 def _map_pairs(fn, first, second, keep, cast=True):

@@ -836,7 +836,8 @@ def _changed(before, scope, variables):
 def _cond(predicate, true_fn, false_fn):
     """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
     a Python bool. Both return the same nested structure of tensors, with
-    `None` entries in the same places."""
+    `None` entries in the same places. Sparse gradients come out dense: one
+    branch may combine what the other leaves sparse (GSAM, LookSAM)."""
     if isinstance(predicate, bool):
         return true_fn() if predicate else false_fn()
     structure = []
@@ -845,7 +846,9 @@ def _cond(predicate, true_fn, false_fn):
         def run():
             output = fn()
             structure.append(output)
-            return [t for t in tree.flatten(output) if t is not None]
+            return backend.to_dense(
+                [t for t in tree.flatten(output) if t is not None]
+            )
 
         return run
 
@@ -933,6 +936,8 @@ def _weighted_mean(values, fractions):
 def _weighted_gradients(gradient_lists, fractions):
     if len(gradient_lists) == 1:
         return gradient_lists[0]
+    # Sparse gradients of different micro-batches cover different rows.
+    gradient_lists = [backend.to_dense(g) for g in gradient_lists]
     return [
         None
         if any(g is None for g in grads)

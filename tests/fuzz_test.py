@@ -19,6 +19,7 @@ from tests.sam_model_test import BATCH
 from tests.sam_model_test import softmax_data
 from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
+from tests.sparse_gradients_test import DenseLookup
 
 CASES = 8
 
@@ -172,3 +173,82 @@ def test_random_bad_arguments_are_refused_naming_the_value(seed):
         base = softmax_regression(*softmax_data()[2:])
         with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}")):
             keras_sam.SAMModel(base, **{name: value})
+
+
+def random_text_case(seed):
+    rng = np.random.RandomState(100 + seed)
+    vocabulary = int(rng.randint(2, 12))
+    width = int(rng.randint(1, 5))
+    length = int(rng.randint(1, 8))
+    batch = int(rng.choice([1, 3, 8]))
+    n = 2 * batch + rng.randint(0, batch)
+    # Tokens from a few ids, so most lookups repeat within a batch.
+    tokens = rng.randint(0, min(vocabulary, 3), (n, length)).astype("int32")
+    variant = rng.choice(["sam", "asam", "gsam", "micro", "looksam"])
+    options = {
+        "sam": {},
+        "asam": {"adaptive": True},
+        "gsam": {"gsam_alpha": float(rng.uniform(0, 1))},
+        "micro": {"micro_batches": int(rng.randint(2, 4))},
+        "looksam": {
+            "switching": keras_sam.switching.Periodic(2),
+            "looksam_alpha": 0.7,
+        },
+    }[variant]
+    return dict(
+        vocabulary=vocabulary,
+        width=width,
+        length=length,
+        batch=batch,
+        tokens=tokens,
+        y=rng.randint(0, 3, n),
+        hidden=bool(rng.rand() < 0.5),
+        rho=float(rng.choice([0.05, 2.0])),
+        options=options,
+        jit_compile=bool(rng.rand() < 0.5)
+        and keras.backend.backend() != "torch",
+        weights_seed=seed,
+    )
+
+
+def train_text(case, lookup):
+    layers = [keras.Input((case["length"],), dtype="int32"), lookup]
+    layers.append(keras.layers.GlobalAveragePooling1D())
+    if case["hidden"]:
+        layers.append(keras.layers.Dense(4, activation="tanh"))
+    layers.append(keras.layers.Dense(3))
+    base = keras.Sequential(layers)
+    rng = np.random.RandomState(case["weights_seed"])
+    base.set_weights(
+        [rng.randn(*w.shape).astype("float32") for w in base.get_weights()]
+    )
+    options = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(case["options"])
+    )
+    model = keras_sam.SAMModel(base, rho=case["rho"], **options)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=xent(),
+        jit_compile=case["jit_compile"],
+    )
+    model.fit(
+        case["tokens"],
+        case["y"],
+        batch_size=case["batch"],
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+    )
+    return base.get_weights()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_embedding_steps_as_its_dense_equivalent(seed):
+    case = random_text_case(seed)
+    sizes = (case["vocabulary"], case["width"])
+    sparse = train_text(case, keras.layers.Embedding(*sizes))
+    dense = train_text(case, DenseLookup(*sizes))
+    for got, want in zip(sparse, dense):
+        np.testing.assert_allclose(
+            got, want, rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}: {case}"
+        )

@@ -18,6 +18,10 @@ not offer live in one small module per backend, as Keras splits
 - `read_live(variable)`: a variable's value when the step runs, also in a
   compiled step that does not hold it in its state.
 - `is_symbolic(tensor)`: whether its value is unknown until run time.
+- `sum_duplicate_rows(tensors)`: each sparse gradient (TensorFlow's
+  `tf.IndexedSlices` of an `Embedding` or a gather) with its repeated rows
+  summed, so that elementwise math sees the dense gradient's values;
+  `to_dense(tensors)`: each sparse gradient as a dense tensor.
 - `random_state()` and `set_random_state(state)`: the backend's global
   random-number state, which random layers may draw from outside Keras'
   seed variables (PyTorch's unseeded dropout), so that both passes draw
@@ -48,6 +52,8 @@ INTERFACE = (
     "read_live",
     "replica_count",
     "set_random_state",
+    "sum_duplicate_rows",
+    "to_dense",
     "symbolic_build_batch",
     "train_step",
     "value_and_gradients",

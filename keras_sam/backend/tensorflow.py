@@ -36,6 +36,36 @@ def _zeros_for_none(grads, weights):
     ]
 
 
+def sum_duplicate_rows(tensors):
+    """`tensors`, each `tf.IndexedSlices` with one row per index.
+
+    The gradient of a lookup has one row per lookup, so an index looked up
+    k times appears k times; its dense gradient is the sum of those rows.
+    Keras' sparse ops (`ops.square`, `ops.multiply`, ...) act on the rows as
+    stored, so norms and products need the sum first. The result stays
+    sparse: no dense copy of an embedding table is made.
+    """
+    return [
+        _summed_rows(t) if isinstance(t, tf.IndexedSlices) else t
+        for t in tensors
+    ]
+
+
+def _summed_rows(slices):
+    indices, positions = tf.unique(slices.indices)
+    values = tf.math.unsorted_segment_sum(
+        slices.values, positions, tf.shape(indices)[0]
+    )
+    return tf.IndexedSlices(values, indices, slices.dense_shape)
+
+
+def to_dense(tensors):
+    return [
+        tf.convert_to_tensor(t) if isinstance(t, tf.IndexedSlices) else t
+        for t in tensors
+    ]
+
+
 def function(fn):
     """`fn` compiled into a graph."""
     return tf.function(fn)
