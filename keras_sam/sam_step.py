@@ -80,10 +80,15 @@ def validate_sam_arguments(
                 f"{rho.dtype}"
             )
         value = rho.value
-        if not backend.is_symbolic(value) and not (
-            ops.convert_to_numpy(value) >= 0
-        ):
-            raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
+        if not backend.is_symbolic(value):
+            value = float(ops.convert_to_numpy(value))
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"`rho` must be finite. Received: rho={rho!r} of value "
+                    f"{value}"
+                )
+            if not value >= 0:
+                raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
     elif callable(rho):
         pass
     elif not _is_real(rho):
@@ -91,16 +96,16 @@ def validate_sam_arguments(
             "`rho` must be a number >= 0, a float `keras.Variable` or a "
             f"schedule. Received: rho={rho!r}"
         )
-    elif not rho >= 0:
-        raise ValueError(f"`rho` must be >= 0. Received: rho={rho}")
     elif not math.isfinite(rho):
         raise ValueError(f"`rho` must be finite. Received: rho={rho}")
+    elif not rho >= 0:
+        raise ValueError(f"`rho` must be >= 0. Received: rho={rho}")
     if not _is_real(eta):
         raise ValueError(f"`eta` must be a number > 0. Received: eta={eta!r}")
-    if not eta > 0:
-        raise ValueError(f"`eta` must be > 0. Received: eta={eta}")
     if not math.isfinite(eta):
         raise ValueError(f"`eta` must be finite. Received: eta={eta}")
+    if not eta > 0:
+        raise ValueError(f"`eta` must be > 0. Received: eta={eta}")
     if (
         not isinstance(micro_batches, numbers.Integral)
         or isinstance(micro_batches, (bool, np.bool_))

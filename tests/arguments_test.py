@@ -134,7 +134,15 @@ def base():
         ),
         (
             lambda: keras_sam.SAMModel(base(), rho=float("nan")),
-            "`rho` must be >= 0. Received: rho=nan",
+            "`rho` must be finite. Received: rho=nan",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=keras.Variable(np.nan)),
+            "`rho` must be finite. Received: rho=",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), eta=float("nan")),
+            "`eta` must be finite. Received: eta=nan",
         ),
         (
             lambda: keras_sam.SAMModel(base(), rho=True),

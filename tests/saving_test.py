@@ -174,3 +174,37 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(tmp_path):
     assert len(history.epoch) == 1  # only the third epoch was left
     for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
+    # What the README says about loading a SAMModel file, in fresh
+    # processes as a user would load it.
+    import subprocess
+    import sys
+
+    x, y = softmax_data()[:2]
+    model = compiled_model()
+    model.compile(optimizer=sgd(), loss=xent(), jit_compile=False)
+    model.fit(x[:BATCH], y[:BATCH], verbose=0)
+    path = str(tmp_path / "sam.keras")
+    model.save(path)
+    load = f"import keras; m = keras.saving.load_model({path!r}); "
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+
+    def run(code):
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+
+    without = run(load)
+    assert without.returncode != 0
+    assert "SAMModel" in without.stderr
+    loaded = run(
+        "import keras_sam; " + load + "print(type(m).__name__, m.jit_compile)"
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split()[-2:] == ["SAMModel", "False"]
