@@ -88,7 +88,18 @@ class SAMModel(keras.Model):
     does not divide (a partial last batch) is cut as `np.array_split` cuts
     it, the first `n mod k` parts one example larger, and the parts are
     averaged weighted by their number of examples, so every example counts
-    the same; the same happens in eager, graph and XLA execution.
+    the same; the same happens in eager, graph and XLA execution. Under
+    `keras.distribution.DataParallel` (JAX) each device's shard is a
+    replica's share in the same way.
+
+    **BatchNorm** normalizes over the examples that share an ε: in a SAM
+    step, each part (a replica's or a device's shard, a micro-batch) with
+    its own batch statistics, as in the paper's code, and the moving
+    statistics take the parts' mean update; with `sync_perturbations=True`,
+    the global batch under `keras.distribution` (a `tf.distribute` replica
+    normalizes its own share, as in a plain `fit`). A step without SAM
+    (ρ = 0, or a step that `switching` declines) is the base step on the
+    whole batch, so it equals a plain `fit`'s step, BatchNorm included.
 
     **Variants** (each an option of this one step; their defaults give
     exact SAM):

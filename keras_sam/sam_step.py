@@ -472,24 +472,33 @@ def compute_sam_gradients(
     Σ_i (n_i / n) ∇L_{B_i}(w + ε_i)
     ```
 
-    the mean over parts weighted by their share of the examples: the plain
-    mean when `k` divides `n`, and the full-batch gradient when ρ = 0. The
-    loss, the sharpness, the clean gradient norm and the updates of
-    BatchNorm moving statistics are averaged with the same weights. The
-    same numbers come out in eager, graph and XLA execution.
+    the mean over parts weighted by their share of the examples (the plain
+    mean when `k` divides `n`). The loss, the sharpness, the clean gradient
+    norm and the updates of BatchNorm moving statistics are averaged with
+    the same weights; BatchNorm normalizes each part with its own batch
+    statistics. The same numbers come out in eager, graph and XLA
+    execution.
 
     **Across devices.** Under `tf.distribute` this function runs in each
     replica, on its shard. Under `keras.distribution` on JAX it runs once on
-    the global batch, and each device's shard (consecutive rows, as Keras
-    shards a batch) is split into `micro_batches` parts, so the numbers are
-    those of a `tf.distribute` replica's step; `sync_perturbations=True`
-    computes one ε from the gradient of the global batch.
+    the global batch, and in a SAM step each device's shard (consecutive
+    rows, as Keras shards a batch) is split into `micro_batches` parts, so
+    the numbers are those of a `tf.distribute` replica's step, BatchNorm
+    normalizing over each shard; `sync_perturbations=True` computes one ε
+    from the gradient of the global batch, over which BatchNorm then
+    normalizes (the global batch with a per-shard ε would need the global
+    batch evaluated at every shard's `w + ε`).
 
     **When the perturbed pass runs.** Only when ρ > 0 (checked at run time
     for a tensor ρ) and, given a `switching` policy, when the policy says
-    so. Otherwise it is not computed, and the step returns the clean
-    gradient, or LookSAM's `g + α (‖g‖/‖g_v‖) g_v` on the steps that the
-    policy declined.
+    so. Otherwise the step is the base optimizer's step: one clean pass on
+    the whole batch, whatever the parts of a SAM step would be (exactly
+    Keras' own step, BatchNorm normalizing over the whole batch), and it
+    returns the clean gradient, or LookSAM's `g + α (‖g‖/‖g_v‖) g_v` on the
+    steps that the policy declined. A SAM step with several parts runs their
+    clean passes instead of the whole batch's; a policy that decides from
+    the gradient norm (AE-SAM) needs the whole batch's clean pass first, so
+    its SAM steps with several parts cost one pass more.
 
     The variants of `SAMModel`, each visible in the code below:
 
@@ -500,9 +509,9 @@ def compute_sam_gradients(
     - `gsam_alpha`: GSAM's α; the perturbed gradient of each micro-batch is
       combined with its clean gradient by `perturbations.gsam_gradients`.
     - `switching`, `step`: a `keras_sam.switching.SwitchingPolicy`, asked
-      once per step with `step` and ‖∇L(w)‖² of the whole batch (the
-      weighted mean over micro-batches, unscaled by loss scaling, averaged
-      across replicas). It decides the same on every replica.
+      once per step with `step` and ‖∇L(w)‖² of the whole batch (unscaled
+      by loss scaling, averaged across replicas). It decides the same on
+      every replica.
     - `looksam_alpha`, `looksam_directions`: LookSAM's α and the variables
       holding its direction `g_v`, which SAM steps overwrite (keeping the
       old one when the new one is not finite).
@@ -521,60 +530,56 @@ def compute_sam_gradients(
         else None
     )
 
+    metrics = model.metrics_variables
+    initial_metrics = [ops.convert_to_tensor(v.value) for v in metrics]
+    parts_count = micro_batches
     if not sync_perturbations:
         # Under `keras.distribution` (JAX) the step sees the global batch:
         # each device's shard is cut into its own micro-batches, so every
         # shard gets its own ε, as a tf.distribute replica does.
-        micro_batches *= backend.data_parallel_shards()
-
-    # The clean pass at w, one per micro-batch.
-    parts = []
-    state = initial_state
-    for fraction, batch in _split_batch((x, y, sample_weight), micro_batches):
-        random_state = backend.random_state()
-        clean = _forward_and_gradients(
-            model, compute_loss, weights, state, batch, scale_loss, True
-        )
-        for_epsilon = clean.gradients
-        if perturbed_mask is not None:
-            for_epsilon = [
-                g if on else None for g, on in zip(for_epsilon, perturbed_mask)
-            ]
-        if sync_perturbations:
-            # Outside the conditionals: tf.distribute cannot all-reduce
-            # inside a cond, so the all-reduce runs on every step.
-            for_epsilon = _all_reduce(for_epsilon, "sum")
-        parts.append(
-            _Part(fraction, batch, state, random_state, clean, for_epsilon)
-        )
-        state = _advance_counters(state, clean.state)
-    random_state_after_clean_passes = backend.random_state()
-    fractions = [part.fraction for part in parts]
-    clean_gradients = _weighted_gradients(
-        [part.clean.gradients for part in parts], fractions
-    )
-
-    # Whether this step runs the perturbed pass.
-    take_sam = True
-    if switching is not None:
-        squared_norm = None
-        if switching.needs_gradient_norm:
-            squared_norm = _squared_norm_across_replicas(
-                clean_gradients, scale_loss
-            )
-        take_sam = switching(step, squared_norm)
-    if isinstance(rho, (int, float)):
-        run_perturbed = take_sam if rho > 0 else False
-    else:
-        run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+        parts_count *= backend.data_parallel_shards()
     old_directions = None
     if looksam_directions is not None:
         old_directions = [d.value for d in looksam_directions]
 
-    def sam_branch():
+    def clean_passes(count):
+        """The clean pass at w on each of `count` parts of the batch."""
+        parts = []
+        state, metric_state = initial_state, initial_metrics
+        for fraction, batch in _split_batch((x, y, sample_weight), count):
+            random_state = backend.random_state()
+            clean = _forward_and_gradients(
+                model,
+                compute_loss,
+                weights,
+                state,
+                metric_state,
+                batch,
+                scale_loss,
+            )
+            for_epsilon = clean.gradients
+            if perturbed_mask is not None:
+                for_epsilon = [
+                    g if on else None
+                    for g, on in zip(for_epsilon, perturbed_mask)
+                ]
+            if sync_perturbations:
+                # Outside the conditionals (one part: see below):
+                # tf.distribute cannot all-reduce inside a cond, so the
+                # all-reduce runs on every step.
+                for_epsilon = _all_reduce(for_epsilon, "sum")
+            parts.append(
+                _Part(fraction, batch, state, random_state, clean, for_epsilon)
+            )
+            state = _advance_counters(state, clean.state)
+            metric_state = _threaded(metric_state, clean.metrics)
+        return _Clean(parts, state, metric_state, backend.random_state())
+
+    def sam_step(clean):
+        """The perturbed pass of each part, at its own w + ε."""
         perturbed_gradients, sharpness = [], []
         directions = old_directions
-        for part in parts:
+        for part in clean.parts:
             if adaptive:
                 perturbation = perturbations.asam_perturbation(
                     part.for_epsilon,
@@ -597,9 +602,9 @@ def compute_sam_gradients(
                 compute_loss,
                 perturbed_weights,
                 part.state,
+                None,
                 part.batch,
                 scale_loss,
-                False,
             )
             gradients = perturbed.gradients
             if looksam_alpha is not None:
@@ -617,55 +622,95 @@ def compute_sam_gradients(
                 )
             perturbed_gradients.append(gradients)
             sharpness.append(perturbed.loss - part.clean.loss)
-        backend.set_random_state(random_state_after_clean_passes)
-        return (
+        backend.set_random_state(clean.random_state_after)
+        fractions = [part.fraction for part in clean.parts]
+        return _outcome(
+            clean,
             _weighted_gradients(perturbed_gradients, fractions),
             ops.cast(_weighted_mean(sharpness, fractions), "float32"),
             directions,
         )
 
-    def base_branch():
+    def base_step(clean):
+        """The base optimizer's step (LookSAM's on the declined steps)."""
+        clean_gradients = _weighted_gradients(
+            [part.clean.gradients for part in clean.parts],
+            [part.fraction for part in clean.parts],
+        )
         zero = ops.zeros((), "float32")
         if looksam_alpha is None:
-            return clean_gradients, zero, old_directions
+            return _outcome(clean, clean_gradients, zero, old_directions)
 
         def reuse_direction():
-            gradients = perturbations.looksam_gradients(
+            return perturbations.looksam_gradients(
                 clean_gradients, old_directions, looksam_alpha
             )
-            return gradients, zero, old_directions
 
         # LookSAM reuses g_v on the steps the policy declined; a SAM step
         # with ρ = 0 is the base step.
-        return _cond(
-            take_sam,
-            lambda: (clean_gradients, zero, old_directions),
-            reuse_direction,
+        gradients = _cond(take_sam, lambda: clean_gradients, reuse_direction)
+        return _outcome(clean, gradients, zero, old_directions)
+
+    # The base step's clean pass runs on the whole batch, as Keras' own
+    # step (BatchNorm normalizes over it). A SAM step with several parts
+    # runs a clean pass per part instead, so the whole batch is passed
+    # first only when there is one part, or when a switching policy
+    # decides from its gradient (AE-SAM).
+    whole = None
+    needs_norm = switching is not None and switching.needs_gradient_norm
+    if parts_count == 1 or needs_norm:
+        whole = clean_passes(1)
+    take_sam = True
+    if switching is not None:
+        squared_norm = None
+        if needs_norm:
+            squared_norm = _squared_norm_across_replicas(
+                whole.parts[0].clean.gradients, scale_loss
+            )
+        take_sam = switching(step, squared_norm)
+    if isinstance(rho, (int, float)):
+        run_perturbed = take_sam if rho > 0 else False
+    else:
+        run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+
+    if parts_count == 1:
+        outcome = _cond(
+            run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
+        )
+    else:
+        outcome = _cond(
+            run_perturbed,
+            lambda: sam_step(clean_passes(parts_count)),
+            lambda: base_step(whole or clean_passes(1)),
         )
 
-    gradients, sharpness, directions = _cond(
-        run_perturbed, sam_branch, base_branch
+    if looksam_directions is not None:
+        _assign(looksam_directions, outcome.directions)
+    _assign(non_trainable, outcome.state)
+    _assign(metrics, outcome.metrics)
+    return SAMResult(
+        loss=outcome.loss,
+        y_pred=outcome.y_pred,
+        gradients=outcome.gradients,
+        sharpness=outcome.sharpness,
+        grad_norm=outcome.grad_norm,
+        perturbed=ops.convert_to_tensor(run_perturbed),
+        sam_step=ops.convert_to_tensor(take_sam),
     )
 
-    if looksam_directions is not None:
-        for variable, value in zip(looksam_directions, directions):
-            variable.assign(value)
-    _assign(
-        non_trainable,
-        _merge_states(
-            initial_state,
-            state,
-            [part.clean.state for part in parts],
-            fractions,
-        ),
-    )
+
+def _outcome(clean, gradients, sharpness, directions):
+    """What a step leaves: its clean passes' results and its gradients."""
+    parts = clean.parts
+    fractions = [part.fraction for part in parts]
+    initial_state = parts[0].state
     y_pred = parts[0].clean.y_pred
     if len(parts) > 1:
         y_pred = tree.map_structure(
             lambda *t: ops.concatenate(t, axis=0),
             *[part.clean.y_pred for part in parts],
         )
-    return SAMResult(
+    return _Outcome(
         loss=_weighted_mean([part.clean.loss for part in parts], fractions),
         y_pred=y_pred,
         gradients=gradients,
@@ -674,8 +719,14 @@ def compute_sam_gradients(
             [perturbations.global_norm(p.clean.gradients) for p in parts],
             fractions,
         ),
-        perturbed=ops.convert_to_tensor(run_perturbed),
-        sam_step=ops.convert_to_tensor(take_sam),
+        directions=directions,
+        state=_merge_states(
+            initial_state,
+            clean.state,
+            [part.clean.state for part in parts],
+            fractions,
+        ),
+        metrics=clean.metrics,
     )
 
 
@@ -739,16 +790,18 @@ def compute_momentum_sam_gradients(
         w if e is None else w + ops.cast(e, w.dtype)
         for w, e in zip(weights, perturbation)
     ]
+    metrics = model.metrics_variables
     perturbed = _forward_and_gradients(
         model,
         compute_loss,
         perturbed_weights,
         state,
+        [ops.convert_to_tensor(v.value) for v in metrics],
         (x, y, sample_weight),
         scale_loss,
-        True,
     )
     _assign(model.non_trainable_variables, perturbed.state)
+    _assign(metrics, perturbed.metrics)
     return SAMResult(
         loss=perturbed.loss,
         y_pred=perturbed.y_pred,
@@ -765,7 +818,23 @@ _Part = collections.namedtuple(
     ["fraction", "batch", "state", "random_state", "clean", "for_epsilon"],
 )
 _Pass = collections.namedtuple(
-    "_Pass", ["loss", "y_pred", "gradients", "state"]
+    "_Pass", ["loss", "y_pred", "gradients", "state", "metrics"]
+)
+_Clean = collections.namedtuple(
+    "_Clean", ["parts", "state", "metrics", "random_state_after"]
+)
+_Outcome = collections.namedtuple(
+    "_Outcome",
+    [
+        "loss",
+        "y_pred",
+        "gradients",
+        "sharpness",
+        "grad_norm",
+        "directions",
+        "state",
+        "metrics",
+    ],
 )
 
 
@@ -801,20 +870,23 @@ _OFFSET_NAMES = ("bias", "beta")
 
 
 def _forward_and_gradients(
-    model, compute_loss, weights, state, batch, scale_loss, keep_metric_updates
+    model, compute_loss, weights, state, metric_state, batch, scale_loss
 ):
     """Loss, predictions, gradients and new state of one pass at `weights`.
 
     The new state has one entry per non-trainable variable: its updated
-    value, or `None` where the pass left it unchanged.
+    value, or `None` where the pass left it unchanged. With `metric_state`
+    (values of `model.metrics_variables`), the metrics that the loss
+    updates come back the same way; with `None` their updates are dropped.
     """
     x, y, sample_weight = batch
     non_trainable = model.non_trainable_variables
-    metrics = model.metrics_variables if keep_metric_updates else []
+    metrics = [] if metric_state is None else model.metrics_variables
 
     def objective(weights):
         mapping = list(zip(model.trainable_variables, weights))
         mapping.extend(zip(non_trainable, state))
+        mapping.extend(zip(metrics, metric_state or []))
         with _stateless_scope(mapping) as scope:
             before = [scope.get_current_value(v) for v in non_trainable]
             metrics_before = [scope.get_current_value(v) for v in metrics]
@@ -828,8 +900,12 @@ def _forward_and_gradients(
     (loss, y_pred, new_state, new_metrics), gradients = (
         backend.value_and_gradients(objective, weights)
     )
-    _assign(metrics, new_metrics)
-    return _Pass(loss, y_pred, list(gradients), new_state)
+    return _Pass(loss, y_pred, list(gradients), new_state, new_metrics)
+
+
+def _threaded(values, updates):
+    """`values` with each non-`None` entry of `updates` taken instead."""
+    return [old if new is None else new for old, new in zip(values, updates)]
 
 
 def _changed(before, scope, variables):

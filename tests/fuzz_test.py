@@ -252,3 +252,77 @@ def test_an_embedding_steps_as_its_dense_equivalent(seed):
         np.testing.assert_allclose(
             got, want, rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}: {case}"
         )
+
+
+def fit_on_devices(case, devices, **sam_kwargs):
+    """`case`'s model after one epoch, on `devices` JAX devices with
+    DataParallel (None: no distribution); a plain fit without
+    `sam_kwargs`."""
+    distribution = None
+    if devices:
+        distribution = keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices("cpu")[:devices]
+        )
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(distribution)
+    try:
+        keras.utils.set_random_seed(case["model_seed"])
+        base = keras.Sequential(
+            [keras.Input(case["shape"])]
+            + [
+                keras.layers.deserialize(keras.layers.serialize(layer))
+                for layer in case["layers"]
+            ]
+        )
+        model = keras_sam.SAMModel(base, **sam_kwargs) if sam_kwargs else base
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=xent())
+        model.fit(
+            case["x"],
+            case["y"],
+            sample_weight=case["sample_weight"],
+            batch_size=case["batch"],
+            shuffle=False,
+            verbose=0,
+        )
+        return [v.numpy() for v in base.variables]
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="keras.distribution runs on the JAX backend",
+)
+def seeds_with_batchnorm(count):
+    def has_batchnorm(seed):
+        return any(
+            isinstance(layer, keras.layers.BatchNormalization)
+            for layer in random_case(seed)["layers"]
+        )
+
+    return [seed for seed in range(100) if has_batchnorm(seed)][:count]
+
+
+@pytest.mark.parametrize("seed", seeds_with_batchnorm(4))
+def test_data_parallel_steps_as_keras_and_as_per_device_parts(seed):
+    case = random_case(seed)
+    # Two devices take equal halves: even batches, no partial last batch.
+    case["batch"] = 2 * case["batch"]
+    n = 2 * case["batch"]
+    for key in ("x", "y", "sample_weight"):
+        if case[key] is not None:
+            case[key] = np.resize(case[key], (n,) + case[key].shape[1:])
+    plain = fit_on_devices(case, 2)
+    rho_zero = fit_on_devices(case, 2, rho=0.0, adaptive=case["adaptive"])
+    for want, got in zip(plain, rho_zero):
+        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}")
+    sam = fit_on_devices(case, 2, rho=case["rho"], adaptive=case["adaptive"])
+    parts = fit_on_devices(
+        case, None, rho=case["rho"], adaptive=case["adaptive"], micro_batches=2
+    )
+    # Inputs up to 1e4 and one-example BatchNorm amplify float32 rounding:
+    # the two programs order their sums differently.
+    for got, want in zip(sam, parts):
+        np.testing.assert_allclose(
+            got, want, rtol=1e-3, atol=1e-4, err_msg=f"seed {seed}: {case}"
+        )

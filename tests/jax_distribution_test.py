@@ -16,6 +16,7 @@ from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
 from tests.sam_model_test import RHO
 from tests.sam_model_test import assert_one_epoch_matches_the_oracle
+from tests.sam_model_test import bn_dropout_model
 from tests.sam_model_test import softmax_data
 from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
@@ -85,3 +86,71 @@ def test_the_weights_are_replicated_over_both_devices():
     finally:
         keras.distribution.set_distribution(None)
     assert len(devices) == 2
+
+
+class Never(keras_sam.switching.SwitchingPolicy):
+    """Declines every SAM step, deciding with or without the gradient."""
+
+    def __init__(self, needs_gradient_norm=False, **kwargs):
+        super().__init__(**kwargs)
+        self.needs_gradient_norm = needs_gradient_norm
+
+    def call(self, step, squared_gradient_norm=None):
+        return keras.ops.convert_to_tensor(False)
+
+
+def fit_batchnorm(distribution, **sam_kwargs):
+    """The variables of `bn_dropout_model` after two epochs; a plain fit
+    without `sam_kwargs`."""
+    x, y, _, _ = softmax_data()
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(distribution)
+    try:
+        base = bn_dropout_model()
+        model = keras_sam.SAMModel(base, **sam_kwargs) if sam_kwargs else base
+        model.compile(
+            optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+            loss=xent(),
+            jit_compile=True,
+        )
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        return [v.numpy() for v in base.variables]
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+@pytest.mark.parametrize(
+    "sam_kwargs",
+    [
+        {"rho": 0.0},
+        {"rho": 0.0, "micro_batches": 2},
+        {"rho": "variable"},
+        {"rho": RHO, "switching": "never"},
+        {"rho": RHO, "switching": "never_by_norm"},
+    ],
+    ids=["rho0", "rho0_micro", "rho_variable0", "declined", "declined_norm"],
+)
+def test_a_step_without_sam_is_the_plain_fit_with_batchnorm(sam_kwargs):
+    # Keras' own step normalizes over the global batch; so must every
+    # step that takes no SAM step, whatever splits a SAM step would make.
+    sam_kwargs = dict(sam_kwargs)
+    if sam_kwargs["rho"] == "variable":
+        sam_kwargs["rho"] = keras.Variable(0.0, trainable=False)
+    if "switching" in sam_kwargs:
+        by_norm = sam_kwargs["switching"] == "never_by_norm"
+        sam_kwargs["switching"] = Never(needs_gradient_norm=by_norm)
+    plain = fit_batchnorm(data_parallel())
+    sam = fit_batchnorm(data_parallel(), **sam_kwargs)
+    for want, got in zip(plain, sam):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_sam_step_normalizes_batchnorm_over_each_devices_shard():
+    # As each tf.distribute replica does: the same numbers as one device
+    # splitting the batch into two micro-batches, and not the global batch.
+    distributed = fit_batchnorm(data_parallel(), rho=RHO)
+    split = fit_batchnorm(None, rho=RHO, micro_batches=2)
+    whole = fit_batchnorm(data_parallel(), rho=RHO, sync_perturbations=True)
+    for got, want, other in zip(distributed, split, whole):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(d - w).max() for d, w in zip(distributed, whole)) > 1e-3

@@ -192,11 +192,19 @@ def bn_dropout_model(seed=3):
     )
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("mode", ["graph", "jit"])
-def test_rho_zero_is_bitwise_plain_fit_with_dropout_and_batchnorm(mode):
+def test_rho_zero_is_bitwise_plain_fit_with_dropout_and_batchnorm(
+    mode, micro_batches
+):
+    # With ρ = 0 there is no ε to give each micro-batch: the step is the
+    # base step on the whole batch, BatchNorm normalizing over all of it.
     x, y, _, _ = softmax_data()
     trained = []
-    for wrap in (lambda m: m, lambda m: keras_sam.SAMModel(m, rho=0.0)):
+    for wrap in (
+        lambda m: m,
+        lambda m: keras_sam.SAMModel(m, rho=0.0, micro_batches=micro_batches),
+    ):
         model = wrap(bn_dropout_model())
         model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
         model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
