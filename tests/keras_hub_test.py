@@ -80,7 +80,12 @@ def test_lora_leaves_trainable_only_the_lora_factors_biases_and_head():
     )
 
 
-def test_lora_sam_step_is_two_passes_with_eps_over_trainable_weights_only():
+@pytest.mark.parametrize(
+    "perturbed", ["all", ["lora_kernel"]], ids=["trainable", "lora_factors"]
+)
+def test_lora_sam_step_is_two_passes_with_eps_over_trainable_weights_only(
+    perturbed,
+):
     model = bert_classifier()
     # LoRA's B starts at zero, where A gets no gradient: start elsewhere.
     rng = np.random.default_rng(1)
@@ -92,33 +97,42 @@ def test_lora_sam_step_is_two_passes_with_eps_over_trainable_weights_only():
         keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables
     ]
     frozen = values(model.non_trainable_variables)
+    mask = [
+        perturbed == "all" or "lora_kernel" in v.path
+        for v in model.trainable_variables
+    ]
 
     # The reference: the backend's own autodiff, twice, with ε from the
-    # gradient of the trainable (LoRA) weights alone, written by hand.
+    # gradient of the trainable weights alone (or of the LoRA factors
+    # alone, with `perturbed_variables`), written by hand.
     def loss_of(outputs):
         return xent()(y, outputs)
 
     g = backends.gradients(model, loss_of, x)
-    norm = np.sqrt(sum(np.sum(gi.astype(np.float64) ** 2) for gi in g))
-    for v, wi, gi in zip(model.trainable_variables, w0, g):
-        v.assign(wi + RHO * gi / norm)
+    norm = np.sqrt(
+        sum(np.sum(gi.astype(np.float64) ** 2) for gi, m in zip(g, mask) if m)
+    )
+    for v, wi, gi, m in zip(model.trainable_variables, w0, g, mask):
+        v.assign(wi + RHO * gi / norm * m)
     g_sam = backends.gradients(model, loss_of, x)
     for v, wi in zip(model.trainable_variables, w0):
         v.assign(wi)
     want = [wi - LR * gi for wi, gi in zip(w0, g_sam)]
     plain = [wi - LR * gi for wi, gi in zip(w0, g)]
 
-    sam = keras_sam.SAMModel(model, rho=RHO)
+    sam = keras_sam.SAMModel(model, rho=RHO, perturbed_variables=perturbed)
     sam.compile(optimizer=keras.optimizers.SGD(LR), loss=xent())
     sam.fit(x, y, batch_size=N, epochs=1, shuffle=False, verbose=0)
 
     got = [keras.ops.convert_to_numpy(v.value) for v in sam.trainable_variables]
-    for w, p, v, want_i in zip(got, plain, sam.trainable_variables, want):
+    for w, v, want_i in zip(got, sam.trainable_variables, want):
         np.testing.assert_allclose(
             w, want_i, rtol=1e-4, atol=1e-6, err_msg=v.path
         )
-    # ε moved the step: plain SGD lands elsewhere.
-    assert max(np.abs(w - p).max() for w, p in zip(got, plain)) > 1e-3
+    # ε moved the step: plain SGD lands far further away than the error.
+    error = max(np.abs(w - want_i).max() for w, want_i in zip(got, want))
+    moved = max(np.abs(w - p).max() for w, p in zip(got, plain))
+    assert moved > 5e-5 and moved > 100 * error
     assert_bitwise_equal(values(model.non_trainable_variables), frozen)
 
 
