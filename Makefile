@@ -5,15 +5,28 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 EXTRAS ?= cpu,jax,torch,dev
+# KerasHub for tests/keras_hub_test.py (tiny backbones built from their
+# constructors; no preset is downloaded), installed without its declared
+# dependencies: keras-hub 0.32 requires tensorflow-text, which pulls the
+# full `tensorflow` package over tensorflow-cpu, and kagglehub, kagglesdk
+# and sentencepiece serve presets and tokenizers only. `import keras_hub`
+# needs regex and tokenizers (itself without huggingface_hub). keras-hub
+# needs Python 3.11+; on 3.10 it is left out and its tests are skipped.
+KERAS_HUB ?= keras-hub==0.32.0 regex tokenizers
 
 .PHONY: venv data train test lint bench clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	if $(PY) -c "import sys; sys.exit(sys.version_info < (3, 11))"; then \
+		$(PY) -m pip install --no-deps $(KERAS_HUB); \
+	else \
+		echo "Python < 3.11: keras-hub left out, its tests are skipped"; \
+	fi
 	touch $@
 
 data:

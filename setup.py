@@ -36,6 +36,10 @@ setuptools.setup(
         "jax": [JAX],
         # Keras' PyTorch backend (KERAS_BACKEND=torch).
         "torch": [TORCH],
+        # keras-hub (tests/keras_hub_test.py) is no extra: it requires
+        # tensorflow-text, which pulls the full `tensorflow` over
+        # tensorflow-cpu. The Makefile's venv step installs it with
+        # --no-deps and the two packages its import needs.
         "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
     },
     classifiers=[

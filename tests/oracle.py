@@ -274,3 +274,86 @@ def train_momentum_sam_as_published(w, b, batches, rho, lr, momentum, l2=0.0):
         for p, v in zip(params, buffers):
             p -= rho * inverse_norm * v  # to the next gradient's point
     return [p + rho * inverse_norm * v for p, v in zip(params, buffers)]
+
+
+def clip(grads, clipnorm=None, global_clipnorm=None, clipvalue=None):
+    """A Keras optimizer's clipping of the gradients it applies.
+
+    `clipnorm`: each tensor to L2 norm ≤ `clipnorm`; `global_clipnorm`: all
+    tensors by one factor, to a global L2 norm ≤ `global_clipnorm`;
+    `clipvalue`: each element to [−clipvalue, clipvalue].
+    """
+    if clipnorm:
+        return [g * clipnorm / max(np.linalg.norm(g), clipnorm) for g in grads]
+    if global_clipnorm:
+        norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+        return [g * global_clipnorm / max(norm, global_clipnorm) for g in grads]
+    if clipvalue:
+        return [np.clip(g, -clipvalue, clipvalue) for g in grads]
+    return list(grads)
+
+
+def train_keras_sgd(
+    w,
+    b,
+    batches,
+    rho,
+    lr,
+    momentum=0.0,
+    accumulation_steps=None,
+    ema_momentum=None,
+    ema_overwrite_frequency=None,
+    gradient_fn=sam_gradient,
+    **clipping,
+):
+    """Keras' SGD with its optimizer features, on SAM gradients, by hand.
+
+    One call per batch, as `fit` makes: the batch's SAM gradient at the
+    current weights, with its own ε (`rho` may be a function of the call
+    index t, and so may `lr`, as Keras' learning-rate schedules count
+    calls). Without accumulation every call applies its gradient. With
+    `accumulation_steps=k` the calls' gradients are summed, and every k-th
+    call applies their mean; the weights do not move in between. An
+    applied gradient is clipped (`clip(..., **clipping)`), then
+    v ← μv − lr·g; w ← w + v.
+
+    With `ema_momentum=β`, after every call (an update or not) the average
+    a ← β'a + (1 − β')w of the weights w at that moment, where β' = 0
+    while u = 0 and β' = β after, u = t // k (or t) being the number of
+    updates made before the call. With `ema_overwrite_frequency=f`, the
+    weights are set to a after the calls where (u + 1) % f == 0.
+
+    Returns the final (W, b), the clean loss of every call, and the final
+    average (or `None`).
+    """
+    k = accumulation_steps or 1
+    params = [w.astype(np.float64), b.astype(np.float64)]
+    velocity = [np.zeros_like(p) for p in params]
+    summed = [np.zeros_like(p) for p in params]
+    average = None
+    losses = []
+    for t, batch in enumerate(batches):
+        x, y, sw = batch if len(batch) == 3 else (*batch, None)
+        radius = rho(t) if callable(rho) else rho
+        loss, grads = gradient_fn(*params, x, y, radius, sample_weight=sw)
+        losses.append(loss)
+        summed = [s + g for s, g in zip(summed, grads)]
+        if (t + 1) % k == 0:
+            applied = clip([s / k for s in summed], **clipping)
+            summed = [np.zeros_like(p) for p in params]
+            rate = lr(t) if callable(lr) else lr
+            velocity = [
+                momentum * v - rate * g for v, g in zip(velocity, applied)
+            ]
+            params = [p + v for p, v in zip(params, velocity)]
+        if ema_momentum is not None:
+            updates = t // k
+            beta = ema_momentum if updates else 0.0
+            average = [
+                beta * a + (1 - beta) * p
+                for a, p in zip(average or params, params)
+            ]
+            overwrite = ema_overwrite_frequency or 0
+            if overwrite and (updates + 1) % overwrite == 0:
+                params = [a.copy() for a in average]
+    return params[0], params[1], losses, average
