@@ -8,6 +8,7 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import compat
 from keras_sam import sam_step
 from keras_sam import saving
 from keras_sam import switching as switching_lib
@@ -158,7 +159,9 @@ class SAMModel(keras.Model):
     Args:
         base: the Keras model to train. It is used as is, not copied.
         rho: the neighbourhood radius ρ ≥ 0: a number, a schedule of the
-            step, or a float `keras.Variable` read at every step (so that a
+            step (evaluated at the step the optimizer's learning-rate
+            schedule sees, so also per batch under gradient accumulation),
+            or a float `keras.Variable` read at every step (so that a
             callback may set it; `get_config` and `.keras` files store its
             value at saving time as a number). `0` reproduces the base
             optimizer. ASAM typically wants a ρ about 10x larger than SAM.
@@ -555,7 +558,8 @@ class SAMModel(keras.Model):
         if isinstance(self.rho, keras.Variable):
             return backend.read_live(self.rho)
         if callable(self.rho):
-            return ops.cast(self.rho(self.optimizer.iterations), "float32")
+            step = compat.schedule_step(self.optimizer)
+            return ops.cast(self.rho(step), "float32")
         return self.rho
 
     def _compute_total_loss(self, x, y, y_pred, sample_weight):

@@ -24,6 +24,7 @@ from keras import tree
 from keras.src.backend.common import stateless_scope
 
 from keras_sam import backend
+from keras_sam import compat
 from keras_sam import perturbations
 
 SAMResult = collections.namedtuple(
@@ -229,7 +230,10 @@ def sam_gradients(
             of replicas, as Keras' losses do).
         sample_weight: optional per-example weights.
         rho: the neighbourhood radius ρ ≥ 0: a number, a float
-            `keras.Variable`, or a schedule of `optimizer.iterations`.
+            `keras.Variable`, or a schedule of the step at which the
+            optimizer evaluates its learning rate (the calls to `apply`,
+            which under gradient accumulation outnumber
+            `optimizer.iterations`).
             `0` gives the plain gradient. Defaults to `0.05`.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
         eta: ASAM's η > 0. Defaults to `0.01`.
@@ -258,10 +262,10 @@ def sam_gradients(
         if optimizer is None:
             raise ValueError(
                 "A schedule `rho` is a function of the step: pass the "
-                "`optimizer` whose `iterations` it follows. Received: "
+                "`optimizer` whose steps it follows. Received: "
                 f"rho={rho!r}, optimizer=None"
             )
-        rho = ops.cast(rho(optimizer.iterations), "float32")
+        rho = ops.cast(rho(compat.schedule_step(optimizer)), "float32")
     loss_fn = _loss_function(loss_fn)
 
     def compute_loss(x, y, y_pred, sample_weight):

@@ -156,29 +156,23 @@ def test_clipping_applies_to_the_sam_gradient(clipping, mode):
     assert np.abs(free_w - want_w).max() > 1e-2
 
 
-def test_rho_schedule_counts_optimizer_updates_under_accumulation():
-    # ρ = 0.5 for the first update (calls 0 and 1), then 0: a schedule of
-    # `optimizer.iterations`, which Keras counts in updates.
+def test_rho_schedule_counts_calls_as_the_learning_rate_under_accumulation():
+    # ρ = 0.5 for call 0 only, then 0: a schedule sees the step Keras gives
+    # a learning-rate schedule (calls to `apply`), not `iterations`
+    # (updates, calls // 2).
     rho = keras.optimizers.schedules.PiecewiseConstantDecay([0], [RHO, 0.0])
     got = fit(dict(gradient_accumulation_steps=2), rho=rho)
 
     want_w, want_b, _, _ = oracle_fit(
-        rho=lambda t: RHO if t // 2 == 0 else 0.0, accumulation_steps=2
-    )
-    assert_weights(got, want_w, want_b)
-    per_call_w, _, _, _ = oracle_fit(
         rho=lambda t: RHO if t == 0 else 0.0, accumulation_steps=2
     )
-    assert np.abs(per_call_w - want_w).max() > 1e-4
+    assert_weights(got, want_w, want_b)
+    per_update_w, _, _, _ = oracle_fit(
+        rho=lambda t: RHO if t // 2 == 0 else 0.0, accumulation_steps=2
+    )
+    assert np.abs(per_update_w - want_w).max() > 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ρ schedules read `optimizer.iterations` (updates) while Keras' "
-    "learning-rate schedules read the calls, so under accumulation "
-    "RhoFollowingLearningRate follows the learning rate k times too slowly "
-    "(reported to the lead, issue #25)",
-)
 def test_rho_following_learning_rate_uses_the_applied_rate_under_accumulation():
     # The optimizer's rate is LR for calls 0-1 and LR / 2 from call 2 on
     # (Keras evaluates it at the call); ρ should follow: 0.5, then 0.
