@@ -64,19 +64,21 @@ def random_case(seed):
     )
 
 
-def train(case, rho):
+def base_model(case):
+    """A fresh copy of `case`'s model, initialized from its seed."""
     keras.utils.set_random_seed(case["model_seed"])
-    base = keras.Sequential(
+    return keras.Sequential(
         [keras.Input(case["shape"])]
         + [
             keras.layers.deserialize(keras.layers.serialize(layer))
             for layer in case["layers"]
         ]
     )
-    before = [v.numpy() for v in base.trainable_variables]
-    model = keras_sam.SAMModel(base, rho=rho, adaptive=case["adaptive"])
+
+
+def fit_case(model, case, **compile_kwargs):
     model.compile(
-        optimizer=keras.optimizers.SGD(0.01), loss=xent(), run_eagerly=True
+        optimizer=keras.optimizers.SGD(0.01), loss=xent(), **compile_kwargs
     )
     model.fit(
         case["x"],
@@ -86,6 +88,13 @@ def train(case, rho):
         shuffle=False,
         verbose=0,
     )
+
+
+def train(case, rho):
+    base = base_model(case)
+    before = [v.numpy() for v in base.trainable_variables]
+    model = keras_sam.SAMModel(base, rho=rho, adaptive=case["adaptive"])
+    fit_case(model, case, run_eagerly=True)
     return before, base
 
 
@@ -266,33 +275,14 @@ def fit_on_devices(case, devices, **sam_kwargs):
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(distribution)
     try:
-        keras.utils.set_random_seed(case["model_seed"])
-        base = keras.Sequential(
-            [keras.Input(case["shape"])]
-            + [
-                keras.layers.deserialize(keras.layers.serialize(layer))
-                for layer in case["layers"]
-            ]
-        )
+        base = base_model(case)
         model = keras_sam.SAMModel(base, **sam_kwargs) if sam_kwargs else base
-        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=xent())
-        model.fit(
-            case["x"],
-            case["y"],
-            sample_weight=case["sample_weight"],
-            batch_size=case["batch"],
-            shuffle=False,
-            verbose=0,
-        )
+        fit_case(model, case)
         return [v.numpy() for v in base.variables]
     finally:
         keras.distribution.set_distribution(previous)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "jax",
-    reason="keras.distribution runs on the JAX backend",
-)
 def seeds_with_batchnorm(count):
     def has_batchnorm(seed):
         return any(
@@ -303,6 +293,10 @@ def seeds_with_batchnorm(count):
     return [seed for seed in range(100) if has_batchnorm(seed)][:count]
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="keras.distribution runs on the JAX backend",
+)
 @pytest.mark.parametrize("seed", seeds_with_batchnorm(4))
 def test_data_parallel_steps_as_keras_and_as_per_device_parts(seed):
     case = random_case(seed)
