@@ -4,6 +4,9 @@
         --output=docs/performance.json
     taskset -c 0 python -m benchmarks.step_time --pipeline=false \
         --output=docs/performance_repeat.json
+    KERAS_BACKEND=torch taskset -c 0 python -m benchmarks.step_time \
+        --modes=torch,torch_compile --models=small_cnn,resnet20 \
+        --memory=false --pipeline=false --output=docs/performance_torch.json
 
 For each model and mode, every contender (plain `fit` with SGD, exact SAM,
 the two-pass floor, the naive port, every variant of `SAMModel`) is
@@ -26,6 +29,13 @@ The second command repeats the timings and the memory after the first, so
 that the report can show how well two runs agree; run them one after the
 other on an otherwise idle machine (two runs side by side, one per core,
 disagreed by up to 30 %: they share the cache and the memory bus).
+
+The third times the same steps on Keras' PyTorch backend, eagerly (`torch`)
+and under `torch.compile` (`torch_compile`, `jit_compile=True`): SGD and
+the contenders that are a `SAMModel` (`TORCH_TIMED`; the floor and the
+naive port are written with `tf.GradientTape`), on one batch already in
+torch tensors, with torch on `--threads` threads. Memory on PyTorch is
+`benchmarks.torch_memory`'s.
 """
 
 import json
@@ -59,7 +69,11 @@ def define_flags():
         f"Models to time, any of {list(MODELS)}.",
     )
     flags.DEFINE_list(
-        "modes", ["graph", "xla"], "Compilation modes: graph and/or xla."
+        "modes",
+        ["graph", "xla"],
+        f"Compilation modes, of {list(JIT_COMPILE)}: graph and/or xla on "
+        "TensorFlow, torch (eager) and/or torch_compile (torch.compile) "
+        "with KERAS_BACKEND=torch.",
     )
     flags.DEFINE_list(
         "rounds",
@@ -97,9 +111,10 @@ def define_flags():
     flags.DEFINE_integer(
         "threads",
         1,
-        "TensorFlow's intra- and inter-op threads; 0 keeps its default. With "
-        "one thread, process CPU time counts the step's work and nothing "
-        "else (no idle workers spinning).",
+        "TensorFlow's intra- and inter-op threads (torch's threads on "
+        "PyTorch); 0 keeps the default. With one thread, process CPU time "
+        "counts the step's work and nothing else (no idle workers "
+        "spinning).",
     )
     flags.DEFINE_bool("timings", True, "Time the steps (see --models).")
     flags.DEFINE_bool(
@@ -134,6 +149,15 @@ def define_flags():
         "Write the results as JSON here, after every model and mode.",
     )
 
+
+# `jit_compile` of each mode; the torch modes need KERAS_BACKEND=torch.
+JIT_COMPILE = {
+    "graph": False,
+    "xla": True,
+    "torch": False,
+    "torch_compile": True,
+}
+TORCH_MODES = ("torch", "torch_compile")
 
 MODELS = {
     "small_cnn": (28, 28, 1),
@@ -300,6 +324,9 @@ TIMED = {
     "resnet20": CORE + ["sam_on"],  # SAM-ON needs normalization layers
     "wrn_16_4": CORE,
 }
+# What runs on PyTorch: `SAMModel` and SGD. The floor and the naive port
+# take their gradients with `tf.GradientTape`.
+TORCH_TIMED = ["sgd", "sam", "sam_rho_0", "momentum_sam"]
 MEMORY_CONTENDERS = [
     "sgd",
     "sam",
@@ -335,6 +362,13 @@ def _compiled_step(model, dataset, jit_compile, loss=None):
         jit_compile=jit_compile,
     )
     model.fit(dataset.take(2), verbose=0)  # builds the train function
+    if keras.backend.backend() == "torch":
+        # Keras' PyTorch train function takes a list of batches of tensors.
+        batch = next(iter(dataset.as_numpy_iterator()))
+        data = [tuple(keras.ops.convert_to_tensor(t) for t in batch)]
+        for _ in range(2):  # warms up what fit compiled
+            model.train_function(data)
+        return lambda: model.train_function(data)
     iterator = iter(dataset)
     for _ in range(2):  # traces it for this iterator, warms up
         model.train_function(iterator)
@@ -348,7 +382,7 @@ def time_model(name, mode, rounds, steps, batch_size, contenders=CORE):
     for contender in ["sgd"] + [c for c in contenders if c != "sgd"]:
         keras.utils.set_random_seed(0)
         model = CONTENDERS[contender](_build(name))
-        compiled[contender] = _compiled_step(model, dataset, mode == "xla")
+        compiled[contender] = _compiled_step(model, dataset, JIT_COMPILE[mode])
         if contender == "sgd":
             params = int(model.count_params())
     compiled_at = time.perf_counter()
@@ -563,6 +597,10 @@ def peak_bytes(step, count=6):
 
 
 def _set_threads(threads):
+    if threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -575,7 +613,39 @@ def _write(results, path):
         )
 
 
+def _torch_version():
+    if keras.backend.backend() != "torch":
+        return {}
+    import torch
+
+    return {"torch": torch.__version__}
+
+
+def _check_backend(flags_obj):
+    """Raises `ValueError` naming the flag that this backend cannot run."""
+    on_torch = keras.backend.backend() == "torch"
+    for mode in flags_obj.modes:
+        if mode not in JIT_COMPILE or (mode in TORCH_MODES) != on_torch:
+            allowed = TORCH_MODES if on_torch else ("graph", "xla")
+            raise ValueError(
+                f"--modes must be of {list(allowed)} with "
+                f"KERAS_BACKEND={keras.backend.backend()}. Received: "
+                f"--modes={','.join(flags_obj.modes)}"
+            )
+    if on_torch:
+        for flag in ("memory", "pipeline"):
+            if getattr(flags_obj, flag):
+                raise ValueError(
+                    f"--{flag} measures TensorFlow (its allocator, its "
+                    "input pipeline); pass --memory=false --pipeline=false "
+                    "with KERAS_BACKEND=torch (memory on PyTorch: "
+                    "benchmarks.torch_memory). Received: "
+                    f"--{flag}={getattr(flags_obj, flag)}"
+                )
+
+
 def run(flags_obj):
+    _check_backend(flags_obj)
     _set_threads(flags_obj.threads)
     steps, rounds = (
         {name: int(n) for name, n in (item.split(":") for item in counts)}
@@ -586,6 +656,8 @@ def run(flags_obj):
             "cpus": os.cpu_count(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+            **_torch_version(),
         },
         "batch_size": flags_obj.batch_size,
         "threads": flags_obj.threads,
@@ -594,6 +666,8 @@ def run(flags_obj):
     }
     for name in flags_obj.models:
         contenders = [c for c in TIMED[name] if c in flags_obj.contenders]
+        if keras.backend.backend() == "torch":
+            contenders = [c for c in contenders if c in TORCH_TIMED]
         for mode in flags_obj.modes if flags_obj.timings else []:
             key = f"{name}/{mode}"
             timed = contenders

@@ -2,6 +2,7 @@
 beside it."""
 
 import json
+import types
 
 import keras
 import pytest
@@ -213,3 +214,18 @@ def test_a_sam_step_updates_after_both_passes():
     # through both passes (ResNet-20: +3 parameter copies at the peak).
     first_update, last_gradient = _in_fresh_process("print_update_order()")
     assert first_update > last_gradient
+
+
+@pytest.mark.parametrize(
+    "flag_values, message",
+    [
+        (dict(modes=["graph", "torch_compile"]), "--modes=graph,torch_compile"),
+        (dict(modes=["jit"]), "--modes=jit"),
+    ],
+)
+def test_a_mode_of_another_backend_is_refused(flag_values, message):
+    flags_obj = types.SimpleNamespace(
+        **{"memory": True, "pipeline": True, **flag_values}
+    )
+    with pytest.raises(ValueError, match=message):
+        step_time._check_backend(flags_obj)
