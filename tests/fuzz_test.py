@@ -320,3 +320,26 @@ def test_data_parallel_steps_as_keras_and_as_per_device_parts(seed):
         np.testing.assert_allclose(
             got, want, rtol=1e-3, atol=1e-4, err_msg=f"seed {seed}: {case}"
         )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="torch.compile is PyTorch's jit_compile",
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_torch_compile_steps_as_eager_execution(seed):
+    # Random models with BatchNorm and dropout: the compiled SAM step gives
+    # the eager step's numbers to float32 rounding.
+    case = random_case(seed)
+    trained = []
+    for compile_kwargs in ({"run_eagerly": True}, {"jit_compile": True}):
+        base = base_model(case)
+        model = keras_sam.SAMModel(
+            base, rho=case["rho"], adaptive=case["adaptive"]
+        )
+        fit_case(model, case, **compile_kwargs)
+        trained.append([v.numpy() for v in base.variables])
+    for eager, compiled in zip(*trained):
+        np.testing.assert_allclose(
+            compiled, eager, rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}"
+        )
