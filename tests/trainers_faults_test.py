@@ -5,9 +5,8 @@ same --output_dir, a resume with other flags, a corrupt checkpoint and
 files left by an interrupted write, a full disk and a read-only directory
 (a tmpfs when this process may mount one, else an error injected at the
 write), flag values that cannot work, a diverging loss, and the file
-modes. They run on every backend but PyTorch's (the trainers' step is the
-same code there; tests/trainers_backends_test.py runs it), except the
-TPU settings, which are TensorFlow's.
+modes. They run on every backend, but for the TPU settings (TensorFlow's)
+and the killed processes (not in the PyTorch pass, for time).
 """
 
 import contextlib
@@ -38,9 +37,9 @@ from trainers.flags import error_line
 
 not_on_torch = pytest.mark.skipif(
     backends.BACKEND == "torch",
-    reason="the PyTorch pass runs the trainer in trainers_backends_test.py",
+    reason="the same processes as on JAX; kept out of the PyTorch pass "
+    "for time",
 )
-pytestmark = not_on_torch
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
@@ -123,6 +122,7 @@ def _saved_arrays(path):
         return {k: saved[k] for k in saved.files}
 
 
+@not_on_torch
 def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
     tmp_path,
 ):
@@ -160,7 +160,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
         )
         assert _one_line(second) == (
             f"DirectoryInUseError: Another process (pid {process.pid}) is "
-            f"training in {cut} (it holds {cut / '.lock'}). Wait for it to "
+            f"training in {cut} (it holds {cut / loop.LOCK}). Wait for it to "
             "end, or use another --output_dir."
         )
         process.send_signal(signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
     assert 3 <= killed_at < steps and killed_at % 32
 
     # The lock file the killed run left does not block the restart.
-    assert (cut / ".lock").exists()
+    assert (cut / loop.LOCK).exists()
     resumed = subprocess.run(
         _command(cut, steps),
         env=_environment(),
@@ -201,6 +201,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
         np.testing.assert_array_equal(cut_state[key], whole_state[key], key)
 
 
+@backends.needs_steps_per_execution
 def test_steps_per_execution_keeps_the_checkpoint_schedule(tmp_path):
     results = fashion_mnist.run(
         make_flags(
@@ -215,6 +216,7 @@ def test_steps_per_execution_keeps_the_checkpoint_schedule(tmp_path):
         assert int(saved["step"]) == 6
 
 
+@backends.tensorflow_only
 def test_tpu_settings_compile_with_xla_in_bfloat16_several_steps_a_call(
     tmp_path,
 ):
@@ -232,6 +234,7 @@ def test_tpu_settings_compile_with_xla_in_bfloat16_several_steps_a_call(
         loop.accelerator_settings(float16, on_tpu=True)
 
 
+@backends.tensorflow_only
 def test_tpu_strategy_goes_through_the_cluster_resolver(monkeypatch):
     resolved = []
 
@@ -456,7 +459,7 @@ def test_a_full_disk_and_a_read_only_directory_stop_with_one_line(
             fashion_mnist.run(make_flags(run, **SHORT, model="mlp"))
         monkeypatch.undo()
         assert error_line(error.value) == (
-            f"OSError: Cannot write {os.path.join(run, '.lock')}: Read-only "
+            f"OSError: Cannot write {os.path.join(run, loop.LOCK)}: Read-only "
             "file system. Nothing written before was damaged; run the same "
             "command again once it can be written, or use another "
             "--output_dir."
@@ -521,6 +524,6 @@ def test_files_are_written_with_the_umask(tmp_path, monkeypatch):
         checkpoint.CHECKPOINT + checkpoint.PREVIOUS,
         loop.RESULTS,
         loop.MODEL,
-        ".lock",
+        loop.LOCK,
     ):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

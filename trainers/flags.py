@@ -70,8 +70,9 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     flags.DEFINE_string(
         "output_dir",
         d.get("output_dir", "runs/default"),
-        "Checkpoints, TensorBoard logs and results.json go here; a run "
-        "started again with the same output_dir resumes.",
+        "Checkpoints, TensorBoard logs and results.json go here; the same "
+        "command started again resumes (other settings are refused, see "
+        "the README's Faults). One process at a time.",
     )
     flags.DEFINE_enum(
         "model", d["model"], model_names or sorted(models.MODELS), model_help

@@ -29,6 +29,7 @@ from trainers import strategy as strategy_lib
 
 RESULTS = "results.json"
 MODEL = "model.keras"  # the trained base model, for inference and analysis
+LOCK = ".training.lock"  # held by the process that trains in the directory
 
 
 class TrainingTime(keras.callbacks.Callback):
@@ -349,7 +350,7 @@ def fit_and_report(
     with _writing(output_dir):
         os.makedirs(output_dir, exist_ok=True)
         lock = checkpoint_lib.DirectoryLock(
-            os.path.join(output_dir, _lock_name(strategy))
+            os.path.join(output_dir, lock_name(strategy))
         )
     with lock:
         return _fit_and_report_locked(
@@ -513,11 +514,14 @@ def _fit_and_report_locked(
     return results
 
 
-def _lock_name(strategy):
-    if _is_chief(strategy):
-        return ".lock"
+def lock_name(strategy=None):
+    """The lock file of a run directory: `.training.lock` for the chief
+    (or a single process), `.training.lock-<task>-<index>` for another
+    worker."""
+    if strategy is None or _is_chief(strategy):
+        return LOCK
     resolver = strategy.cluster_resolver
-    return f".lock-{resolver.task_type}-{resolver.task_id}"
+    return f"{LOCK}-{resolver.task_type}-{resolver.task_id}"
 
 
 def _remove_stale_writes(output_dir, chief):
