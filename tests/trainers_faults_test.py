@@ -271,8 +271,9 @@ def test_a_write_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == [checkpoint.CHECKPOINT]
 
 
-# Two steps an epoch, a checkpoint every step.
+# Two steps an epoch, a checkpoint every step, the quickest model.
 SHORT = dict(
+    model="mlp",
     train_examples=32,
     batch_size=16,
     train_steps=6,
@@ -411,7 +412,7 @@ def test_a_full_disk_and_a_read_only_directory_stop_with_one_line(
     run = os.path.join(disk, "run")
     with contextlib.ExitStack() as stack:
         mounted = stack.enter_context(_small_filesystem(disk, "24m"))
-        _interrupted(monkeypatch, run, 3, model="mlp")
+        _interrupted(monkeypatch, run, 3)
         kept = _saved_arrays(os.path.join(run, checkpoint.CHECKPOINT))
         if mounted:
             # Room for TensorBoard's logs, not for a checkpoint.
@@ -423,7 +424,7 @@ def test_a_full_disk_and_a_read_only_directory_stop_with_one_line(
 
             monkeypatch.setattr(checkpoint.np, "savez", no_space)
         with pytest.raises(OSError) as error:
-            fashion_mnist.run(make_flags(run, **SHORT, model="mlp"))
+            fashion_mnist.run(make_flags(run, **SHORT))
         monkeypatch.undo()
         path = os.path.join(run, checkpoint.CHECKPOINT)
         assert error_line(error.value) == (
@@ -456,7 +457,7 @@ def test_a_full_disk_and_a_read_only_directory_stop_with_one_line(
 
             monkeypatch.setattr(checkpoint.os, "open", read_only)
         with pytest.raises(OSError) as error:
-            fashion_mnist.run(make_flags(run, **SHORT, model="mlp"))
+            fashion_mnist.run(make_flags(run, **SHORT))
         monkeypatch.undo()
         assert error_line(error.value) == (
             f"OSError: Cannot write {os.path.join(run, loop.LOCK)}: Read-only "
