@@ -411,11 +411,6 @@ def _fit_and_report_locked(
         else:
             print(f"Resuming from step {start_step} of {total_steps}.")
 
-    if metrics and not set(metrics) <= set(checkpoint_lib.metric_paths(model)):
-        # TensorFlow creates the compiled metrics' variables when it first
-        # traces a step, after `fit` has begun its epoch; one test batch
-        # creates them before.
-        model.evaluate(test_data, steps=1, verbose=0)
     every = config.checkpoint_every_steps or steps_per_epoch
     saver = checkpoint_lib.AtomicCheckpoint(
         checkpoint_path,
@@ -442,6 +437,12 @@ def _fit_and_report_locked(
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.TensorBoard(tensorboard_dir),
     ]
+    if metrics and not set(metrics) <= set(checkpoint_lib.metric_paths(model)):
+        # Without a strategy, TensorFlow creates the compiled metrics'
+        # variables when it first traces a step, after `fit` has begun its
+        # epoch (the other backends before); one test batch creates them.
+        # (After `TorchRandomStream` has taken the restored generator.)
+        model.evaluate(test_data, steps=1, verbose=0)
     step = start_step
     while step < total_steps:
         epoch = step // steps_per_epoch
