@@ -1,5 +1,6 @@
 """The trainers' checkpoint: keyed by variable path, refusing mismatches."""
 
+import errno
 import os
 
 import keras
@@ -140,3 +141,25 @@ def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
     np.savez(path, step=np.int64(3), **by_position)
     with pytest.raises(ValueError, match="by position"):
         checkpoint.restore(path, model)
+
+
+def test_a_directory_lock_admits_one_holder_at_a_time(
+    tmp_path, monkeypatch, capsys
+):
+    path = str(tmp_path / ".training.lock")
+    with checkpoint.DirectoryLock(path):
+        with pytest.raises(checkpoint.DirectoryInUseError) as error:
+            checkpoint.DirectoryLock(path)
+        assert str(error.value) == (
+            f"Another process (pid {os.getpid()}) is training in {tmp_path} "
+            f"(it holds {path}). Wait for it to end, or use another "
+            "--output_dir."
+        )
+    checkpoint.DirectoryLock(path).release()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    checkpoint.DirectoryLock(path).release()
+    assert "cannot lock files (No locks available)" in capsys.readouterr().err

@@ -438,6 +438,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.saved_step = self.step
 
 
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
 class DirectoryInUseError(OSError):
     """Another process holds the lock of a run directory."""
 
@@ -450,7 +453,8 @@ class DirectoryLock:
     raises `DirectoryInUseError` naming the directory and the owner while
     another process holds it. The system releases the lock when its
     process ends, killed or not, so a stale file never blocks a restart.
-    `lock.release()` or leaving a `with` block releases it.
+    `lock.release()` or leaving a `with` block releases it. On a file
+    system that cannot lock files it warns, and locks nothing.
     """
 
     def __init__(self, path):
@@ -459,6 +463,14 @@ class DirectoryLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            if error.errno in _NO_LOCKS:
+                print(
+                    f"Warning: the file system of {path} cannot lock files "
+                    f"({error.strerror}); make sure that one process at a "
+                    "time trains there.",
+                    file=sys.stderr,
+                )
+                return
             owner = os.pread(self._fd, 64, 0).decode(errors="replace")
             os.close(self._fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES):
