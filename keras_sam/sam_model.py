@@ -727,6 +727,16 @@ def _validate_variant_arguments(
             "non-empty list of regular expressions. Received: "
             f"perturbed_variables={perturbed_variables!r}"
         )
+    else:
+        for pattern in perturbed_variables:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(
+                    "`perturbed_variables` must hold regular expressions; "
+                    f"{pattern!r} is not one ({error}). Received: "
+                    f"perturbed_variables={perturbed_variables!r}"
+                ) from None
     if switching is not None and not isinstance(
         switching, switching_lib.SwitchingPolicy
     ):

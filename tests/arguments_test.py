@@ -164,6 +164,14 @@ def base():
             lambda: keras_sam.SAMModel(base(), micro_batches=2.0),
             "Received: micro_batches=2.0",
         ),
+        (
+            # Refused when built, not when `fit` first matches it.
+            lambda: keras_sam.SAMModel(
+                base(), perturbed_variables=["kernel", "["]
+            ),
+            "`perturbed_variables` must hold regular expressions; '[' is "
+            "not one",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_argument_and_value(make, message):

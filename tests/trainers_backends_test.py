@@ -49,6 +49,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     np.testing.assert_allclose(
         resumed["test_loss"], whole["test_loss"], rtol=1e-6
     )
+    # The epoch the interruption cut in two is logged as a whole one.
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(
+            resumed["history"][key], whole["history"][key], rtol=1e-6
+        )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")

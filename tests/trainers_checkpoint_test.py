@@ -1,5 +1,8 @@
 """The trainers' checkpoint: keyed by variable path, refusing mismatches."""
 
+import errno
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -79,6 +82,58 @@ def test_repeated_variable_paths_get_distinct_keys():
     assert {"state", "state#1", "state#2"} <= set(keys)
 
 
+def test_a_checkpoint_without_settings_or_checksum_still_restores(tmp_path):
+    # As checkpoints were written before they held either.
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    arrays = {
+        "variables/" + k: v.numpy() + 1
+        for k, v in checkpoint.state_paths(model).items()
+    }
+    np.savez(path, step=np.int64(5), history=np.array("{}"), **arrays)
+    saved = checkpoint.read(path)
+    assert saved.settings is None and saved.step == 5
+    assert checkpoint.restore(saved, model) == 5
+    for key, variable in checkpoint.state_paths(model).items():
+        np.testing.assert_array_equal(
+            variable.numpy(), arrays["variables/" + key]
+        )
+
+
+def test_a_changed_value_fails_the_checksum(tmp_path):
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    checkpoint.save(path, _compiled(), step=2, settings={"rho": 0.05})
+    assert checkpoint.read(path).settings == {"rho": 0.05}
+    # Rewritten whole (the zip's own CRCs agree), one value changed.
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["step"] = np.int64(3)
+    np.savez(path, **arrays)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.read(path)
+    assert str(error.value) == (
+        f"Checkpoint {path} is corrupt: its contents do not match the "
+        "checksum written with them"
+    )
+
+
+def test_each_save_keeps_the_checkpoint_before(tmp_path):
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    assert checkpoint.find(path) is None
+    for step in (1, 2, 3):
+        checkpoint.save(path, model, step=step)
+    assert sorted(os.listdir(tmp_path)) == [
+        checkpoint.CHECKPOINT,
+        checkpoint.CHECKPOINT + checkpoint.PREVIOUS,
+    ]
+    assert checkpoint.read(path).step == 3
+    assert checkpoint.read(path + checkpoint.PREVIOUS).step == 2
+    # Killed between the two renames: only the one before is left.
+    os.remove(path)
+    assert checkpoint.find(path).step == 2
+
+
 def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
     path = str(tmp_path / checkpoint.CHECKPOINT)
     model = _compiled()
@@ -86,3 +141,25 @@ def test_a_checkpoint_keyed_by_position_is_refused(tmp_path):
     np.savez(path, step=np.int64(3), **by_position)
     with pytest.raises(ValueError, match="by position"):
         checkpoint.restore(path, model)
+
+
+def test_a_directory_lock_admits_one_holder_at_a_time(
+    tmp_path, monkeypatch, capsys
+):
+    path = str(tmp_path / ".training.lock")
+    with checkpoint.DirectoryLock(path):
+        with pytest.raises(checkpoint.DirectoryInUseError) as error:
+            checkpoint.DirectoryLock(path)
+        assert str(error.value) == (
+            f"Another process (pid {os.getpid()}) is training in {tmp_path} "
+            f"(it holds {path}). Wait for it to end, or use another "
+            "--output_dir."
+        )
+    checkpoint.DirectoryLock(path).release()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    checkpoint.DirectoryLock(path).release()
+    assert "cannot lock files (No locks available)" in capsys.readouterr().err

@@ -2,38 +2,92 @@
 
 A checkpoint holds every model and optimizer variable (seed states
 included, which Keras' weight files leave out), keyed by variable path,
-the step and the history of the epochs so far. It is written to a
-temporary file and renamed into place, so a kill never leaves a
-half-written checkpoint, and it restores only into a model whose
+the step, the history of the epochs so far, the settings of the run that
+wrote it, the running metrics of an epoch it cuts in two, and a SHA-256
+checksum of all of these. It is written to a temporary file and renamed
+into place, so a kill never leaves a half-written checkpoint; the one it
+replaces is kept as `<path>.previous`, and `find` falls back to it when
+the newest fails its checksum. It restores only into a model whose
 variables have the same paths and shapes. Workers other than the chief
 write a copy of their own beside it (`<path>.worker`).
+
+Files are created with the process' umask, as any other file.
 """
 
+import dataclasses
+import errno
+import fcntl
+import glob
+import hashlib
 import json
 import os
-import tempfile
+import sys
 
 import keras
 import numpy as np
 
 CHECKPOINT = "checkpoint.npz"
+PREVIOUS = ".previous"  # suffix of the checkpoint kept before the newest
+TMP_PREFIX = ".tmp-"  # of the files being written
 
 
-def write_atomically(path, write):
-    """Calls `write(file)` on a temporary file, then renames it to `path`."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that belongs to another run."""
+
+
+def write_atomically(path, write, keep_previous=False):
+    """Calls `write(file)` on a temporary file, then renames it to `path`.
+
+    The temporary file, `.tmp-<name of path>-<random>` beside `path`, is
+    created with mode 0666 less the umask and synced to disk before the
+    rename; it is removed if `write` fails. With `keep_previous`, an
+    existing `path` is first renamed to `path + PREVIOUS`, so at every
+    moment one of the two is a complete file.
+    """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    tmp = os.path.join(
+        directory,
+        f"{TMP_PREFIX}{os.path.basename(path)}-{os.urandom(4).hex()}",
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, path + PREVIOUS)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _sync_directory(directory)
+
+
+def _sync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_writes(directory, name):
+    """Removes the temporary files that an interrupted write of `name` (a
+    file in `directory`) left; returns their paths."""
+    stale = glob.glob(
+        os.path.join(glob.escape(directory), f"{TMP_PREFIX}{name}-*")
+    )
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def _state_variables(model):
@@ -46,59 +100,190 @@ def state_paths(model):
     A key is the variable's path; a path that occurs more than once gets
     `#k` appended to its k-th repeat (k = 1, 2, … in variable order).
     """
+    return _keyed(_state_variables(model))
+
+
+_VARIABLES = "variables/"
+_METRICS = "metrics/"
+_TORCH_RANDOM_STATE = "torch_random_state"
+_CHECKSUM = "checksum"
+
+
+def _keyed(variables):
     keys, seen = {}, {}
-    for variable in _state_variables(model):
+    for variable in variables:
         count = seen.get(variable.path, 0)
         seen[variable.path] = count + 1
         keys[variable.path + (f"#{count}" if count else "")] = variable
     return keys
 
 
-_VARIABLES = "variables/"
-_TORCH_RANDOM_STATE = "torch_random_state"
+def metric_paths(model):
+    """`{key: variable}` of the model's metric variables (running sums
+    and counts), keyed as `state_paths`."""
+    return _keyed(model.metrics_variables)
 
 
-def save(path, model, step, history=None):
+def _checksum(arrays):
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def save(path, model, step, history=None, settings=None, metrics=False):
     """Writes the model's and optimizer's variables, keyed by path, with
-    `step` and the `history` so far, to `path`, atomically.
+    `step`, the `history` so far, the run's `settings` (a JSON-able dict)
+    and, with `metrics`, the model's metric variables, to `path`,
+    atomically, keeping the checkpoint it replaces as `path + PREVIOUS`.
 
     On PyTorch it also writes torch's CPU generator, which Keras' unseeded
     `Dropout` draws from there instead of from a seed variable (see
     `TorchRandomStream`).
     """
     arrays = {_VARIABLES + k: v.numpy() for k, v in state_paths(model).items()}
+    if metrics:
+        arrays.update(
+            {_METRICS + k: v.numpy() for k, v in metric_paths(model).items()}
+        )
+    arrays["step"] = np.int64(step)
     arrays["history"] = np.array(json.dumps(history or {}))
+    arrays["settings"] = np.array(json.dumps(settings or {}))
     if keras.backend.backend() == "torch":
         import torch
 
         arrays[_TORCH_RANDOM_STATE] = torch.get_rng_state().numpy()
-    write_atomically(path, lambda f: np.savez(f, step=np.int64(step), **arrays))
+    arrays[_CHECKSUM] = np.array(_checksum(arrays))
+    write_atomically(path, lambda f: np.savez(f, **arrays), keep_previous=True)
 
 
-def restore(path, model):
-    """Loads a checkpoint into `model`; returns its step.
+@dataclasses.dataclass
+class Saved:
+    """A checkpoint as read by `read`.
+
+    Attributes:
+        path: the file.
+        step: the optimizer steps it holds.
+        variables: `{key: array}` of `state_paths`.
+        metrics: `{key: array}` of `metric_paths` (empty unless the
+            checkpoint cut an epoch in two).
+        history: the logs of every finished epoch.
+        settings: the settings of the run that wrote it (None: written
+            before checkpoints held them).
+        torch_random_state: torch's CPU generator, or None.
+    """
+
+    path: str
+    step: int
+    variables: dict
+    metrics: dict
+    history: dict
+    settings: dict
+    torch_random_state: object = None
+
+
+def read(path):
+    """Reads and verifies the checkpoint at `path`.
+
+    Every array is read in full (so the zip's CRC-32 of each is checked)
+    and the checksum written with them is recomputed. Raises
+    `CheckpointError` naming `path` and the fault if anything fails.
+    """
+    try:
+        with np.load(path) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+    except Exception as error:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt and cannot be read "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    if "v0" in arrays:
+        raise CheckpointError(
+            f"Checkpoint {path} keys its variables by position, as "
+            "earlier versions wrote them; it cannot be matched to the "
+            "model. Train afresh in another --output_dir."
+        )
+    if _CHECKSUM in arrays:
+        written = str(arrays.pop(_CHECKSUM))
+        if _checksum(arrays) != written:
+            raise CheckpointError(
+                f"Checkpoint {path} is corrupt: its contents do not match "
+                "the checksum written with them"
+            )
+    try:
+        settings = arrays.get("settings")
+        return Saved(
+            path=path,
+            step=int(arrays["step"]),
+            variables={
+                k[len(_VARIABLES) :]: v
+                for k, v in arrays.items()
+                if k.startswith(_VARIABLES)
+            },
+            metrics={
+                k[len(_METRICS) :]: v
+                for k, v in arrays.items()
+                if k.startswith(_METRICS)
+            },
+            history=json.loads(str(arrays.get("history", "{}"))),
+            settings=None if settings is None else json.loads(str(settings)),
+            torch_random_state=arrays.get(_TORCH_RANDOM_STATE),
+        )
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt: {type(error).__name__}: {error}"
+        ) from None
+
+
+def find(path):
+    """The newest good checkpoint of `path`: `path` itself, else the one
+    kept before it (`path + PREVIOUS`); None when neither exists.
+
+    A checkpoint that fails `read` is skipped with a warning on stderr
+    naming it; when every existing one fails, raises `CheckpointError`
+    listing them.
+    """
+    faults = []
+    for candidate in (path, path + PREVIOUS):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            saved = read(candidate)
+        except CheckpointError as error:
+            faults.append(str(error))
+            continue
+        for fault in faults:
+            print(
+                f"Warning: {fault}; resuming from {candidate} (step "
+                f"{saved.step}) instead.",
+                file=sys.stderr,
+            )
+        return saved
+    if faults:
+        directory = os.path.dirname(path) or "."
+        raise CheckpointError(
+            f"No usable checkpoint in {directory}: "
+            + "; ".join(faults)
+            + ". Move them away to train afresh in this --output_dir, or "
+            "use another --output_dir."
+        )
+    return None
+
+
+def restore(saved, model):
+    """Loads a checkpoint (a `Saved` or a path) into `model`; returns its
+    step.
 
     Every variable is matched by its path (`state_paths`). Variables
     missing from the checkpoint, saved ones the model lacks and shapes
     that differ are an error that lists them, and nothing is assigned.
     """
+    if not isinstance(saved, Saved):
+        saved = read(saved)
+    path, arrays = saved.path, saved.variables
     variables = state_paths(model)
-    with np.load(path) as saved:
-        step = int(saved["step"])
-        if "v0" in saved.files:
-            raise ValueError(
-                f"Checkpoint {path} keys its variables by position, as "
-                "earlier versions wrote them; it cannot be matched to the "
-                "model. Train afresh in another --output_dir."
-            )
-        arrays = {
-            name[len(_VARIABLES) :]: saved[name]
-            for name in saved.files
-            if name.startswith(_VARIABLES)
-        }
-        torch_random_state = None
-        if _TORCH_RANDOM_STATE in saved.files:
-            torch_random_state = saved[_TORCH_RANDOM_STATE]
     problems = [f"missing {k}" for k in variables if k not in arrays]
     problems += [f"unexpected {k}" for k in arrays if k not in variables]
     problems += [
@@ -111,18 +296,21 @@ def restore(path, model):
         listed = "; ".join(problems[:20])
         if len(problems) > 20:
             listed += f"; and {len(problems) - 20} more"
-        raise ValueError(
+        raise CheckpointError(
             f"Checkpoint {path} does not match the model; was it written by "
             f"another model or flag setting? {len(problems)} mismatches: "
             f"{listed}."
         )
     for key, variable in variables.items():
         variable.assign(arrays[key])
-    if torch_random_state is not None and keras.backend.backend() == "torch":
+    if (
+        saved.torch_random_state is not None
+        and keras.backend.backend() == "torch"
+    ):
         import torch
 
-        torch.set_rng_state(torch.from_numpy(torch_random_state))
-    return step
+        torch.set_rng_state(torch.from_numpy(saved.torch_random_state))
+    return saved.step
 
 
 class TorchRandomStream(keras.callbacks.Callback):
@@ -155,27 +343,33 @@ class TorchRandomStream(keras.callbacks.Callback):
         self._torch.set_rng_state(self._state)
 
 
-def saved_history(path):
-    """The training history saved with the checkpoint at `path` ({} if
-    none)."""
-    with np.load(path) as saved:
-        if "history" not in saved.files:
-            return {}
-        return json.loads(str(saved["history"]))
-
-
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves `checkpoint.npz` every `every` steps and at the end of training.
 
     Steps are read from the optimizer's counter, so the schedule holds with
     `steps_per_execution` > 1 (the callback then runs once per execution).
     The checkpoint also holds `history`, the logs of every epoch so far
-    (to which this callback appends each epoch's). A state with a
-    non-finite loss or weight is never written: the last good checkpoint
-    stays in place.
+    (to which this callback appends each epoch's), the run's `settings`
+    and, when it is written within an epoch, the running metrics of that
+    epoch. `metrics`, from a checkpoint written within an epoch, are
+    put back at the start of the first epoch, after Keras has reset the
+    metrics, so that epoch's logs are those of an uninterrupted run (the
+    model's metric variables must exist by then: `metric_paths`). A
+    state with a non-finite loss or weight is never written: the last good
+    checkpoint stays in place. A write that fails (a full disk) raises an
+    `OSError` naming the file.
     """
 
-    def __init__(self, path, every, start_step, is_chief=True, history=None):
+    def __init__(
+        self,
+        path,
+        every,
+        start_step,
+        is_chief=True,
+        history=None,
+        settings=None,
+        metrics=None,
+    ):
         super().__init__()
         self.path = path
         self.every = every
@@ -183,7 +377,16 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.saved_step = start_step
         self.is_chief = is_chief
         self.history = {} if history is None else history
+        self.settings = settings
+        self.metrics = metrics
         self._due = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.metrics:
+            variables = metric_paths(self.model)
+            for key, value in self.metrics.items():
+                variables[key].assign(value)
+        self.metrics = None
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = int(self.model.optimizer.iterations.numpy())
@@ -193,7 +396,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             if steps and batch + 1 >= steps:
                 self._due = True
             else:
-                self._save(logs)
+                self._save(logs, metrics=True)
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
@@ -205,7 +408,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if self.step > self.saved_step:
             self._save(logs)
 
-    def _save(self, logs):
+    def _save(self, logs, metrics=False):
         self._due = False
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
@@ -213,5 +416,85 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if not all(np.all(np.isfinite(v.numpy())) for v in self.model.weights):
             return
         path = self.path if self.is_chief else self.path + ".worker"
-        save(path, self.model, self.step, self.history)
+        try:
+            save(
+                path,
+                self.model,
+                self.step,
+                self.history,
+                self.settings,
+                metrics=metrics,
+            )
+        except OSError as error:
+            kept = (
+                f"the checkpoint of step {self.saved_step} is intact"
+                if self.saved_step and os.path.exists(path)
+                else "no checkpoint was written before"
+            )
+            raise OSError(
+                f"Cannot write the checkpoint {path} at step {self.step}: "
+                f"{error.strerror or error}; {kept}."
+            ) from error
         self.saved_step = self.step
+
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+class DirectoryInUseError(OSError):
+    """Another process holds the lock of a run directory."""
+
+
+class DirectoryLock:
+    """An exclusive lock on a run directory, held by one process.
+
+    `lock = DirectoryLock(path)` takes an advisory lock (`flock`) on the
+    file `path` (created with the umask, holding the owner's pid), and
+    raises `DirectoryInUseError` naming the directory and the owner while
+    another process holds it. The system releases the lock when its
+    process ends, killed or not, so a stale file never blocks a restart.
+    `lock.release()` or leaving a `with` block releases it. On a file
+    system that cannot lock files it warns, and locks nothing.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in _NO_LOCKS:
+                print(
+                    f"Warning: the file system of {path} cannot lock files "
+                    f"({error.strerror}); make sure that one process at a "
+                    "time trains there.",
+                    file=sys.stderr,
+                )
+                return
+            owner = os.pread(self._fd, 64, 0).decode(errors="replace")
+            os.close(self._fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            owner = f" (pid {owner.strip()})" if owner.strip() else ""
+            raise DirectoryInUseError(
+                f"Another process{owner} is training in "
+                f"{os.path.dirname(path) or '.'} (it holds {path}). Wait for "
+                "it to end, or use another --output_dir."
+            ) from None
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)  # Closing the file releases its lock.
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()

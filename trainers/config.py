@@ -97,6 +97,24 @@ class AcceleratorConfig(data_config.FlagFields):
     deterministic: bool = False
 
 
+# The settings a run resumed from its checkpoint may change; every other
+# one defines the run, and a checkpoint written with another value is
+# refused (`TrainingConfig.settings`). They say where files are, what is
+# reported or saved when, and how the same steps execute (which changes
+# rounding, not the method).
+MAY_CHANGE_ON_RESUME = (
+    "output_dir",
+    "data_dir",
+    "tpu",
+    "verbose",
+    "eval_every_epochs",
+    "checkpoint_every_steps",
+    "steps_per_execution",
+    "jit_compile",
+    "deterministic",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """Everything `trainers.loop.run` needs besides the data and model
@@ -140,6 +158,28 @@ class TrainingConfig:
     @property
     def batch_size(self):
         return self.data.batch_size
+
+    def settings(self):
+        """`{flag name: value}` of every setting of the run.
+
+        `data`, `optimizer` and `accelerator` are flattened into their
+        fields, `sam` is a bool followed by the fields of `SAMConfig` when
+        it is on, and `recorded_flags` is left out. A checkpoint holds
+        these, and a run resumes it only when all but
+        `MAY_CHANGE_ON_RESUME` are equal.
+        """
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "recorded_flags":
+                continue
+            if field.name == "sam":
+                values["sam"] = value is not None
+            if dataclasses.is_dataclass(value):
+                values.update(dataclasses.asdict(value))
+            elif field.name != "sam":
+                values[field.name] = value
+        return values
 
     @classmethod
     def from_flags(cls, flags_obj):

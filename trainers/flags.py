@@ -5,6 +5,7 @@ its module (`flags.adopt_module_key_flags`), so `--help` lists them; its
 program ends with `run_main(main)`.
 """
 
+import math
 import os
 import sys
 
@@ -69,8 +70,9 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     flags.DEFINE_string(
         "output_dir",
         d.get("output_dir", "runs/default"),
-        "Checkpoints, TensorBoard logs and results.json go here; a run "
-        "started again with the same output_dir resumes.",
+        "Checkpoints, TensorBoard logs and results.json go here; the same "
+        "command started again resumes (other settings are refused, see "
+        "the README's Faults). One process at a time.",
     )
     flags.DEFINE_enum(
         "model", d["model"], model_names or sorted(models.MODELS), model_help
@@ -358,9 +360,17 @@ def _define_validators():
     for name, (check, message) in checks.items():
         flags.register_validator(
             name,
-            check,
-            message=f"--{name} {message}",
+            lambda v, check=check: _finite(v) and check(v),
+            message=f"--{name} {message}" + " and finite" * _is_float(name),
         )
+
+
+def _finite(value):
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _is_float(name):
+    return flags.FLAGS[name].flag_type() == "float"
 
 
 def foreign_flag_names(flag_values=flags.FLAGS):
@@ -410,26 +420,41 @@ def accuracy_main(run, label="test accuracy"):
     return main
 
 
+def error_line(error):
+    """The one line `run_main` prints for `error`, or None when the error
+    keeps its traceback.
+
+    That line is `"<type>: <message>"` for the `ValueError`s, `OSError`s
+    and `FloatingPointError`s raised in `trainers` or `keras_sam` (a flag
+    value that cannot work, missing data, a checkpoint of another run or a
+    corrupt one, a directory another process trains in or that cannot be
+    written, a diverged run). Any other error keeps its traceback.
+    """
+    if not isinstance(error, (ValueError, OSError, FloatingPointError)):
+        return None
+    frame = error.__traceback__
+    if frame is None:
+        return None
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    filename = os.path.abspath(frame.tb_frame.f_code.co_filename)
+    if not filename.startswith(_OURS):
+        return None
+    return f"{type(error).__name__}: {error}"
+
+
 def run_main(main):
     """`absl.app.run(main)`, with the errors the trainers raise on purpose
-    printed as one line, not a traceback.
-
-    Those are the `ValueError`s, `FileNotFoundError`s and
-    `FloatingPointError`s raised in `trainers` or `keras_sam` (a flag
-    value that cannot work, missing data, a diverged run); the program
-    then exits with status 1. Any other error keeps its traceback.
-    """
+    printed as one line (`error_line`), not a traceback; the program then
+    exits with status 1."""
 
     def main_with_clear_errors(argv):
         try:
             return main(argv)
-        except (ValueError, FileNotFoundError, FloatingPointError) as error:
-            frame = error.__traceback__
-            while frame.tb_next is not None:
-                frame = frame.tb_next
-            filename = os.path.abspath(frame.tb_frame.f_code.co_filename)
-            if not filename.startswith(_OURS):
+        except (ValueError, OSError, FloatingPointError) as error:
+            line = error_line(error)
+            if line is None:
                 raise
-            sys.exit(f"{type(error).__name__}: {error}")
+            sys.exit(line)
 
     app.run(main_with_clear_errors)

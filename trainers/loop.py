@@ -11,6 +11,8 @@ same way for both.
 """
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import time
@@ -21,11 +23,13 @@ from keras.src.utils import naming
 
 import keras_sam
 from trainers import checkpoint as checkpoint_lib
+from trainers import config as config_lib
 from trainers import models
 from trainers import strategy as strategy_lib
 
 RESULTS = "results.json"
 MODEL = "model.keras"  # the trained base model, for inference and analysis
+LOCK = ".training.lock"  # held by the process that trains in the directory
 
 
 class TrainingTime(keras.callbacks.Callback):
@@ -82,6 +86,12 @@ def run(config, load_data, strategy_override=None, **model_options):
         The results dict also written to `output_dir/results.json`.
     """
     start_time = time.time()
+    if os.path.exists(config.output_dir) and not os.path.isdir(
+        config.output_dir
+    ):
+        raise ValueError(
+            f"--output_dir={config.output_dir} is a file, not a directory."
+        )
     strategy, settings = prepare(config, strategy_override)
     with precision_policy(settings["policy"]):
         data = load_data(config.data)
@@ -100,7 +110,18 @@ def run(config, load_data, strategy_override=None, **model_options):
             total_steps,
         )
         return fit_and_report(
-            config, strategy, base, model, data, total_steps, start_time
+            config,
+            strategy,
+            base,
+            model,
+            data,
+            total_steps,
+            start_time,
+            run_settings={
+                **config.settings(),
+                "dataset": data.name,
+                **model_options,
+            },
         )
 
 
@@ -218,10 +239,29 @@ def prepare(config, strategy_override=None):
             "--strategy=multi_worker. Received: "
             f"--steps_per_execution={settings['steps_per_execution']}"
         )
-    if config.batch_size % strategy.num_replicas_in_sync:
+    if (
+        keras.backend.backend() == "torch"
+        and settings["steps_per_execution"] > 1
+    ):
+        raise ValueError(
+            "Keras' PyTorch trainer runs one step per call. Received: "
+            f"--steps_per_execution={settings['steps_per_execution']}; "
+            "leave it unset on PyTorch."
+        )
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
         raise ValueError(
             f"--batch_size={config.batch_size} must be divisible by the "
-            f"{strategy.num_replicas_in_sync} replicas."
+            f"{replicas} replicas."
+        )
+    if config.sam is not None and (
+        config.sam.micro_batches > config.batch_size // replicas
+    ):
+        raise ValueError(
+            f"--micro_batches={config.sam.micro_batches} is more than the "
+            f"{config.batch_size // replicas} examples of each replica's "
+            f"batch (--batch_size={config.batch_size} over {replicas} "
+            "replicas); each micro-batch needs one example at least."
         )
     return strategy, settings
 
@@ -270,7 +310,14 @@ def build_sam_model(config, strategy, settings, make_base, total_steps):
 
 
 def fit_and_report(
-    config, strategy, base, model, data, total_steps, start_time
+    config,
+    strategy,
+    base,
+    model,
+    data,
+    total_steps,
+    start_time,
+    run_settings=None,
 ):
     """Resumes, trains epoch by epoch, evaluates and writes the results.
 
@@ -279,8 +326,17 @@ def fit_and_report(
     `data.example_sets` maps a history key to a measure of the base model
     recorded after every epoch (and its last value in the results). The
     history of the epochs before a resumed checkpoint comes from that
-    checkpoint; a finished run started again trains no more and keeps its
-    history.
+    checkpoint, and so do the running metrics of an epoch it cut in two;
+    a finished run started again trains no more and keeps its history.
+
+    One process at a time trains in `config.output_dir` (a
+    `checkpoint.DirectoryLock`; each worker of a multi-worker run takes
+    its own). A checkpoint is resumed only when `run_settings` (default:
+    `config.settings()`) equal the settings it was written with, but for
+    `config.MAY_CHANGE_ON_RESUME`; a corrupt one is skipped for the one
+    before it (`checkpoint.find`). A file that cannot be written (a full
+    disk, a read-only directory) stops the run with an `OSError` naming
+    it.
 
     One `fit` call trains one data epoch: each epoch's batches are a
     dataset that starts at that epoch's first absolute step, and a
@@ -289,25 +345,64 @@ def fit_and_report(
     `steps_per_epoch` for all its epochs. Keras' `initial_epoch` numbers
     the epochs and its `validation_freq` picks those that evaluate.
     """
+    output_dir = config.output_dir
+    chief = _is_chief(strategy)
+    with _writing(output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+        lock = checkpoint_lib.DirectoryLock(
+            os.path.join(output_dir, lock_name(strategy))
+        )
+    with lock:
+        return _fit_and_report_locked(
+            config,
+            strategy,
+            base,
+            model,
+            data,
+            total_steps,
+            start_time,
+            run_settings or config.settings(),
+            chief,
+        )
+
+
+def _fit_and_report_locked(
+    config,
+    strategy,
+    base,
+    model,
+    data,
+    total_steps,
+    start_time,
+    run_settings,
+    chief,
+):
     example_sets = data.example_sets
     steps_per_epoch = data.steps_per_epoch
     test_data = data.test_batches()
     output_dir = config.output_dir
-    os.makedirs(output_dir, exist_ok=True)
+    run_settings = json.loads(json.dumps(run_settings))
+    with _writing(output_dir):
+        stale = _remove_stale_writes(output_dir, chief)
+    if stale:
+        print(
+            f"Removed {len(stale)} file(s) an interrupted write left in "
+            f"{output_dir}: {', '.join(sorted(stale))}."
+        )
     checkpoint_path = os.path.join(output_dir, checkpoint_lib.CHECKPOINT)
+    written_path = checkpoint_path if chief else checkpoint_path + ".worker"
     # Workers restore the chief's checkpoint on a shared file system, else
     # the copy each writes beside it (on a disk of its own).
-    restored = None
-    if os.path.exists(checkpoint_path):
-        restored = checkpoint_path
-    elif not _is_chief(strategy) and os.path.exists(
-        checkpoint_path + ".worker"
-    ):
-        restored = checkpoint_path + ".worker"
-    start_step, history = 0, {}
-    if restored:
-        start_step = checkpoint_lib.restore(restored, model)
-        history = checkpoint_lib.saved_history(restored)
+    saved = checkpoint_lib.find(checkpoint_path)
+    if saved is None and not chief:
+        saved = checkpoint_lib.find(written_path)
+    start_step, history, metrics = 0, {}, None
+    if saved is not None:
+        _check_same_run(saved, run_settings, output_dir)
+        start_step = checkpoint_lib.restore(saved, model)
+        history = saved.history
+        if start_step % steps_per_epoch:
+            metrics = saved.metrics
         if start_step >= total_steps:
             print(
                 f"The run in {output_dir} has finished: {start_step} steps "
@@ -317,6 +412,18 @@ def fit_and_report(
             print(f"Resuming from step {start_step} of {total_steps}.")
 
     every = config.checkpoint_every_steps or steps_per_epoch
+    saver = checkpoint_lib.AtomicCheckpoint(
+        checkpoint_path,
+        every,
+        start_step,
+        chief,
+        history=history,
+        settings=run_settings,
+        metrics=metrics,
+    )
+    tensorboard_dir = os.path.join(output_dir, "tensorboard")
+    with _writing(tensorboard_dir):
+        os.makedirs(tensorboard_dir, exist_ok=True)
     callbacks = [
         # Before `AtomicCheckpoint`, which saves the stream it restores.
         *(
@@ -326,37 +433,45 @@ def fit_and_report(
         ),
         TrainingTime(),
         ExampleSetAccuracy(base, example_sets),
-        checkpoint_lib.AtomicCheckpoint(
-            checkpoint_path,
-            every,
-            start_step,
-            _is_chief(strategy),
-            history=history,
-        ),
+        saver,
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
+        keras.callbacks.TensorBoard(tensorboard_dir),
     ]
+    if metrics and not set(metrics) <= set(checkpoint_lib.metric_paths(model)):
+        # Without a strategy, TensorFlow creates the compiled metrics'
+        # variables when it first traces a step, after `fit` has begun its
+        # epoch (the other backends before); one test batch creates them.
+        # (After `TorchRandomStream` has taken the restored generator.)
+        model.evaluate(test_data, steps=1, verbose=0)
     step = start_step
     while step < total_steps:
         epoch = step // steps_per_epoch
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
-        model.fit(
-            data.training_batches(step, epoch, steps),
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            steps_per_epoch=steps,
-            validation_data=test_data,
-            validation_freq=config.eval_every_epochs,
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=config.verbose,
-        )
+        with _writing(tensorboard_dir):
+            model.fit(
+                data.training_batches(step, epoch, steps),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                steps_per_epoch=steps,
+                validation_data=test_data,
+                validation_freq=config.eval_every_epochs,
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=config.verbose,
+            )
         step += steps
         if model.stop_training:
+            step = int(model.optimizer.iterations.numpy())
+            if os.path.exists(written_path):
+                kept = (
+                    f"The last good checkpoint is {written_path} (step "
+                    f"{saver.saved_step})"
+                )
+            else:
+                kept = "No checkpoint was written"
             raise FloatingPointError(
                 f"Training stopped at step {step}: the loss became NaN or "
-                "infinite. The last good checkpoint is "
-                f"{checkpoint_path}; try a lower --learning_rate or --rho."
+                f"infinite. {kept}; try a lower --learning_rate or --rho."
             )
 
     if config.optimizer.ema_decay > 0:
@@ -381,16 +496,124 @@ def fit_and_report(
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "flags": config.recorded_flags,
     }
-    if _is_chief(strategy):
+    if chief:
         model_path = os.path.join(output_dir, MODEL)
-        tmp_path = os.path.join(output_dir, ".tmp-" + MODEL)
-        base.save(tmp_path)
-        os.replace(tmp_path, model_path)
-        checkpoint_lib.write_atomically(
-            os.path.join(output_dir, RESULTS),
-            lambda f: f.write(json.dumps(results, indent=1).encode()),
-        )
+        tmp_path = os.path.join(output_dir, checkpoint_lib.TMP_PREFIX + MODEL)
+        with _writing(model_path):
+            try:
+                base.save(tmp_path)
+                os.replace(tmp_path, model_path)
+            finally:
+                if os.path.exists(tmp_path):
+                    os.remove(tmp_path)
+        results_path = os.path.join(output_dir, RESULTS)
+        with _writing(results_path):
+            checkpoint_lib.write_atomically(
+                results_path,
+                lambda f: f.write(json.dumps(results, indent=1).encode()),
+            )
     return results
+
+
+def lock_name(strategy=None):
+    """The lock file of a run directory: `.training.lock` for the chief
+    (or a single process), `.training.lock-<task>-<index>` for another
+    worker."""
+    if strategy is None or _is_chief(strategy):
+        return LOCK
+    resolver = strategy.cluster_resolver
+    return f"{LOCK}-{resolver.task_type}-{resolver.task_id}"
+
+
+def _remove_stale_writes(output_dir, chief):
+    """Removes what interrupted writes of this process' files left:
+    the chief's every `.tmp-*` file but the workers' checkpoints', a
+    worker's those of `checkpoint.npz.worker`."""
+    worker_checkpoint = checkpoint_lib.CHECKPOINT + ".worker"
+    if not chief:
+        return checkpoint_lib.remove_stale_writes(output_dir, worker_checkpoint)
+    stale = [
+        path
+        for path in glob.glob(
+            os.path.join(glob.escape(output_dir), checkpoint_lib.TMP_PREFIX)
+            + "*"
+        )
+        if not os.path.basename(path).startswith(
+            checkpoint_lib.TMP_PREFIX + worker_checkpoint
+        )
+        and os.path.isfile(path)
+    ]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def _flag_value(value):
+    return "(unset)" if value is None else value
+
+
+def _check_same_run(saved, run_settings, output_dir):
+    """Raises `CheckpointError` naming every setting of the run that differs
+    from the one the checkpoint `saved` was written with."""
+    if saved.settings is None:
+        print(
+            f"Warning: {saved.path} was written without the settings of "
+            "its run; resuming it without checking them."
+        )
+        return
+    differing = [
+        f"--{key}={_flag_value(saved.settings[key])} there, "
+        f"--{key}={_flag_value(value)} now"
+        for key, value in run_settings.items()
+        if key in saved.settings
+        and key not in config_lib.MAY_CHANGE_ON_RESUME
+        and saved.settings[key] != value
+    ]
+    if differing:
+        raise checkpoint_lib.CheckpointError(
+            f"{output_dir} holds the checkpoint of another run (step "
+            f"{saved.step}), whose settings differ: {'; '.join(differing)}. "
+            "Run it with its own settings to resume it, or train afresh "
+            f"in another --output_dir (or after removing {output_dir})."
+        )
+
+
+_WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """Turns an error of the file system (a full disk, a read-only
+    directory) in writing `path` into an `OSError` that names the file
+    (else `path`) and says that what was written before is kept.
+
+    Those are the `OSError`s with an error number, and TensorFlow's errors
+    (TensorBoard's writer) that name `path` and a fault of
+    `_WRITE_FAULTS`.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None:
+            raise  # One of ours, saying what happened already.
+        _cannot_write(error.filename or path, error.strerror, error)
+    except tf.errors.OpError as error:
+        reasons = [
+            os.strerror(code)
+            for code in _WRITE_FAULTS
+            if os.strerror(code) in error.message
+        ]
+        if path not in error.message or not reasons:
+            raise
+        _cannot_write(path, reasons[0], error)
+
+
+def _cannot_write(path, reason, error):
+    raise OSError(
+        f"Cannot write {path}: {reason}. Nothing written before was "
+        "damaged; run the same command again once it can be written, or "
+        "use another --output_dir."
+    ) from error
 
 
 def _is_chief(strategy):
