@@ -99,23 +99,34 @@ def train(model_fn, x, y, batch, sam_kwargs):
     return model, base, history.history["loss"][0]
 
 
-def partitioned_shapes(model, x, y):
-    """The f32 shapes in the compiled SAM step's per-device HLO."""
+def compiled_step(model, x, y):
+    """The HLO text of `model`'s compiled, partitioned training step on
+    the first global batch (what one device runs)."""
     import jax
 
     state = model._get_jax_state(True, True, True, True)
-    data = (x[:BATCH], y[:BATCH])
-    sharding = model.base.trainable_variables[0].value.sharding
-    batch_sharding = jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec("batch")
+    mesh = model.trainable_variables[0].value.sharding.mesh
+    batch = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("batch")
     )
-    data = jax.device_put(data, batch_sharding)
-    text = jax.jit(model.train_step).lower(state, data).compile().as_text()
+    data = jax.device_put((x[:BATCH], y[:BATCH]), batch)
+    jitted = jax.jit(model.train_step, donate_argnums=0)
+    return jitted.lower(state, data).compile().as_text()
+
+
+def partitioned_shapes(text):
+    """The 2-D f32 shapes in HLO text."""
     shapes = {
         tuple(int(d) for d in dims.split(",") if d)
         for dims in re.findall(r"f32\[([\d,]*)\]", text)
     }
     return np.array(sorted(s for s in shapes if len(s) == 2))
+
+
+def all_reduce_bytes(text):
+    from benchmarks import sharded_step
+
+    return np.array(sharded_step.collectives(text).get("all-reduce", [0, 0]))
 
 
 def main(mode, path, port=None, process_id=None):
@@ -168,8 +179,19 @@ def main(mode, path, port=None, process_id=None):
                 out[f"{name}:{v.path.split('/', 1)[1]}:spec"] = np.array(
                     str(v.value.sharding.spec)
                 )
-        if mode == "model_parallel" and name == "sam":
-            out["sam:shapes"] = partitioned_shapes(model, x, y)
+        if mode == "model_parallel" and name in ("sam", "sync"):
+            text = compiled_step(model, x, y)
+            out[f"{name}:shapes"] = partitioned_shapes(text)
+            out[f"{name}:all_reduce"] = all_reduce_bytes(text)
+    if mode == "model_parallel":
+        plain = build(False)
+        plain.compile(
+            optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=True,
+        )
+        plain.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        out["plain:all_reduce"] = all_reduce_bytes(compiled_step(plain, x, y))
     np.savez(path, **out)
 
 
