@@ -11,8 +11,9 @@ the kernels sharded over "model" (`LAYOUTS`). Each trains the MLP of
 tests/mlp_oracle.py for one epoch per configuration in `CONFIGS` and
 writes, per configuration, every trained variable as this process's
 devices hold it, and the logged loss. `model_parallel` also writes each
-variable's partition spec and the 2-D f32 shapes of the compiled,
-partitioned SAM step (what one device holds).
+variable's partition spec, the 2-D f32 shapes of the compiled, partitioned
+SAM steps (what one device holds) and their all-reduces (count, bytes),
+and those of the plain step.
 """
 
 import os
