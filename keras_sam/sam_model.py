@@ -137,7 +137,7 @@ class SAMModel(keras.Model):
       pass, so the logged loss is `L(w + ε)` and `sharpness`/`grad_norm`
       are not logged. It costs about one SGD step; the authors use a ρ
       several times SAM's (e.g. 0.3–3). See
-      `sam_step.compute_momentum_sam_gradients`.
+      `sam_step.compute_sam_gradients`.
 
     `evaluate`, `predict` and `base` are those of the wrapped model; save
     `model.base` for inference. `export` exports the base model, and
@@ -378,22 +378,32 @@ class SAMModel(keras.Model):
             y_pred = self(x, training=True)
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
-        if self.perturbation == "momentum":
-            result = sam_step.compute_momentum_sam_gradients(
-                self,
-                self._compute_total_loss,
-                x,
-                y,
-                sample_weight,
-                rho=self._current_rho(),
-                momentums=_momentum_variables(
-                    self.optimizer, self.trainable_variables
-                ),
-                scale_loss=self.optimizer.scale_loss,
-                perturbed_mask=self._perturbed_mask(),
-            )
-        else:
-            result = self._sam_gradients(x, y, sample_weight)
+        result = sam_step.compute_sam_gradients(
+            self,
+            self._compute_total_loss,
+            x,
+            y,
+            sample_weight,
+            rho=self._current_rho(),
+            adaptive=self.adaptive,
+            eta=self.eta,
+            adaptive_variables=self.adaptive_variables,
+            micro_batches=self.micro_batches,
+            sync_perturbations=self.sync_perturbations,
+            scale_loss=self.optimizer.scale_loss,
+            perturbed_mask=self._perturbed_mask(),
+            gsam_alpha=self.gsam_alpha,
+            switching=self.switching,
+            step=self.optimizer.iterations,
+            looksam_alpha=self.looksam_alpha,
+            looksam_directions=self._looksam_directions,
+            perturbation=self.perturbation,
+            momentums=(
+                _momentum_variables(self.optimizer, self.trainable_variables)
+                if self.perturbation == "momentum"
+                else None
+            ),
+        )
         if self.switching is not None:
             self.sam_fraction_tracker.update_state(
                 ops.cast(result.sam_step, "float32")
@@ -413,28 +423,6 @@ class SAMModel(keras.Model):
         )
         return self.compute_metrics(
             x, y, result.y_pred, sample_weight=sample_weight
-        )
-
-    def _sam_gradients(self, x, y, sample_weight):
-        return sam_step.compute_sam_gradients(
-            self,
-            self._compute_total_loss,
-            x,
-            y,
-            sample_weight,
-            rho=self._current_rho(),
-            adaptive=self.adaptive,
-            eta=self.eta,
-            adaptive_variables=self.adaptive_variables,
-            micro_batches=self.micro_batches,
-            sync_perturbations=self.sync_perturbations,
-            scale_loss=self.optimizer.scale_loss,
-            perturbed_mask=self._perturbed_mask(),
-            gsam_alpha=self.gsam_alpha,
-            switching=self.switching,
-            step=self.optimizer.iterations,
-            looksam_alpha=self.looksam_alpha,
-            looksam_directions=self._looksam_directions,
         )
 
     def _track_sharpness(self, result):

@@ -456,6 +456,8 @@ def compute_sam_gradients(
     step=None,
     looksam_alpha=None,
     looksam_directions=None,
+    perturbation="gradient",
+    momentums=None,
 ):
     """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
 
@@ -519,6 +521,24 @@ def compute_sam_gradients(
     - `looksam_alpha`, `looksam_directions`: LookSAM's α and the variables
       holding its direction `g_v`, which SAM steps overwrite (keeping the
       old one when the new one is not finite).
+    - `perturbation="momentum"`, `momentums`: Momentum-SAM (Becker,
+      Altrichter and Kalinowski, 2024, arXiv 2401.12033), ε along the
+      optimizer's momentum variables `m` (Keras' SGD: `m ← μ m − lr g`,
+      `w ← w + m`) instead of a clean gradient, and no clean pass:
+
+      ```
+      ε        = ρ · m / (‖m‖₂ + 1e-12)
+      gradient = ∇L(w + ε)                 # the only pass
+      ```
+
+      The authors' code (MarlonBecker/MSAM) keeps PyTorch's buffer
+      `v ← μ v + g`, `w ← w − lr v`, and takes the gradient at
+      `w − ρ v/‖v‖`; with a constant learning rate `m = −lr v`, the same
+      point. The loss returned (and logged) is `L(w + ε)`, the BatchNorm
+      statistics are those of that pass, `sharpness` is 0 (not measured),
+      `grad_norm` is ‖∇L(w + ε)‖₂, and on the first step (`m = 0`) ε = 0.
+      `perturbed_mask` applies; the options that need a clean gradient or
+      several ε do not.
 
     Returns:
         A `SAMResult`.
@@ -655,38 +675,74 @@ def compute_sam_gradients(
         gradients = _cond(take_sam, lambda: clean_gradients, reuse_direction)
         return _outcome(clean, gradients, zero, old_directions)
 
-    # The base step's clean pass runs on the whole batch, as Keras' own
-    # step (BatchNorm normalizes over it). A SAM step with several parts
-    # runs a clean pass per part instead, so the whole batch is passed
-    # first only when there is one part, or when a switching policy
-    # decides from its gradient (AE-SAM).
-    whole = None
-    needs_norm = switching is not None and switching.needs_gradient_norm
-    if parts_count == 1 or needs_norm:
-        whole = clean_passes(1)
-    take_sam = True
-    if switching is not None:
-        squared_norm = None
-        if needs_norm:
-            squared_norm = _squared_norm_across_replicas(
-                whole.parts[0].clean.gradients, scale_loss
-            )
-        take_sam = switching(step, squared_norm)
-    if isinstance(rho, (int, float)):
-        run_perturbed = take_sam if rho > 0 else False
-    else:
-        run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+    def momentum_step():
+        """Momentum-SAM's one pass, at w moved along the momentum."""
+        directions = [ops.convert_to_tensor(m.value) for m in momentums]
+        if perturbed_mask is not None:
+            directions = [
+                d if on else None for d, on in zip(directions, perturbed_mask)
+            ]
+        epsilons = perturbations.sam_perturbation(directions, rho, epsilon)
+        perturbed = _forward_and_gradients(
+            model,
+            compute_loss,
+            [
+                w if e is None else w + ops.cast(e, w.dtype)
+                for w, e in zip(weights, epsilons)
+            ],
+            initial_state,
+            initial_metrics,
+            (x, y, sample_weight),
+            scale_loss,
+        )
+        return _Outcome(
+            loss=perturbed.loss,
+            y_pred=perturbed.y_pred,
+            gradients=perturbed.gradients,
+            sharpness=ops.zeros((), "float32"),
+            grad_norm=perturbations.global_norm(perturbed.gradients),
+            directions=old_directions,
+            state=perturbed.state,
+            metrics=perturbed.metrics,
+        )
 
-    if parts_count == 1:
-        outcome = _cond(
-            run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
-        )
+    if perturbation == "momentum":
+        take_sam = True
+        run_perturbed = ops.greater(rho, 0)
+        outcome = momentum_step()
     else:
-        outcome = _cond(
-            run_perturbed,
-            lambda: sam_step(clean_passes(parts_count)),
-            lambda: base_step(whole or clean_passes(1)),
-        )
+        # The base step's clean pass runs on the whole batch, as Keras' own
+        # step (BatchNorm normalizes over it). A SAM step with several parts
+        # runs a clean pass per part instead, so the whole batch is passed
+        # first only when there is one part, or when a switching policy
+        # decides from its gradient (AE-SAM).
+        whole = None
+        needs_norm = switching is not None and switching.needs_gradient_norm
+        if parts_count == 1 or needs_norm:
+            whole = clean_passes(1)
+        take_sam = True
+        if switching is not None:
+            squared_norm = None
+            if needs_norm:
+                squared_norm = _squared_norm_across_replicas(
+                    whole.parts[0].clean.gradients, scale_loss
+                )
+            take_sam = switching(step, squared_norm)
+        if isinstance(rho, (int, float)):
+            run_perturbed = take_sam if rho > 0 else False
+        else:
+            run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+
+        if parts_count == 1:
+            outcome = _cond(
+                run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
+            )
+        else:
+            outcome = _cond(
+                run_perturbed,
+                lambda: sam_step(clean_passes(parts_count)),
+                lambda: base_step(whole or clean_passes(1)),
+            )
 
     if looksam_directions is not None:
         _assign(looksam_directions, outcome.directions)
@@ -731,89 +787,6 @@ def _outcome(clean, gradients, sharpness, directions):
             fractions,
         ),
         metrics=clean.metrics,
-    )
-
-
-def compute_momentum_sam_gradients(
-    model,
-    compute_loss,
-    x,
-    y,
-    sample_weight=None,
-    rho=0.3,
-    momentums=(),
-    scale_loss=None,
-    epsilon=perturbations.DEFAULT_EPSILON,
-    perturbed_mask=None,
-):
-    """Momentum-SAM's step: one pass, at weights moved along the momentum.
-
-    Becker, Altrichter and Kalinowski, "Momentum-SAM: Sharpness Aware
-    Minimization without Computational Overhead" (2024, arXiv 2401.12033).
-    With `m` the optimizer's momentum (Keras' convention for SGD,
-    `m ← μ m − lr g`, `w ← w + m`):
-
-    ```
-    ε        = ρ · m / (‖m‖₂ + 1e-12)
-    gradient = ∇L(w + ε)                 # the only pass
-    ```
-
-    The authors' code (MarlonBecker/MSAM) keeps PyTorch's buffer
-    `v ← μ v + g`, `w ← w − lr v`, and takes the gradient at
-    `w − ρ v/‖v‖`; with a constant learning rate `m = −lr v`, so the two
-    are the same point, and with a schedule the directions agree up to the
-    change of lr within the momentum's memory. No clean pass is computed:
-    the loss returned (and logged) is `L(w + ε)`, the BatchNorm statistics
-    are those of that pass, and on the first step (`m = 0`) `ε = 0`.
-
-    Args:
-        momentums: the optimizer's momentum variables, one per trainable
-            variable of `model`.
-        perturbed_mask: optional booleans aligned with the trainable
-            variables; ε moves only the selected ones.
-        Other arguments as in `compute_sam_gradients`.
-
-    Returns:
-        A `SAMResult` whose `sharpness` is 0 (not measured) and whose
-        `grad_norm` is ‖∇L(w + ε)‖₂.
-    """
-    scale_loss = scale_loss or (lambda loss: loss)
-    weights = [
-        ops.convert_to_tensor(v.value) for v in model.trainable_variables
-    ]
-    state = [
-        ops.convert_to_tensor(v.value) for v in model.non_trainable_variables
-    ]
-    directions = [ops.convert_to_tensor(m.value) for m in momentums]
-    if perturbed_mask is not None:
-        directions = [
-            d if on else None for d, on in zip(directions, perturbed_mask)
-        ]
-    perturbation = perturbations.sam_perturbation(directions, rho, epsilon)
-    perturbed_weights = [
-        w if e is None else w + ops.cast(e, w.dtype)
-        for w, e in zip(weights, perturbation)
-    ]
-    metrics = model.metrics_variables
-    perturbed = _forward_and_gradients(
-        model,
-        compute_loss,
-        perturbed_weights,
-        state,
-        [ops.convert_to_tensor(v.value) for v in metrics],
-        (x, y, sample_weight),
-        scale_loss,
-    )
-    _assign(model.non_trainable_variables, perturbed.state)
-    _assign(metrics, perturbed.metrics)
-    return SAMResult(
-        loss=perturbed.loss,
-        y_pred=perturbed.y_pred,
-        gradients=perturbed.gradients,
-        sharpness=ops.zeros((), "float32"),
-        grad_norm=perturbations.global_norm(perturbed.gradients),
-        perturbed=ops.greater(rho, 0),
-        sam_step=ops.convert_to_tensor(True),
     )
 
 
