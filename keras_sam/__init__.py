@@ -1,7 +1,9 @@
 """keras_sam: Sharpness-Aware Minimization (SAM, ASAM) for Keras 3."""
 
+from keras_sam import options
 from keras_sam import schedules
 from keras_sam import switching
+from keras_sam.options import SAMOptions
 from keras_sam.perturbations import asam_perturbation
 from keras_sam.perturbations import global_norm
 from keras_sam.perturbations import gsam_gradients
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAMModel",
+    "SAMOptions",
     "SAMResult",
     "asam_perturbation",
     "compute_sam_gradients",
@@ -25,6 +28,7 @@ __all__ = [
     "gsam_gradients",
     "looksam_direction",
     "looksam_gradients",
+    "options",
     "sam_gradients",
     "sam_perturbation",
     "schedules",

@@ -1,5 +1,6 @@
 """`SAMModel`: wrap any Keras model to train it with SAM or ASAM."""
 
+import dataclasses
 import re
 import warnings
 
@@ -8,10 +9,9 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
-from keras_sam import compat
+from keras_sam import options as options_lib
 from keras_sam import sam_step
 from keras_sam import saving
-from keras_sam import switching as switching_lib
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
 
@@ -137,7 +137,7 @@ class SAMModel(keras.Model):
       pass, so the logged loss is `L(w + ε)` and `sharpness`/`grad_norm`
       are not logged. It costs about one SGD step; the authors use a ρ
       several times SAM's (e.g. 0.3–3). See
-      `sam_step.compute_momentum_sam_gradients`.
+      `sam_step.compute_sam_gradients`.
 
     `evaluate`, `predict` and `base` are those of the wrapped model; save
     `model.base` for inference. `export` exports the base model, and
@@ -197,22 +197,7 @@ class SAMModel(keras.Model):
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
-    def __init__(
-        self,
-        base,
-        rho=0.05,
-        adaptive=False,
-        eta=0.01,
-        sync_perturbations=False,
-        micro_batches=1,
-        gsam_alpha=0.0,
-        perturbed_variables="all",
-        switching=None,
-        looksam_alpha=None,
-        adaptive_variables="weights",
-        perturbation="gradient",
-        **kwargs,
-    ):
+    def __init__(self, base, **kwargs):
         if not isinstance(base, keras.Model):
             raise ValueError(
                 "`base` must be a Keras model (an instance of `keras.Model`). "
@@ -224,59 +209,27 @@ class SAMModel(keras.Model):
                 "`SAMModel(model.base, ...)`. Received: "
                 f"base={base.name!r} of type SAMModel"
             )
-        sam_step.validate_sam_arguments(
-            rho, eta, micro_batches, sync_perturbations, adaptive
+        sam_options = options_lib.SAMOptions(
+            **{k: kwargs.pop(k) for k in options_lib.NAMES if k in kwargs}
         )
-        _validate_variant_arguments(
-            gsam_alpha,
-            perturbed_variables,
-            switching,
-            looksam_alpha,
-            micro_batches,
-        )
-        _validate_perturbation(
-            perturbation,
-            adaptive=adaptive,
-            sync_perturbations=sync_perturbations,
-            micro_batches=micro_batches,
-            gsam_alpha=gsam_alpha,
-            switching=switching,
-            looksam_alpha=looksam_alpha,
-        )
-        if adaptive_variables not in ("weights", "all"):
-            raise ValueError(
-                "`adaptive_variables` must be 'weights' or 'all'. Received: "
-                f"adaptive_variables={adaptive_variables!r}"
-            )
         super().__init__(**kwargs)
         self.base = base
-        self.adaptive_variables = adaptive_variables
-        self.perturbation = perturbation
-        if isinstance(rho, keras.Variable):
-            # Read at every step and never tracked: it is not a weight of
-            # the model, and a callback may assign it.
-            object.__setattr__(self, "rho", rho)
-        else:
-            self.rho = rho if callable(rho) else float(rho)
-        self.adaptive = bool(adaptive)
-        self.eta = float(eta)
-        self.sync_perturbations = bool(sync_perturbations)
-        self.micro_batches = int(micro_batches)
-        self.gsam_alpha = float(gsam_alpha)
-        self.perturbed_variables = (
-            perturbed_variables
-            if isinstance(perturbed_variables, str)
-            else list(perturbed_variables)
-        )
-        self.switching = switching
-        self.looksam_alpha = (
-            None if looksam_alpha is None else float(looksam_alpha)
-        )
+        self.options = sam_options
+        # Mirrored as attributes: Keras tracks (and saves) the switching
+        # policy's state under `switching`.
+        for name in options_lib.NAMES:
+            value = getattr(sam_options, name)
+            if isinstance(value, keras.Variable):
+                # Read at every step and never tracked: it is not a weight
+                # of the model, and a callback may assign it.
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self, name, value)
         self._looksam_directions = None
-        if switching is not None:
+        if self.switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.sharpness_tracker = self.grad_norm_tracker = None
-        if self._takes_two_passes():
+        if self.options.takes_two_passes:
             self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
             self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         if base.built:
@@ -378,22 +331,24 @@ class SAMModel(keras.Model):
             y_pred = self(x, training=True)
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
-        if self.perturbation == "momentum":
-            result = sam_step.compute_momentum_sam_gradients(
-                self,
-                self._compute_total_loss,
-                x,
-                y,
-                sample_weight,
-                rho=self._current_rho(),
-                momentums=_momentum_variables(
-                    self.optimizer, self.trainable_variables
-                ),
-                scale_loss=self.optimizer.scale_loss,
-                perturbed_mask=self._perturbed_mask(),
-            )
-        else:
-            result = self._sam_gradients(x, y, sample_weight)
+        result = sam_step.compute_sam_gradients(
+            self,
+            self._compute_total_loss,
+            x,
+            y,
+            sample_weight,
+            self.options,
+            rho=sam_step.current_rho(self.rho, self.optimizer),
+            scale_loss=self.optimizer.scale_loss,
+            perturbed_mask=self._perturbed_mask(),
+            step=self.optimizer.iterations,
+            looksam_directions=self._looksam_directions,
+            momentums=(
+                _momentum_variables(self.optimizer, self.trainable_variables)
+                if self.perturbation == "momentum"
+                else None
+            ),
+        )
         if self.switching is not None:
             self.sam_fraction_tracker.update_state(
                 ops.cast(result.sam_step, "float32")
@@ -409,32 +364,10 @@ class SAMModel(keras.Model):
             self.optimizer,
             result.gradients,
             self.trainable_weights,
-            after_gradients=self._takes_two_passes(),
+            after_gradients=self.options.takes_two_passes,
         )
         return self.compute_metrics(
             x, y, result.y_pred, sample_weight=sample_weight
-        )
-
-    def _sam_gradients(self, x, y, sample_weight):
-        return sam_step.compute_sam_gradients(
-            self,
-            self._compute_total_loss,
-            x,
-            y,
-            sample_weight,
-            rho=self._current_rho(),
-            adaptive=self.adaptive,
-            eta=self.eta,
-            adaptive_variables=self.adaptive_variables,
-            micro_batches=self.micro_batches,
-            sync_perturbations=self.sync_perturbations,
-            scale_loss=self.optimizer.scale_loss,
-            perturbed_mask=self._perturbed_mask(),
-            gsam_alpha=self.gsam_alpha,
-            switching=self.switching,
-            step=self.optimizer.iterations,
-            looksam_alpha=self.looksam_alpha,
-            looksam_directions=self._looksam_directions,
         )
 
     def _track_sharpness(self, result):
@@ -548,20 +481,6 @@ class SAMModel(keras.Model):
             iterator=iterator, data_batch=data_batch
         )
 
-    def _takes_two_passes(self):
-        """Whether a step may run the perturbed pass after the clean one."""
-        return self.perturbation == "gradient" and not (
-            isinstance(self.rho, float) and self.rho == 0
-        )
-
-    def _current_rho(self):
-        if isinstance(self.rho, keras.Variable):
-            return backend.read_live(self.rho)
-        if callable(self.rho):
-            step = compat.schedule_step(self.optimizer)
-            return ops.cast(self.rho(step), "float32")
-        return self.rho
-
     def _compute_total_loss(self, x, y, y_pred, sample_weight):
         return self.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -569,27 +488,8 @@ class SAMModel(keras.Model):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "base": keras.saving.serialize_keras_object(self.base),
-                "rho": self.rho,
-                "adaptive": self.adaptive,
-                "adaptive_variables": self.adaptive_variables,
-                "eta": self.eta,
-                "sync_perturbations": self.sync_perturbations,
-                "micro_batches": self.micro_batches,
-                "gsam_alpha": self.gsam_alpha,
-                "perturbed_variables": self.perturbed_variables,
-                "looksam_alpha": self.looksam_alpha,
-                "perturbation": self.perturbation,
-            }
-        )
-        if isinstance(self.rho, keras.Variable):
-            config["rho"] = float(ops.convert_to_numpy(self.rho.value))
-        for name in ("rho", "switching"):
-            value = config[name] if name == "rho" else getattr(self, name)
-            if value is not None and not isinstance(value, float):
-                config[name] = keras.saving.serialize_keras_object(value)
+        config["base"] = keras.saving.serialize_keras_object(self.base)
+        config.update(self.options.get_config())
         return config
 
     def get_compile_config(self):
@@ -605,12 +505,11 @@ class SAMModel(keras.Model):
         base = keras.saving.deserialize_keras_object(
             config.pop("base"), custom_objects=custom_objects
         )
-        for name in ("rho", "switching"):
-            if isinstance(config.get(name), dict):
-                config[name] = keras.saving.deserialize_keras_object(
-                    config[name], custom_objects=custom_objects
-                )
-        return cls(base, **config)
+        sam_options = options_lib.SAMOptions.from_config(
+            {k: config.pop(k) for k in options_lib.NAMES if k in config},
+            custom_objects=custom_objects,
+        )
+        return cls(base, **dataclasses.asdict(sam_options), **config)
 
 
 def _public_optimizer_classes(config):
@@ -675,89 +574,3 @@ def _momentum_variables(optimizer, variables):
             optimizer.build(variables)
         optimizer.built = True
     return [inner.momentums[inner._get_variable_index(v)] for v in variables]
-
-
-def _validate_perturbation(perturbation, **others):
-    if perturbation not in ("gradient", "momentum"):
-        raise ValueError(
-            "`perturbation` must be 'gradient' (SAM) or 'momentum' "
-            f"(Momentum-SAM). Received: perturbation={perturbation!r}"
-        )
-    if perturbation == "gradient":
-        return
-    # Each of these needs the clean gradient, which Momentum-SAM does not
-    # compute, or splits the batch for per-part ε, which it does not have.
-    defaults = dict(
-        adaptive=False,
-        sync_perturbations=False,
-        micro_batches=1,
-        gsam_alpha=0.0,
-        switching=None,
-        looksam_alpha=None,
-    )
-    for name, default in defaults.items():
-        if others[name] != default:
-            raise ValueError(
-                f"`perturbation='momentum'` cannot be combined with `{name}`"
-                f" (Momentum-SAM has no clean gradient and one ε). "
-                f"Received: {name}={others[name]!r}"
-            )
-
-
-def _validate_variant_arguments(
-    gsam_alpha, perturbed_variables, switching, looksam_alpha, micro_batches
-):
-    if not sam_step._is_real(gsam_alpha) or not gsam_alpha >= 0:
-        raise ValueError(
-            f"`gsam_alpha` must be a number >= 0. Received: "
-            f"gsam_alpha={gsam_alpha!r}"
-        )
-    if isinstance(perturbed_variables, str):
-        if perturbed_variables not in ("all", "normalization"):
-            raise ValueError(
-                "`perturbed_variables` must be 'all', 'normalization' or a "
-                "list of regular expressions. Received: "
-                f"perturbed_variables={perturbed_variables!r}"
-            )
-    elif not perturbed_variables or not all(
-        isinstance(p, str) for p in perturbed_variables
-    ):
-        raise ValueError(
-            "`perturbed_variables` must be 'all', 'normalization' or a "
-            "non-empty list of regular expressions. Received: "
-            f"perturbed_variables={perturbed_variables!r}"
-        )
-    else:
-        for pattern in perturbed_variables:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(
-                    "`perturbed_variables` must hold regular expressions; "
-                    f"{pattern!r} is not one ({error}). Received: "
-                    f"perturbed_variables={perturbed_variables!r}"
-                ) from None
-    if switching is not None and not isinstance(
-        switching, switching_lib.SwitchingPolicy
-    ):
-        raise ValueError(
-            "`switching` must be None or a keras_sam.switching."
-            f"SwitchingPolicy. Received: switching={switching!r}"
-        )
-    if looksam_alpha is not None:
-        if not sam_step._is_real(looksam_alpha) or not looksam_alpha >= 0:
-            raise ValueError(
-                "`looksam_alpha` must be None or a number >= 0. Received: "
-                f"looksam_alpha={looksam_alpha!r}"
-            )
-        if switching is None:
-            raise ValueError(
-                "`looksam_alpha` acts on the steps without SAM, so it needs "
-                "a `switching` policy, e.g. keras_sam.switching.Periodic(5)."
-                f" Received: looksam_alpha={looksam_alpha}, switching=None"
-            )
-        if micro_batches > 1:
-            raise ValueError(
-                "`looksam_alpha` stores one direction per step and cannot "
-                f"be combined with micro_batches={micro_batches}."
-            )

@@ -14,17 +14,15 @@ seed state as the clean pass, dropout draws the same masks in both.
 
 import collections
 import inspect
-import math
-import numbers
 
 import keras
-import numpy as np
 from keras import ops
 from keras import tree
 from keras.src.backend.common import stateless_scope
 
 from keras_sam import backend
 from keras_sam import compat
+from keras_sam import options as options_lib
 from keras_sam import perturbations
 
 SAMResult = collections.namedtuple(
@@ -65,92 +63,8 @@ Attributes:
 """
 
 
-def validate_sam_arguments(
-    rho, eta, micro_batches, sync_perturbations, adaptive=False
-):
-    """Raises `ValueError` naming the argument and the value when invalid.
-
-    `rho` may be a number (Python or NumPy), a scalar float `keras.Variable`
-    (read at every step) or a schedule (a callable of the step).
-    """
-    if isinstance(rho, keras.Variable):
-        if tuple(rho.shape) != () or "float" not in str(rho.dtype):
-            raise ValueError(
-                "A `keras.Variable` `rho` must be a float scalar. Received: "
-                f"rho={rho!r} of shape {tuple(rho.shape)} and dtype "
-                f"{rho.dtype}"
-            )
-        value = rho.value
-        if not backend.is_symbolic(value):
-            value = float(ops.convert_to_numpy(value))
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"`rho` must be finite. Received: rho={rho!r} of value "
-                    f"{value}"
-                )
-            if not value >= 0:
-                raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
-    elif callable(rho):
-        pass
-    elif not _is_real(rho):
-        raise ValueError(
-            "`rho` must be a number >= 0, a float `keras.Variable` or a "
-            f"schedule. Received: rho={rho!r}"
-        )
-    elif not math.isfinite(rho):
-        raise ValueError(f"`rho` must be finite. Received: rho={rho}")
-    elif not rho >= 0:
-        raise ValueError(f"`rho` must be >= 0. Received: rho={rho}")
-    if not _is_real(eta):
-        raise ValueError(f"`eta` must be a number > 0. Received: eta={eta!r}")
-    if not math.isfinite(eta):
-        raise ValueError(f"`eta` must be finite. Received: eta={eta}")
-    if not eta > 0:
-        raise ValueError(f"`eta` must be > 0. Received: eta={eta}")
-    if (
-        not isinstance(micro_batches, numbers.Integral)
-        or isinstance(micro_batches, (bool, np.bool_))
-        or micro_batches < 1
-    ):
-        raise ValueError(
-            "`micro_batches` must be an integer >= 1. "
-            f"Received: micro_batches={micro_batches!r}"
-        )
-    for name, value in (
-        ("adaptive", adaptive),
-        ("sync_perturbations", sync_perturbations),
-    ):
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(
-                f"`{name}` must be True or False. Received: {name}={value!r}"
-            )
-    if sync_perturbations and micro_batches > 1:
-        raise ValueError(
-            "`sync_perturbations=True` computes one ε for the whole global "
-            "batch, so it cannot be combined with `micro_batches` > 1. "
-            f"Received: micro_batches={micro_batches}"
-        )
-
-
-def _is_real(value):
-    """A Python or NumPy real number, not a boolean."""
-    return isinstance(value, numbers.Real) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
 def sam_gradients(
-    model,
-    x,
-    y,
-    loss_fn,
-    sample_weight=None,
-    rho=0.05,
-    adaptive=False,
-    eta=0.01,
-    micro_batches=1,
-    sync_perturbations=False,
-    optimizer=None,
+    model, x, y, loss_fn, sample_weight=None, *, optimizer=None, **options
 ):
     """The loss and the SAM gradients of `model` on one batch.
 
@@ -229,43 +143,24 @@ def sam_gradients(
             and is used as is (under a strategy, divide it by the number
             of replicas, as Keras' losses do).
         sample_weight: optional per-example weights.
-        rho: the neighbourhood radius ρ ≥ 0: a number, a float
-            `keras.Variable`, or a schedule of the step at which the
-            optimizer evaluates its learning rate (the calls to `apply`,
-            which under gradient accumulation outnumber
-            `optimizer.iterations`).
-            `0` gives the plain gradient. Defaults to `0.05`.
-        adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
-        eta: ASAM's η > 0. Defaults to `0.01`.
-        micro_batches: split the batch into this many parts, each with
-            its own ε, and average their gradients (m-sharpness with
-            m = batch size / micro_batches; unequal parts are weighted by
-            their size, see `compute_sam_gradients`). Defaults to `1`.
-        sync_perturbations: inside `tf.distribute`, all-reduce the clean
-            gradient before computing ε, so every replica uses the ε of the
-            global batch. Defaults to `False` (each replica uses its own).
         optimizer: optional Keras optimizer whose `scale_loss` is applied
-            before differentiating (needed for a `LossScaleOptimizer`).
+            before differentiating (needed for a `LossScaleOptimizer`), and
+            whose learning-rate step a schedule `rho` follows.
+        **options: the options of `keras_sam.options.SAMOptions` that need
+            no state of their own: `rho` (a number, a float
+            `keras.Variable`, or a schedule, evaluated at the step at which
+            the optimizer evaluates its learning rate), `adaptive`, `eta`,
+            `adaptive_variables`, `micro_batches`, `sync_perturbations`
+            (inside `tf.distribute`, one ε for the global batch) and
+            `gsam_alpha`, with their defaults there (ρ = 0.05: SAM).
 
     Returns:
         `(loss, gradients)`: the clean loss (scalar; under a strategy, this
         replica's share, see above) and a list of gradients aligned with
         `model.trainable_variables`.
     """
-    validate_sam_arguments(
-        rho, eta, micro_batches, sync_perturbations, adaptive
-    )
+    options = _stateless_options(options)
     backend.check_per_replica_call("sam_gradients")
-    if isinstance(rho, keras.Variable):
-        rho = backend.read_live(rho)
-    elif callable(rho):
-        if optimizer is None:
-            raise ValueError(
-                "A schedule `rho` is a function of the step: pass the "
-                "`optimizer` whose steps it follows. Received: "
-                f"rho={rho!r}, optimizer=None"
-            )
-        rho = ops.cast(rho(compat.schedule_step(optimizer)), "float32")
     loss_fn = _loss_function(loss_fn)
 
     def compute_loss(x, y, y_pred, sample_weight):
@@ -288,14 +183,50 @@ def sam_gradients(
         x,
         y,
         sample_weight,
-        rho=rho,
-        adaptive=adaptive,
-        eta=eta,
-        micro_batches=micro_batches,
-        sync_perturbations=sync_perturbations,
+        options,
+        rho=current_rho(options.rho, optimizer),
         scale_loss=None if optimizer is None else optimizer.scale_loss,
     )
     return result.loss, result.gradients
+
+
+_STATELESS_OPTIONS = (
+    "rho",
+    "adaptive",
+    "eta",
+    "adaptive_variables",
+    "micro_batches",
+    "sync_perturbations",
+    "gsam_alpha",
+)
+
+
+def _stateless_options(options):
+    """`SAMOptions` of the options `sam_gradients` takes."""
+    others = sorted(set(options) - set(_STATELESS_OPTIONS))
+    if others:
+        raise TypeError(
+            f"`sam_gradients` takes the options {list(_STATELESS_OPTIONS)}; "
+            f"{others} keep state across steps or select variables: use "
+            f"`SAMModel`. Received: {others[0]}={options[others[0]]!r}"
+        )
+    return options_lib.SAMOptions(**options)
+
+
+def current_rho(rho, optimizer):
+    """ρ for this step: a number as is, a Variable's value when the step
+    runs, a schedule at the step of the optimizer's learning rate."""
+    if isinstance(rho, keras.Variable):
+        return backend.read_live(rho)
+    if callable(rho):
+        if optimizer is None:
+            raise ValueError(
+                "A schedule `rho` is a function of the step: pass the "
+                "`optimizer` whose steps it follows. Received: "
+                f"rho={rho!r}, optimizer=None"
+            )
+        return ops.cast(rho(compat.schedule_step(optimizer)), "float32")
+    return rho
 
 
 def stateless_sam_gradients(
@@ -306,12 +237,10 @@ def stateless_sam_gradients(
     y,
     loss_fn,
     sample_weight=None,
-    rho=0.05,
-    adaptive=False,
-    eta=0.01,
-    micro_batches=1,
+    *,
     optimizer=None,
     optimizer_variables=None,
+    **options,
 ):
     """`sam_gradients` as a pure function of the variables' values.
 
@@ -339,8 +268,7 @@ def stateless_sam_gradients(
         trainable_variables: the values of `model.trainable_variables`.
         non_trainable_variables: the values of
             `model.non_trainable_variables`.
-        x, y, loss_fn, sample_weight, rho, adaptive, eta, micro_batches:
-            as in `sam_gradients`.
+        x, y, loss_fn, sample_weight, **options: as in `sam_gradients`.
         optimizer: optional; its `scale_loss` is applied (a
             `LossScaleOptimizer`) and a schedule `rho` follows its
             `iterations`.
@@ -363,11 +291,8 @@ def stateless_sam_gradients(
             y,
             loss_fn,
             sample_weight=sample_weight,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            micro_batches=micro_batches,
             optimizer=optimizer,
+            **options,
         )
     new_state = [
         scope.get_current_value(v) for v in model.non_trainable_variables
@@ -442,20 +367,15 @@ def compute_sam_gradients(
     x,
     y,
     sample_weight=None,
-    rho=0.05,
-    adaptive=False,
-    eta=0.01,
-    micro_batches=1,
-    sync_perturbations=False,
+    options=None,
+    *,
+    rho=None,
     scale_loss=None,
-    epsilon=perturbations.DEFAULT_EPSILON,
-    adaptive_variables="weights",
     perturbed_mask=None,
-    gsam_alpha=0.0,
-    switching=None,
     step=None,
-    looksam_alpha=None,
     looksam_directions=None,
+    momentums=None,
+    epsilon=perturbations.DEFAULT_EPSILON,
 ):
     """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
 
@@ -519,25 +439,45 @@ def compute_sam_gradients(
     - `looksam_alpha`, `looksam_directions`: LookSAM's α and the variables
       holding its direction `g_v`, which SAM steps overwrite (keeping the
       old one when the new one is not finite).
+    - `perturbation="momentum"`, `momentums`: Momentum-SAM (Becker,
+      Altrichter and Kalinowski, 2024, arXiv 2401.12033), ε along the
+      optimizer's momentum variables `m` (Keras' SGD: `m ← μ m − lr g`,
+      `w ← w + m`) instead of a clean gradient, and no clean pass:
+
+      ```
+      ε        = ρ · m / (‖m‖₂ + 1e-12)
+      gradient = ∇L(w + ε)                 # the only pass
+      ```
+
+      The authors' code (MarlonBecker/MSAM) keeps PyTorch's buffer
+      `v ← μ v + g`, `w ← w − lr v`, and takes the gradient at
+      `w − ρ v/‖v‖`; with a constant learning rate `m = −lr v`, the same
+      point. The loss returned (and logged) is `L(w + ε)`, the BatchNorm
+      statistics are those of that pass, `sharpness` is 0 (not measured),
+      `grad_norm` is ‖∇L(w + ε)‖₂, and on the first step (`m = 0`) ε = 0.
+      `perturbed_mask` applies; the options that need a clean gradient or
+      several ε do not.
 
     Returns:
         A `SAMResult`.
     """
+    options = options or options_lib.SAMOptions()
+    rho = options.rho if rho is None else rho
     scale_loss = scale_loss or (lambda loss: loss)
     trainable = model.trainable_variables
     non_trainable = model.non_trainable_variables
     weights = [ops.convert_to_tensor(v.value) for v in trainable]
     initial_state = [ops.convert_to_tensor(v.value) for v in non_trainable]
     adaptive_mask = (
-        adaptive_variables_mask(trainable, adaptive_variables)
-        if adaptive
+        adaptive_variables_mask(trainable, options.adaptive_variables)
+        if options.adaptive
         else None
     )
 
     metrics = model.metrics_variables
     initial_metrics = [ops.convert_to_tensor(v.value) for v in metrics]
-    parts_count = micro_batches
-    if not sync_perturbations:
+    parts_count = options.micro_batches
+    if not options.sync_perturbations:
         # Under `keras.distribution` (JAX) the step sees the global batch:
         # each device's shard is cut into its own micro-batches, so every
         # shard gets its own ε, as a tf.distribute replica does.
@@ -567,7 +507,7 @@ def compute_sam_gradients(
                     g if on else None
                     for g, on in zip(for_epsilon, perturbed_mask)
                 ]
-            if sync_perturbations:
+            if options.sync_perturbations:
                 # Outside the conditionals (one part: see below):
                 # tf.distribute cannot all-reduce inside a cond, so the
                 # all-reduce runs on every step.
@@ -584,21 +524,21 @@ def compute_sam_gradients(
         perturbed_gradients, sharpness = [], []
         directions = old_directions
         for part in clean.parts:
-            if adaptive:
-                perturbation = perturbations.asam_perturbation(
+            if options.adaptive:
+                epsilons = perturbations.asam_perturbation(
                     part.for_epsilon,
                     weights,
                     rho,
-                    eta,
+                    options.eta,
                     epsilon,
                     adaptive_mask=adaptive_mask,
                 )
             else:
-                perturbation = perturbations.sam_perturbation(
+                epsilons = perturbations.sam_perturbation(
                     part.for_epsilon, rho, epsilon
                 )
             perturbed_weights = [
-                w if e is None else w + e for w, e in zip(weights, perturbation)
+                w if e is None else w + e for w, e in zip(weights, epsilons)
             ]
             backend.set_random_state(part.random_state)
             perturbed = _forward_and_gradients(
@@ -611,7 +551,7 @@ def compute_sam_gradients(
                 scale_loss,
             )
             gradients = perturbed.gradients
-            if looksam_alpha is not None:
+            if options.looksam_alpha is not None:
                 new = perturbations.looksam_direction(
                     part.clean.gradients, gradients
                 )
@@ -620,9 +560,9 @@ def compute_sam_gradients(
                     old if d is None else ops.where(finite, d, old)
                     for d, old in zip(new, old_directions)
                 ]
-            if gsam_alpha:
+            if options.gsam_alpha:
                 gradients = perturbations.gsam_gradients(
-                    part.clean.gradients, gradients, gsam_alpha
+                    part.clean.gradients, gradients, options.gsam_alpha
                 )
             perturbed_gradients.append(gradients)
             sharpness.append(perturbed.loss - part.clean.loss)
@@ -642,12 +582,12 @@ def compute_sam_gradients(
             [part.fraction for part in clean.parts],
         )
         zero = ops.zeros((), "float32")
-        if looksam_alpha is None:
+        if options.looksam_alpha is None:
             return _outcome(clean, clean_gradients, zero, old_directions)
 
         def reuse_direction():
             return perturbations.looksam_gradients(
-                clean_gradients, old_directions, looksam_alpha
+                clean_gradients, old_directions, options.looksam_alpha
             )
 
         # LookSAM reuses g_v on the steps the policy declined; a SAM step
@@ -655,38 +595,77 @@ def compute_sam_gradients(
         gradients = _cond(take_sam, lambda: clean_gradients, reuse_direction)
         return _outcome(clean, gradients, zero, old_directions)
 
-    # The base step's clean pass runs on the whole batch, as Keras' own
-    # step (BatchNorm normalizes over it). A SAM step with several parts
-    # runs a clean pass per part instead, so the whole batch is passed
-    # first only when there is one part, or when a switching policy
-    # decides from its gradient (AE-SAM).
-    whole = None
-    needs_norm = switching is not None and switching.needs_gradient_norm
-    if parts_count == 1 or needs_norm:
-        whole = clean_passes(1)
-    take_sam = True
-    if switching is not None:
-        squared_norm = None
-        if needs_norm:
-            squared_norm = _squared_norm_across_replicas(
-                whole.parts[0].clean.gradients, scale_loss
-            )
-        take_sam = switching(step, squared_norm)
-    if isinstance(rho, (int, float)):
-        run_perturbed = take_sam if rho > 0 else False
-    else:
-        run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+    def momentum_step():
+        """Momentum-SAM's one pass, at w moved along the momentum."""
+        directions = [ops.convert_to_tensor(m.value) for m in momentums]
+        if perturbed_mask is not None:
+            directions = [
+                d if on else None for d, on in zip(directions, perturbed_mask)
+            ]
+        epsilons = perturbations.sam_perturbation(directions, rho, epsilon)
+        perturbed = _forward_and_gradients(
+            model,
+            compute_loss,
+            [
+                w if e is None else w + ops.cast(e, w.dtype)
+                for w, e in zip(weights, epsilons)
+            ],
+            initial_state,
+            initial_metrics,
+            (x, y, sample_weight),
+            scale_loss,
+        )
+        return _Outcome(
+            loss=perturbed.loss,
+            y_pred=perturbed.y_pred,
+            gradients=perturbed.gradients,
+            sharpness=ops.zeros((), "float32"),
+            grad_norm=perturbations.global_norm(perturbed.gradients),
+            directions=old_directions,
+            state=perturbed.state,
+            metrics=perturbed.metrics,
+        )
 
-    if parts_count == 1:
-        outcome = _cond(
-            run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
-        )
+    if options.perturbation == "momentum":
+        take_sam = True
+        run_perturbed = ops.greater(rho, 0)
+        outcome = momentum_step()
     else:
-        outcome = _cond(
-            run_perturbed,
-            lambda: sam_step(clean_passes(parts_count)),
-            lambda: base_step(whole or clean_passes(1)),
+        # The base step's clean pass runs on the whole batch, as Keras' own
+        # step (BatchNorm normalizes over it). A SAM step with several parts
+        # runs a clean pass per part instead, so the whole batch is passed
+        # first only when there is one part, or when a switching policy
+        # decides from its gradient (AE-SAM).
+        whole = None
+        needs_norm = (
+            options.switching is not None
+            and options.switching.needs_gradient_norm
         )
+        if parts_count == 1 or needs_norm:
+            whole = clean_passes(1)
+        take_sam = True
+        if options.switching is not None:
+            squared_norm = None
+            if needs_norm:
+                squared_norm = _squared_norm_across_replicas(
+                    whole.parts[0].clean.gradients, scale_loss
+                )
+            take_sam = options.switching(step, squared_norm)
+        if isinstance(rho, (int, float)):
+            run_perturbed = take_sam if rho > 0 else False
+        else:
+            run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+
+        if parts_count == 1:
+            outcome = _cond(
+                run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
+            )
+        else:
+            outcome = _cond(
+                run_perturbed,
+                lambda: sam_step(clean_passes(parts_count)),
+                lambda: base_step(whole or clean_passes(1)),
+            )
 
     if looksam_directions is not None:
         _assign(looksam_directions, outcome.directions)
@@ -731,89 +710,6 @@ def _outcome(clean, gradients, sharpness, directions):
             fractions,
         ),
         metrics=clean.metrics,
-    )
-
-
-def compute_momentum_sam_gradients(
-    model,
-    compute_loss,
-    x,
-    y,
-    sample_weight=None,
-    rho=0.3,
-    momentums=(),
-    scale_loss=None,
-    epsilon=perturbations.DEFAULT_EPSILON,
-    perturbed_mask=None,
-):
-    """Momentum-SAM's step: one pass, at weights moved along the momentum.
-
-    Becker, Altrichter and Kalinowski, "Momentum-SAM: Sharpness Aware
-    Minimization without Computational Overhead" (2024, arXiv 2401.12033).
-    With `m` the optimizer's momentum (Keras' convention for SGD,
-    `m ← μ m − lr g`, `w ← w + m`):
-
-    ```
-    ε        = ρ · m / (‖m‖₂ + 1e-12)
-    gradient = ∇L(w + ε)                 # the only pass
-    ```
-
-    The authors' code (MarlonBecker/MSAM) keeps PyTorch's buffer
-    `v ← μ v + g`, `w ← w − lr v`, and takes the gradient at
-    `w − ρ v/‖v‖`; with a constant learning rate `m = −lr v`, so the two
-    are the same point, and with a schedule the directions agree up to the
-    change of lr within the momentum's memory. No clean pass is computed:
-    the loss returned (and logged) is `L(w + ε)`, the BatchNorm statistics
-    are those of that pass, and on the first step (`m = 0`) `ε = 0`.
-
-    Args:
-        momentums: the optimizer's momentum variables, one per trainable
-            variable of `model`.
-        perturbed_mask: optional booleans aligned with the trainable
-            variables; ε moves only the selected ones.
-        Other arguments as in `compute_sam_gradients`.
-
-    Returns:
-        A `SAMResult` whose `sharpness` is 0 (not measured) and whose
-        `grad_norm` is ‖∇L(w + ε)‖₂.
-    """
-    scale_loss = scale_loss or (lambda loss: loss)
-    weights = [
-        ops.convert_to_tensor(v.value) for v in model.trainable_variables
-    ]
-    state = [
-        ops.convert_to_tensor(v.value) for v in model.non_trainable_variables
-    ]
-    directions = [ops.convert_to_tensor(m.value) for m in momentums]
-    if perturbed_mask is not None:
-        directions = [
-            d if on else None for d, on in zip(directions, perturbed_mask)
-        ]
-    perturbation = perturbations.sam_perturbation(directions, rho, epsilon)
-    perturbed_weights = [
-        w if e is None else w + ops.cast(e, w.dtype)
-        for w, e in zip(weights, perturbation)
-    ]
-    metrics = model.metrics_variables
-    perturbed = _forward_and_gradients(
-        model,
-        compute_loss,
-        perturbed_weights,
-        state,
-        [ops.convert_to_tensor(v.value) for v in metrics],
-        (x, y, sample_weight),
-        scale_loss,
-    )
-    _assign(model.non_trainable_variables, perturbed.state)
-    _assign(metrics, perturbed.metrics)
-    return SAMResult(
-        loss=perturbed.loss,
-        y_pred=perturbed.y_pred,
-        gradients=perturbed.gradients,
-        sharpness=ops.zeros((), "float32"),
-        grad_norm=perturbations.global_norm(perturbed.gradients),
-        perturbed=ops.greater(rho, 0),
-        sam_step=ops.convert_to_tensor(True),
     )
 
 

@@ -123,10 +123,10 @@ def test_looksam_keeps_its_direction_when_a_sam_step_is_not_finite():
             compute_loss,
             x,
             y,
-            rho=RHO,
-            switching=switching.Periodic(3),
+            options=keras_sam.options.SAMOptions(
+                rho=RHO, switching=switching.Periodic(3), looksam_alpha=0.7
+            ),
             step=ops.convert_to_tensor(0),
-            looksam_alpha=0.7,
             looksam_directions=directions,
         )
 

@@ -1,0 +1,301 @@
+"""The settings of a SAM step: each option, its default and its check, once.
+
+`SAMOptions` is what `SAMModel(base, **options)` and `sam_gradients(...,
+**options)` take, what `compute_sam_gradients` reads and what a `SAMModel`'s
+config stores. Each field's `metadata["help"]` says what it means, so that a
+command line can be derived from the fields instead of repeating them.
+"""
+
+import dataclasses
+import math
+import numbers
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_sam import backend
+from keras_sam import switching as switching_lib
+
+
+def _option(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class SAMOptions:
+    """The options of a SAM step, validated when made.
+
+    Each check raises a `ValueError` naming the argument and the value.
+    Numbers are stored as Python `float`, `int` and `bool`.
+    """
+
+    rho: object = _option(
+        0.05,
+        "The neighbourhood radius ρ >= 0: a number, a schedule of the step "
+        "or a float keras.Variable read at every step; 0 is the base "
+        "optimizer.",
+    )
+    adaptive: bool = _option(False, "ASAM's scale-invariant ε.")
+    eta: float = _option(0.01, "ASAM's η > 0, added to |w|.")
+    adaptive_variables: str = _option(
+        "weights",
+        "With adaptive: 'weights' (T = |w| + η except on biases and "
+        "normalization offsets, as the ASAM authors' code) or 'all'.",
+    )
+    sync_perturbations: bool = _option(
+        False,
+        "All-reduce the clean gradient across replicas (devices) before "
+        "computing ε: one ε for the global batch.",
+    )
+    micro_batches: int = _option(
+        1,
+        "Parts of each replica's batch, each with its own ε (m-sharpness).",
+    )
+    gsam_alpha: float = _option(0.0, "GSAM's α >= 0; 0 is SAM.")
+    perturbed_variables: object = _option(
+        "all",
+        "Which trainable variables ε perturbs: 'all', 'normalization' "
+        "(SAM-ON) or a list of regular expressions searched in each "
+        "variable's path.",
+    )
+    switching: object = _option(
+        None,
+        "A keras_sam.switching.SwitchingPolicy choosing the steps that run "
+        "SAM, or None for every step.",
+    )
+    looksam_alpha: object = _option(
+        None,
+        "LookSAM's α >= 0 for the steps a switching policy declines, or "
+        "None for the plain clean gradient there.",
+    )
+    perturbation: str = _option(
+        "gradient",
+        "'gradient' (SAM: ε along the clean gradient) or 'momentum' "
+        "(Momentum-SAM: ε along the optimizer's momentum, one pass).",
+    )
+
+    def __post_init__(self):
+        for name, value in _checked(self).items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def takes_two_passes(self):
+        """Whether a step may run the perturbed pass after the clean one."""
+        return self.perturbation == "gradient" and not (
+            isinstance(self.rho, float) and self.rho == 0
+        )
+
+    def get_config(self):
+        """The options as a config: a Variable ρ as its current value, a
+        schedule and a policy serialized."""
+        config = {f.name: getattr(self, f.name) for f in fields()}
+        if isinstance(self.rho, keras.Variable):
+            config["rho"] = float(ops.convert_to_numpy(self.rho.value))
+        for name in ("rho", "switching"):
+            value = config[name]
+            if value is not None and not isinstance(value, float):
+                config[name] = keras.saving.serialize_keras_object(value)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for name in ("rho", "switching"):
+            if isinstance(config.get(name), dict):
+                config[name] = keras.saving.deserialize_keras_object(
+                    config[name], custom_objects=custom_objects
+                )
+        return cls(**config)
+
+
+def fields():
+    return dataclasses.fields(SAMOptions)
+
+
+NAMES = tuple(f.name for f in fields())
+
+
+def _checked(options):
+    """The normalized values of `options`' fields; raises on a bad one."""
+    rho = _checked_rho(options.rho)
+    eta = _checked_number("eta", options.eta, minimum=0, strict=True)
+    micro_batches = options.micro_batches
+    if (
+        not isinstance(micro_batches, numbers.Integral)
+        or isinstance(micro_batches, (bool, np.bool_))
+        or micro_batches < 1
+    ):
+        raise ValueError(
+            "`micro_batches` must be an integer >= 1. "
+            f"Received: micro_batches={micro_batches!r}"
+        )
+    micro_batches = int(micro_batches)
+    for name in ("adaptive", "sync_perturbations"):
+        value = getattr(options, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(
+                f"`{name}` must be True or False. Received: {name}={value!r}"
+            )
+    if options.sync_perturbations and micro_batches > 1:
+        raise ValueError(
+            "`sync_perturbations=True` computes one ε for the whole global "
+            "batch, so it cannot be combined with `micro_batches` > 1. "
+            f"Received: micro_batches={micro_batches}"
+        )
+    if options.adaptive_variables not in ("weights", "all"):
+        raise ValueError(
+            "`adaptive_variables` must be 'weights' or 'all'. Received: "
+            f"adaptive_variables={options.adaptive_variables!r}"
+        )
+    gsam_alpha = _checked_number("gsam_alpha", options.gsam_alpha, minimum=0)
+    perturbed_variables = _checked_patterns(options.perturbed_variables)
+    switching = options.switching
+    if switching is not None and not isinstance(
+        switching, switching_lib.SwitchingPolicy
+    ):
+        raise ValueError(
+            "`switching` must be None or a keras_sam.switching."
+            f"SwitchingPolicy. Received: switching={switching!r}"
+        )
+    looksam_alpha = options.looksam_alpha
+    if looksam_alpha is not None:
+        looksam_alpha = _checked_number(
+            "looksam_alpha", looksam_alpha, minimum=0
+        )
+        if switching is None:
+            raise ValueError(
+                "`looksam_alpha` acts on the steps without SAM, so it needs "
+                "a `switching` policy, e.g. keras_sam.switching.Periodic(5)."
+                f" Received: looksam_alpha={looksam_alpha}, switching=None"
+            )
+        if micro_batches > 1:
+            raise ValueError(
+                "`looksam_alpha` stores one direction per step and cannot "
+                f"be combined with micro_batches={micro_batches}."
+            )
+    _check_perturbation(options)
+    return dict(
+        rho=rho,
+        adaptive=bool(options.adaptive),
+        eta=eta,
+        sync_perturbations=bool(options.sync_perturbations),
+        micro_batches=micro_batches,
+        gsam_alpha=gsam_alpha,
+        perturbed_variables=perturbed_variables,
+        looksam_alpha=looksam_alpha,
+    )
+
+
+def _checked_rho(rho):
+    """ρ as a float, or the Variable or schedule it is."""
+    if isinstance(rho, keras.Variable):
+        if tuple(rho.shape) != () or "float" not in str(rho.dtype):
+            raise ValueError(
+                "A `keras.Variable` `rho` must be a float scalar. Received: "
+                f"rho={rho!r} of shape {tuple(rho.shape)} and dtype "
+                f"{rho.dtype}"
+            )
+        value = rho.value
+        if not backend.is_symbolic(value):
+            value = float(ops.convert_to_numpy(value))
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"`rho` must be finite. Received: rho={rho!r} of value "
+                    f"{value}"
+                )
+            if not value >= 0:
+                raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
+        return rho
+    if callable(rho):
+        return rho
+    if not _is_real(rho):
+        raise ValueError(
+            "`rho` must be a number >= 0, a float `keras.Variable` or a "
+            f"schedule. Received: rho={rho!r}"
+        )
+    return _checked_number("rho", rho, minimum=0)
+
+
+def _checked_number(name, value, minimum, strict=False):
+    """`value` as a finite float >= `minimum` (> with `strict`)."""
+    relation = ">" if strict else ">="
+    if not _is_real(value):
+        raise ValueError(
+            f"`{name}` must be a number {relation} {minimum}. Received: "
+            f"{name}={value!r}"
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite. Received: {name}={value}")
+    if not (value > minimum if strict else value >= minimum):
+        raise ValueError(
+            f"`{name}` must be {relation} {minimum}. Received: {name}={value}"
+        )
+    return float(value)
+
+
+def _checked_patterns(perturbed_variables):
+    if isinstance(perturbed_variables, str):
+        if perturbed_variables not in ("all", "normalization"):
+            raise ValueError(
+                "`perturbed_variables` must be 'all', 'normalization' or a "
+                "list of regular expressions. Received: "
+                f"perturbed_variables={perturbed_variables!r}"
+            )
+        return perturbed_variables
+    if not perturbed_variables or not all(
+        isinstance(p, str) for p in perturbed_variables
+    ):
+        raise ValueError(
+            "`perturbed_variables` must be 'all', 'normalization' or a "
+            "non-empty list of regular expressions. Received: "
+            f"perturbed_variables={perturbed_variables!r}"
+        )
+    for pattern in perturbed_variables:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                "`perturbed_variables` must hold regular expressions; "
+                f"{pattern!r} is not one ({error}). Received: "
+                f"perturbed_variables={perturbed_variables!r}"
+            ) from None
+    return list(perturbed_variables)
+
+
+def _check_perturbation(options):
+    if options.perturbation not in ("gradient", "momentum"):
+        raise ValueError(
+            "`perturbation` must be 'gradient' (SAM) or 'momentum' "
+            f"(Momentum-SAM). Received: perturbation={options.perturbation!r}"
+        )
+    if options.perturbation == "gradient":
+        return
+    # Each of these needs the clean gradient, which Momentum-SAM does not
+    # compute, or splits the batch for per-part ε, which it does not have.
+    for name in (
+        "adaptive",
+        "sync_perturbations",
+        "micro_batches",
+        "gsam_alpha",
+        "switching",
+        "looksam_alpha",
+    ):
+        value = getattr(options, name)
+        if value != _DEFAULTS[name]:
+            raise ValueError(
+                f"`perturbation='momentum'` cannot be combined with `{name}`"
+                f" (Momentum-SAM has no clean gradient and one ε). "
+                f"Received: {name}={value!r}"
+            )
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAMOptions)}
+
+
+def _is_real(value):
+    """A Python or NumPy real number, not a boolean."""
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_)
+    )
