@@ -136,12 +136,17 @@ def test_optimizer_slots_builds_as_apply_and_maps_each_variable():
     assert optimizer.built
     assert [tuple(s.shape) for s in slots] == [(3,), (2,)]
     optimizer.apply([keras.ops.ones(2), keras.ops.full((3,), 2.0)], [a, b])
-    # SGD: m ← μ m − lr g, from m = 0.
+    # SGD: m ← μ m − lr g, from m = 0; each variable finds its own slot
+    # also in another order than the optimizer's.
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(slots[0]), np.full(3, -0.2)
     )
+    got = compat.optimizer_slots(optimizer, lambda o: o.momentums, [a, b])
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(slots[1]), np.full(2, -0.1)
+        keras.ops.convert_to_numpy(got[0]), np.full(2, -0.1)
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(got[1]), np.full(3, -0.2)
     )
     # The same variables, paths included, as a build by `apply`.
     reference = keras.optimizers.SGD(0.1, momentum=0.9, name="mine")
