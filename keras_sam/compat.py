@@ -1,9 +1,27 @@
-"""Where keras_sam reads Keras internals, with why and the versions checked.
+"""Every reading of private Keras code in keras_sam, with why and the versions.
 
-Each function here depends on private Keras behaviour; each has a test in
-`tests/compat_test.py` that fails when Keras changes it. Checked against
-Keras 3.15.1.
+Each function here reaches into Keras' internals (`keras.src`, a private
+method or attribute, a saving internal) or works around a Keras defect. Each
+docstring names the Keras issue or the reason, and each function has a test
+in `tests/compat_test.py` that fails when the workaround stops working and,
+where it can, when Keras no longer needs it (the test then says which
+function to remove). All were checked against Keras 3.15.1.
+
+The TensorFlow trainer's multi-worker defect (keras-team/keras#20585) is
+worked around here too, guarded by the backend, rather than in
+`keras_sam.backend.tensorflow`: it is a defect of Keras' trainer, not
+something that differs per backend, and it belongs with the other Keras
+workarounds that a Keras upgrade must recheck.
 """
+
+import os
+
+import keras
+from keras.src.backend.common import stateless_scope as stateless_scope_lib
+from keras.src.saving import saving_lib
+from keras.src.utils import io_utils
+
+SAM_STATE = "sam_model"
 
 
 def schedule_step(optimizer):
@@ -15,6 +33,272 @@ def schedule_step(optimizer):
     `iterations` is the calls // k. A ρ schedule is evaluated at this step,
     so that `RhoFollowingLearningRate` follows the rate the optimizer
     applies. A `LossScaleOptimizer` evaluates its inner optimizer's.
+    Checked against Keras 3.15.1.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner._iterations
+
+
+def stateless_scope(mapping):
+    """A `StatelessScope` over `mapping` that also sees the enclosing one's.
+
+    Inside Keras' stateless JAX train step, every variable is read from the
+    enclosing scope; a nested `keras.StatelessScope` reads only its own
+    mapping, so it must map the enclosing scope's variables too (the loss
+    scale, the metrics), or it would read their stale stored values. Keras
+    offers no public way to reach the enclosing scope
+    (`keras.src.backend.common.stateless_scope.get_stateless_scope`).
+    Checked against Keras 3.15.1.
+    """
+    scope = keras.StatelessScope(state_mapping=mapping, collect_losses=True)
+    outer = stateless_scope_lib.get_stateless_scope()
+    if outer is not None:
+        scope.state_mapping = {**outer.state_mapping, **scope.state_mapping}
+    return scope
+
+
+def compute_loss_with(
+    model,
+    lender,
+    x=None,
+    y=None,
+    y_pred=None,
+    sample_weight=None,
+    training=True,
+):
+    """`model.compute_loss(...)` with `lender`'s compiled loss if it has none.
+
+    A base model that overrides `compute_loss` computes the compiled part
+    with `super().compute_loss`, which reads the private `_compile_loss` of
+    the base; a base wrapped uncompiled has none, and the loss given to
+    `SAMModel.compile` is the wrapper's. It is lent for the call. The call
+    goes through Keras' `_compute_loss`, which passes `training` only to an
+    override that takes it (as Keras' own train step does). Checked against
+    Keras 3.15.1.
+    """
+    own = model._compile_loss
+    if own is None:
+        model._compile_loss = lender._compile_loss
+    try:
+        return model._compute_loss(
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+        )
+    finally:
+        model._compile_loss = own
+
+
+def set_untracked_attribute(layer, name, value):
+    """Sets `layer.<name> = value` without Keras tracking it.
+
+    Keras' `Layer.__setattr__` adds a `keras.Variable` to the layer's
+    weights, so a ρ held as a variable would be saved as a weight and
+    counted in `non_trainable_weights`; it is a hyper-parameter that a
+    callback may assign, read at every step. Keras has no public way to
+    hold a variable untracked. Checked against Keras 3.15.1.
+    """
+    object.__setattr__(layer, name, value)
+
+
+def flatten_layers(model):
+    """`model` and every layer nested in it, at any depth.
+
+    `model.layers` lists only the direct children; Keras' private
+    `_flatten_layers` walks nested models too (the traversal Keras itself
+    uses). Checked against Keras 3.15.1.
+    """
+    return list(model._flatten_layers())
+
+
+def optimizer_slots(optimizer, slots, variables):
+    """`slots[i]` for each of `variables`, building `optimizer` first.
+
+    `slots` is a list of an optimizer's per-variable state (e.g. SGD's
+    `momentums`), in the order of the variables it was built with; Keras'
+    private `_get_variable_index` maps a variable to its index. An
+    optimizer not built yet is built as `optimizer.apply` would at its
+    first call (under its name scope, so its variables get the same paths),
+    since its state must exist before the first update. `slots` is a
+    callable of the built optimizer. Checked against Keras 3.15.1.
+    """
+    if not optimizer.built:
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(variables)
+        optimizer.built = True
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    state = slots(inner)
+    return [state[inner._get_variable_index(v)] for v in variables]
+
+
+def public_optimizer_classes(config):
+    """`config` with backend-specific optimizer classes named by their
+    public class in `keras.optimizers`.
+
+    On PyTorch, Keras serializes `SGD` as its PyTorch subclass
+    (`keras.src.backend.torch.optimizers.torch_sgd.SGD`), and a file that
+    names it would train with PyTorch's kernels on another backend (and
+    fail). `keras.optimizers.SGD` picks each backend's own class. Checked
+    against Keras 3.15.1.
+    """
+    if isinstance(config, list):
+        return [public_optimizer_classes(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    config = {k: public_optimizer_classes(v) for k, v in config.items()}
+    module = config.get("module")
+    if (
+        isinstance(module, str)
+        and module.startswith("keras.src.backend.")
+        and ".optimizers." in module
+        and hasattr(keras.optimizers, config.get("class_name", ""))
+    ):
+        config["module"] = "keras.optimizers"
+    return config
+
+
+def is_multi_worker(strategy=None):
+    """Whether `strategy` spans several workers (TensorFlow only).
+
+    `tf.distribute` exposes this only as the private
+    `strategy.extended._in_multi_worker_mode()`. `False` on JAX and
+    PyTorch. Checked against Keras 3.15.1 (TensorFlow 2.21).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def maybe_symbolic_build(model, iterator=None, data_batch=None):
+    """`keras.Model._maybe_symbolic_build`, multi-worker safe.
+
+    Assigned as `SAMModel._maybe_symbolic_build`. Keras' TensorFlow trainer
+    builds from one batch that it all-reduces eagerly with
+    `strategy.reduce`, which MultiWorkerMirroredStrategy cannot do
+    (keras-team/keras#20585). One replica's share of the batch has the
+    same structure and serves as well. Other strategies and backends build
+    as Keras does. Checked against Keras 3.15.1.
+    """
+    if iterator is not None and data_batch is None:
+        data_batch = _first_local_batch(model, iterator)
+        if data_batch is not None:
+            iterator = None
+    return keras.Model._maybe_symbolic_build(
+        model, iterator=iterator, data_batch=data_batch
+    )
+
+
+def _first_local_batch(model, iterator):
+    if not is_multi_worker(model.distribute_strategy):
+        return None
+    import tensorflow as tf
+
+    strategy = model.distribute_strategy
+
+    def first_local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    for _, _, it in iterator:
+        return keras.tree.map_structure(first_local, next(it))
+    return None
+
+
+def logs_for_workers(logs):
+    """Logs as shape-[1] tensors under a multi-worker strategy.
+
+    Keras' TensorFlow trainer averages a step's logs across workers with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+    (keras-team/keras#20585). The logged values are the same on every
+    replica, so a length-1 axis makes that reduction the identity. Elsewhere
+    `logs` is returned as is (JAX's `(logs, state)` included). Checked
+    against Keras 3.15.1.
+    """
+    if not is_multi_worker():
+        return logs
+    return {key: keras.ops.reshape(v, [1]) for key, v in logs.items()}
+
+
+def _weights_store(filepath, mode, max_shard_size=None):
+    if str(filepath).endswith(".weights.json") or max_shard_size is not None:
+        if mode == "w":
+            return saving_lib.ShardedH5IOStore(
+                filepath, max_shard_size, mode=mode
+            )
+        return saving_lib.ShardedH5IOStore(filepath, mode=mode)
+    return saving_lib.H5IOStore(filepath, mode=mode)
+
+
+def save_weights(model, filepath, overwrite=True, max_shard_size=None):
+    """Writes `model.base`'s weights at the root, the rest under `sam_model/`.
+
+    Keras writes a model's `.weights.h5` file by walking its attributes, so
+    a wrapper's file nests the base model's weights under `base/` and the
+    bare base model cannot read it. This writes the base's weights at the
+    root, as `base.save_weights` would, and the wrapper's own state (the
+    optimizer, the variants' state) under `sam_model/`, a group that the
+    base model ignores. Keras has no public API for a file's layout: this
+    calls the `keras.src.saving.saving_lib` functions that
+    `Model.save_weights` itself calls. Checked against Keras 3.15.1.
+    """
+    if not overwrite and os.path.exists(filepath):
+        if not io_utils.ask_to_proceed_with_overwrite(filepath):
+            return
+    store = _weights_store(filepath, "w", max_shard_size)
+    try:
+        visited = set()
+        saving_lib._save_state(model.base, store, None, "", visited)
+        saving_lib._save_state(model, store, None, SAM_STATE, visited)
+    finally:
+        store.close()
+
+
+def weights_file_has_path(filepath, path):
+    """Whether the weights file has a group at `path` (e.g. `sam_model`).
+
+    Checked against Keras 3.15.1.
+    """
+    store = _weights_store(filepath, "r")
+    try:
+        return store.has_path(path)
+    finally:
+        store.close()
+
+
+def load_weights(model, filepath, skip_mismatch=False):
+    """Reads a file written by `save_weights` into `model` and its base.
+
+    Through `keras.src.saving.saving_lib`, as `Model.load_weights` reads;
+    checked against Keras 3.15.1.
+    """
+    store = _weights_store(filepath, "r")
+    failed, errors = set(), {}
+    try:
+        visited = set()
+        saving_lib._load_state(
+            model.base, store, None, "", skip_mismatch, visited, failed, errors
+        )
+        visited.add(id(model.base))
+        saving_lib._load_state(
+            model,
+            store,
+            None,
+            SAM_STATE,
+            skip_mismatch,
+            visited,
+            failed,
+            errors,
+        )
+    finally:
+        store.close()
+    if failed:
+        saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)

@@ -9,9 +9,9 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
-from keras_sam import saving
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
 
@@ -222,7 +222,7 @@ class SAMModel(keras.Model):
             if isinstance(value, keras.Variable):
                 # Read at every step and never tracked: it is not a weight
                 # of the model, and a callback may assign it.
-                object.__setattr__(self, name, value)
+                compat.set_untracked_attribute(self, name, value)
             else:
                 setattr(self, name, value)
         self._looksam_directions = None
@@ -295,7 +295,7 @@ class SAMModel(keras.Model):
         if self.perturbed_variables == "normalization":
             selected = {
                 id(v)
-                for layer in self.base._flatten_layers()
+                for layer in compat.flatten_layers(self.base)
                 if isinstance(layer, NORMALIZATION_LAYERS)
                 for v in layer.trainable_variables
             }
@@ -399,19 +399,9 @@ class SAMModel(keras.Model):
             return super().compute_loss(
                 x, y, y_pred, sample_weight, training=training
             )
-        base_compile_loss = self.base._compile_loss
-        if base_compile_loss is None:
-            self.base._compile_loss = self._compile_loss
-        try:
-            return self.base._compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=training,
-            )
-        finally:
-            self.base._compile_loss = base_compile_loss
+        return compat.compute_loss_with(
+            self.base, self, x, y, y_pred, sample_weight, training=training
+        )
 
     def test_step(self, *args):
         output = super().test_step(*args)
@@ -420,7 +410,7 @@ class SAMModel(keras.Model):
         logs = output[0] if isinstance(output, tuple) else output
         for name in ("sam_fraction", "sharpness", "grad_norm"):
             logs.pop(name, None)
-        return backend.logs_for_workers(output)
+        return compat.logs_for_workers(output)
 
     def export(
         self,
@@ -454,7 +444,7 @@ class SAMModel(keras.Model):
         path = str(filepath)
         if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
             return super().save_weights(filepath, overwrite, max_shard_size)
-        saving.save_weights(self, path, overwrite, max_shard_size)
+        compat.save_weights(self, path, overwrite, max_shard_size)
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Loads weights saved by a `SAMModel` or by its base model.
@@ -464,22 +454,16 @@ class SAMModel(keras.Model):
         """
         path = str(filepath)
         if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
-            if saving.has_sam_layout(path):
-                return saving.load_weights(self, path, skip_mismatch)
-            if not saving.has_path(path, "base"):
+            if compat.weights_file_has_path(path, compat.SAM_STATE):
+                return compat.load_weights(self, path, skip_mismatch)
+            if not compat.weights_file_has_path(path, "base"):
                 return self.base.load_weights(path, skip_mismatch)
         return super().load_weights(
             filepath, skip_mismatch=skip_mismatch, **kwargs
         )
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if iterator is not None and data_batch is None:
-            data_batch = backend.symbolic_build_batch(self, iterator)
-            if data_batch is not None:
-                iterator = None
-        return super()._maybe_symbolic_build(
-            iterator=iterator, data_batch=data_batch
-        )
+    # A multi-worker-safe build (keras-team/keras#20585): see compat.
+    _maybe_symbolic_build = compat.maybe_symbolic_build
 
     def _compute_total_loss(self, x, y, y_pred, sample_weight):
         return self.compute_loss(
@@ -493,11 +477,11 @@ class SAMModel(keras.Model):
         return config
 
     def get_compile_config(self):
-        return _public_optimizer_classes(super().get_compile_config())
+        return compat.public_optimizer_classes(super().get_compile_config())
 
     def compile_from_config(self, config):
         # Files that an earlier version saved on PyTorch name its classes.
-        super().compile_from_config(_public_optimizer_classes(config))
+        super().compile_from_config(compat.public_optimizer_classes(config))
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -510,31 +494,6 @@ class SAMModel(keras.Model):
             custom_objects=custom_objects,
         )
         return cls(base, **dataclasses.asdict(sam_options), **config)
-
-
-def _public_optimizer_classes(config):
-    """`config` with backend-specific optimizer classes named by their
-    public class in `keras.optimizers`.
-
-    On PyTorch, Keras serializes `SGD` as its PyTorch subclass
-    (`keras.src.backend.torch.optimizers.torch_sgd.SGD`), and a file that
-    names it would train with PyTorch's kernels on another backend (and
-    fail). `keras.optimizers.SGD` picks each backend's own class.
-    """
-    if isinstance(config, list):
-        return [_public_optimizer_classes(c) for c in config]
-    if not isinstance(config, dict):
-        return config
-    config = {k: _public_optimizer_classes(v) for k, v in config.items()}
-    module = config.get("module")
-    if (
-        isinstance(module, str)
-        and module.startswith("keras.src.backend.")
-        and ".optimizers." in module
-        and hasattr(keras.optimizers, config.get("class_name", ""))
-    ):
-        config["module"] = "keras.optimizers"
-    return config
 
 
 def _unscale_loss_for_distribution(loss):
@@ -567,10 +526,7 @@ def _momentum_optimizer(optimizer):
 def _momentum_variables(optimizer, variables):
     # Checked at the first step, not in `compile`: Keras does not restore
     # the compiled state of a model whose `compile` is overridden.
-    inner = _momentum_optimizer(optimizer)
-    if not optimizer.built:
-        # As `optimizer.apply` would at its first call, a moment later.
-        with keras.name_scope(optimizer.name, caller=optimizer):
-            optimizer.build(variables)
-        optimizer.built = True
-    return [inner.momentums[inner._get_variable_index(v)] for v in variables]
+    _momentum_optimizer(optimizer)
+    return compat.optimizer_slots(
+        optimizer, lambda inner: inner.momentums, variables
+    )

@@ -18,7 +18,6 @@ import inspect
 import keras
 from keras import ops
 from keras import tree
-from keras.src.backend.common import stateless_scope
 
 from keras_sam import backend
 from keras_sam import compat
@@ -787,7 +786,7 @@ def _forward_and_gradients(
         mapping = list(zip(model.trainable_variables, weights))
         mapping.extend(zip(non_trainable, state))
         mapping.extend(zip(metrics, metric_state or []))
-        with _stateless_scope(mapping) as scope:
+        with compat.stateless_scope(mapping) as scope:
             before = [scope.get_current_value(v) for v in non_trainable]
             metrics_before = [scope.get_current_value(v) for v in metrics]
             y_pred = model(x, training=True)
@@ -843,20 +842,6 @@ def _cond(predicate, true_fn, false_fn):
             for t in tree.flatten(structure[0])
         ],
     )
-
-
-def _stateless_scope(mapping):
-    """A `StatelessScope` over `mapping` that also sees the enclosing one's.
-
-    Inside Keras' stateless JAX train step, every variable is read from the
-    enclosing scope; a nested scope must map them too (the loss scale, the
-    metrics), or it would read their stale stored values.
-    """
-    scope = keras.StatelessScope(state_mapping=mapping, collect_losses=True)
-    outer = stateless_scope.get_stateless_scope()
-    if outer is not None:
-        scope.state_mapping = {**outer.state_mapping, **scope.state_mapping}
-    return scope
 
 
 def _split_batch(data, parts):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from keras_sam import compat
+from tests import backends
 
 
 def test_keras_evaluates_a_learning_rate_schedule_at_the_calls():
@@ -31,3 +32,266 @@ def test_a_loss_scale_optimizer_steps_with_its_inner_optimizer():
     assert compat.schedule_step(optimizer) is inner._iterations
     assert optimizer.learning_rate is not None
     assert float(optimizer.learning_rate) == float(schedule(0))
+
+
+# Each test below checks (a) that a workaround in `keras_sam.compat` still
+# provides its behaviour on this Keras and, where it can, (b) that Keras
+# still needs it: such an assertion fails with "Keras fixed ...: remove
+# compat.<name>" once Keras no longer has the defect.
+
+
+def test_a_nested_stateless_scope_sees_the_enclosing_mapping():
+    a = keras.Variable(np.zeros(2, "float32"))
+    b = keras.Variable(np.zeros(2, "float32"))
+    ones, twos = np.ones(2, "float32"), np.full(2, 2.0, "float32")
+    with keras.StatelessScope(state_mapping=[(a, ones)]):
+        with compat.stateless_scope([(b, twos)]):
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(a.value), ones
+            )
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(b.value), twos
+            )
+        with keras.StatelessScope(state_mapping=[(b, twos)]):
+            stale = keras.ops.convert_to_numpy(a.value)
+    assert np.array_equal(stale, np.zeros(2)), (
+        "Keras fixed nested StatelessScope reading the enclosing mapping: "
+        "remove compat.stateless_scope"
+    )
+
+
+class _OffsetLoss(keras.Model):
+    """Overrides `compute_loss`: the compiled loss plus 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        loss = super().compute_loss(
+            x, y, y_pred, sample_weight, training=training
+        )
+        return loss + 1.0
+
+
+def test_an_uncompiled_base_computes_its_loss_with_a_lent_compiled_loss():
+    base = _OffsetLoss()
+    lender = keras.Sequential([keras.layers.Dense(1)])
+    lender.compile(loss="mse")
+    y = np.array([[1.0], [2.0]], "float32")
+    y_pred = np.array([[0.0], [4.0]], "float32")
+    loss = compat.compute_loss_with(base, lender, y=y, y_pred=y_pred)
+    want = np.mean((y - y_pred) ** 2) + 1.0
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    assert base._compile_loss is None
+    # Without it Keras has no loss to compute: it raises (TensorFlow,
+    # PyTorch) or leaves the compiled part out (JAX).
+    try:
+        alone = float(base.compute_loss(y=y, y_pred=y_pred))
+    except ValueError:
+        alone = None
+    assert alone is None or alone == 1.0, (
+        "Keras now computes an uncompiled model's loss: remove "
+        "compat.compute_loss_with"
+    )
+
+
+def test_an_untracked_variable_is_not_a_weight():
+    rho = keras.Variable(0.5)
+    layer = keras.layers.Layer()
+    compat.set_untracked_attribute(layer, "rho", rho)
+    assert layer.rho is rho
+    assert layer.weights == []
+    tracked = keras.layers.Layer()
+    tracked.rho = rho
+    assert any(w is rho for w in tracked.weights), (
+        "Keras no longer tracks a variable set as an attribute: remove "
+        "compat.set_untracked_attribute"
+    )
+
+
+def test_flatten_layers_reaches_nested_models():
+    norm = keras.layers.BatchNormalization()
+    inner = keras.Sequential([keras.layers.Dense(2), norm])
+    outer = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dense(1)])
+    assert any(layer is norm for layer in compat.flatten_layers(outer))
+    assert not any(layer is norm for layer in outer.layers), (
+        "Keras' `model.layers` now lists nested layers: remove "
+        "compat.flatten_layers"
+    )
+
+
+def test_optimizer_slots_builds_as_apply_and_maps_each_variable():
+    a = keras.Variable(np.zeros(2, "float32"))
+    b = keras.Variable(np.zeros(3, "float32"))
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9, name="mine")
+    slots = compat.optimizer_slots(
+        optimizer, lambda inner: inner.momentums, [b, a]
+    )
+    assert optimizer.built
+    assert [tuple(s.shape) for s in slots] == [(3,), (2,)]
+    optimizer.apply([keras.ops.ones(2), keras.ops.full((3,), 2.0)], [a, b])
+    # SGD: m ← μ m − lr g, from m = 0; each variable finds its own slot
+    # also in another order than the optimizer's.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(slots[0]), np.full(3, -0.2)
+    )
+    got = compat.optimizer_slots(optimizer, lambda o: o.momentums, [a, b])
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(got[0]), np.full(2, -0.1)
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(got[1]), np.full(3, -0.2)
+    )
+    # The same variables, paths included, as a build by `apply`.
+    reference = keras.optimizers.SGD(0.1, momentum=0.9, name="mine")
+    reference.apply([keras.ops.ones(3), keras.ops.ones(2)], [b, a])
+    assert [v.path for v in optimizer.variables] == [
+        v.path for v in reference.variables
+    ]
+
+
+def test_optimizer_slots_looks_through_loss_scaling():
+    a = keras.Variable(np.zeros(2, "float32"))
+    inner = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer = keras.optimizers.LossScaleOptimizer(inner)
+    (slot,) = compat.optimizer_slots(optimizer, lambda o: o.momentums, [a])
+    assert slot is inner.momentums[0]
+
+
+def test_public_optimizer_classes_renames_backend_classes():
+    torch_sgd = {
+        "module": "keras.src.backend.torch.optimizers.torch_sgd",
+        "class_name": "SGD",
+        "config": {"learning_rate": 0.5},
+    }
+    other = {"module": "keras.src.backend.torch.layers", "class_name": "X"}
+    config = compat.public_optimizer_classes(
+        {"optimizer": torch_sgd, "list": [torch_sgd, other]}
+    )
+    assert config["optimizer"]["module"] == "keras.optimizers"
+    assert config["list"][0]["module"] == "keras.optimizers"
+    assert config["list"][1] == other
+    optimizer = keras.saving.deserialize_keras_object(config["optimizer"])
+    assert type(optimizer) is type(keras.optimizers.SGD())
+    assert float(optimizer.learning_rate) == 0.5
+    module = keras.saving.serialize_keras_object(keras.optimizers.SGD())[
+        "module"
+    ]
+    if backends.BACKEND == "torch":
+        assert module.startswith("keras.src.backend.torch."), (
+            "Keras now serializes PyTorch's SGD by its public class: remove "
+            "compat.public_optimizer_classes"
+        )
+
+
+def test_a_single_process_is_not_multi_worker():
+    assert compat.is_multi_worker() is False
+    assert compat.logs_for_workers({"loss": 1.0}) == {"loss": 1.0}
+
+
+@backends.tensorflow_only
+def test_tf_distribute_still_has_the_private_multi_worker_query():
+    from tensorflow.python.distribute import collective_all_reduce_strategy
+
+    extended = collective_all_reduce_strategy.CollectiveAllReduceExtended
+    assert callable(getattr(extended, "_in_multi_worker_mode", None))
+
+
+@backends.tensorflow_only
+def test_multi_worker_logs_survive_keras_reduction(monkeypatch):
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer
+
+    # The reduction Keras applies to a step's logs under several workers.
+    monkeypatch.setattr(
+        trainer, "_collective_all_reduce_multi_worker", lambda s: True
+    )
+    monkeypatch.setattr(compat, "is_multi_worker", lambda s=None: True)
+    strategy = tf.distribute.get_strategy()
+    logs = compat.logs_for_workers({"loss": tf.constant(2.0)})
+    reduced = trainer.reduce_per_replica(logs, strategy, "auto")
+    assert float(np.squeeze(reduced["loss"])) == 2.0
+    try:
+        trainer.reduce_per_replica({"loss": tf.constant(2.0)}, strategy, "auto")
+    except ValueError:
+        return
+    raise AssertionError(
+        "Keras fixed keras-team/keras#20585 for logs: remove "
+        "compat.logs_for_workers"
+    )
+
+
+@backends.tensorflow_only
+def test_multi_worker_build_takes_one_replicas_batch(monkeypatch):
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        model = keras.Sequential([keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+    data = tf.data.Dataset.from_tensor_slices(
+        (np.ones((4, 3), "float32"), np.ones((4, 2), "float32"))
+    ).batch(4)
+
+    def epoch_iterator():
+        return [(0, 0, iter(strategy.experimental_distribute_dataset(data)))]
+
+    reduced = []
+    reduce = strategy.reduce
+
+    def recording_reduce(*args, **kwargs):
+        reduced.append(args)
+        return reduce(*args, **kwargs)
+
+    monkeypatch.setattr(strategy, "reduce", recording_reduce)
+    monkeypatch.setattr(compat, "is_multi_worker", lambda s=None: True)
+    compat.maybe_symbolic_build(model, iterator=epoch_iterator())
+    assert model.built and model.optimizer.built
+    assert not reduced
+    # Keras' own build all-reduces the batch eagerly, which fails across
+    # workers.
+    keras.Model._maybe_symbolic_build(model, iterator=epoch_iterator())
+    assert reduced, (
+        "Keras no longer all-reduces the build batch (keras-team/keras"
+        "#20585): remove compat.maybe_symbolic_build"
+    )
+
+
+def test_weights_files_in_the_base_layout(tmp_path):
+    import keras_sam
+
+    def base():
+        return keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2, name="dense")]
+        )
+
+    model = keras_sam.SAMModel(base(), rho=0.1)
+    model.compile(optimizer="sgd", loss="mse")
+    model.base.layers[0].kernel.assign(np.full((3, 2), 0.25, "float32"))
+    path = str(tmp_path / "m.weights.h5")
+    compat.save_weights(model, path)
+    assert compat.weights_file_has_path(path, compat.SAM_STATE)
+    bare = base()
+    bare.load_weights(path)
+    np.testing.assert_array_equal(
+        np.asarray(bare.layers[0].kernel), np.full((3, 2), 0.25)
+    )
+    clone = keras_sam.SAMModel(base(), rho=0.1)
+    clone.compile(optimizer="sgd", loss="mse")
+    compat.load_weights(clone, path)
+    np.testing.assert_array_equal(
+        np.asarray(clone.base.layers[0].kernel), np.full((3, 2), 0.25)
+    )
+    # Keras' own layout nests the base's weights under the wrapper's.
+    nested = str(tmp_path / "nested.weights.h5")
+    keras.Model.save_weights(model, nested)
+    assert compat.weights_file_has_path(nested, "base"), (
+        "Keras now writes a wrapper's weights in its base's layout: remove "
+        "compat.save_weights and compat.load_weights"
+    )

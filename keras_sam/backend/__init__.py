@@ -30,8 +30,9 @@ not offer live in one small module per backend, as Keras splits
   own, in a way the trainer's step can run.
 - `train_step(model, step, *args)`: runs the stateful step of `SAMModel`
   in the trainer's calling convention.
-- `symbolic_build_batch(model, iterator)` and `logs_for_workers(logs)`:
-  workarounds of the backend's trainer.
+
+Workarounds of Keras' own code (its TensorFlow trainer's multi-worker
+defect included) are not here but in `keras_sam.compat`.
 """
 
 import importlib
@@ -47,14 +48,12 @@ INTERFACE = (
     "function",
     "hessian_vector_product",
     "is_symbolic",
-    "logs_for_workers",
     "random_state",
     "read_live",
     "replica_count",
     "set_random_state",
     "sum_duplicate_rows",
     "to_dense",
-    "symbolic_build_batch",
     "train_step",
     "value_and_gradients",
 )

@@ -133,15 +133,6 @@ def read_live(variable):
     )
 
 
-def symbolic_build_batch(model, iterator):
-    del model, iterator
-    return None
-
-
-def logs_for_workers(logs):
-    return logs
-
-
 def random_state():
     # Every random layer draws through Keras' seed variables here, which
     # the step hands to both passes.

@@ -1,8 +1,8 @@
 """The TensorFlow backend: gradient tapes, `tf.cond` and `tf.distribute`."""
 
 import tensorflow as tf
-from keras import ops
-from keras import tree
+
+from keras_sam import compat
 
 
 def value_and_gradients(fn, weights):
@@ -118,7 +118,7 @@ def is_symbolic(tensor):
 
 
 def train_step(model, step, data):
-    return logs_for_workers(step(data))
+    return compat.logs_for_workers(step(data))
 
 
 def apply_gradients(optimizer, gradients, variables, after_gradients=False):
@@ -145,49 +145,6 @@ def apply_gradients(optimizer, gradients, variables, after_gradients=False):
 def read_live(variable):
     # A tf.function reads a variable when it runs.
     return tf.cast(variable.value, tf.float32)
-
-
-def is_multi_worker(strategy=None):
-    strategy = strategy or tf.distribute.get_strategy()
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
-def symbolic_build_batch(model, iterator):
-    """One replica's share of a batch, to build from, or `None`.
-
-    Keras (3.15) builds from one batch that it all-reduces eagerly with
-    `strategy.reduce`, which MultiWorkerMirroredStrategy cannot do
-    (keras-team/keras#20585). One replica's share of the batch has the
-    same structure and serves as well.
-    """
-    strategy = model.distribute_strategy
-    if not is_multi_worker(strategy):
-        return None
-    for _, _, it in iterator:
-
-        def first_local(value):
-            if isinstance(value, tf.distribute.DistributedValues):
-                return strategy.experimental_local_results(value)[0]
-            return value
-
-        return tree.map_structure(first_local, next(it))
-    return None
-
-
-def logs_for_workers(logs):
-    """Logs as shape-[1] tensors under a multi-worker strategy.
-
-    Keras (3.15) averages a step's logs across workers with
-    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
-    (keras-team/keras#20585). The logged values are the same on every
-    replica, so a length-1 axis makes that reduction the identity.
-    """
-    if not is_multi_worker():
-        return logs
-    return {key: ops.reshape(value, [1]) for key, value in logs.items()}
 
 
 def random_state():

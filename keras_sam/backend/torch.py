@@ -200,12 +200,3 @@ def _pass(fn, weights):
     # pass makes afresh: both passes of every step reuse what the first
     # step compiled.
     return fn(weights)
-
-
-def symbolic_build_batch(model, iterator):
-    del model, iterator
-    return None
-
-
-def logs_for_workers(logs):
-    return logs
