@@ -208,3 +208,28 @@ def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
     )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split()[-2:] == ["SAMModel", "False"]
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def test_a_file_saved_before_the_options_module_loads_and_trains():
+    # Written by keras_sam at 0825e6a on TensorFlow (before SAMOptions and
+    # compat): a BatchNorm model with a ρ schedule, ASAM, a switching
+    # policy, LookSAM and a variable selection.
+    model = keras.saving.load_model(
+        os.path.join(FIXTURES, "sam_model_0825e6a.keras")
+    )
+    saved = np.load(os.path.join(FIXTURES, "sam_model_0825e6a.npz"))
+    assert isinstance(model.rho, keras_sam.schedules.RhoFollowingLearningRate)
+    assert model.options.adaptive and model.options.looksam_alpha == 0.7
+    assert model.switching.every == 3
+    assert model.perturbed_variables == ["dense"]
+    np.testing.assert_allclose(
+        model.predict(saved["x"], verbose=0),
+        saved["prediction"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    history = model.fit(saved["x"], saved["y"], batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
