@@ -165,7 +165,7 @@ class SAMModel(keras.Model):
             callback may set it; `get_config` and `.keras` files store its
             value at saving time as a number). `0` reproduces the base
             optimizer. ASAM typically wants a ρ about 10x larger than SAM.
-            Defaults to `0.05`.
+            Defaults to `None`: `SAMOptions`' 0.05.
         adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
         eta: ASAM's η > 0, added to `|w|`. Defaults to `0.01`.
         sync_perturbations: all-reduce the clean gradient across replicas
@@ -197,7 +197,9 @@ class SAMModel(keras.Model):
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
-    def __init__(self, base, **kwargs):
+    def __init__(self, base, rho=None, **kwargs):
+        if rho is not None:  # Positional, as `SAMModel(base, 0.05)`.
+            kwargs["rho"] = rho
         if not isinstance(base, keras.Model):
             raise ValueError(
                 "`base` must be a Keras model (an instance of `keras.Model`). "
