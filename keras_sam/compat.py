@@ -91,6 +91,16 @@ def compute_loss_with(
         model._compile_loss = own
 
 
+def loss_tracker(model):
+    """The metric behind the `loss` that `fit` logs.
+
+    Keras' own train step updates the private `model._loss_tracker`; a
+    train step that replaces it must update the same metric for `fit` to
+    log and reset its loss. Checked against Keras 3.15.1.
+    """
+    return model._loss_tracker
+
+
 def set_untracked_attribute(layer, name, value):
     """Sets `layer.<name> = value` without Keras tracking it.
 

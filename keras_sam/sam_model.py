@@ -356,7 +356,7 @@ class SAMModel(keras.Model):
                 ops.cast(result.sam_step, "float32")
             )
         self._track_sharpness(result)
-        self._loss_tracker.update_state(
+        compat.loss_tracker(self).update_state(
             _unscale_loss_for_distribution(result.loss),
             sample_weight=ops.shape(
                 next(t for t in tree.flatten(x) if t is not None)

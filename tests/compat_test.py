@@ -295,3 +295,12 @@ def test_weights_files_in_the_base_layout(tmp_path):
         "Keras now writes a wrapper's weights in its base's layout: remove "
         "compat.save_weights and compat.load_weights"
     )
+
+
+def test_the_loss_tracker_is_the_metric_fit_logs_as_loss():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    tracker = compat.loss_tracker(model)
+    assert tracker.name == "loss" and tracker in model.metrics
+    tracker.update_state(3.0)
+    assert float(model.get_metrics_result()["loss"]) == 3.0
