@@ -326,10 +326,11 @@ def test_data_parallel_steps_as_keras_and_as_per_device_parts(seed):
     keras.backend.backend() != "torch",
     reason="torch.compile is PyTorch's jit_compile",
 )
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", seeds_with_batchnorm(4))
 def test_torch_compile_steps_as_eager_execution(seed):
-    # Random models with BatchNorm and dropout: the compiled SAM step gives
-    # the eager step's numbers to float32 rounding.
+    # Random models with BatchNorm (two with dropout, one convolutional):
+    # the compiled SAM step gives the eager step's numbers to float32
+    # rounding.
     case = random_case(seed)
     trained = []
     for compile_kwargs in ({"run_eagerly": True}, {"jit_compile": True}):
