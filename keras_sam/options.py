@@ -87,10 +87,14 @@ class SAMOptions:
             isinstance(self.rho, float) and self.rho == 0
         )
 
+    def as_kwargs(self):
+        """The options by name, the objects themselves (not copies)."""
+        return {name: getattr(self, name) for name in NAMES}
+
     def get_config(self):
         """The options as a config: a Variable ρ as its current value, a
         schedule and a policy serialized."""
-        config = {f.name: getattr(self, f.name) for f in fields()}
+        config = self.as_kwargs()
         if isinstance(self.rho, keras.Variable):
             config["rho"] = float(ops.convert_to_numpy(self.rho.value))
         for name in ("rho", "switching"):

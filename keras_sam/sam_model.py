@@ -1,6 +1,5 @@
 """`SAMModel`: wrap any Keras model to train it with SAM or ASAM."""
 
-import dataclasses
 import re
 import warnings
 
@@ -495,7 +494,7 @@ class SAMModel(keras.Model):
             {k: config.pop(k) for k in options_lib.NAMES if k in config},
             custom_objects=custom_objects,
         )
-        return cls(base, **dataclasses.asdict(sam_options), **config)
+        return cls(base, **sam_options.as_kwargs(), **config)
 
 
 def _unscale_loss_for_distribution(loss):

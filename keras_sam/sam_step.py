@@ -485,6 +485,12 @@ def compute_sam_gradients(
     if looksam_directions is not None:
         old_directions = [d.value for d in looksam_directions]
 
+    def perturbed_only(tensors):
+        """`tensors` with `None` for the variables ε leaves alone (SAM-ON)."""
+        if perturbed_mask is None:
+            return tensors
+        return [t if on else None for t, on in zip(tensors, perturbed_mask)]
+
     def clean_passes(count):
         """The clean pass at w on each of `count` parts of the batch."""
         parts = []
@@ -500,12 +506,7 @@ def compute_sam_gradients(
                 batch,
                 scale_loss,
             )
-            for_epsilon = clean.gradients
-            if perturbed_mask is not None:
-                for_epsilon = [
-                    g if on else None
-                    for g, on in zip(for_epsilon, perturbed_mask)
-                ]
+            for_epsilon = perturbed_only(clean.gradients)
             if options.sync_perturbations:
                 # Outside the conditionals (one part: see below):
                 # tf.distribute cannot all-reduce inside a cond, so the
@@ -596,11 +597,9 @@ def compute_sam_gradients(
 
     def momentum_step():
         """Momentum-SAM's one pass, at w moved along the momentum."""
-        directions = [ops.convert_to_tensor(m.value) for m in momentums]
-        if perturbed_mask is not None:
-            directions = [
-                d if on else None for d, on in zip(directions, perturbed_mask)
-            ]
+        directions = perturbed_only(
+            [ops.convert_to_tensor(m.value) for m in momentums]
+        )
         epsilons = perturbations.sam_perturbation(directions, rho, epsilon)
         perturbed = _forward_and_gradients(
             model,

@@ -110,6 +110,17 @@ def _environment():
     return env
 
 
+def _run(output_dir, steps):
+    """The trainer run to its end in a fresh process."""
+    return subprocess.run(
+        _command(output_dir, steps),
+        env=_environment(),
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+
+
 def _one_line(result):
     """The error line of a refused program, checked to be alone."""
     assert result.returncode == 1, result.stderr[-2000:]
@@ -127,13 +138,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
     tmp_path,
 ):
     steps = 40
-    whole = subprocess.run(
-        _command(tmp_path / "whole", steps),
-        env=_environment(),
-        timeout=600,
-        capture_output=True,
-        text=True,
-    )
+    whole = _run(tmp_path / "whole", steps)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     cut = tmp_path / "cut"
@@ -151,13 +156,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
             time.sleep(0.02)
         # Stopped, the run holds its directory while a second one starts.
         process.send_signal(signal.SIGSTOP)
-        second = subprocess.run(
-            _command(cut, steps),
-            env=_environment(),
-            timeout=600,
-            capture_output=True,
-            text=True,
-        )
+        second = _run(cut, steps)
         assert _one_line(second) == (
             f"DirectoryInUseError: Another process (pid {process.pid}) is "
             f"training in {cut} (it holds {cut / loop.LOCK}). Wait for it to "
@@ -175,13 +174,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit_and_locks_out_a_second_one(
 
     # The lock file the killed run left does not block the restart.
     assert (cut / loop.LOCK).exists()
-    resumed = subprocess.run(
-        _command(cut, steps),
-        env=_environment(),
-        timeout=600,
-        capture_output=True,
-        text=True,
-    )
+    resumed = _run(cut, steps)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     with open(tmp_path / "whole" / loop.RESULTS) as f:
         want = json.load(f)
