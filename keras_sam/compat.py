@@ -8,10 +8,11 @@ where it can, when Keras no longer needs it (the test then says which
 function to remove). All were checked against Keras 3.15.1.
 
 The TensorFlow trainer's multi-worker defect (keras-team/keras#20585) is
-worked around here too, guarded by the backend, rather than in
-`keras_sam.backend.tensorflow`: it is a defect of Keras' trainer, not
-something that differs per backend, and it belongs with the other Keras
-workarounds that a Keras upgrade must recheck.
+worked around here too: it is a defect of Keras' trainer, and it belongs
+with the other Keras workarounds that a Keras upgrade must recheck. What it
+needs of `tf.distribute` (whether a strategy spans workers, one replica's
+share of a batch) is in `keras_sam.backend.tensorflow`, so that nothing
+here imports a framework.
 """
 
 import os
@@ -20,6 +21,8 @@ import keras
 from keras.src.backend.common import stateless_scope as stateless_scope_lib
 from keras.src.saving import saving_lib
 from keras.src.utils import io_utils
+
+from keras_sam import backend
 
 SAM_STATE = "sam_model"
 
@@ -169,24 +172,6 @@ def public_optimizer_classes(config):
     return config
 
 
-def is_multi_worker(strategy=None):
-    """Whether `strategy` spans several workers (TensorFlow only).
-
-    `tf.distribute` exposes this only as the private
-    `strategy.extended._in_multi_worker_mode()`. `False` on JAX and
-    PyTorch. Checked against Keras 3.15.1 (TensorFlow 2.21).
-    """
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    strategy = strategy or tf.distribute.get_strategy()
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
 def maybe_symbolic_build(model, iterator=None, data_batch=None):
     """`keras.Model._maybe_symbolic_build`, multi-worker safe.
 
@@ -197,30 +182,15 @@ def maybe_symbolic_build(model, iterator=None, data_batch=None):
     same structure and serves as well. Other strategies and backends build
     as Keras does. Checked against Keras 3.15.1.
     """
+    strategy = model.distribute_strategy
     if iterator is not None and data_batch is None:
-        data_batch = _first_local_batch(model, iterator)
-        if data_batch is not None:
-            iterator = None
+        if backend.is_multi_worker(strategy):
+            data_batch = backend.first_local_batch(strategy, iterator)
+            if data_batch is not None:
+                iterator = None
     return keras.Model._maybe_symbolic_build(
         model, iterator=iterator, data_batch=data_batch
     )
-
-
-def _first_local_batch(model, iterator):
-    if not is_multi_worker(model.distribute_strategy):
-        return None
-    import tensorflow as tf
-
-    strategy = model.distribute_strategy
-
-    def first_local(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    for _, _, it in iterator:
-        return keras.tree.map_structure(first_local, next(it))
-    return None
 
 
 def logs_for_workers(logs):
@@ -233,7 +203,7 @@ def logs_for_workers(logs):
     `logs` is returned as is (JAX's `(logs, state)` included). Checked
     against Keras 3.15.1.
     """
-    if not is_multi_worker():
+    if not backend.is_multi_worker():
         return logs
     return {key: keras.ops.reshape(v, [1]) for key, v in logs.items()}
 

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_sam import backend
 from keras_sam import compat
 from tests import backends
 
@@ -191,7 +192,7 @@ def test_public_optimizer_classes_renames_backend_classes():
 
 
 def test_a_single_process_is_not_multi_worker():
-    assert compat.is_multi_worker() is False
+    assert backend.is_multi_worker() is False
     assert compat.logs_for_workers({"loss": 1.0}) == {"loss": 1.0}
 
 
@@ -212,7 +213,7 @@ def test_multi_worker_logs_survive_keras_reduction(monkeypatch):
     monkeypatch.setattr(
         trainer, "_collective_all_reduce_multi_worker", lambda s: True
     )
-    monkeypatch.setattr(compat, "is_multi_worker", lambda s=None: True)
+    monkeypatch.setattr(backend, "is_multi_worker", lambda s=None: True)
     strategy = tf.distribute.get_strategy()
     logs = compat.logs_for_workers({"loss": tf.constant(2.0)})
     reduced = trainer.reduce_per_replica(logs, strategy, "auto")
@@ -250,7 +251,7 @@ def test_multi_worker_build_takes_one_replicas_batch(monkeypatch):
         return reduce(*args, **kwargs)
 
     monkeypatch.setattr(strategy, "reduce", recording_reduce)
-    monkeypatch.setattr(compat, "is_multi_worker", lambda s=None: True)
+    monkeypatch.setattr(backend, "is_multi_worker", lambda s=None: True)
     compat.maybe_symbolic_build(model, iterator=epoch_iterator())
     assert model.built and model.optimizer.built
     assert not reduced

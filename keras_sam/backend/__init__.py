@@ -18,6 +18,9 @@ not offer live in one small module per backend, as Keras splits
 - `read_live(variable)`: a variable's value when the step runs, also in a
   compiled step that does not hold it in its state.
 - `is_symbolic(tensor)`: whether its value is unknown until run time.
+- `is_multi_worker(strategy)` and `first_local_batch(strategy, iterator)`:
+  whether a `tf.distribute` strategy spans workers, and one replica's
+  share of a batch, for `compat`'s multi-worker workarounds.
 - `sum_duplicate_rows(tensors)`: each sparse gradient (TensorFlow's
   `tf.IndexedSlices` of an `Embedding` or a gather) with its repeated rows
   summed, so that elementwise math sees the dense gradient's values;
@@ -45,8 +48,10 @@ INTERFACE = (
     "check_per_replica_call",
     "cond",
     "data_parallel_shards",
+    "first_local_batch",
     "function",
     "hessian_vector_product",
+    "is_multi_worker",
     "is_symbolic",
     "random_state",
     "read_live",

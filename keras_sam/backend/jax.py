@@ -133,6 +133,18 @@ def read_live(variable):
     )
 
 
+def is_multi_worker(strategy=None):
+    # Several processes are one `keras.distribution` mesh here, which
+    # Keras' own trainer handles.
+    del strategy
+    return False
+
+
+def first_local_batch(strategy, iterator):
+    del strategy, iterator
+    return None
+
+
 def random_state():
     # Every random layer draws through Keras' seed variables here, which
     # the step hands to both passes.

@@ -1,6 +1,7 @@
 """The TensorFlow backend: gradient tapes, `tf.cond` and `tf.distribute`."""
 
 import tensorflow as tf
+from keras import tree
 
 from keras_sam import compat
 
@@ -145,6 +146,32 @@ def apply_gradients(optimizer, gradients, variables, after_gradients=False):
 def read_live(variable):
     # A tf.function reads a variable when it runs.
     return tf.cast(variable.value, tf.float32)
+
+
+def is_multi_worker(strategy=None):
+    """Whether `strategy` (the current one by default) spans workers.
+
+    `tf.distribute` answers this only through the private
+    `strategy.extended._in_multi_worker_mode()` (TensorFlow 2.21).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def first_local_batch(strategy, iterator):
+    """One replica's share of the first batch of Keras' epoch `iterator`."""
+
+    def first_local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    for _, _, it in iterator:
+        return tree.map_structure(first_local, next(it))
+    return None
 
 
 def random_state():

@@ -127,6 +127,18 @@ def is_symbolic(tensor):
     return False
 
 
+def is_multi_worker(strategy=None):
+    # Several processes are one `keras.distribution` mesh here, which
+    # Keras' own trainer handles.
+    del strategy
+    return False
+
+
+def first_local_batch(strategy, iterator):
+    del strategy, iterator
+    return None
+
+
 def random_state():
     # Keras' unseeded `Dropout` draws from torch's default generators, not
     # from a seed variable that the step could hand to both passes.
