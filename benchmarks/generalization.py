@@ -25,6 +25,19 @@ initial weights, label noise and data order): 50 runs, about 70 minutes on
 rate (--variants_noise) with the ρ selected there (not SAM-ON: it perturbs
 normalization layers only, and the MLP has none).
 
+`cnn` is the second regime: a residual CNN with BatchNorm (`resnet20`)
+with basic augmentation (horizontal flip, pad 4, random crop), clean
+labels and 40 % label noise, every method of `CNN_METHODS` with its ρ
+chosen from its grid on seed 0's validation split (the regime and the
+seeds are fixed by `CNN_REGIME` and `CNN_METHODS`, not by the flags):
+
+    python -m benchmarks.generalization --study=cnn \
+        --runs_dir=docs/results_cnn --output=docs/results_cnn.json
+
+Its runs live in docs/results_cnn/ and their results.json files are
+committed (the checkpoints are not), so that the study, about four hours
+of both cores, is resumed over several sessions.
+
 Runs that finished are read back from --runs_dir, so an interrupted study
 continues where it stopped; `--shard=i/n` runs every n-th run from the i-th,
 so n processes can share the work.
@@ -81,13 +94,74 @@ VARIANTS = {
 }
 
 
+# The CNN regime (issue #28): TF graph mode was the fastest backend for it
+# on 2 CPU cores (README of docs/results_cnn.json's study).
+CNN_REGIME = dict(
+    model="resnet20",
+    train_examples=8000,
+    validation_examples=2000,
+    epochs=15,
+    batch_size=128,
+    learning_rate=0.1,
+    lr_schedule="cosine",
+    weight_decay=5e-4,
+    augmentation="basic",
+    track_memorization=True,
+    eval_every_epochs=3,
+)
+CNN_NOISE_RATES = (0.4, 0.0)
+# name: (overrides, ρ grid searched with seed 0 or None for SAM's chosen
+# ρ, seeds).
+CNN_METHODS = {
+    "SGD": (dict(sam=False), None, 3),
+    "SAM": ({}, (0.05, 0.1, 0.2), 3),
+    "Momentum-SAM": (dict(perturbation="momentum"), MSAM_RHOS, 3),
+    "ASAM": (dict(adaptive=True), (0.5, 1.0, 2.0), 2),
+    "SAM-ON": (dict(perturbed_variables="normalization"), (0.05, 0.2, 1.0), 2),
+    "AE-SAM": (dict(switching="ae_sam"), None, 2),
+    "LookSAM k=5": (
+        dict(switching="periodic", sam_every=5, looksam_alpha=0.7),
+        None,
+        2,
+    ),
+}
+
+
+def cnn_configurations(select):
+    """(name, label_noise, seed, overrides) of every run of the CNN study.
+
+    Seed 0's ρ grids come first, then the other seeds at the chosen ρ;
+    `select(noise, rhos, name)` is called only once seed 0's runs of
+    `name` are listed.
+    """
+    for noise in CNN_NOISE_RATES:
+        for name, (overrides, rhos, _) in CNN_METHODS.items():
+            if name == "SGD":
+                yield name, noise, 0, overrides
+            for rho in rhos or ():
+                yield name, noise, 0, {**overrides, "rho": rho}
+    for seed in range(3):
+        for noise in CNN_NOISE_RATES:
+            for name, (overrides, rhos, seeds) in CNN_METHODS.items():
+                if seed >= seeds or (seed == 0 and (rhos or name == "SGD")):
+                    continue
+                if name != "SGD":
+                    rho = (
+                        select(noise, rhos, name)
+                        if rhos
+                        else select(noise, CNN_METHODS["SAM"][1], "SAM")
+                    )
+                    overrides = {**overrides, "rho": rho}
+                yield name, noise, seed, overrides
+
+
 def define_flags():
     fashion_mnist.define_flags(
         **compare_sgd_sam.MEMORIZATION_REGIME,
         verbose=0,
         output_dir="runs/generalization/unused",
     )
-    flags.DEFINE_enum("study", "noise", ["noise", "variants"], "Study.")
+    flags.DEFINE_enum("study", "noise", ["noise", "variants", "cnn"], "Study.")
     flags.DEFINE_list(
         "noise_rates", [str(r) for r in NOISE_RATES], "Label-noise rates."
     )
@@ -139,10 +213,11 @@ def configurations(study, seeds, noise_rates, rhos, variants_noise, select):
 
 
 def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
-    """`select(noise, rhos)`: the ρ whose seed-0 run had the best validation
-    accuracy at `noise`, waiting for runs that other shards still train."""
+    """`select(noise, rhos, name)`: the ρ whose seed-0 run of `name` had the
+    best validation accuracy at `noise`, waiting for runs that other shards
+    still train."""
 
-    def select(noise, rhos):
+    def select(noise, rhos, name="SAM"):
         if fixed_rho is not None:
             return fixed_rho
         deadline = time.time() + timeout_seconds
@@ -150,7 +225,7 @@ def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
             scores = {
                 r: finished(
                     os.path.join(
-                        runs_dir, run_name("SAM", noise, 0, dict(rho=r))
+                        runs_dir, run_name(name, noise, 0, dict(rho=r))
                     )
                 )
                 for r in rhos
@@ -160,8 +235,8 @@ def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
             if time.time() > deadline:
                 missing = [r for r in rhos if not scores[r]]
                 raise RuntimeError(
-                    f"No seed-0 SAM runs at label noise {noise} for ρ in "
-                    f"{missing} in {runs_dir}: run --study=noise first."
+                    f"No seed-0 {name} runs at label noise {noise} for ρ in "
+                    f"{missing} in {runs_dir}: run its study first."
                 )
             time.sleep(30)
 
@@ -228,16 +303,23 @@ def _alive(pid):
 def run(flags_obj):
     index, count = (int(v) for v in flags_obj.shard.split("/"))
     results = []
-    for i, (name, noise, seed, overrides) in enumerate(
-        configurations(
+    select = selection(flags_obj.runs_dir, flags_obj.variants_rho)
+    if flags_obj.study == "cnn":
+        runs, regime = cnn_configurations(select), CNN_REGIME
+    else:
+        runs = configurations(
             flags_obj.study,
             flags_obj.seeds,
             [float(r) for r in flags_obj.noise_rates],
             [float(r) for r in flags_obj.rhos],
             flags_obj.variants_noise,
-            selection(flags_obj.runs_dir, flags_obj.variants_rho),
+            select,
         )
-    ):
+        regime = {
+            k: getattr(flags_obj, k)
+            for k in compare_sgd_sam.MEMORIZATION_REGIME
+        }
+    for i, (name, noise, seed, overrides) in enumerate(runs):
         output_dir = os.path.join(
             flags_obj.runs_dir, run_name(name, noise, seed, overrides)
         )
@@ -245,6 +327,7 @@ def run(flags_obj):
         if r is None and i % count != index:
             continue
         values = dict(flags_obj.flag_values_dict())
+        values.update(regime)
         values.update(overrides)
         values.update(seed=seed, label_noise=noise, output_dir=output_dir)
         if r is None:
@@ -277,10 +360,6 @@ def run(flags_obj):
             )
         )
     if flags_obj.output and count == 1:
-        regime = {
-            k: getattr(flags_obj, k)
-            for k in compare_sgd_sam.MEMORIZATION_REGIME
-        }
         summary = {"study": flags_obj.study, "regime": regime, "runs": results}
         checkpoint.write_atomically(
             flags_obj.output,
