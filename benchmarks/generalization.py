@@ -180,6 +180,12 @@ def define_flags():
         "shard", "0/1", "i/n: run every n-th run from the i-th."
     )
     flags.DEFINE_string("output", None, "JSON file for the results.")
+    flags.DEFINE_bool(
+        "train",
+        True,
+        "Train the runs that have not finished; --notrain writes --output "
+        "from the finished runs only (a study in progress).",
+    )
     flags.DEFINE_string(
         "runs_dir", "runs/generalization", "Per-run output directories."
     )
@@ -215,12 +221,12 @@ def configurations(study, seeds, noise_rates, rhos, variants_noise, select):
 def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
     """`select(noise, rhos, name)`: the ρ whose seed-0 run of `name` had the
     best validation accuracy at `noise`, waiting for runs that other shards
-    still train."""
+    still train; with `timeout_seconds=None`, None while runs are missing."""
 
     def select(noise, rhos, name="SAM"):
         if fixed_rho is not None:
             return fixed_rho
-        deadline = time.time() + timeout_seconds
+        deadline = time.time() + (timeout_seconds or 0)
         while True:
             scores = {
                 r: finished(
@@ -232,6 +238,8 @@ def selection(runs_dir, fixed_rho=None, timeout_seconds=3 * 3600):
             }
             if all(scores.values()):
                 return max(rhos, key=lambda r: scores[r]["validation_accuracy"])
+            if timeout_seconds is None:
+                return None
             if time.time() > deadline:
                 missing = [r for r in rhos if not scores[r]]
                 raise RuntimeError(
@@ -303,7 +311,12 @@ def _alive(pid):
 def run(flags_obj):
     index, count = (int(v) for v in flags_obj.shard.split("/"))
     results = []
-    select = selection(flags_obj.runs_dir, flags_obj.variants_rho)
+    select = selection(
+        flags_obj.runs_dir,
+        flags_obj.variants_rho,
+        timeout_seconds=3 * 3600 if flags_obj.train else None,
+    )
+    complete = True
     if flags_obj.study == "cnn":
         runs, regime = cnn_configurations(select), CNN_REGIME
     else:
@@ -324,7 +337,8 @@ def run(flags_obj):
             flags_obj.runs_dir, run_name(name, noise, seed, overrides)
         )
         r = finished(output_dir)
-        if r is None and i % count != index:
+        complete = complete and r is not None
+        if r is None and (i % count != index or not flags_obj.train):
             continue
         values = dict(flags_obj.flag_values_dict())
         values.update(regime)
@@ -360,7 +374,13 @@ def run(flags_obj):
             )
         )
     if flags_obj.output and count == 1:
-        summary = {"study": flags_obj.study, "regime": regime, "runs": results}
+        summary = {
+            "study": flags_obj.study,
+            "regime": regime,
+            # False for a study in progress (--notrain).
+            "complete": complete,
+            "runs": results,
+        }
         checkpoint.write_atomically(
             flags_obj.output,
             lambda f: f.write(json.dumps(summary, indent=1).encode()),

@@ -1,0 +1,72 @@
+"""The CNN study's plan: which runs, which seeds, ρ chosen on validation."""
+
+import collections
+import json
+import os
+
+import pytest
+
+from benchmarks import generalization
+
+
+def _write_run(runs_dir, name, noise, seed, rho, validation_accuracy):
+    path = os.path.join(
+        runs_dir, generalization.run_name(name, noise, seed, dict(rho=rho))
+    )
+    os.makedirs(path)
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump(
+            dict(
+                train_steps=10,
+                requested_train_steps=10,
+                validation_accuracy=validation_accuracy,
+            ),
+            f,
+        )
+
+
+def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
+    chosen = {}
+
+    def select(noise, rhos, name="SAM"):
+        chosen[name, noise] = rhos[-1]
+        return rhos[-1]
+
+    runs = list(generalization.cnn_configurations(select))
+    seeds = collections.defaultdict(set)
+    grid = collections.defaultdict(set)
+    for name, noise, seed, overrides in runs:
+        seeds[name, noise].add(seed)
+        own = generalization.CNN_METHODS[name][1]
+        if name == "SGD":
+            assert "rho" not in overrides
+        elif seed == 0 and own:
+            grid[name, noise].add(overrides["rho"])
+        else:
+            # At the ρ chosen for the method, SAM's for the switching
+            # variants (they have no grid of their own).
+            key = (name if own else "SAM", noise)
+            assert overrides["rho"] == chosen[key], (name, seed)
+    for name, (_, rhos, count) in generalization.CNN_METHODS.items():
+        for noise in generalization.CNN_NOISE_RATES:
+            assert seeds[name, noise] == set(range(count)), name
+            if rhos:
+                assert grid[name, noise] == set(rhos), name
+    # 2 noise rates × (SGD 3, SAM 3+2, Momentum-SAM 3+2, ASAM 3+1,
+    # SAM-ON 3+1, AE-SAM 2, LookSAM 2).
+    assert len(runs) == 2 * (3 + 5 + 5 + 4 + 4 + 2 + 2)
+    assert len({generalization.run_name(*r) for r in runs}) == len(runs)
+
+
+def test_rho_is_chosen_by_seed_0_validation_accuracy(tmp_path):
+    runs_dir = str(tmp_path)
+    for rho, accuracy in ((0.05, 0.61), (0.1, 0.64), (0.2, 0.62)):
+        _write_run(runs_dir, "SAM", 0.4, 0, rho, accuracy)
+    select = generalization.selection(runs_dir, timeout_seconds=None)
+    assert select(0.4, (0.05, 0.1, 0.2), "SAM") == 0.1
+    # A study in progress (--notrain): a grid not yet trained chooses none.
+    assert select(0.0, (0.05, 0.1, 0.2), "SAM") is None
+    with pytest.raises(RuntimeError, match="No seed-0 ASAM runs"):
+        generalization.selection(runs_dir, timeout_seconds=0)(
+            0.4, (0.5,), "ASAM"
+        )
