@@ -12,7 +12,6 @@ import gzip
 import os
 
 import numpy as np
-import tensorflow as tf
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -123,6 +122,8 @@ def load_fashion_mnist_idx(data_dir):
 
 def load_tfds(tfds_name, data_dir, train_split="train", test_split="test"):
     """A prepared tensorflow-datasets copy, as arrays. Never downloads."""
+    # Imported here: the rest of the module serves JAX-only machines.
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     try:
