@@ -27,6 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_sam  # noqa: E402
+import keras_sam.options  # noqa: E402
 from trainers import checkpoint  # noqa: E402
 from trainers import models  # noqa: E402
 from trainers.data import datasets  # noqa: E402
@@ -108,7 +109,9 @@ def main(argv=None):
     parser.add_argument("--model", default="wrn_16_4")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument(
+        "--rho", type=float, default=keras_sam.options.SAMOptions.rho
+    )
     parser.add_argument("--label_noise", type=float, default=0.0)
     parser.add_argument(
         "--train_examples", type=int, default=None, help="Default: all."

@@ -6,7 +6,7 @@
 Needs only JAX (with CUDA on a GPU), Keras and keras_sam: no TensorFlow, no
 absl, so it runs where the JAX GPU machines have nothing else. For each
 model and precision, a plain Keras model (SGD with momentum) and
-`SAMModel(rho=0.05)` on the same model are compiled once; each step is
+`SAMModel(base)` (default ρ) on the same model are compiled once; each step is
 Keras' own stateless `train_step` under `jax.jit` with donated state, on
 one batch already on the device, so the times are those of the step
 itself (no input pipeline). The two are timed in interleaved rounds and we
@@ -59,7 +59,7 @@ def compiled_step(name, sam, batch_size, seed=0):
     """A jitted `train_step`, its initial state and one device batch."""
     keras.utils.set_random_seed(seed)
     base = build(name)
-    model = keras_sam.SAMModel(base, rho=0.05) if sam else base
+    model = keras_sam.SAMModel(base) if sam else base
     # The trainers' models end in logits; keras.applications' in a softmax.
     from_logits = name != "resnet50"
     model.compile(
