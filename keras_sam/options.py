@@ -72,8 +72,19 @@ class SAMOptions:
     )
     perturbation: str = _option(
         "gradient",
-        "'gradient' (SAM: ε along the clean gradient) or 'momentum' "
-        "(Momentum-SAM: ε along the optimizer's momentum, one pass).",
+        "'gradient' (SAM: ε along the clean gradient), 'momentum' "
+        "(Momentum-SAM: ε along the optimizer's momentum, one pass) or "
+        "'friendly' (F-SAM: ε along g − σ m, m a moving average of g).",
+    )
+    friendly_sigma: float = _option(
+        1.0,
+        "F-SAM's σ >= 0, the share of the gradients' moving average "
+        "removed from g before ε; 0 is SAM.",
+    )
+    friendly_decay: float = _option(
+        0.9,
+        "F-SAM's λ in [0, 1), the decay of the moving average of the "
+        "clean gradients (the authors use 0.6 to 0.95).",
     )
 
     def __post_init__(self):
@@ -83,7 +94,7 @@ class SAMOptions:
     @property
     def takes_two_passes(self):
         """Whether a step may run the perturbed pass after the clean one."""
-        return self.perturbation == "gradient" and not (
+        return self.perturbation != "momentum" and not (
             isinstance(self.rho, float) and self.rho == 0
         )
 
@@ -180,6 +191,28 @@ def _checked(options):
                 f"be combined with micro_batches={micro_batches}."
             )
     _check_perturbation(options)
+    friendly_sigma = _checked_number(
+        "friendly_sigma", options.friendly_sigma, minimum=0
+    )
+    friendly_decay = _checked_number(
+        "friendly_decay", options.friendly_decay, minimum=0
+    )
+    if not friendly_decay < 1:
+        raise ValueError(
+            "`friendly_decay` must be < 1 (λ = 1 would keep the first "
+            f"gradient forever). Received: friendly_decay={friendly_decay}"
+        )
+    if options.perturbation != "friendly":
+        for name, value in (
+            ("friendly_sigma", friendly_sigma),
+            ("friendly_decay", friendly_decay),
+        ):
+            if value != _DEFAULTS[name]:
+                raise ValueError(
+                    f"`{name}` acts with `perturbation='friendly'` (F-SAM) "
+                    f"only. Received: {name}={value}, "
+                    f"perturbation={options.perturbation!r}"
+                )
     return dict(
         rho=rho,
         adaptive=bool(options.adaptive),
@@ -189,6 +222,8 @@ def _checked(options):
         gsam_alpha=gsam_alpha,
         perturbed_variables=perturbed_variables,
         looksam_alpha=looksam_alpha,
+        friendly_sigma=friendly_sigma,
+        friendly_decay=friendly_decay,
     )
 
 
@@ -269,30 +304,42 @@ def _checked_patterns(perturbed_variables):
 
 
 def _check_perturbation(options):
-    if options.perturbation not in ("gradient", "momentum"):
+    if options.perturbation not in tuple(_EXCLUDED):
         raise ValueError(
-            "`perturbation` must be 'gradient' (SAM) or 'momentum' "
-            f"(Momentum-SAM). Received: perturbation={options.perturbation!r}"
+            "`perturbation` must be 'gradient' (SAM), 'momentum' "
+            "(Momentum-SAM) or 'friendly' (F-SAM). Received: "
+            f"perturbation={options.perturbation!r}"
         )
-    if options.perturbation == "gradient":
-        return
-    # Each of these needs the clean gradient, which Momentum-SAM does not
-    # compute, or splits the batch for per-part ε, which it does not have.
-    for name in (
-        "adaptive",
-        "sync_perturbations",
-        "micro_batches",
-        "gsam_alpha",
-        "switching",
-        "looksam_alpha",
-    ):
+    excluded, reason = _EXCLUDED[options.perturbation]
+    for name in excluded:
         value = getattr(options, name)
         if value != _DEFAULTS[name]:
             raise ValueError(
-                f"`perturbation='momentum'` cannot be combined with `{name}`"
-                f" (Momentum-SAM has no clean gradient and one ε). "
-                f"Received: {name}={value!r}"
+                f"`perturbation={options.perturbation!r}` cannot be combined"
+                f" with `{name}` ({reason}). Received: {name}={value!r}"
             )
+
+
+# What each perturbation cannot be combined with, and why.
+_EXCLUDED = {
+    "gradient": ((), ""),
+    "momentum": (
+        (
+            "adaptive",
+            "sync_perturbations",
+            "micro_batches",
+            "gsam_alpha",
+            "switching",
+            "looksam_alpha",
+        ),
+        "Momentum-SAM has no clean gradient and one ε",
+    ),
+    "friendly": (
+        ("micro_batches", "switching", "looksam_alpha"),
+        "F-SAM keeps one moving average of the whole batch's clean "
+        "gradient and perturbs at every step",
+    ),
+}
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAMOptions)}

@@ -250,6 +250,72 @@ def looksam_gradients(clean, directions, alpha, epsilon=DEFAULT_EPSILON):
     return _map_pairs(reuse, backend.to_dense(clean), directions, keep="first")
 
 
+def friendly_direction(gradients, average, sigma):
+    """F-SAM's direction of ε (Li et al., CVPR 2024).
+
+    Friendly SAM (Li, Zhou, He, Cheng and Huang) perturbs along
+    the clean gradient `g` less σ times the moving average `m` of the
+    previous steps' clean gradients (see `friendly_average`), an estimate
+    of the full gradient, so that ε follows the batch's own noise:
+
+    ```
+    d = g − σ m
+    ```
+
+    `sigma=0` returns `g`; with `m = 0` (the first step) `d = g`. ε is
+    then SAM's `ρ d / ‖d‖₂` (or ASAM's, from `d`).
+
+    Args:
+        gradients: list of clean gradients (or `None`).
+        average: list of the averages `m`, aligned with `gradients`.
+        sigma: σ ≥ 0, the share of the average removed.
+
+    Returns:
+        A list of tensors, each of the dtype of its gradient (`None` kept).
+    """
+    return _map_pairs(
+        lambda g, m: ops.subtract(g, ops.multiply(sigma, m)),
+        backend.to_dense(gradients),
+        average,
+        keep="first",
+    )
+
+
+def friendly_average(gradients, average, decay):
+    """F-SAM's moving average of the clean gradients, after a step.
+
+    ```
+    m ← g                      if m = 0 (the first step)
+    m ← λ m + (1 − λ) g        otherwise
+    ```
+
+    as in the authors' code (nblt/F-SAM), which starts its buffer at the
+    first gradient and updates it with the clean gradient `g` after
+    forming that step's `d = g − σ m` (so `friendly_direction` takes the
+    average of the steps before). A gradient that is not finite (a
+    mixed-precision overflow) leaves `m` unchanged, as does `None`.
+
+    Args:
+        gradients: list of clean gradients (or `None`).
+        average: list of the current averages `m`, aligned with
+            `gradients`.
+        decay: λ in [0, 1).
+
+    Returns:
+        A list of float32 tensors, one per entry of `average`.
+    """
+    gradients = backend.to_dense(gradients)
+    started = [m for g, m in zip(gradients, average) if g is not None]
+    first = ops.equal(_global_norm(started), 0)
+    finite = ops.isfinite(_global_norm(gradients))
+
+    def update(g, m):
+        new = ops.where(first, g, decay * m + (1.0 - decay) * g)
+        return ops.where(finite, new, m)
+
+    return _map_pairs(update, gradients, average, keep="second")
+
+
 def _map_pairs(fn, first, second, keep, cast=True):
     """`fn(a, b)` in float32 over aligned lists, skipping `None` entries.
 

@@ -137,6 +137,9 @@ class SAMModel(keras.Model):
       are not logged. It costs about one SGD step; the authors use a ρ
       several times SAM's (e.g. 0.3–3). See
       `sam_step.compute_sam_gradients`.
+    - F-SAM (Li et al., CVPR 2024), `perturbation="friendly"`: ε along
+      `g − σ m`, `m` a moving average of the clean gradients (model state,
+      saved with the model); σ = 0 is SAM.
 
     `evaluate`, `predict` and `base` are those of the wrapped model; save
     `model.base` for inference. `export` exports the base model, and
@@ -190,9 +193,14 @@ class SAMModel(keras.Model):
             authors' code (SamsungLabs/ASAM). `"all"`: every trainable
             variable, as davda54/sam's ASAM (with η). Defaults to
             `"weights"`.
-        perturbation: `"gradient"` (SAM: ε along the clean gradient) or
+        perturbation: `"gradient"` (SAM: ε along the clean gradient),
             `"momentum"` (Momentum-SAM: ε along the optimizer's momentum,
-            one pass per step). Defaults to `"gradient"`.
+            one pass per step) or `"friendly"` (F-SAM: ε along the clean
+            gradient less σ times its moving average, see
+            `sam_step.compute_sam_gradients`). Defaults to `"gradient"`.
+        friendly_sigma: F-SAM's σ ≥ 0; `0` is SAM. Defaults to `1.0`.
+        friendly_decay: F-SAM's λ in [0, 1), the decay of the moving
+            average. Defaults to `0.9`.
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -226,7 +234,7 @@ class SAMModel(keras.Model):
                 compat.set_untracked_attribute(self, name, value)
             else:
                 setattr(self, name, value)
-        self._looksam_directions = None
+        self._looksam_directions = self._friendly_averages = None
         if self.switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.sharpness_tracker = self.grad_norm_tracker = None
@@ -272,11 +280,16 @@ class SAMModel(keras.Model):
         )
 
     def _build_variant_state(self):
+        if self.perturbation == "friendly" and self._friendly_averages is None:
+            self._friendly_averages = self._replica_zeros("friendly_average")
         if self.looksam_alpha is None or self._looksam_directions is not None:
             return
-        # On-read: each replica keeps the direction of its own SAM gradient,
-        # as it keeps its own ε; a checkpoint stores their mean.
-        self._looksam_directions = [
+        self._looksam_directions = self._replica_zeros("looksam_direction")
+
+    def _replica_zeros(self, name):
+        # On-read: each replica keeps the state of its own clean or SAM
+        # gradient, as it keeps its own ε; a checkpoint stores their mean.
+        return [
             keras.Variable(
                 keras.initializers.Zeros(),
                 shape=v.shape,
@@ -284,7 +297,7 @@ class SAMModel(keras.Model):
                 trainable=False,
                 aggregation="mean",
                 synchronization="on_read",
-                name="looksam_direction",
+                name=name,
             )
             for v in self.base.trainable_variables
         ]
@@ -344,6 +357,7 @@ class SAMModel(keras.Model):
             perturbed_mask=self._perturbed_mask(),
             step=self.optimizer.iterations,
             looksam_directions=self._looksam_directions,
+            friendly_averages=self._friendly_averages,
             momentums=(
                 _momentum_variables(self.optimizer, self.trainable_variables)
                 if self.perturbation == "momentum"

@@ -374,6 +374,7 @@ def compute_sam_gradients(
     step=None,
     looksam_directions=None,
     momentums=None,
+    friendly_averages=None,
     epsilon=perturbations.DEFAULT_EPSILON,
 ):
     """The SAM step behind `sam_gradients` and `SAMModel.train_step`.
@@ -456,6 +457,24 @@ def compute_sam_gradients(
       `grad_norm` is ‖∇L(w + ε)‖₂, and on the first step (`m = 0`) ε = 0.
       `perturbed_mask` applies; the options that need a clean gradient or
       several ε do not.
+    - `perturbation="friendly"`, `friendly_averages`: F-SAM (Li et al.,
+      CVPR 2024), ε along the clean gradient `g` less σ times `m`, the
+      moving average of the previous steps' `g` (float32 variables, zero
+      at first), which every step then updates, whether or not its
+      perturbed pass runs:
+
+      ```
+      d = g − σ m                        # σ: friendly_sigma, 1
+      ε = ρ · d / (‖d‖₂ + 1e-12)         # ASAM's T_w applies to d
+      m ← g if m = 0 else λ m + (1 − λ) g  # λ: friendly_decay, 0.9
+      ```
+
+      `d` is formed before `m` moves, as in the authors' code
+      (nblt/F-SAM; with σ = 1, after the first step, either order gives
+      the same ε), and σ = 0 is SAM. `g` is the gradient ε is computed
+      from (summed across replicas with `sync_perturbations`), divided by
+      the loss scale; `perturbed_mask` applies. See
+      `perturbations.friendly_direction` and `friendly_average`.
 
     Returns:
         A `SAMResult`.
@@ -595,6 +614,31 @@ def compute_sam_gradients(
         gradients = _cond(take_sam, lambda: clean_gradients, reuse_direction)
         return _outcome(clean, gradients, zero, old_directions)
 
+    def friendly(clean):
+        """F-SAM: the whole batch's ε along g − σ m, and m's update."""
+        if parts_count > 1 or friendly_averages is None:
+            raise ValueError(
+                "`perturbation='friendly'` needs `friendly_averages` (as "
+                "`SAMModel` passes) and one ε for the batch: under "
+                "`keras.distribution`, pass `sync_perturbations=True`. "
+                f"Received: {parts_count} parts, friendly_averages="
+                f"{friendly_averages!r}"
+            )
+        (part,) = clean.parts
+        unit = ops.cast(scale_loss(ops.ones(())), "float32")
+        gradients = [
+            None if g is None else g / ops.cast(unit, g.dtype)
+            for g in backend.to_dense(part.for_epsilon)
+        ]
+        averages = [ops.convert_to_tensor(m.value) for m in friendly_averages]
+        direction = perturbations.friendly_direction(
+            gradients, averages, options.friendly_sigma
+        )
+        part = part._replace(for_epsilon=direction)
+        return clean._replace(parts=[part]), perturbations.friendly_average(
+            gradients, averages, options.friendly_decay
+        )
+
     def momentum_step():
         """Momentum-SAM's one pass, at w moved along the momentum."""
         directions = perturbed_only(
@@ -641,6 +685,8 @@ def compute_sam_gradients(
         )
         if parts_count == 1 or needs_norm:
             whole = clean_passes(1)
+        if options.perturbation == "friendly":
+            whole, new_averages = friendly(whole)
         take_sam = True
         if options.switching is not None:
             squared_norm = None
@@ -667,6 +713,8 @@ def compute_sam_gradients(
 
     if looksam_directions is not None:
         _assign(looksam_directions, outcome.directions)
+    if options.perturbation == "friendly":
+        _assign(friendly_averages, new_averages)
     _assign(non_trainable, outcome.state)
     _assign(metrics, outcome.metrics)
     return SAMResult(
