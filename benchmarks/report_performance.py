@@ -87,36 +87,25 @@ def _ratio(results, key, contender):
     return cell and cell["median_ratio_to_sgd"]
 
 
+def _both_clocks(results, key, contender, form):
+    """A cell's CPU-time figure, and its wall-time one in parentheses."""
+    cpu, wall = (_cell(results, key, contender, c) for c in ("cpu", "wall"))
+    return f"{form.format(**cpu)} ({form.format(**wall)})" if cpu else "—"
+
+
 def _ratio_table(results, mode, title):
     keys = [k for k in results["timings"] if k.endswith("/" + mode)]
     rows = []
-    for contender, label in LABELS.items():
-        cells = [
-            f"{cpu['median_ratio_to_sgd']:.2f}× "
-            f"({wall['median_ratio_to_sgd']:.2f}×)"
-            if cpu
-            else "—"
-            for k in keys
-            for cpu, wall in [
-                (
-                    _cell(results, k, contender),
-                    _cell(results, k, contender, "wall"),
-                )
-            ]
-        ]
+    for contender, label, form in [
+        *(
+            (c, label, "{median_ratio_to_sgd:.2f}×")
+            for c, label in LABELS.items()
+        ),
+        ("sgd", "SGD step, CPU ms (wall ms)", "{median_step_ms:.0f}"),
+    ]:
+        cells = [_both_clocks(results, k, contender, form) for k in keys]
         if any(c != "—" for c in cells):
             rows.append(common.row(label, *cells))
-    sgd_ms = [
-        f"{_cell(results, k, 'sgd', clock)['median_step_ms']:.0f}"
-        for k in keys
-        for clock in ("cpu", "wall")
-    ]
-    rows.append(
-        common.row(
-            "SGD step, CPU ms (wall ms)",
-            *(f"{cpu} ({wall})" for cpu, wall in zip(*[iter(sgd_ms)] * 2)),
-        )
-    )
     header = ["contender"] + [k.split("/")[0] for k in keys]
     return dict(title=title, table=common.table(header, rows)) if keys else None
 
@@ -234,21 +223,21 @@ def _switching(data):
     return dict(rows="\n".join(rows)) if rows else None
 
 
+def _cells(results, **where):
+    """{name: the CPU cell of (key, contender)}, or None if one is missing."""
+    cells = {n: _cell(results, *place) for n, place in where.items()}
+    return cells if all(cells.values()) else None
+
+
 def _dropout(data):
-    results = data["results"]
-    cells = dict(
-        xla_ms=_cell(results, "small_cnn/xla", "sgd"),
-        graph_ms=_cell(results, "small_cnn/graph", "sgd"),
-        no_dropout_ms=_cell(results, "small_cnn_no_dropout/xla", "sgd"),
-        sam=_cell(results, "small_cnn/xla", "sam"),
-        sam_no_dropout=_cell(results, "small_cnn_no_dropout/xla", "sam"),
+    return _cells(
+        data["results"],
+        xla=("small_cnn/xla", "sgd"),
+        graph=("small_cnn/graph", "sgd"),
+        no_dropout=("small_cnn_no_dropout/xla", "sgd"),
+        sam=("small_cnn/xla", "sam"),
+        sam_no_dropout=("small_cnn_no_dropout/xla", "sam"),
     )
-    if not all(cells.values()):
-        return None
-    fields = {k: v["median_step_ms"] for k, v in cells.items()}
-    fields["sam"] = cells["sam"]["median_ratio_to_sgd"]
-    fields["sam_no_dropout"] = cells["sam_no_dropout"]["median_ratio_to_sgd"]
-    return fields
 
 
 def _decile_span(cell):
@@ -257,19 +246,18 @@ def _decile_span(cell):
 
 
 def _switching_xla(data):
-    results, key = data["results"], "small_cnn_no_dropout/xla"
-    during = _cell(results, key, "late_phase_during")
-    sam = _ratio(results, key, "sam")
-    graph = _ratio(results, "small_cnn_no_dropout/graph", "late_phase_during")
-    if not (during and sam and graph):
-        return None
-    return dict(
-        during=during["median_ratio_to_sgd"],
-        sam=sam,
-        graph_during=graph,
-        span=_decile_span(during),
-        sgd_span=_decile_span(_cell(results, key, "sgd")),
+    key = "small_cnn_no_dropout/xla"
+    cells = _cells(
+        data["results"],
+        during=(key, "late_phase_during"),
+        sam=(key, "sam"),
+        sgd=(key, "sgd"),
+        graph=("small_cnn_no_dropout/graph", "late_phase_during"),
     )
+    if cells:
+        cells.update(span=_decile_span(cells["during"]))
+        cells.update(sgd_span=_decile_span(cells["sgd"]))
+    return cells
 
 
 def memory_rows(results, figure="tensors"):
@@ -438,16 +426,8 @@ def _pipeline(data):
     pipeline = data["results"].get("pipeline")
     if not pipeline:
         return None
-    real = pipeline["contenders"]["real_pipeline"]["cpu"]
-    return dict(
-        ratio=real["median_ratio_to_sgd"],
-        low=real["ratio_min"],
-        high=real["ratio_max"],
-        memory_ms=pipeline["contenders"]["in_memory_batch"]["cpu"][
-            "median_step_ms"
-        ],
-        alone_ms=pipeline["pipeline_alone_cpu_ms_per_batch"],
-    )
+    cells = {k: c["cpu"] for k, c in pipeline["contenders"].items()}
+    return dict(cells, alone_ms=pipeline["pipeline_alone_cpu_ms_per_batch"])
 
 
 def _plot(results, path):

@@ -210,6 +210,11 @@ def test_variants_are_priced_by_the_measured_step_costs(tmp_path):
     # Counted, periodic k=5 costs 1.2×; priced, 1.30×: over the target.
     assert "Yes: periodic k=5, Momentum-SAM." in text
     assert "keep ≥ 80 % are: Momentum-SAM." in text
+    # A note on the whole-run CPU column goes under the table.
+    assert "whole runs |" in text and "Load, not cost" not in text
+    noted = dict(_variants_study(), notes={"whole_run_cpu": "Load, not cost."})
+    text = report_results.variants_section(noted, str(tmp_path), performance)
+    assert " |\n\nLoad, not cost.\n\nThe cost counts" in text
 
 
 def test_report_without_the_noise_study_says_what_to_run(tmp_path):
