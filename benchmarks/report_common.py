@@ -72,16 +72,19 @@ def wrap(text, width=76):
     out, paragraph, code = [], [], False
 
     def flush():
-        if paragraph:
-            out.extend(
-                textwrap.wrap(
-                    " ".join(paragraph),
-                    width,
-                    break_long_words=False,
-                    break_on_hyphens=False,
-                )
-            )
-            paragraph.clear()
+        lines = textwrap.wrap(
+            " ".join(paragraph),
+            width,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for i, line in enumerate(lines):
+            # A line that would read as a list item stays on the one before.
+            if i and re.match(r"([-+*]|\d+[.)]) ", line):
+                out[-1] += " " + line
+            else:
+                out.append(line)
+        paragraph.clear()
 
     for line in text.split("\n"):
         if line.startswith("```"):

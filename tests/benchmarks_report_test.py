@@ -605,3 +605,15 @@ def test_a_missing_json_leaves_its_section_out(tmp_path):
     assert "The repeated run is missing" in text
     with open(os.path.join(DOCS, "performance.md")) as f:
         assert "What was cut" in f.read()
+
+
+def test_wrapping_keeps_tables_code_and_lists_and_starts_no_list_item():
+    text = (
+        "aaaa bbbb + cccc dddd eeee 12. ffff\n\n| a | b |\n|---|---|\n"
+        "\n```sh\nlong command line that stays whole\n```\n- an item"
+    )
+    # Broken at 9 columns, "+ cccc" and "12. ffff" would start list items.
+    assert common.wrap(text, 9) == (
+        "aaaa bbbb + cccc\ndddd eeee 12. ffff\n\n| a | b |\n|---|---|\n"
+        "\n```sh\nlong command line that stays whole\n```\n- an item"
+    )
