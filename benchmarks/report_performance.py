@@ -332,26 +332,28 @@ def _memory(data):
         cells = _contender_cells(key, size, peaks)
         cells += [f"{_spread(peaks):.2f}", gap]
         lines.append(common.row(*cells, f"{min(unused):.1f}–{max(unused):.1f}"))
-    processes = {
-        mode: max(len(runs) for runs in p.values())
-        for key, (_, p) in rows.items()
-        for mode in [key.split("/")[1]]
-    }
-    # The row where SAM's tensors are furthest above SGD's, and the
-    # allocator's peaks there, which do not show that gap.
+    processes = {}
+    for key, (_, p) in rows.items():
+        mode = key.split("/")[1]
+        processes[mode] = max(processes.get(mode, 0), *map(len, p.values()))
+    # The row where SAM's tensors are furthest above SGD's, and whether
+    # the allocator's peaks there show less than half that gap.
     xla = [k for k in rows if k.endswith("/xla")] or list(rows)
-    far = max(xla, key=lambda k: _copies_above_sgd(*rows[k]) * rows[k][0])
-    peaks = rows[far][1]
-    far_allocator = [mb for r in allocators[far][1].values() for mb in r]
+    gaps = {k: max(rows[k][1]["sam"]) - max(rows[k][1]["sgd"]) for k in xla}
+    far = max(gaps, key=gaps.get)
+    held = allocators[far][1]
+    hidden = ""
+    if max(held["sam"]) - max(held["sgd"]) < gaps[far] / 2:
+        every = [mb for runs in held.values() for mb in runs]
+        hidden = _snippet(
+            "hidden", key=far, low=min(every), high=max(every), gap=gaps[far]
+        )
     graph_allocators = [p for k, (_, p) in allocators.items() if "/graph" in k]
     return dict(
         graph_processes=processes.get("graph", 0),
         xla_processes=processes.get("xla", 0),
         graph_spread=max(map(_spread, graph_allocators), default=0.0),
-        far_key=far,
-        far_low=min(far_allocator),
-        far_high=max(far_allocator),
-        far_gap=max(peaks["sam"]) - max(peaks["sgd"]),
+        hidden=hidden.replace("\n", " "),
         rows="\n".join(lines),
         verdict=_memory_verdict(rows),
     )
