@@ -31,6 +31,8 @@ PAPER_NOISE = {
 # steps keeping at least SHARE_TARGET of exact SAM's gain.
 COST_TARGET = 1.25
 SHARE_TARGET = 0.8
+# Below this share of SAM's gain, a method keeps little of it.
+LITTLE_SHARE = 0.5
 COMMANDS = {
     "noise": "python -m benchmarks.generalization --study=noise "
     "--output=docs/results_noise.json",
@@ -67,8 +69,9 @@ def _first_seed(runs):
     return min(r["seed"] for r in runs)
 
 
-def _on_first_seed(runs):
-    return [r for r in runs if r["seed"] == _first_seed(runs)]
+def _on_first_seed(group, runs):
+    """The runs of `group` on the first seed of the study's `runs`."""
+    return [r for r in group if r["seed"] == _first_seed(runs)]
 
 
 def _whole(runs):
@@ -90,7 +93,7 @@ def selected_rhos(runs):
     rate."""
     chosen = {}
     for noise in _rates(runs):
-        candidates = _on_first_seed(_select(runs, "SAM", noise))
+        candidates = _on_first_seed(_select(runs, "SAM", noise), runs)
         if candidates:
             best = max(candidates, key=lambda r: r["validation_accuracy"])
             chosen[noise] = best["rho"]
@@ -150,7 +153,7 @@ def rho_table(runs):
         cells = [common.percent(noise)]
         for rho in [None] + _grid(runs):
             name = "SGD" if rho is None else "SAM"
-            first = _on_first_seed(_select(runs, name, noise, rho))
+            first = _on_first_seed(_select(runs, name, noise, rho), runs)
             r = first[0] if first else {}
             cell = "—"
             if r:
@@ -243,13 +246,13 @@ def plot_rho(runs, path):
     for noise in _rates(runs):
         values = []
         for rho in _grid(runs):
-            first = _on_first_seed(_select(runs, "SAM", noise, rho))
+            first = _on_first_seed(_select(runs, "SAM", noise, rho), runs)
             values.append(
                 100 * first[0]["validation_accuracy"] if first else np.nan
             )
         label = common.percent(noise)
         line = ax.plot(_grid(runs), values, marker="o", label=label)[0]
-        sgd = _on_first_seed(_select(runs, "SGD", noise))
+        sgd = _on_first_seed(_select(runs, "SGD", noise), runs)
         if sgd:
             y = 100 * sgd[0]["validation_accuracy"]
             ax.axhline(y, color=line.get_color(), linestyle=":")
@@ -323,7 +326,7 @@ def _with_chosen_momentum_rho(runs):
     momentum = [r for r in runs if r["optimizer"].startswith(MOMENTUM_SAM)]
     if not momentum:
         return runs, None
-    first = _on_first_seed(momentum)
+    first = _on_first_seed(momentum, runs)
     candidates = {r["rho"]: r["validation_accuracy"] for r in first}
     chosen = max(candidates, key=candidates.get)
     kept = [
@@ -422,7 +425,7 @@ def _closest(rows):
                 )
                 + f" ({common.percent(r['share'])} at {r['cost']:.2f}×)"
             )
-    if late and max(late) < SHARE_TARGET:
+    if late and max(late) < LITTLE_SHARE:
         said.append(common.snippet("results", "late_phase"))
     return ("Closest: " + "; ".join(said) + ".") if said else ""
 
