@@ -8,15 +8,17 @@
 
 The first run gives the tables; the second, run after it on the same core
 of an otherwise idle machine, repeats the timings and the memory, and the
-report says, cell by cell, how far the two runs are apart.
+report says, cell by cell, how far the two runs are apart. The prose is
+`benchmarks/templates/performance.md`; see `benchmarks.report_common`.
 """
 
-import json
 import os
 
 import numpy as np
 from absl import app
 from absl import flags
+
+from benchmarks import report_common as common
 
 FLAGS = flags.FLAGS
 
@@ -25,10 +27,11 @@ taskset -c 0 python -m benchmarks.step_time --output=docs/performance.json
 taskset -c 0 python -m benchmarks.step_time --pipeline=false \\
     --output=docs/performance_repeat.json
 python -m benchmarks.report_performance"""
-
-ORDINALS = {2: "2nd", 5: "5th"}
-# How far two runs may be apart, per cell, for the table to be trusted.
+# How far two runs may be apart, per cell, for the table to be trusted;
+# SAM's target over the two-pass floor; and over SGD, in parameter copies.
 AGREEMENT = 0.05
+FLOOR_TARGET = 1.05
+MEMORY_TARGET = 1.0
 
 LABELS = {
     "sgd": "SGD (plain `fit`)",
@@ -70,46 +73,41 @@ def define_flags():
     flags.DEFINE_string("output_dir", "docs", "Where to write the report.")
 
 
+def _snippet(name, **fields):
+    return common.snippet("performance", name, **fields)
+
+
 def _cell(results, key, contender, clock="cpu"):
     timing = results["timings"].get(key, {}).get("contenders", {})
     return timing.get(contender, {}).get(clock)
 
 
-def _keys(results, mode):
-    return [k for k in results["timings"] if k.endswith("/" + mode)]
+def _ratio(results, key, contender):
+    cell = _cell(results, key, contender)
+    return cell and cell["median_ratio_to_sgd"]
 
 
-def _ratio_table(results, mode):
-    keys = _keys(results, mode)
-    if not keys:
-        return ""
-    lines = [
-        "| contender | " + " | ".join(k.split("/")[0] for k in keys) + " |",
-        "|---|" + "---|" * len(keys),
-    ]
-    for contender, label in LABELS.items():
-        cells = []
-        for key in keys:
-            cpu = _cell(results, key, contender)
-            wall = _cell(results, key, contender, "wall")
-            cells.append(
-                "—"
-                if cpu is None
-                else f"{cpu['median_ratio_to_sgd']:.2f}× "
-                f"({wall['median_ratio_to_sgd']:.2f}×)"
-            )
+def _both_clocks(results, key, contender, form):
+    """A cell's CPU-time figure, and its wall-time one in parentheses."""
+    cpu, wall = (_cell(results, key, contender, c) for c in ("cpu", "wall"))
+    return f"{form.format(**cpu)} ({form.format(**wall)})" if cpu else "—"
+
+
+def _ratio_table(results, mode, title):
+    keys = [k for k in results["timings"] if k.endswith("/" + mode)]
+    rows = []
+    for contender, label, form in [
+        *(
+            (c, label, "{median_ratio_to_sgd:.2f}×")
+            for c, label in LABELS.items()
+        ),
+        ("sgd", "SGD step, CPU ms (wall ms)", "{median_step_ms:.0f}"),
+    ]:
+        cells = [_both_clocks(results, k, contender, form) for k in keys]
         if any(c != "—" for c in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(
-        "| SGD step, CPU ms (wall ms) | "
-        + " | ".join(
-            f"{_cell(results, k, 'sgd')['median_step_ms']:.0f} "
-            f"({_cell(results, k, 'sgd', 'wall')['median_step_ms']:.0f})"
-            for k in keys
-        )
-        + " |"
-    )
-    return "\n".join(lines)
+            rows.append(common.row(label, *cells))
+    header = ["contender"] + [k.split("/")[0] for k in keys]
+    return dict(title=title, table=common.table(header, rows)) if keys else None
 
 
 def agreement(first, second, clock="cpu"):
@@ -132,123 +130,141 @@ def agreement(first, second, clock="cpu"):
     return gaps
 
 
-def _agreement_section(first, second):
-    if second is None:
-        return (
-            "The repeated run is missing, so the timings' agreement is not "
-            "shown; run the second command above.\n"
-        )
+def _agreement(data):
+    first, second = data["results"], data["repeat"]
     cpu, wall = agreement(first, second), agreement(first, second, "wall")
-    lines = [
-        "| model / mode | largest gap, CPU-time ratios | largest gap, wall "
-        "ratios |",
-        "|---|---|---|",
-    ]
-    for key, (gap, contender) in cpu.items():
-        wall_gap, wall_contender = wall[key]
-        lines.append(
-            f"| {key} | {100 * gap:.1f} % ({LABELS[contender]}) | "
-            f"{100 * wall_gap:.1f} % ({LABELS[wall_contender]}) |"
+    rows = [
+        common.row(
+            key,
+            *(f"{100 * g:.1f} % ({LABELS[c]})" for g, c in (gap, wall[key])),
         )
+        for key, gap in cpu.items()
+    ]
     over = [k for k, (gap, _) in cpu.items() if gap > AGREEMENT]
-    verdict = (
-        f"Every CPU-time cell of the two runs agrees within "
-        f"{100 * AGREEMENT:.0f} %."
-        if not over
-        else f"**Not every cell agrees within {100 * AGREEMENT:.0f} %**: "
-        + ", ".join(over)
-        + "; read those columns as rough."
-    )
+    limit = common.percent(AGREEMENT)
+    verdict = _snippet("agree_all", limit=limit)
+    if over:
+        verdict = _snippet("agree_not", limit=limit, cells=", ".join(over))
     unrepeated = [k for k in first["timings"] if k not in cpu]
     if unrepeated:
-        verdict += (
-            " **Not repeated**, so not checked: " + ", ".join(unrepeated) + "."
-        )
-    return "\n".join(lines) + "\n\n" + verdict + "\n"
+        verdict += " " + _snippet("not_repeated", cells=", ".join(unrepeated))
+    return dict(rows="\n".join(rows), verdict=verdict)
 
 
-def _overhead_table(results, repeat):
-    lines = [
-        "| model / mode | SAM / floor, CPU time | same, repeated run | "
-        "SAM − floor, CPU ms a step |",
-        "|---|---|---|---|",
-    ]
-    for key in results["timings"]:
-        sam, floor = (
-            _cell(results, key, "sam"),
-            _cell(results, key, "floor_two_passes"),
-        )
-        if sam is None or floor is None:
-            continue
-        ratio = sam["median_ratio_to_sgd"] / floor["median_ratio_to_sgd"]
-        again = "—"
-        if repeat is not None and _cell(repeat, key, "floor_two_passes"):
-            sam_again = _cell(repeat, key, "sam")["median_ratio_to_sgd"]
-            floor_again = _cell(repeat, key, "floor_two_passes")
-            again = f"{sam_again / floor_again['median_ratio_to_sgd']:.3f}"
-        lines.append(
-            f"| {key} | {ratio:.3f} | {again} | "
-            f"{sam['median_step_ms'] - floor['median_step_ms']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def _overhead_verdict(results, repeat):
-    """What the SAM / floor ratios of both runs say about the overhead."""
-    ratios = []
-    for run in (results, repeat):
-        for key in (run or {"timings": {}})["timings"]:
-            sam, floor = (
-                _cell(run, key, "sam"),
-                _cell(run, key, "floor_two_passes"),
+def _floor_ratios(results):
+    """{key: (SAM / floor, SAM − floor CPU ms)} over the cells with both."""
+    ratios = {}
+    for key in results["timings"] if results else ():
+        sam = _cell(results, key, "sam")
+        floor = _cell(results, key, "floor_two_passes")
+        if sam and floor:
+            ratios[key] = (
+                sam["median_ratio_to_sgd"] / floor["median_ratio_to_sgd"],
+                sam["median_step_ms"] - floor["median_step_ms"],
             )
-            if sam and floor:
-                ratios.append(
-                    sam["median_ratio_to_sgd"] / floor["median_ratio_to_sgd"]
-                )
-    if not ratios:
-        return ""
-    low, high, middle = min(ratios), max(ratios), float(np.median(ratios))
-    earlier = (
-        "An earlier version of this file read 1.3–1.5× the floor in graph "
-        "mode (668 ms a WRN-16-4 step) from wall times"
-    )
-    if high <= 1.05:
-        return (
-            f"SAM takes at most {high:.3f}× the floor's CPU time. "
-            f"{earlier}; measured in CPU time there is no such overhead to "
-            "remove: it was the clock."
+    return ratios
+
+
+def _overhead(data):
+    results = data["results"]
+    first, again = _floor_ratios(results), _floor_ratios(data["repeat"])
+    rows = [
+        common.row(
+            key,
+            f"{ratio:.3f}",
+            f"{again[key][0]:.3f}" if key in again else "—",
+            f"{ms:.1f}",
         )
-    return (
-        f"SAM / floor ranges over {low:.2f}–{high:.2f} across the cells of "
-        f"both runs, median {middle:.2f}: on both sides of 1, as far as "
-        "the two runs of one cell are apart, so no overhead over the floor "
-        "stands out from this machine's noise, and the 1.05× target can "
-        f"be neither confirmed nor refuted cell by cell here. {earlier}; "
-        "in CPU time that overhead is gone."
-    )
-
-
-def _one_pass_verdict(results):
-    ratios = [
-        _cell(results, key, contender)["median_ratio_to_sgd"]
-        for key in results["timings"]
-        for contender in ("sam_rho_0", "late_phase_before")
-        if _cell(results, key, contender)
+        for key, (ratio, ms) in first.items()
     ]
-    if not ratios:
-        return ""
-    return (
-        f"Their ratios to SGD range over {min(ratios):.2f}–"
-        f"{max(ratios):.2f}× across the models and modes."
+    both = [r for r, _ in list(first.values()) + list(again.values())]
+    low, high, middle = min(both), max(both), float(np.median(both))
+    verdict = _snippet("overhead_within", high=high)
+    if high > FLOOR_TARGET:
+        verdict = _snippet(
+            "overhead_range",
+            low=low,
+            high=high,
+            middle=middle,
+            target=FLOOR_TARGET,
+        )
+    one_pass = [
+        _ratio(results, key, c)
+        for key in results["timings"]
+        for c in ("sam_rho_0", "late_phase_before")
+        if _cell(results, key, c)
+    ]
+    return dict(
+        rows="\n".join(rows),
+        verdict=verdict,
+        low=min(one_pass),
+        high=max(one_pass),
     )
+
+
+def _switching(data):
+    """Periodic SAM predicted from late-phase SAM's two kinds of step."""
+    results, rows = data["results"], []
+    for key in results["timings"]:
+        before = _ratio(results, key, "late_phase_before")
+        during = _ratio(results, key, "late_phase_during")
+        for k, nth in ((2, "2nd"), (5, "5th")):
+            periodic = _ratio(results, key, f"periodic_{k}")
+            if before and during and periodic:
+                predicted = (during + (k - 1) * before) / k
+                rows.append(
+                    common.row(
+                        key,
+                        f"every {nth} step",
+                        f"{periodic:.2f}×",
+                        f"{predicted:.2f}×",
+                    )
+                )
+    return dict(rows="\n".join(rows)) if rows else None
+
+
+def _cells(results, **where):
+    """{name: the CPU cell of (key, contender)}, or None if one is missing."""
+    cells = {n: _cell(results, *place) for n, place in where.items()}
+    return cells if all(cells.values()) else None
+
+
+def _dropout(data):
+    return _cells(
+        data["results"],
+        xla=("small_cnn/xla", "sgd"),
+        graph=("small_cnn/graph", "sgd"),
+        no_dropout=("small_cnn_no_dropout/xla", "sgd"),
+        sam=("small_cnn/xla", "sam"),
+        sam_no_dropout=("small_cnn_no_dropout/xla", "sam"),
+    )
+
+
+def _decile_span(cell):
+    low, high = np.percentile(cell["step_ms"], [10, 90])
+    return f"{low:.0f}–{high:.0f}"
+
+
+def _switching_xla(data):
+    key = "small_cnn_no_dropout/xla"
+    cells = _cells(
+        data["results"],
+        during=(key, "late_phase_during"),
+        sam=(key, "sam"),
+        sgd=(key, "sgd"),
+        graph=("small_cnn_no_dropout/graph", "late_phase_during"),
+    )
+    if cells:
+        cells.update(span=_decile_span(cells["during"]))
+        cells.update(sgd_span=_decile_span(cells["sgd"]))
+    return cells
 
 
 def memory_rows(results, figure="tensors"):
     """Per model/mode: the parameters' MB (float32) and each contender's
     `figure` (MB; see `step_time.peak_memory_mb`), one per process."""
     rows = {}
-    for model, measured in results.get("peak_memory_mb", {}).items():
+    for model, measured in (results or {}).get("peak_memory_mb", {}).items():
         size = 4 * measured["params"] / 2**20
         for mode, processes in measured["modes"].items():
             rows[f"{model}/{mode}"] = (
@@ -273,35 +289,37 @@ def _repeat_gap(peaks, repeated):
     return max(abs(max(peaks[c]) - max(repeated[c])) for c in peaks)
 
 
-def _contender_cells(size, peaks):
-    return [
+def _contender_cells(key, size, peaks):
+    return [key, f"{size:.1f}", f"{max(peaks['sgd']):.1f}"] + [
         f"{max(peaks[c]):.1f} ({_copies_above_sgd(size, peaks, c):+.2f})"
         for c in MEMORY_LABELS
     ]
 
 
-def _contender_header(first):
-    return (
-        f"| model / mode | parameters, MB | {first} | "
-        + " | ".join(
-            f"{label}, MB (copies)" for label in MEMORY_LABELS.values()
+def _memory_verdict(rows):
+    """Where SAM's highest peak is more than a copy above SGD's highest,
+    and whether even SAM's lowest process is."""
+    copies = {k: _copies_above_sgd(*row) for k, row in rows.items()}
+    within = [k for k, c in copies.items() if c <= MEMORY_TARGET]
+    verdict = []
+    if within:
+        worst = max(within, key=copies.get)
+        keys = ", ".join(within)
+        verdict.append(
+            _snippet("within", keys=keys, copies=copies[worst], worst=worst)
         )
-        + " |"
-    )
+    for key, c in copies.items():
+        if c > MEMORY_TARGET:
+            size, peaks = rows[key]
+            lowest = (min(peaks["sam"]) - max(peaks["sgd"])) / size
+            verdict.append(_snippet("over", key=key, copies=c, lowest=lowest))
+    return "\n\n".join(verdict)
 
 
-def _memory_table(results, repeat):
-    rows = memory_rows(results)
-    if not rows:
-        return ""
-    again = memory_rows(repeat or {})
-    allocators = memory_rows(results, "allocator")
-    lines = [
-        _contender_header("SGD, MB")
-        + " spread between processes, MB | largest gap to the repeated "
-        "run, MB | allocator's peak beyond the tensors', MB |",
-        "|---|---|---|" + "---|" * len(MEMORY_LABELS) + "---|---|---|",
-    ]
+def _memory(data):
+    rows, again = memory_rows(data["results"]), memory_rows(data["repeat"])
+    allocators = memory_rows(data["results"], "allocator")
+    lines = []
     for key, (size, peaks) in rows.items():
         gap = "not repeated"
         if key in again:
@@ -311,66 +329,34 @@ def _memory_table(results, repeat):
             for c, runs in allocators[key][1].items()
             for a, t in zip(runs, peaks[c])
         ]
-        lines.append(
-            f"| {key} | {size:.1f} | {max(peaks['sgd']):.1f} | "
-            + " | ".join(_contender_cells(size, peaks))
-            + f" | {_spread(peaks):.2f} | {gap} | "
-            f"{min(unused):.1f}–{max(unused):.1f} |"
+        cells = _contender_cells(key, size, peaks)
+        cells += [f"{_spread(peaks):.2f}", gap]
+        lines.append(common.row(*cells, f"{min(unused):.1f}–{max(unused):.1f}"))
+    processes = {}
+    for key, (_, p) in rows.items():
+        mode = key.split("/")[1]
+        processes[mode] = max(processes.get(mode, 0), *map(len, p.values()))
+    # The row where SAM's tensors are furthest above SGD's, and whether
+    # the allocator's peaks there show less than half that gap.
+    xla = [k for k in rows if k.endswith("/xla")] or list(rows)
+    gaps = {k: max(rows[k][1]["sam"]) - max(rows[k][1]["sgd"]) for k in xla}
+    far = max(gaps, key=gaps.get)
+    held = allocators[far][1]
+    hidden = ""
+    if max(held["sam"]) - max(held["sgd"]) < gaps[far] / 2:
+        every = [mb for runs in held.values() for mb in runs]
+        hidden = _snippet(
+            "hidden", key=far, low=min(every), high=max(every), gap=gaps[far]
         )
-    return "\n".join(lines)
-
-
-def _held_table(results):
-    """Graph mode: at each contender's peak, the tensors outside the
-    model's layers."""
-    rows = {
-        key: row
-        for key, row in memory_rows(results, "outside_model").items()
-        if key.endswith("/graph")
-    }
-    if not rows:
-        return ""
-    lines = [
-        _contender_header("SGD, MB"),
-        "|---|---|---|" + "---|" * len(MEMORY_LABELS),
-    ]
-    for key, (size, held) in rows.items():
-        lines.append(
-            f"| {key} | {size:.1f} | {max(held['sgd']):.1f} | "
-            + " | ".join(_contender_cells(size, held))
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def _memory_verdict(results):
-    """Where SAM's highest peak is more than one parameter copy above
-    SGD's, and whether even SAM's lowest process is."""
-    rows = memory_rows(results)
-    if not rows:
-        return ""
-    copies = {
-        key: _copies_above_sgd(size, peaks)
-        for key, (size, peaks) in rows.items()
-    }
-    within = [k for k, c in copies.items() if c <= 1.0]
-    lines = []
-    if within:
-        worst = max(within, key=copies.get)
-        lines.append(
-            f"Within the target of one copy: {', '.join(within)} (at most "
-            f"{copies[worst]:+.2f} copies, {worst})."
-        )
-    for key, c in copies.items():
-        if c <= 1.0:
-            continue
-        size, peaks = rows[key]
-        lowest = (min(peaks["sam"]) - max(peaks["sgd"])) / size
-        lines.append(
-            f"**Over the target: {key}**, SAM's highest peak {c:+.2f} "
-            f"copies above SGD's highest, its lowest {lowest:+.2f}."
-        )
-    return "\n".join(lines)
+    graph_allocators = [p for k, (_, p) in allocators.items() if "/graph" in k]
+    return dict(
+        graph_processes=processes.get("graph", 0),
+        xla_processes=processes.get("xla", 0),
+        graph_spread=max(map(_spread, graph_allocators), default=0.0),
+        hidden=hidden.replace("\n", " "),
+        rows="\n".join(lines),
+        verdict=_memory_verdict(rows),
+    )
 
 
 def _in_layers_at_highest(tensors, outside_model):
@@ -379,186 +365,98 @@ def _in_layers_at_highest(tensors, outside_model):
     return tensors[highest] - outside_model[highest]
 
 
-def _memory_reading(results, repeat):
-    """What the tables resolve: how well the figures repeat, and for each
-    row where SAM's peak is more than a copy above SGD's, what else peaks
-    there and (in graph mode) whether SAM holds the excess outside the
-    model's layers or in them."""
-    rows, again = memory_rows(results), memory_rows(repeat or {})
-    held = memory_rows(results, "outside_model")
-    if not rows:
-        return ""
-    spread = max(_spread(peaks) for _, peaks in rows.values())
+def _over_row(key, size, peaks, held):
+    """A row where SAM's peak is more than a copy above SGD's: what else
+    peaks there and (in graph mode) whether SAM holds the excess outside
+    the model's layers or in them."""
+    held_text = ""
+    if key.endswith("/graph"):
+        in_layers = [
+            _in_layers_at_highest(peaks[c], held[c]) for c in ("sam", "sgd")
+        ]
+        held_text = _snippet(
+            "over_row_held",
+            copies=_copies_above_sgd(size, held),
+            in_layers=in_layers[0] - in_layers[1],
+        )
+    others = ", ".join(
+        f"{MEMORY_LABELS[c]} {_copies_above_sgd(size, peaks, c):+.2f}"
+        for c in list(MEMORY_LABELS)[1:]
+    )
+    copies = _copies_above_sgd(size, peaks)
+    held_text = held_text.replace("\n", " ")
+    return _snippet(
+        "over_row", key=key, copies=copies, others=others, held=held_text
+    )
+
+
+def _held(data):
+    """Graph mode's tensors outside the model's layers at each peak, and
+    what the tables resolve: how well the figures repeat, and the rows
+    more than a copy above SGD."""
+    rows, again = memory_rows(data["results"]), memory_rows(data["repeat"])
+    held = memory_rows(data["results"], "outside_model")
     gaps = [
-        _repeat_gap(peaks, again[key][1])
-        for key, (_, peaks) in rows.items()
-        if key in again
+        _repeat_gap(p, again[k][1]) for k, (_, p) in rows.items() if k in again
     ]
-    repeats = f"Identical processes differ by at most {spread:.2f} MB" + (
-        f", the two runs by at most {max(gaps):.2f} MB." if gaps else "."
-    )
-    lines = []
-    for key, (size, peaks) in rows.items():
-        if _copies_above_sgd(size, peaks) <= 1.0:
-            continue
-        others = ", ".join(
-            f"{MEMORY_LABELS[c]} {_copies_above_sgd(size, peaks, c):+.2f}"
-            for c in MEMORY_LABELS
-            if c != "sam"
-        )
-        line = (
-            f"{key}: SAM {_copies_above_sgd(size, peaks):+.2f} copies above "
-            f"SGD ({others})"
-        )
-        if key.endswith("/graph"):
-            in_layers = {
-                c: _in_layers_at_highest(peaks[c], held[key][1][c])
-                for c in ("sam", "sgd")
-            }
-            held_copies = _copies_above_sgd(size, held[key][1])
-            line += (
-                f"; outside the model's layers SAM holds {held_copies:+.2f} "
-                "copies beyond SGD, in them "
-                f"{in_layers['sam'] - in_layers['sgd']:+.1f} MB"
-            )
-        lines.append(f"- {line}.")
-    if not lines:
-        return repeats
-    return repeats + " More than a copy above SGD:\n\n" + "\n".join(lines)
-
-
-def _switching_check(results):
-    """Periodic SAM predicted from late-phase SAM's two kinds of step."""
-    lines = [
-        "| model / mode | policy | measured | predicted from the two kinds "
-        "of step |",
-        "|---|---|---|---|",
+    over = [
+        _over_row(key, size, peaks, held[key][1])
+        for key, (size, peaks) in rows.items()
+        if _copies_above_sgd(size, peaks) > MEMORY_TARGET
     ]
-    for key in results["timings"]:
-        before = _cell(results, key, "late_phase_before")
-        during = _cell(results, key, "late_phase_during")
-        if before is None or during is None:
-            continue
-        for k in (2, 5):
-            periodic = _cell(results, key, f"periodic_{k}")
-            if periodic is None:
-                continue
-            predicted = (
-                during["median_ratio_to_sgd"]
-                + (k - 1) * before["median_ratio_to_sgd"]
-            ) / k
-            lines.append(
-                f"| {key} | every {ORDINALS[k]} step | "
-                f"{periodic['median_ratio_to_sgd']:.2f}× | {predicted:.2f}× |"
-            )
-    return "\n".join(lines)
-
-
-def _xla_notes(results):
-    notes = []
-    with_dropout = _cell(results, "small_cnn/xla", "sgd")
-    without = _cell(results, "small_cnn_no_dropout/xla", "sgd")
-    graph = _cell(results, "small_cnn/graph", "sgd")
-    sam = _cell(results, "small_cnn/xla", "sam")
-    sam_without = _cell(results, "small_cnn_no_dropout/xla", "sam")
-    if with_dropout and without and graph and sam and sam_without:
-        notes.append(
-            f"""**Dropout under XLA on a CPU.** The small CNN's SGD step takes
-{with_dropout["median_step_ms"]:.0f} ms of CPU time under XLA against
-{graph["median_step_ms"]:.0f} ms in graph mode; without its one dropout
-layer, {without["median_step_ms"]:.0f} ms. XLA's CPU code for dropout's
-random numbers is that slow, and SAM's two passes draw the same mask (one
-seed), which XLA can compute once: so SAM costs
-{sam["median_ratio_to_sgd"]:.2f}× SGD with dropout and
-{sam_without["median_ratio_to_sgd"]:.2f}× without. The first
-figure is not a cheap SAM but an expensive SGD; the dropout-free column is
-the one to read for what SAM's second pass costs."""
-        )
-    during = _cell(results, "small_cnn_no_dropout/xla", "late_phase_during")
-    graph_during = _cell(
-        results, "small_cnn_no_dropout/graph", "late_phase_during"
+    graph = [k for k in held if k.endswith("/graph")]
+    return dict(
+        rows="\n".join(
+            common.row(*_contender_cells(k, *held[k])) for k in graph
+        ),
+        spread=max(_spread(peaks) for _, peaks in rows.values()),
+        repeat_gap=_snippet("repeat_gap", mb=max(gaps)) if gaps else "",
+        over=_snippet("over_rows", rows="\n".join(over)) if over else "",
     )
-    if during and sam_without and graph_during:
-        notes.append(
-            f"""**Switching under XLA on a CPU.** A policy's SAM step runs
-its perturbed pass inside a conditional, and XLA's CPU compiler runs the
-weight-gradient convolutions in a conditional's branch far more slowly than
-the same convolutions outside one (the same defect as
-[jax-ml/jax#12868](https://github.com/jax-ml/jax/issues/12868); it shows on
-TensorFlow's XLA and on JAX's). So a SAM step behind a switch costs
-{during["median_ratio_to_sgd"]:.2f}× SGD under XLA, against
-{sam_without["median_ratio_to_sgd"]:.2f}× for SAM without one (dropout-free
-small CNN; {graph_during["median_ratio_to_sgd"]:.2f}× in graph mode). The
-gap grows with the convolutions: on ResNet-20 and WRN-16-4 a switched SAM
-step under XLA takes minutes, so those cells are not timed. On a CPU, use
-switching policies in graph mode (`jit_compile=False`); the steps a policy
-declines cost one pass in every mode.
-
-This step's own CPU time is also the least steady of any cell: its steps
-span {_decile_span(during)} ms (10th to 90th percentile), SGD's beside them
-{_decile_span(_cell(results, "small_cnn_no_dropout/xla", "sgd"))} ms, so its
-ratio moves more between runs than the others'."""
-        )
-    return "\n\n".join(notes)
 
 
-def _decile_span(cell):
-    low, high = np.percentile(cell["step_ms"], [10, 90])
-    return f"{low:.0f}–{high:.0f}"
+def _cut(data):
+    fact = data["facts"].get("sam_peak_before_update_order")
+    rows = memory_rows(data["results"])
+    if fact is None or fact["key"] not in rows:
+        return None
+    copies = (fact["sam_mb"] - fact["sgd_mb"]) / rows[fact["key"]][0]
+    return dict(fact, copies=copies)
 
 
-def _pipeline_section(results):
-    pipeline = results.get("pipeline")
+def _pipeline(data):
+    pipeline = data["results"].get("pipeline")
     if not pipeline:
-        return ""
-    real = pipeline["contenders"]["real_pipeline"]["cpu"]
-    memory = pipeline["contenders"]["in_memory_batch"]["cpu"]
-    return f"""## Input pipeline
-
-The Fashion-MNIST trainer's tf.data pipeline on the real data (gather a
-step's examples, scale, one-hot, prefetch) against one cached in-memory
-batch, training the small CNN with SGD at batch 128: the real-data step
-takes **{real["median_ratio_to_sgd"]:.2f}×** the CPU time of the in-memory
-step (range {real["ratio_min"]:.2f}–{real["ratio_max"]:.2f}; in-memory step
-{memory["median_step_ms"]:.0f} ms). On its own the pipeline produces a
-batch in {pipeline["pipeline_alone_cpu_ms_per_batch"]:.2f} ms of CPU time,
-far below a step.
-"""
+        return None
+    cells = {k: c["cpu"] for k, c in pipeline["contenders"].items()}
+    return dict(cells, alone_ms=pipeline["pipeline_alone_cpu_ms_per_batch"])
 
 
 def _plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     keys = list(results["timings"])
     contenders = ["sam", "floor_two_passes", "naive_assign_subtract"]
     contenders += ["momentum_sam", "late_phase_before", "sam_rho_0"]
-    width = 0.8 / len(contenders)
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 1 / (len(contenders) + 1)
+    x = np.arange(len(keys))
+    fig, ax = common.pyplot().subplots(figsize=(9, 3.8))
     for i, contender in enumerate(contenders):
-        stats = [_cell(results, k, contender) for k in keys]
-        median = np.array([s["median_ratio_to_sgd"] if s else 0 for s in stats])
-        low = median - np.array([s["ratio_min"] if s else 0 for s in stats])
-        high = np.array([s["ratio_max"] if s else 0 for s in stats]) - median
-        ax.bar(
-            np.arange(len(keys)) + i * width,
-            median,
-            width,
-            yerr=[low, high],
-            label=LABELS[contender].replace("`", ""),
-            capsize=2,
+        cells = [_cell(results, k, contender) or {} for k in keys]
+        median, low, high = (
+            np.array([c.get(field, 0) for c in cells])
+            for field in ("median_ratio_to_sgd", "ratio_min", "ratio_max")
         )
-    ax.axhline(2.0, color="k", lw=0.8, ls="--")
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2)
+        label = LABELS[contender].replace("`", "")
+        errors = [median - low, high - median]
+        ax.bar(
+            x + i * width, median, width, yerr=errors, label=label, capsize=2
+        )
+    ax.axhline(y=2, color="k", lw=0.8, ls="--")
+    ax.axhline(y=1, color="k", lw=0.8, ls=":")
+    ax.set_xticks(x + (len(contenders) - 1) * width / 2)
     ax.set_xticklabels(keys, fontsize=7, rotation=15)
     ax.set_ylabel("CPU time / SGD step's")
     ax.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save(fig, path)
 
 
 def _span(results, key):
@@ -567,169 +465,62 @@ def _span(results, key):
     return str(low) if low == high else f"{low} to {high}"
 
 
-def _load(path):
-    if not path or not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def _intro(data):
+    results, iqr = data["results"], []
+    for timing in results["timings"].values():
+        steps = timing["contenders"]["sgd"]["cpu"]["step_ms"]
+        q1, median, q3 = np.percentile(steps, [25, 50, 75])
+        iqr.append(100 * (q3 - q1) / median)
+    return dict(
+        results["machine"],
+        commands=COMMANDS,
+        batch_size=results["batch_size"],
+        threads=results["threads"],
+        rounds=_span(results, "rounds"),
+        steps_per_round=_span(results, "steps_per_round"),
+        iqr_low=min(iqr),
+        iqr_high=max(iqr),
+        notes="".join(f"\n> {n}\n" for n in results.get("notes", [])),
+    )
+
+
+# (template, the JSON it needs, its fields); a section is left out when
+# its JSON is missing or its fields are None.
+SECTIONS = [
+    ("intro", (), _intro),
+    ("ratios", (), lambda d: _ratio_table(d["results"], "graph", "graph mode")),
+    (
+        "ratios",
+        (),
+        lambda d: _ratio_table(d["results"], "xla", "XLA (`jit_compile=True`)"),
+    ),
+    ("dropout", (), _dropout),
+    ("switching_xla", (), _switching_xla),
+    ("plot", (), lambda d: {}),
+    ("agreement", ("repeat",), _agreement),
+    ("no_repeat", (), lambda d: {} if d["repeat"] is None else None),
+    ("overhead", (), _overhead),
+    ("switching", (), _switching),
+    ("memory", (), lambda d: _memory(d) if memory_rows(d["results"]) else None),
+    ("held", (), lambda d: _held(d) if memory_rows(d["results"]) else None),
+    ("cut", ("facts",), _cut),
+    ("left", ("facts",), lambda d: d["facts"].get("xla_maxpool_index_arrays")),
+    ("pipeline", (), _pipeline),
+]
 
 
 def run(flags_obj):
-    results = _load(flags_obj.input)
-    repeat = _load(flags_obj.repeat_input)
+    data = dict(
+        results=common.load(flags_obj.input),
+        repeat=common.load(flags_obj.repeat_input),
+        facts=common.load(os.path.dirname(flags_obj.input), common.FACTS),
+    )
     os.makedirs(flags_obj.output_dir, exist_ok=True)
-    _plot(results, os.path.join(flags_obj.output_dir, "step_time.png"))
-    machine = results["machine"]
-    overhead = _overhead_table(results, repeat)
-    text = f"""# What SAM costs
-
-Measured by
-
-```sh
-{COMMANDS}
-```
-
-on {machine["cpus"]} CPU cores, TensorFlow {machine["tensorflow"]}, Keras
-{machine["keras"]}, batch size {results["batch_size"]}, random data,
-TensorFlow on {results["threads"]} thread(s).
-
-**What the columns measure.** For each model and mode every contender is
-compiled once; then {_span(results, "rounds")} rounds each time
-{_span(results, "steps_per_round")} step(s) of every contender (Keras' train
-function called directly; the order rotates from round to round, and an
-SGD step runs between every two contenders). A cell is the median over
-rounds of (the contender's CPU time per step / the CPU time of the SGD
-step beside it); the wall-time ratio is in parentheses. A step's CPU
-time here varies by 10–15 % from one step to the next, so many short
-rounds of neighbouring steps pin a ratio down better than a few long
-ones. CPU time is the process's
-(`time.process_time`): with TensorFlow on one thread it counts the step's
-own work, and not the ~128 ms quanta in which this sandbox's wall clock
-advances under load, which made earlier wall-clock tables of this file
-unreadable (ratios of one row from 1.3× to 3.0×). A step on one thread is
-slower than on two, but a ratio of work is what a cost decision needs. The
-two runs ran one after the other on the same core of an otherwise idle
-machine: side by side, one per core, they shared the cache and the memory
-bus and disagreed by up to 30 %.
-{"".join(chr(10) + "> " + note + chr(10) for note in results.get("notes", []))}
-## Step time over SGD: graph mode
-
-{_ratio_table(results, "graph")}
-
-## Step time over SGD: XLA (`jit_compile=True`)
-
-{_ratio_table(results, "xla")}
-
-{_xla_notes(results)}
-
-![step time ratios](step_time.png)
-
-## Two runs agree
-
-For each column, the largest gap between the two runs' ratios, and the
-contender it belongs to.
-
-{_agreement_section(results, repeat)}
-## Where the time goes
-
-The floor runs two plain forward/backward passes (the second on the batch
-reversed, so no graph optimization can merge them) and one optimizer
-update: it is what exact SAM cannot avoid. What `SAMModel` adds on top is
-the ε computation (one global norm, one scaled add per variable) and the
-bookkeeping of its stateless passes.
-
-{overhead}
-
-{_overhead_verdict(results, repeat)}
-
-**`rho=0` and untaken switch steps cost one pass.** `SAMModel(rho=0)` skips
-the perturbed pass when ρ is a number; a switching policy skips it on the
-steps it declines (late-phase SAM before its phase is one of those on every
-step). {_one_pass_verdict(results)}
-
-## Switching policies: cost of a mix of steps
-
-A policy that takes SAM on every k-th step should cost (one SAM step behind
-the switch + (k − 1) declined steps) / k. Predicted from late-phase SAM's
-two kinds of step, against the measurement:
-
-{_switching_check(results)}
-
-## Memory
-
-The most bytes of live tensors at once while the contender trained (MB):
-variables, optimizer slots, the cached batches and the step's tensors,
-under XLA its buffers. TensorFlow's CPU allocator, made to record its
-allocations (`TF_CPU_ALLOCATOR_USE_BFC=true`), reports each one to the
-profiler with the bytes its op asked for; the figure sums those over the
-tensors alive at each moment of six steps after warm-up, in a fresh
-process per contender and mode (`benchmarks/allocations.py`): three
-processes per contender in graph mode, one under XLA. In parentheses, the
-peak beyond SGD's, highest against highest, in copies of the parameters
-(float32). Exact SAM must hold one copy more than SGD: the whole clean
-gradient at the end of its first backward pass (ε needs its norm, where
-SGD frees each gradient when its update has run), then w + ε through its
-second pass. The target is at most one copy beyond SGD. That the figures
-resolve one copy is tested (`tests/benchmarks_step_time_test.py`): a step
-that holds one copy of a 4 MB layer's weights through its pass reads 4 MB
-above the plain step, within 1 %.
-
-The allocator's own peak, which earlier versions of this table gave, is
-not this figure: it counts the chunks the allocator hands out, and a
-request takes a free chunk of less than twice its size whole. The last
-column gives how far above the tensors' peak it lay: in graph mode it
-moved by up to 24 MB between identical processes, and under XLA a step's
-one large buffer takes a whole 128 MB chunk, so every contender on the
-small CNNs read 133–134 MB and a 46 MB difference between SGD and SAM did
-not show.
-
-{_memory_table(results, repeat)}
-
-{_memory_verdict(results)}
-
-**Where graph mode's peak is.** At each contender's peak in graph mode,
-the tensors made outside the model's layers (their name scope): weights,
-optimizer slots, the batches, and what a training step adds around the
-model (for SAM, w + ε and ε while they are alive). The rest are the
-layers' activations and the gradients of the backward pass, the clean
-gradient among them.
-
-{_held_table(results)}
-
-{_memory_reading(results, repeat)}
-
-**What was cut.** In graph mode TensorFlow's executor runs an op as soon
-as its inputs are ready, and an optimizer update's ops that need no
-gradient are ready when the step starts: SGD's m · μ, one
-parameter-sized tensor per variable, was computed before the first pass
-and held through both. A two-pass step of `SAMModel` now lets no op of
-the update run before the gradients exist (a control dependency; XLA,
-JAX and PyTorch order the update themselves), which took ResNet-20's SAM
-peak from +3.87 copies above SGD to the figure above; a test checks the
-order (`test_a_sam_step_updates_after_both_passes`). Before it, ε's guard
-against a non-finite norm held a zeros tensor per variable (+0.5 copies
-on an MLP).
-
-**What is left, and why.** Under XLA on a CPU, the gradient of a
-max-pooling layer becomes four int32 index arrays of the layer's input
-shape, which XLA's scheduler computes near the start of the step, before
-they are needed; a second pass's arrays are then alive through the
-first pass. On the small CNNs that is 16 arrays (73 MB) at SAM's peak
-against SGD's 8 (37 MB): [xla_peak.md](xla_peak.md) lists what is alive
-at each peak (`python -m benchmarks.xla_peak`). Every two-pass step has
-it (the floor, the naive port); Momentum-SAM's one pass and the models
-without max pooling (ResNet-20, WRN-16-4) do not. It is the compiler's
-schedule, not state that SAM keeps. In graph mode the order of ops
-still moves a peak: which activations and gradients the executor holds
-when the step's largest transient (a convolution's weight gradient) is
-allocated (the spread column). The floor is no model of SAM's memory
-under XLA: its two passes do not depend on each other, so XLA runs both
-forward passes before either backward pass and its peak nearly doubles;
-SAM's second pass needs the first one's gradient.
-
-{_pipeline_section(results)}"""
+    _plot(data["results"], os.path.join(flags_obj.output_dir, "step_time.png"))
+    text = common.render("performance", SECTIONS, data)
     with open(os.path.join(flags_obj.output_dir, "performance.md"), "w") as f:
         f.write(text)
+    return text
 
 
 def main(_):

@@ -1,0 +1,156 @@
+"""What the report scripts share: JSON, templates, tables and statistics.
+
+A report is a list of sections. A section is a block of
+`benchmarks/templates/<report>.md`, which starts at a line
+`<!-- section: <name> -->`, and a function that computes its fields from
+the loaded JSON. `render` fills each block with `str.format` (so a field
+may carry a format spec, `{gain:+.2f}`) and leaves a section out when its
+function returns None: a study whose JSON is missing has no section. To
+add one, write its block and its function, and list the pair in the
+report's `SECTIONS`.
+
+Prose holds no measured figure: every number comes from the JSON that a
+measurement wrote, and the few figures a report quotes that no benchmark
+JSON records are in `docs/report_facts.json`, each with its source.
+"""
+
+import json
+import os
+import re
+import textwrap
+
+import numpy as np
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
+FACTS = "report_facts.json"
+# Two-sided 95 % critical values of Student's t by degrees of freedom.
+T_CRITICAL_95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+}
+
+
+def load(*path):
+    """The JSON at `os.path.join(*path)`, or None when it is missing."""
+    path = os.path.join(*path)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def blocks(report):
+    """{section name: template text} of `templates/<report>.md`."""
+    with open(os.path.join(TEMPLATES, report + ".md")) as f:
+        parts = re.split(r"^<!-- section: (\w+) -->\n", f.read(), flags=re.M)
+    return {n: t.strip("\n") for n, t in zip(parts[1::2], parts[2::2])}
+
+
+def render(report, sections, data):
+    """The document: each `(block, needs, fields)` of `sections` filled in
+    with `fields(data)`, one blank line apart, its paragraphs wrapped; a
+    section is left out when its JSON (`data[n]` for each `n` in `needs`)
+    is missing or `fields` returns None."""
+    templates, texts = blocks(report), []
+    for name, needs, fields in sections:
+        values = all(data[n] is not None for n in needs) and fields(data)
+        if values is not None and values is not False:
+            texts.append(templates[name].format(**values).strip("\n"))
+    return wrap("\n\n".join(texts)) + "\n"
+
+
+def wrap(text, width=76):
+    """Wraps the paragraphs of markdown `text`; leaves code, tables,
+    headings, lists, quotes and images as they are."""
+    out, paragraph, code = [], [], False
+
+    def flush():
+        lines = textwrap.wrap(
+            " ".join(paragraph),
+            width,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for i, line in enumerate(lines):
+            # A line that would read as a list item stays on the one before.
+            if i and re.match(r"([-+*]|\d+[.)]) ", line):
+                out[-1] += " " + line
+            else:
+                out.append(line)
+        paragraph.clear()
+
+    for line in text.split("\n"):
+        if line.startswith("```"):
+            code = not code
+        if code or not line.strip() or re.match(r"[|#>!`]|- ", line):
+            flush()
+            out.append(line)
+        else:
+            paragraph.append(line.strip())
+    flush()
+    return "\n".join(out)
+
+
+def snippet(report, block, /, **fields):
+    """One block filled in, for a sentence that a section chooses."""
+    return blocks(report)[block].format(**fields)
+
+
+def row(*cells):
+    """A row of a markdown table."""
+    return "| " + " | ".join(f"{c}" for c in cells) + " |"
+
+
+def table(header, rows):
+    """A markdown table: its header's cells, then its rows (`row`)."""
+    return "\n".join([row(*header), "|" + "---|" * len(header)] + rows)
+
+
+def percent(fraction):
+    return f"{100 * fraction:.0f} %"
+
+
+def mean_sd(values):
+    v = np.array(list(values))
+    sd = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.2f} ± {sd:.2f}"
+
+
+def paired_difference(a, b):
+    """b − a over the seeds both have: mean, 95 % CI half-width, wins.
+
+    A paired comparison: the same seed gives both runs the same initial
+    weights, label noise and data order, so the per-seed differences are
+    the samples (Student's t interval). `wins` counts the seeds where b is
+    above a.
+    """
+    seeds = sorted(set(a) & set(b))
+    d = np.array([b[s] - a[s] for s in seeds])
+    half = float("nan")
+    if len(d) > 1:
+        half = T_CRITICAL_95[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
+    return dict(
+        mean=float(d.mean()), ci=float(half), wins=int(np.sum(d > 0)), n=len(d)
+    )
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
