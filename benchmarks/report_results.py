@@ -80,6 +80,19 @@ def _whole(runs):
     return [r for r in runs if not r.get("resumed_from_step")]
 
 
+def _timed_alike(runs):
+    """The runs whose `train_cpu_seconds` covers their training batches
+    only, every epoch: the trainer records those per epoch in the history
+    (`epoch_train_cpu_seconds`). Runs without it were trained by the
+    trainer before commit 6887c4c, whose figure covered each epoch's whole
+    `fit` call, evaluation of the test and example sets included."""
+    return [
+        r
+        for r in _whole(runs)
+        if "epoch_train_cpu_seconds" in r.get("history", {})
+    ]
+
+
 def _grid(runs):
     return sorted({r["rho"] for r in _select(runs, "SAM")})
 
@@ -270,20 +283,10 @@ def variants_rows(variants):
     Gains are paired differences of test accuracy to SGD (points). The
     cost is counted, not timed: `1 + f`, with `f` the fraction of steps
     that ran the perturbed pass (the logged `sam_fraction`; 1 for SAM and
-    GSAM), in SGD steps: what a compute-bound step pays. The measured
-    column, the CPU time of the whole run over SGD's, is kept beside it:
-    on this shared machine it moves with the load of the other processes
-    (TensorFlow's idle threads spin, and count as CPU time), and only
-    seeds whose runs were never resumed (so their CPU time covers the
-    whole run) enter it.
+    GSAM), in SGD steps: what a compute-bound step pays.
     """
     runs, momentum_choice = _with_chosen_momentum_rho(variants["runs"])
-
-    def cpu_seconds(group):
-        return _by_seed(_whole(group), "train_cpu_seconds", 1.0)
-
     sgd = _by_seed(_select(runs, "SGD"))
-    sgd_cpu = cpu_seconds(_select(runs, "SGD"))
     sam_gain = common.paired_difference(sgd, _by_seed(_select(runs, "SAM")))
     sam_gain = sam_gain["mean"]
     rows = []
@@ -292,8 +295,6 @@ def variants_rows(variants):
             continue
         group = _select(runs, name)
         gain = common.paired_difference(sgd, _by_seed(group))
-        cpu = cpu_seconds(group)
-        seeds = sorted(set(cpu) & set(sgd_cpu))
         fractions = [
             np.mean(r["history"]["sam_fraction"])
             for r in group
@@ -302,7 +303,6 @@ def variants_rows(variants):
         sam_steps = float(np.mean(fractions)) if fractions else 1.0
         # Momentum-SAM's only pass is its perturbed pass.
         one_pass = name == MOMENTUM_SAM
-        measured = [cpu[s] / sgd_cpu[s] for s in seeds] or [np.nan]
         rows.append(
             dict(
                 name=name,
@@ -311,8 +311,6 @@ def variants_rows(variants):
                 gain_ci=gain["ci"],
                 share=gain["mean"] / sam_gain if sam_gain > 0 else np.nan,
                 sam_steps=np.nan if one_pass else sam_steps,
-                measured_cost=float(np.mean(measured)),
-                measured_seeds=len(seeds),
                 cost=1.0 if one_pass else 1.0 + sam_steps,
             )
         )
@@ -388,9 +386,6 @@ def _variants_table(rows):
             else common.percent(r["sam_steps"]),
             f"{r['cost']:.2f}×",
             "—" if r["step_cost"] is None else f"{r['step_cost']:.2f}×",
-            f"{r['measured_cost']:.2f}× ({r['measured_seeds']} seed"
-            + "s" * (r["measured_seeds"] != 1)
-            + ")",
         )
         for r in rows
     )
@@ -456,9 +451,7 @@ def variants_section(variants, figures, performance=None):
 
 
 def _variants(data):
-    """The variants section. A note on the whole-run CPU column,
-    `notes.whole_run_cpu` in docs/results_variants.json, is printed under
-    the table."""
+    """The variants section."""
     variants = data["variants"]
     sam_gain, rows, momentum_choice = variants_rows(variants)
     for row in rows:
@@ -481,8 +474,24 @@ def _variants(data):
         )
     reached = _reaching(rows)
     sam = next(r for r in rows if r["name"] == "SAM")
-    note = variants.get("notes", {}).get("whole_run_cpu")
+    whole_run_note = ""
+    timed = _timed_alike(runs)
+    chosen_runs, _ = _with_chosen_momentum_rho(runs)
+    mixed = [
+        _by_seed(_whole(_select(chosen_runs, name)), "train_cpu_seconds", 1.0)
+        for name in ("SGD", MOMENTUM_SAM)
+    ]
+    mixed = [mixed[1][s] / mixed[0][s] for s in set(mixed[0]) & set(mixed[1])]
+    if timed and mixed:
+        whole_run_note = " " + common.snippet(
+            "results",
+            "whole_run_note",
+            timed_alike=", ".join(dict.fromkeys(r["optimizer"] for r in timed)),
+            not_timed_alike=len(_whole(runs)) - len(timed),
+            mixed_momentum=float(np.mean(mixed)),
+        ).strip("\n")
     return dict(
+        whole_run_note=whole_run_note,
         noise=common.percent(runs[0]["label_noise"]),
         rho=_select(runs, "SAM")[0]["rho"],
         seeds=len(_select(runs, "SAM")),
@@ -490,9 +499,7 @@ def _variants(data):
         command=COMMANDS["variants"],
         report_command=COMMANDS["report"],
         rows=_variants_table(rows),
-        whole_run_cpu_note=f"\n{note}\n" if note else "",
         priced_on=PRICED_ON,
-        sam_whole_run=sam["measured_cost"],
         sam_cost=sam["cost"],
         cost_target=COST_TARGET,
         share_target=common.percent(SHARE_TARGET),
