@@ -2,10 +2,11 @@
 
     python -m benchmarks.report_results
 
-reads docs/results_noise.json, docs/results_variants.json and
-docs/performance.json (a section whose JSON is missing is left out) and
-writes docs/results.md and docs/results/*.png. The prose is
-`benchmarks/templates/results.md`; see `benchmarks.report_common`.
+reads docs/results_noise.json, docs/results_variants.json,
+docs/results_cnn.json and docs/performance.json (a section whose JSON is
+missing is left out) and writes docs/results.md and docs/results/*.png.
+The prose is `benchmarks/templates/results.md`; see
+`benchmarks.report_common`.
 """
 
 import os
@@ -14,6 +15,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from benchmarks import report_cnn
 from benchmarks import report_common as common
 
 FLAGS = flags.FLAGS
@@ -39,6 +41,10 @@ COMMANDS = {
     "variants": "python -m benchmarks.generalization --study=variants "
     "--seeds=2 --output=docs/results_variants.json",
     "report": "python -m benchmarks.report_results",
+    "gpu_step_time": "KERAS_BACKEND=jax python -m benchmarks.gpu_step_time "
+    "--models=wrn_16_4,wrn_28_10 --output=docs/gpu_step_time.json",
+    "gpu_pair": "KERAS_BACKEND=jax python -m benchmarks.gpu_pair "
+    "--data_dir=<dir of the IDX files> --output=docs/gpu_pair.json",
 }
 MOMENTUM_SAM = "Momentum-SAM"
 # The per-step cost table the variants are priced with, and its cells.
@@ -562,7 +568,14 @@ SECTIONS = [
         lambda d: dict(text=clean_verdict(d["noise"]["runs"])),
     ),
     ("variants", ("variants",), _variants),
-    ("gpu", (), lambda data: {}),
+    ("cnn", ("cnn",), report_cnn.section),
+    (
+        "gpu",
+        (),
+        lambda data: dict(
+            step_time=COMMANDS["gpu_step_time"], pair=COMMANDS["gpu_pair"]
+        ),
+    ),
 ]
 
 
@@ -572,6 +585,7 @@ def run(flags_obj):
     data = dict(
         noise=common.load(docs, "results_noise.json"),
         variants=common.load(docs, "results_variants.json"),
+        cnn=common.load(docs, "results_cnn.json"),
         performance=common.load(docs, "performance.json"),
         figures=figures,
         figure=lambda name: os.path.join(figures, name + ".png"),

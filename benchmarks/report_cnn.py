@@ -1,0 +1,267 @@
+"""The CNN regime's section of docs/results.md (issue #28).
+
+Its runs are `benchmarks.generalization --study=cnn`'s; a study in
+progress is collected with `--notrain` and reported as far as it goes:
+each question is answered once its runs exist, and says which are missing
+until then.
+"""
+
+import numpy as np
+
+from benchmarks import report_common as common
+
+# The SAM paper, not a measurement: Fashion-MNIST, WRN-28-10, 200 epochs,
+# basic augmentation, test error (%) of SGD and SAM.
+PAPER_FASHION_MNIST = {
+    "model": "WRN-28-10",
+    "epochs": 200,
+    "sgd": 4.57,
+    "sam": 3.98,
+}
+# The paper's Table 4 at 40 % noise (CIFAR-10, ResNet-32): SGD → SAM.
+PAPER_NOISE = {
+    "noise": "40 %",
+    "setting": "CIFAR-10 ResNet-32",
+    "sgd": 68.8,
+    "sam": 93.4,
+}
+# SGD memorizes when it fits more of the flipped examples' wrong labels
+# than this (chance: about a tenth, a random label).
+MEMORIZING = 0.5
+COMMANDS = {
+    "study": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
+    "--study=cnn --runs_dir=docs/results_cnn --output=docs/results_cnn.json",
+    "collect": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
+    "--study=cnn --runs_dir=docs/results_cnn --output=docs/results_cnn.json "
+    "--notrain",
+}
+METHODS = (
+    "SGD",
+    "SAM",
+    "ASAM",
+    "Momentum-SAM",
+    "SAM-ON",
+    "AE-SAM",
+    "LookSAM k=5",
+)
+# Each method's cell in the per-step cost table (docs/performance.md).
+PRICED_ON = "resnet20/graph"
+CELLS = {"SAM": "sam", "Momentum-SAM": "momentum_sam", "SAM-ON": "sam_on"}
+COST_TARGET = 1.25
+SHARE_TARGET = 0.8
+
+
+def _runs(runs, name, noise):
+    return [
+        r
+        for r in runs
+        if r["optimizer"] == name and np.isclose(r["label_noise"], noise)
+    ]
+
+
+def chosen(runs, name, noise):
+    """`name`'s runs at the ρ of its best seed-0 validation accuracy (all
+    its runs when it has one ρ), and that ρ; ([], None) without runs."""
+    group = _runs(runs, name, noise)
+    first = [r for r in group if r["seed"] == 0]
+    if not first:
+        return [], None
+    rho = max(first, key=lambda r: r["validation_accuracy"])["rho"]
+    return [r for r in group if np.isclose(r["rho"], rho)], rho
+
+
+def _by_seed(group):
+    return {r["seed"]: 100 * r["test_accuracy"] for r in group}
+
+
+def rows(runs, noise, performance):
+    """One dict per method at `noise` that has runs: accuracy, paired gain
+    over SGD, share of SAM's gain, counted and measured cost."""
+    sgd = _by_seed(_runs(runs, "SGD", noise))
+    sam_group, _ = chosen(runs, "SAM", noise)
+    sam_gain = {"n": 0}
+    if set(sgd) & set(_by_seed(sam_group)):
+        sam_gain = common.paired_difference(sgd, _by_seed(sam_group))
+    cells = {}
+    if performance and PRICED_ON in performance["timings"]:
+        contenders = performance["timings"][PRICED_ON]["contenders"]
+        cells = {
+            name: contenders[cell]["cpu"]["median_ratio_to_sgd"]
+            for name, cell in CELLS.items()
+            if cell in contenders
+        }
+    out = []
+    for name in METHODS:
+        group, rho = chosen(runs, name, noise)
+        if not group:
+            continue
+        row = dict(name=name, rho=rho, seeds=len(group))
+        row["accuracy"] = common.mean_sd(_by_seed(group).values())
+        fractions = [
+            np.mean(r["history"]["sam_fraction"])
+            for r in group
+            if "sam_fraction" in r["history"]
+        ]
+        one_pass = name in ("SGD", "Momentum-SAM")
+        row["cost"] = 1.0 + (0.0 if one_pass else np.mean(fractions or [1]))
+        row["measured"] = cells.get(name)
+        if name != "SGD" and set(sgd) & set(_by_seed(group)):
+            gain = common.paired_difference(sgd, _by_seed(group))
+            row.update(gain=gain["mean"], ci=gain["ci"], pairs=gain["n"])
+            if sam_gain["n"] and sam_gain["mean"] > 0:
+                row["share"] = gain["mean"] / sam_gain["mean"]
+        out.append(row)
+    return out
+
+
+def _table(rows):
+    lines = []
+    for r in rows:
+        gain = "—"
+        if "gain" in r:
+            ci = "" if np.isnan(r["ci"]) else f" (± {r['ci']:.2f})"
+            gain = f"{r['gain']:+.2f}{ci}, {r['pairs']} pairs"
+        lines.append(
+            common.row(
+                r["name"],
+                "—" if r["name"] == "SGD" else f"{r['rho']:g}",
+                r["seeds"],
+                r["accuracy"],
+                gain,
+                common.percent(r["share"]) if "share" in r else "—",
+                f"{r['cost']:.2f}×",
+                "—" if r["measured"] is None else f"{r['measured']:.2f}×",
+            )
+        )
+    return "\n".join(lines)
+
+
+def _final(group, key):
+    values = [r[key] for r in group if r.get(key) is not None]
+    return f"{100 * np.mean(values):.1f} %" if values else "—"
+
+
+def _row(rows, name):
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def answers(by_noise):
+    """The issue's four questions, each answered from the rows it needs."""
+    missing = common.snippet("results", "cnn_missing")
+    clean = by_noise.get(0.0, [])
+    sam = _row(clean, "SAM")
+    if sam and "gain" in sam and sam["pairs"] > 1:
+        verdict = "yes" if sam["gain"] - sam["ci"] > 0 else "not significantly"
+        q1 = f"{verdict.capitalize()}: {sam['gain']:+.2f} ± {sam['ci']:.2f}"
+        q1 += " points"
+    else:
+        q1 = missing
+    q2, q3, q4 = [], [], []
+    for noise, rows in sorted(by_noise.items()):
+        at = common.percent(noise)
+        msam, sam, sam_on = (
+            _row(rows, n) for n in ("Momentum-SAM", "SAM", "SAM-ON")
+        )
+        if msam and "share" in msam:
+            cost = msam["measured"] or msam["cost"]
+            keeps = msam["share"] >= SHARE_TARGET and cost <= COST_TARGET
+            q2.append(
+                f"At {at}: {'yes' if keeps else 'no'} "
+                f"({common.percent(msam['share'])} of SAM's gain at "
+                f"{cost:.2f}×)"
+            )
+        if sam_on and sam and "gain" in sam_on and "gain" in sam:
+            q3.append(
+                f"At {at}: SAM-ON {sam_on['gain'] - sam['gain']:+.2f} points "
+                "against SAM"
+            )
+        gains = [r for r in rows if "gain" in r]
+        if gains:
+            best = max(gains, key=lambda r: r["gain"] / r["cost"])
+            q4.append(
+                f"At {at}: {best['name']} "
+                f"({best['gain'] / best['cost']:+.2f} points per SGD step)"
+            )
+    return dict(
+        q1=q1,
+        q2="; ".join(q2) or missing,
+        q3="; ".join(q3) or missing,
+        q4="; ".join(q4) or missing,
+    )
+
+
+def plot(runs, noise_rates, path):
+    fig, axes = common.pyplot().subplots(
+        1, len(noise_rates), figsize=(3.4 * len(noise_rates), 3.2)
+    )
+    for ax, noise in zip(np.atleast_1d(axes), noise_rates):
+        for name, color in (("SGD", "tab:red"), ("SAM", "tab:blue")):
+            group, _ = chosen(runs, name, noise)
+            for key, style in (
+                ("validation_accuracy", "-"),
+                ("train_accuracy_flipped", ":"),
+            ):
+                curves = [r["history"][key] for r in group]
+                if not curves or (key.endswith("flipped") and noise == 0):
+                    continue
+                curve = 100 * np.mean(curves, axis=0)
+                label = f"{name}, {key.replace('_', ' ')}"
+                epochs = range(1, len(curve) + 1)
+                ax.plot(epochs, curve, style, color=color, label=label)
+        ax.set_title(f"{common.percent(noise)} noise")
+        ax.set_xlabel("epoch")
+    np.atleast_1d(axes)[0].set_ylabel("accuracy on the given labels, %")
+    np.atleast_1d(axes)[-1].legend(fontsize=6)
+    common.save(fig, path)
+
+
+def section(data):
+    """The fields of the `cnn` block of templates/results.md."""
+    study, performance = data["cnn"], data["performance"]
+    runs = study["runs"]
+    noise_rates = sorted({r["label_noise"] for r in runs}, reverse=True)
+    by_noise = {n: rows(runs, n, performance) for n in noise_rates}
+    tables = "\n\n".join(
+        common.snippet(
+            "results",
+            "cnn_table",
+            noise=common.percent(n),
+            rows=_table(by_noise[n]),
+            priced_on=PRICED_ON,
+        )
+        for n in noise_rates
+    )
+    plot(runs, noise_rates, data["figure"]("cnn"))
+    noisy = _runs(runs, "SGD", max(noise_rates))
+    clean = _runs(runs, "SGD", 0.0)
+    flipped = [r["train_accuracy_flipped"] for r in noisy]
+    memorizes = flipped and np.mean(flipped) > MEMORIZING
+    return dict(
+        study["regime"],
+        command=COMMANDS["study"],
+        collect=COMMANDS["collect"],
+        status=common.snippet(
+            "results",
+            "cnn_complete" if study.get("complete") else "cnn_in_progress",
+            runs=len(runs),
+        ),
+        tables=tables,
+        noise_rates=", ".join(common.percent(n) for n in noise_rates[::-1]),
+        noisiest=common.percent(max(noise_rates)),
+        memorizes=common.snippet(
+            "results",
+            "cnn_memorizes" if memorizes else "cnn_does_not_memorize",
+        ),
+        sgd_flipped=_final(noisy, "train_accuracy_flipped"),
+        sgd_unflipped=_final(noisy, "train_accuracy_unflipped"),
+        sgd_clean_train=_final(clean, "train_accuracy_unflipped"),
+        paper=PAPER_FASHION_MNIST,
+        paper_sgd_accuracy=100 - PAPER_FASHION_MNIST["sgd"],
+        paper_sam_accuracy=100 - PAPER_FASHION_MNIST["sam"],
+        paper_noise=PAPER_NOISE,
+        priced_on=PRICED_ON,
+        cost_target=COST_TARGET,
+        share_target=common.percent(SHARE_TARGET),
+        first_seed=min(r["seed"] for r in runs),
+        **answers(by_noise),
+    )
