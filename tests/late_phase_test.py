@@ -72,11 +72,11 @@ def test_bad_late_phase_arguments_name_the_argument_and_value(kwargs, message):
 def test_trainer_flag_starts_sam_at_the_given_fraction(tmp_path):
     from tests.trainers_run_test import make_flags
     from trainers import config
-    from trainers import loop
+    from trainers import flags as trainer_flags
 
-    sam = config.SAMConfig.from_flags(
+    sam = config.TrainingConfig.from_flags(
         make_flags(tmp_path, switching="late_phase", sam_start_fraction=0.75)
-    )
-    policy = loop.variant_arguments(sam, total_steps=200)["switching"]
+    ).sam
+    policy = trainer_flags.sam_options(sam, total_steps=200).switching
     assert isinstance(policy, switching.LatePhase)
     assert policy.start_step == 150 and policy.end_step is None

@@ -1,10 +1,13 @@
-"""README.md's Python examples run as written: a user copies them first.
+"""The Python examples of README.md and docs/*.md run as written: a user
+copies them first.
 
 Every ```python block runs on its own, in a fresh namespace and an empty
 working directory. A block that needs what a test cannot have (a TPU, a
-data set) is preceded by the line `<!-- readme-test: skip -->`.
+data set, a downloaded preset) is preceded by the line
+`<!-- readme-test: skip -->`.
 """
 
+import glob
 import os
 import re
 
@@ -15,17 +18,26 @@ from tests import backends
 from tests.distribute_test import mirrored
 from tests.trainers_run_test import ROOT
 
-# The README's examples use tf.distribute and the trainers.
+# The examples use tf.distribute and the trainers.
 pytestmark = backends.tensorflow_only
 
 SKIP = "<!-- readme-test: skip -->"
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)
+_LINK = re.compile(r"\]\(([^)#\s]+\.md)(#[^)\s]*)?\)")
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(path, ROOT)
+    for path in glob.glob(os.path.join(ROOT, "docs", "*.md"))
+)
 
 
-def readme_blocks():
-    """`(line, code, skipped)` of each ```python block of README.md."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
+def _text(page):
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def page_blocks(page):
+    """`(line, code, skipped)` of each ```python block of `page`."""
+    text = _text(page)
     blocks = []
     for match in _BLOCK.finditer(text):
         before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
@@ -34,28 +46,50 @@ def readme_blocks():
     return blocks
 
 
-def test_the_readme_has_its_examples_and_skips_few():
-    blocks = readme_blocks()
-    assert len(blocks) >= 4
-    assert sum(skipped for _, _, skipped in blocks) <= 1
-    usage = blocks[0][1]
+def all_blocks():
+    """`(page, line, code, skipped)` of every page's ```python blocks."""
+    return [(page, *block) for page in PAGES for block in page_blocks(page)]
+
+
+def test_the_readme_has_its_examples_and_the_pages_skip_few():
+    readme = page_blocks("README.md")
+    assert len(readme) >= 2
+    usage = readme[0][1]
     for needed in ("SAMModel(base", ".fit(", "model.base.save("):
         assert needed in usage
+    assert "sam_gradients(" in readme[1][1]
+    # The examples the README had before its details moved to docs/.
+    assert len(all_blocks()) >= 5
+    for page in PAGES:
+        assert sum(skipped for _, _, skipped in page_blocks(page)) <= 1, page
+
+
+def test_every_link_between_the_pages_names_a_page_that_exists():
+    missing = [
+        f"{page}: {target}"
+        for page in PAGES
+        for target, _ in _LINK.findall(_text(page))
+        if "://" not in target
+        and not os.path.exists(
+            os.path.join(ROOT, os.path.dirname(page), target)
+        )
+    ]
+    assert missing == []
 
 
 @pytest.mark.parametrize(
-    "line, code, skipped",
-    readme_blocks(),
-    ids=[f"line{line}" for line, _, _ in readme_blocks()],
+    "page, line, code, skipped",
+    all_blocks(),
+    ids=[f"{page}:{line}" for page, line, _, _ in all_blocks()],
 )
-def test_readme_block_runs(line, code, skipped, tmp_path, monkeypatch):
+def test_block_runs(page, line, code, skipped, tmp_path, monkeypatch):
     if skipped:
-        pytest.skip(f"README.md:{line} is marked {SKIP}")
+        pytest.skip(f"{page}:{line} is marked {SKIP}")
     monkeypatch.chdir(tmp_path)
     # One MirroredStrategy per test process (see distribute_test.mirrored):
-    # a README block's own would collide with the other tests'.
+    # a block's own would collide with the other tests'.
     strategy = mirrored()
     monkeypatch.setattr(
         tf.distribute, "MirroredStrategy", lambda *a, **k: strategy
     )
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})
+    exec(compile(code, f"{page}:{line}", "exec"), {"__name__": "readme"})

@@ -177,7 +177,7 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
-    # What the README says about loading a SAMModel file, in fresh
+    # What docs/api.md says about loading a SAMModel file, in fresh
     # processes as a user would load it.
     import subprocess
     import sys

@@ -7,10 +7,15 @@ import keras
 import numpy as np
 import pytest
 
+from keras_sam import backend
 from tests import backends
 from trainers import checkpoint
 
-pytestmark = backends.tensorflow_only
+# Every backend: the checkpoint is NumPy and Keras, and on PyTorch it also
+# holds the generators that Keras' unseeded `Dropout` draws from.
+on_torch = pytest.mark.skipif(
+    backends.BACKEND != "torch", reason="PyTorch's global generators"
+)
 
 
 def _compiled(hidden=3, names=("a", "b")):
@@ -163,3 +168,80 @@ def test_a_directory_lock_admits_one_holder_at_a_time(
     monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
     checkpoint.DirectoryLock(path).release()
     assert "cannot lock files (No locks available)" in capsys.readouterr().err
+
+
+def _random_leaves():
+    return [
+        np.asarray(leaf)
+        for leaf in keras.tree.flatten(backend.random_state())
+        if leaf is not None
+    ]
+
+
+def _draw():
+    # What an unseeded Dropout draws on PyTorch (its global generator);
+    # elsewhere no global state is drawn from.
+    if backends.BACKEND == "torch":
+        import torch
+
+        return torch.rand(3).numpy()
+    return None
+
+
+def test_the_backends_random_state_is_saved_and_restored(tmp_path):
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    checkpoint.save(path, model, step=1)
+    want, drawn = _random_leaves(), _draw()
+    _draw()
+    checkpoint.restore(path, model)
+    for got, expected in zip(_random_leaves(), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(_draw(), drawn)
+    with np.load(path) as saved:
+        keys = {k for k in saved.files if k.startswith("random_state/")}
+    assert len(keys) == len(want) and bool(want) == (
+        backends.BACKEND == "torch"
+    )
+
+
+@on_torch
+def test_a_checkpoint_of_the_torch_generator_alone_still_restores(tmp_path):
+    # As checkpoints of PyTorch runs were written before they held the
+    # leaves of `keras_sam.backend.random_state()`.
+    import torch
+
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    arrays = {
+        "variables/" + k: v.numpy()
+        for k, v in checkpoint.state_paths(model).items()
+    }
+    generator = torch.get_rng_state()
+    want = torch.rand(3).numpy()
+    np.savez(
+        path,
+        step=np.int64(2),
+        torch_random_state=generator.numpy(),
+        **arrays,
+    )
+    torch.rand(5)
+    assert checkpoint.restore(path, model) == 2
+    np.testing.assert_array_equal(torch.rand(3).numpy(), want)
+
+
+@on_torch
+def test_the_random_stream_leaves_out_draws_between_batches():
+    # A data loader drawing between two batches does not move the stream
+    # the batches draw from: they draw what two batches in a row draw.
+    keras.utils.set_random_seed(3)
+    want = [_draw(), _draw()]
+    keras.utils.set_random_seed(3)
+    stream = checkpoint.RandomStream()
+    got = []
+    for _ in range(2):
+        stream.on_train_batch_begin(0)
+        got.append(_draw())
+        stream.on_train_batch_end(0)
+        _draw()  # the loader's
+    np.testing.assert_array_equal(np.stack(got), np.stack(want))

@@ -3,9 +3,15 @@
 import dataclasses
 import types
 
+import keras
+import pytest
 from absl import flags
 
+from keras_sam import options
+from keras_sam import schedules
+from keras_sam import switching
 from tests import backends
+from trainers import checkpoint
 from trainers import config
 from trainers import fashion_mnist
 from trainers import flags as trainer_flags
@@ -17,7 +23,6 @@ pytestmark = backends.tensorflow_only
 
 FLAT_CONFIGS = [
     config.OptimizerConfig,
-    config.SAMConfig,
     config.AcceleratorConfig,
     data_config.DataConfig,
 ]
@@ -58,6 +63,98 @@ def test_every_field_is_a_flag_with_the_flags_default():
         and f.default is not dataclasses.MISSING
         and f.default != declared[f.name].default
     ] == []
+
+
+def test_every_sam_option_is_a_flag_with_its_default_and_help():
+    # Derived from keras_sam.options, so a new option gets its flag.
+    declared = _declared_flags()
+    assert [
+        f.name
+        for f in options.fields()
+        if f.name not in declared
+        or f.metadata["help"] not in declared[f.name].help
+    ] == []
+    assert {
+        f.name: declared[f.name].default
+        for f in options.fields()
+        if f.name not in ("rho", "switching")
+    } == {
+        f.name: f.default
+        for f in options.fields()
+        if f.name not in ("rho", "switching")
+    }
+    # ρ is each trainer's (the paper's for its data set); the policy by
+    # name, the one that runs SAM at every step by default.
+    assert declared["switching"].default == "none"
+    assert trainer_flags.sam_options({}) == options.SAMOptions()
+    # A policy's parameter defaults to the policy's own default.
+    assert declared["sam_every"].default == switching.Periodic().every
+    assert (
+        declared["sam_probability"].default
+        == switching.Randomized().probability
+    )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(rho=-1.0), "--rho must be >= 0. Received: --rho=-1.0"),
+        (dict(eta=float("inf")), "--eta must be finite. Received: --eta=inf"),
+        (
+            dict(looksam_alpha=0.5),
+            "--looksam_alpha acts on the steps without SAM, so it needs a "
+            "--switching policy",
+        ),
+        (
+            dict(sam_every=0),
+            "--sam_every must be an integer >= 1. Received: --sam_every=0",
+        ),
+        (
+            dict(rho_min=0.1, rho=0.05),
+            "Received: --rho_min=0.1, --rho=0.05",
+        ),
+        (
+            dict(perturbed_variables="kernel,("),
+            "'(' is not one",
+        ),
+    ],
+)
+def test_a_bad_sam_flag_fails_parsing_naming_the_flag_and_value(
+    values, message
+):
+    declared = _declared_flags()
+    name = next(iter(values))
+    argv = ["test", *(f"--{k}={v}" for k, v in values.items())]
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+        declared(argv)
+    try:
+        assert str(error.value).startswith(f"flag --{name}=")
+        assert message in str(error.value)
+    finally:
+        for key in values:
+            declared[key].value = declared[key].default
+        declared.validate_all_flags()
+
+
+def test_sam_flags_make_the_options_of_their_forms(tmp_path):
+    made = trainer_flags.sam_options(
+        dict(
+            rho=0.2,
+            rho_min=0.02,
+            perturbed_variables="kernel,bias",
+            switching="late_phase",
+            sam_start_fraction=0.75,
+            adaptive=True,
+        ),
+        total_steps=200,
+        learning_rate=keras.optimizers.schedules.CosineDecay(0.1, 200),
+    )
+    assert isinstance(made.rho, schedules.RhoFollowingLearningRate)
+    assert (made.rho.rho_max, made.rho.rho_min) == (0.2, 0.02)
+    assert made.perturbed_variables == ["kernel", "bias"]
+    assert made.switching.start_step == 150 and made.adaptive
+    # With a constant learning rate, ρ following it is the constant ρ.
+    assert trainer_flags.sam_options(dict(rho=0.2, rho_min=0.02)).rho == 0.2
 
 
 def test_from_flags_reads_every_value():
@@ -105,14 +202,13 @@ def test_from_flags_reads_every_value():
         nesterov=True,
         label_smoothing=0.1,
     )
-    assert (made.sam.rho, made.sam.rho_min, made.sam.sam_every) == (
-        0.2,
-        0.01,
-        3,
-    )
-    assert (made.sam.switching, made.sam.perturbation) == (
-        "periodic",
-        "momentum",
+    assert made.sam == dict(
+        trainer_flags.sam_defaults(),
+        rho=0.2,
+        rho_min=0.01,
+        switching="periodic",
+        sam_every=3,
+        perturbation="momentum",
     )
     assert made.accelerator == config.AcceleratorConfig(
         jit_compile="true",
@@ -141,3 +237,46 @@ def test_a_config_made_by_hand_trains_without_flags(tmp_path):
     )
     assert results["train_steps"] == 2
     assert results["flags"] == {}
+
+
+def test_a_checkpoint_of_the_sam_flags_before_they_were_derived_resumes():
+    # The settings of a default run, as trainers.config.SAMConfig wrote
+    # them before the SAM flags came from keras_sam.options: same names,
+    # same values, and no --adaptive_variables, which a run then could not
+    # set.
+    before = dict(
+        sam=True,
+        rho=0.05,
+        rho_min=None,
+        adaptive=False,
+        eta=0.01,
+        sync_perturbations=False,
+        micro_batches=1,
+        gsam_alpha=0.0,
+        perturbed_variables="all",
+        switching="none",
+        sam_every=2,
+        sam_probability=0.5,
+        sam_start_fraction=0.9,
+        looksam_alpha=None,
+        perturbation="gradient",
+    )
+    now = config.TrainingConfig(
+        model="small_cnn",
+        output_dir="/tmp/run",
+        data=data_config.DataConfig(batch_size=16),
+    ).settings()
+    assert {k: now[k] for k in before} == before
+    saved = checkpoint.Saved(
+        path="/tmp/run/checkpoint.npz",
+        step=3,
+        variables={},
+        metrics={},
+        history={},
+        settings=dict(now, **before),
+    )
+    del saved.settings["adaptive_variables"]
+    loop._check_same_run(saved, now, "/tmp/run")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        loop._check_same_run(saved, dict(now, sam_every=3), "/tmp/run")
+    assert "--sam_every=2 there, --sam_every=3 now" in str(error.value)

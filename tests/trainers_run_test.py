@@ -17,6 +17,7 @@ from trainers import checkpoint
 from trainers import compare_sgd_sam
 from trainers import config as trainer_config
 from trainers import fashion_mnist
+from trainers import flags as trainer_flags
 from trainers import loop
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
@@ -153,18 +154,15 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
             seed=4,
         )
     )
-    arguments = loop.variant_arguments(config.sam, config.seed)
-    assert arguments["perturbed_variables"] == ["kernel", "bias"]
-    policy = arguments["switching"]
-    assert policy.probability == 0.25 and policy.seed == 4
-    policy = loop.variant_arguments(
-        trainer_config.SAMConfig.from_flags(
+    made = trainer_flags.sam_options(config.sam, config.seed)
+    assert made.perturbed_variables == ["kernel", "bias"]
+    assert made.switching.probability == 0.25 and made.switching.seed == 4
+    made = trainer_flags.sam_options(
+        trainer_config.TrainingConfig.from_flags(
             make_flags(tmp_path, switching="ae_sam")
-        )
+        ).sam
     )
-    assert isinstance(
-        policy["switching"], keras_sam.switching.GradientNormOutlier
-    )
+    assert isinstance(made.switching, keras_sam.switching.GradientNormOutlier)
 
 
 def test_rerunning_a_finished_run_trains_no_more(tmp_path):

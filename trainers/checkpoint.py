@@ -26,6 +26,8 @@ import sys
 import keras
 import numpy as np
 
+from keras_sam import backend
+
 CHECKPOINT = "checkpoint.npz"
 PREVIOUS = ".previous"  # suffix of the checkpoint kept before the newest
 TMP_PREFIX = ".tmp-"  # of the files being written
@@ -105,6 +107,9 @@ def state_paths(model):
 
 _VARIABLES = "variables/"
 _METRICS = "metrics/"
+_RANDOM_STATE = "random_state/"  # then the index of the state's leaf
+# What checkpoints of PyTorch runs held before `_RANDOM_STATE`: torch's CPU
+# generator, the first leaf of `backend.random_state()`.
 _TORCH_RANDOM_STATE = "torch_random_state"
 _CHECKSUM = "checksum"
 
@@ -139,9 +144,10 @@ def save(path, model, step, history=None, settings=None, metrics=False):
     and, with `metrics`, the model's metric variables, to `path`,
     atomically, keeping the checkpoint it replaces as `path + PREVIOUS`.
 
-    On PyTorch it also writes torch's CPU generator, which Keras' unseeded
-    `Dropout` draws from there instead of from a seed variable (see
-    `TorchRandomStream`).
+    It also writes the backend's global random state
+    (`keras_sam.backend.random_state`: torch's generators, which Keras'
+    unseeded `Dropout` draws from on PyTorch instead of from a seed
+    variable; see `RandomStream`), where there is one.
     """
     arrays = {_VARIABLES + k: v.numpy() for k, v in state_paths(model).items()}
     if metrics:
@@ -151,10 +157,13 @@ def save(path, model, step, history=None, settings=None, metrics=False):
     arrays["step"] = np.int64(step)
     arrays["history"] = np.array(json.dumps(history or {}))
     arrays["settings"] = np.array(json.dumps(settings or {}))
-    if keras.backend.backend() == "torch":
-        import torch
-
-        arrays[_TORCH_RANDOM_STATE] = torch.get_rng_state().numpy()
+    arrays.update(
+        {
+            f"{_RANDOM_STATE}{i}": np.asarray(leaf)
+            for i, leaf in enumerate(keras.tree.flatten(backend.random_state()))
+            if leaf is not None
+        }
+    )
     arrays[_CHECKSUM] = np.array(_checksum(arrays))
     write_atomically(path, lambda f: np.savez(f, **arrays), keep_previous=True)
 
@@ -172,7 +181,9 @@ class Saved:
         history: the logs of every finished epoch.
         settings: the settings of the run that wrote it (None: written
             before checkpoints held them).
-        torch_random_state: torch's CPU generator, or None.
+        random_state: `{index: array}` of the leaves of
+            `keras_sam.backend.random_state()` when it was written (empty
+            where the backend has none).
     """
 
     path: str
@@ -181,7 +192,7 @@ class Saved:
     metrics: dict
     history: dict
     settings: dict
-    torch_random_state: object = None
+    random_state: dict = dataclasses.field(default_factory=dict)
 
 
 def read(path):
@@ -212,6 +223,8 @@ def read(path):
                 f"Checkpoint {path} is corrupt: its contents do not match "
                 "the checksum written with them"
             )
+    if _TORCH_RANDOM_STATE in arrays:
+        arrays[_RANDOM_STATE + "0"] = arrays.pop(_TORCH_RANDOM_STATE)
     try:
         settings = arrays.get("settings")
         return Saved(
@@ -229,7 +242,11 @@ def read(path):
             },
             history=json.loads(str(arrays.get("history", "{}"))),
             settings=None if settings is None else json.loads(str(settings)),
-            torch_random_state=arrays.get(_TORCH_RANDOM_STATE),
+            random_state={
+                int(k[len(_RANDOM_STATE) :]): v
+                for k, v in arrays.items()
+                if k.startswith(_RANDOM_STATE)
+            },
         )
     except (KeyError, ValueError) as error:
         raise CheckpointError(
@@ -303,44 +320,54 @@ def restore(saved, model):
         )
     for key, variable in variables.items():
         variable.assign(arrays[key])
-    if (
-        saved.torch_random_state is not None
-        and keras.backend.backend() == "torch"
-    ):
-        import torch
-
-        torch.set_rng_state(torch.from_numpy(saved.torch_random_state))
+    _restore_random_state(saved.random_state)
     return saved.step
 
 
-class TorchRandomStream(keras.callbacks.Callback):
-    """Gives the training steps a stream of torch random numbers of their own.
+def _restore_random_state(leaves):
+    """Sets the leaves of `backend.random_state()` that a checkpoint holds
+    (`{index: array}`); the others (a GPU's generator the run that wrote it
+    did not use) keep their values."""
+    state = backend.random_state()
+    if state is None or not leaves:
+        return
+    current = keras.tree.flatten(state)
+    restored = [
+        leaf if leaf is None else leaves.get(i, leaf)
+        for i, leaf in enumerate(current)
+    ]
+    backend.set_random_state(keras.tree.pack_sequence_as(state, restored))
 
-    On PyTorch, Keras' unseeded `Dropout` draws from torch's global CPU
-    generator, which Keras' data loaders also draw from whenever an
-    iterator starts (each `fit` and `evaluate`). Setting the generator at
-    every batch to where the previous batch left it takes those draws out
-    of the masks' stream, so a run resumed from a checkpoint (which saves
-    the generator after its step) draws the masks of an uninterrupted run.
+
+class RandomStream(keras.callbacks.Callback):
+    """Gives the training steps a stream of random numbers of their own.
+
+    On PyTorch, Keras' unseeded `Dropout` draws from torch's global
+    generators (`keras_sam.backend.random_state`), which Keras' data loaders
+    also draw from whenever an iterator starts (each `fit` and `evaluate`).
+    Setting the state at every batch to where the previous batch left it
+    takes those draws out of the masks' stream, so a run resumed from a
+    checkpoint (which saves the state after its step) draws the masks of an
+    uninterrupted run. Where the backend has no global state (every draw
+    through Keras' seed variables) it does nothing.
     """
 
     def __init__(self):
         super().__init__()
-        import torch
-
-        self._torch = torch
-        self._state = torch.get_rng_state()
+        self._state = backend.random_state()
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._torch.set_rng_state(self._state)
+        if self._state is not None:
+            backend.set_random_state(self._state)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._state = self._torch.get_rng_state()
+        self._state = backend.random_state()
 
     def on_epoch_end(self, epoch, logs=None):
         # Before `AtomicCheckpoint` saves at the epoch's end: the stream as
         # the last batch left it, not as the validation data loader did.
-        self._torch.set_rng_state(self._state)
+        if self._state is not None:
+            backend.set_random_state(self._state)
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):

@@ -38,44 +38,6 @@ class OptimizerConfig(data_config.FlagFields):
 
 
 @dataclasses.dataclass(frozen=True)
-class SAMConfig(data_config.FlagFields):
-    """The arguments of `keras_sam.SAMModel`, and the policy flags that
-    make its `switching` argument.
-
-    Attributes:
-        rho: ρ, or ρ at the peak learning rate when `rho_min` is set.
-        rho_min: ρ at learning rate 0 (ρ follows the schedule, GSAM);
-            None: constant ρ.
-        adaptive, eta: ASAM and its η.
-        sync_perturbations: one ε from the all-reduced gradient.
-        micro_batches: parts of each replica's batch, each with its own ε.
-        gsam_alpha: GSAM's α.
-        perturbed_variables: "all", "normalization" (SAM-ON) or regular
-            expressions separated by commas.
-        switching: "none", "periodic", "randomized", "ae_sam" or
-            "late_phase"; `sam_every`, `sam_probability` and
-            `sam_start_fraction` parametrize them.
-        looksam_alpha: LookSAM's α (None: off).
-        perturbation: "gradient" (SAM) or "momentum" (Momentum-SAM).
-    """
-
-    rho: float = 0.05
-    rho_min: Optional[float] = None
-    adaptive: bool = False
-    eta: float = 0.01
-    sync_perturbations: bool = False
-    micro_batches: int = 1
-    gsam_alpha: float = 0.0
-    perturbed_variables: str = "all"
-    switching: str = "none"
-    sam_every: int = 2
-    sam_probability: float = 0.5
-    sam_start_fraction: float = 0.9
-    looksam_alpha: Optional[float] = None
-    perturbation: str = "gradient"
-
-
-@dataclasses.dataclass(frozen=True)
 class AcceleratorConfig(data_config.FlagFields):
     """Where and how the steps run.
 
@@ -125,8 +87,10 @@ class TrainingConfig:
         output_dir: where the checkpoint, the model and results.json go.
         data: the data's settings (batch size and seed included).
         optimizer: the base optimizer's settings.
-        sam: SAM's settings; None trains the base model with a plain Keras
-            `fit` (the SGD baseline).
+        sam: `{flag: value}` of SAM's flags (`trainers.flags.sam_defaults`,
+            made into `SAMOptions` by `trainers.flags.sam_options`); a flag
+            it lacks has its default. None trains the base model with a
+            plain Keras `fit` (the SGD baseline).
         accelerator: strategy, XLA, precision, determinism.
         epochs: data epochs to train, unless `train_steps` is set.
         train_steps: training steps (0: `epochs` data epochs).
@@ -141,7 +105,9 @@ class TrainingConfig:
     output_dir: str
     data: data_config.DataConfig
     optimizer: OptimizerConfig = OptimizerConfig()
-    sam: Optional[SAMConfig] = SAMConfig()
+    sam: Optional[dict] = dataclasses.field(
+        default_factory=trainer_flags.sam_defaults
+    )
     accelerator: AcceleratorConfig = AcceleratorConfig()
     epochs: int = 10
     train_steps: int = 0
@@ -163,10 +129,9 @@ class TrainingConfig:
         """`{flag name: value}` of every setting of the run.
 
         `data`, `optimizer` and `accelerator` are flattened into their
-        fields, `sam` is a bool followed by the fields of `SAMConfig` when
-        it is on, and `recorded_flags` is left out. A checkpoint holds
-        these, and a run resumes it only when all but
-        `MAY_CHANGE_ON_RESUME` are equal.
+        fields, `sam` is a bool followed by SAM's flags when it is on, and
+        `recorded_flags` is left out. A checkpoint holds these, and a run
+        resumes it only when all but `MAY_CHANGE_ON_RESUME` are equal.
         """
         values = {}
         for field in dataclasses.fields(self):
@@ -175,9 +140,11 @@ class TrainingConfig:
                 continue
             if field.name == "sam":
                 values["sam"] = value is not None
-            if dataclasses.is_dataclass(value):
+                if value is not None:
+                    values.update(trainer_flags.sam_defaults(**value))
+            elif dataclasses.is_dataclass(value):
                 values.update(dataclasses.asdict(value))
-            elif field.name != "sam":
+            else:
                 values[field.name] = value
         return values
 
@@ -191,7 +158,11 @@ class TrainingConfig:
             data=data_config.DataConfig.from_flags(flags_obj),
             optimizer=OptimizerConfig.from_flags(flags_obj),
             sam=(
-                SAMConfig.from_flags(flags_obj)
+                {
+                    name: getattr(flags_obj, name)
+                    for name in trainer_flags.sam_defaults()
+                    if hasattr(flags_obj, name)
+                }
                 if getattr(flags_obj, "sam", True)
                 else None
             ),

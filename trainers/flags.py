@@ -5,13 +5,20 @@ its module (`flags.adopt_module_key_flags`), so `--help` lists them; its
 program ends with `run_main(main)`.
 """
 
+import functools
+import inspect
 import math
 import os
+import re
 import sys
 
+import keras
 from absl import app
 from absl import flags
 
+from keras_sam import options
+from keras_sam import schedules
+from keras_sam import switching as switching_lib
 from trainers import models
 from trainers import strategy
 from trainers.data import augment
@@ -28,7 +35,6 @@ DEFAULTS = dict(
     label_smoothing=0.0,
     gradient_clipping=0.0,
     ema_decay=0.0,
-    rho=0.05,
     augmentation="none",
 )
 
@@ -54,6 +60,7 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     """
     d = dict(DEFAULTS, **defaults)
     unknown = set(defaults) - set(DEFAULTS) - OTHER_DEFAULTABLE
+    unknown -= set(sam_defaults())
     if unknown:
         raise ValueError(f"No such trainer flags: {sorted(unknown)}")
     flags.DEFINE_string(
@@ -72,7 +79,7 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
         d.get("output_dir", "runs/default"),
         "Checkpoints, TensorBoard logs and results.json go here; the same "
         "command started again resumes (other settings are refused, see "
-        "the README's Faults). One process at a time.",
+        "docs/faults.md). One process at a time.",
     )
     flags.DEFINE_enum(
         "model", d["model"], model_names or sorted(models.MODELS), model_help
@@ -140,92 +147,7 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
         "Evaluate an exponential moving average of the weights with this "
         "decay; 0 disables.",
     )
-    flags.DEFINE_bool(
-        "sam",
-        True,
-        "Train with keras_sam.SAMModel; --nosam trains the base model with "
-        "a plain Keras fit and ignores the SAM flags (the SGD baseline).",
-    )
-    flags.DEFINE_float(
-        "rho",
-        d["rho"],
-        "SAM radius ρ, the L2 norm of the weight perturbation ε; 0 is "
-        "plain SGD through the same code.",
-    )
-    flags.DEFINE_bool("adaptive", False, "ASAM instead of SAM.")
-    flags.DEFINE_float(
-        "eta", 0.01, "ASAM's η, added to |w| in its scale T_w = |w| + η."
-    )
-    flags.DEFINE_bool(
-        "sync_perturbations",
-        False,
-        "One ε from the all-reduced gradient instead of one per replica.",
-    )
-    flags.DEFINE_integer(
-        "micro_batches",
-        1,
-        "Split each replica's batch into this many parts, each with its own "
-        "ε (m-sharpness: m = batch_size / (replicas · micro_batches)).",
-    )
-    flags.DEFINE_float(
-        "rho_min",
-        None,
-        "If set, ρ follows the learning-rate schedule linearly from --rho at "
-        "the peak rate down to --rho_min at rate 0 (GSAM); default: "
-        "constant ρ.",
-    )
-    flags.DEFINE_float(
-        "gsam_alpha",
-        0.0,
-        "GSAM's α: subtract α times the clean gradient's component "
-        "orthogonal to the SAM gradient; 0 is SAM.",
-    )
-    flags.DEFINE_string(
-        "perturbed_variables",
-        "all",
-        "Which weights ε perturbs: all, normalization (SAM-ON), or a "
-        "comma-separated list of regular expressions matched against "
-        "variable paths.",
-    )
-    flags.DEFINE_enum(
-        "switching",
-        "none",
-        ["none", "periodic", "randomized", "ae_sam", "late_phase"],
-        "Which steps run SAM: none (every step); periodic (every "
-        "--sam_every-th step); randomized (with probability "
-        "--sam_probability); ae_sam (when the gradient norm is an outlier, "
-        "Jiang et al. 2023); late_phase (from --sam_start_fraction of the "
-        "training steps on, Zhou et al. 2025). Other steps are plain SGD "
-        "steps.",
-    )
-    flags.DEFINE_float(
-        "sam_start_fraction",
-        0.9,
-        "For --switching=late_phase: the fraction of the training steps "
-        "after which every step is a SAM step (0 is SAM throughout).",
-    )
-    flags.DEFINE_integer(
-        "sam_every", 2, "Period of --switching=periodic, in steps."
-    )
-    flags.DEFINE_float(
-        "sam_probability",
-        0.5,
-        "Probability of a SAM step for --switching=randomized.",
-    )
-    flags.DEFINE_float(
-        "looksam_alpha",
-        None,
-        "LookSAM's α: on the steps --switching leaves without SAM, add the "
-        "stored SAM direction scaled to α‖g‖ (default: plain SGD steps).",
-    )
-    flags.DEFINE_enum(
-        "perturbation",
-        "gradient",
-        ["gradient", "momentum"],
-        "gradient: SAM's ε along the clean gradient; momentum: "
-        "Momentum-SAM's ε along SGD's momentum, one pass per step (needs "
-        "--momentum > 0; the authors' ρ is 0.3 to 3).",
-    )
+    _define_sam_flags(d)
     flags.DEFINE_enum(
         "augmentation",
         d["augmentation"],
@@ -291,6 +213,182 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     _define_validators()
 
 
+# SAM's flags: one per field of `keras_sam.options.SAMOptions`, named as the
+# field, with its default and its help, and the flags that give some fields
+# their command-line form: ρ following the learning rate and the switching
+# policy by name, with its parameters (a policy's own default where it has
+# one).
+def _argument_default(cls, argument):
+    return inspect.signature(cls).parameters[argument].default
+
+
+POLICY_FLAGS = {
+    "rho_min": (
+        None,
+        "If set, ρ follows the learning-rate schedule linearly from --rho at "
+        "the peak rate down to --rho_min at rate 0 (GSAM); default: "
+        "constant ρ.",
+    ),
+    "sam_every": (
+        _argument_default(switching_lib.Periodic, "every"),
+        "Period of --switching=periodic, in steps.",
+    ),
+    "sam_probability": (
+        _argument_default(switching_lib.Randomized, "probability"),
+        "Probability of a SAM step for --switching=randomized.",
+    ),
+    "sam_start_fraction": (
+        0.9,
+        "For --switching=late_phase: the fraction of the training steps "
+        "after which every step is a SAM step (0 is SAM throughout).",
+    ),
+}
+SWITCHING = ("none", "periodic", "randomized", "ae_sam", "late_phase")
+_COMMAND_LINE_HELP = {
+    "rho": "On the command line a number; --rho_min makes it follow the "
+    "learning rate.",
+    "perturbed_variables": "On the command line the list is comma-separated.",
+    "switching": "On the command line by name: none (every step); periodic "
+    "(every --sam_every-th step); randomized (with probability "
+    "--sam_probability); ae_sam (when the gradient norm is an outlier, Jiang "
+    "et al. 2023); late_phase (from --sam_start_fraction of the training "
+    "steps on, Zhou et al. 2025). Other steps are plain SGD steps.",
+}
+# Arguments of the objects the flags make, by the flag that sets them.
+_ARGUMENT_FLAGS = {
+    "rho_max": "rho",
+    "every": "sam_every",
+    "probability": "sam_probability",
+}
+
+
+def sam_defaults(**overrides):
+    """`{flag: default}` of SAM's flags: those of `SAMOptions`' fields
+    (`switching` by name), then `POLICY_FLAGS`; `overrides` replace them."""
+    defaults = {
+        field.name: "none" if field.name == "switching" else field.default
+        for field in options.fields()
+    }
+    defaults.update({name: d for name, (d, _) in POLICY_FLAGS.items()})
+    defaults.update({k: v for k, v in overrides.items() if k in defaults})
+    return defaults
+
+
+def _define_sam_flags(overrides):
+    flags.DEFINE_bool(
+        "sam",
+        True,
+        "Train with keras_sam.SAMModel; --nosam trains the base model with "
+        "a plain Keras fit and ignores the SAM flags (the SGD baseline).",
+    )
+    helps = {
+        field.name: " ".join(
+            filter(
+                None,
+                [field.metadata["help"], _COMMAND_LINE_HELP.get(field.name)],
+            )
+        )
+        for field in options.fields()
+    }
+    helps.update({name: h for name, (_, h) in POLICY_FLAGS.items()})
+    # A field's own type where it is one of these; else its default's
+    # (`object` fields: a number, or None for off).
+    types = {f.name: f.type for f in options.fields()}
+    define = {
+        bool: flags.DEFINE_bool,
+        int: flags.DEFINE_integer,
+        str: flags.DEFINE_string,
+        float: flags.DEFINE_float,
+    }
+    for name, default in sam_defaults(**overrides).items():
+        if name == "switching":
+            flags.DEFINE_enum(name, default, list(SWITCHING), helps[name])
+            continue
+        kind = types.get(name)
+        if kind not in define:
+            kind = float if default is None else type(default)
+        define[kind](name, default, helps[name])
+    for name in sam_defaults():
+        flags.register_validator(name, functools.partial(_check_sam_flag, name))
+
+
+def sam_options(values, seed=0, total_steps=None, learning_rate=None):
+    """The `keras_sam.options.SAMOptions` that SAM's flags describe.
+
+    Args:
+        values: `{flag: value}` of SAM's flags; a flag it lacks has its
+            default (`sam_defaults`).
+        seed: the seed of --switching=randomized's draws.
+        total_steps: the run's training steps, over which
+            --switching=ae_sam's threshold moves and from which
+            --sam_start_fraction counts.
+        learning_rate: the learning rate or its schedule, which ρ follows
+            when --rho_min is set (with a constant rate ρ is constant).
+
+    Raises the `ValueError` of `SAMOptions` (or of the policy or schedule
+    a flag makes) that names the argument and the value.
+    """
+    values = dict(sam_defaults(), **values)
+    kwargs = {name: values[name] for name in options.NAMES}
+    if values["rho_min"] is not None and callable(learning_rate):
+        kwargs["rho"] = schedules.RhoFollowingLearningRate(
+            learning_rate, rho_max=values["rho"], rho_min=values["rho_min"]
+        )
+    if kwargs["perturbed_variables"] not in ("all", "normalization"):
+        kwargs["perturbed_variables"] = [
+            p for p in kwargs["perturbed_variables"].split(",") if p
+        ]
+    policies = {
+        "none": lambda: None,
+        "periodic": lambda: switching_lib.Periodic(values["sam_every"]),
+        "randomized": lambda: switching_lib.Randomized(
+            values["sam_probability"], seed=seed
+        ),
+        "ae_sam": lambda: switching_lib.GradientNormOutlier(
+            decay_steps=total_steps
+        ),
+        "late_phase": lambda: switching_lib.LatePhase(
+            int(round(values["sam_start_fraction"] * total_steps))
+        ),
+    }
+    kwargs["switching"] = policies[values["switching"]]()
+    return options.SAMOptions(**kwargs)
+
+
+def _check_sam_flag(name, value):
+    """Checks SAM's flags, `name` at `value`, as `sam_options` does (with a
+    nominal schedule of one step), and every policy whose parameter is a
+    flag; an error is the flag error of the first flag it names, each
+    argument named as its flag."""
+    values = {n: flags.FLAGS[n].value for n in sam_defaults()}
+    values[name] = value
+    try:
+        sam_options(
+            values,
+            total_steps=1,
+            learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
+        )
+        switching_lib.Periodic(values["sam_every"])
+        switching_lib.Randomized(values["sam_probability"])
+    except ValueError as error:
+        message = _in_flag_terms(str(error))
+        named = [n for n in re.findall(r"--(\w+)", message) if n in values]
+        if not named or named[0] == name:
+            raise flags.ValidationError(message) from None
+    return True
+
+
+def _in_flag_terms(message):
+    names = {**{n: n for n in sam_defaults()}, **_ARGUMENT_FLAGS}
+    alternatives = "|".join(sorted(names, key=len, reverse=True))
+    message = re.sub(
+        rf"`({alternatives})`", lambda m: f"--{names[m[1]]}", message
+    )
+    return re.sub(
+        rf"(?<![\w-])({alternatives})=", lambda m: f"--{names[m[1]]}=", message
+    )
+
+
 def define_stream_flags(**defaults):
     """Declares the common flags and the streaming ones, each only once.
 
@@ -327,8 +425,6 @@ def define_stream_flags(**defaults):
 
 def _define_validators():
     checks = {
-        "rho": (lambda v: v >= 0, "must be >= 0"),
-        "eta": (lambda v: v > 0, "must be > 0"),
         "batch_size": (lambda v: v >= 1, "must be >= 1"),
         "epochs": (lambda v: v >= 1, "must be >= 1"),
         "train_steps": (lambda v: v is None or v >= 1, "must be >= 1"),
@@ -338,13 +434,7 @@ def _define_validators():
             lambda v: v is None or v >= 1,
             "must be >= 1",
         ),
-        "rho_min": (lambda v: v is None or v >= 0, "must be >= 0"),
-        "gsam_alpha": (lambda v: v >= 0, "must be >= 0"),
-        "sam_every": (lambda v: v >= 1, "must be >= 1"),
-        "sam_probability": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
         "sam_start_fraction": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-        "looksam_alpha": (lambda v: v is None or v >= 0, "must be >= 0"),
-        "micro_batches": (lambda v: v >= 1, "must be >= 1"),
         "learning_rate": (lambda v: v > 0, "must be > 0"),
         "label_noise": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
         "label_smoothing": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),

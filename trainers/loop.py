@@ -24,6 +24,7 @@ from keras.src.utils import naming
 import keras_sam
 from trainers import checkpoint as checkpoint_lib
 from trainers import config as config_lib
+from trainers import flags as trainer_flags
 from trainers import models
 from trainers import strategy as strategy_lib
 
@@ -144,44 +145,6 @@ def _optimizer(optimizer, learning_rate):
     )
 
 
-def _rho(sam, learning_rate):
-    # With a constant learning rate, ρ following it is the constant ρ.
-    if sam.rho_min is None or not callable(learning_rate):
-        return sam.rho
-    return keras_sam.schedules.RhoFollowingLearningRate(
-        learning_rate, rho_max=sam.rho, rho_min=sam.rho_min
-    )
-
-
-def variant_arguments(sam, seed=0, total_steps=None):
-    """The SAMModel arguments of a `SAMConfig`'s variants (GSAM, SAM-ON,
-    switching, LookSAM, Momentum-SAM). The randomized policy draws from
-    `seed`; AE-SAM's threshold moves over `total_steps`."""
-    policies = {
-        "none": lambda: None,
-        "periodic": lambda: keras_sam.switching.Periodic(sam.sam_every),
-        "randomized": lambda: keras_sam.switching.Randomized(
-            sam.sam_probability, seed=seed
-        ),
-        "ae_sam": lambda: keras_sam.switching.GradientNormOutlier(
-            decay_steps=total_steps
-        ),
-        "late_phase": lambda: keras_sam.switching.LatePhase(
-            int(round(sam.sam_start_fraction * total_steps))
-        ),
-    }
-    perturbed = sam.perturbed_variables
-    if perturbed not in ("all", "normalization"):
-        perturbed = [p for p in perturbed.split(",") if p]
-    return dict(
-        gsam_alpha=sam.gsam_alpha,
-        perturbed_variables=perturbed,
-        switching=policies[sam.switching](),
-        looksam_alpha=sam.looksam_alpha,
-        perturbation=sam.perturbation,
-    )
-
-
 def accelerator_settings(accelerator, on_tpu):
     """jit_compile, steps_per_execution and the mixed-precision policy of
     an `AcceleratorConfig`.
@@ -254,11 +217,12 @@ def prepare(config, strategy_override=None):
             f"--batch_size={config.batch_size} must be divisible by the "
             f"{replicas} replicas."
         )
+    sam = trainer_flags.sam_defaults(**(config.sam or {}))
     if config.sam is not None and (
-        config.sam.micro_batches > config.batch_size // replicas
+        sam["micro_batches"] > config.batch_size // replicas
     ):
         raise ValueError(
-            f"--micro_batches={config.sam.micro_batches} is more than the "
+            f"--micro_batches={sam['micro_batches']} is more than the "
             f"{config.batch_size // replicas} examples of each replica's "
             f"batch (--batch_size={config.batch_size} over {replicas} "
             "replicas); each micro-batch needs one example at least."
@@ -286,15 +250,10 @@ def build_sam_model(config, strategy, settings, make_base, total_steps):
         learning_rate = _learning_rate(config.optimizer, total_steps)
         model = base
         if config.sam is not None:
-            model = keras_sam.SAMModel(
-                base,
-                rho=_rho(config.sam, learning_rate),
-                adaptive=config.sam.adaptive,
-                eta=config.sam.eta,
-                sync_perturbations=config.sam.sync_perturbations,
-                micro_batches=config.sam.micro_batches,
-                **variant_arguments(config.sam, config.seed, total_steps),
+            sam = trainer_flags.sam_options(
+                config.sam, config.seed, total_steps, learning_rate
             )
+            model = keras_sam.SAMModel(base, **sam.as_kwargs())
         model.compile(
             optimizer=_optimizer(config.optimizer, learning_rate),
             loss=keras.losses.CategoricalCrossentropy(
@@ -426,11 +385,7 @@ def _fit_and_report_locked(
         os.makedirs(tensorboard_dir, exist_ok=True)
     callbacks = [
         # Before `AtomicCheckpoint`, which saves the stream it restores.
-        *(
-            [checkpoint_lib.TorchRandomStream()]
-            if keras.backend.backend() == "torch"
-            else []
-        ),
+        checkpoint_lib.RandomStream(),
         TrainingTime(),
         ExampleSetAccuracy(base, example_sets),
         saver,
@@ -441,7 +396,7 @@ def _fit_and_report_locked(
         # Without a strategy, TensorFlow creates the compiled metrics'
         # variables when it first traces a step, after `fit` has begun its
         # epoch (the other backends before); one test batch creates them.
-        # (After `TorchRandomStream` has taken the restored generator.)
+        # (After `RandomStream` has taken the restored generator.)
         model.evaluate(test_data, steps=1, verbose=0)
     step = start_step
     while step < total_steps:

@@ -149,10 +149,11 @@ def random_state():
 
 
 def set_random_state(state):
+    # `as_tensor`: also from the NumPy arrays a checkpoint holds.
     cpu, cuda = state
-    torch.set_rng_state(cpu)
+    torch.set_rng_state(torch.as_tensor(cpu))
     if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all([torch.as_tensor(s) for s in cuda])
 
 
 def read_live(variable):
