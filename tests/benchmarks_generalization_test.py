@@ -70,3 +70,15 @@ def test_rho_is_chosen_by_seed_0_validation_accuracy(tmp_path):
         generalization.selection(runs_dir, timeout_seconds=0)(
             0.4, (0.5,), "ASAM"
         )
+
+
+def test_epoch_timing_runs_the_study_regime_on_each_backend():
+    from benchmarks import cnn_epoch_time
+
+    cmd, env = cnn_epoch_time.command("jax_jit", "/tmp/x", 0.1)
+    assert env["KERAS_BACKEND"] == "jax"
+    assert "--jit_compile=true" in cmd and "--model=resnet20" in cmd
+    assert "--epochs=2" in cmd and "--augmentation=basic" in cmd
+    cmd, env = cnn_epoch_time.command("tensorflow_graph", "/tmp/x", 0.1)
+    assert env["KERAS_BACKEND"] == "tensorflow"
+    assert "--jit_compile=false" in cmd
