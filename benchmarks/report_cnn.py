@@ -232,6 +232,19 @@ def section(data):
         for n in noise_rates
     )
     plot(runs, noise_rates, data["figure"]("cnn"))
+    backends = ""
+    if data.get("cnn_epoch_time"):
+        epochs = data["cnn_epoch_time"]["epochs"]
+        backends = common.snippet(
+            "results",
+            "cnn_backends",
+            timed=", ".join(
+                f"{mode} {e['cpu_seconds']:.1f} CPU s ({e['wall_seconds']:.1f}"
+                " s wall)"
+                for mode, e in epochs.items()
+            ),
+            fastest=min(epochs, key=lambda m: epochs[m]["cpu_seconds"]),
+        )
     noisy = _runs(runs, "SGD", max(noise_rates))
     clean = _runs(runs, "SGD", 0.0)
     flipped = [r["train_accuracy_flipped"] for r in noisy]
@@ -246,6 +259,7 @@ def section(data):
             runs=len(runs),
         ),
         tables=tables,
+        backends=backends,
         noise_rates=", ".join(common.percent(n) for n in noise_rates[::-1]),
         noisiest=common.percent(max(noise_rates)),
         memorizes=common.snippet(

@@ -586,6 +586,7 @@ def run(flags_obj):
         noise=common.load(docs, "results_noise.json"),
         variants=common.load(docs, "results_variants.json"),
         cnn=common.load(docs, "results_cnn.json"),
+        cnn_epoch_time=common.load(docs, "cnn_epoch_time.json"),
         performance=common.load(docs, "performance.json"),
         figures=figures,
         figure=lambda name: os.path.join(figures, name + ".png"),

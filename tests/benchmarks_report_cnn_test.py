@@ -121,10 +121,18 @@ def test_the_section_renders_with_its_plot(tmp_path):
         dict(
             cnn=study,
             performance=PERFORMANCE,
+            cnn_epoch_time=dict(
+                epochs=dict(
+                    tensorflow_graph=dict(cpu_seconds=29.1, wall_seconds=16.1),
+                    jax_jit=dict(cpu_seconds=49.4, wall_seconds=32.2),
+                )
+            ),
             figure=lambda name: str(tmp_path / f"{name}.png"),
         )
     )
     assert (tmp_path / "cnn.png").stat().st_size > 1000
     assert fields["status"] == "All 28 runs finished."
     assert "does not memorize" in fields["memorizes"]
+    assert "tensorflow_graph 29.1 CPU s (16.1 s wall)" in fields["backends"]
+    assert fields["backends"].endswith("the fastest, tensorflow_graph.")
     assert np.isclose(fields["paper_sam_accuracy"], 96.02)
