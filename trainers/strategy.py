@@ -239,7 +239,10 @@ def leave_processes(message):
     five minutes at exit for the others to shut `jax.distributed` down
     with it.
     """
-    if "jax" not in sys.modules or keras.backend.backend() != "jax":
+    if (
+        keras.backend.backend() != "jax"
+        or keras.distribution.distribution() is None
+    ):
         return
     import jax
 
