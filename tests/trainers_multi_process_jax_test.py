@@ -62,10 +62,12 @@ def _trainer_args(output_dir, steps, strategy, *extra):
 
 def _start(args, log_dir, tag, processes=1, devices=2):
     """Starts `processes` trainers (one `keras.distribution` job when
-    more than one), each with `devices` CPU devices."""
+    more than one), each with `devices` CPU devices; `args` may be a
+    function of the process index."""
     (port,) = _free_ports(1)
     started = []
     for index in range(processes):
+        command = args(index) if callable(args) else args
         env = dict(
             os.environ,
             KERAS_BACKEND="jax",
@@ -83,7 +85,7 @@ def _start(args, log_dir, tag, processes=1, devices=2):
         with open(log_dir / f"{tag}{index}.log", "wb") as log:
             started.append(
                 subprocess.Popen(
-                    [sys.executable, *args],
+                    [sys.executable, *command],
                     env=env,
                     cwd=ROOT,
                     stdout=log,
@@ -200,6 +202,19 @@ def test_a_lost_process_stops_the_other_and_a_restart_resumes(tmp_path):
     assert "Process 0 of 2 stops" in _logs(tmp_path, "lost")
     _, lost_at = _variables(out)
     assert 2 <= lost_at < steps
+
+    # Process 1 in a directory of its own would start afresh: both stop.
+    elsewhere = _trainer_args(tmp_path / "elsewhere", steps, "multi_worker")
+    processes = _start(
+        lambda i: elsewhere if i else args, tmp_path, "unshared", 2, 1
+    )
+    codes = _wait(processes, timeout=TIMEOUT)
+    # Process 1 may be aborted by jax.distributed when process 0, its
+    # coordinator, has gone first.
+    assert codes[0] == 1 and codes[1] != 0, _logs(tmp_path, "unshared")
+    assert "must be a directory all processes share" in _logs(
+        tmp_path, "unshared"
+    )
 
     _train(tmp_path, "restart", args, processes=2, devices=1)
     assert _results(out)["resumed_from_step"] >= lost_at

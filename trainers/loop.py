@@ -401,6 +401,9 @@ def _fit_and_report_locked(
     saved = checkpoint_lib.find(checkpoint_path)
     if saved is None and not chief:
         saved = checkpoint_lib.find(written_path)
+    if _processes(strategy) > 1:
+        # Before restoring, which puts values on every process's devices.
+        _check_same_start(0 if saved is None else saved.step, checkpoint_path)
     start_step, history, metrics = 0, {}, None
     if saved is not None:
         _check_same_run(saved, run_settings, output_dir)
@@ -415,8 +418,6 @@ def _fit_and_report_locked(
             )
         else:
             print(f"Resuming from step {start_step} of {total_steps}.")
-    if _processes(strategy) > 1:
-        _check_same_start(start_step, checkpoint_path)
 
     every = config.checkpoint_every_steps or steps_per_epoch
     saver = checkpoint_lib.AtomicCheckpoint(
