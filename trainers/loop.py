@@ -335,8 +335,12 @@ def fit_and_report(
 
     One process at a time trains in `config.output_dir` (a
     `checkpoint.DirectoryLock`; each worker of a multi-worker run takes
-    its own). A checkpoint is resumed only when `run_settings` (default:
-    `config.settings()`) equal the settings it was written with, but for
+    its own). The processes of a JAX `multi_worker` run each feed their
+    rows of every batch (`strategy.batch_shards`); process 0 alone writes
+    the checkpoint, the model, the results and TensorBoard's logs, and all
+    restore its checkpoint, from a directory they share. A checkpoint is
+    resumed only when `run_settings` (default: `config.settings()`)
+    equal the settings it was written with, but for
     `config.MAY_CHANGE_ON_RESUME`; a corrupt one is skipped for the one
     before it (`checkpoint.find`). A file that cannot be written (a full
     disk, a read-only directory) stops the run with an `OSError` naming
