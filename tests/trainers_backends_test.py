@@ -72,7 +72,12 @@ def test_mirrored_maps_onto_data_parallel_over_the_devices(tmp_path):
     "name",
     [
         "tpu",
-        "multi_worker",
+        pytest.param(
+            "multi_worker",
+            marks=pytest.mark.skipif(
+                BACKEND == "jax", reason="keras.distribution.initialize"
+            ),
+        ),
         pytest.param(
             "mirrored",
             marks=pytest.mark.skipif(
@@ -84,3 +89,76 @@ def test_mirrored_maps_onto_data_parallel_over_the_devices(tmp_path):
 def test_strategies_without_a_route_are_refused_naming_the_backend(name):
     with pytest.raises(ValueError, match=f"--strategy={name} .* {BACKEND}"):
         strategy_lib.get_strategy(name, tpu="local")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
+def test_kernels_split_over_the_model_axis_train_as_on_one_device(tmp_path):
+    # Two devices along "model", one along "batch": one ε for the batch,
+    # as on one device, with every dense kernel split in two.
+    settings = dict(model="mlp", train_steps=3)
+    try:
+        split = fashion_mnist.run(
+            make_flags(
+                tmp_path / "split",
+                strategy="mirrored",
+                model_parallel=2,
+                layout_map=".*dense.*/kernel=,model",
+                **settings,
+            )
+        )
+        distribution = keras.distribution.distribution()
+    finally:
+        keras.distribution.set_distribution(None)
+    whole = fashion_mnist.run(make_flags(tmp_path / "whole", **settings))
+    assert isinstance(distribution, keras.distribution.ModelParallel)
+    assert split["replicas"] == 1
+    np.testing.assert_allclose(
+        split["history"]["loss"], whole["history"]["loss"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        split["test_loss"], whole["test_loss"], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            dict(model_parallel=0),
+            "--model_parallel must be >= 1. Received: 0",
+        ),
+        (
+            dict(model_parallel=2),
+            "--model_parallel=2 needs a --layout_map",
+        ),
+        (
+            dict(model_parallel=3, layout_map="a=model"),
+            "--model_parallel=3 must divide the 2 devices",
+        ),
+        (
+            dict(layout_map=".*kernel"),
+            "entry '.*kernel' is not PATTERN=AXES",
+        ),
+        (
+            dict(layout_map=".*kernel=,data"),
+            "names an axis other than batch and model",
+        ),
+        (
+            dict(layout_map="(=model"),
+            "has an invalid pattern",
+        ),
+    ],
+)
+def test_layouts_that_cannot_work_are_refused_naming_the_flag(
+    arguments, message
+):
+    name = "default" if BACKEND == "torch" else "mirrored"
+    if BACKEND == "torch":
+        message = "--model_parallel and --layout_map .* torch"
+        if arguments.get("model_parallel") == 0:
+            message = "--model_parallel must be >= 1"
+    try:
+        with pytest.raises(ValueError, match=message):
+            strategy_lib.get_strategy(name, **arguments)
+    finally:
+        keras.distribution.set_distribution(None)

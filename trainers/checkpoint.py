@@ -92,6 +92,28 @@ def remove_stale_writes(directory, name):
     return stale
 
 
+def readable_here(variables):
+    """Whether this process can read every variable's whole value: false
+    on JAX when one is split over several processes' devices."""
+    return keras.backend.backend() != "jax" or all(
+        v.value.is_fully_addressable or v.value.is_fully_replicated
+        for v in variables
+    )
+
+
+def _value(variable):
+    """The variable's whole value as a NumPy array. On JAX, a value split
+    over several processes' devices is gathered, a collective every
+    process must call in the same order."""
+    if readable_here([variable]):
+        return variable.numpy()
+    from jax.experimental import multihost_utils
+
+    return np.asarray(
+        multihost_utils.process_allgather(variable.value, tiled=True)
+    )
+
+
 def _state_variables(model):
     return list(model.variables) + list(model.optimizer.variables)
 
@@ -147,12 +169,14 @@ def save(path, model, step, history=None, settings=None, metrics=False):
     It also writes the backend's global random state
     (`keras_sam.backend.random_state`: torch's generators, which Keras'
     unseeded `Dropout` draws from on PyTorch instead of from a seed
-    variable; see `RandomStream`), where there is one.
+    variable; see `RandomStream`), where there is one. With `path` None it
+    writes nothing but gathers the values as a process that writes does
+    (JAX, `_value`).
     """
-    arrays = {_VARIABLES + k: v.numpy() for k, v in state_paths(model).items()}
+    arrays = {_VARIABLES + k: _value(v) for k, v in state_paths(model).items()}
     if metrics:
         arrays.update(
-            {_METRICS + k: v.numpy() for k, v in metric_paths(model).items()}
+            {_METRICS + k: _value(v) for k, v in metric_paths(model).items()}
         )
     arrays["step"] = np.int64(step)
     arrays["history"] = np.array(json.dumps(history or {}))
@@ -164,6 +188,8 @@ def save(path, model, step, history=None, settings=None, metrics=False):
             if leaf is not None
         }
     )
+    if path is None:
+        return
     arrays[_CHECKSUM] = np.array(_checksum(arrays))
     write_atomically(path, lambda f: np.savez(f, **arrays), keep_previous=True)
 
@@ -384,7 +410,10 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     model's metric variables must exist by then: `metric_paths`). A
     state with a non-finite loss or weight is never written: the last good
     checkpoint stays in place. A write that fails (a full disk) raises an
-    `OSError` naming the file.
+    `OSError` naming the file. A worker that is not the chief writes its
+    copy beside the chief's, as `path + ".worker"`, or with
+    `worker_copy=False` nothing (JAX's processes, which all restore the
+    chief's).
     """
 
     def __init__(
@@ -396,9 +425,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         history=None,
         settings=None,
         metrics=None,
+        worker_copy=True,
     ):
         super().__init__()
         self.path = path
+        self.worker_copy = worker_copy
         self.every = every
         self.step = start_step
         self.saved_step = start_step
@@ -440,9 +471,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
             return
-        if not all(np.all(np.isfinite(v.numpy())) for v in self.model.weights):
+        if not all(np.all(np.isfinite(_value(v))) for v in self.model.weights):
             return
         path = self.path if self.is_chief else self.path + ".worker"
+        if not (self.is_chief or self.worker_copy):
+            path = None
         try:
             save(
                 path,

@@ -44,6 +44,9 @@ class AcceleratorConfig(data_config.FlagFields):
     Attributes:
         strategy: a name of `trainers.strategy.STRATEGIES`.
         tpu: the TPU's name or grpc:// address.
+        model_parallel: JAX: devices along the mesh's "model" axis.
+        layout_map: JAX: how variables are split over the mesh
+            (`trainers.strategy.parse_layout_map`).
         jit_compile: "auto", "true" or "false".
         mixed_precision: "auto", "none", "float16" or "bfloat16".
         steps_per_execution: steps per compiled call (None: 32 on TPUs,
@@ -53,6 +56,8 @@ class AcceleratorConfig(data_config.FlagFields):
 
     strategy: str = "default"
     tpu: Optional[str] = None
+    model_parallel: int = 1
+    layout_map: str = ""
     jit_compile: str = "auto"
     mixed_precision: str = "auto"
     steps_per_execution: Optional[int] = None
@@ -68,6 +73,7 @@ MAY_CHANGE_ON_RESUME = (
     "output_dir",
     "data_dir",
     "tpu",
+    "layout_map",
     "verbose",
     "eval_every_epochs",
     "checkpoint_every_steps",

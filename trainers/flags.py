@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import traceback
 
 import keras
 from absl import app
@@ -167,7 +168,24 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
         "strategy",
         "default",
         list(strategy.STRATEGIES),
-        "tf.distribute strategy; multi_worker reads TF_CONFIG.",
+        "default (one device); mirrored (this host's devices); "
+        "multi_worker (every process's devices: TF_CONFIG on TensorFlow, "
+        "keras.distribution.initialize's KERAS_DISTRIBUTION_* variables "
+        "or the TPU/SLURM cluster on JAX); tpu (TensorFlow).",
+    )
+    flags.DEFINE_integer(
+        "model_parallel",
+        1,
+        "JAX: devices along the mesh's model axis; the others form the "
+        "batch axis (default 1: data parallel only).",
+    )
+    flags.DEFINE_string(
+        "layout_map",
+        "",
+        "JAX: how variables are split over the (batch, model) mesh, as "
+        "PATTERN=AXES entries separated by ';' (re.fullmatch on the "
+        "variable path; one axis name or nothing per dimension), e.g. "
+        "'.*dense.*/kernel=,model'.",
     )
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address.")
     flags.DEFINE_enum(
@@ -536,15 +554,20 @@ def error_line(error):
 def run_main(main):
     """`absl.app.run(main)`, with the errors the trainers raise on purpose
     printed as one line (`error_line`), not a traceback; the program then
-    exits with status 1."""
+    exits with status 1, at once in a run of several JAX processes
+    (`trainers.strategy.leave_processes`)."""
 
     def main_with_clear_errors(argv):
         try:
             return main(argv)
         except (ValueError, OSError, FloatingPointError) as error:
             line = error_line(error)
+            strategy.leave_processes(line or traceback.format_exc())
             if line is None:
                 raise
             sys.exit(line)
+        except Exception:
+            strategy.leave_processes(traceback.format_exc())
+            raise
 
     app.run(main_with_clear_errors)

@@ -18,6 +18,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.utils import naming
 
@@ -188,7 +189,10 @@ def prepare(config, strategy_override=None):
     if accelerator.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = strategy_override or strategy_lib.get_strategy(
-        accelerator.strategy, accelerator.tpu
+        accelerator.strategy,
+        accelerator.tpu,
+        accelerator.model_parallel,
+        accelerator.layout_map,
     )
     settings = accelerator_settings(
         accelerator, isinstance(strategy, tf.distribute.TPUStrategy)
@@ -290,8 +294,12 @@ def fit_and_report(
 
     One process at a time trains in `config.output_dir` (a
     `checkpoint.DirectoryLock`; each worker of a multi-worker run takes
-    its own). A checkpoint is resumed only when `run_settings` (default:
-    `config.settings()`) equal the settings it was written with, but for
+    its own). The processes of a JAX `multi_worker` run each feed their
+    rows of every batch (`strategy.batch_shards`); process 0 alone writes
+    the checkpoint, the model, the results and TensorBoard's logs, and all
+    restore its checkpoint, from a directory they share. A checkpoint is
+    resumed only when `run_settings` (default: `config.settings()`)
+    equal the settings it was written with, but for
     `config.MAY_CHANGE_ON_RESUME`; a corrupt one is skipped for the one
     before it (`checkpoint.find`). A file that cannot be written (a full
     disk, a read-only directory) stops the run with an `OSError` naming
@@ -338,7 +346,8 @@ def _fit_and_report_locked(
 ):
     example_sets = data.example_sets
     steps_per_epoch = data.steps_per_epoch
-    test_data = data.test_batches()
+    _check_processes_can_share(config, strategy, data)
+    test_data = _process_rows(data.test_batches(), strategy)
     output_dir = config.output_dir
     run_settings = json.loads(json.dumps(run_settings))
     with _writing(output_dir):
@@ -355,6 +364,9 @@ def _fit_and_report_locked(
     saved = checkpoint_lib.find(checkpoint_path)
     if saved is None and not chief:
         saved = checkpoint_lib.find(written_path)
+    if _processes(strategy) > 1:
+        # Before restoring, which puts values on every process's devices.
+        _check_same_start(0 if saved is None else saved.step, checkpoint_path)
     start_step, history, metrics = 0, {}, None
     if saved is not None:
         _check_same_run(saved, run_settings, output_dir)
@@ -379,10 +391,14 @@ def _fit_and_report_locked(
         history=history,
         settings=run_settings,
         metrics=metrics,
+        worker_copy=_processes(strategy) == 1,
     )
+    # On JAX, processes other than the chief write nothing.
+    writes = chief or _processes(strategy) == 1
     tensorboard_dir = os.path.join(output_dir, "tensorboard")
-    with _writing(tensorboard_dir):
-        os.makedirs(tensorboard_dir, exist_ok=True)
+    if writes:
+        with _writing(tensorboard_dir):
+            os.makedirs(tensorboard_dir, exist_ok=True)
     callbacks = [
         # Before `AtomicCheckpoint`, which saves the stream it restores.
         checkpoint_lib.RandomStream(),
@@ -390,7 +406,7 @@ def _fit_and_report_locked(
         ExampleSetAccuracy(base, example_sets),
         saver,
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.TensorBoard(tensorboard_dir),
+        *([keras.callbacks.TensorBoard(tensorboard_dir)] if writes else []),
     ]
     if metrics and not set(metrics) <= set(checkpoint_lib.metric_paths(model)):
         # Without a strategy, TensorFlow creates the compiled metrics'
@@ -404,7 +420,9 @@ def _fit_and_report_locked(
         steps = min((epoch + 1) * steps_per_epoch, total_steps) - step
         with _writing(tensorboard_dir):
             model.fit(
-                data.training_batches(step, epoch, steps),
+                _process_rows(
+                    data.training_batches(step, epoch, steps), strategy
+                ),
                 epochs=epoch + 1,
                 initial_epoch=epoch,
                 steps_per_epoch=steps,
@@ -452,15 +470,7 @@ def _fit_and_report_locked(
         "flags": config.recorded_flags,
     }
     if chief:
-        model_path = os.path.join(output_dir, MODEL)
-        tmp_path = os.path.join(output_dir, checkpoint_lib.TMP_PREFIX + MODEL)
-        with _writing(model_path):
-            try:
-                base.save(tmp_path)
-                os.replace(tmp_path, model_path)
-            finally:
-                if os.path.exists(tmp_path):
-                    os.remove(tmp_path)
+        _save_model(base, output_dir, checkpoint_path)
         results_path = os.path.join(output_dir, RESULTS)
         with _writing(results_path):
             checkpoint_lib.write_atomically(
@@ -470,14 +480,97 @@ def _fit_and_report_locked(
     return results
 
 
+def _save_model(base, output_dir, checkpoint_path):
+    """Writes `base` to `output_dir/model.keras` atomically, unless its
+    weights are split over several processes (JAX)."""
+    if not checkpoint_lib.readable_here(base.variables):
+        print(
+            f"{MODEL} is not written: the weights are split over several "
+            f"processes; {checkpoint_path} holds them whole."
+        )
+        return
+    model_path = os.path.join(output_dir, MODEL)
+    tmp_path = os.path.join(output_dir, checkpoint_lib.TMP_PREFIX + MODEL)
+    with _writing(model_path):
+        try:
+            base.save(tmp_path)
+            os.replace(tmp_path, model_path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+
+
 def lock_name(strategy=None):
     """The lock file of a run directory: `.training.lock` for the chief
     (or a single process), `.training.lock-<task>-<index>` for another
-    worker."""
+    worker (`.training.lock-process-<index>` on JAX)."""
     if strategy is None or _is_chief(strategy):
         return LOCK
+    if _processes(strategy) > 1:
+        return f"{LOCK}-process-{strategy.process_index}"
     resolver = strategy.cluster_resolver
     return f"{LOCK}-{resolver.task_type}-{resolver.task_id}"
+
+
+def _process_rows(dataset, strategy):
+    """`dataset`'s batches cut to the rows this process feeds, when
+    several processes each feed their part of every global batch (JAX);
+    else `dataset`."""
+    if _processes(strategy) == 1:
+        return dataset
+    start, stop = strategy.batch_shards
+    shards = strategy.num_replicas_in_sync
+
+    def rows(*batch):
+        size = tf.shape(tf.nest.flatten(batch)[0])[0]
+        first, end = size * start // shards, size * stop // shards
+        return tf.nest.map_structure(lambda t: t[first:end], batch)
+
+    return dataset.map(rows)
+
+
+def _check_processes_can_share(config, strategy, data):
+    """Raises a `ValueError` for what several JAX processes cannot do
+    together: measure the example sets (`predict` does not gather their
+    outputs), or split a last test batch unevenly over the batch shards."""
+    processes = _processes(strategy)
+    if processes == 1:
+        return
+    if data.example_sets:
+        raise ValueError(
+            "--validation_examples and --track_memorization are measured "
+            f"with predict, which does not gather the {processes} "
+            "processes' outputs; leave them unset under "
+            "--strategy=multi_worker on JAX."
+        )
+    splits = getattr(data, "splits", None)
+    shards = strategy.num_replicas_in_sync
+    if splits is not None and len(splits.test.labels) % config.batch_size % (
+        shards
+    ):
+        raise ValueError(
+            f"The {len(splits.test.labels)} test examples leave a last "
+            f"batch of {len(splits.test.labels) % config.batch_size} at "
+            f"--batch_size={config.batch_size}, which the {shards} batch "
+            "shards of several processes cannot split evenly; choose a "
+            "--batch_size that divides the test set or leaves a multiple "
+            f"of {shards}."
+        )
+
+
+def _check_same_start(start_step, checkpoint_path):
+    """Raises a `CheckpointError` unless every process resumes from the
+    same step (they read one checkpoint, in a directory they share)."""
+    from jax.experimental import multihost_utils
+
+    steps = multihost_utils.process_allgather(np.array(start_step, np.int32))
+    if len(set(steps.tolist())) > 1:
+        raise checkpoint_lib.CheckpointError(
+            f"The processes would resume from steps {steps.tolist()} (by "
+            f"process): each reads {checkpoint_path}, which only process 0 "
+            "writes, so --output_dir must be a directory all processes "
+            "share."
+        )
 
 
 def _remove_stale_writes(output_dir, chief):
@@ -571,7 +664,15 @@ def _cannot_write(path, reason, error):
     ) from error
 
 
+def _processes(strategy):
+    """The processes of a `keras.distribution` run (JAX); 1 on the other
+    backends, whose workers `tf.distribute` joins."""
+    return getattr(strategy, "num_processes", 1)
+
+
 def _is_chief(strategy):
+    if _processes(strategy) > 1:
+        return strategy.process_index == 0
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
