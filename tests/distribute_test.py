@@ -33,6 +33,20 @@ def mirrored():
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
+def assert_two_replicas_match_one_device(make_model, x, y, batch, epochs):
+    """`make_model()`'s compiled model fitted under a two-replica
+    MirroredStrategy ends with the base weights it has on one device."""
+    weights = []
+    for strategy in (mirrored(), tf.distribute.get_strategy()):
+        with strategy.scope():
+            model = make_model()
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+        model.fit(dataset.repeat(epochs), verbose=0)
+        weights.append(model.base.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def fit(strategy, **sam_kwargs):
     x, y, w0, b0 = softmax_data()
     with strategy.scope():

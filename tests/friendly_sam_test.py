@@ -260,21 +260,15 @@ def test_get_config_round_trips_the_options():
 
 @backends.tensorflow_only
 def test_two_replicas_with_sync_perturbations_take_the_single_device_step():
-    import tensorflow as tf
+    from tests.distribute_test import assert_two_replicas_match_one_device
 
-    from tests.distribute_test import mirrored
+    def make_model():
+        model = friendly_model(sync_perturbations=True)
+        model.compile(optimizer=sgd(), loss=xent(), jit_compile=False)
+        return model
 
     x, y, _, _ = softmax_data()
-    weights = []
-    for strategy in (mirrored(), tf.distribute.get_strategy()):
-        with strategy.scope():
-            model = friendly_model(sync_perturbations=True)
-            model.compile(optimizer=sgd(), loss=xent(), jit_compile=False)
-        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-        model.fit(dataset.repeat(EPOCHS), verbose=0)
-        weights.append(model.base.get_weights())
-    for a, b in zip(*weights):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_two_replicas_match_one_device(make_model, x, y, BATCH, EPOCHS)
 
 
 @pytest.mark.parametrize(
