@@ -20,6 +20,7 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import batch_parts
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import perturbations
@@ -495,7 +496,7 @@ def compute_sam_gradients(
         """The clean pass at w on each of `count` parts of the batch."""
         parts = []
         state, metric_state = initial_state, initial_metrics
-        for fraction, batch in _split_batch((x, y, sample_weight), count):
+        for fraction, batch in batch_parts.split((x, y, sample_weight), count):
             random_state = backend.random_state()
             clean = _forward_and_gradients(
                 model,
@@ -515,8 +516,8 @@ def compute_sam_gradients(
             parts.append(
                 _Part(fraction, batch, state, random_state, clean, for_epsilon)
             )
-            state = _advance_counters(state, clean.state)
-            metric_state = _threaded(metric_state, clean.metrics)
+            state = batch_parts.advance_counters(state, clean.state)
+            metric_state = batch_parts.threaded(metric_state, clean.metrics)
         return _Clean(parts, state, metric_state, backend.random_state())
 
     def sam_step(clean):
@@ -570,14 +571,16 @@ def compute_sam_gradients(
         fractions = [part.fraction for part in clean.parts]
         return _outcome(
             clean,
-            _weighted_gradients(perturbed_gradients, fractions),
-            ops.cast(_weighted_mean(sharpness, fractions), "float32"),
+            batch_parts.weighted_gradients(perturbed_gradients, fractions),
+            ops.cast(
+                batch_parts.weighted_mean(sharpness, fractions), "float32"
+            ),
             directions,
         )
 
     def base_step(clean):
         """The base optimizer's step (LookSAM's on the declined steps)."""
-        clean_gradients = _weighted_gradients(
+        clean_gradients = batch_parts.weighted_gradients(
             [part.clean.gradients for part in clean.parts],
             [part.fraction for part in clean.parts],
         )
@@ -692,16 +695,18 @@ def _outcome(clean, gradients, sharpness, directions):
             *[part.clean.y_pred for part in parts],
         )
     return _Outcome(
-        loss=_weighted_mean([part.clean.loss for part in parts], fractions),
+        loss=batch_parts.weighted_mean(
+            [part.clean.loss for part in parts], fractions
+        ),
         y_pred=y_pred,
         gradients=gradients,
         sharpness=sharpness,
-        grad_norm=_weighted_mean(
+        grad_norm=batch_parts.weighted_mean(
             [perturbations.global_norm(p.clean.gradients) for p in parts],
             fractions,
         ),
         directions=directions,
-        state=_merge_states(
+        state=batch_parts.merge_states(
             initial_state,
             clean.state,
             [part.clean.state for part in parts],
@@ -801,11 +806,6 @@ def _forward_and_gradients(
     return _Pass(loss, y_pred, list(gradients), new_state, new_metrics)
 
 
-def _threaded(values, updates):
-    """`values` with each non-`None` entry of `updates` taken instead."""
-    return [old if new is None else new for old, new in zip(values, updates)]
-
-
 def _changed(before, scope, variables):
     """The variables' values in `scope`, `None` where still `before`."""
     after = [scope.get_current_value(v) for v in variables]
@@ -843,119 +843,10 @@ def _cond(predicate, true_fn, false_fn):
     )
 
 
-def _split_batch(data, parts):
-    """`(fraction, part)` for `parts` consecutive slices of a nested batch.
-
-    With `n` examples, the first `n % parts` slices hold `n // parts + 1`
-    examples and the others `n // parts`, as `np.array_split` cuts; each
-    slice comes with its share `n_i / n` of the examples. When `n` is known
-    while tracing, empty slices (`n < parts`) are left out; otherwise they
-    come with the share 0.
-    """
-    if parts == 1:
-        return [(1.0, data)]
-    first = next(t for t in tree.flatten(data) if t is not None)
-    n = first.shape[0]
-    if n is None:
-        n = ops.shape(first)[0]
-    size, extra = n // parts, n % parts
-    slices = []
-    for i in range(parts):
-        if isinstance(n, int):
-            start = i * size + min(i, extra)
-            length = size + (1 if i < extra else 0)
-            if length == 0:
-                continue
-            fraction = length / n
-        else:
-            start = i * size + ops.minimum(i, extra)
-            length = size + ops.cast(i < extra, n.dtype)
-            fraction = ops.cast(length, "float32") / ops.cast(n, "float32")
-        slices.append(
-            (
-                fraction,
-                tree.map_structure(
-                    lambda t, a=start, b=start + length: (
-                        None if t is None else t[a:b]
-                    ),
-                    data,
-                ),
-            )
-        )
-    return slices
-
-
-def _weighted_mean(values, fractions):
-    """`Σ_i f_i v_i`; a part with `f_i = 0` (an empty slice) adds 0."""
-    if len(values) == 1:
-        return values[0]
-    total = None
-    for value, fraction in zip(values, fractions):
-        term = value * ops.cast(fraction, value.dtype)
-        if not isinstance(fraction, float):
-            term = ops.where(fraction > 0, term, ops.zeros_like(term))
-        total = term if total is None else total + term
-    return total
-
-
-def _weighted_gradients(gradient_lists, fractions):
-    if len(gradient_lists) == 1:
-        return gradient_lists[0]
-    # Sparse gradients of different micro-batches cover different rows.
-    gradient_lists = [backend.to_dense(g) for g in gradient_lists]
-    return [
-        None
-        if any(g is None for g in grads)
-        else _weighted_mean(grads, fractions)
-        for grads in zip(*gradient_lists)
-    ]
-
-
-def _advance_counters(state, new_state):
-    """Threads integer state (seeds) from one micro-batch to the next.
-
-    Floating-point state (moving statistics) restarts from its initial value
-    for every micro-batch; `_merge_states` averages those updates.
-    """
-    return [
-        old if new is None or _is_floating(old) else new
-        for old, new in zip(state, new_state)
-    ]
-
-
-def _merge_states(initial_state, threaded_state, updates, fractions):
-    """The state to write back after all micro-batches, `None` if unchanged.
-
-    Float state gets the mean of the micro-batches' updates weighted by
-    their share of the examples, the way tf.distribute averages a BatchNorm
-    update across replicas; integer state (seeds) takes the value threaded
-    through the micro-batches.
-    """
-    merged = []
-    for i, old in enumerate(initial_state):
-        values = [u[i] for u in updates]
-        if all(v is None for v in values):
-            merged.append(None)
-        elif not _is_floating(old):
-            merged.append(threaded_state[i])
-        elif len(values) == 1:
-            merged.append(values[0])
-        else:
-            deltas = [
-                ops.zeros_like(old) if v is None else v - old for v in values
-            ]
-            merged.append(old + _weighted_mean(deltas, fractions))
-    return merged
-
-
 def _assign(variables, values):
     for variable, value in zip(variables, values):
         if value is not None:
             variable.assign(value)
-
-
-def _is_floating(tensor):
-    return keras.backend.is_float_dtype(tensor.dtype)
 
 
 def _all_reduce(tensors, op):
