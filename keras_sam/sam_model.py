@@ -1,6 +1,5 @@
 """`SAMModel`: wrap any Keras model to train it with SAM or ASAM."""
 
-import re
 import warnings
 
 import keras
@@ -11,14 +10,9 @@ from keras_sam import backend
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
+from keras_sam import selection
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
-
-NORMALIZATION_LAYERS = (
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.GroupNormalization,
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -289,34 +283,6 @@ class SAMModel(keras.Model):
             for v in self.base.trainable_variables
         ]
 
-    def _perturbed_mask(self):
-        """Booleans aligned with `trainable_variables`, or `None` for all."""
-        if self.perturbed_variables == "all":
-            return None
-        if self.perturbed_variables == "normalization":
-            selected = {
-                id(v)
-                for layer in compat.flatten_layers(self.base)
-                if isinstance(layer, NORMALIZATION_LAYERS)
-                for v in layer.trainable_variables
-            }
-            mask = [id(v) in selected for v in self.trainable_variables]
-        else:
-            patterns = [re.compile(p) for p in self.perturbed_variables]
-            mask = [
-                any(p.search(v.path) for p in patterns)
-                for v in self.trainable_variables
-            ]
-        if not any(mask):
-            raise ValueError(
-                "`perturbed_variables` selects none of the trainable "
-                "variables. Received: "
-                f"perturbed_variables={self.perturbed_variables!r}; the "
-                "variables are "
-                f"{[v.path for v in self.trainable_variables]}"
-            )
-        return mask
-
     def train_step(self, *args):
         # `(data)` on TensorFlow, `(state, data)` on JAX's stateless trainer.
         return backend.train_step(self, self._sam_train_step, *args)
@@ -341,11 +307,15 @@ class SAMModel(keras.Model):
             self.options,
             rho=sam_step.current_rho(self.rho, self.optimizer),
             scale_loss=self.optimizer.scale_loss,
-            perturbed_mask=self._perturbed_mask(),
+            perturbed_mask=selection.perturbed_mask(
+                self, self.perturbed_variables
+            ),
             step=self.optimizer.iterations,
             looksam_directions=self._looksam_directions,
             momentums=(
-                _momentum_variables(self.optimizer, self.trainable_variables)
+                selection.momentum_variables(
+                    self.optimizer, self.trainable_variables
+                )
                 if self.perturbation == "momentum"
                 else None
             ),
@@ -504,30 +474,3 @@ def _unscale_loss_for_distribution(loss):
     if replicas > 1:
         loss = loss * ops.cast(replicas, loss.dtype)
     return loss
-
-
-def _momentum_optimizer(optimizer):
-    """The SGD with momentum inside `optimizer` (loss scaling unwrapped)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if not isinstance(inner, keras.optimizers.SGD) or not inner.momentum:
-        raise ValueError(
-            "`perturbation='momentum'` (Momentum-SAM) moves the weights "
-            "along the optimizer's momentum, so it needs "
-            "`keras.optimizers.SGD(momentum=...)` with a momentum > 0. "
-            f"Received: optimizer={type(inner).__name__}"
-            + (
-                f"(momentum={inner.momentum})"
-                if isinstance(inner, keras.optimizers.SGD)
-                else ""
-            )
-        )
-    return inner
-
-
-def _momentum_variables(optimizer, variables):
-    # Checked at the first step, not in `compile`: Keras does not restore
-    # the compiled state of a model whose `compile` is overridden.
-    _momentum_optimizer(optimizer)
-    return compat.optimizer_slots(
-        optimizer, lambda inner: inner.momentums, variables
-    )

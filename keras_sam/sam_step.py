@@ -23,6 +23,7 @@ from keras_sam import batch_parts
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import perturbations
+from keras_sam import selection
 
 SAMResult = collections.namedtuple(
     "SAMResult",
@@ -144,7 +145,7 @@ def compute_sam_gradients(
     The variants of `SAMModel`, each visible in the code below:
 
     - `adaptive`, `eta`, `adaptive_variables`: ASAM's ε (see
-      `adaptive_variables_mask`).
+      `selection.adaptive_variables_mask`).
     - `perturbed_mask`: booleans aligned with the trainable variables; ε is
       computed from, and added to, the selected variables only (SAM-ON).
     - `gsam_alpha`: GSAM's α; the perturbed gradient of each micro-batch is
@@ -186,7 +187,7 @@ def compute_sam_gradients(
     weights = [ops.convert_to_tensor(v.value) for v in trainable]
     initial_state = [ops.convert_to_tensor(v.value) for v in non_trainable]
     adaptive_mask = (
-        adaptive_variables_mask(trainable, options.adaptive_variables)
+        selection.adaptive_variables_mask(trainable, options.adaptive_variables)
         if options.adaptive
         else None
     )
@@ -467,26 +468,6 @@ def _squared_norm_across_replicas(gradients, scale_loss):
     if backend.replica_count() > 1:
         (squared,) = backend.all_reduce([squared], "mean")
     return squared
-
-
-def adaptive_variables_mask(variables, adaptive_variables="weights"):
-    """ASAM's `adaptive_mask` for `variables`, or `None` for all of them.
-
-    `"weights"`: `True` for every variable except biases and normalization
-    offsets (named `bias` or `beta`), as in the ASAM authors' code; `"all"`:
-    `None`, every variable.
-    """
-    if adaptive_variables == "all":
-        return None
-    if adaptive_variables != "weights":
-        raise ValueError(
-            "`adaptive_variables` must be 'weights' or 'all'. Received: "
-            f"adaptive_variables={adaptive_variables!r}"
-        )
-    return [v.name not in _OFFSET_NAMES for v in variables]
-
-
-_OFFSET_NAMES = ("bias", "beta")
 
 
 def _forward_and_gradients(
