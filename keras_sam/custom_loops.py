@@ -13,6 +13,7 @@ from keras import ops
 from keras_sam import backend
 from keras_sam import options as options_lib
 from keras_sam import sam_step
+from keras_sam import schedules
 
 
 def sam_gradients(
@@ -136,7 +137,7 @@ def sam_gradients(
         y,
         sample_weight,
         options,
-        rho=sam_step.current_rho(options.rho, optimizer),
+        rho=schedules.current_rho(options.rho, optimizer),
         scale_loss=None if optimizer is None else optimizer.scale_loss,
     )
     return result.loss, result.gradients

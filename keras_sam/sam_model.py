@@ -10,6 +10,7 @@ from keras_sam import backend
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
+from keras_sam import schedules
 from keras_sam import selection
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
@@ -305,7 +306,7 @@ class SAMModel(keras.Model):
             y,
             sample_weight,
             self.options,
-            rho=sam_step.current_rho(self.rho, self.optimizer),
+            rho=schedules.current_rho(self.rho, self.optimizer),
             scale_loss=self.optimizer.scale_loss,
             perturbed_mask=selection.perturbed_mask(
                 self, self.perturbed_variables

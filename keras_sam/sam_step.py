@@ -14,7 +14,6 @@ seed state as the clean pass, dropout draws the same masks in both.
 
 import collections
 
-import keras
 from keras import ops
 from keras import tree
 
@@ -61,22 +60,6 @@ Attributes:
     sam_step: a boolean scalar, the `switching` policy's decision (true
         without a policy).
 """
-
-
-def current_rho(rho, optimizer):
-    """ρ for this step: a number as is, a Variable's value when the step
-    runs, a schedule at the step of the optimizer's learning rate."""
-    if isinstance(rho, keras.Variable):
-        return backend.read_live(rho)
-    if callable(rho):
-        if optimizer is None:
-            raise ValueError(
-                "A schedule `rho` is a function of the step: pass the "
-                "`optimizer` whose steps it follows. Received: "
-                f"rho={rho!r}, optimizer=None"
-            )
-        return ops.cast(rho(compat.schedule_step(optimizer)), "float32")
-    return rho
 
 
 def compute_sam_gradients(
