@@ -14,6 +14,7 @@ from keras_sam import backend
 from keras_sam import options as options_lib
 from keras_sam import sam_step
 from keras_sam import schedules
+from keras_sam.backend import common
 
 
 def sam_gradients(
@@ -217,12 +218,13 @@ def stateless_sam_gradients(
         SAM gradients aligned with `trainable_variables`, and the new
         values of the non-trainable variables.
     """
-    mapping = list(zip(model.trainable_variables, trainable_variables))
-    mapping.extend(zip(model.non_trainable_variables, non_trainable_variables))
+    groups = [model.trainable_variables, model.non_trainable_variables]
+    values = [trainable_variables, non_trainable_variables]
     if optimizer is not None and optimizer_variables is not None:
-        mapping.extend(zip(optimizer.variables, optimizer_variables))
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        loss, gradients = sam_gradients(
+        groups.append(optimizer.variables)
+        values.append(optimizer_variables)
+    (loss, gradients), new_values = common.run_stateless(
+        lambda: sam_gradients(
             model,
             x,
             y,
@@ -230,11 +232,11 @@ def stateless_sam_gradients(
             sample_weight=sample_weight,
             optimizer=optimizer,
             **options,
-        )
-    new_state = [
-        scope.get_current_value(v) for v in model.non_trainable_variables
-    ]
-    return loss, gradients, new_state
+        ),
+        groups,
+        values,
+    )
+    return loss, gradients, new_values[1]
 
 
 def _loss_function(loss_fn):

@@ -1,7 +1,7 @@
 """What the SAM step needs that differs per Keras backend.
 
 `keras_sam` is written in `keras.ops`; the few things that `keras.ops` does
-not offer live in one small module per backend, as Keras splits
+not offer live in small modules per backend, as Keras splits
 `keras/src/backend/<name>/trainer.py`:
 
 - `value_and_gradients(fn, weights)`: `fn(weights)` returns
@@ -34,6 +34,12 @@ not offer live in one small module per backend, as Keras splits
 - `train_step(model, step, *args)`: runs the stateful step of `SAMModel`
   in the trainer's calling convention.
 
+A backend's modules define only where it differs from
+`keras_sam.backend.common`'s defaults (one replica, dense gradients, random
+draws through Keras' seed variables, an eager step): `tensorflow` with
+`tensorflow_distribute` (its replicas), `jax`, and `torch` with
+`torch_compile` (its step under `jit_compile=True`).
+
 Workarounds of Keras' own code (its TensorFlow trainer's multi-worker
 defect included) are not here but in `keras_sam.compat`.
 """
@@ -41,6 +47,8 @@ defect included) are not here but in `keras_sam.compat`.
 import importlib
 
 import keras
+
+from keras_sam.backend import common
 
 INTERFACE = (
     "all_reduce",
@@ -69,5 +77,18 @@ if BACKEND not in ("tensorflow", "jax", "torch"):
         "keras_sam runs on Keras' TensorFlow, JAX and PyTorch backends. "
         f"Received: KERAS_BACKEND={BACKEND!r}"
     )
-_module = importlib.import_module(f"keras_sam.backend.{BACKEND}")
-globals().update({name: getattr(_module, name) for name in INTERFACE})
+# Each backend's modules, then the defaults.
+_MODULES = [
+    importlib.import_module(f"keras_sam.backend.{name}")
+    for name in {
+        "tensorflow": ("tensorflow", "tensorflow_distribute"),
+        "jax": ("jax",),
+        "torch": ("torch", "torch_compile"),
+    }[BACKEND]
+] + [common]
+globals().update(
+    {
+        name: next(getattr(m, name) for m in _MODULES if hasattr(m, name))
+        for name in INTERFACE
+    }
+)
