@@ -3,7 +3,8 @@
 ASAM's `T_w` scales the weights, not the offsets (`adaptive_variables_mask`);
 SAM-ON perturbs the variables that `perturbed_variables` names
 (`perturbed_mask`); Momentum-SAM moves the weights along the optimizer's
-momentum (`momentum_variables`). `SAMModel` hands them to
+momentum (`momentum_variables`); LookSAM keeps a direction per variable
+(`looksam_directions`). `SAMModel` hands them to
 `sam_step.compute_sam_gradients`.
 """
 
@@ -101,3 +102,23 @@ def momentum_variables(optimizer, variables):
     return compat.optimizer_slots(
         optimizer, lambda inner: inner.momentums, variables
     )
+
+
+def looksam_directions(variables):
+    """LookSAM's direction `g_v`, one zero float32 variable per variable.
+
+    On-read: each replica keeps the direction of its own SAM gradient, as
+    it keeps its own ε; a checkpoint stores their mean.
+    """
+    return [
+        keras.Variable(
+            keras.initializers.Zeros(),
+            shape=v.shape,
+            dtype="float32",
+            trainable=False,
+            aggregation="mean",
+            synchronization="on_read",
+            name="looksam_direction",
+        )
+        for v in variables
+    ]
