@@ -23,6 +23,7 @@ from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import perturbations
 from keras_sam import selection
+from keras_sam import switching
 
 SAMResult = collections.namedtuple(
     "SAMResult",
@@ -213,7 +214,7 @@ def compute_sam_gradients(
                 # Outside the conditionals (one part: see below):
                 # tf.distribute cannot all-reduce inside a cond, so the
                 # all-reduce runs on every step.
-                for_epsilon = _all_reduce(for_epsilon, "sum")
+                for_epsilon = backend.all_reduce(for_epsilon, "sum")
             parts.append(
                 _Part(fraction, batch, state, random_state, clean, for_epsilon)
             )
@@ -296,7 +297,9 @@ def compute_sam_gradients(
 
         # LookSAM reuses g_v on the steps the policy declined; a SAM step
         # with ρ = 0 is the base step.
-        gradients = _cond(take_sam, lambda: clean_gradients, reuse_direction)
+        gradients = backend.cond(
+            take_sam, lambda: clean_gradients, reuse_direction
+        )
         return _outcome(clean, gradients, zero, old_directions)
 
     def momentum_step():
@@ -349,7 +352,7 @@ def compute_sam_gradients(
         if options.switching is not None:
             squared_norm = None
             if needs_norm:
-                squared_norm = _squared_norm_across_replicas(
+                squared_norm = switching.squared_gradient_norm(
                     whole.parts[0].clean.gradients, scale_loss
                 )
             take_sam = options.switching(step, squared_norm)
@@ -359,11 +362,11 @@ def compute_sam_gradients(
             run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
 
         if parts_count == 1:
-            outcome = _cond(
+            outcome = backend.cond(
                 run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
             )
         else:
-            outcome = _cond(
+            outcome = backend.cond(
                 run_perturbed,
                 lambda: sam_step(clean_passes(parts_count)),
                 lambda: base_step(whole or clean_passes(1)),
@@ -442,17 +445,6 @@ _Outcome = collections.namedtuple(
 )
 
 
-def _squared_norm_across_replicas(gradients, scale_loss):
-    """‖∇L‖² of this replica's batch, without loss or replica scaling,
-    averaged across replicas."""
-    scale = ops.cast(scale_loss(ops.ones(())), "float32")
-    norm = perturbations.global_norm(gradients) * backend.replica_count()
-    squared = ops.square(norm / scale)
-    if backend.replica_count() > 1:
-        (squared,) = backend.all_reduce([squared], "mean")
-    return squared
-
-
 def _forward_and_gradients(
     model, compute_loss, weights, state, metric_state, batch, scale_loss
 ):
@@ -493,47 +485,7 @@ def _changed(before, scope, variables):
     return [None if new is old else new for old, new in zip(before, after)]
 
 
-def _cond(predicate, true_fn, false_fn):
-    """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
-    a Python bool. Both return the same nested structure of tensors, with
-    `None` entries in the same places. Sparse gradients come out dense: one
-    branch may combine what the other leaves sparse (GSAM, LookSAM)."""
-    if isinstance(predicate, bool):
-        return true_fn() if predicate else false_fn()
-    structure = []
-
-    def without_none(fn):
-        def run():
-            output = fn()
-            structure.append(output)
-            return backend.to_dense(
-                [t for t in tree.flatten(output) if t is not None]
-            )
-
-        return run
-
-    values = iter(
-        backend.cond(predicate, without_none(true_fn), without_none(false_fn))
-    )
-    return tree.pack_sequence_as(
-        structure[0],
-        [
-            None if t is None else next(values)
-            for t in tree.flatten(structure[0])
-        ],
-    )
-
-
 def _assign(variables, values):
     for variable, value in zip(variables, values):
         if value is not None:
             variable.assign(value)
-
-
-def _all_reduce(tensors, op):
-    """`backend.all_reduce` of the tensors that are not `None`."""
-    present = [t for t in tensors if t is not None]
-    if not present or backend.replica_count() == 1:
-        return tensors
-    reduced = iter(backend.all_reduce(present, op))
-    return [None if t is None else next(reduced) for t in tensors]

@@ -11,6 +11,11 @@ not offer live in small modules per backend, as Keras splits
 - `cond(predicate, true_fn, false_fn)`: branches return lists of tensors.
 - `replica_count()` and `all_reduce(tensors, op)`: the replicas among which
   a batch is split, and a sum or mean across them.
+
+  Each backend gives these two for lists of tensors; the `cond` and
+  `all_reduce` defined below, which the step calls, add what is the same
+  on every backend (a Python `bool` predicate, nested outputs with `None`
+  entries, `None` tensors left out of the reduction).
 - `data_parallel_shards()`: the shards of a batch that one call of the
   step sees whole (`keras.distribution` on JAX), each to get its own ε.
 - `check_per_replica_call(name)`: raises when a per-replica function is
@@ -47,6 +52,7 @@ defect included) are not here but in `keras_sam.compat`.
 import importlib
 
 import keras
+from keras import tree
 
 from keras_sam.backend import common
 
@@ -86,9 +92,49 @@ _MODULES = [
         "torch": ("torch", "torch_compile"),
     }[BACKEND]
 ] + [common]
-globals().update(
-    {
-        name: next(getattr(m, name) for m in _MODULES if hasattr(m, name))
-        for name in INTERFACE
-    }
-)
+_PRIMITIVES = {
+    name: next(getattr(m, name) for m in _MODULES if hasattr(m, name))
+    for name in INTERFACE
+}
+globals().update(_PRIMITIVES)
+
+
+def cond(predicate, true_fn, false_fn):
+    """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
+    a Python bool. Both return the same nested structure of tensors, with
+    `None` entries in the same places. Sparse gradients come out dense: one
+    branch may combine what the other leaves sparse (GSAM, LookSAM)."""
+    if isinstance(predicate, bool):
+        return true_fn() if predicate else false_fn()
+    structure = []
+
+    def without_none(fn):
+        def run():
+            output = fn()
+            structure.append(output)
+            present = [t for t in tree.flatten(output) if t is not None]
+            return _PRIMITIVES["to_dense"](present)
+
+        return run
+
+    values = iter(
+        _PRIMITIVES["cond"](
+            predicate, without_none(true_fn), without_none(false_fn)
+        )
+    )
+    return tree.pack_sequence_as(
+        structure[0],
+        [
+            None if t is None else next(values)
+            for t in tree.flatten(structure[0])
+        ],
+    )
+
+
+def all_reduce(tensors, op="sum"):
+    """The backend's `all_reduce` of the tensors that are not `None`."""
+    present = [t for t in tensors if t is not None]
+    if not present or _PRIMITIVES["replica_count"]() == 1:
+        return tensors
+    reduced = iter(_PRIMITIVES["all_reduce"](present, op))
+    return [None if t is None else next(reduced) for t in tensors]
