@@ -228,11 +228,9 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
             self.base.trainable_variables
         )
 
-    def train_step(self, *args):
-        # `(data)` on TensorFlow, `(state, data)` on JAX's stateless trainer.
-        return backend.train_step(self, self._sam_train_step, *args)
-
-    def _sam_train_step(self, data):
+    # Called with `(data)`, or `(state, data)` by JAX's stateless trainer.
+    @backend.stateful_train_step
+    def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not self.built:
             self._build_from_batch(x)

@@ -37,7 +37,8 @@ not offer live in small modules per backend, as Keras splits
 - `apply_gradients(optimizer, gradients, variables)`: as the optimizer's
   own, in a way the trainer's step can run.
 - `train_step(model, step, *args)`: runs the stateful step of `SAMModel`
-  in the trainer's calling convention.
+  in the trainer's calling convention (`stateful_train_step` below makes
+  it `SAMModel.train_step`).
 
 A backend's modules define only where it differs from
 `keras_sam.backend.common`'s defaults (one replica, dense gradients, random
@@ -49,6 +50,7 @@ Workarounds of Keras' own code (its TensorFlow trainer's multi-worker
 defect included) are not here but in `keras_sam.compat`.
 """
 
+import functools
 import importlib
 
 import keras
@@ -97,6 +99,23 @@ _PRIMITIVES = {
     for name in INTERFACE
 }
 globals().update(_PRIMITIVES)
+
+
+def stateful_train_step(step):
+    """`step(model, data)`, written statefully, as a `train_step` method.
+
+    Keras' trainers call `model.train_step(data)` (TensorFlow, PyTorch) or
+    `model.train_step(state, data)` (JAX's stateless trainer); the
+    backend's `train_step` runs `step` in that convention.
+    """
+
+    @functools.wraps(step)
+    def train_step(model, *args):
+        return _PRIMITIVES["train_step"](
+            model, functools.partial(step, model), *args
+        )
+
+    return train_step
 
 
 def cond(predicate, true_fn, false_fn):
