@@ -3,6 +3,8 @@
 from keras_sam import options
 from keras_sam import schedules
 from keras_sam import switching
+from keras_sam.custom_loops import sam_gradients
+from keras_sam.custom_loops import stateless_sam_gradients
 from keras_sam.options import SAMOptions
 from keras_sam.perturbations import asam_perturbation
 from keras_sam.perturbations import global_norm
@@ -13,8 +15,6 @@ from keras_sam.perturbations import sam_perturbation
 from keras_sam.sam_model import SAMModel
 from keras_sam.sam_step import SAMResult
 from keras_sam.sam_step import compute_sam_gradients
-from keras_sam.sam_step import sam_gradients
-from keras_sam.sam_step import stateless_sam_gradients
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ The TensorFlow trainer's multi-worker defect (keras-team/keras#20585) is
 worked around here too: it is a defect of Keras' trainer, and it belongs
 with the other Keras workarounds that a Keras upgrade must recheck. What it
 needs of `tf.distribute` (whether a strategy spans workers, one replica's
-share of a batch) is in `keras_sam.backend.tensorflow`, so that nothing
-here imports a framework.
+share of a batch) is in `keras_sam.backend.tensorflow_distribute`, so
+that nothing here imports a framework.
 """
 
 import os

@@ -1,6 +1,5 @@
 """`SAMModel`: wrap any Keras model to train it with SAM or ASAM."""
 
-import re
 import warnings
 
 import keras
@@ -11,18 +10,13 @@ from keras_sam import backend
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
-
-_WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
-
-NORMALIZATION_LAYERS = (
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.GroupNormalization,
-)
+from keras_sam import schedules
+from keras_sam import selection
+from keras_sam import wrapper
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
-class SAMModel(keras.Model):
+class SAMModel(wrapper.BaseWrapper, keras.Model):
     """Trains a Keras model with Sharpness-Aware Minimization.
 
     `SAMModel(base)` is a model whose `fit` minimizes the SAM objective of
@@ -207,17 +201,7 @@ class SAMModel(keras.Model):
     def __init__(self, base, rho=None, **kwargs):
         if rho is not None:  # Positional, as `SAMModel(base, 0.05)`.
             kwargs["rho"] = rho
-        if not isinstance(base, keras.Model):
-            raise ValueError(
-                "`base` must be a Keras model (an instance of `keras.Model`). "
-                f"Received: base={base!r} of type {type(base).__name__}"
-            )
-        if isinstance(base, SAMModel):
-            raise ValueError(
-                "`base` is already a SAMModel; wrap its base model instead, "
-                "`SAMModel(model.base, ...)`. Received: "
-                f"base={base.name!r} of type SAMModel"
-            )
+        wrapper.check_base(base)
         sam_options = options_lib.SAMOptions(
             **{k: kwargs.pop(k) for k in options_lib.NAMES if k in kwargs}
         )
@@ -245,96 +229,20 @@ class SAMModel(keras.Model):
             self._build_variant_state()
             self.built = True
 
-    def call(self, inputs, training=None):
-        return self.base(inputs, training=training)
-
-    def build(self, input_shape=None):
-        if not self.base.built:
-            if input_shape is None:
-                self.base.build(input_shape)
-            else:
-                self._build_base(
-                    tree.map_shape_structure(keras.KerasTensor, input_shape)
-                )
-        self._build_variant_state()
-        self.built = True
-
-    def _build_base(self, inputs):
-        # A first call on symbolic inputs builds the base as Keras does: a
-        # subclassed model has no `build` of its own to call.
-        self.base(inputs, training=False)
-
-    def _build_from_batch(self, x):
-        # Keras builds a model at its first call, inside the first step; the
-        # SAM step needs the weights before its clean pass.
-        specs = tree.map_structure(
-            lambda t: (
-                None if t is None else keras.KerasTensor(t.shape, t.dtype)
-            ),
-            x,
-        )
-        if not self.base.built:
-            self._build_base(specs)
-        self.build(
-            tree.map_structure(lambda t: None if t is None else t.shape, specs)
-        )
-
     def _build_variant_state(self):
         if self.perturbation == "friendly" and self._friendly_averages is None:
-            self._friendly_averages = self._replica_zeros("friendly_average")
+            self._friendly_averages = selection.replica_state(
+                self.base.trainable_variables, "friendly_average"
+            )
         if self.looksam_alpha is None or self._looksam_directions is not None:
             return
-        self._looksam_directions = self._replica_zeros("looksam_direction")
+        self._looksam_directions = selection.replica_state(
+            self.base.trainable_variables, "looksam_direction"
+        )
 
-    def _replica_zeros(self, name):
-        # On-read: each replica keeps the state of its own clean or SAM
-        # gradient, as it keeps its own ε; a checkpoint stores their mean.
-        return [
-            keras.Variable(
-                keras.initializers.Zeros(),
-                shape=v.shape,
-                dtype="float32",
-                trainable=False,
-                aggregation="mean",
-                synchronization="on_read",
-                name=name,
-            )
-            for v in self.base.trainable_variables
-        ]
-
-    def _perturbed_mask(self):
-        """Booleans aligned with `trainable_variables`, or `None` for all."""
-        if self.perturbed_variables == "all":
-            return None
-        if self.perturbed_variables == "normalization":
-            selected = {
-                id(v)
-                for layer in compat.flatten_layers(self.base)
-                if isinstance(layer, NORMALIZATION_LAYERS)
-                for v in layer.trainable_variables
-            }
-            mask = [id(v) in selected for v in self.trainable_variables]
-        else:
-            patterns = [re.compile(p) for p in self.perturbed_variables]
-            mask = [
-                any(p.search(v.path) for p in patterns)
-                for v in self.trainable_variables
-            ]
-        if not any(mask):
-            raise ValueError(
-                "`perturbed_variables` selects none of the trainable "
-                "variables. Received: "
-                f"perturbed_variables={self.perturbed_variables!r}; the "
-                "variables are "
-                f"{[v.path for v in self.trainable_variables]}"
-            )
-        return mask
-
-    def train_step(self, *args):
-        # `(data)` on TensorFlow, `(state, data)` on JAX's stateless trainer.
-        return backend.train_step(self, self._sam_train_step, *args)
-
-    def _sam_train_step(self, data):
+    # Called with `(data)`, or `(state, data)` by JAX's stateless trainer.
+    @backend.stateful_train_step
+    def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not self.built:
             self._build_from_batch(x)
@@ -352,14 +260,18 @@ class SAMModel(keras.Model):
             y,
             sample_weight,
             self.options,
-            rho=sam_step.current_rho(self.rho, self.optimizer),
+            rho=schedules.current_rho(self.rho, self.optimizer),
             scale_loss=self.optimizer.scale_loss,
-            perturbed_mask=self._perturbed_mask(),
+            perturbed_mask=selection.perturbed_mask(
+                self, self.perturbed_variables
+            ),
             step=self.optimizer.iterations,
             looksam_directions=self._looksam_directions,
             friendly_averages=self._friendly_averages,
             momentums=(
-                _momentum_variables(self.optimizer, self.trainable_variables)
+                selection.momentum_variables(
+                    self.optimizer, self.trainable_variables
+                )
                 if self.perturbation == "momentum"
                 else None
             ),
@@ -406,18 +318,6 @@ class SAMModel(keras.Model):
             ),
         )
 
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        """`base.compute_loss` if the base overrides it, else Keras' own."""
-        if type(self.base).compute_loss is keras.Model.compute_loss:
-            return super().compute_loss(
-                x, y, y_pred, sample_weight, training=training
-            )
-        return compat.compute_loss_with(
-            self.base, self, x, y, y_pred, sample_weight, training=training
-        )
-
     def test_step(self, *args):
         output = super().test_step(*args)
         # `logs` on TensorFlow, `(logs, state)` on JAX. Evaluation takes no
@@ -426,59 +326,6 @@ class SAMModel(keras.Model):
         for name in ("sam_fraction", "sharpness", "grad_norm"):
             logs.pop(name, None)
         return compat.logs_for_workers(output)
-
-    def export(
-        self,
-        filepath,
-        format="tf_saved_model",
-        verbose=None,
-        input_signature=None,
-        **kwargs,
-    ):
-        """Exports the base model for inference: see `keras.Model.export`.
-
-        The artifact is the one `model.base.export(...)` writes, with the
-        base model's serving signature; SAM only changes training.
-        """
-        return self.base.export(
-            filepath,
-            format=format,
-            verbose=verbose,
-            input_signature=input_signature,
-            **kwargs,
-        )
-
-    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
-        """Saves the weights in the layout of `model.base.save_weights`.
-
-        The file loads into the bare base model with
-        `base.load_weights(filepath)`, and into a `SAMModel` (with the
-        optimizer's and the variants' state, kept in a `sam_model` group
-        that the base model ignores). See `keras.Model.save_weights`.
-        """
-        path = str(filepath)
-        if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
-            return super().save_weights(filepath, overwrite, max_shard_size)
-        compat.save_weights(self, path, overwrite, max_shard_size)
-
-    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
-        """Loads weights saved by a `SAMModel` or by its base model.
-
-        A file written by `model.base.save_weights` loads into the base.
-        See `keras.Model.load_weights`.
-        """
-        path = str(filepath)
-        if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
-            if compat.weights_file_has_path(path, compat.SAM_STATE):
-                return compat.load_weights(self, path, skip_mismatch)
-            if not compat.weights_file_has_path(path, "base"):
-                return self.base.load_weights(path, skip_mismatch)
-        return super().load_weights(
-            filepath, skip_mismatch=skip_mismatch, **kwargs
-        )
-
-    # A multi-worker-safe build (keras-team/keras#20585): see compat.
-    _maybe_symbolic_build = compat.maybe_symbolic_build
 
     def _compute_total_loss(self, x, y, y_pred, sample_weight):
         return self.compute_loss(
@@ -490,13 +337,6 @@ class SAMModel(keras.Model):
         config["base"] = keras.saving.serialize_keras_object(self.base)
         config.update(self.options.get_config())
         return config
-
-    def get_compile_config(self):
-        return compat.public_optimizer_classes(super().get_compile_config())
-
-    def compile_from_config(self, config):
-        # Files that an earlier version saved on PyTorch name its classes.
-        super().compile_from_config(compat.public_optimizer_classes(config))
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -518,30 +358,3 @@ def _unscale_loss_for_distribution(loss):
     if replicas > 1:
         loss = loss * ops.cast(replicas, loss.dtype)
     return loss
-
-
-def _momentum_optimizer(optimizer):
-    """The SGD with momentum inside `optimizer` (loss scaling unwrapped)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if not isinstance(inner, keras.optimizers.SGD) or not inner.momentum:
-        raise ValueError(
-            "`perturbation='momentum'` (Momentum-SAM) moves the weights "
-            "along the optimizer's momentum, so it needs "
-            "`keras.optimizers.SGD(momentum=...)` with a momentum > 0. "
-            f"Received: optimizer={type(inner).__name__}"
-            + (
-                f"(momentum={inner.momentum})"
-                if isinstance(inner, keras.optimizers.SGD)
-                else ""
-            )
-        )
-    return inner
-
-
-def _momentum_variables(optimizer, variables):
-    # Checked at the first step, not in `compile`: Keras does not restore
-    # the compiled state of a model whose `compile` is overridden.
-    _momentum_optimizer(optimizer)
-    return compat.optimizer_slots(
-        optimizer, lambda inner: inner.momentums, variables
-    )

@@ -1,8 +1,8 @@
 """One SAM step as a function: the loss and the SAM gradients of a batch.
 
-`sam_gradients` is the entry point for custom training loops; `SAMModel`
-calls the same `compute_sam_gradients` from its `train_step`, so both share
-one implementation.
+`compute_sam_gradients` is the step behind `SAMModel.train_step` and the
+custom loops' `sam_gradients` (`keras_sam.custom_loops`), so all share one
+implementation.
 
 Both passes run inside a `keras.StatelessScope`: the weights and the
 non-trainable state (BatchNorm statistics, random-number seeds) are handed in
@@ -13,16 +13,17 @@ seed state as the clean pass, dropout draws the same masks in both.
 """
 
 import collections
-import inspect
 
-import keras
 from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import batch_parts
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import perturbations
+from keras_sam import selection
+from keras_sam import switching
 
 SAMResult = collections.namedtuple(
     "SAMResult",
@@ -60,304 +61,6 @@ Attributes:
     sam_step: a boolean scalar, the `switching` policy's decision (true
         without a policy).
 """
-
-
-def sam_gradients(
-    model, x, y, loss_fn, sample_weight=None, *, optimizer=None, **options
-):
-    """The loss and the SAM gradients of `model` on one batch.
-
-    For custom training loops. With `g = ∇L(w)` on the batch:
-
-    ```
-    ε = ρ · g / ‖g‖₂                       # SAM
-    ε = ρ · T_w² g / ‖T_w g‖₂, T_w = |w|+η  # ASAM (adaptive=True)
-    gradients = ∇L(w + ε)
-    ```
-
-    ASAM's `T_w` applies to the weights (kernels, normalization scales) and
-    `T = 1` to biases and normalization offsets, as in `SAMModel`'s default
-    `adaptive_variables="weights"`.
-
-    `L` is the loss of `loss_fn` plus `model.losses` (weight regularizers
-    and `add_loss` terms), all evaluated at the weights of the pass they
-    belong to, so regularizers are evaluated at `w + ε` in the second pass.
-    The model is called with `training=True` in both passes and its
-    non-trainable state (BatchNorm moving statistics, seeds) is updated
-    once, from the clean pass. No trainable variable is modified: apply the
-    gradients yourself. On TensorFlow, in a `tf.function`, apply them under
-    a control dependency on the gradients, as below: the executor runs the
-    ops of an update that need no gradient (SGD's m · μ) when the step
-    starts and would hold them through both passes, one more copy of the
-    parameters at the step's peak (`SAMModel` does this itself).
-
-    Under a `tf.distribute` strategy, call it in each replica, inside
-    `strategy.run`: each replica computes ε from its own share of the batch
-    (see `sync_perturbations`), and, as in Keras' `fit`, its loss and
-    `model.losses` are divided by the number of replicas, so that the
-    optimizer's sum of the replicas' gradients is the gradient of the mean,
-    and the sum of the replicas' losses is the loss of the global batch.
-    Called outside `strategy.run` with more than one replica, it raises.
-
-    Given a built `model`, an `optimizer` and a `dataset` of `(x, y)`
-    batches created under `strategy.scope()` (with no strategy:
-    `strategy = tf.distribute.get_strategy()`):
-
-    ```python
-    with strategy.scope():
-        optimizer.build(model.trainable_variables)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-    @tf.function
-    def train_step(x, y):
-        def step(x, y):
-            loss, grads = keras_sam.sam_gradients(
-                model, x, y, loss_fn, rho=0.05, optimizer=optimizer
-            )
-            with tf.control_dependencies([g for g in grads if g is not None]):
-                optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        losses = strategy.run(step, args=(x, y))
-        return strategy.reduce("SUM", losses, axis=None)
-
-
-    for x, y in strategy.experimental_distribute_dataset(dataset):
-        loss = train_step(x, y)
-    ```
-
-    Args:
-        model: a built Keras model.
-        x: the inputs of the batch.
-        y: the targets of the batch.
-        loss_fn: the loss, as in `compile(loss=...)`: a `keras.losses.Loss`
-            instance, a name such as `"sparse_categorical_crossentropy"`,
-            or a function `fn(y_true, y_pred)` of per-example losses (e.g.
-            `keras.losses.sparse_categorical_crossentropy`), which is
-            weighted by `sample_weight` and averaged over the batch as
-            Keras does. A function whose third parameter is required or
-            named `sample_weight` is called as
-            `loss_fn(y_true, y_pred, sample_weight)`, must return a scalar,
-            and is used as is (under a strategy, divide it by the number
-            of replicas, as Keras' losses do).
-        sample_weight: optional per-example weights.
-        optimizer: optional Keras optimizer whose `scale_loss` is applied
-            before differentiating (needed for a `LossScaleOptimizer`), and
-            whose learning-rate step a schedule `rho` follows.
-        **options: the options of `keras_sam.options.SAMOptions` that need
-            no state of their own: `rho` (a number, a float
-            `keras.Variable`, or a schedule, evaluated at the step at which
-            the optimizer evaluates its learning rate), `adaptive`, `eta`,
-            `adaptive_variables`, `micro_batches`, `sync_perturbations`
-            (inside `tf.distribute`, one ε for the global batch) and
-            `gsam_alpha`, with their defaults there (ρ = 0.05: SAM).
-
-    Returns:
-        `(loss, gradients)`: the clean loss (scalar; under a strategy, this
-        replica's share, see above) and a list of gradients aligned with
-        `model.trainable_variables`.
-    """
-    options = _stateless_options(options)
-    backend.check_per_replica_call("sam_gradients")
-    loss_fn = _loss_function(loss_fn)
-
-    def compute_loss(x, y, y_pred, sample_weight):
-        del x
-        total = ops.cast(loss_fn(y, y_pred, sample_weight), "float32")
-        if len(total.shape):
-            raise ValueError(
-                "`loss_fn(y_true, y_pred, sample_weight)` must return a "
-                f"scalar; it returned shape {tuple(total.shape)}. Received: "
-                f"loss_fn={loss_fn!r}"
-            )
-        if model.losses:
-            extra = ops.sum([ops.cast(t, "float32") for t in model.losses])
-            total = total + _scale_loss_for_replicas(extra)
-        return total
-
-    result = compute_sam_gradients(
-        model,
-        compute_loss,
-        x,
-        y,
-        sample_weight,
-        options,
-        rho=current_rho(options.rho, optimizer),
-        scale_loss=None if optimizer is None else optimizer.scale_loss,
-    )
-    return result.loss, result.gradients
-
-
-_STATELESS_OPTIONS = (
-    "rho",
-    "adaptive",
-    "eta",
-    "adaptive_variables",
-    "micro_batches",
-    "sync_perturbations",
-    "gsam_alpha",
-)
-
-
-def _stateless_options(options):
-    """`SAMOptions` of the options `sam_gradients` takes."""
-    others = sorted(set(options) - set(_STATELESS_OPTIONS))
-    if others:
-        raise TypeError(
-            f"`sam_gradients` takes the options {list(_STATELESS_OPTIONS)}; "
-            f"{others} keep state across steps or select variables: use "
-            f"`SAMModel`. Received: {others[0]}={options[others[0]]!r}"
-        )
-    return options_lib.SAMOptions(**options)
-
-
-def current_rho(rho, optimizer):
-    """ρ for this step: a number as is, a Variable's value when the step
-    runs, a schedule at the step of the optimizer's learning rate."""
-    if isinstance(rho, keras.Variable):
-        return backend.read_live(rho)
-    if callable(rho):
-        if optimizer is None:
-            raise ValueError(
-                "A schedule `rho` is a function of the step: pass the "
-                "`optimizer` whose steps it follows. Received: "
-                f"rho={rho!r}, optimizer=None"
-            )
-        return ops.cast(rho(compat.schedule_step(optimizer)), "float32")
-    return rho
-
-
-def stateless_sam_gradients(
-    model,
-    trainable_variables,
-    non_trainable_variables,
-    x,
-    y,
-    loss_fn,
-    sample_weight=None,
-    *,
-    optimizer=None,
-    optimizer_variables=None,
-    **options,
-):
-    """`sam_gradients` as a pure function of the variables' values.
-
-    For stateless training loops, e.g. under `jax.jit` on the JAX backend,
-    in the style of `model.stateless_call` and `optimizer.stateless_apply`:
-    the values of `model.trainable_variables` and
-    `model.non_trainable_variables` are passed in, and the new values of
-    the non-trainable ones (BatchNorm statistics and seeds, updated once
-    from the clean pass) come back. No variable is read or written.
-
-    ```python
-    @jax.jit
-    def train_step(trainable, non_trainable, optimizer_variables, x, y):
-        loss, grads, non_trainable = keras_sam.stateless_sam_gradients(
-            model, trainable, non_trainable, x, y, loss_fn, rho=0.05
-        )
-        trainable, optimizer_variables = optimizer.stateless_apply(
-            optimizer_variables, grads, trainable
-        )
-        return loss, trainable, non_trainable, optimizer_variables
-    ```
-
-    Args:
-        model: a built Keras model.
-        trainable_variables: the values of `model.trainable_variables`.
-        non_trainable_variables: the values of
-            `model.non_trainable_variables`.
-        x, y, loss_fn, sample_weight, **options: as in `sam_gradients`.
-        optimizer: optional; its `scale_loss` is applied (a
-            `LossScaleOptimizer`) and a schedule `rho` follows its
-            `iterations`.
-        optimizer_variables: the values of `optimizer.variables`, needed
-            with an `optimizer` inside a compiled function.
-
-    Returns:
-        `(loss, gradients, non_trainable_variables)`: the clean loss, the
-        SAM gradients aligned with `trainable_variables`, and the new
-        values of the non-trainable variables.
-    """
-    mapping = list(zip(model.trainable_variables, trainable_variables))
-    mapping.extend(zip(model.non_trainable_variables, non_trainable_variables))
-    if optimizer is not None and optimizer_variables is not None:
-        mapping.extend(zip(optimizer.variables, optimizer_variables))
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        loss, gradients = sam_gradients(
-            model,
-            x,
-            y,
-            loss_fn,
-            sample_weight=sample_weight,
-            optimizer=optimizer,
-            **options,
-        )
-    new_state = [
-        scope.get_current_value(v) for v in model.non_trainable_variables
-    ]
-    return loss, gradients, new_state
-
-
-def _loss_function(loss_fn):
-    """`loss_fn` as `f(y_true, y_pred, sample_weight)` giving a scalar."""
-    if isinstance(loss_fn, (str, dict)):
-        try:
-            loss_fn = keras.losses.get(loss_fn)
-        except ValueError as error:
-            raise ValueError(
-                "`loss_fn` is not a Keras loss identifier. Received: "
-                f"loss_fn={loss_fn!r}"
-            ) from error
-    if isinstance(loss_fn, keras.losses.Loss):
-        return loss_fn
-    if not callable(loss_fn):
-        raise TypeError(
-            "`loss_fn` must be a `keras.losses.Loss`, a loss name or a "
-            f"function. Received: loss_fn={loss_fn!r}"
-        )
-    if _takes_sample_weight(loss_fn):
-        return loss_fn
-    return _PerExampleLoss(loss_fn)
-
-
-def _takes_sample_weight(fn):
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    positional = []
-    for p in parameters:
-        if p.name == "sample_weight" or p.kind == p.VAR_POSITIONAL:
-            return True
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            positional.append(p)
-    required = inspect.Parameter.empty
-    return len(positional) >= 3 and positional[2].default is required
-
-
-class _PerExampleLoss(keras.losses.Loss):
-    """A function `fn(y_true, y_pred)` reduced as Keras' losses are.
-
-    `keras.losses.Loss` weights the per-example values by `sample_weight`,
-    averages them over the batch and divides by the number of replicas.
-    """
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def call(self, y_true, y_pred):
-        return self.fn(y_true, y_pred)
-
-
-def _scale_loss_for_replicas(loss):
-    # As Keras' losses and `compute_loss` do under tf.distribute: summing
-    # the replicas' gradients then averages them.
-    replicas = backend.replica_count()
-    if replicas > 1:
-        loss = loss / replicas
-    return loss
 
 
 def compute_sam_gradients(
@@ -427,7 +130,7 @@ def compute_sam_gradients(
     The variants of `SAMModel`, each visible in the code below:
 
     - `adaptive`, `eta`, `adaptive_variables`: ASAM's ε (see
-      `adaptive_variables_mask`).
+      `selection.adaptive_variables_mask`).
     - `perturbed_mask`: booleans aligned with the trainable variables; ε is
       computed from, and added to, the selected variables only (SAM-ON).
     - `gsam_alpha`: GSAM's α; the perturbed gradient of each micro-batch is
@@ -487,7 +190,7 @@ def compute_sam_gradients(
     weights = [ops.convert_to_tensor(v.value) for v in trainable]
     initial_state = [ops.convert_to_tensor(v.value) for v in non_trainable]
     adaptive_mask = (
-        adaptive_variables_mask(trainable, options.adaptive_variables)
+        selection.adaptive_variables_mask(trainable, options.adaptive_variables)
         if options.adaptive
         else None
     )
@@ -514,7 +217,7 @@ def compute_sam_gradients(
         """The clean pass at w on each of `count` parts of the batch."""
         parts = []
         state, metric_state = initial_state, initial_metrics
-        for fraction, batch in _split_batch((x, y, sample_weight), count):
+        for fraction, batch in batch_parts.split((x, y, sample_weight), count):
             random_state = backend.random_state()
             clean = _forward_and_gradients(
                 model,
@@ -530,12 +233,12 @@ def compute_sam_gradients(
                 # Outside the conditionals (one part: see below):
                 # tf.distribute cannot all-reduce inside a cond, so the
                 # all-reduce runs on every step.
-                for_epsilon = _all_reduce(for_epsilon, "sum")
+                for_epsilon = backend.all_reduce(for_epsilon, "sum")
             parts.append(
                 _Part(fraction, batch, state, random_state, clean, for_epsilon)
             )
-            state = _advance_counters(state, clean.state)
-            metric_state = _threaded(metric_state, clean.metrics)
+            state = batch_parts.advance_counters(state, clean.state)
+            metric_state = batch_parts.threaded(metric_state, clean.metrics)
         return _Clean(parts, state, metric_state, backend.random_state())
 
     def sam_step(clean):
@@ -589,14 +292,16 @@ def compute_sam_gradients(
         fractions = [part.fraction for part in clean.parts]
         return _outcome(
             clean,
-            _weighted_gradients(perturbed_gradients, fractions),
-            ops.cast(_weighted_mean(sharpness, fractions), "float32"),
+            batch_parts.weighted_gradients(perturbed_gradients, fractions),
+            ops.cast(
+                batch_parts.weighted_mean(sharpness, fractions), "float32"
+            ),
             directions,
         )
 
     def base_step(clean):
         """The base optimizer's step (LookSAM's on the declined steps)."""
-        clean_gradients = _weighted_gradients(
+        clean_gradients = batch_parts.weighted_gradients(
             [part.clean.gradients for part in clean.parts],
             [part.fraction for part in clean.parts],
         )
@@ -611,7 +316,9 @@ def compute_sam_gradients(
 
         # LookSAM reuses g_v on the steps the policy declined; a SAM step
         # with ρ = 0 is the base step.
-        gradients = _cond(take_sam, lambda: clean_gradients, reuse_direction)
+        gradients = backend.cond(
+            take_sam, lambda: clean_gradients, reuse_direction
+        )
         return _outcome(clean, gradients, zero, old_directions)
 
     def friendly(clean):
@@ -691,7 +398,7 @@ def compute_sam_gradients(
         if options.switching is not None:
             squared_norm = None
             if needs_norm:
-                squared_norm = _squared_norm_across_replicas(
+                squared_norm = switching.squared_gradient_norm(
                     whole.parts[0].clean.gradients, scale_loss
                 )
             take_sam = options.switching(step, squared_norm)
@@ -701,11 +408,11 @@ def compute_sam_gradients(
             run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
 
         if parts_count == 1:
-            outcome = _cond(
+            outcome = backend.cond(
                 run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
             )
         else:
-            outcome = _cond(
+            outcome = backend.cond(
                 run_perturbed,
                 lambda: sam_step(clean_passes(parts_count)),
                 lambda: base_step(whole or clean_passes(1)),
@@ -740,16 +447,18 @@ def _outcome(clean, gradients, sharpness, directions):
             *[part.clean.y_pred for part in parts],
         )
     return _Outcome(
-        loss=_weighted_mean([part.clean.loss for part in parts], fractions),
+        loss=batch_parts.weighted_mean(
+            [part.clean.loss for part in parts], fractions
+        ),
         y_pred=y_pred,
         gradients=gradients,
         sharpness=sharpness,
-        grad_norm=_weighted_mean(
+        grad_norm=batch_parts.weighted_mean(
             [perturbations.global_norm(p.clean.gradients) for p in parts],
             fractions,
         ),
         directions=directions,
-        state=_merge_states(
+        state=batch_parts.merge_states(
             initial_state,
             clean.state,
             [part.clean.state for part in parts],
@@ -782,37 +491,6 @@ _Outcome = collections.namedtuple(
         "metrics",
     ],
 )
-
-
-def _squared_norm_across_replicas(gradients, scale_loss):
-    """‖∇L‖² of this replica's batch, without loss or replica scaling,
-    averaged across replicas."""
-    scale = ops.cast(scale_loss(ops.ones(())), "float32")
-    norm = perturbations.global_norm(gradients) * backend.replica_count()
-    squared = ops.square(norm / scale)
-    if backend.replica_count() > 1:
-        (squared,) = backend.all_reduce([squared], "mean")
-    return squared
-
-
-def adaptive_variables_mask(variables, adaptive_variables="weights"):
-    """ASAM's `adaptive_mask` for `variables`, or `None` for all of them.
-
-    `"weights"`: `True` for every variable except biases and normalization
-    offsets (named `bias` or `beta`), as in the ASAM authors' code; `"all"`:
-    `None`, every variable.
-    """
-    if adaptive_variables == "all":
-        return None
-    if adaptive_variables != "weights":
-        raise ValueError(
-            "`adaptive_variables` must be 'weights' or 'all'. Received: "
-            f"adaptive_variables={adaptive_variables!r}"
-        )
-    return [v.name not in _OFFSET_NAMES for v in variables]
-
-
-_OFFSET_NAMES = ("bias", "beta")
 
 
 def _forward_and_gradients(
@@ -849,167 +527,13 @@ def _forward_and_gradients(
     return _Pass(loss, y_pred, list(gradients), new_state, new_metrics)
 
 
-def _threaded(values, updates):
-    """`values` with each non-`None` entry of `updates` taken instead."""
-    return [old if new is None else new for old, new in zip(values, updates)]
-
-
 def _changed(before, scope, variables):
     """The variables' values in `scope`, `None` where still `before`."""
     after = [scope.get_current_value(v) for v in variables]
     return [None if new is old else new for old, new in zip(before, after)]
 
 
-def _cond(predicate, true_fn, false_fn):
-    """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
-    a Python bool. Both return the same nested structure of tensors, with
-    `None` entries in the same places. Sparse gradients come out dense: one
-    branch may combine what the other leaves sparse (GSAM, LookSAM)."""
-    if isinstance(predicate, bool):
-        return true_fn() if predicate else false_fn()
-    structure = []
-
-    def without_none(fn):
-        def run():
-            output = fn()
-            structure.append(output)
-            return backend.to_dense(
-                [t for t in tree.flatten(output) if t is not None]
-            )
-
-        return run
-
-    values = iter(
-        backend.cond(predicate, without_none(true_fn), without_none(false_fn))
-    )
-    return tree.pack_sequence_as(
-        structure[0],
-        [
-            None if t is None else next(values)
-            for t in tree.flatten(structure[0])
-        ],
-    )
-
-
-def _split_batch(data, parts):
-    """`(fraction, part)` for `parts` consecutive slices of a nested batch.
-
-    With `n` examples, the first `n % parts` slices hold `n // parts + 1`
-    examples and the others `n // parts`, as `np.array_split` cuts; each
-    slice comes with its share `n_i / n` of the examples. When `n` is known
-    while tracing, empty slices (`n < parts`) are left out; otherwise they
-    come with the share 0.
-    """
-    if parts == 1:
-        return [(1.0, data)]
-    first = next(t for t in tree.flatten(data) if t is not None)
-    n = first.shape[0]
-    if n is None:
-        n = ops.shape(first)[0]
-    size, extra = n // parts, n % parts
-    slices = []
-    for i in range(parts):
-        if isinstance(n, int):
-            start = i * size + min(i, extra)
-            length = size + (1 if i < extra else 0)
-            if length == 0:
-                continue
-            fraction = length / n
-        else:
-            start = i * size + ops.minimum(i, extra)
-            length = size + ops.cast(i < extra, n.dtype)
-            fraction = ops.cast(length, "float32") / ops.cast(n, "float32")
-        slices.append(
-            (
-                fraction,
-                tree.map_structure(
-                    lambda t, a=start, b=start + length: (
-                        None if t is None else t[a:b]
-                    ),
-                    data,
-                ),
-            )
-        )
-    return slices
-
-
-def _weighted_mean(values, fractions):
-    """`Σ_i f_i v_i`; a part with `f_i = 0` (an empty slice) adds 0."""
-    if len(values) == 1:
-        return values[0]
-    total = None
-    for value, fraction in zip(values, fractions):
-        term = value * ops.cast(fraction, value.dtype)
-        if not isinstance(fraction, float):
-            term = ops.where(fraction > 0, term, ops.zeros_like(term))
-        total = term if total is None else total + term
-    return total
-
-
-def _weighted_gradients(gradient_lists, fractions):
-    if len(gradient_lists) == 1:
-        return gradient_lists[0]
-    # Sparse gradients of different micro-batches cover different rows.
-    gradient_lists = [backend.to_dense(g) for g in gradient_lists]
-    return [
-        None
-        if any(g is None for g in grads)
-        else _weighted_mean(grads, fractions)
-        for grads in zip(*gradient_lists)
-    ]
-
-
-def _advance_counters(state, new_state):
-    """Threads integer state (seeds) from one micro-batch to the next.
-
-    Floating-point state (moving statistics) restarts from its initial value
-    for every micro-batch; `_merge_states` averages those updates.
-    """
-    return [
-        old if new is None or _is_floating(old) else new
-        for old, new in zip(state, new_state)
-    ]
-
-
-def _merge_states(initial_state, threaded_state, updates, fractions):
-    """The state to write back after all micro-batches, `None` if unchanged.
-
-    Float state gets the mean of the micro-batches' updates weighted by
-    their share of the examples, the way tf.distribute averages a BatchNorm
-    update across replicas; integer state (seeds) takes the value threaded
-    through the micro-batches.
-    """
-    merged = []
-    for i, old in enumerate(initial_state):
-        values = [u[i] for u in updates]
-        if all(v is None for v in values):
-            merged.append(None)
-        elif not _is_floating(old):
-            merged.append(threaded_state[i])
-        elif len(values) == 1:
-            merged.append(values[0])
-        else:
-            deltas = [
-                ops.zeros_like(old) if v is None else v - old for v in values
-            ]
-            merged.append(old + _weighted_mean(deltas, fractions))
-    return merged
-
-
 def _assign(variables, values):
     for variable, value in zip(variables, values):
         if value is not None:
             variable.assign(value)
-
-
-def _is_floating(tensor):
-    return keras.backend.is_float_dtype(tensor.dtype)
-
-
-def _all_reduce(tensors, op):
-    """`backend.all_reduce` of the tensors that are not `None`."""
-    present = [t for t in tensors if t is not None]
-    if not present or backend.replica_count() == 1:
-        return tensors
-    reduced = iter(backend.all_reduce(present, op))
-    return [None if t is None else next(reduced) for t in tensors]

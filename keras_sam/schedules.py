@@ -1,7 +1,13 @@
-"""Schedules for ρ: `SAMModel(rho=...)` takes a number or a schedule."""
+"""Schedules for ρ: `SAMModel(rho=...)` takes a number or a schedule.
+
+`current_rho` reads the ρ of a step from a number, a variable or a schedule.
+"""
 
 import keras
 from keras import ops
+
+from keras_sam import backend
+from keras_sam import compat
 
 _SCHEDULES = keras.optimizers.schedules
 
@@ -134,3 +140,19 @@ def _peak_learning_rate(schedule):
         if isinstance(schedule, kind) and not grows_from(config):
             return config["initial_learning_rate"]
     return None
+
+
+def current_rho(rho, optimizer):
+    """ρ for this step: a number as is, a Variable's value when the step
+    runs, a schedule at the step of the optimizer's learning rate."""
+    if isinstance(rho, keras.Variable):
+        return backend.read_live(rho)
+    if callable(rho):
+        if optimizer is None:
+            raise ValueError(
+                "A schedule `rho` is a function of the step: pass the "
+                "`optimizer` whose steps it follows. Received: "
+                f"rho={rho!r}, optimizer=None"
+            )
+        return ops.cast(rho(compat.schedule_step(optimizer)), "float32")
+    return rho

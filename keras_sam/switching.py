@@ -21,6 +21,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sam import backend
+from keras_sam import perturbations
+
 
 class SwitchingPolicy(keras.layers.Layer):
     """Base class: `policy(step, squared_gradient_norm)` → a boolean scalar.
@@ -324,3 +327,15 @@ class LatePhase(SwitchingPolicy):
             "start_step": self.start_step,
             "end_step": self.end_step,
         }
+
+
+def squared_gradient_norm(gradients, scale_loss):
+    """‖∇L‖² of this replica's batch, without loss or replica scaling,
+    averaged across replicas: what a policy that `needs_gradient_norm` is
+    given."""
+    scale = ops.cast(scale_loss(ops.ones(())), "float32")
+    norm = perturbations.global_norm(gradients) * backend.replica_count()
+    squared = ops.square(norm / scale)
+    if backend.replica_count() > 1:
+        (squared,) = backend.all_reduce([squared], "mean")
+    return squared

@@ -195,11 +195,11 @@ def test_asam_conventions_differ_measurably_on_a_model_with_biases():
 def test_asam_weights_are_kernels_and_scales_not_biases_or_offsets():
     model = keras_sam.SAMModel(bn_dropout_model(), adaptive=True)
     variables = model.trainable_variables
-    mask = keras_sam.sam_step.adaptive_variables_mask(variables, "weights")
+    mask = keras_sam.selection.adaptive_variables_mask(variables, "weights")
     names = [v.name for v in variables]
     assert names == ["kernel", "bias", "gamma", "beta", "kernel", "bias"]
     assert mask == [True, False, True, False, True, False]
-    assert keras_sam.sam_step.adaptive_variables_mask(variables, "all") is None
+    assert keras_sam.selection.adaptive_variables_mask(variables, "all") is None
 
 
 def test_asam_perturbation_applies_t_only_where_the_mask_says():

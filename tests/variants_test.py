@@ -237,7 +237,7 @@ def test_normalization_selects_exactly_the_batchnorm_weights():
     model = keras_sam.SAMModel(
         bn_dropout_model(), perturbed_variables="normalization"
     )
-    mask = model._perturbed_mask()
+    mask = keras_sam.selection.perturbed_mask(model, "normalization")
     chosen = [v.path for v, m in zip(model.trainable_variables, mask) if m]
     assert chosen and all("batch_normalization" in p for p in chosen)
     assert sorted(p.rsplit("/", 1)[1] for p in chosen) == ["beta", "gamma"]

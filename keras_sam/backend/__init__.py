@@ -1,7 +1,7 @@
 """What the SAM step needs that differs per Keras backend.
 
 `keras_sam` is written in `keras.ops`; the few things that `keras.ops` does
-not offer live in one small module per backend, as Keras splits
+not offer live in small modules per backend, as Keras splits
 `keras/src/backend/<name>/trainer.py`:
 
 - `value_and_gradients(fn, weights)`: `fn(weights)` returns
@@ -11,6 +11,11 @@ not offer live in one small module per backend, as Keras splits
 - `cond(predicate, true_fn, false_fn)`: branches return lists of tensors.
 - `replica_count()` and `all_reduce(tensors, op)`: the replicas among which
   a batch is split, and a sum or mean across them.
+
+  Each backend gives these two for lists of tensors; the `cond` and
+  `all_reduce` defined below, which the step calls, add what is the same
+  on every backend (a Python `bool` predicate, nested outputs with `None`
+  entries, `None` tensors left out of the reduction).
 - `data_parallel_shards()`: the shards of a batch that one call of the
   step sees whole (`keras.distribution` on JAX), each to get its own ε.
 - `check_per_replica_call(name)`: raises when a per-replica function is
@@ -32,15 +37,26 @@ not offer live in one small module per backend, as Keras splits
 - `apply_gradients(optimizer, gradients, variables)`: as the optimizer's
   own, in a way the trainer's step can run.
 - `train_step(model, step, *args)`: runs the stateful step of `SAMModel`
-  in the trainer's calling convention.
+  in the trainer's calling convention (`stateful_train_step` below makes
+  it `SAMModel.train_step`).
+
+A backend's modules define only where it differs from
+`keras_sam.backend.common`'s defaults (one replica, dense gradients, random
+draws through Keras' seed variables, an eager step): `tensorflow` with
+`tensorflow_distribute` (its replicas), `jax`, and `torch` with
+`torch_compile` (its step under `jit_compile=True`).
 
 Workarounds of Keras' own code (its TensorFlow trainer's multi-worker
 defect included) are not here but in `keras_sam.compat`.
 """
 
+import functools
 import importlib
 
 import keras
+from keras import tree
+
+from keras_sam.backend import common
 
 INTERFACE = (
     "all_reduce",
@@ -69,5 +85,75 @@ if BACKEND not in ("tensorflow", "jax", "torch"):
         "keras_sam runs on Keras' TensorFlow, JAX and PyTorch backends. "
         f"Received: KERAS_BACKEND={BACKEND!r}"
     )
-_module = importlib.import_module(f"keras_sam.backend.{BACKEND}")
-globals().update({name: getattr(_module, name) for name in INTERFACE})
+# Each backend's modules, then the defaults.
+_MODULES = [
+    importlib.import_module(f"keras_sam.backend.{name}")
+    for name in {
+        "tensorflow": ("tensorflow", "tensorflow_distribute"),
+        "jax": ("jax",),
+        "torch": ("torch", "torch_compile"),
+    }[BACKEND]
+] + [common]
+_PRIMITIVES = {
+    name: next(getattr(m, name) for m in _MODULES if hasattr(m, name))
+    for name in INTERFACE
+}
+globals().update(_PRIMITIVES)
+
+
+def stateful_train_step(step):
+    """`step(model, data)`, written statefully, as a `train_step` method.
+
+    Keras' trainers call `model.train_step(data)` (TensorFlow, PyTorch) or
+    `model.train_step(state, data)` (JAX's stateless trainer); the
+    backend's `train_step` runs `step` in that convention.
+    """
+
+    @functools.wraps(step)
+    def train_step(model, *args):
+        return _PRIMITIVES["train_step"](
+            model, functools.partial(step, model), *args
+        )
+
+    return train_step
+
+
+def cond(predicate, true_fn, false_fn):
+    """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
+    a Python bool. Both return the same nested structure of tensors, with
+    `None` entries in the same places. Sparse gradients come out dense: one
+    branch may combine what the other leaves sparse (GSAM, LookSAM)."""
+    if isinstance(predicate, bool):
+        return true_fn() if predicate else false_fn()
+    structure = []
+
+    def without_none(fn):
+        def run():
+            output = fn()
+            structure.append(output)
+            present = [t for t in tree.flatten(output) if t is not None]
+            return _PRIMITIVES["to_dense"](present)
+
+        return run
+
+    values = iter(
+        _PRIMITIVES["cond"](
+            predicate, without_none(true_fn), without_none(false_fn)
+        )
+    )
+    return tree.pack_sequence_as(
+        structure[0],
+        [
+            None if t is None else next(values)
+            for t in tree.flatten(structure[0])
+        ],
+    )
+
+
+def all_reduce(tensors, op="sum"):
+    """The backend's `all_reduce` of the tensors that are not `None`."""
+    present = [t for t in tensors if t is not None]
+    if not present or _PRIMITIVES["replica_count"]() == 1:
+        return tensors
+    reduced = iter(_PRIMITIVES["all_reduce"](present, op))
+    return [None if t is None else next(reduced) for t in tensors]

@@ -5,6 +5,8 @@ import jax.experimental
 import keras
 import numpy as np
 
+from keras_sam.backend import common
+
 
 def value_and_gradients(fn, weights):
     (_, aux), gradients = jax.value_and_grad(fn, has_aux=True)(list(weights))
@@ -16,15 +18,6 @@ def hessian_vector_product(fn, weights, vector):
     return jax.jvp(jax.grad(fn), (list(weights),), (list(vector),))[1]
 
 
-def sum_duplicate_rows(tensors):
-    # Gradients here are dense, also those of an embedding table.
-    return list(tensors)
-
-
-def to_dense(tensors):
-    return list(tensors)
-
-
 def function(fn):
     """`fn` compiled with `jax.jit`."""
     return jax.jit(fn)
@@ -32,17 +25,6 @@ def function(fn):
 
 def cond(predicate, true_fn, false_fn):
     return jax.lax.cond(predicate, true_fn, false_fn)
-
-
-def replica_count():
-    # Keras' losses are not divided by the devices on JAX: a data-parallel
-    # step differentiates the mean over the global batch.
-    return 1
-
-
-def all_reduce(tensors, op="sum"):
-    del op
-    return list(tensors)
 
 
 def data_parallel_shards():
@@ -54,17 +36,11 @@ def data_parallel_shards():
     replica does.
     """
     distribution = keras.distribution.distribution()
-    if distribution is None:
-        return 1
+    mesh = getattr(distribution, "device_mesh", None)
     batch_axis = getattr(distribution, "batch_dim_name", None)
-    mesh = distribution.device_mesh
-    if batch_axis not in mesh.axis_names:
+    if mesh is None or batch_axis not in mesh.axis_names:
         return 1
     return mesh.shape[mesh.axis_names.index(batch_axis)]
-
-
-def check_per_replica_call(name):
-    del name
 
 
 def is_symbolic(tensor):
@@ -86,17 +62,8 @@ def train_step(model, step, state, data):
         model.optimizer.variables,
         model.metrics_variables,
     )
-    mapping = [
-        (variable, value)
-        for variables, values in zip(groups, state)
-        for variable, value in zip(variables, values)
-    ]
-    with keras.StatelessScope(state_mapping=mapping) as scope:
-        logs = step(data)
-    new_state = tuple(
-        [scope.get_current_value(v) for v in variables] for variables in groups
-    )
-    return logs, new_state
+    logs, new_state = common.run_stateless(lambda: step(data), groups, state)
+    return logs, tuple(new_state)
 
 
 def apply_gradients(optimizer, gradients, variables, after_gradients=False):
@@ -109,15 +76,14 @@ def apply_gradients(optimizer, gradients, variables, after_gradients=False):
     """
     del after_gradients
     variables = list(variables)
-    new_weights, new_optimizer_values = optimizer.stateless_apply(
+    new_values = optimizer.stateless_apply(
         [v.value for v in optimizer.variables],
         list(gradients),
         [v.value for v in variables],
     )
-    for variable, value in zip(variables, new_weights):
-        variable.assign(value)
-    for variable, value in zip(optimizer.variables, new_optimizer_values):
-        variable.assign(value)
+    for group, values in zip((variables, optimizer.variables), new_values):
+        for variable, value in zip(group, values):
+            variable.assign(value)
 
 
 def read_live(variable):
@@ -131,25 +97,3 @@ def read_live(variable):
         lambda: np.asarray(variable.numpy(), np.float32),
         jax.ShapeDtypeStruct((), np.float32),
     )
-
-
-def is_multi_worker(strategy=None):
-    # Several processes are one `keras.distribution` mesh here, which
-    # Keras' own trainer handles.
-    del strategy
-    return False
-
-
-def first_local_batch(strategy, iterator):
-    del strategy, iterator
-    return None
-
-
-def random_state():
-    # Every random layer draws through Keras' seed variables here, which
-    # the step hands to both passes.
-    return None
-
-
-def set_random_state(state):
-    del state

@@ -1,9 +1,9 @@
-"""The TensorFlow backend: gradient tapes, `tf.cond` and `tf.distribute`."""
+"""The TensorFlow backend: gradient tapes, `tf.cond`, sparse gradients.
+
+What it needs of `tf.distribute` is in `tensorflow_distribute`.
+"""
 
 import tensorflow as tf
-from keras import tree
-
-from keras_sam import compat
 
 
 def value_and_gradients(fn, weights):
@@ -24,17 +24,14 @@ def hessian_vector_product(fn, weights, vector):
         with tf.GradientTape() as inner:
             inner.watch(weights)
             objective = fn(weights)
-        grads = _zeros_for_none(inner.gradient(objective, weights), weights)
+        grads = inner.gradient(objective, weights, unconnected_gradients=_ZERO)
         grad_dot_vector = tf.add_n(
             [tf.reduce_sum(g * v) for g, v in zip(grads, vector)]
         )
-    return _zeros_for_none(outer.gradient(grad_dot_vector, weights), weights)
+    return outer.gradient(grad_dot_vector, weights, unconnected_gradients=_ZERO)
 
 
-def _zeros_for_none(grads, weights):
-    return [
-        tf.zeros_like(w) if g is None else g for g, w in zip(grads, weights)
-    ]
+_ZERO = tf.UnconnectedGradients.ZERO
 
 
 def sum_duplicate_rows(tensors):
@@ -76,50 +73,9 @@ def cond(predicate, true_fn, false_fn):
     return tf.cond(predicate, true_fn, false_fn)
 
 
-def replica_count():
-    # Keras' losses divide by this under tf.distribute, so that the sum of
-    # the replicas' gradients is the gradient of the mean.
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def all_reduce(tensors, op="sum"):
-    """`op` ("sum" or "mean") of each tensor across the replicas."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return list(tensors)
-    reduce_op = {"sum": tf.distribute.ReduceOp.SUM}.get(
-        op, tf.distribute.ReduceOp.MEAN
-    )
-    return list(context.all_reduce(reduce_op, list(tensors)))
-
-
-def data_parallel_shards():
-    # tf.distribute runs the step once per replica, on its own shard.
-    return 1
-
-
-def check_per_replica_call(name):
-    strategy = tf.distribute.get_strategy()
-    if (
-        strategy.num_replicas_in_sync > 1
-        and tf.distribute.in_cross_replica_context()
-    ):
-        raise ValueError(
-            f"`{name}` must be called in each replica, inside "
-            "`strategy.run(...)`: in the cross-replica context of "
-            f"{type(strategy).__name__} with "
-            f"{strategy.num_replicas_in_sync} replicas, the gradients would "
-            "not be averaged across replicas."
-        )
-
-
 def is_symbolic(tensor):
     del tensor
     return not tf.executing_eagerly()
-
-
-def train_step(model, step, data):
-    return compat.logs_for_workers(step(data))
 
 
 def apply_gradients(optimizer, gradients, variables, after_gradients=False):
@@ -141,44 +97,3 @@ def apply_gradients(optimizer, gradients, variables, after_gradients=False):
         optimizer.build(variables)
     with tf.control_dependencies([g for g in gradients if g is not None]):
         optimizer.apply_gradients(zip(gradients, variables))
-
-
-def read_live(variable):
-    # A tf.function reads a variable when it runs.
-    return tf.cast(variable.value, tf.float32)
-
-
-def is_multi_worker(strategy=None):
-    """Whether `strategy` (the current one by default) spans workers.
-
-    `tf.distribute` answers this only through the private
-    `strategy.extended._in_multi_worker_mode()` (TensorFlow 2.21).
-    """
-    strategy = strategy or tf.distribute.get_strategy()
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
-def first_local_batch(strategy, iterator):
-    """One replica's share of the first batch of Keras' epoch `iterator`."""
-
-    def first_local(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    for _, _, it in iterator:
-        return tree.map_structure(first_local, next(it))
-    return None
-
-
-def random_state():
-    # Every random layer draws through Keras' seed variables here, which
-    # the step hands to both passes.
-    return None
-
-
-def set_random_state(state):
-    del state

@@ -1,0 +1,99 @@
+"""What a backend does unless its module says otherwise.
+
+The defaults of a backend that runs the step eagerly on one replica, with
+dense gradients and every random draw through Keras' seed variables, which
+the step hands to both passes. A backend's module defines only the names of
+`keras_sam.backend.INTERFACE` in which it differs. JAX is one replica too:
+Keras' losses are not divided by the devices there, a data-parallel step
+differentiating the mean over the global batch, and several processes are
+one `keras.distribution` mesh, which Keras' own trainer handles.
+
+`run_stateless` serves the stateless calling conventions (Keras' JAX
+trainer, `keras_sam.stateless_sam_gradients`) on every backend.
+"""
+
+import keras
+from keras import ops
+
+
+def run_stateless(fn, groups, values):
+    """`fn()` with the variables of `groups` holding `values`, statelessly.
+
+    `groups` and `values` are aligned lists of lists. `fn` runs inside a
+    `keras.StatelessScope` that maps each variable to its value, so it
+    writes no variable; returns `fn()`'s output and, for each group, the
+    values its variables hold when `fn` returns.
+    """
+    mapping = [
+        (variable, value)
+        for variables, group_values in zip(groups, values)
+        for variable, value in zip(variables, group_values)
+    ]
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        output = fn()
+    new_values = [
+        [scope.get_current_value(v) for v in variables] for variables in groups
+    ]
+    return output, new_values
+
+
+def function(fn):
+    return fn
+
+
+def cond(predicate, true_fn, false_fn):
+    return true_fn() if bool(predicate) else false_fn()
+
+
+def replica_count():
+    return 1
+
+
+def all_reduce(tensors, op="sum"):
+    del op
+    return list(tensors)
+
+
+def data_parallel_shards():
+    # A tf.distribute step runs once per replica, on its own shard.
+    return 1
+
+
+def check_per_replica_call(name):
+    del name
+
+
+def is_symbolic(tensor):
+    del tensor
+    return False
+
+
+def read_live(variable):
+    # An eager step or a tf.function reads a variable when it runs.
+    return ops.cast(variable.value, "float32")
+
+
+def is_multi_worker(strategy=None):
+    del strategy
+    return False
+
+
+def first_local_batch(strategy, iterator):
+    del strategy, iterator
+    return None
+
+
+def sum_duplicate_rows(tensors):
+    return list(tensors)
+
+
+def to_dense(tensors):
+    return list(tensors)
+
+
+def random_state():
+    return None
+
+
+def set_random_state(state):
+    del state

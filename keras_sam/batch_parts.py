@@ -1,0 +1,128 @@
+"""The parts of a batch that each get their own ε, and their merged results.
+
+A SAM step with `micro_batches=k` (and, under `keras.distribution` on JAX,
+each device's shard) cuts the batch into consecutive parts, runs each part's
+passes on its own, and merges what they computed: gradients, losses and
+BatchNorm statistics weighted by each part's share of the examples, seeds
+threaded from one part to the next. See `sam_step.compute_sam_gradients`.
+"""
+
+import keras
+from keras import ops
+from keras import tree
+
+from keras_sam import backend
+
+
+def threaded(values, updates):
+    """`values` with each non-`None` entry of `updates` taken instead."""
+    return [old if new is None else new for old, new in zip(values, updates)]
+
+
+def split(data, parts):
+    """`(fraction, part)` for `parts` consecutive slices of a nested batch.
+
+    With `n` examples, the first `n % parts` slices hold `n // parts + 1`
+    examples and the others `n // parts`, as `np.array_split` cuts; each
+    slice comes with its share `n_i / n` of the examples. When `n` is known
+    while tracing, empty slices (`n < parts`) are left out; otherwise they
+    come with the share 0.
+    """
+    if parts == 1:
+        return [(1.0, data)]
+    first = next(t for t in tree.flatten(data) if t is not None)
+    n = first.shape[0]
+    if n is None:
+        n = ops.shape(first)[0]
+    size, extra = n // parts, n % parts
+    slices = []
+    for i in range(parts):
+        if isinstance(n, int):
+            start = i * size + min(i, extra)
+            length = size + (1 if i < extra else 0)
+            if length == 0:
+                continue
+            fraction = length / n
+        else:
+            start = i * size + ops.minimum(i, extra)
+            length = size + ops.cast(i < extra, n.dtype)
+            fraction = ops.cast(length, "float32") / ops.cast(n, "float32")
+        slices.append(
+            (
+                fraction,
+                tree.map_structure(
+                    lambda t, a=start, b=start + length: (
+                        None if t is None else t[a:b]
+                    ),
+                    data,
+                ),
+            )
+        )
+    return slices
+
+
+def weighted_mean(values, fractions):
+    """`Σ_i f_i v_i`; a part with `f_i = 0` (an empty slice) adds 0."""
+    if len(values) == 1:
+        return values[0]
+    total = None
+    for value, fraction in zip(values, fractions):
+        term = value * ops.cast(fraction, value.dtype)
+        if not isinstance(fraction, float):
+            term = ops.where(fraction > 0, term, ops.zeros_like(term))
+        total = term if total is None else total + term
+    return total
+
+
+def weighted_gradients(gradient_lists, fractions):
+    if len(gradient_lists) == 1:
+        return gradient_lists[0]
+    # Sparse gradients of different micro-batches cover different rows.
+    gradient_lists = [backend.to_dense(g) for g in gradient_lists]
+    return [
+        None
+        if any(g is None for g in grads)
+        else weighted_mean(grads, fractions)
+        for grads in zip(*gradient_lists)
+    ]
+
+
+def advance_counters(state, new_state):
+    """Threads integer state (seeds) from one micro-batch to the next.
+
+    Floating-point state (moving statistics) restarts from its initial value
+    for every micro-batch; `merge_states` averages those updates.
+    """
+    return [
+        old if new is None or _is_floating(old) else new
+        for old, new in zip(state, new_state)
+    ]
+
+
+def merge_states(initial_state, threaded_state, updates, fractions):
+    """The state to write back after all micro-batches, `None` if unchanged.
+
+    Float state gets the mean of the micro-batches' updates weighted by
+    their share of the examples, the way tf.distribute averages a BatchNorm
+    update across replicas; integer state (seeds) takes the value threaded
+    through the micro-batches.
+    """
+    merged = []
+    for i, old in enumerate(initial_state):
+        values = [u[i] for u in updates]
+        if all(v is None for v in values):
+            merged.append(None)
+        elif not _is_floating(old):
+            merged.append(threaded_state[i])
+        elif len(values) == 1:
+            merged.append(values[0])
+        else:
+            deltas = [
+                ops.zeros_like(old) if v is None else v - old for v in values
+            ]
+            merged.append(old + weighted_mean(deltas, fractions))
+    return merged
+
+
+def _is_floating(tensor):
+    return keras.backend.is_float_dtype(tensor.dtype)

@@ -1,0 +1,304 @@
+"""SAM for custom training loops: `sam_gradients` and its stateless twin.
+
+Both compute one step with `sam_step.compute_sam_gradients`, the function
+behind `SAMModel.train_step`, from a model and a loss given as in
+`compile(loss=...)`; they apply nothing.
+"""
+
+import inspect
+
+import keras
+from keras import ops
+
+from keras_sam import backend
+from keras_sam import options as options_lib
+from keras_sam import sam_step
+from keras_sam import schedules
+from keras_sam.backend import common
+
+
+def sam_gradients(
+    model, x, y, loss_fn, sample_weight=None, *, optimizer=None, **options
+):
+    """The loss and the SAM gradients of `model` on one batch.
+
+    For custom training loops. With `g = ∇L(w)` on the batch:
+
+    ```
+    ε = ρ · g / ‖g‖₂                       # SAM
+    ε = ρ · T_w² g / ‖T_w g‖₂, T_w = |w|+η  # ASAM (adaptive=True)
+    gradients = ∇L(w + ε)
+    ```
+
+    ASAM's `T_w` applies to the weights (kernels, normalization scales) and
+    `T = 1` to biases and normalization offsets, as in `SAMModel`'s default
+    `adaptive_variables="weights"`.
+
+    `L` is the loss of `loss_fn` plus `model.losses` (weight regularizers
+    and `add_loss` terms), all evaluated at the weights of the pass they
+    belong to, so regularizers are evaluated at `w + ε` in the second pass.
+    The model is called with `training=True` in both passes and its
+    non-trainable state (BatchNorm moving statistics, seeds) is updated
+    once, from the clean pass. No trainable variable is modified: apply the
+    gradients yourself. On TensorFlow, in a `tf.function`, apply them under
+    a control dependency on the gradients, as below: the executor runs the
+    ops of an update that need no gradient (SGD's m · μ) when the step
+    starts and would hold them through both passes, one more copy of the
+    parameters at the step's peak (`SAMModel` does this itself).
+
+    Under a `tf.distribute` strategy, call it in each replica, inside
+    `strategy.run`: each replica computes ε from its own share of the batch
+    (see `sync_perturbations`), and, as in Keras' `fit`, its loss and
+    `model.losses` are divided by the number of replicas, so that the
+    optimizer's sum of the replicas' gradients is the gradient of the mean,
+    and the sum of the replicas' losses is the loss of the global batch.
+    Called outside `strategy.run` with more than one replica, it raises.
+
+    Given a built `model`, an `optimizer` and a `dataset` of `(x, y)`
+    batches created under `strategy.scope()` (with no strategy:
+    `strategy = tf.distribute.get_strategy()`):
+
+    ```python
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+    @tf.function
+    def train_step(x, y):
+        def step(x, y):
+            loss, grads = keras_sam.sam_gradients(
+                model, x, y, loss_fn, rho=0.05, optimizer=optimizer
+            )
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        losses = strategy.run(step, args=(x, y))
+        return strategy.reduce("SUM", losses, axis=None)
+
+
+    for x, y in strategy.experimental_distribute_dataset(dataset):
+        loss = train_step(x, y)
+    ```
+
+    Args:
+        model: a built Keras model.
+        x: the inputs of the batch.
+        y: the targets of the batch.
+        loss_fn: the loss, as in `compile(loss=...)`: a `keras.losses.Loss`
+            instance, a name such as `"sparse_categorical_crossentropy"`,
+            or a function `fn(y_true, y_pred)` of per-example losses (e.g.
+            `keras.losses.sparse_categorical_crossentropy`), which is
+            weighted by `sample_weight` and averaged over the batch as
+            Keras does. A function whose third parameter is required or
+            named `sample_weight` is called as
+            `loss_fn(y_true, y_pred, sample_weight)`, must return a scalar,
+            and is used as is (under a strategy, divide it by the number
+            of replicas, as Keras' losses do).
+        sample_weight: optional per-example weights.
+        optimizer: optional Keras optimizer whose `scale_loss` is applied
+            before differentiating (needed for a `LossScaleOptimizer`), and
+            whose learning-rate step a schedule `rho` follows.
+        **options: the options of `keras_sam.options.SAMOptions` that need
+            no state of their own: `rho` (a number, a float
+            `keras.Variable`, or a schedule, evaluated at the step at which
+            the optimizer evaluates its learning rate), `adaptive`, `eta`,
+            `adaptive_variables`, `micro_batches`, `sync_perturbations`
+            (inside `tf.distribute`, one ε for the global batch) and
+            `gsam_alpha`, with their defaults there (ρ = 0.05: SAM).
+
+    Returns:
+        `(loss, gradients)`: the clean loss (scalar; under a strategy, this
+        replica's share, see above) and a list of gradients aligned with
+        `model.trainable_variables`.
+    """
+    options = _stateless_options(options)
+    backend.check_per_replica_call("sam_gradients")
+    loss_fn = _loss_function(loss_fn)
+
+    def compute_loss(x, y, y_pred, sample_weight):
+        del x
+        total = ops.cast(loss_fn(y, y_pred, sample_weight), "float32")
+        if len(total.shape):
+            raise ValueError(
+                "`loss_fn(y_true, y_pred, sample_weight)` must return a "
+                f"scalar; it returned shape {tuple(total.shape)}. Received: "
+                f"loss_fn={loss_fn!r}"
+            )
+        if model.losses:
+            extra = ops.sum([ops.cast(t, "float32") for t in model.losses])
+            total = total + _scale_loss_for_replicas(extra)
+        return total
+
+    result = sam_step.compute_sam_gradients(
+        model,
+        compute_loss,
+        x,
+        y,
+        sample_weight,
+        options,
+        rho=schedules.current_rho(options.rho, optimizer),
+        scale_loss=None if optimizer is None else optimizer.scale_loss,
+    )
+    return result.loss, result.gradients
+
+
+_STATELESS_OPTIONS = (
+    "rho",
+    "adaptive",
+    "eta",
+    "adaptive_variables",
+    "micro_batches",
+    "sync_perturbations",
+    "gsam_alpha",
+)
+
+
+def _stateless_options(options):
+    """`SAMOptions` of the options `sam_gradients` takes."""
+    others = sorted(set(options) - set(_STATELESS_OPTIONS))
+    if others:
+        raise TypeError(
+            f"`sam_gradients` takes the options {list(_STATELESS_OPTIONS)}; "
+            f"{others} keep state across steps or select variables: use "
+            f"`SAMModel`. Received: {others[0]}={options[others[0]]!r}"
+        )
+    return options_lib.SAMOptions(**options)
+
+
+def stateless_sam_gradients(
+    model,
+    trainable_variables,
+    non_trainable_variables,
+    x,
+    y,
+    loss_fn,
+    sample_weight=None,
+    *,
+    optimizer=None,
+    optimizer_variables=None,
+    **options,
+):
+    """`sam_gradients` as a pure function of the variables' values.
+
+    For stateless training loops, e.g. under `jax.jit` on the JAX backend,
+    in the style of `model.stateless_call` and `optimizer.stateless_apply`:
+    the values of `model.trainable_variables` and
+    `model.non_trainable_variables` are passed in, and the new values of
+    the non-trainable ones (BatchNorm statistics and seeds, updated once
+    from the clean pass) come back. No variable is read or written.
+
+    ```python
+    @jax.jit
+    def train_step(trainable, non_trainable, optimizer_variables, x, y):
+        loss, grads, non_trainable = keras_sam.stateless_sam_gradients(
+            model, trainable, non_trainable, x, y, loss_fn, rho=0.05
+        )
+        trainable, optimizer_variables = optimizer.stateless_apply(
+            optimizer_variables, grads, trainable
+        )
+        return loss, trainable, non_trainable, optimizer_variables
+    ```
+
+    Args:
+        model: a built Keras model.
+        trainable_variables: the values of `model.trainable_variables`.
+        non_trainable_variables: the values of
+            `model.non_trainable_variables`.
+        x, y, loss_fn, sample_weight, **options: as in `sam_gradients`.
+        optimizer: optional; its `scale_loss` is applied (a
+            `LossScaleOptimizer`) and a schedule `rho` follows its
+            `iterations`.
+        optimizer_variables: the values of `optimizer.variables`, needed
+            with an `optimizer` inside a compiled function.
+
+    Returns:
+        `(loss, gradients, non_trainable_variables)`: the clean loss, the
+        SAM gradients aligned with `trainable_variables`, and the new
+        values of the non-trainable variables.
+    """
+    groups = [model.trainable_variables, model.non_trainable_variables]
+    values = [trainable_variables, non_trainable_variables]
+    if optimizer is not None and optimizer_variables is not None:
+        groups.append(optimizer.variables)
+        values.append(optimizer_variables)
+    (loss, gradients), new_values = common.run_stateless(
+        lambda: sam_gradients(
+            model,
+            x,
+            y,
+            loss_fn,
+            sample_weight=sample_weight,
+            optimizer=optimizer,
+            **options,
+        ),
+        groups,
+        values,
+    )
+    return loss, gradients, new_values[1]
+
+
+def _loss_function(loss_fn):
+    """`loss_fn` as `f(y_true, y_pred, sample_weight)` giving a scalar."""
+    if isinstance(loss_fn, (str, dict)):
+        try:
+            loss_fn = keras.losses.get(loss_fn)
+        except ValueError as error:
+            raise ValueError(
+                "`loss_fn` is not a Keras loss identifier. Received: "
+                f"loss_fn={loss_fn!r}"
+            ) from error
+    if isinstance(loss_fn, keras.losses.Loss):
+        return loss_fn
+    if not callable(loss_fn):
+        raise TypeError(
+            "`loss_fn` must be a `keras.losses.Loss`, a loss name or a "
+            f"function. Received: loss_fn={loss_fn!r}"
+        )
+    if _takes_sample_weight(loss_fn):
+        return loss_fn
+    return _PerExampleLoss(loss_fn)
+
+
+def _takes_sample_weight(fn):
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = []
+    for p in parameters:
+        if p.name == "sample_weight" or p.kind == p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional.append(p)
+    required = inspect.Parameter.empty
+    return len(positional) >= 3 and positional[2].default is required
+
+
+class _PerExampleLoss(keras.losses.Loss):
+    """A function `fn(y_true, y_pred)` reduced as Keras' losses are.
+
+    `keras.losses.Loss` weights the per-example values by `sample_weight`,
+    averages them over the batch and divides by the number of replicas.
+    Keras' own wrapper of a loss function, `LossFunctionWrapper` (what
+    `compile(loss=fn)` uses), is not exported by `keras.losses` (Keras
+    3.15.1), and `model.compute_loss` needs a model compiled with the loss,
+    which `sam_gradients` does not ask for.
+    """
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+def _scale_loss_for_replicas(loss):
+    # As Keras' losses and `compute_loss` do under tf.distribute: summing
+    # the replicas' gradients then averages them.
+    replicas = backend.replica_count()
+    if replicas > 1:
+        loss = loss / replicas
+    return loss

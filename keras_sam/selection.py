@@ -1,0 +1,125 @@
+"""The variables that a variant of the SAM step selects or reads.
+
+ASAM's `T_w` scales the weights, not the offsets (`adaptive_variables_mask`);
+SAM-ON perturbs the variables that `perturbed_variables` names
+(`perturbed_mask`); Momentum-SAM moves the weights along the optimizer's
+momentum (`momentum_variables`); LookSAM keeps a direction per variable
+(`looksam_directions`). `SAMModel` hands them to
+`sam_step.compute_sam_gradients`.
+"""
+
+import re
+
+import keras
+
+from keras_sam import compat
+
+NORMALIZATION_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+)
+
+
+def adaptive_variables_mask(variables, adaptive_variables="weights"):
+    """ASAM's `adaptive_mask` for `variables`, or `None` for all of them.
+
+    `"weights"`: `True` for every variable except biases and normalization
+    offsets (named `bias` or `beta`), as in the ASAM authors' code; `"all"`:
+    `None`, every variable.
+    """
+    if adaptive_variables == "all":
+        return None
+    if adaptive_variables != "weights":
+        raise ValueError(
+            "`adaptive_variables` must be 'weights' or 'all'. Received: "
+            f"adaptive_variables={adaptive_variables!r}"
+        )
+    return [v.name not in _OFFSET_NAMES for v in variables]
+
+
+_OFFSET_NAMES = ("bias", "beta")
+
+
+def perturbed_mask(model, perturbed_variables="all"):
+    """SAM-ON's `perturbed_mask` for `model.trainable_variables`, or `None`.
+
+    `"all"`: `None`, every variable; `"normalization"`: `True` for the
+    weights of the normalization layers (`NORMALIZATION_LAYERS`) at any
+    depth of `model`; a list of regular expressions: `True` for each
+    variable whose `path` one of them matches (`re.search`). A selection
+    of no variable raises.
+    """
+    if perturbed_variables == "all":
+        return None
+    if perturbed_variables == "normalization":
+        selected = {
+            id(v)
+            for layer in compat.flatten_layers(model)
+            if isinstance(layer, NORMALIZATION_LAYERS)
+            for v in layer.trainable_variables
+        }
+        mask = [id(v) in selected for v in model.trainable_variables]
+    else:
+        patterns = [re.compile(p) for p in perturbed_variables]
+        mask = [
+            any(p.search(v.path) for p in patterns)
+            for v in model.trainable_variables
+        ]
+    if not any(mask):
+        raise ValueError(
+            "`perturbed_variables` selects none of the trainable "
+            "variables. Received: "
+            f"perturbed_variables={perturbed_variables!r}; the "
+            "variables are "
+            f"{[v.path for v in model.trainable_variables]}"
+        )
+    return mask
+
+
+def _momentum_optimizer(optimizer):
+    """The SGD with momentum inside `optimizer` (loss scaling unwrapped)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not isinstance(inner, keras.optimizers.SGD) or not inner.momentum:
+        raise ValueError(
+            "`perturbation='momentum'` (Momentum-SAM) moves the weights "
+            "along the optimizer's momentum, so it needs "
+            "`keras.optimizers.SGD(momentum=...)` with a momentum > 0. "
+            f"Received: optimizer={type(inner).__name__}"
+            + (
+                f"(momentum={inner.momentum})"
+                if isinstance(inner, keras.optimizers.SGD)
+                else ""
+            )
+        )
+    return inner
+
+
+def momentum_variables(optimizer, variables):
+    # Checked at the first step, not in `compile`: Keras does not restore
+    # the compiled state of a model whose `compile` is overridden.
+    _momentum_optimizer(optimizer)
+    return compat.optimizer_slots(
+        optimizer, lambda inner: inner.momentums, variables
+    )
+
+
+def replica_state(variables, name):
+    """A zero float32 variable per variable: a variant's state (LookSAM's
+    direction `g_v`, F-SAM's moving average of the clean gradient).
+
+    On-read: each replica keeps the state of its own gradient, as it keeps
+    its own ε; a checkpoint stores their mean.
+    """
+    return [
+        keras.Variable(
+            keras.initializers.Zeros(),
+            shape=v.shape,
+            dtype="float32",
+            trainable=False,
+            aggregation="mean",
+            synchronization="on_read",
+            name=name,
+        )
+        for v in variables
+    ]

@@ -1,0 +1,149 @@
+"""What a model that wraps `self.base` needs of Keras to behave as its base.
+
+`SAMModel` changes how a model trains, nothing else. `BaseWrapper`, a base
+class of it before `keras.Model`, makes the wrapper call, build, compute
+its loss, export and save as the wrapped model: `.weights.h5` files in the
+base model's layout (the wrapper's own state under `sam_model/`), the
+exported artifact of the base, and optimizers named by their public class.
+The private Keras code this takes is in `keras_sam.compat`.
+"""
+
+import keras
+from keras import tree
+
+from keras_sam import compat
+
+_WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
+
+
+def check_base(base):
+    """Raises unless `base` is a Keras model that is not itself a wrapper."""
+    if not isinstance(base, keras.Model):
+        raise ValueError(
+            "`base` must be a Keras model (an instance of `keras.Model`). "
+            f"Received: base={base!r} of type {type(base).__name__}"
+        )
+    if isinstance(base, BaseWrapper):
+        name = type(base).__name__
+        raise ValueError(
+            f"`base` is already a {name}; wrap its base model instead, "
+            f"`{name}(model.base, ...)`. Received: "
+            f"base={base.name!r} of type {name}"
+        )
+
+
+class BaseWrapper:
+    """A `keras.Model` that calls, builds, exports and saves as `self.base`.
+
+    A subclass sets `self.base` in `__init__` and builds its own state in
+    `_build_variant_state`, which `build` calls once the base is built.
+    """
+
+    def _build_variant_state(self):
+        pass
+
+    def call(self, inputs, training=None):
+        return self.base(inputs, training=training)
+
+    def build(self, input_shape=None):
+        if not self.base.built:
+            if input_shape is None:
+                self.base.build(input_shape)
+            else:
+                self._build_base(
+                    tree.map_shape_structure(keras.KerasTensor, input_shape)
+                )
+        self._build_variant_state()
+        self.built = True
+
+    def _build_base(self, inputs):
+        # A first call on symbolic inputs builds the base as Keras does: a
+        # subclassed model has no `build` of its own to call.
+        self.base(inputs, training=False)
+
+    def _build_from_batch(self, x):
+        # Keras builds a model at its first call, inside the first step; the
+        # SAM step needs the weights before its clean pass.
+        specs = tree.map_structure(
+            lambda t: (
+                None if t is None else keras.KerasTensor(t.shape, t.dtype)
+            ),
+            x,
+        )
+        if not self.base.built:
+            self._build_base(specs)
+        self.build(
+            tree.map_structure(lambda t: None if t is None else t.shape, specs)
+        )
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """`base.compute_loss` if the base overrides it, else Keras' own."""
+        if type(self.base).compute_loss is keras.Model.compute_loss:
+            return super().compute_loss(
+                x, y, y_pred, sample_weight, training=training
+            )
+        return compat.compute_loss_with(
+            self.base, self, x, y, y_pred, sample_weight, training=training
+        )
+
+    # A multi-worker-safe build (keras-team/keras#20585): see compat.
+    _maybe_symbolic_build = compat.maybe_symbolic_build
+
+    def export(
+        self,
+        filepath,
+        format="tf_saved_model",
+        verbose=None,
+        input_signature=None,
+        **kwargs,
+    ):
+        """Exports the base model for inference: see `keras.Model.export`.
+
+        The artifact is the one `model.base.export(...)` writes, with the
+        base model's serving signature; SAM only changes training.
+        """
+        return self.base.export(
+            filepath,
+            format=format,
+            verbose=verbose,
+            input_signature=input_signature,
+            **kwargs,
+        )
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves the weights in the layout of `model.base.save_weights`.
+
+        The file loads into the bare base model with
+        `base.load_weights(filepath)`, and into a `SAMModel` (with the
+        optimizer's and the variants' state, kept in a `sam_model` group
+        that the base model ignores). See `keras.Model.save_weights`.
+        """
+        path = str(filepath)
+        if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
+            return super().save_weights(filepath, overwrite, max_shard_size)
+        compat.save_weights(self, path, overwrite, max_shard_size)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Loads weights saved by a `SAMModel` or by its base model.
+
+        A file written by `model.base.save_weights` loads into the base.
+        See `keras.Model.load_weights`.
+        """
+        path = str(filepath)
+        if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
+            if compat.weights_file_has_path(path, compat.SAM_STATE):
+                return compat.load_weights(self, path, skip_mismatch)
+            if not compat.weights_file_has_path(path, "base"):
+                return self.base.load_weights(path, skip_mismatch)
+        return super().load_weights(
+            filepath, skip_mismatch=skip_mismatch, **kwargs
+        )
+
+    def get_compile_config(self):
+        return compat.public_optimizer_classes(super().get_compile_config())
+
+    def compile_from_config(self, config):
+        # Files that an earlier version saved on PyTorch name its classes.
+        super().compile_from_config(compat.public_optimizer_classes(config))
