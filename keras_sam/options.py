@@ -10,6 +10,7 @@ import dataclasses
 import math
 import numbers
 import re
+import textwrap
 
 import keras
 import numpy as np
@@ -34,15 +35,19 @@ class SAMOptions:
     rho: object = _option(
         0.05,
         "The neighbourhood radius ρ >= 0: a number, a schedule of the step "
-        "or a float keras.Variable read at every step; 0 is the base "
-        "optimizer.",
+        "(evaluated at the step the optimizer's learning-rate schedule "
+        "sees) or a float keras.Variable read at every step (a callback "
+        "may set it; configs store its value); 0 is the base optimizer. "
+        "ASAM typically wants a ρ about 10 times SAM's.",
     )
     adaptive: bool = _option(False, "ASAM's scale-invariant ε.")
     eta: float = _option(0.01, "ASAM's η > 0, added to |w|.")
     adaptive_variables: str = _option(
         "weights",
-        "With adaptive: 'weights' (T = |w| + η except on biases and "
-        "normalization offsets, as the ASAM authors' code) or 'all'.",
+        "With adaptive: 'weights' (T = |w| + η on every trainable variable "
+        "but biases and normalization offsets, named bias or beta, which "
+        "get T = 1, as the ASAM authors' code) or 'all' (T = |w| + η on "
+        "every one, as davda54/sam's ASAM).",
     )
     sync_perturbations: bool = _option(
         False,
@@ -127,6 +132,21 @@ class SAMOptions:
 
 def fields():
     return dataclasses.fields(SAMOptions)
+
+
+def args_doc(indent):
+    """The options as the `Args:` entries of a docstring, each with its
+    help and its default, indented by `indent` spaces."""
+    pad = " " * indent
+    return "\n".join(
+        textwrap.fill(
+            f"{f.name}: {f.metadata['help']} Defaults to `{f.default!r}`.",
+            width=80,
+            initial_indent=pad,
+            subsequent_indent=pad + "    ",
+        )
+        for f in fields()
+    )
 
 
 NAMES = tuple(f.name for f in fields())

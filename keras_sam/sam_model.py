@@ -154,47 +154,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
 
     Args:
         base: the Keras model to train. It is used as is, not copied.
-        rho: the neighbourhood radius ρ ≥ 0: a number, a schedule of the
-            step (evaluated at the step the optimizer's learning-rate
-            schedule sees, so also per batch under gradient accumulation),
-            or a float `keras.Variable` read at every step (so that a
-            callback may set it; `get_config` and `.keras` files store its
-            value at saving time as a number). `0` reproduces the base
-            optimizer. ASAM typically wants a ρ about 10x larger than SAM.
-            Defaults to `None`: `SAMOptions`' 0.05.
-        adaptive: use ASAM's scale-invariant ε. Defaults to `False`.
-        eta: ASAM's η > 0, added to `|w|`. Defaults to `0.01`.
-        sync_perturbations: all-reduce the clean gradient across replicas
-            before computing ε. Defaults to `False`.
-        micro_batches: the number of parts, each with its own ε, into
-            which each replica's batch is split (equal parts when it
-            divides the per-replica batch size; see above otherwise).
-            Defaults to `1`.
-        gsam_alpha: GSAM's α ≥ 0; `0` is SAM. Defaults to `0.0`.
-        perturbed_variables: which trainable variables ε perturbs: `"all"`,
-            `"normalization"` (SAM-ON) or a list of regular expressions
-            matched against `variable.path`. Defaults to `"all"`.
-        switching: a `keras_sam.switching.SwitchingPolicy` choosing the
-            steps that run SAM, or `None` for every step. Defaults to
-            `None`.
-        looksam_alpha: LookSAM's α ≥ 0 for the steps that a `switching`
-            policy leaves without SAM, or `None` to apply the plain clean
-            gradient there. Defaults to `None`.
-        adaptive_variables: with `adaptive=True`, the variables whose ε is
-            scaled by `T_w = |w| + η`. `"weights"`: every trainable variable
-            except biases and normalization offsets (variables named `bias`
-            or `beta`), which get `T = 1`, the convention of the ASAM
-            authors' code (SamsungLabs/ASAM). `"all"`: every trainable
-            variable, as davda54/sam's ASAM (with η). Defaults to
-            `"weights"`.
-        perturbation: `"gradient"` (SAM: ε along the clean gradient),
-            `"momentum"` (Momentum-SAM: ε along the optimizer's momentum,
-            one pass per step) or `"friendly"` (F-SAM: ε along the clean
-            gradient less σ times its moving average, see
-            `sam_step.compute_sam_gradients`). Defaults to `"gradient"`.
-        friendly_sigma: F-SAM's σ ≥ 0; `0` is SAM. Defaults to `1.0`.
-        friendly_decay: F-SAM's λ in [0, 1), the decay of the moving
-            average. Defaults to `0.9`.
+        <options>
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -230,15 +190,15 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
             self.built = True
 
     def _build_variant_state(self):
+        variables = self.base.trainable_variables
         if self.perturbation == "friendly" and self._friendly_averages is None:
             self._friendly_averages = selection.replica_state(
-                self.base.trainable_variables, "friendly_average"
+                variables, "friendly_average"
             )
-        if self.looksam_alpha is None or self._looksam_directions is not None:
-            return
-        self._looksam_directions = selection.replica_state(
-            self.base.trainable_variables, "looksam_direction"
-        )
+        if self.looksam_alpha is not None and self._looksam_directions is None:
+            self._looksam_directions = selection.replica_state(
+                variables, "looksam_direction"
+            )
 
     # Called with `(data)`, or `(state, data)` by JAX's stateless trainer.
     @backend.stateful_train_step
@@ -255,7 +215,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
 
         result = sam_step.compute_sam_gradients(
             self,
-            self._compute_total_loss,
+            self.compute_loss,  # with training=True
             x,
             y,
             sample_weight,
@@ -327,11 +287,6 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
             logs.pop(name, None)
         return compat.logs_for_workers(output)
 
-    def _compute_total_loss(self, x, y, y_pred, sample_weight):
-        return self.compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-
     def get_config(self):
         config = super().get_config()
         config["base"] = keras.saving.serialize_keras_object(self.base)
@@ -349,6 +304,11 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
             custom_objects=custom_objects,
         )
         return cls(base, **sam_options.as_kwargs(), **config)
+
+
+SAMModel.__doc__ = SAMModel.__doc__.replace(
+    "        <options>", options_lib.args_doc(indent=8)
+)
 
 
 def _unscale_loss_for_distribution(loss):

@@ -27,15 +27,7 @@ from keras_sam import switching
 
 SAMResult = collections.namedtuple(
     "SAMResult",
-    [
-        "loss",
-        "y_pred",
-        "gradients",
-        "sharpness",
-        "grad_norm",
-        "perturbed",
-        "sam_step",
-    ],
+    "loss y_pred gradients sharpness grad_norm perturbed sam_step",
     defaults=(None, None, None, None),
 )
 SAMResult.__doc__ = """What one SAM step computed.
@@ -142,42 +134,20 @@ def compute_sam_gradients(
     - `looksam_alpha`, `looksam_directions`: LookSAM's α and the variables
       holding its direction `g_v`, which SAM steps overwrite (keeping the
       old one when the new one is not finite).
-    - `perturbation="momentum"`, `momentums`: Momentum-SAM (Becker,
-      Altrichter and Kalinowski, 2024, arXiv 2401.12033), ε along the
-      optimizer's momentum variables `m` (Keras' SGD: `m ← μ m − lr g`,
-      `w ← w + m`) instead of a clean gradient, and no clean pass:
-
-      ```
-      ε        = ρ · m / (‖m‖₂ + 1e-12)
-      gradient = ∇L(w + ε)                 # the only pass
-      ```
-
-      The authors' code (MarlonBecker/MSAM) keeps PyTorch's buffer
-      `v ← μ v + g`, `w ← w − lr v`, and takes the gradient at
-      `w − ρ v/‖v‖`; with a constant learning rate `m = −lr v`, the same
-      point. The loss returned (and logged) is `L(w + ε)`, the BatchNorm
-      statistics are those of that pass, `sharpness` is 0 (not measured),
-      `grad_norm` is ‖∇L(w + ε)‖₂, and on the first step (`m = 0`) ε = 0.
-      `perturbed_mask` applies; the options that need a clean gradient or
-      several ε do not.
+    - `perturbation="momentum"`, `momentums`: Momentum-SAM (Becker et al.,
+      2024), no clean pass; ε = ρ m/‖m‖₂ along the optimizer's momentum `m`
+      (Keras' SGD: `m ← μ m − lr g`, `w ← w + m`; the authors' PyTorch
+      `w − ρ v/‖v‖` is the same point at a constant learning rate), and the
+      gradient is ∇L(w + ε), the only pass. Its loss, BatchNorm statistics
+      and `grad_norm` are those of that pass, `sharpness` is 0, and the
+      first step (`m = 0`) has ε = 0. `perturbed_mask` applies; the options
+      that need a clean gradient or several ε do not.
     - `perturbation="friendly"`, `friendly_averages`: F-SAM (Li et al.,
-      CVPR 2024), ε along the clean gradient `g` less σ times `m`, the
-      moving average of the previous steps' `g` (float32 variables, zero
-      at first), which every step then updates, whether or not its
-      perturbed pass runs:
-
-      ```
-      d = g − σ m                        # σ: friendly_sigma, 1
-      ε = ρ · d / (‖d‖₂ + 1e-12)         # ASAM's T_w applies to d
-      m ← g if m = 0 else λ m + (1 − λ) g  # λ: friendly_decay, 0.9
-      ```
-
-      `d` is formed before `m` moves, as in the authors' code
-      (nblt/F-SAM; with σ = 1, after the first step, either order gives
-      the same ε), and σ = 0 is SAM. `g` is the gradient ε is computed
-      from (summed across replicas with `sync_perturbations`), divided by
-      the loss scale; `perturbed_mask` applies. See
-      `perturbations.friendly_direction` and `friendly_average`.
+      CVPR 2024), ε along `d = g − σ m` (`perturbations.friendly_direction`)
+      with `m` the moving average of the earlier clean gradients, updated
+      after `d` is formed, on every step, as in the authors' code
+      (`perturbations.friendly_average`); σ = 0 is SAM. `g` is the gradient
+      ε would be computed from, divided by the loss scale.
 
     Returns:
         A `SAMResult`.
@@ -480,16 +450,7 @@ _Clean = collections.namedtuple(
 )
 _Outcome = collections.namedtuple(
     "_Outcome",
-    [
-        "loss",
-        "y_pred",
-        "gradients",
-        "sharpness",
-        "grad_norm",
-        "directions",
-        "state",
-        "metrics",
-    ],
+    "loss y_pred gradients sharpness grad_norm directions state metrics",
 )
 
 
