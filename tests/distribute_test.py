@@ -33,13 +33,18 @@ def mirrored():
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
-def assert_two_replicas_match_one_device(make_model, x, y, batch, epochs):
-    """`make_model()`'s compiled model fitted under a two-replica
-    MirroredStrategy ends with the base weights it has on one device."""
+def assert_two_replicas_match_one_device(
+    make_model, make_optimizer, loss, data, batch, epochs
+):
+    """`make_model()` compiled without XLA and fitted on `data` under a
+    two-replica MirroredStrategy ends with the base weights it has on one
+    device."""
+    x, y = data
     weights = []
     for strategy in (mirrored(), tf.distribute.get_strategy()):
         with strategy.scope():
             model = make_model()
+            model.compile(make_optimizer(), loss=loss, jit_compile=False)
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
         model.fit(dataset.repeat(epochs), verbose=0)
         weights.append(model.base.get_weights())

@@ -144,15 +144,7 @@ def test_matches_the_authors_algorithm_over_several_steps(mode):
     model = friendly_model()
     history = fit(model, **MODES[mode])
     want_w, want_b, losses, average = oracle_weights()
-    got_w, got_b = model.base.get_weights()
-    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
-    steps = len(losses) // EPOCHS
-    np.testing.assert_allclose(
-        history.history["loss"],
-        np.mean(np.reshape(losses, (EPOCHS, steps)), axis=1),
-        rtol=1e-5,
-    )
+    oracle.assert_fit_matches(model, history, want_w, want_b, losses, EPOCHS)
     assert "sharpness" in history.history
     for got, want in zip(model._friendly_averages, average):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
@@ -262,13 +254,14 @@ def test_get_config_round_trips_the_options():
 def test_two_replicas_with_sync_perturbations_take_the_single_device_step():
     from tests.distribute_test import assert_two_replicas_match_one_device
 
-    def make_model():
-        model = friendly_model(sync_perturbations=True)
-        model.compile(optimizer=sgd(), loss=xent(), jit_compile=False)
-        return model
-
-    x, y, _, _ = softmax_data()
-    assert_two_replicas_match_one_device(make_model, x, y, BATCH, EPOCHS)
+    assert_two_replicas_match_one_device(
+        lambda: friendly_model(sync_perturbations=True),
+        sgd,
+        xent(),
+        softmax_data()[:2],
+        BATCH,
+        EPOCHS,
+    )
 
 
 @pytest.mark.parametrize(

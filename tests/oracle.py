@@ -357,3 +357,17 @@ def train_keras_sgd(
             if overwrite and (updates + 1) % overwrite == 0:
                 params = [a.copy() for a in average]
     return params[0], params[1], losses, average
+
+
+def assert_fit_matches(model, history, want_w, want_b, losses, epochs):
+    """A softmax regression's fit ended at the oracle's weights and logged,
+    per epoch, the mean of the oracle's per-step losses."""
+    got_w, got_b = model.base.get_weights()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
+    steps = len(losses) // epochs
+    np.testing.assert_allclose(
+        history.history["loss"],
+        np.mean(np.reshape(losses, (epochs, steps)), axis=1),
+        rtol=1e-5,
+    )
