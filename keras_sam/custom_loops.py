@@ -106,7 +106,7 @@ def sam_gradients(
             the optimizer evaluates its learning rate), `adaptive`, `eta`,
             `adaptive_variables`, `micro_batches`, `sync_perturbations`
             (inside `tf.distribute`, one ε for the global batch) and
-            `gsam_alpha`, with their defaults there (ρ = 0.05: SAM).
+            `gsam_alpha`, with their defaults there (which are SAM).
 
     Returns:
         `(loss, gradients)`: the clean loss (scalar; under a strategy, this

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_sam import backend
 from keras_sam import compat
+from keras_sam import options
 
 _SCHEDULES = keras.optimizers.schedules
 
@@ -39,7 +40,7 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     Args:
         learning_rate: the optimizer's learning-rate schedule (a callable
             of the step).
-        rho_max: ρ at `lr_max`. Defaults to `0.05`.
+        rho_max: ρ at `lr_max`. Defaults to SAM's ρ, `SAMOptions.rho`.
         rho_min: ρ at `lr_min`. Defaults to `0.0`.
         lr_max: the peak learning rate. Defaults to `None`: the maximum of
             the schedule over all steps, read from its arguments.
@@ -50,7 +51,7 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(
         self,
         learning_rate,
-        rho_max=0.05,
+        rho_max=options.SAMOptions.rho,
         rho_min=0.0,
         lr_max=None,
         lr_min=0.0,

@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import flags
 
 from keras_sam import analysis
+from keras_sam import options
 from trainers import checkpoint
 from trainers import flags as trainer_flags
 
@@ -53,7 +54,7 @@ def define_flags():
     flags.DEFINE_integer(
         "max_iterations", 40, "Cap on Hessian-vector products."
     )
-    flags.DEFINE_float("rho", 0.05, "ρ of the m-sharpness.")
+    flags.DEFINE_float("rho", Measurements.rho, "ρ of the m-sharpness.")
     flags.DEFINE_integer("m", 128, "Examples per set of the m-sharpness.")
     flags.DEFINE_integer(
         "landscape_points", 21, "Grid points per landscape axis."
@@ -94,7 +95,7 @@ class Measurements(data_config.FlagFields):
 
     top_k: int = 1
     max_iterations: int = 40
-    rho: float = 0.05
+    rho: float = options.SAMOptions.rho
     m: int = 128
     landscape_radius: float = 1.0
     landscape_points: int = 21
