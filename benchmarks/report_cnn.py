@@ -120,7 +120,8 @@ def _table(rows):
         gain = "—"
         if "gain" in r:
             ci = "" if np.isnan(r["ci"]) else f" (± {r['ci']:.2f})"
-            gain = f"{r['gain']:+.2f}{ci}, {r['pairs']} pairs"
+            pairs = f"{r['pairs']} pair" + "s" * (r["pairs"] != 1)
+            gain = f"{r['gain']:+.2f}{ci}, {pairs}"
         lines.append(
             common.row(
                 r["name"],
@@ -133,6 +134,26 @@ def _table(rows):
                 "—" if r["measured"] is None else f"{r['measured']:.2f}×",
             )
         )
+    return "\n".join(lines)
+
+
+def grids(runs, noise):
+    """Seed 0's validation / test accuracy at each ρ of each method's
+    grid, the choice in bold."""
+    lines = []
+    for name in METHODS:
+        first = [r for r in _runs(runs, name, noise) if r["seed"] == 0]
+        if len({r["rho"] for r in first}) < 2:
+            continue
+        _, rho = chosen(runs, name, noise)
+        cells = [
+            ("**{}**" if np.isclose(r["rho"], rho) else "{}").format(
+                f"ρ = {r['rho']:g}: {100 * r['validation_accuracy']:.1f} / "
+                f"{100 * r['test_accuracy']:.1f}"
+            )
+            for r in sorted(first, key=lambda r: r["rho"])
+        ]
+        lines.append(f"- {name}: " + ", ".join(cells))
     return "\n".join(lines)
 
 
@@ -227,6 +248,8 @@ def section(data):
             "cnn_table",
             noise=common.percent(n),
             rows=_table(by_noise[n]),
+            grids=grids(runs, n) or "—",
+            first_seed=min(r["seed"] for r in runs),
             priced_on=PRICED_ON,
         )
         for n in noise_rates
