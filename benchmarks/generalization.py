@@ -379,6 +379,11 @@ def run(flags_obj):
             "regime": regime,
             # False for a study in progress (--notrain).
             "complete": complete,
+            "grids": {
+                name: rhos
+                for name, (_, rhos, _) in CNN_METHODS.items()
+                if rhos and flags_obj.study == "cnn"
+            },
             "runs": results,
         }
         checkpoint.write_atomically(

@@ -74,9 +74,10 @@ def _by_seed(group):
     return {r["seed"]: 100 * r["test_accuracy"] for r in group}
 
 
-def rows(runs, noise, performance):
+def rows(runs, noise, performance, grids=None):
     """One dict per method at `noise` that has runs: accuracy, paired gain
-    over SGD, share of SAM's gain, counted and measured cost."""
+    over SGD, share of SAM's gain, counted and measured cost, and how many
+    of the ρ in its grid (`grids[name]`) seed 0 has tried so far."""
     sgd = _by_seed(_runs(runs, "SGD", noise))
     sam_group, _ = chosen(runs, "SAM", noise)
     sam_gain = {"n": 0}
@@ -96,6 +97,8 @@ def rows(runs, noise, performance):
         if not group:
             continue
         row = dict(name=name, rho=rho, seeds=len(group))
+        tried = {r["rho"] for r in _runs(runs, name, noise) if r["seed"] == 0}
+        row["grid"] = (len(tried), len((grids or {}).get(name, ())))
         row["accuracy"] = common.mean_sd(_by_seed(group).values())
         fractions = [
             np.mean(r["history"]["sam_fraction"])
@@ -125,7 +128,7 @@ def _table(rows):
         lines.append(
             common.row(
                 r["name"],
-                "—" if r["name"] == "SGD" else f"{r['rho']:g}",
+                "—" if r["name"] == "SGD" else _rho_cell(r),
                 r["seeds"],
                 r["accuracy"],
                 gain,
@@ -155,6 +158,13 @@ def grids(runs, noise):
         ]
         lines.append(f"- {name}: " + ", ".join(cells))
     return "\n".join(lines)
+
+
+def _rho_cell(row):
+    tried, grid = row["grid"]
+    if tried < grid:  # a study in progress: the choice may change
+        return f"{row['rho']:g} ({tried} of {grid} tried)"
+    return f"{row['rho']:g}"
 
 
 def _final(group, key):
@@ -241,7 +251,9 @@ def section(data):
     study, performance = data["cnn"], data["performance"]
     runs = study["runs"]
     noise_rates = sorted({r["label_noise"] for r in runs}, reverse=True)
-    by_noise = {n: rows(runs, n, performance) for n in noise_rates}
+    by_noise = {
+        n: rows(runs, n, performance, study.get("grids")) for n in noise_rates
+    }
     tables = "\n\n".join(
         common.snippet(
             "results",

@@ -94,6 +94,14 @@ def test_answers_follow_the_rows_and_the_measured_costs():
     assert "At 0 %: Momentum-SAM (+2.50 points per SGD step)" in answers["q4"]
 
 
+def test_a_grid_not_yet_tried_whole_is_said_in_the_rho_cell():
+    runs = _study()["runs"]
+    rows = report_cnn.rows(runs, 0.4, None, {"SAM": [0.05, 0.1, 0.2]})
+    assert "| SAM | 0.1 (2 of 3 tried) | 3 |" in report_cnn._table(rows)
+    rows = report_cnn.rows(runs, 0.4, None, {"SAM": [0.1, 0.2]})
+    assert "| SAM | 0.1 | 3 |" in report_cnn._table(rows)
+
+
 def test_a_study_in_progress_says_what_is_missing():
     study = _study(noise_rates=(0.4,))
     study["runs"] = [r for r in study["runs"] if r["optimizer"] == "SGD"]
