@@ -156,7 +156,15 @@ def grids(runs, noise):
             )
             for r in sorted(first, key=lambda r: r["rho"])
         ]
-        lines.append(f"- {name}: " + ", ".join(cells))
+        rhos = sorted(r["rho"] for r in first)
+        edge = ""
+        if len(rhos) > 2 and rho in (rhos[0], rhos[-1]):
+            edge = common.snippet(
+                "results",
+                "cnn_grid_edge",
+                end="smallest" if rho == rhos[0] else "largest",
+            )
+        lines.append(f"- {name}: " + ", ".join(cells) + edge)
     return "\n".join(lines)
 
 

@@ -147,6 +147,16 @@ def test_the_section_renders_with_its_plot(tmp_path):
     # SAM's grid on seed 0: ρ = 0.1 chosen (validation 70 %), not 0.2
     # (validation 60 %, test 90 %).
     assert (
-        "- SAM: **ρ = 0.1: 70.0 / 83.0**, ρ = 0.2: 60.0 / 90.0"
+        "- SAM: **ρ = 0.1: 70.0 / 83.0**, ρ = 0.2: 60.0 / 90.0\n"
         in fields["tables"]
+    )
+
+
+def test_a_choice_at_the_edge_of_a_grid_is_said():
+    runs = [
+        _run("SAM", 0.4, 0, 0.8, validation, rho)
+        for rho, validation in ((0.05, 0.6), (0.1, 0.5), (0.2, 0.4))
+    ]
+    assert report_cnn.grids(runs, 0.4).endswith(
+        "(the smallest ρ of the grid: the best may lie beyond it)"
     )
