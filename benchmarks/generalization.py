@@ -95,7 +95,7 @@ VARIANTS = {
 
 
 # The CNN regime (issue #28): TF graph mode was the fastest backend for it
-# on 2 CPU cores (README of docs/results_cnn.json's study).
+# on 2 CPU cores (benchmarks.cnn_epoch_time, docs/cnn_epoch_time.json).
 CNN_REGIME = dict(
     model="resnet20",
     train_examples=8000,
@@ -379,13 +379,12 @@ def run(flags_obj):
             "regime": regime,
             # False for a study in progress (--notrain).
             "complete": complete,
-            "grids": {
-                name: rhos
-                for name, (_, rhos, _) in CNN_METHODS.items()
-                if rhos and flags_obj.study == "cnn"
-            },
             "runs": results,
         }
+        if flags_obj.study == "cnn":
+            summary["grids"] = {
+                name: rhos for name, (_, rhos, _) in CNN_METHODS.items() if rhos
+            }
         checkpoint.write_atomically(
             flags_obj.output,
             lambda f: f.write(json.dumps(summary, indent=1).encode()),

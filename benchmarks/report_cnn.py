@@ -51,18 +51,10 @@ COST_TARGET = 1.25
 SHARE_TARGET = 0.8
 
 
-def _runs(runs, name, noise):
-    return [
-        r
-        for r in runs
-        if r["optimizer"] == name and np.isclose(r["label_noise"], noise)
-    ]
-
-
 def chosen(runs, name, noise):
     """`name`'s runs at the ρ of its best seed-0 validation accuracy (all
     its runs when it has one ρ), and that ρ; ([], None) without runs."""
-    group = _runs(runs, name, noise)
+    group = common.select(runs, name, noise)
     first = [r for r in group if r["seed"] == 0]
     if not first:
         return [], None
@@ -70,19 +62,15 @@ def chosen(runs, name, noise):
     return [r for r in group if np.isclose(r["rho"], rho)], rho
 
 
-def _by_seed(group):
-    return {r["seed"]: 100 * r["test_accuracy"] for r in group}
-
-
 def rows(runs, noise, performance, grids=None):
     """One dict per method at `noise` that has runs: accuracy, paired gain
     over SGD, share of SAM's gain, counted and measured cost, and how many
     of the ρ in its grid (`grids[name]`) seed 0 has tried so far."""
-    sgd = _by_seed(_runs(runs, "SGD", noise))
+    sgd = common.by_seed(common.select(runs, "SGD", noise))
     sam_group, _ = chosen(runs, "SAM", noise)
     sam_gain = {"n": 0}
-    if set(sgd) & set(_by_seed(sam_group)):
-        sam_gain = common.paired_difference(sgd, _by_seed(sam_group))
+    if set(sgd) & set(common.by_seed(sam_group)):
+        sam_gain = common.paired_difference(sgd, common.by_seed(sam_group))
     cells = {}
     if performance and PRICED_ON in performance["timings"]:
         contenders = performance["timings"][PRICED_ON]["contenders"]
@@ -97,9 +85,11 @@ def rows(runs, noise, performance, grids=None):
         if not group:
             continue
         row = dict(name=name, rho=rho, seeds=len(group))
-        tried = {r["rho"] for r in _runs(runs, name, noise) if r["seed"] == 0}
+        tried = {
+            r["rho"] for r in common.select(runs, name, noise) if r["seed"] == 0
+        }
         row["grid"] = (len(tried), len((grids or {}).get(name, ())))
-        row["accuracy"] = common.mean_sd(_by_seed(group).values())
+        row["accuracy"] = common.mean_sd(common.by_seed(group).values())
         fractions = [
             np.mean(r["history"]["sam_fraction"])
             for r in group
@@ -108,8 +98,8 @@ def rows(runs, noise, performance, grids=None):
         one_pass = name in ("SGD", "Momentum-SAM")
         row["cost"] = 1.0 + (0.0 if one_pass else np.mean(fractions or [1]))
         row["measured"] = cells.get(name)
-        if name != "SGD" and set(sgd) & set(_by_seed(group)):
-            gain = common.paired_difference(sgd, _by_seed(group))
+        if name != "SGD" and set(sgd) & set(common.by_seed(group)):
+            gain = common.paired_difference(sgd, common.by_seed(group))
             row.update(gain=gain["mean"], ci=gain["ci"], pairs=gain["n"])
             if sam_gain["n"] and sam_gain["mean"] > 0:
                 row["share"] = gain["mean"] / sam_gain["mean"]
@@ -145,7 +135,7 @@ def grids(runs, noise):
     grid, the choice in bold."""
     lines = []
     for name in METHODS:
-        first = [r for r in _runs(runs, name, noise) if r["seed"] == 0]
+        first = [r for r in common.select(runs, name, noise) if r["seed"] == 0]
         if len({r["rho"] for r in first}) < 2:
             continue
         _, rho = chosen(runs, name, noise)
@@ -288,8 +278,8 @@ def section(data):
             ),
             fastest=min(epochs, key=lambda m: epochs[m]["cpu_seconds"]),
         )
-    noisy = _runs(runs, "SGD", max(noise_rates))
-    clean = _runs(runs, "SGD", 0.0)
+    noisy = common.select(runs, "SGD", max(noise_rates))
+    clean = common.select(runs, "SGD", 0.0)
     flipped = [r["train_accuracy_flipped"] for r in noisy]
     memorizes = flipped and np.mean(flipped) > MEMORIZING
     return dict(

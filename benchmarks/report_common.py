@@ -141,6 +141,23 @@ def paired_difference(a, b):
     )
 
 
+def select(runs, optimizer, noise=None, rho=None):
+    """The runs of `optimizer`, at label noise `noise` and radius `rho`
+    when given."""
+    return [
+        r
+        for r in runs
+        if r["optimizer"] == optimizer
+        and (noise is None or np.isclose(r["label_noise"], noise))
+        and (rho is None or np.isclose(r["rho"], rho))
+    ]
+
+
+def by_seed(runs, key="test_accuracy", scale=100.0):
+    """{seed: scale · run[key]} of the runs that recorded `key`."""
+    return {r["seed"]: scale * r[key] for r in runs if r.get(key) is not None}
+
+
 def pyplot():
     import matplotlib
 

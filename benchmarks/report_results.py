@@ -57,20 +57,6 @@ def define_flags():
     )
 
 
-def _select(runs, optimizer, noise=None, rho=None):
-    return [
-        r
-        for r in runs
-        if r["optimizer"] == optimizer
-        and (noise is None or np.isclose(r["label_noise"], noise))
-        and (rho is None or np.isclose(r["rho"], rho))
-    ]
-
-
-def _by_seed(runs, key="test_accuracy", scale=100.0):
-    return {r["seed"]: scale * r[key] for r in runs if r.get(key) is not None}
-
-
 def _first_seed(runs):
     return min(r["seed"] for r in runs)
 
@@ -100,7 +86,7 @@ def _timed_alike(runs):
 
 
 def _grid(runs):
-    return sorted({r["rho"] for r in _select(runs, "SAM")})
+    return sorted({r["rho"] for r in common.select(runs, "SAM")})
 
 
 def _rates(runs):
@@ -112,7 +98,7 @@ def selected_rhos(runs):
     rate."""
     chosen = {}
     for noise in _rates(runs):
-        candidates = _on_first_seed(_select(runs, "SAM", noise), runs)
+        candidates = _on_first_seed(common.select(runs, "SAM", noise), runs)
         if candidates:
             best = max(candidates, key=lambda r: r["validation_accuracy"])
             chosen[noise] = best["rho"]
@@ -121,14 +107,16 @@ def selected_rhos(runs):
 
 def _groups(runs, noise, rho):
     """SGD's runs at `noise`, and SAM's at `rho`."""
-    return _select(runs, "SGD", noise), _select(runs, "SAM", noise, rho)
+    return common.select(runs, "SGD", noise), common.select(
+        runs, "SAM", noise, rho
+    )
 
 
 def noise_table(runs):
     """The rows of the analogue of the paper's Table 4, one per rate."""
     rows = []
     for noise, rho in selected_rhos(runs).items():
-        sgd, sam = (_by_seed(g) for g in _groups(runs, noise, rho))
+        sgd, sam = (common.by_seed(g) for g in _groups(runs, noise, rho))
         d = common.paired_difference(sgd, sam)
         paper = PAPER_NOISE.get(round(noise, 2))
         rows.append(
@@ -172,7 +160,7 @@ def rho_table(runs):
         cells = [common.percent(noise)]
         for rho in [None] + _grid(runs):
             name = "SGD" if rho is None else "SAM"
-            first = _on_first_seed(_select(runs, name, noise, rho), runs)
+            first = _on_first_seed(common.select(runs, name, noise, rho), runs)
             r = first[0] if first else {}
             cell = "—"
             if r:
@@ -202,7 +190,7 @@ def clean_verdict(runs):
     rhos = selected_rhos(runs)
     if 0.0 not in rhos:
         return "The clean-label runs are missing."
-    sgd, sam = (_by_seed(g) for g in _groups(runs, 0.0, rhos[0.0]))
+    sgd, sam = (common.by_seed(g) for g in _groups(runs, 0.0, rhos[0.0]))
     d = common.paired_difference(sgd, sam)
     if d["mean"] - d["ci"] > 0:
         verdict = "SAM is ahead, and the interval excludes zero"
@@ -265,13 +253,13 @@ def plot_rho(runs, path):
     for noise in _rates(runs):
         values = []
         for rho in _grid(runs):
-            first = _on_first_seed(_select(runs, "SAM", noise, rho), runs)
+            first = _on_first_seed(common.select(runs, "SAM", noise, rho), runs)
             values.append(
                 100 * first[0]["validation_accuracy"] if first else np.nan
             )
         label = common.percent(noise)
         line = ax.plot(_grid(runs), values, marker="o", label=label)[0]
-        sgd = _on_first_seed(_select(runs, "SGD", noise), runs)
+        sgd = _on_first_seed(common.select(runs, "SGD", noise), runs)
         if sgd:
             y = 100 * sgd[0]["validation_accuracy"]
             ax.axhline(y, color=line.get_color(), linestyle=":")
@@ -292,15 +280,17 @@ def variants_rows(variants):
     GSAM), in SGD steps: what a compute-bound step pays.
     """
     runs, momentum_choice = _with_chosen_momentum_rho(variants["runs"])
-    sgd = _by_seed(_select(runs, "SGD"))
-    sam_gain = common.paired_difference(sgd, _by_seed(_select(runs, "SAM")))
+    sgd = common.by_seed(common.select(runs, "SGD"))
+    sam_gain = common.paired_difference(
+        sgd, common.by_seed(common.select(runs, "SAM"))
+    )
     sam_gain = sam_gain["mean"]
     rows = []
     for name in dict.fromkeys(r["optimizer"] for r in runs):
         if name == "SGD":
             continue
-        group = _select(runs, name)
-        gain = common.paired_difference(sgd, _by_seed(group))
+        group = common.select(runs, name)
+        gain = common.paired_difference(sgd, common.by_seed(group))
         fractions = [
             np.mean(r["history"]["sam_fraction"])
             for r in group
@@ -312,7 +302,7 @@ def variants_rows(variants):
         rows.append(
             dict(
                 name=name,
-                accuracy=common.mean_sd(_by_seed(group).values()),
+                accuracy=common.mean_sd(common.by_seed(group).values()),
                 gain=gain["mean"],
                 gain_ci=gain["ci"],
                 share=gain["mean"] / sam_gain if sam_gain > 0 else np.nan,
@@ -338,7 +328,7 @@ def _with_chosen_momentum_rho(runs):
         for r in runs
         if r not in momentum or np.isclose(r["rho"], chosen)
     ]
-    seeds = len(_select(kept, MOMENTUM_SAM))
+    seeds = len(common.select(kept, MOMENTUM_SAM))
     return kept, (chosen, candidates, seeds)
 
 
@@ -484,7 +474,9 @@ def _variants(data):
     timed = _timed_alike(runs)
     chosen_runs, _ = _with_chosen_momentum_rho(runs)
     mixed = [
-        _by_seed(_whole(_select(chosen_runs, name)), "train_cpu_seconds", 1.0)
+        common.by_seed(
+            _whole(common.select(chosen_runs, name)), "train_cpu_seconds", 1.0
+        )
         for name in ("SGD", MOMENTUM_SAM)
     ]
     mixed = [mixed[1][s] / mixed[0][s] for s in set(mixed[0]) & set(mixed[1])]
@@ -499,8 +491,8 @@ def _variants(data):
     return dict(
         whole_run_note=whole_run_note,
         noise=common.percent(runs[0]["label_noise"]),
-        rho=_select(runs, "SAM")[0]["rho"],
-        seeds=len(_select(runs, "SAM")),
+        rho=common.select(runs, "SAM")[0]["rho"],
+        seeds=len(common.select(runs, "SAM")),
         momentum_note=momentum_note,
         command=COMMANDS["variants"],
         report_command=COMMANDS["report"],
