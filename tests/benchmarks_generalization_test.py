@@ -52,9 +52,9 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
             assert seeds[name, noise] == set(range(count)), name
             if rhos:
                 assert grid[name, noise] == set(rhos), name
-    # 2 noise rates × (SGD 3, SAM 3+2, Momentum-SAM 3+2, ASAM 3+1,
+    # 2 noise rates × (SGD 3, SAM 4+2, Momentum-SAM 4+2, ASAM 4+1,
     # SAM-ON 3+1, AE-SAM 2, LookSAM 2).
-    assert len(runs) == 2 * (3 + 5 + 5 + 4 + 4 + 2 + 2)
+    assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 2)
     assert len({generalization.run_name(*r) for r in runs}) == len(runs)
 
 
