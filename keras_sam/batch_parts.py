@@ -126,3 +126,48 @@ def merge_states(initial_state, threaded_state, updates, fractions):
 
 def _is_floating(tensor):
     return keras.backend.is_float_dtype(tensor.dtype)
+
+
+def map_shards(step, data, state, metric_state, shards):
+    """`step(shard, state)` of each of `shards` data shards, merged.
+
+    Where the backend maps over the shards (`backend.map_shards`: JAX under
+    `keras.distribution`), the shards' steps run as one computation that
+    keeps each on the devices holding its rows. `step` returns a SAM
+    step's outcome; the merged one averages the loss, gradients, sharpness,
+    gradient norm and BatchNorm statistics' updates over the shards (equal
+    shares, as `merge_states`), concatenates the predictions, takes the
+    seeds from the first shard (a step's advance) and adds up the shards'
+    metric updates, as if threaded. Returns `None` where the backend does
+    not map or the batch does not split into equal shards.
+    """
+    first = next(t for t in tree.flatten(data) if t is not None)
+    n = first.shape[0]
+    if backend.map_shards is None or n is None or n % shards:
+        return None
+    out = backend.map_shards(step, data, state, shards)
+
+    def mean(t):
+        return None if t is None else ops.mean(t, axis=0)
+
+    return out._replace(
+        loss=mean(out.loss),
+        y_pred=tree.map_structure(
+            lambda t: ops.reshape(t, (n, *t.shape[2:])), out.y_pred
+        ),
+        gradients=[mean(g) for g in out.gradients],
+        sharpness=mean(out.sharpness),
+        grad_norm=mean(out.grad_norm),
+        state=[
+            None
+            if new is None
+            else new[0]
+            if not _is_floating(new)
+            else mean(new)
+            for new in out.state
+        ],
+        metrics=[
+            old + ops.sum(new - old, axis=0)
+            for old, new in zip(metric_state, out.metrics)
+        ],
+    )

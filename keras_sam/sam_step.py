@@ -167,12 +167,11 @@ def compute_sam_gradients(
 
     metrics = model.metrics_variables
     initial_metrics = [ops.convert_to_tensor(v.value) for v in metrics]
-    parts_count = options.micro_batches
-    if not options.sync_perturbations:
-        # Under `keras.distribution` (JAX) the step sees the global batch:
-        # each device's shard is cut into its own micro-batches, so every
-        # shard gets its own ε, as a tf.distribute replica does.
-        parts_count *= backend.data_parallel_shards()
+    # Under `keras.distribution` (JAX) the step sees the global batch:
+    # each device's shard is cut into its own micro-batches, so every
+    # shard gets its own ε, as a tf.distribute replica does.
+    shards = 1 if options.sync_perturbations else backend.data_parallel_shards()
+    parts_count = options.micro_batches * shards
     old_directions = None
     if looksam_directions is not None:
         old_directions = [d.value for d in looksam_directions]
@@ -183,11 +182,10 @@ def compute_sam_gradients(
             return tensors
         return [t if on else None for t, on in zip(tensors, perturbed_mask)]
 
-    def clean_passes(count):
-        """The clean pass at w on each of `count` parts of the batch."""
-        parts = []
-        state, metric_state = initial_state, initial_metrics
-        for fraction, batch in batch_parts.split((x, y, sample_weight), count):
+    def clean_passes(count, data=(x, y, sample_weight), state=initial_state):
+        """The clean pass at w on each of `count` parts of `data`."""
+        parts, metric_state = [], initial_metrics
+        for fraction, batch in batch_parts.split(data, count):
             random_state = backend.random_state()
             clean = _forward_and_gradients(
                 model,
@@ -267,6 +265,21 @@ def compute_sam_gradients(
                 batch_parts.weighted_mean(sharpness, fractions), "float32"
             ),
             directions,
+        )
+
+    def shard_steps():
+        """Each data shard's SAM step, as one computation if the backend
+        can (`batch_parts.map_shards`), else `None`."""
+        if shards == 1 or options.looksam_alpha is not None:
+            return None
+        return batch_parts.map_shards(
+            lambda data, state: sam_step(
+                clean_passes(options.micro_batches, data, state)
+            ),
+            (x, y, sample_weight),
+            initial_state,
+            initial_metrics,
+            shards,
         )
 
     def base_step(clean):
@@ -384,7 +397,7 @@ def compute_sam_gradients(
         else:
             outcome = backend.cond(
                 run_perturbed,
-                lambda: sam_step(clean_passes(parts_count)),
+                lambda: shard_steps() or sam_step(clean_passes(parts_count)),
                 lambda: base_step(whole or clean_passes(1)),
             )
 

@@ -99,14 +99,22 @@ class Never(keras_sam.switching.SwitchingPolicy):
         return keras.ops.convert_to_tensor(False)
 
 
-def fit_batchnorm(distribution, **sam_kwargs):
-    """The variables of `bn_dropout_model` after two epochs; a plain fit
-    without `sam_kwargs`."""
+def fit_batchnorm(distribution, dropout=True, **sam_kwargs):
+    """The variables of `bn_dropout_model` (with its Dropout layer, or
+    without) after two epochs; a plain fit without `sam_kwargs`."""
     x, y, _, _ = softmax_data()
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(distribution)
     try:
         base = bn_dropout_model()
+        if not dropout:
+            base = keras.Sequential(
+                [
+                    layer
+                    for layer in base.layers
+                    if not isinstance(layer, keras.layers.Dropout)
+                ]
+            )
         model = keras_sam.SAMModel(base, **sam_kwargs) if sam_kwargs else base
         model.compile(
             optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
@@ -148,9 +156,12 @@ def test_a_step_without_sam_is_the_plain_fit_with_batchnorm(sam_kwargs):
 def test_a_sam_step_normalizes_batchnorm_over_each_devices_shard():
     # As each tf.distribute replica does: the same numbers as one device
     # splitting the batch into two micro-batches, and not the global batch.
-    distributed = fit_batchnorm(data_parallel(), rho=RHO)
-    split = fit_batchnorm(None, rho=RHO, micro_batches=2)
-    whole = fit_batchnorm(data_parallel(), rho=RHO, sync_perturbations=True)
+    # Without Dropout: each shard draws its own masks, not a micro-batch's.
+    distributed = fit_batchnorm(data_parallel(), False, rho=RHO)
+    split = fit_batchnorm(None, False, rho=RHO, micro_batches=2)
+    whole = fit_batchnorm(
+        data_parallel(), False, rho=RHO, sync_perturbations=True
+    )
     for got, want, other in zip(distributed, split, whole):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert max(np.abs(d - w).max() for d, w in zip(distributed, whole)) > 1e-3

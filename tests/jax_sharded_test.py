@@ -200,12 +200,6 @@ def test_sync_perturbations_all_reduce_as_two_plain_steps(runs):
     assert sync <= 2 * plain + 256
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each batch shard's part is spread over the whole mesh again, "
-    "so its clean and perturbed gradients are all-reduced over 'batch' "
-    "(docs/sharded_step.md)",
-)
 def test_an_epsilon_per_batch_shard_all_reduces_no_more_than_one(runs):
     # Each shard's ε needs only its own clean gradient: no more traffic
     # than one ε for the global batch, whose clean gradient is all-reduced.
