@@ -273,14 +273,21 @@ def report(measured):
             )
         lines += [
             "",
-            "A step with one ε per batch shard cuts the global batch into "
-            "the shards' rows (and each into its micro-batches); the "
-            "compiler spreads each such part over the whole mesh again, so "
-            "every part's clean and perturbed gradients are all-reduced "
-            "over the batch axis, and the parts' ε and gradients are alive "
-            "together. With `sync_perturbations=True` there is one part: "
-            "its clean gradient is all-reduced once more than a plain "
-            "step's, for ε.",
+            "A step with one ε per batch shard runs the shards' passes as "
+            "one computation vmapped over a leading shard axis placed on the "
+            "`batch` mesh axis (`keras_sam.batch_parts.map_shards`), so each "
+            "shard's clean gradient, ε, `w + ε` and perturbed gradient stay "
+            "on the devices that hold its rows, split over `model` like the "
+            "weights. Over a plain step it all-reduces the scalars of each "
+            "shard's ‖∇L(w)‖ over `model` (per variable), the perturbed "
+            "pass's activations over `model` as the clean pass does, and "
+            "the loss and sharpness; the gradients are all-reduced once, "
+            "for their mean over the shards, as in a plain step. With "
+            "`micro_batches=2` each shard's two micro-batches run in turn "
+            "inside that computation: about the same bytes moved, more "
+            "memory. With "
+            "`sync_perturbations=True` there is one part: its clean gradient "
+            "is all-reduced once more than a plain step's, for ε.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,9 @@ A SAM step with `micro_batches=k` (and, under `keras.distribution` on JAX,
 each device's shard) cuts the batch into consecutive parts, runs each part's
 passes on its own, and merges what they computed: gradients, losses and
 BatchNorm statistics weighted by each part's share of the examples, seeds
-threaded from one part to the next. See `sam_step.compute_sam_gradients`.
+threaded from one part to the next. Where the backend can, the data shards
+run as one computation instead (`map_shards`). See
+`sam_step.compute_sam_gradients`.
 """
 
 import keras
@@ -12,6 +14,7 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import perturbations
 
 
 def threaded(values, updates):
@@ -122,6 +125,76 @@ def merge_states(initial_state, threaded_state, updates, fractions):
             ]
             merged.append(old + weighted_mean(deltas, fractions))
     return merged
+
+
+def merge_parts(parts, threaded_state):
+    """What the parts' clean passes leave, merged: the loss and ‖∇L(w)‖
+    averaged with the parts' shares, the predictions concatenated, and the
+    state as `merge_states` merges it."""
+    fractions = [part.fraction for part in parts]
+    y_pred = parts[0].clean.y_pred
+    if len(parts) > 1:
+        y_pred = tree.map_structure(
+            lambda *t: ops.concatenate(t, axis=0),
+            *[part.clean.y_pred for part in parts],
+        )
+    return dict(
+        loss=weighted_mean([part.clean.loss for part in parts], fractions),
+        y_pred=y_pred,
+        grad_norm=weighted_mean(
+            [perturbations.global_norm(p.clean.gradients) for p in parts],
+            fractions,
+        ),
+        state=merge_states(
+            parts[0].state,
+            threaded_state,
+            [part.clean.state for part in parts],
+            fractions,
+        ),
+    )
+
+
+def map_shards(step, data, state, metric_state, shards):
+    """`step(shard, state)` of each of `shards` data shards, merged.
+
+    Where the backend maps over the shards (`backend.map_shards`: JAX under
+    `keras.distribution`), the shards' steps run as one computation that
+    keeps each on the devices holding its rows. `step` returns a SAM
+    step's outcome; the merged one averages the loss, gradients, sharpness,
+    gradient norm and BatchNorm statistics' updates over the shards (equal
+    shares, as `merge_states`), concatenates the predictions, takes the
+    seeds from the first shard (a step's advance) and adds up the shards'
+    metric updates, as if threaded. Returns `None` where the backend does
+    not map or the batch does not split into equal shards.
+    """
+    first = next(t for t in tree.flatten(data) if t is not None)
+    n = first.shape[0]
+    if backend.map_shards is None or n is None or n % shards:
+        return None
+    out = backend.map_shards(step, data, state, shards)
+
+    def mean(t):
+        return None if t is None else ops.mean(t, axis=0)
+
+    def merged_state(new):
+        return (
+            new[0] if new is not None and not _is_floating(new) else mean(new)
+        )
+
+    return out._replace(
+        loss=mean(out.loss),
+        y_pred=tree.map_structure(
+            lambda t: ops.reshape(t, (n, *t.shape[2:])), out.y_pred
+        ),
+        gradients=[mean(g) for g in out.gradients],
+        sharpness=mean(out.sharpness),
+        grad_norm=mean(out.grad_norm),
+        state=[merged_state(new) for new in out.state],
+        metrics=[
+            old + ops.sum(new - old, axis=0)
+            for old, new in zip(metric_state, out.metrics)
+        ],
+    )
 
 
 def _is_floating(tensor):

@@ -15,7 +15,6 @@ seed state as the clean pass, dropout draws the same masks in both.
 import collections
 
 from keras import ops
-from keras import tree
 
 from keras_sam import backend
 from keras_sam import batch_parts
@@ -103,10 +102,14 @@ def compute_sam_gradients(
     the global batch, and in a SAM step each device's shard (consecutive
     rows, as Keras shards a batch) is split into `micro_batches` parts, so
     the numbers are those of a `tf.distribute` replica's step, BatchNorm
-    normalizing over each shard; `sync_perturbations=True` computes one ε
-    from the gradient of the global batch, over which BatchNorm then
-    normalizes (the global batch with a per-shard ε would need the global
-    batch evaluated at every shard's `w + ε`).
+    normalizing over each shard. Equal shards (without LookSAM) run as one
+    computation vmapped over them (`batch_parts.map_shards`), which keeps
+    each shard's passes, ε and `w + ε` on the devices that hold its rows;
+    each shard draws its own random numbers (its seeds folded with its
+    index), the same in both its passes, and the seeds advance as in one
+    step. `sync_perturbations=True` computes one ε from the gradient of the
+    global batch, over which BatchNorm then normalizes (the global batch
+    with a per-shard ε would need it evaluated at every shard's `w + ε`).
 
     **When the perturbed pass runs.** Only when ρ > 0 (checked at run time
     for a tensor ρ) and, given a `switching` policy, when the policy says
@@ -167,12 +170,11 @@ def compute_sam_gradients(
 
     metrics = model.metrics_variables
     initial_metrics = [ops.convert_to_tensor(v.value) for v in metrics]
-    parts_count = options.micro_batches
-    if not options.sync_perturbations:
-        # Under `keras.distribution` (JAX) the step sees the global batch:
-        # each device's shard is cut into its own micro-batches, so every
-        # shard gets its own ε, as a tf.distribute replica does.
-        parts_count *= backend.data_parallel_shards()
+    # Under `keras.distribution` (JAX) the step sees the global batch:
+    # each device's shard is cut into its own micro-batches, so every
+    # shard gets its own ε, as a tf.distribute replica does.
+    shards = 1 if options.sync_perturbations else backend.data_parallel_shards()
+    parts_count = options.micro_batches * shards
     old_directions = None
     if looksam_directions is not None:
         old_directions = [d.value for d in looksam_directions]
@@ -183,11 +185,10 @@ def compute_sam_gradients(
             return tensors
         return [t if on else None for t, on in zip(tensors, perturbed_mask)]
 
-    def clean_passes(count):
-        """The clean pass at w on each of `count` parts of the batch."""
-        parts = []
-        state, metric_state = initial_state, initial_metrics
-        for fraction, batch in batch_parts.split((x, y, sample_weight), count):
+    def clean_passes(count, data=(x, y, sample_weight), state=initial_state):
+        """The clean pass at w on each of `count` parts of `data`."""
+        parts, metric_state = [], initial_metrics
+        for fraction, batch in batch_parts.split(data, count):
             random_state = backend.random_state()
             clean = _forward_and_gradients(
                 model,
@@ -268,6 +269,21 @@ def compute_sam_gradients(
             ),
             directions,
         )
+
+    def shard_steps():
+        """The data shards' SAM steps as one computation, if the backend
+        can (`batch_parts.map_shards`; not LookSAM's shard directions)."""
+        if shards > 1 and options.looksam_alpha is None:
+            return batch_parts.map_shards(
+                lambda data, state: sam_step(
+                    clean_passes(options.micro_batches, data, state)
+                ),
+                (x, y, sample_weight),
+                initial_state,
+                initial_metrics,
+                shards,
+            )
+        return None
 
     def base_step(clean):
         """The base optimizer's step (LookSAM's on the declined steps)."""
@@ -384,7 +400,7 @@ def compute_sam_gradients(
         else:
             outcome = backend.cond(
                 run_perturbed,
-                lambda: sam_step(clean_passes(parts_count)),
+                lambda: shard_steps() or sam_step(clean_passes(parts_count)),
                 lambda: base_step(whole or clean_passes(1)),
             )
 
@@ -407,34 +423,12 @@ def compute_sam_gradients(
 
 def _outcome(clean, gradients, sharpness, directions):
     """What a step leaves: its clean passes' results and its gradients."""
-    parts = clean.parts
-    fractions = [part.fraction for part in parts]
-    initial_state = parts[0].state
-    y_pred = parts[0].clean.y_pred
-    if len(parts) > 1:
-        y_pred = tree.map_structure(
-            lambda *t: ops.concatenate(t, axis=0),
-            *[part.clean.y_pred for part in parts],
-        )
     return _Outcome(
-        loss=batch_parts.weighted_mean(
-            [part.clean.loss for part in parts], fractions
-        ),
-        y_pred=y_pred,
         gradients=gradients,
         sharpness=sharpness,
-        grad_norm=batch_parts.weighted_mean(
-            [perturbations.global_norm(p.clean.gradients) for p in parts],
-            fractions,
-        ),
         directions=directions,
-        state=batch_parts.merge_states(
-            initial_state,
-            clean.state,
-            [part.clean.state for part in parts],
-            fractions,
-        ),
         metrics=clean.metrics,
+        **batch_parts.merge_parts(clean.parts, clean.state),
     )
 
 

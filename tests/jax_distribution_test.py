@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 import keras_sam
+from keras_sam.backend import common
 from tests.backends import BACKEND
 from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
 from tests.sam_model_test import RHO
+from tests.sam_model_test import D
 from tests.sam_model_test import assert_one_epoch_matches_the_oracle
 from tests.sam_model_test import bn_dropout_model
 from tests.sam_model_test import softmax_data
@@ -99,14 +101,22 @@ class Never(keras_sam.switching.SwitchingPolicy):
         return keras.ops.convert_to_tensor(False)
 
 
-def fit_batchnorm(distribution, **sam_kwargs):
-    """The variables of `bn_dropout_model` after two epochs; a plain fit
-    without `sam_kwargs`."""
+def fit_batchnorm(distribution, dropout=True, **sam_kwargs):
+    """The variables of `bn_dropout_model` (with its Dropout layer, or
+    without) after two epochs; a plain fit without `sam_kwargs`."""
     x, y, _, _ = softmax_data()
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(distribution)
     try:
         base = bn_dropout_model()
+        if not dropout:
+            base = keras.Sequential(
+                [
+                    layer
+                    for layer in base.layers
+                    if not isinstance(layer, keras.layers.Dropout)
+                ]
+            )
         model = keras_sam.SAMModel(base, **sam_kwargs) if sam_kwargs else base
         model.compile(
             optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
@@ -148,9 +158,90 @@ def test_a_step_without_sam_is_the_plain_fit_with_batchnorm(sam_kwargs):
 def test_a_sam_step_normalizes_batchnorm_over_each_devices_shard():
     # As each tf.distribute replica does: the same numbers as one device
     # splitting the batch into two micro-batches, and not the global batch.
-    distributed = fit_batchnorm(data_parallel(), rho=RHO)
-    split = fit_batchnorm(None, rho=RHO, micro_batches=2)
-    whole = fit_batchnorm(data_parallel(), rho=RHO, sync_perturbations=True)
+    # Without Dropout: each shard draws its own masks, not a micro-batch's.
+    distributed = fit_batchnorm(data_parallel(), False, rho=RHO)
+    split = fit_batchnorm(None, False, rho=RHO, micro_batches=2)
+    whole = fit_batchnorm(
+        data_parallel(), False, rho=RHO, sync_perturbations=True
+    )
     for got, want, other in zip(distributed, split, whole):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert max(np.abs(d - w).max() for d, w in zip(distributed, whole)) > 1e-3
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_each_shard_draws_its_own_dropout_masks_in_both_passes(jit):
+    # y_pred = dropout(x) W with an invertible W gives the clean passes'
+    # dropped inputs z = y_pred W⁻¹. The loss Σ y⊙y_pred / n is linear in
+    # W, so the mean of the shards' gradients at their w + ε is zᵀy / n
+    # only if each shard's perturbed pass drops what its clean pass did.
+    # The two shards' masks differ, and the seed advances as in one step.
+    n = 64
+    rng = np.random.RandomState(0)
+    x = rng.randn(n, D).astype("float32")
+    y = rng.randn(n, D).astype("float32")
+    kernel = (np.eye(D) + 0.1 * rng.randn(D, D)).astype("float32")
+    previous = keras.distribution.distribution()
+    distribution = data_parallel()
+    keras.distribution.set_distribution(distribution)
+    try:
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [
+                keras.Input((D,)),
+                keras.layers.Dropout(0.5),
+                keras.layers.Dense(D, use_bias=False),
+            ]
+        )
+        model.set_weights([kernel])
+        (seed,) = model.non_trainable_variables
+        seed_before = seed.numpy()
+
+        def step(x, y):
+            result = keras_sam.sam_step.compute_sam_gradients(
+                model,
+                lambda x, y, y_pred, sample_weight: keras.ops.mean(
+                    keras.ops.sum(y * y_pred, axis=-1)
+                ),
+                x,
+                y,
+                rho=RHO,
+            )
+            return result.y_pred, result.gradients[0]
+
+        if jit:
+            import jax
+
+            def stateless(trainable, non_trainable, x, y):
+                return common.run_stateless(
+                    lambda: step(x, y),
+                    [model.trainable_variables, [seed]],
+                    [trainable, non_trainable],
+                )
+
+            rows = jax.sharding.NamedSharding(
+                distribution.device_mesh.backend_mesh,
+                jax.sharding.PartitionSpec("batch"),
+            )
+            (y_pred, gradient), (_, (seed_after,)) = jax.jit(stateless)(
+                [kernel],
+                [seed.value],
+                jax.device_put(x, rows),
+                jax.device_put(y, rows),
+            )
+        else:
+            y_pred, gradient = step(x, y)
+            seed_after = seed.value
+    finally:
+        keras.distribution.set_distribution(previous)
+    z = keras.ops.convert_to_numpy(y_pred) @ np.linalg.inv(kernel)
+    dropped = np.abs(z) < 1e-4
+    assert 0.3 < dropped.mean() < 0.7
+    np.testing.assert_allclose(z[~dropped], 2 * x[~dropped], rtol=1e-3)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(gradient), z.T @ y / n, rtol=1e-3, atol=1e-4
+    )
+    assert (dropped[: n // 2] != dropped[n // 2 :]).mean() > 0.3
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(seed_after), seed_before + [0, 1]
+    )

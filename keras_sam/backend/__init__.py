@@ -17,7 +17,10 @@ not offer live in small modules per backend, as Keras splits
   on every backend (a Python `bool` predicate, nested outputs with `None`
   entries, `None` tensors left out of the reduction).
 - `data_parallel_shards()`: the shards of a batch that one call of the
-  step sees whole (`keras.distribution` on JAX), each to get its own ε.
+  step sees whole (`keras.distribution` on JAX), each to get its own ε;
+  `map_shards(step, data, state, shards)`: their steps as one computation
+  that keeps each on its devices (`jax_shards`), `None` where one call of
+  the step sees one shard.
 - `check_per_replica_call(name)`: raises when a per-replica function is
   called where replicas cannot be reduced.
 - `read_live(variable)`: a variable's value when the step runs, also in a
@@ -43,8 +46,9 @@ not offer live in small modules per backend, as Keras splits
 A backend's modules define only where it differs from
 `keras_sam.backend.common`'s defaults (one replica, dense gradients, random
 draws through Keras' seed variables, an eager step): `tensorflow` with
-`tensorflow_distribute` (its replicas), `jax`, and `torch` with
-`torch_compile` (its step under `jit_compile=True`).
+`tensorflow_distribute` (its replicas), `jax` with `jax_shards` (its data
+shards), and `torch` with `torch_compile` (its step under
+`jit_compile=True`).
 
 Workarounds of Keras' own code (its TensorFlow trainer's multi-worker
 defect included) are not here but in `keras_sam.compat`.
@@ -69,6 +73,7 @@ INTERFACE = (
     "hessian_vector_product",
     "is_multi_worker",
     "is_symbolic",
+    "map_shards",
     "random_state",
     "read_live",
     "replica_count",
@@ -90,7 +95,7 @@ _MODULES = [
     importlib.import_module(f"keras_sam.backend.{name}")
     for name in {
         "tensorflow": ("tensorflow", "tensorflow_distribute"),
-        "jax": ("jax",),
+        "jax": ("jax", "jax_shards"),
         "torch": ("torch", "torch_compile"),
     }[BACKEND]
 ] + [common]

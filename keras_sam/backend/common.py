@@ -2,14 +2,12 @@
 
 The defaults of a backend that runs the step eagerly on one replica, with
 dense gradients and every random draw through Keras' seed variables, which
-the step hands to both passes. A backend's module defines only the names of
+the step hands to both passes; a backend's module defines only the names of
 `keras_sam.backend.INTERFACE` in which it differs. JAX is one replica too:
-Keras' losses are not divided by the devices there, a data-parallel step
-differentiating the mean over the global batch, and several processes are
-one `keras.distribution` mesh, which Keras' own trainer handles.
-
-`run_stateless` serves the stateless calling conventions (Keras' JAX
-trainer, `keras_sam.stateless_sam_gradients`) on every backend.
+Keras' losses are not divided by its devices, its data-parallel step
+differentiating the mean over the global batch. `run_stateless` serves the
+stateless calling conventions (Keras' JAX trainer,
+`keras_sam.stateless_sam_gradients`) on every backend.
 """
 
 import keras
@@ -57,6 +55,9 @@ def all_reduce(tensors, op="sum"):
 def data_parallel_shards():
     # A tf.distribute step runs once per replica, on its own shard.
     return 1
+
+
+map_shards = None
 
 
 def check_per_replica_call(name):
