@@ -101,10 +101,21 @@ def rows(runs, noise, performance, grids=None):
         if name != "SGD" and set(sgd) & set(common.by_seed(group)):
             gain = common.paired_difference(sgd, common.by_seed(group))
             row.update(gain=gain["mean"], ci=gain["ci"], pairs=gain["n"])
-            if sam_gain["n"] and sam_gain["mean"] > 0:
+            # A share of a gain that may be noise (one pair, or an
+            # interval reaching 0) would read as a finding.
+            if _significant(sam_gain):
                 row["share"] = gain["mean"] / sam_gain["mean"]
         out.append(row)
     return out
+
+
+def _significant(gain):
+    return gain["n"] > 1 and gain["mean"] - gain["ci"] > 0
+
+
+def _paired(row):
+    """Whether `row`'s gain is paired over more than one seed."""
+    return row is not None and row.get("pairs", 0) > 1
 
 
 def _table(rows):
@@ -147,8 +158,17 @@ def grids(runs, noise):
             for r in sorted(first, key=lambda r: r["rho"])
         ]
         rhos = sorted(r["rho"] for r in first)
+        sgd = [r for r in common.select(runs, "SGD", noise) if r["seed"] == 0]
         edge = ""
-        if len(rhos) > 2 and rho in (rhos[0], rhos[-1]):
+        if len(rhos) > 2 and rho == rhos[0] and sgd:
+            # Below the grid lies ρ = 0, SGD itself.
+            edge = common.snippet(
+                "results",
+                "cnn_grid_edge_smallest",
+                sgd=f"{100 * sgd[0]['validation_accuracy']:.1f} / "
+                f"{100 * sgd[0]['test_accuracy']:.1f}",
+            )
+        elif len(rhos) > 2 and rho in (rhos[0], rhos[-1]):
             edge = common.snippet(
                 "results",
                 "cnn_grid_edge",
@@ -191,20 +211,28 @@ def answers(by_noise):
         msam, sam, sam_on = (
             _row(rows, n) for n in ("Momentum-SAM", "SAM", "SAM-ON")
         )
-        if msam and "share" in msam:
+        if _paired(msam) and _paired(sam):
             cost = msam["measured"] or msam["cost"]
-            keeps = msam["share"] >= SHARE_TARGET and cost <= COST_TARGET
-            q2.append(
-                f"At {at}: {'yes' if keeps else 'no'} "
-                f"({common.percent(msam['share'])} of SAM's gain at "
-                f"{cost:.2f}×)"
-            )
-        if sam_on and sam and "gain" in sam_on and "gain" in sam:
+            if "share" in msam:
+                keeps = msam["share"] >= SHARE_TARGET and cost <= COST_TARGET
+                q2.append(
+                    f"At {at}: {'yes' if keeps else 'no'} "
+                    f"({common.percent(msam['share'])} of SAM's gain at "
+                    f"{cost:.2f}×)"
+                )
+            else:
+                q2.append(
+                    f"At {at}: SAM has no significant gain to keep "
+                    f"({sam['gain']:+.2f} ± {sam['ci']:.2f} points); "
+                    f"Momentum-SAM {msam['gain']:+.2f} ± {msam['ci']:.2f} "
+                    f"at {cost:.2f}×"
+                )
+        if _paired(sam_on) and _paired(sam):
             q3.append(
                 f"At {at}: SAM-ON {sam_on['gain'] - sam['gain']:+.2f} points "
                 "against SAM"
             )
-        gains = [r for r in rows if "gain" in r]
+        gains = [r for r in rows if _paired(r)]
         if gains:
             best = max(gains, key=lambda r: r["gain"] / r["cost"])
             q4.append(

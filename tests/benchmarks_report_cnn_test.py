@@ -94,6 +94,26 @@ def test_answers_follow_the_rows_and_the_measured_costs():
     assert "At 0 %: Momentum-SAM (+2.50 points per SGD step)" in answers["q4"]
 
 
+def test_no_share_or_answer_from_one_seed_or_a_gain_within_noise():
+    # Seed 0 alone: SAM +3, Momentum-SAM +2.5, but one pair proves nothing.
+    runs = [r for r in _study()["runs"] if r["seed"] == 0]
+    rows = report_cnn.rows(runs, 0.4, PERFORMANCE)
+    assert all("share" not in r for r in rows)
+    answers = report_cnn.answers({0.4: rows})
+    assert all(a.startswith("Not yet measured") for a in answers.values())
+    # Three seeds where SAM's gains are +3, -3, +3 points: its interval
+    # reaches 0, so Momentum-SAM has no share of it.
+    runs = _study(noise_rates=(0.4,))["runs"]
+    for r in runs:
+        if r["optimizer"] == "SAM" and r["seed"] == 1 and r["rho"] == 0.1:
+            r["test_accuracy"] = 0.78
+    rows = report_cnn.rows(runs, 0.4, PERFORMANCE)
+    assert all("share" not in r for r in rows)
+    q2 = report_cnn.answers({0.4: rows})["q2"]
+    assert q2.startswith("At 40 %: SAM has no significant gain to keep (+1.00")
+    assert "Momentum-SAM +2.50 ± 0.00 at 1.03×" in q2
+
+
 def test_a_grid_not_yet_tried_whole_is_said_in_the_rho_cell():
     runs = _study()["runs"]
     rows = report_cnn.rows(runs, 0.4, None, {"SAM": [0.05, 0.1, 0.2]})
@@ -159,4 +179,20 @@ def test_a_choice_at_the_edge_of_a_grid_is_said():
     ]
     assert report_cnn.grids(runs, 0.4).endswith(
         "(the smallest ρ of the grid: the best may lie beyond it)"
+    )
+
+
+def test_a_choice_at_the_grid_edge_is_said_with_sgd_below_it():
+    runs = _study(noise_rates=(0.4,))["runs"]
+    widest = _run("SAM", 0.4, 0, 0.81, 0.5, 0.4)
+    runs.append(widest)
+    line = report_cnn.grids(runs, 0.4).splitlines()[0]
+    # ρ = 0.1 is the smallest of 0.1, 0.2, 0.4; SGD's seed 0 is 50 / 80.
+    assert line.endswith(
+        "(the smallest ρ of the grid; below it lies SGD itself: 50.0 / 80.0)"
+    )
+    widest["validation_accuracy"] = 0.9
+    line = report_cnn.grids(runs, 0.4).splitlines()[0]
+    assert line.endswith(
+        "(the largest ρ of the grid: the best may lie beyond it)"
     )
