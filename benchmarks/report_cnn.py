@@ -286,7 +286,7 @@ def section(data):
             "cnn_table",
             noise=common.percent(n),
             rows=_table(by_noise[n]),
-            grids=grids(runs, n) or "—",
+            grids=grids(runs, n) or common.snippet("results", "cnn_no_grid"),
             first_seed=min(r["seed"] for r in runs),
             priced_on=PRICED_ON,
         )
