@@ -245,3 +245,84 @@ def test_each_shard_draws_its_own_dropout_masks_in_both_passes(jit):
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(seed_after), seed_before + [0, 1]
     )
+
+
+def fit_weighted(distribution, mixed=False, **sam_kwargs):
+    """`bn_dropout_model` without Dropout, with sample weights and an
+    accuracy metric, after two epochs: its variables and its logs. The
+    callables among `sam_kwargs` (switching policies) are called inside
+    the distribution, where their variables must live."""
+    x, y, _, _ = softmax_data()
+    weights = np.random.default_rng(0).uniform(0.2, 1.5, len(x))
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(distribution)
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        base = keras.Sequential(
+            [
+                layer
+                for layer in bn_dropout_model().layers
+                if not isinstance(layer, keras.layers.Dropout)
+            ]
+        )
+        sam_kwargs = {
+            k: v() if callable(v) else v for k, v in sam_kwargs.items()
+        }
+        model = keras_sam.SAMModel(base, **sam_kwargs)
+        optimizer = keras.optimizers.SGD(LR, momentum=MOMENTUM)
+        if mixed:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(
+            optimizer=optimizer,
+            loss=xent(),
+            metrics=["accuracy"],
+            jit_compile=True,
+        )
+        history = model.fit(
+            x,
+            y,
+            sample_weight=weights,
+            batch_size=BATCH,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        )
+        return [v.numpy() for v in base.variables], history.history
+    finally:
+        keras.distribution.set_distribution(previous)
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize(
+    "mixed, sam_kwargs",
+    [
+        (False, dict(switching=lambda: keras_sam.switching.Periodic(2))),
+        (
+            False,
+            dict(switching=lambda: keras_sam.switching.GradientNormOutlier()),
+        ),
+        (False, dict(adaptive=True)),
+        (True, {}),
+    ],
+    ids=["periodic", "ae_sam", "asam", "mixed_float16"],
+)
+def test_shards_step_as_one_devices_micro_batches(mixed, sam_kwargs):
+    # The shards' steps, vmapped, against the same step written as a loop
+    # over micro-batches on one device: switching policies deciding under
+    # `cond`, loss scaling, sample weights, BatchNorm and the logged loss
+    # and metric.
+    distributed, logs = fit_weighted(
+        data_parallel(), mixed, rho=RHO, **sam_kwargs
+    )
+    split, split_logs = fit_weighted(
+        None, mixed, rho=RHO, micro_batches=2, **sam_kwargs
+    )
+    for got, want in zip(distributed, split):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(logs[key], split_logs[key], rtol=1e-5)
+    synced, _ = fit_weighted(
+        data_parallel(), mixed, rho=RHO, sync_perturbations=True, **sam_kwargs
+    )
+    assert max(np.abs(d - s).max() for d, s in zip(distributed, synced)) > 1e-4
