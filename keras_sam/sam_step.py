@@ -270,11 +270,12 @@ def compute_sam_gradients(
             directions,
         )
 
-    def shard_steps():
-        """The data shards' SAM steps as one computation, if the backend
-        can (`batch_parts.map_shards`; not LookSAM's shard directions)."""
+    def parts_step():
+        """The SAM step of every part: the data shards' as one computation
+        where the backend can (`batch_parts.map_shards`; not with LookSAM's
+        shard directions), otherwise each part's in turn."""
         if shards > 1 and options.looksam_alpha is None:
-            return batch_parts.map_shards(
+            outcome = batch_parts.map_shards(
                 lambda data, state: sam_step(
                     clean_passes(options.micro_batches, data, state)
                 ),
@@ -283,7 +284,9 @@ def compute_sam_gradients(
                 initial_metrics,
                 shards,
             )
-        return None
+            if outcome is not None:
+                return outcome
+        return sam_step(clean_passes(parts_count))
 
     def base_step(clean):
         """The base optimizer's step (LookSAM's on the declined steps)."""
@@ -400,7 +403,7 @@ def compute_sam_gradients(
         else:
             outcome = backend.cond(
                 run_perturbed,
-                lambda: shard_steps() or sam_step(clean_passes(parts_count)),
+                parts_step,
                 lambda: base_step(whole or clean_passes(1)),
             )
 
