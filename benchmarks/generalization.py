@@ -35,9 +35,9 @@ seeds are fixed by `CNN_REGIME` and `CNN_METHODS`, not by the flags):
         --runs_dir=docs/results_cnn --output=docs/results_cnn.json
 
 Its runs live in docs/results_cnn/ and their results.json files are
-committed (the checkpoints are not), so that the study, 56 runs of about
-10 CPU minutes each (more than the four hours it was sized for), is
-resumed over several sessions.
+committed (the checkpoints are not), so that the study is resumed over
+several sessions: it costs more than the four CPU hours it was sized for
+(each run's results.json records its training CPU seconds).
 
 Runs that finished are read back from --runs_dir, so an interrupted study
 continues where it stopped; `--shard=i/n` runs every n-th run from the i-th,

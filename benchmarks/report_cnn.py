@@ -145,6 +145,7 @@ def grids(runs, noise):
     """Seed 0's validation / test accuracy at each ρ of each method's
     grid, the choice in bold."""
     lines = []
+    sgd = [r for r in common.select(runs, "SGD", noise) if r["seed"] == 0]
     for name in METHODS:
         first = [r for r in common.select(runs, name, noise) if r["seed"] == 0]
         if len({r["rho"] for r in first}) < 2:
@@ -158,7 +159,6 @@ def grids(runs, noise):
             for r in sorted(first, key=lambda r: r["rho"])
         ]
         rhos = sorted(r["rho"] for r in first)
-        sgd = [r for r in common.select(runs, "SGD", noise) if r["seed"] == 0]
         edge = ""
         if len(rhos) > 2 and rho == rhos[0] and sgd:
             # Below the grid lies ρ = 0, SGD itself.
