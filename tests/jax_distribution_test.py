@@ -101,6 +101,17 @@ class Never(keras_sam.switching.SwitchingPolicy):
         return keras.ops.convert_to_tensor(False)
 
 
+def bn_model():
+    """`bn_dropout_model` without its Dropout layer."""
+    return keras.Sequential(
+        [
+            layer
+            for layer in bn_dropout_model().layers
+            if not isinstance(layer, keras.layers.Dropout)
+        ]
+    )
+
+
 def fit_batchnorm(distribution, dropout=True, **sam_kwargs):
     """The variables of `bn_dropout_model` (with its Dropout layer, or
     without) after two epochs; a plain fit without `sam_kwargs`."""
@@ -108,15 +119,7 @@ def fit_batchnorm(distribution, dropout=True, **sam_kwargs):
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(distribution)
     try:
-        base = bn_dropout_model()
-        if not dropout:
-            base = keras.Sequential(
-                [
-                    layer
-                    for layer in base.layers
-                    if not isinstance(layer, keras.layers.Dropout)
-                ]
-            )
+        base = bn_dropout_model() if dropout else bn_model()
         model = keras_sam.SAMModel(base, **sam_kwargs) if sam_kwargs else base
         model.compile(
             optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
@@ -259,13 +262,7 @@ def fit_weighted(distribution, mixed=False, **sam_kwargs):
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        base = keras.Sequential(
-            [
-                layer
-                for layer in bn_dropout_model().layers
-                if not isinstance(layer, keras.layers.Dropout)
-            ]
-        )
+        base = bn_model()
         sam_kwargs = {
             k: v() if callable(v) else v for k, v in sam_kwargs.items()
         }
