@@ -132,29 +132,34 @@ CNN_METHODS = {
 def cnn_configurations(select):
     """(name, label_noise, seed, overrides) of every run of the CNN study.
 
-    Seed 0's ρ grids come first, then the other seeds at the chosen ρ;
+    The methods with three seeds (SGD, SAM, Momentum-SAM), on which the
+    report's main questions rest, run first, so that an unfinished study
+    answers them soonest; then the methods with two. Within each group,
+    seed 0's ρ grids come first, then the other seeds at the chosen ρ;
     `select(noise, rhos, name)` is called only once seed 0's runs of
     `name` are listed.
     """
-    for noise in CNN_NOISE_RATES:
-        for name, (overrides, rhos, _) in CNN_METHODS.items():
-            if name == "SGD":
-                yield name, noise, 0, overrides
-            for rho in rhos or ():
-                yield name, noise, 0, {**overrides, "rho": rho}
-    for seed in range(3):
+    for group in (3, 2):
+        methods = {n: m for n, m in CNN_METHODS.items() if m[2] == group}
         for noise in CNN_NOISE_RATES:
-            for name, (overrides, rhos, seeds) in CNN_METHODS.items():
-                if seed >= seeds or (seed == 0 and (rhos or name == "SGD")):
-                    continue
-                if name != "SGD":
-                    rho = (
-                        select(noise, rhos, name)
-                        if rhos
-                        else select(noise, CNN_METHODS["SAM"][1], "SAM")
-                    )
-                    overrides = {**overrides, "rho": rho}
-                yield name, noise, seed, overrides
+            for name, (overrides, rhos, _) in methods.items():
+                if name == "SGD":
+                    yield name, noise, 0, overrides
+                for rho in rhos or ():
+                    yield name, noise, 0, {**overrides, "rho": rho}
+        for seed in range(group):
+            for noise in CNN_NOISE_RATES:
+                for name, (overrides, rhos, _) in methods.items():
+                    if seed == 0 and (rhos or name == "SGD"):
+                        continue
+                    if name != "SGD":
+                        rho = (
+                            select(noise, rhos, name)
+                            if rhos
+                            else select(noise, CNN_METHODS["SAM"][1], "SAM")
+                        )
+                        overrides = {**overrides, "rho": rho}
+                    yield name, noise, seed, overrides
 
 
 def define_flags():

@@ -56,6 +56,10 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
     # SAM-ON 3+1, AE-SAM 2, LookSAM 2).
     assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 2)
     assert len({generalization.run_name(*r) for r in runs}) == len(runs)
+    # The three-seed methods, on which the report's main questions rest,
+    # all run before the two-seed ones.
+    counts = [generalization.CNN_METHODS[name][2] for name, *_ in runs]
+    assert counts == sorted(counts, reverse=True)
 
 
 def test_rho_is_chosen_by_seed_0_validation_accuracy(tmp_path):
