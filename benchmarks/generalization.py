@@ -369,8 +369,9 @@ def run(flags_obj):
                 train_accuracy_flipped=r.get("train_accuracy_flipped"),
                 train_accuracy_unflipped=r["train_accuracy_unflipped"],
                 train_steps=r["train_steps"],
-                # A resumed run's history and times cover only the steps
-                # after `resumed_from_step`.
+                # A resumed run's history and training times cover every
+                # epoch (the earlier ones come from its checkpoint); its
+                # wall_time_seconds covers its last process only.
                 resumed_from_step=r.get("resumed_from_step", 0),
                 wall_time_seconds=r["wall_time_seconds"],
                 # Missing from the runs that the first version of this

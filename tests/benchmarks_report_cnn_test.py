@@ -9,7 +9,12 @@ from tests import backends
 pytestmark = backends.tensorflow_only
 
 
+# Training CPU seconds per run: each method's passes, SGD's being 100.
+CPU = {"SGD": 100, "SAM": 200, "Momentum-SAM": 103, "SAM-ON": 210}
+
+
 def _run(name, noise, seed, test, validation=0.5, rho=0.0, **history):
+    cpu = CPU.get(name, 150)
     return dict(
         optimizer=name,
         label_noise=noise,
@@ -19,9 +24,11 @@ def _run(name, noise, seed, test, validation=0.5, rho=0.0, **history):
         validation_accuracy=validation,
         train_accuracy_flipped=0.05 if noise else None,
         train_accuracy_unflipped=0.9,
+        train_cpu_seconds=cpu,
         history=dict(
             validation_accuracy=[0.4, validation],
             train_accuracy_flipped=[0.1, 0.05],
+            epoch_train_cpu_seconds=[cpu / 2, cpu / 2],
             **history,
         ),
     )
@@ -79,6 +86,22 @@ def test_rows_choose_rho_on_validation_and_pair_gains_by_seed():
     assert rows["AE-SAM"]["cost"] == pytest.approx(1.5)
     assert rows["SAM-ON"]["pairs"] == 2
     assert rows["SAM-ON"]["gain"] == pytest.approx(4.0)
+    assert rows["SAM"]["run_cpu"] == pytest.approx(2.0)
+    assert rows["AE-SAM"]["run_cpu"] == pytest.approx(1.5)
+    assert rows["SGD"]["run_cpu"] == pytest.approx(1.0)
+
+
+def test_training_cpu_pairs_seeds_and_skips_runs_that_timed_evaluation():
+    runs = _study(noise_rates=(0.4,))["runs"]
+    for r in runs:
+        if r["optimizer"] == "SGD" and r["seed"] == 1:
+            r["train_cpu_seconds"] = 50  # seed 1 of SAM: 4.0×
+        if r["optimizer"] == "SAM" and r["seed"] == 2:
+            # An earlier trainer's figure, evaluation included.
+            del r["history"]["epoch_train_cpu_seconds"]
+    rows = {r["name"]: r for r in report_cnn.rows(runs, 0.4, None)}
+    # Seeds 0 and 1 only: (2.0 + 4.0) / 2.
+    assert rows["SAM"]["run_cpu"] == pytest.approx(3.0)
 
 
 def test_answers_follow_the_rows_and_the_measured_costs():
@@ -90,8 +113,23 @@ def test_answers_follow_the_rows_and_the_measured_costs():
     assert answers["q1"] == "Yes: +3.00 ± 0.00 points"
     assert answers["q2"].startswith("At 0 %: yes (83 % of SAM's gain at 1.03×)")
     assert "At 40 %: SAM-ON +1.00 points against SAM" in answers["q3"]
-    # Gain over counted cost: Momentum-SAM 2.5 / 1, SAM-ON 4 / 2.
-    assert "At 0 %: Momentum-SAM (+2.50 points per SGD step)" in answers["q4"]
+    # Gain over training CPU: Momentum-SAM 2.5 / 1.03, SAM-ON 4 / 2.1,
+    # SAM 3 / 2, AE-SAM 2 / 1.5.
+    assert (
+        "At 0 %: Momentum-SAM (+2.43 points per SGD run's training CPU time)"
+        in answers["q4"]
+    )
+
+
+def test_gain_per_cost_ranks_only_significant_gains():
+    runs = _study(noise_rates=(0.4,))["runs"]
+    for r in runs:
+        if r["optimizer"] != "SGD":
+            r["test_accuracy"] -= 0.05  # every method 1 to 3 points behind
+    rows = report_cnn.rows(runs, 0.4, PERFORMANCE)
+    q4 = report_cnn.answers({0.4: rows})["q4"]
+    # Not SAM-ON's -1 / 2.1, the least bad ratio: no gain to rank.
+    assert q4 == "At 40 %: none, no method beats SGD significantly"
 
 
 def test_no_share_or_answer_from_one_seed_or_a_gain_within_noise():
@@ -133,6 +171,8 @@ def test_a_study_in_progress_says_what_is_missing():
 
 def test_the_section_renders_with_its_plot(tmp_path):
     study = _study()
+    # SGD's CPU time spread over both noise rates, seed 0 included at each.
+    study["runs"][0]["train_cpu_seconds"] = 90
     study["regime"] = dict(
         model="resnet20",
         train_examples=8000,
@@ -160,6 +200,7 @@ def test_the_section_renders_with_its_plot(tmp_path):
     )
     assert (tmp_path / "cnn.png").stat().st_size > 1000
     assert fields["status"] == "All 28 runs finished."
+    assert (fields["sgd_cpu_low"], fields["sgd_cpu_high"]) == (90, 100)
     assert "does not memorize" in fields["memorizes"]
     assert "tensorflow_graph 29.1 CPU s (16.1 s wall)" in fields["backends"]
     assert fields["backends"].endswith("the fastest, tensorflow_graph.")
