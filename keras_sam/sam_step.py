@@ -404,7 +404,7 @@ def compute_sam_gradients(
             outcome = backend.cond(
                 run_perturbed,
                 parts_step,
-                lambda: base_step(whole or clean_passes(1)),
+                lambda: base_step(clean_passes(1) if whole is None else whole),
             )
 
     if looksam_directions is not None:
