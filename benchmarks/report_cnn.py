@@ -264,9 +264,9 @@ def answers(by_noise):
             q4.append(f"At {at}: none, no method beats SGD significantly")
     return dict(
         q1=q1,
-        q2="; ".join(q2) or missing,
-        q3="; ".join(q3) or missing,
-        q4="; ".join(q4) or missing,
+        q2=". ".join(q2) or missing,
+        q3=". ".join(q3) or missing,
+        q4=". ".join(q4) or missing,
     )
 
 
