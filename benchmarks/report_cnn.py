@@ -22,6 +22,7 @@ PAPER_FASHION_MNIST = {
 PAPER_NOISE = {
     "noise": "40 %",
     "setting": "CIFAR-10 ResNet-32",
+    "epochs": 200,
     "sgd": 68.8,
     "sam": 93.4,
 }
@@ -338,9 +339,21 @@ def section(data):
         for seconds in _training_cpu(common.select(runs, "SGD", n)).values()
     ] or [0]
     memorizes = flipped and np.mean(flipped) > MEMORIZING
+    needs = ""
+    sam = _row(by_noise[max(noise_rates)], "SAM")
+    if noise_rates[0] > 0 and not memorizes and _paired(sam):
+        if sam["gain"] - sam["ci"] <= 0:
+            needs = "\n\n" + common.snippet(
+                "results",
+                "cnn_needs_memorization",
+                noisiest=common.percent(max(noise_rates)),
+                gain=f"{sam['gain']:+.2f} ± {sam['ci']:.2f} points",
+                paper=PAPER_NOISE,
+            ).rstrip("\n")
     return dict(
         study["regime"],
         command=COMMANDS["study"],
+        needs=needs,
         collect=COMMANDS["collect"],
         status=common.snippet(
             "results",

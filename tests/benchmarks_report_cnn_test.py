@@ -169,10 +169,7 @@ def test_a_study_in_progress_says_what_is_missing():
     assert all(a.startswith("Not yet measured") for a in answers.values())
 
 
-def test_the_section_renders_with_its_plot(tmp_path):
-    study = _study()
-    # SGD's CPU time spread over both noise rates, seed 0 included at each.
-    study["runs"][0]["train_cpu_seconds"] = 90
+def _section(study, tmp_path):
     study["regime"] = dict(
         model="resnet20",
         train_examples=8000,
@@ -185,7 +182,7 @@ def test_the_section_renders_with_its_plot(tmp_path):
         weight_decay=5e-4,
         eval_every_epochs=1,
     )
-    fields = report_cnn.section(
+    return report_cnn.section(
         dict(
             cnn=study,
             performance=PERFORMANCE,
@@ -198,7 +195,16 @@ def test_the_section_renders_with_its_plot(tmp_path):
             figure=lambda name: str(tmp_path / f"{name}.png"),
         )
     )
+
+
+def test_the_section_renders_with_its_plot(tmp_path):
+    study = _study()
+    # SGD's CPU time spread over both noise rates, seed 0 included at each.
+    study["runs"][0]["train_cpu_seconds"] = 90
+    fields = _section(study, tmp_path)
     assert (tmp_path / "cnn.png").stat().st_size > 1000
+    # SAM's gain at 40 % is significant (+3 points on every seed).
+    assert fields["needs"] == ""
     assert fields["status"] == "All 28 runs finished."
     assert (fields["sgd_cpu_low"], fields["sgd_cpu_high"]) == (90, 100)
     assert "does not memorize" in fields["memorizes"]
@@ -237,3 +243,19 @@ def test_a_choice_at_the_grid_edge_is_said_with_sgd_below_it():
     assert line.endswith(
         "(the largest ρ of the grid: the best may lie beyond it)"
     )
+
+
+def test_no_memorization_and_no_significant_gain_say_what_the_regime_needs(
+    tmp_path,
+):
+    study = _study()
+    for r in study["runs"]:
+        if r["optimizer"] == "SAM" and r["seed"] == 1 and r["label_noise"]:
+            r["test_accuracy"] = 0.78  # gains +3, -3, +3 points at 40 %
+    needs = " ".join(_section(study, tmp_path)["needs"].split())
+    assert "SAM's gain at 40 % noise is not significant (+1.00 ±" in needs
+    assert "SGD to fall to 68.8 % at 40 % noise" in needs
+    # Where SGD memorizes, the section does not say it.
+    for r in study["runs"]:
+        r["train_accuracy_flipped"] = 0.9 if r["label_noise"] else None
+    assert _section(study, tmp_path)["needs"] == ""
