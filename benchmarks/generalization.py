@@ -129,28 +129,36 @@ CNN_METHODS = {
 }
 
 
+# The order the study trains its methods in, group by group: the report's
+# questions in the order it asks them, so that an unfinished study answers
+# the first ones soonest (SAM against SGD and Momentum-SAM, then SAM-ON).
+CNN_ORDER = (
+    ("SGD", "SAM", "Momentum-SAM"),
+    ("SAM-ON",),
+    ("ASAM",),
+    ("AE-SAM", "LookSAM k=5"),
+)
+
+
 def cnn_configurations(select):
     """(name, label_noise, seed, overrides) of every run of the CNN study.
 
-    The methods with three seeds (SGD, SAM, Momentum-SAM), on which the
-    report's main questions rest, run first, so that an unfinished study
-    answers them soonest; then the methods with two. Within each group,
-    seed 0's ρ grids come first, then the other seeds at the chosen ρ;
-    `select(noise, rhos, name)` is called only once seed 0's runs of
-    `name` are listed.
+    Group by group of `CNN_ORDER`: seed 0's ρ grids first, then the other
+    seeds at the chosen ρ; `select(noise, rhos, name)` is called only once
+    seed 0's runs of `name` are listed.
     """
-    for group in (3, 2):
-        methods = {n: m for n, m in CNN_METHODS.items() if m[2] == group}
+    for group in CNN_ORDER:
+        methods = {n: CNN_METHODS[n] for n in group}
         for noise in CNN_NOISE_RATES:
             for name, (overrides, rhos, _) in methods.items():
                 if name == "SGD":
                     yield name, noise, 0, overrides
                 for rho in rhos or ():
                     yield name, noise, 0, {**overrides, "rho": rho}
-        for seed in range(group):
+        for seed in range(max(m[2] for m in methods.values())):
             for noise in CNN_NOISE_RATES:
-                for name, (overrides, rhos, _) in methods.items():
-                    if seed == 0 and (rhos or name == "SGD"):
+                for name, (overrides, rhos, seeds) in methods.items():
+                    if seed >= seeds or (seed == 0 and (rhos or name == "SGD")):
                         continue
                     if name != "SGD":
                         rho = (

@@ -56,10 +56,21 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
     # SAM-ON 3+1, AE-SAM 2, LookSAM 2).
     assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 2)
     assert len({generalization.run_name(*r) for r in runs}) == len(runs)
-    # The three-seed methods, on which the report's main questions rest,
-    # all run before the two-seed ones.
-    counts = [generalization.CNN_METHODS[name][2] for name, *_ in runs]
-    assert counts == sorted(counts, reverse=True)
+    # Every method in one group of the order; the groups run one after the
+    # other, SGD, SAM and Momentum-SAM (every seed) first, then SAM-ON.
+    groups = generalization.CNN_ORDER
+    assert sorted(n for g in groups for n in g) == sorted(
+        generalization.CNN_METHODS
+    )
+    group_of = {n: i for i, g in enumerate(groups) for n in g}
+    order = [group_of[name] for name, *_ in runs]
+    assert order == sorted(order)
+    assert {name for name, *_ in runs[: order.count(0)]} == {
+        "SGD",
+        "SAM",
+        "Momentum-SAM",
+    }
+    assert runs[order.count(0)][0] == "SAM-ON"
 
 
 def test_rho_is_chosen_by_seed_0_validation_accuracy(tmp_path):
