@@ -100,7 +100,8 @@ def rows(runs, noise, performance, grids=None):
             r["rho"] for r in common.select(runs, name, noise) if r["seed"] == 0
         }
         row["grid"] = (len(tried), len((grids or {}).get(name, ())))
-        row["accuracy"] = common.mean_sd(common.by_seed(group).values())
+        row["by_seed"] = common.by_seed(group)
+        row["accuracy"] = common.mean_sd(row["by_seed"].values())
         fractions = [
             np.mean(r["history"]["sam_fraction"])
             for r in group
@@ -243,9 +244,16 @@ def answers(by_noise):
                     f"at {cost:.2f}×"
                 )
         if _paired(sam_on) and _paired(sam):
+            d = common.paired_difference(sam["by_seed"], sam_on["by_seed"])
+            verdict = "not significantly"
+            if d["mean"] - d["ci"] > 0:
+                verdict = "yes"
+            elif d["mean"] + d["ci"] < 0:
+                verdict = "no, SAM is ahead"
             q3.append(
-                f"At {at}: SAM-ON {sam_on['gain'] - sam['gain']:+.2f} points "
-                "against SAM"
+                f"At {at}: {verdict} (SAM-ON {d['mean']:+.2f} ± "
+                f"{d['ci']:.2f} points against SAM, paired over "
+                f"{d['n']} seeds)"
             )
         # Gain per cost ranks only real gains: a loss divided by a larger
         # cost would rank the dearer of two losing methods first.

@@ -112,12 +112,28 @@ def test_answers_follow_the_rows_and_the_measured_costs():
     answers = report_cnn.answers(by_noise)
     assert answers["q1"] == "Yes: +3.00 ± 0.00 points"
     assert answers["q2"].startswith("At 0 %: yes (83 % of SAM's gain at 1.03×)")
-    assert "At 40 %: SAM-ON +1.00 points against SAM" in answers["q3"]
+    assert answers["q3"].endswith(
+        "At 40 %: yes (SAM-ON +1.00 ± 0.00 points against SAM, paired over "
+        "2 seeds)"
+    )
     # Gain over training CPU: Momentum-SAM 2.5 / 1.03, SAM-ON 4 / 2.1,
     # SAM 3 / 2, AE-SAM 2 / 1.5.
     assert (
         "At 0 %: Momentum-SAM (+2.43 points per SGD run's training CPU time)"
         in answers["q4"]
+    )
+
+
+def test_sam_on_against_sam_is_paired_by_seed_with_its_interval():
+    runs = _study(noise_rates=(0.4,))["runs"]
+    for r in runs:
+        if r["optimizer"] == "SAM-ON" and r["seed"] == 1:
+            r["test_accuracy"] = 0.82  # -2 points against SAM's seed 1
+    rows = report_cnn.rows(runs, 0.4, PERFORMANCE)
+    # Differences +1, -2: mean -0.5, interval 12.706 · 2.1213 / √2.
+    assert report_cnn.answers({0.4: rows})["q3"] == (
+        "At 40 %: not significantly (SAM-ON -0.50 ± 19.06 points against "
+        "SAM, paired over 2 seeds)"
     )
 
 
