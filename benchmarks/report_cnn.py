@@ -216,9 +216,13 @@ def answers(by_noise):
     clean = by_noise.get(0.0, [])
     sam = _row(clean, "SAM")
     if sam and "gain" in sam and sam["pairs"] > 1:
-        verdict = "yes" if sam["gain"] - sam["ci"] > 0 else "not significantly"
-        q1 = f"{verdict.capitalize()}: {sam['gain']:+.2f} ± {sam['ci']:.2f}"
-        q1 += " points"
+        verdict = "not significantly"
+        if sam["gain"] - sam["ci"] > 0:
+            verdict = "yes"
+        elif sam["gain"] + sam["ci"] < 0:
+            verdict = "no, SGD is ahead"
+        q1 = f"{verdict[0].upper()}{verdict[1:]}: {sam['gain']:+.2f} ± "
+        q1 += f"{sam['ci']:.2f} points"
     else:
         q1 = missing
     q2, q3, q4 = [], [], []

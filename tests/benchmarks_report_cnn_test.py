@@ -275,3 +275,13 @@ def test_no_memorization_and_no_significant_gain_say_what_the_regime_needs(
     for r in study["runs"]:
         r["train_accuracy_flipped"] = 0.9 if r["label_noise"] else None
     assert _section(study, tmp_path)["needs"] == ""
+
+
+def test_sam_behind_sgd_on_clean_labels_is_said_so():
+    runs = _study(noise_rates=(0.0,))["runs"]
+    for r in runs:
+        if r["optimizer"] == "SAM":
+            r["test_accuracy"] -= 0.05  # 2 points behind SGD on every seed
+    rows = report_cnn.rows(runs, 0.0, PERFORMANCE)
+    q1 = report_cnn.answers({0.0: rows})["q1"]
+    assert q1 == "No, SGD is ahead: -2.00 ± 0.00 points"
