@@ -113,8 +113,8 @@ def rows(runs, noise, performance, grids=None):
         cpu = _training_cpu(group)
         ratios = [cpu[s] / sgd_cpu[s] for s in set(cpu) & set(sgd_cpu)]
         row["run_cpu"] = float(np.mean(ratios)) if ratios else None
-        if name != "SGD" and set(sgd) & set(common.by_seed(group)):
-            gain = common.paired_difference(sgd, common.by_seed(group))
+        if name != "SGD" and set(sgd) & set(row["by_seed"]):
+            gain = common.paired_difference(sgd, row["by_seed"])
             row.update(gain=gain["mean"], ci=gain["ci"], pairs=gain["n"])
             # A share of a gain that may be noise (one pair, or an
             # interval reaching 0) would read as a finding.
@@ -125,12 +125,29 @@ def rows(runs, noise, performance, grids=None):
 
 
 def _significant(gain):
-    return gain["n"] > 1 and gain["mean"] - gain["ci"] > 0
+    """Whether a `common.paired_difference` is over more than one seed and
+    significantly above 0."""
+    return gain["n"] > 1 and _verdict(gain["mean"], gain["ci"], "") == "yes"
 
 
 def _paired(row):
     """Whether `row`'s gain is paired over more than one seed."""
     return row is not None and row.get("pairs", 0) > 1
+
+
+def _beats_sgd(row):
+    """Whether `row`'s gain over SGD is paired and significant."""
+    return _paired(row) and _verdict(row["gain"], row["ci"], "SGD") == "yes"
+
+
+def _verdict(mean, ci, other):
+    """Whether a paired difference (its mean and 95 % half-width) is ahead
+    of `other`: "yes", "not significantly" or "no, `other` is ahead"."""
+    if mean - ci > 0:
+        return "yes"
+    if mean + ci < 0:
+        return f"no, {other} is ahead"
+    return "not significantly"
 
 
 def _table(rows):
@@ -216,11 +233,7 @@ def answers(by_noise):
     clean = by_noise.get(0.0, [])
     sam = _row(clean, "SAM")
     if sam and "gain" in sam and sam["pairs"] > 1:
-        verdict = "not significantly"
-        if sam["gain"] - sam["ci"] > 0:
-            verdict = "yes"
-        elif sam["gain"] + sam["ci"] < 0:
-            verdict = "no, SGD is ahead"
+        verdict = _verdict(sam["gain"], sam["ci"], "SGD")
         q1 = f"{verdict[0].upper()}{verdict[1:]}: {sam['gain']:+.2f} ± "
         q1 += f"{sam['ci']:.2f} points"
     else:
@@ -249,11 +262,7 @@ def answers(by_noise):
                 )
         if _paired(sam_on) and _paired(sam):
             d = common.paired_difference(sam["by_seed"], sam_on["by_seed"])
-            verdict = "not significantly"
-            if d["mean"] - d["ci"] > 0:
-                verdict = "yes"
-            elif d["mean"] + d["ci"] < 0:
-                verdict = "no, SAM is ahead"
+            verdict = _verdict(d["mean"], d["ci"], "SAM")
             q3.append(
                 f"At {at}: {verdict} (SAM-ON {d['mean']:+.2f} ± "
                 f"{d['ci']:.2f} points against SAM, paired over "
@@ -261,11 +270,7 @@ def answers(by_noise):
             )
         # Gain per cost ranks only real gains: a loss divided by a larger
         # cost would rank the dearer of two losing methods first.
-        gains = [
-            r
-            for r in rows
-            if _paired(r) and r["gain"] - r["ci"] > 0 and r["run_cpu"]
-        ]
+        gains = [r for r in rows if _beats_sgd(r) and r["run_cpu"]]
         if gains:
             best = max(gains, key=lambda r: r["gain"] / r["run_cpu"])
             per_cost = best["gain"] / best["run_cpu"]
@@ -353,15 +358,19 @@ def section(data):
     memorizes = flipped and np.mean(flipped) > MEMORIZING
     needs = ""
     sam = _row(by_noise[max(noise_rates)], "SAM")
-    if noise_rates[0] > 0 and not memorizes and _paired(sam):
-        if sam["gain"] - sam["ci"] <= 0:
-            needs = "\n\n" + common.snippet(
-                "results",
-                "cnn_needs_memorization",
-                noisiest=common.percent(max(noise_rates)),
-                gain=f"{sam['gain']:+.2f} ± {sam['ci']:.2f} points",
-                paper=PAPER_NOISE,
-            ).rstrip("\n")
+    if (
+        noise_rates[0] > 0
+        and not memorizes
+        and _paired(sam)
+        and not _beats_sgd(sam)
+    ):
+        needs = "\n\n" + common.snippet(
+            "results",
+            "cnn_needs_memorization",
+            noisiest=common.percent(max(noise_rates)),
+            gain=f"{sam['gain']:+.2f} ± {sam['ci']:.2f} points",
+            paper=PAPER_NOISE,
+        ).rstrip("\n")
     return dict(
         study["regime"],
         command=COMMANDS["study"],
