@@ -279,7 +279,12 @@ def answers(by_noise):
                 "run's training CPU time)"
             )
         elif any(_paired(r) for r in rows):
-            q4.append(f"At {at}: none, no method beats SGD significantly")
+            top = max(filter(_paired, rows), key=lambda r: r["gain"])
+            q4.append(
+                f"At {at}: none, no method beats SGD significantly, so SGD, "
+                f"the cheapest, is the best buy (the largest mean gain: "
+                f"{top['name']}, {top['gain']:+.2f} ± {top['ci']:.2f} points)"
+            )
     return dict(
         q1=q1,
         q2=". ".join(q2) or missing,
