@@ -35,6 +35,9 @@ COMMANDS = {
     "collect": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
     "--study=cnn --runs_dir=docs/results_cnn --output=docs/results_cnn.json "
     "--notrain",
+    "probe": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
+    "--study=cnn_memorizing --runs_dir=docs/results_cnn_memorizing "
+    "--output=docs/results_cnn_memorizing.json",
 }
 METHODS = (
     "SGD",
@@ -140,6 +143,18 @@ def _beats_sgd(row):
     return _paired(row) and _verdict(row["gain"], row["ci"], "SGD") == "yes"
 
 
+def _against_sgd(row):
+    """The verdict on `row`'s gain over SGD with its mean and interval in
+    points, once paired over more than one seed; None before then."""
+    if not _paired(row):
+        return None
+    verdict = _verdict(row["gain"], row["ci"], "SGD")
+    return (
+        f"{verdict[0].upper()}{verdict[1:]}: {row['gain']:+.2f} ± "
+        f"{row['ci']:.2f} points"
+    )
+
+
 def _verdict(mean, ci, other):
     """Whether a paired difference (its mean and 95 % half-width) is ahead
     of `other`: "yes", "not significantly" or "no, `other` is ahead"."""
@@ -231,13 +246,7 @@ def answers(by_noise):
     """The issue's four questions, each answered from the rows it needs."""
     missing = common.snippet("results", "cnn_missing")
     clean = by_noise.get(0.0, [])
-    sam = _row(clean, "SAM")
-    if sam and "gain" in sam and sam["pairs"] > 1:
-        verdict = _verdict(sam["gain"], sam["ci"], "SGD")
-        q1 = f"{verdict[0].upper()}{verdict[1:]}: {sam['gain']:+.2f} ± "
-        q1 += f"{sam['ci']:.2f} points"
-    else:
-        q1 = missing
+    q1 = _against_sgd(_row(clean, "SAM")) or missing
     q2, q3, q4 = [], [], []
     for noise, rows in sorted(by_noise.items()):
         at = common.percent(noise)
@@ -318,9 +327,10 @@ def plot(runs, noise_rates, path):
     common.save(fig, path)
 
 
-def section(data):
-    """The fields of the `cnn` block of templates/results.md."""
-    study, performance = data["cnn"], data["performance"]
+def _study(study, performance, figure):
+    """The fields that a CNN study's section and the probe's share: its
+    rows by noise rate, their tables, SGD's regime, its status; the curves
+    drawn to `figure`."""
     runs = study["runs"]
     noise_rates = sorted({r["label_noise"] for r in runs}, reverse=True)
     by_noise = {
@@ -338,7 +348,63 @@ def section(data):
         )
         for n in noise_rates
     )
-    plot(runs, noise_rates, data["figure"]("cnn"))
+    plot(runs, noise_rates, figure)
+    noisy = common.select(runs, "SGD", max(noise_rates))
+    flipped = [r["train_accuracy_flipped"] for r in noisy]
+    memorizes = bool(flipped) and np.mean(flipped) > MEMORIZING
+    return dict(
+        study["regime"],
+        by_noise=by_noise,
+        tables=tables,
+        memorizes=memorizes,
+        noise_rates=", ".join(common.percent(n) for n in noise_rates[::-1]),
+        noisiest=common.percent(max(noise_rates)),
+        sgd_flipped=_final(noisy, "train_accuracy_flipped"),
+        sgd_unflipped=_final(noisy, "train_accuracy_unflipped"),
+        status=common.snippet(
+            "results",
+            "cnn_complete" if study.get("complete") else "cnn_in_progress",
+            runs=len(runs),
+        ),
+        sgd_regime=common.snippet(
+            "results",
+            "cnn_memorizes" if memorizes else "cnn_does_not_memorize",
+        ),
+        priced_on=PRICED_ON,
+        cost_target=COST_TARGET,
+        share_target=common.percent(SHARE_TARGET),
+        first_seed=min(r["seed"] for r in runs),
+    )
+
+
+def probe_section(data):
+    """The fields of the `cnn_memorizing` block: the CNN regime again where
+    SGD memorizes (`generalization.CNN_MEMORIZING`)."""
+    fields = _study(
+        data["cnn_memorizing"],
+        data["performance"],
+        data["figure"]("cnn_memorizing"),
+    )
+    by_noise = fields.pop("by_noise")
+    answers_ = answers(by_noise)
+    noisy = by_noise[max(by_noise)]
+    missing = common.snippet("results", "cnn_missing")
+    return dict(
+        fields,
+        command=COMMANDS["probe"],
+        paper_epochs=PAPER_NOISE["epochs"],
+        sam=_against_sgd(_row(noisy, "SAM")) or missing,
+        q2=answers_["q2"],
+    )
+
+
+def section(data):
+    """The fields of the `cnn` block of templates/results.md."""
+    study, performance = data["cnn"], data["performance"]
+    runs = study["runs"]
+    fields = _study(study, performance, data["figure"]("cnn"))
+    by_noise = fields.pop("by_noise")
+    noise_rates = sorted(by_noise, reverse=True)
     backends = ""
     if data.get("cnn_epoch_time"):
         epochs = data["cnn_epoch_time"]["epochs"]
@@ -352,20 +418,17 @@ def section(data):
             ),
             fastest=min(epochs, key=lambda m: epochs[m]["cpu_seconds"]),
         )
-    noisy = common.select(runs, "SGD", max(noise_rates))
     clean = common.select(runs, "SGD", 0.0)
-    flipped = [r["train_accuracy_flipped"] for r in noisy]
     sgd_cpu = [
         seconds
         for n in noise_rates
         for seconds in _training_cpu(common.select(runs, "SGD", n)).values()
     ] or [0]
-    memorizes = flipped and np.mean(flipped) > MEMORIZING
     needs = ""
     sam = _row(by_noise[max(noise_rates)], "SAM")
     if (
         noise_rates[0] > 0
-        and not memorizes
+        and not fields["memorizes"]
         and _paired(sam)
         and not _beats_sgd(sam)
     ):
@@ -375,27 +438,19 @@ def section(data):
             noisiest=common.percent(max(noise_rates)),
             gain=f"{sam['gain']:+.2f} ± {sam['ci']:.2f} points",
             paper=PAPER_NOISE,
+            probe=common.snippet(
+                "results",
+                "cnn_probe_below"
+                if data.get("cnn_memorizing")
+                else "cnn_no_probe",
+            ).rstrip("\n"),
         ).rstrip("\n")
     return dict(
-        study["regime"],
+        fields,
         command=COMMANDS["study"],
         needs=needs,
         collect=COMMANDS["collect"],
-        status=common.snippet(
-            "results",
-            "cnn_complete" if study.get("complete") else "cnn_in_progress",
-            runs=len(runs),
-        ),
-        tables=tables,
         backends=backends,
-        noise_rates=", ".join(common.percent(n) for n in noise_rates[::-1]),
-        noisiest=common.percent(max(noise_rates)),
-        memorizes=common.snippet(
-            "results",
-            "cnn_memorizes" if memorizes else "cnn_does_not_memorize",
-        ),
-        sgd_flipped=_final(noisy, "train_accuracy_flipped"),
-        sgd_unflipped=_final(noisy, "train_accuracy_unflipped"),
         sgd_clean_train=_final(clean, "train_accuracy_unflipped"),
         sgd_cpu_low=min(sgd_cpu),
         sgd_cpu_high=max(sgd_cpu),
@@ -403,9 +458,5 @@ def section(data):
         paper_sgd_accuracy=100 - PAPER_FASHION_MNIST["sgd"],
         paper_sam_accuracy=100 - PAPER_FASHION_MNIST["sam"],
         paper_noise=PAPER_NOISE,
-        priced_on=PRICED_ON,
-        cost_target=COST_TARGET,
-        share_target=common.percent(SHARE_TARGET),
-        first_seed=min(r["seed"] for r in runs),
         **answers(by_noise),
     )

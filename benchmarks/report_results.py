@@ -561,6 +561,7 @@ SECTIONS = [
     ),
     ("variants", ("variants",), _variants),
     ("cnn", ("cnn",), report_cnn.section),
+    ("cnn_memorizing", ("cnn_memorizing",), report_cnn.probe_section),
     (
         "gpu",
         (),
@@ -578,6 +579,7 @@ def run(flags_obj):
         noise=common.load(docs, "results_noise.json"),
         variants=common.load(docs, "results_variants.json"),
         cnn=common.load(docs, "results_cnn.json"),
+        cnn_memorizing=common.load(docs, "results_cnn_memorizing.json"),
         cnn_epoch_time=common.load(docs, "cnn_epoch_time.json"),
         performance=common.load(docs, "performance.json"),
         figures=figures,

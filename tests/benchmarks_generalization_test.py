@@ -73,6 +73,37 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
     assert runs[order.count(0)][0] == "SAM-ON"
 
 
+def test_the_memorizing_probe_is_the_cnn_regime_where_sgd_memorizes():
+    probe = generalization.CNN_MEMORIZING
+    changed = {
+        k: v
+        for k, v in probe["regime"].items()
+        if generalization.CNN_REGIME[k] != v
+    }
+    # Model, schedule, batch, weight decay and validation split unchanged.
+    assert changed == dict(
+        train_examples=2000,
+        augmentation="none",
+        epochs=40,
+        eval_every_epochs=10,
+    )
+    runs = list(
+        generalization.cnn_configurations(
+            lambda noise, rhos, name="SAM": rhos[0], "cnn_memorizing"
+        )
+    )
+    # 40 % noise only: SGD 3, SAM 4 + 2, Momentum-SAM 3 + 2.
+    assert len(runs) == 14
+    assert {noise for _, noise, *_ in runs} == {0.4}
+    assert ("SAM", 0.4, 2, dict(rho=0.05)) in runs
+    assert (
+        "Momentum-SAM",
+        0.4,
+        0,
+        dict(perturbation="momentum", rho=3.0),
+    ) in runs
+
+
 def test_rho_is_chosen_by_seed_0_validation_accuracy(tmp_path):
     runs_dir = str(tmp_path)
     for rho, accuracy in ((0.05, 0.61), (0.1, 0.64), (0.2, 0.62)):

@@ -191,7 +191,7 @@ def test_a_study_in_progress_says_what_is_missing():
     assert all(a.startswith("Not yet measured") for a in answers.values())
 
 
-def _section(study, tmp_path):
+def _regime(study):
     study["regime"] = dict(
         model="resnet20",
         train_examples=8000,
@@ -204,9 +204,14 @@ def _section(study, tmp_path):
         weight_decay=5e-4,
         eval_every_epochs=1,
     )
+    return study
+
+
+def _section(study, tmp_path, probe=None):
     return report_cnn.section(
         dict(
-            cnn=study,
+            cnn=_regime(study),
+            cnn_memorizing=probe,
             performance=PERFORMANCE,
             cnn_epoch_time=dict(
                 epochs=dict(
@@ -229,7 +234,7 @@ def test_the_section_renders_with_its_plot(tmp_path):
     assert fields["needs"] == ""
     assert fields["status"] == "All 28 runs finished."
     assert (fields["sgd_cpu_low"], fields["sgd_cpu_high"]) == (90, 100)
-    assert "does not memorize" in fields["memorizes"]
+    assert "does not memorize" in fields["sgd_regime"]
     assert "tensorflow_graph 29.1 CPU s (16.1 s wall)" in fields["backends"]
     assert fields["backends"].endswith("the fastest, tensorflow_graph.")
     assert np.isclose(fields["paper_sam_accuracy"], 96.02)
@@ -277,6 +282,13 @@ def test_no_memorization_and_no_significant_gain_say_what_the_regime_needs(
     needs = " ".join(_section(study, tmp_path)["needs"].split())
     assert "SAM's gain at 40 % noise is not significant (+1.00 ±" in needs
     assert "SGD to fall to 68.8 % at 40 % noise" in needs
+    assert needs.endswith("No such longer run was measured here.")
+    probe = _study(noise_rates=(0.4,))
+    needs = " ".join(_section(study, tmp_path, probe)["needs"].split())
+    assert needs.endswith(
+        "The probe below tests the mechanism at a CPU's budget instead, by "
+        "shrinking the data where the paper lengthens the training."
+    )
     # Where SGD memorizes, the section does not say it.
     for r in study["runs"]:
         r["train_accuracy_flipped"] = 0.9 if r["label_noise"] else None
@@ -291,3 +303,37 @@ def test_sam_behind_sgd_on_clean_labels_is_said_so():
     rows = report_cnn.rows(runs, 0.0, PERFORMANCE)
     q1 = report_cnn.answers({0.0: rows})["q1"]
     assert q1 == "No, SGD is ahead: -2.00 ± 0.00 points"
+
+
+def test_the_probe_answers_where_sgd_memorizes(tmp_path):
+    probe = _regime(_study(noise_rates=(0.4,)))
+    for r in probe["runs"]:
+        if r["optimizer"] == "SGD":
+            r["train_accuracy_flipped"] = 0.95
+    fields = report_cnn.probe_section(
+        dict(
+            cnn_memorizing=probe,
+            performance=PERFORMANCE,
+            figure=lambda name: str(tmp_path / f"{name}.png"),
+        )
+    )
+    assert (tmp_path / "cnn_memorizing.png").stat().st_size > 1000
+    assert fields["sgd_flipped"] == "95.0 %"
+    assert "memorizes much of the noise" in fields["sgd_regime"]
+    # SAM at ρ = 0.1 (chosen on validation): +3 points on every seed.
+    assert fields["sam"] == "Yes: +3.00 ± 0.00 points"
+    # Momentum-SAM's +2.5 of SAM's +3 at its measured 1.03× per step.
+    assert fields["q2"] == "At 40 %: yes (83 % of SAM's gain at 1.03×)"
+    assert fields["status"] == "All 14 runs finished."
+    # Before SAM has a second seed, the question says it is not measured.
+    probe["runs"] = [
+        r for r in probe["runs"] if r["seed"] == 0 or r["optimizer"] == "SGD"
+    ]
+    fields = report_cnn.probe_section(
+        dict(
+            cnn_memorizing=probe,
+            performance=PERFORMANCE,
+            figure=lambda name: str(tmp_path / f"{name}.png"),
+        )
+    )
+    assert fields["sam"].startswith("Not yet measured")
