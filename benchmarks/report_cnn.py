@@ -377,9 +377,16 @@ def _study(study, performance, figure):
     )
 
 
+def _has_runs(data, study):
+    return bool((data.get(study) or {}).get("runs"))
+
+
 def probe_section(data):
     """The fields of the `cnn_memorizing` block: the CNN regime again where
-    SGD memorizes (`generalization.CNN_MEMORIZING`)."""
+    SGD memorizes (`generalization.CNN_MEMORIZING`); None before its
+    first run has finished."""
+    if not _has_runs(data, "cnn_memorizing"):
+        return None
     fields = _study(
         data["cnn_memorizing"],
         data["performance"],
@@ -441,7 +448,7 @@ def section(data):
             probe=common.snippet(
                 "results",
                 "cnn_probe_below"
-                if data.get("cnn_memorizing")
+                if _has_runs(data, "cnn_memorizing")
                 else "cnn_no_probe",
             ).rstrip("\n"),
         ).rstrip("\n")

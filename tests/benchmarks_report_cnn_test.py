@@ -337,3 +337,6 @@ def test_the_probe_answers_where_sgd_memorizes(tmp_path):
         )
     )
     assert fields["sam"].startswith("Not yet measured")
+    # No run finished yet: no section.
+    probe["runs"] = []
+    assert report_cnn.probe_section(dict(cnn_memorizing=probe)) is None
