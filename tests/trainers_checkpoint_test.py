@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -9,7 +10,11 @@ import pytest
 
 from keras_sam import backend
 from tests import backends
+from tests import trainers_run_test
 from trainers import checkpoint
+from trainers import fashion_mnist
+from trainers import models
+from trainers.models import simple
 
 # Every backend: the checkpoint is NumPy and Keras, and on PyTorch it also
 # holds the generators that Keras' unseeded `Dropout` draws from.
@@ -245,3 +250,49 @@ def test_the_random_stream_leaves_out_draws_between_batches():
         stream.on_train_batch_end(0)
         _draw()  # the loader's
     np.testing.assert_array_equal(np.stack(got), np.stack(want))
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@backends.tensorflow_only
+def test_a_checkpoint_written_before_the_options_module_resumes(
+    tmp_path, monkeypatch
+):
+    # Written by the Fashion-MNIST trainer at 0825e6a on TensorFlow
+    # (before SAMOptions, compat and the flags derived from them), with
+    # the MLP narrowed to 4 units to keep the files small: a 6-step run
+    # with --rho=0.1 --learning_rate=0.02 --batch_size=16 --synthetic_data
+    # --checkpoint_every_steps=3 --deterministic, cut after step 3
+    # (`step_3`) and uninterrupted (`step_6`). Today's trainer accepts the
+    # old run's settings and finishes it where the old one ended.
+    monkeypatch.setitem(
+        models.MODELS,
+        "mlp",
+        lambda shape, classes, wd=0.0: simple.mlp(shape, classes, wd, 4),
+    )
+    shutil.copy(
+        os.path.join(FIXTURES, "trainer_0825e6a_step_3.npz"),
+        tmp_path / checkpoint.CHECKPOINT,
+    )
+    results = fashion_mnist.run(
+        trainers_run_test.make_flags(
+            tmp_path,
+            model="mlp",
+            train_steps=6,
+            checkpoint_every_steps=3,
+            deterministic=True,
+            rho=0.1,
+            learning_rate=0.02,
+        )
+    )
+    assert results["resumed_from_step"] == 3
+    assert results["train_steps"] == 6
+    with (
+        np.load(tmp_path / checkpoint.CHECKPOINT) as got,
+        np.load(os.path.join(FIXTURES, "trainer_0825e6a_step_6.npz")) as want,
+    ):
+        variables = [k for k in want.files if k.startswith("variables/")]
+        assert len(variables) == 13
+        for key in variables:
+            np.testing.assert_array_equal(got[key], want[key], key)
