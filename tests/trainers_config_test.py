@@ -39,7 +39,7 @@ def _declared_flags():
     return flags.FLAGS
 
 
-def test_every_field_is_a_flag_with_the_flags_default():
+def test_every_field_is_a_flag_with_its_default_help_and_check():
     # A field without a flag of its name would keep its default silently.
     declared = _declared_flags()
     fields = [
@@ -53,16 +53,46 @@ def test_every_field_is_a_flag_with_the_flags_default():
         if f.name not in NESTED
     ]
     assert [f"{c}.{f.name}" for c, f in fields if f.name not in declared] == []
-    # Trainers set the defaults of `trainers.flags.DEFAULTS` and a few
-    # others themselves; every other field's default is its flag's.
-    own = set(trainer_flags.DEFAULTS) | trainer_flags.OTHER_DEFAULTABLE
+    settings = [f for _, f in fields if f.name not in ("model", "output_dir")]
+    assert {f.name for f in settings} == {
+        f.name for f in config.setting_fields()
+    }
     assert [
-        f"{c}.{f.name}: {f.default!r}, flag {declared[f.name].default!r}"
-        for c, f in fields
-        if f.name not in own
-        and f.default is not dataclasses.MISSING
-        and f.default != declared[f.name].default
+        f.name
+        for f in settings
+        if f.metadata["help"] not in declared[f.name].help
     ] == []
+    # The Fashion-MNIST trainer sets these itself; every other setting's
+    # default is the flag's.
+    own = {"learning_rate", "data_dir"}
+    assert [
+        f"{f.name}: {f.default!r}, flag {declared[f.name].default!r}"
+        for f in settings
+        if f.name not in own and f.default != declared[f.name].default
+    ] == []
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("batch_size", 0, "--batch_size must be >= 1"),
+        ("train_examples", 0, "--train_examples must be >= 1"),
+        ("weight_decay", "nan", "--weight_decay must be >= 0 and finite"),
+        ("ema_decay", 1.0, "--ema_decay must lie in [0, 1) and finite"),
+        ("steps_per_execution", 0, "--steps_per_execution must be >= 1"),
+        ("image_size", 16, "--image_size must be >= 32"),
+        ("sam_start_fraction", 2.0, "--sam_start_fraction must lie in"),
+    ],
+)
+def test_a_setting_refuses_what_its_check_says(name, value, message):
+    declared = _declared_flags()
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+        declared(["test", f"--{name}={value}"])
+    try:
+        assert message in str(error.value)
+    finally:
+        declared[name].value = declared[name].default
+        declared.validate_all_flags()
 
 
 def test_every_sam_option_is_a_flag_with_its_default_and_help():
@@ -203,7 +233,7 @@ def test_from_flags_reads_every_value():
         label_smoothing=0.1,
     )
     assert made.sam == dict(
-        trainer_flags.sam_defaults(),
+        config.sam_defaults(),
         rho=0.2,
         rho_min=0.01,
         switching="periodic",

@@ -2,66 +2,159 @@
 
 `trainers.loop` takes a `TrainingConfig` and never sees the flags; an entry
 point builds one with `TrainingConfig.from_flags(flags_obj)` (or by hand,
-in a test or a notebook). Every field is the flag of its name, documented
-in `trainers.flags`.
+in a test or a notebook). Every field is the flag of its name, declared
+with its default, help and check by `trainers.data.config.setting`;
+`trainers.flags` makes the flags from the fields. SAM's settings are
+`keras_sam.options.SAMOptions`' fields and `POLICY_SETTINGS`.
 """
 
 import dataclasses
+import inspect
+import os
+import sys
 from typing import Optional
 
-from trainers import flags as trainer_flags
+from absl import flags
+
+from keras_sam import options
+from keras_sam import switching as switching_lib
+from trainers import strategy as strategy_lib
 from trainers.data import config as data_config
+from trainers.data.config import at_least
+from trainers.data.config import setting
+from trainers.data.config import unset_or_at_least
+
+
+def _below_one(v):
+    return 0 <= v < 1
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig(data_config.FlagFields):
-    """SGD with momentum, its learning rate and what Keras adds to it.
+    """SGD with momentum, its learning rate and what Keras adds to it."""
 
-    Attributes:
-        learning_rate: the peak (cosine) or constant learning rate.
-        lr_schedule: "cosine" (to 0 over the run's steps) or "constant".
-        momentum: SGD's momentum.
-        nesterov: Nesterov momentum.
-        gradient_clipping: clip the global gradient norm to this; 0: off.
-        ema_decay: evaluate an exponential moving average of the weights
-            with this decay; 0: off.
-        label_smoothing: of the cross-entropy loss.
-    """
-
-    learning_rate: float = 0.05
-    lr_schedule: str = "cosine"
-    momentum: float = 0.9
-    nesterov: bool = False
-    gradient_clipping: float = 0.0
-    ema_decay: float = 0.0
-    label_smoothing: float = 0.0
+    learning_rate: float = setting(
+        0.05,
+        "Peak learning rate of SGD.",
+        check=(lambda v: v > 0, "must be > 0"),
+    )
+    lr_schedule: str = setting(
+        "cosine",
+        "constant, or cosine decay to 0 over all training steps.",
+        choices=["constant", "cosine"],
+    )
+    momentum: float = setting(0.9, "SGD momentum.")
+    nesterov: bool = setting(False, "Nesterov momentum.")
+    gradient_clipping: float = setting(
+        0.0,
+        "Clip the global gradient norm to this value; 0 disables.",
+        check=at_least(0),
+    )
+    ema_decay: float = setting(
+        0.0,
+        "Evaluate an exponential moving average of the weights with this "
+        "decay; 0 disables.",
+        check=(_below_one, "must lie in [0, 1)"),
+    )
+    label_smoothing: float = setting(
+        0.0,
+        "Label smoothing in [0, 1).",
+        check=(_below_one, "must lie in [0, 1)"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class AcceleratorConfig(data_config.FlagFields):
-    """Where and how the steps run.
+    """Where and how the steps run."""
 
-    Attributes:
-        strategy: a name of `trainers.strategy.STRATEGIES`.
-        tpu: the TPU's name or grpc:// address.
-        model_parallel: JAX: devices along the mesh's "model" axis.
-        layout_map: JAX: how variables are split over the mesh
-            (`trainers.strategy.parse_layout_map`).
-        jit_compile: "auto", "true" or "false".
-        mixed_precision: "auto", "none", "float16" or "bfloat16".
-        steps_per_execution: steps per compiled call (None: 32 on TPUs,
-            else 1).
-        deterministic: deterministic TensorFlow ops.
-    """
+    strategy: str = setting(
+        "default",
+        "default (one device); mirrored (this host's devices); "
+        "multi_worker (every process's devices: TF_CONFIG on TensorFlow, "
+        "keras.distribution.initialize's KERAS_DISTRIBUTION_* variables "
+        "or the TPU/SLURM cluster on JAX); tpu (TensorFlow).",
+        choices=list(strategy_lib.STRATEGIES),
+    )
+    tpu: Optional[str] = setting(None, "TPU name or grpc:// address.")
+    model_parallel: int = setting(
+        1,
+        "JAX: devices along the mesh's model axis; the others form the "
+        "batch axis (default 1: data parallel only).",
+    )
+    layout_map: str = setting(
+        "",
+        "JAX: how variables are split over the (batch, model) mesh, as "
+        "PATTERN=AXES entries separated by ';' (re.fullmatch on the "
+        "variable path; one axis name or nothing per dimension), e.g. "
+        "'.*dense.*/kernel=,model'.",
+    )
+    jit_compile: str = setting(
+        "auto",
+        "XLA: auto resolves as Keras does (off on CPU and under "
+        "tf.distribute).",
+        choices=["auto", "true", "false"],
+    )
+    mixed_precision: str = setting(
+        "auto",
+        "Mixed precision compute dtype: float16 for GPUs, bfloat16 for TPUs; "
+        "auto is bfloat16 under --strategy=tpu and none otherwise.",
+        choices=["auto", "none", "float16", "bfloat16"],
+    )
+    steps_per_execution: Optional[int] = setting(
+        None,
+        "Training steps per compiled call, to keep the host from limiting "
+        "the step (default: 32 under --strategy=tpu, else 1).",
+        check=unset_or_at_least(1),
+    )
+    deterministic: bool = setting(
+        False,
+        "Deterministic TensorFlow ops, so a resumed run matches an "
+        "uninterrupted one.",
+    )
 
-    strategy: str = "default"
-    tpu: Optional[str] = None
-    model_parallel: int = 1
-    layout_map: str = ""
-    jit_compile: str = "auto"
-    mixed_precision: str = "auto"
-    steps_per_execution: Optional[int] = None
-    deterministic: bool = False
+
+def _argument_default(cls, argument):
+    return inspect.signature(cls).parameters[argument].default
+
+
+# SAM's settings beyond `SAMOptions`' fields: those that give some fields
+# their command-line form, ρ following the learning rate and the switching
+# policy by name with its parameters (a policy's own default where it has
+# one), as {name: (default, help)}.
+POLICY_SETTINGS = {
+    "rho_min": (
+        None,
+        "If set, ρ follows the learning-rate schedule linearly from --rho at "
+        "the peak rate down to --rho_min at rate 0 (GSAM); default: "
+        "constant ρ.",
+    ),
+    "sam_every": (
+        _argument_default(switching_lib.Periodic, "every"),
+        "Period of --switching=periodic, in steps.",
+    ),
+    "sam_probability": (
+        _argument_default(switching_lib.Randomized, "probability"),
+        "Probability of a SAM step for --switching=randomized.",
+    ),
+    "sam_start_fraction": (
+        0.9,
+        "For --switching=late_phase: the fraction of the training steps "
+        "after which every step is a SAM step (0 is SAM throughout).",
+    ),
+}
+
+
+def sam_defaults(**overrides):
+    """`{name: default}` of SAM's settings: those of `SAMOptions`' fields
+    (`switching` by name), then `POLICY_SETTINGS`; `overrides` replace
+    them."""
+    defaults = {
+        field.name: "none" if field.name == "switching" else field.default
+        for field in options.fields()
+    }
+    defaults.update({name: d for name, (d, _) in POLICY_SETTINGS.items()})
+    defaults.update({k: v for k, v in overrides.items() if k in defaults})
+    return defaults
 
 
 # The settings a run resumed from its checkpoint may change; every other
@@ -93,34 +186,47 @@ class TrainingConfig:
         output_dir: where the checkpoint, the model and results.json go.
         data: the data's settings (batch size and seed included).
         optimizer: the base optimizer's settings.
-        sam: `{flag: value}` of SAM's flags (`trainers.flags.sam_defaults`,
-            made into `SAMOptions` by `trainers.flags.sam_options`); a flag
-            it lacks has its default. None trains the base model with a
-            plain Keras `fit` (the SGD baseline).
+        sam: `{name: value}` of SAM's settings (`sam_defaults`, made into
+            `SAMOptions` by `trainers.flags.sam_options`); a setting it
+            lacks has its default. None trains the base model with a plain
+            Keras `fit` (the SGD baseline).
         accelerator: strategy, XLA, precision, determinism.
-        epochs: data epochs to train, unless `train_steps` is set.
-        train_steps: training steps (0: `epochs` data epochs).
-        weight_decay: λ of `trainers.models.regularization`.
-        checkpoint_every_steps: None: every data epoch.
-        eval_every_epochs: evaluate on the test set every this many epochs.
-        verbose: Keras' verbosity.
         recorded_flags: what results.json lists under "flags".
+
+    The other fields are settings (`setting`): their help says what they
+    mean.
     """
 
     model: str
     output_dir: str
     data: data_config.DataConfig
     optimizer: OptimizerConfig = OptimizerConfig()
-    sam: Optional[dict] = dataclasses.field(
-        default_factory=trainer_flags.sam_defaults
-    )
+    sam: Optional[dict] = dataclasses.field(default_factory=sam_defaults)
     accelerator: AcceleratorConfig = AcceleratorConfig()
-    epochs: int = 10
-    train_steps: int = 0
-    weight_decay: float = 5e-4
-    checkpoint_every_steps: Optional[int] = None
-    eval_every_epochs: int = 1
-    verbose: int = 1
+    epochs: int = setting(
+        10, "Passes over the training set.", check=at_least(1)
+    )
+    train_steps: int = setting(
+        0,
+        "Total training steps; overrides --epochs (0: --epochs passes).",
+        check=at_least(0),
+    )
+    weight_decay: float = setting(
+        5e-4,
+        "Weight decay λ, as an L2 term λ/2·Σw² over all kernels added to the "
+        "loss (gradient λ·w, as in the SAM paper's code, so SAM sees it at "
+        "w + ε); not decoupled. Biases and BatchNorm are not decayed.",
+        check=at_least(0),
+    )
+    checkpoint_every_steps: Optional[int] = setting(
+        None,
+        "Save a checkpoint every this many steps (default: every epoch).",
+        check=unset_or_at_least(1),
+    )
+    eval_every_epochs: int = setting(
+        1, "Evaluate on the test set every N epochs.", check=at_least(1)
+    )
+    verbose: int = setting(1, "Keras verbosity: 0, 1 (bars), 2.")
     recorded_flags: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -147,7 +253,7 @@ class TrainingConfig:
             if field.name == "sam":
                 values["sam"] = value is not None
                 if value is not None:
-                    values.update(trainer_flags.sam_defaults(**value))
+                    values.update(sam_defaults(**value))
             elif dataclasses.is_dataclass(value):
                 values.update(dataclasses.asdict(value))
             else:
@@ -166,19 +272,18 @@ class TrainingConfig:
             sam=(
                 {
                     name: getattr(flags_obj, name)
-                    for name in trainer_flags.sam_defaults()
+                    for name in sam_defaults()
                     if hasattr(flags_obj, name)
                 }
                 if getattr(flags_obj, "sam", True)
                 else None
             ),
             accelerator=AcceleratorConfig.from_flags(flags_obj),
-            epochs=flags_obj.epochs,
-            train_steps=flags_obj.train_steps or 0,
-            weight_decay=flags_obj.weight_decay,
-            checkpoint_every_steps=flags_obj.checkpoint_every_steps,
-            eval_every_epochs=flags_obj.eval_every_epochs,
-            verbose=flags_obj.verbose,
+            **{
+                f.name: getattr(flags_obj, f.name)
+                for f in dataclasses.fields(cls)
+                if "help" in f.metadata
+            },
             recorded_flags=flag_record(flags_obj),
         )
 
@@ -191,10 +296,52 @@ def flag_record(flags_obj):
         values = flags_obj.flag_values_dict()
     else:
         values = dict(vars(flags_obj))
-    foreign = trainer_flags.foreign_flag_names()
+    foreign = foreign_flag_names()
     return {
         k: v
         for k, v in values.items()
         if k not in foreign
         and isinstance(v, (str, int, float, bool, type(None), list))
     }
+
+
+def foreign_flag_names(flag_values=flags.FLAGS):
+    """Names of the flags in `flag_values` that no trainer declared.
+
+    A flag is a trainer's when a module of `trainers` or the main program
+    declared it; absl, TensorFlow and other libraries declare the rest
+    (logging, help, TPU tracing, ...).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def trainers_own(module):
+        return (
+            module == sys.argv[0]
+            or module.split(".")[0] == "trainers"
+            or os.path.dirname(os.path.abspath(module)) == here
+        )
+
+    return {
+        name
+        for module, declared in flag_values.flags_by_module_dict().items()
+        if not trainers_own(module)
+        for flag in declared
+        for name in (flag.name, flag.short_name)
+        if name
+    }
+
+
+def setting_fields():
+    """The fields of a run's settings that are flags (`setting`), in the
+    order of the dataclasses; SAM's are `sam_defaults`."""
+    return [
+        field
+        for cls in (
+            data_config.DataConfig,
+            OptimizerConfig,
+            AcceleratorConfig,
+            TrainingConfig,
+        )
+        for field in dataclasses.fields(cls)
+        if "help" in field.metadata
+    ]

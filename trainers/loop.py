@@ -221,7 +221,7 @@ def prepare(config, strategy_override=None):
             f"--batch_size={config.batch_size} must be divisible by the "
             f"{replicas} replicas."
         )
-    sam = trainer_flags.sam_defaults(**(config.sam or {}))
+    sam = config_lib.sam_defaults(**(config.sam or {}))
     if config.sam is not None and (
         sam["micro_batches"] > config.batch_size // replicas
     ):

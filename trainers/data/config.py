@@ -1,6 +1,36 @@
-"""What a run asks of its data, as one typed value instead of flags."""
+"""What a run asks of its data, as one typed value instead of flags.
+
+Each setting of a run is a field declared with `setting`: its default,
+its help and its check are the flag's of its name (`trainers.flags`
+declares the flags from the fields), so each is written once.
+"""
 
 import dataclasses
+
+from trainers.data import augment
+
+
+def setting(default, help, choices=None, check=None, streamed=False):
+    """A field of a run's settings that is also the flag of its name.
+
+    Args:
+        default: the field's default and the flag's.
+        help: the flag's help, which says what the setting means.
+        choices: the values an enum flag takes.
+        check: `(predicate, "must ...")`; the flag refuses a value the
+            predicate rejects (and a float that is not finite).
+        streamed: declared with the streaming trainers' flags only.
+    """
+    metadata = dict(help=help, choices=choices, check=check, streamed=streamed)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def at_least(low):
+    return lambda v: v >= low, f"must be >= {low}"
+
+
+def unset_or_at_least(low):
+    return lambda v: v is None or v >= low, f"must be >= {low}"
 
 
 class FlagFields:
@@ -22,36 +52,65 @@ class FlagFields:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(FlagFields):
-    """The data settings of a run; each field is the flag of its name.
+    """The data settings of a run; each field is the flag of its name."""
 
-    Attributes:
-        batch_size: examples per training step (all replicas).
-        seed: fixes the example order, the held-out split, the label noise
-            and the augmentation draws.
-        augmentation: one of `trainers.data.augment.AUGMENTATIONS`.
-        data_dir: where the data set is (IDX files or a prepared
-            tensorflow-datasets copy).
-        synthetic_data: random images instead of `data_dir`.
-        train_examples: train on the first this many examples (0: all).
-        validation_examples: hold out the last this many training examples
-            (in-memory data sets).
-        label_noise: the fraction of training labels resampled uniformly
-            (in-memory data sets).
-        track_memorization: record the accuracy on the examples whose label
-            the noise changed, and on the others (in-memory data sets).
-        image_size: side of the images the model sees (streamed data sets).
-        shuffle_buffer: encoded examples in the shuffle buffer (streamed
-            data sets).
-    """
-
-    batch_size: int
-    seed: int = 0
-    augmentation: str = "none"
-    data_dir: str = None
-    synthetic_data: bool = False
-    train_examples: int = 0
-    validation_examples: int = 0
-    label_noise: float = 0.0
-    track_memorization: bool = False
-    image_size: int = 224
-    shuffle_buffer: int = 10000
+    batch_size: int = setting(
+        128,
+        "Global batch size, in examples, split evenly across replicas.",
+        check=at_least(1),
+    )
+    seed: int = setting(0, "Seed of weights, data order and noise.")
+    augmentation: str = setting(
+        "none",
+        "none; basic (flip, pad 4, random crop); cutout (basic + cutout); "
+        "randaugment (basic + Keras RandAugment); autoaugment_cifar and "
+        "autoaugment_svhn (the AutoAugment policy, then basic and cutout, "
+        "as in the SAM paper's code).",
+        choices=list(augment.AUGMENTATIONS),
+    )
+    data_dir: str = setting(
+        None,
+        "Where the data set lives: a prepared tensorflow-datasets directory, "
+        "or for Fashion-MNIST also a directory with the four IDX .gz files.",
+    )
+    synthetic_data: bool = setting(
+        False,
+        "Random data with the data set's shapes and classes (smoke runs).",
+    )
+    train_examples: int = setting(
+        None,
+        "Train on only the first N training examples (default: all); "
+        "applied before --label_noise. For CPU-sized studies.",
+        check=unset_or_at_least(1),
+    )
+    validation_examples: int = setting(
+        0,
+        "Hold out the last N examples of the training split as a "
+        "validation set (labels noised like the training labels, at "
+        "--label_noise); its accuracy is recorded every epoch, for choosing "
+        "hyperparameters without the test set.",
+        check=at_least(0),
+    )
+    label_noise: float = setting(
+        0.0,
+        "Fraction of training labels replaced by uniformly random classes "
+        "(seeded; the test set stays clean).",
+        check=(lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    )
+    track_memorization: bool = setting(
+        False,
+        "Record every epoch the training accuracy on the examples whose "
+        "label --label_noise changed (memorization) and on the others.",
+    )
+    image_size: int = setting(
+        224,
+        "Height and width, in pixels, of the images the model sees.",
+        check=at_least(32),
+        streamed=True,
+    )
+    shuffle_buffer: int = setting(
+        10000,
+        "Examples in the shuffle buffer (encoded images, about 110 kB each "
+        "on ImageNet), after tensorflow-datasets' file shuffling.",
+        streamed=True,
+    )
