@@ -20,19 +20,6 @@ from benchmarks import report_common as common
 
 FLAGS = flags.FLAGS
 
-# The SAM paper's Table 4 (Foret et al., 2021), not a measurement: clean
-# test accuracy (%) of SGD and SAM by label noise.
-PAPER_TABLE4 = dict(table=4, data="CIFAR-10", model="ResNet-32", epochs=200)
-PAPER_NOISE = {
-    0.2: (84.8, 95.1),
-    0.4: (68.8, 93.4),
-    0.6: (48.2, 90.5),
-    0.8: (26.2, 77.9),
-}
-# The question the variants answer: a cost of at most COST_TARGET SGD
-# steps keeping at least SHARE_TARGET of exact SAM's gain.
-COST_TARGET = 1.25
-SHARE_TARGET = 0.8
 # Below this share of SAM's gain, a method keeps little of it.
 LITTLE_SHARE = 0.5
 COMMANDS = {
@@ -118,7 +105,7 @@ def noise_table(runs):
     for noise, rho in selected_rhos(runs).items():
         sgd, sam = (common.by_seed(g) for g in _groups(runs, noise, rho))
         d = common.paired_difference(sgd, sam)
-        paper = PAPER_NOISE.get(round(noise, 2))
+        paper = common.PAPER_NOISE.get(round(noise, 2))
         rows.append(
             common.row(
                 common.percent(noise),
@@ -362,8 +349,8 @@ def plot_variants(rows, path):
         ax.scatter(row["cost"], row["gain"])
         ax.annotate(row["name"], (row["cost"], row["gain"]), fontsize=7)
     sam = next(r for r in rows if r["name"] == "SAM")
-    ax.axvline(COST_TARGET, color="grey", linestyle=":")
-    ax.axhline(SHARE_TARGET * sam["gain"], color="grey", linestyle=":")
+    ax.axvline(common.COST_TARGET, color="grey", linestyle=":")
+    ax.axhline(common.SHARE_TARGET * sam["gain"], color="grey", linestyle=":")
     ax.set_xlabel("cost, SGD steps (1 + fraction of SAM steps)")
     ax.set_ylabel("test accuracy gain over SGD, points")
     ax.set_title("Variants: cost against gain (target: upper left)")
@@ -392,17 +379,20 @@ def _reaching(rows, cost="cost"):
         r["name"]
         for r in rows
         if r["name"] != "SAM"
-        and r[cost] <= COST_TARGET
-        and r["share"] >= SHARE_TARGET
+        and r[cost] <= common.COST_TARGET
+        and r["share"] >= common.SHARE_TARGET
     ]
 
 
 def _closest(rows):
     others = [r for r in rows if r["name"] not in ("SAM", "GSAM")]
-    keeping = [r for r in others if r["share"] >= SHARE_TARGET]
-    cheap = [r for r in others if r["cost"] <= COST_TARGET]
+    keeping = [r for r in others if r["share"] >= common.SHARE_TARGET]
+    cheap = [r for r in others if r["cost"] <= common.COST_TARGET]
     late = [r["share"] for r in others if r["name"].startswith("late-phase")]
-    fields = dict(cost_target=COST_TARGET, share=common.percent(SHARE_TARGET))
+    fields = dict(
+        cost_target=common.COST_TARGET,
+        share=common.percent(common.SHARE_TARGET),
+    )
     said = []
     for name, group, best in (
         ("cheapest", keeping, lambda g: min(g, key=lambda r: r["cost"])),
@@ -433,8 +423,8 @@ def _priced_answer(rows):
         "priced_answer",
         priced_on=PRICED_ON,
         listed=", ".join(f"{r['name']} {r['step_cost']:.2f}×" for r in priced),
-        cost_target=COST_TARGET,
-        share_target=common.percent(SHARE_TARGET),
+        cost_target=common.COST_TARGET,
+        share_target=common.percent(common.SHARE_TARGET),
         reached=", ".join(_reaching(priced, "step_cost")) or "none",
     )
 
@@ -499,8 +489,8 @@ def _variants(data):
         rows=_variants_table(rows),
         priced_on=PRICED_ON,
         sam_cost=sam["cost"],
-        cost_target=COST_TARGET,
-        share_target=common.percent(SHARE_TARGET),
+        cost_target=common.COST_TARGET,
+        share_target=common.percent(common.SHARE_TARGET),
         sam_gain=sam_gain,
         answer="Yes: " + ", ".join(reached) if reached else "No",
         closest=_closest(rows),
@@ -525,7 +515,7 @@ def _noise(data):
     runs = data["noise"]["runs"]
     plot_noise(runs, data["noise"]["regime"], data["figure"]("label_noise"))
     return dict(
-        paper=PAPER_TABLE4,
+        paper=common.PAPER_TABLE4,
         seeds=len({r["seed"] for r in runs}),
         rows=noise_table(runs),
     )
