@@ -1,4 +1,5 @@
-"""Every reading of private Keras code in keras_sam, with why and the versions.
+"""Every reading of private Keras code in keras_sam and its trainers, with
+why and the versions.
 
 Each function here reaches into Keras' internals (`keras.src`, a private
 method or attribute, a saving internal) or works around a Keras defect. Each
@@ -21,6 +22,7 @@ import keras
 from keras.src.backend.common import stateless_scope as stateless_scope_lib
 from keras.src.saving import saving_lib
 from keras.src.utils import io_utils
+from keras.src.utils import naming
 
 from keras_sam import backend
 
@@ -170,6 +172,21 @@ def public_optimizer_classes(config):
     ):
         config["module"] = "keras.optimizers"
     return config
+
+
+def reset_layer_names():
+    """Restarts Keras' counters of automatic layer names (`dense`,
+    `dense_1`, ...), so that a model built again gets the same names.
+
+    The trainers key their checkpoints by variable path, so a run resumed
+    in a process that built other models first must name its layers as
+    the run that wrote the checkpoint did. `keras.backend.clear_session()`
+    resets the counters too, but after it a new `MirroredStrategy`'s
+    all-reduces can collide with an earlier strategy's in the same
+    process; Keras has no public way to reset the names alone
+    (`keras.src.utils.naming.reset_uids`). Checked against Keras 3.15.1.
+    """
+    naming.reset_uids()
 
 
 def maybe_symbolic_build(model, iterator=None, data_batch=None):

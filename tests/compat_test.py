@@ -305,3 +305,13 @@ def test_the_loss_tracker_is_the_metric_fit_logs_as_loss():
     assert tracker.name == "loss" and tracker in model.metrics
     tracker.update_state(3.0)
     assert float(model.get_metrics_result()["loss"]) == 3.0
+
+
+def test_layer_names_start_again_after_a_reset():
+    # The trainers' checkpoints are keyed by variable path: a model built
+    # again in the same process must get the same layer names.
+    compat.reset_layer_names()
+    first = keras.layers.Dense(1).name
+    assert keras.layers.Dense(1).name == first + "_1"
+    compat.reset_layer_names()
+    assert keras.layers.Dense(1).name == first == "dense"

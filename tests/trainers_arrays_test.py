@@ -117,7 +117,7 @@ def test_memorization_and_validation_accuracy_are_recorded(tmp_path):
             validation_examples=64,
             label_noise=0.5,
             track_memorization=True,
-            train_steps=None,
+            train_steps=0,
             epochs=2,
         ),
         datasets_override=synthetic,

@@ -20,9 +20,9 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.utils import naming
 
 import keras_sam
+from keras_sam import compat
 from trainers import checkpoint as checkpoint_lib
 from trainers import config as config_lib
 from trainers import flags as trainer_flags
@@ -177,13 +177,12 @@ def accelerator_settings(accelerator, on_tpu):
 def prepare(config, strategy_override=None):
     """Seeds, determinism, the strategy and the accelerator settings.
 
-    Keras' counters of layer names are reset first: layers are then named
-    alike in every run, in this process or another, so checkpoints, keyed
-    by variable path, match. (Not `keras.backend.clear_session()`: after
-    it, a new MirroredStrategy's all-reduces can collide with an earlier
-    strategy's in the same process.)
+    Keras' counters of layer names are reset first
+    (`keras_sam.compat.reset_layer_names`): layers are then named alike in
+    every run, in this process or another, so checkpoints, keyed by
+    variable path, match.
     """
-    naming.reset_uids()
+    compat.reset_layer_names()
     keras.utils.set_random_seed(config.seed)
     accelerator = config.accelerator
     if accelerator.deterministic:
