@@ -55,6 +55,7 @@ import tensorflow as tf  # noqa: E402
 import keras_sam  # noqa: E402
 from benchmarks import allocations  # noqa: E402
 from benchmarks import process  # noqa: E402
+from keras_sam import compat  # noqa: E402
 from keras_sam import perturbations  # noqa: E402
 from trainers import checkpoint  # noqa: E402
 from trainers import models  # noqa: E402
@@ -218,7 +219,7 @@ class NaiveSAM(Wrapper):
         for v, e in zip(variables, eps):
             v.assign_sub(e)
         self.optimizer.apply_gradients(zip(grads, variables))
-        self._loss_tracker.update_state(loss)
+        compat.loss_tracker(self).update_state(loss)
         return self.compute_metrics(x, y, y_pred)
 
 
@@ -239,7 +240,7 @@ class TwoGradients(Wrapper):
             passes.append(tape.gradient(loss, variables))
         grads = [0.5 * (a + b) for a, b in zip(*passes)]
         self.optimizer.apply_gradients(zip(grads, variables))
-        self._loss_tracker.update_state(loss)
+        compat.loss_tracker(self).update_state(loss)
         return self.compute_metrics(batch_x, batch_y, y_pred)
 
 
