@@ -95,6 +95,35 @@ def test_a_setting_refuses_what_its_check_says(name, value, message):
         declared.validate_all_flags()
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: data_config.DataConfig(batch_size=0),
+            "`batch_size` must be >= 1. Received: batch_size=0",
+        ),
+        (
+            lambda: config.OptimizerConfig(learning_rate=float("nan")),
+            "`learning_rate` must be > 0 and finite. Received: "
+            "learning_rate=nan",
+        ),
+        (
+            lambda: config.TrainingConfig(
+                model="mlp",
+                output_dir="/tmp/run",
+                data=data_config.DataConfig(),
+                train_steps=None,
+            ),
+            "`train_steps` must be >= 0. Received: train_steps=None",
+        ),
+    ],
+)
+def test_a_config_made_by_hand_refuses_what_the_flag_would(make, message):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value) == message
+
+
 def test_every_sam_option_is_a_flag_with_its_default_and_help():
     # Derived from keras_sam.options, so a new option gets its flag.
     declared = _declared_flags()

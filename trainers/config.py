@@ -229,6 +229,9 @@ class TrainingConfig:
     verbose: int = setting(1, "Keras verbosity: 0, 1 (bars), 2.")
     recorded_flags: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        data_config.check_settings(self)
+
     @property
     def seed(self):
         return self.data.seed

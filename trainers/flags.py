@@ -23,6 +23,7 @@ from keras_sam import switching as switching_lib
 from trainers import config
 from trainers import models
 from trainers import strategy
+from trainers.data import config as data_config
 
 
 def define_common_flags(model_names=None, model_help="Model.", **defaults):
@@ -84,7 +85,7 @@ _DEFINE = {
 
 
 def _define_setting(field, default):
-    """The flag of a setting, and its check: a float must also be finite."""
+    """The flag of a setting, refusing what its field refuses."""
     meta = field.metadata
     if meta["choices"]:
         flags.DEFINE_enum(field.name, default, meta["choices"], meta["help"])
@@ -95,12 +96,10 @@ def _define_setting(field, default):
         )
         _DEFINE[kind](field.name, default, meta["help"])
     if meta["check"]:
-        check, message = meta["check"]
-        finite = " and finite" if field.type is float else ""
         flags.register_validator(
             field.name,
-            lambda v: _finite(v) and check(v),
-            message=f"--{field.name} {message}{finite}",
+            functools.partial(data_config.accepts, field),
+            message=f"--{field.name} {data_config.requirement(field)}",
         )
 
 

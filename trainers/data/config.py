@@ -6,6 +6,7 @@ declares the flags from the fields), so each is written once.
 """
 
 import dataclasses
+import math
 
 from trainers.data import augment
 
@@ -33,8 +34,45 @@ def unset_or_at_least(low):
     return lambda v: v is None or v >= low, f"must be >= {low}"
 
 
+def accepts(field, value):
+    """Whether `value` passes the check of the setting `field`: its
+    predicate, and for a float, being finite. A field without a check
+    takes any value."""
+    if field.metadata.get("check") is None:
+        return True
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    try:
+        return bool(field.metadata["check"][0](value))
+    except TypeError:  # None, or a value of another type
+        return False
+
+
+def requirement(field):
+    """What the check of the setting `field` asks, as "must ...": the
+    message of its flag and of its field."""
+    finite = " and finite" if field.type is float else ""
+    return field.metadata["check"][1] + finite
+
+
+def check_settings(config):
+    """Raises a `ValueError` naming the first setting of the dataclass
+    `config` that its check refuses, and the value."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not accepts(field, value):
+            raise ValueError(
+                f"`{field.name}` {requirement(field)}. "
+                f"Received: {field.name}={value!r}"
+            )
+
+
 class FlagFields:
-    """A dataclass whose fields are flags of the same names."""
+    """A dataclass whose fields are flags of the same names, checked when
+    made (`check_settings`)."""
+
+    def __post_init__(self):
+        check_settings(self)
 
     @classmethod
     def from_flags(cls, flags_obj):
