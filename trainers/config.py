@@ -208,7 +208,7 @@ class TrainingConfig:
     )
     train_steps: int = setting(
         0,
-        "Total training steps; overrides --epochs (0: --epochs passes).",
+        "Total training steps, overriding --epochs; 0: --epochs passes.",
         check=at_least(0),
     )
     weight_decay: float = setting(
