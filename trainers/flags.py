@@ -64,16 +64,22 @@ def define_stream_flags(**defaults):
     `trainers.models.NAMES`. Flags already declared in the process (by
     another trainer, in tests) are left as they are.
     """
+    streamed = {
+        f.name: f for f in config.setting_fields() if f.metadata["streamed"]
+    }
     if "rho" not in flags.FLAGS:
         define_common_flags(
             model_names=models.NAMES,
             model_help="Model: a keras.applications ResNet or EfficientNet, "
             "or a CIFAR-sized model of trainers.models for CPU runs.",
-            **{"model": "resnet50", **defaults},
+            **{
+                "model": "resnet50",
+                **{k: v for k, v in defaults.items() if k not in streamed},
+            },
         )
-    for field in config.setting_fields():
-        if field.metadata["streamed"] and field.name not in flags.FLAGS:
-            _define_setting(field, field.default)
+    for name, field in streamed.items():
+        if name not in flags.FLAGS:
+            _define_setting(field, defaults.get(name, field.default))
 
 
 _DEFINE = {
