@@ -7,6 +7,7 @@ with the weight decay of `regularization`.
 
 import keras
 
+from keras_sam import compat
 from trainers.models import applications
 from trainers.models import regularization
 from trainers.models import residual
@@ -74,7 +75,7 @@ def build(
     else:
         model = MODELS[name](input_shape, num_classes, weight_decay)
     if freeze_batchnorm:
-        for layer in model._flatten_layers():
+        for layer in compat.flatten_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     return model
