@@ -5,7 +5,7 @@ point builds one with `TrainingConfig.from_flags(flags_obj)` (or by hand,
 in a test or a notebook). Every field is the flag of its name, declared
 with its default, help and check by `trainers.data.config.setting`;
 `trainers.flags` makes the flags from the fields. SAM's settings are
-`keras_sam.options.SAMOptions`' fields and `POLICY_SETTINGS`.
+`keras_sam.options.SAMOptions`' fields and `PolicySettings`'.
 """
 
 import dataclasses
@@ -24,9 +24,7 @@ from trainers.data.config import at_least
 from trainers.data.config import setting
 from trainers.data.config import unset_or_at_least
 
-
-def _below_one(v):
-    return 0 <= v < 1
+BELOW_ONE = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +52,12 @@ class OptimizerConfig(data_config.FlagFields):
         0.0,
         "Evaluate an exponential moving average of the weights with this "
         "decay; 0 disables.",
-        check=(_below_one, "must lie in [0, 1)"),
+        check=BELOW_ONE,
     )
     label_smoothing: float = setting(
         0.0,
         "Label smoothing in [0, 1).",
-        check=(_below_one, "must lie in [0, 1)"),
+        check=BELOW_ONE,
     )
 
 
@@ -117,42 +115,47 @@ def _argument_default(cls, argument):
     return inspect.signature(cls).parameters[argument].default
 
 
-# SAM's settings beyond `SAMOptions`' fields: those that give some fields
-# their command-line form, ρ following the learning rate and the switching
-# policy by name with its parameters (a policy's own default where it has
-# one), as {name: (default, help)}.
-POLICY_SETTINGS = {
-    "rho_min": (
+@dataclasses.dataclass(frozen=True)
+class PolicySettings:
+    """SAM's settings beyond `SAMOptions`' fields: those that give some
+    fields their command-line form, ρ following the learning rate and the
+    switching policy by name with its parameters (a policy's own default
+    where it has one). Only declared: a run holds them in
+    `TrainingConfig.sam`."""
+
+    rho_min: Optional[float] = setting(
         None,
         "If set, ρ follows the learning-rate schedule linearly from --rho at "
         "the peak rate down to --rho_min at rate 0 (GSAM); default: "
         "constant ρ.",
-    ),
-    "sam_every": (
+    )
+    sam_every: int = setting(
         _argument_default(switching_lib.Periodic, "every"),
         "Period of --switching=periodic, in steps.",
-    ),
-    "sam_probability": (
+    )
+    sam_probability: float = setting(
         _argument_default(switching_lib.Randomized, "probability"),
         "Probability of a SAM step for --switching=randomized.",
-    ),
-    "sam_start_fraction": (
+    )
+    sam_start_fraction: float = setting(
         0.9,
         "For --switching=late_phase: the fraction of the training steps "
         "after which every step is a SAM step (0 is SAM throughout).",
-    ),
-}
+        check=(lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    )
 
 
 def sam_defaults(**overrides):
     """`{name: default}` of SAM's settings: those of `SAMOptions`' fields
-    (`switching` by name), then `POLICY_SETTINGS`; `overrides` replace
+    (`switching` by name), then `PolicySettings`'; `overrides` replace
     them."""
     defaults = {
         field.name: "none" if field.name == "switching" else field.default
         for field in options.fields()
     }
-    defaults.update({name: d for name, (d, _) in POLICY_SETTINGS.items()})
+    defaults.update(
+        {f.name: f.default for f in dataclasses.fields(PolicySettings)}
+    )
     defaults.update({k: v for k, v in overrides.items() if k in defaults})
     return defaults
 

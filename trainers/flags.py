@@ -5,8 +5,8 @@ its module (`flags.adopt_module_key_flags`), so `--help` lists them; its
 program ends with `run_main(main)`.
 """
 
+import dataclasses
 import functools
-import math
 import os
 import re
 import sys
@@ -109,13 +109,9 @@ def _define_setting(field, default):
         )
 
 
-def _finite(value):
-    return not isinstance(value, float) or math.isfinite(value)
-
-
 # SAM's flags: one per field of `keras_sam.options.SAMOptions`, named as the
-# field, with its default and its help, and one per
-# `trainers.config.POLICY_SETTINGS`.
+# field, with its default and its help, and one per field of
+# `trainers.config.PolicySettings`.
 SWITCHING = ("none", "periodic", "randomized", "ae_sam", "late_phase")
 _COMMAND_LINE_HELP = {
     "rho": "On the command line a number; --rho_min makes it follow the "
@@ -151,25 +147,24 @@ def _define_sam_flags(overrides):
         )
         for field in options.fields()
     }
-    helps.update({name: h for name, (_, h) in config.POLICY_SETTINGS.items()})
     # A field's own type where it is one of `_DEFINE`'s; else its
     # default's (`object` fields: a number, or None for off).
     types = {f.name: f.type for f in options.fields()}
-    for name, default in config.sam_defaults(**overrides).items():
+    defaults = config.sam_defaults(**overrides)
+    for name in options.NAMES:
         if name == "switching":
-            flags.DEFINE_enum(name, default, list(SWITCHING), helps[name])
+            flags.DEFINE_enum(
+                name, defaults[name], list(SWITCHING), helps[name]
+            )
             continue
-        kind = types.get(name)
+        kind = types[name]
         if kind not in _DEFINE:
-            kind = float if default is None else type(default)
-        _DEFINE[kind](name, default, helps[name])
-    for name in config.sam_defaults():
+            kind = float if defaults[name] is None else type(defaults[name])
+        _DEFINE[kind](name, defaults[name], helps[name])
+    for field in dataclasses.fields(config.PolicySettings):
+        _define_setting(field, defaults[field.name])
+    for name in defaults:
         flags.register_validator(name, functools.partial(_check_sam_flag, name))
-    flags.register_validator(
-        "sam_start_fraction",
-        lambda v: _finite(v) and 0 <= v <= 1,
-        message="--sam_start_fraction must lie in [0, 1] and finite",
-    )
 
 
 def sam_options(values, seed=0, total_steps=None, learning_rate=None):
