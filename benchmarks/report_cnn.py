@@ -53,17 +53,6 @@ PRICED_ON = "resnet20/graph"
 CELLS = {"SAM": "sam", "Momentum-SAM": "momentum_sam", "SAM-ON": "sam_on"}
 
 
-def chosen(runs, name, noise):
-    """`name`'s runs at the ρ of its best seed-0 validation accuracy (all
-    its runs when it has one ρ), and that ρ; ([], None) without runs."""
-    group = common.select(runs, name, noise)
-    first = [r for r in group if r["seed"] == 0]
-    if not first:
-        return [], None
-    rho = max(first, key=lambda r: r["validation_accuracy"])["rho"]
-    return [r for r in group if np.isclose(r["rho"], rho)], rho
-
-
 def _training_cpu(runs):
     """{seed: CPU seconds of the training batches} of the runs that timed
     those alone (the trainer records each epoch's figure in the history)."""
@@ -79,7 +68,7 @@ def rows(runs, noise, performance, grids=None):
     0 has tried so far."""
     sgd_runs = common.select(runs, "SGD", noise)
     sgd, sgd_cpu = common.by_seed(sgd_runs), _training_cpu(sgd_runs)
-    sam_group, _ = chosen(runs, "SAM", noise)
+    sam_group, _ = common.chosen(runs, "SAM", noise)
     sam_gain = {"n": 0}
     if set(sgd) & set(common.by_seed(sam_group)):
         sam_gain = common.paired_difference(sgd, common.by_seed(sam_group))
@@ -93,7 +82,7 @@ def rows(runs, noise, performance, grids=None):
         }
     out = []
     for name in METHODS:
-        group, rho = chosen(runs, name, noise)
+        group, rho = common.chosen(runs, name, noise)
         if not group:
             continue
         row = dict(name=name, rho=rho, seeds=len(group))
@@ -103,13 +92,8 @@ def rows(runs, noise, performance, grids=None):
         row["grid"] = (len(tried), len((grids or {}).get(name, ())))
         row["by_seed"] = common.by_seed(group)
         row["accuracy"] = common.mean_sd(row["by_seed"].values())
-        fractions = [
-            np.mean(r["history"]["sam_fraction"])
-            for r in group
-            if "sam_fraction" in r["history"]
-        ]
         one_pass = name in ("SGD", "Momentum-SAM")
-        row["cost"] = 1.0 + (0.0 if one_pass else np.mean(fractions or [1]))
+        row["cost"] = 1.0 + (0.0 if one_pass else common.sam_fraction(group))
         row["measured"] = cells.get(name)
         cpu = _training_cpu(group)
         ratios = [cpu[s] / sgd_cpu[s] for s in set(cpu) & set(sgd_cpu)]
@@ -196,7 +180,7 @@ def grids(runs, noise):
         first = [r for r in common.select(runs, name, noise) if r["seed"] == 0]
         if len({r["rho"] for r in first}) < 2:
             continue
-        _, rho = chosen(runs, name, noise)
+        _, rho = common.chosen(runs, name, noise)
         cells = [
             ("**{}**" if np.isclose(r["rho"], rho) else "{}").format(
                 f"ρ = {r['rho']:g}: {100 * r['validation_accuracy']:.1f} / "
@@ -309,7 +293,7 @@ def plot(runs, noise_rates, path):
     )
     for ax, noise in zip(np.atleast_1d(axes), noise_rates):
         for name, color in (("SGD", "tab:red"), ("SAM", "tab:blue")):
-            group, _ = chosen(runs, name, noise)
+            group, _ = common.chosen(runs, name, noise)
             for key, style in (
                 ("validation_accuracy", "-"),
                 ("train_accuracy_flipped", ":"),

@@ -166,6 +166,32 @@ def select(runs, optimizer, noise=None, rho=None):
     ]
 
 
+def chosen(runs, name, noise=None):
+    """`name`'s runs (at label noise `noise` when given) at the ρ of its
+    best validation accuracy on the first seed of `runs`, and that ρ: the
+    one rule by which every report chooses ρ, never on the test set.
+    ([], None) when `name` has no run on that seed."""
+    group = select(runs, name, noise)
+    first_seed = min(r["seed"] for r in runs)
+    first = [r for r in group if r["seed"] == first_seed]
+    if not first:
+        return [], None
+    rho = max(first, key=lambda r: r["validation_accuracy"])["rho"]
+    return [r for r in group if np.isclose(r["rho"], rho)], rho
+
+
+def sam_fraction(group):
+    """The mean fraction of steps that ran the perturbed pass over the
+    runs of `group` that logged it (`sam_fraction`; 1 when none did: SAM,
+    GSAM, ASAM take it on every step)."""
+    fractions = [
+        np.mean(r["history"]["sam_fraction"])
+        for r in group
+        if "sam_fraction" in r["history"]
+    ]
+    return float(np.mean(fractions)) if fractions else 1.0
+
+
 def by_seed(runs, key="test_accuracy", scale=100.0):
     """{seed: scale · run[key]} of the runs that recorded `key`."""
     return {r["seed"]: scale * r[key] for r in runs if r.get(key) is not None}

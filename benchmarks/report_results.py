@@ -81,15 +81,9 @@ def _rates(runs):
 
 
 def selected_rhos(runs):
-    """{noise: ρ} with the best first-seed validation accuracy at each
-    rate."""
-    chosen = {}
-    for noise in _rates(runs):
-        candidates = _on_first_seed(common.select(runs, "SAM", noise), runs)
-        if candidates:
-            best = max(candidates, key=lambda r: r["validation_accuracy"])
-            chosen[noise] = best["rho"]
-    return chosen
+    """{noise: SAM's `common.chosen` ρ} at each rate that has SAM's runs."""
+    chosen = {n: common.chosen(runs, "SAM", n)[1] for n in _rates(runs)}
+    return {n: rho for n, rho in chosen.items() if rho is not None}
 
 
 def _groups(runs, noise, rho):
@@ -278,12 +272,7 @@ def variants_rows(variants):
             continue
         group = common.select(runs, name)
         gain = common.paired_difference(sgd, common.by_seed(group))
-        fractions = [
-            np.mean(r["history"]["sam_fraction"])
-            for r in group
-            if "sam_fraction" in r["history"]
-        ]
-        sam_steps = float(np.mean(fractions)) if fractions else 1.0
+        sam_steps = common.sam_fraction(group)
         # Momentum-SAM's only pass is its perturbed pass.
         one_pass = name == MOMENTUM_SAM
         rows.append(
@@ -304,19 +293,19 @@ def _with_chosen_momentum_rho(runs):
     """The runs with Momentum-SAM's at the ρ of the best first-seed
     validation accuracy only, renamed `Momentum-SAM`; and that choice, as
     `(ρ, {ρ: validation accuracy}, seeds)`, or None."""
-    momentum = [r for r in runs if r["optimizer"].startswith(MOMENTUM_SAM)]
-    if not momentum:
-        return runs, None
-    first = _on_first_seed(momentum, runs)
-    candidates = {r["rho"]: r["validation_accuracy"] for r in first}
-    chosen = max(candidates, key=candidates.get)
-    kept = [
-        dict(r, optimizer=MOMENTUM_SAM) if r in momentum else r
+    runs = [
+        dict(r, optimizer=MOMENTUM_SAM)
+        if r["optimizer"].startswith(MOMENTUM_SAM)
+        else r
         for r in runs
-        if r not in momentum or np.isclose(r["rho"], chosen)
     ]
-    seeds = len(common.select(kept, MOMENTUM_SAM))
-    return kept, (chosen, candidates, seeds)
+    group, chosen = common.chosen(runs, MOMENTUM_SAM)
+    if chosen is None:
+        return runs, None
+    first = _on_first_seed(common.select(runs, MOMENTUM_SAM), runs)
+    candidates = {r["rho"]: r["validation_accuracy"] for r in first}
+    kept = [r for r in runs if r["optimizer"] != MOMENTUM_SAM or r in group]
+    return kept, (chosen, candidates, len(group))
 
 
 def measured_step_cost(row, performance):
