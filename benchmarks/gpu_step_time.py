@@ -30,6 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_sam  # noqa: E402
+from benchmarks import process  # noqa: E402
 from trainers import models  # noqa: E402
 
 SHAPES = {
@@ -73,13 +74,8 @@ def compiled_step(name, sam, batch_size, seed=0):
     x = rng.standard_normal((batch_size, *shape)).astype("float32")
     y = rng.integers(0, classes, batch_size).astype("int32")
     # One eager-built step creates the optimizer's and metrics' variables.
-    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    state = process.stateless_state(model)
     step = jax.jit(model.train_step, donate_argnums=0)
     data = (jax.device_put(x), jax.device_put(y))
     return step, state, data

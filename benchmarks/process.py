@@ -1,5 +1,7 @@
-"""What the memory benchmarks share: a fresh Python process per contender,
-and the kernel's figures for the current one (Linux `/proc`)."""
+"""What the benchmarks share: a fresh Python process per contender, the
+kernel's figures for the current one (Linux `/proc`), and a compiled
+model's state for Keras' stateless JAX step. Standard library only, so
+that the GPU scripts, which run without TensorFlow and absl, import it."""
 
 import os
 import subprocess
@@ -31,3 +33,18 @@ def status_kb(field):
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def stateless_state(model):
+    """The `state` argument of a compiled model's `train_step` on Keras'
+    JAX backend, from the public variable lists: (trainable,
+    non-trainable, optimizer, metrics) values."""
+    return tuple(
+        [v.value for v in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+            model.metrics_variables,
+        )
+    )

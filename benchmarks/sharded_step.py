@@ -119,12 +119,7 @@ def _measure(contender):
     x = rng.randn(BATCH, D).astype("float32")
     y = rng.randint(0, C, BATCH)
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    state = process.stateless_state(model)
     batch_sharding = jax.sharding.NamedSharding(
         mesh.backend_mesh, jax.sharding.PartitionSpec("batch")
     )
