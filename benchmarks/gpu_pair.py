@@ -37,13 +37,17 @@ def augmented(base, shape):
     """`base` behind a random flip and a shift by up to 4 pixels with zero
     fill, which is padding by 4 and a random crop (identity at inference)."""
     shift = 4 / shape[0]
+    translation = keras.layers.RandomTranslation(
+        shift, shift, fill_mode="constant", interpolation="nearest"
+    )
+    # Keras marks it unfit for XLA, which holds for TensorFlow's XLA; on
+    # JAX it traces, and the mark would make Keras run both steps eagerly.
+    translation.supports_jit = True
     return keras.Sequential(
         [
             keras.Input(shape),
             keras.layers.RandomFlip("horizontal"),
-            keras.layers.RandomTranslation(
-                shift, shift, fill_mode="constant", interpolation="nearest"
-            ),
+            translation,
             base,
         ]
     )
@@ -73,7 +77,10 @@ def pair(args, train, test, write):
             optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
+            jit_compile=True,
         )
+        if not model.jit_compile:  # Keras fell back to running eagerly
+            raise RuntimeError("The pair's steps must run under jax.jit.")
     record = dict(vars(args), finished_epochs=0, epochs_planned=args.epochs)
     record["history"] = {k: [] for k in runs}
     rng = np.random.default_rng(args.seed)

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 import keras_sam  # noqa: E402
 from benchmarks import process  # noqa: E402
+from trainers import checkpoint  # noqa: E402
 from trainers import models  # noqa: E402
 
 SHAPES = {
@@ -181,13 +182,19 @@ def main(argv=None):
             row["device"] = device
             rows.append(row)
             print(json.dumps(row), flush=True)
-    table = markdown(rows, device)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
-            f.write(table)
+            # After every row, so that a run a time limit stops keeps
+            # the rows it finished.
+            if args.output:
+                _write(args.output, json.dumps(rows, indent=1))
+                _write(
+                    os.path.splitext(args.output)[0] + ".md",
+                    markdown(rows, device),
+                )
+    print(markdown(rows, device))
+
+
+def _write(path, text):
+    checkpoint.write_atomically(path, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":
