@@ -17,6 +17,7 @@ from absl import flags
 
 from benchmarks import report_cnn
 from benchmarks import report_common as common
+from benchmarks import report_gpu
 
 FLAGS = flags.FLAGS
 
@@ -28,10 +29,6 @@ COMMANDS = {
     "variants": "python -m benchmarks.generalization --study=variants "
     "--seeds=2 --output=docs/results_variants.json",
     "report": "python -m benchmarks.report_results",
-    "gpu_step_time": "KERAS_BACKEND=jax python -m benchmarks.gpu_step_time "
-    "--models=wrn_16_4,wrn_28_10 --output=docs/gpu_step_time.json",
-    "gpu_pair": "KERAS_BACKEND=jax python -m benchmarks.gpu_pair "
-    "--data_dir=<dir of the IDX files> --output=docs/gpu_pair.json",
 }
 MOMENTUM_SAM = "Momentum-SAM"
 # The per-step cost table the variants are priced with, and its cells.
@@ -541,13 +538,8 @@ SECTIONS = [
     ("variants", ("variants",), _variants),
     ("cnn", ("cnn",), report_cnn.section),
     ("cnn_memorizing", ("cnn_memorizing",), report_cnn.probe_section),
-    (
-        "gpu",
-        (),
-        lambda data: dict(
-            step_time=COMMANDS["gpu_step_time"], pair=COMMANDS["gpu_pair"]
-        ),
-    ),
+    ("gpu", (), report_gpu.missing),
+    ("gpu_results", ("gpu_step_time", "facts"), report_gpu.section),
 ]
 
 
@@ -561,6 +553,9 @@ def run(flags_obj):
         cnn_memorizing=common.load(docs, "results_cnn_memorizing.json"),
         cnn_epoch_time=common.load(docs, "cnn_epoch_time.json"),
         performance=common.load(docs, "performance.json"),
+        gpu_step_time=common.load(docs, "gpu_step_time.json"),
+        gpu_pair=common.load(docs, "gpu_pair.json"),
+        facts=common.load(docs, common.FACTS),
         figures=figures,
         figure=lambda name: os.path.join(figures, name + ".png"),
     )
