@@ -40,8 +40,8 @@ def augmented(base, shape):
     translation = keras.layers.RandomTranslation(
         shift, shift, fill_mode="constant", interpolation="nearest"
     )
-    # Keras marks it unfit for XLA, which holds for TensorFlow's XLA; on
-    # JAX it traces, and the mark would make Keras run both steps eagerly.
+    # Keras 3.15.1 marks it unfit for compiling; on JAX it traces, and the
+    # mark would make Keras run both models' steps eagerly.
     translation.supports_jit = True
     return keras.Sequential(
         [
