@@ -55,7 +55,7 @@ def pair_fields(pair):
             e,
             *(
                 f"{100 * history[k][e - 1]['test_accuracy']:.2f}"
-                for k in history
+                for k in ("sgd", "sam")  # the template's columns
             ),
         )
         for e in epochs
