@@ -62,10 +62,7 @@ def run(flags_obj):
     results = {mode: measure(mode, flags_obj.rho) for mode in flags_obj.modes}
     summary = dict(regime=generalization.CNN_REGIME, epochs=results)
     if flags_obj.output:
-        checkpoint.write_atomically(
-            flags_obj.output,
-            lambda f: f.write(json.dumps(summary, indent=1).encode()),
-        )
+        checkpoint.write_json(flags_obj.output, summary)
     print(json.dumps(summary, indent=1))
     return summary
 

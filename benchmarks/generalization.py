@@ -449,10 +449,7 @@ def run(flags_obj):
                 for name, (_, rhos, _) in cnn["methods"].items()
                 if rhos
             }
-        checkpoint.write_atomically(
-            flags_obj.output,
-            lambda f: f.write(json.dumps(summary, indent=1).encode()),
-        )
+        checkpoint.write_json(flags_obj.output, summary)
     return results
 
 

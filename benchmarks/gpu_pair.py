@@ -145,10 +145,7 @@ def main(argv=None):
 
     def write(record):
         if args.output:
-            checkpoint.write_atomically(
-                args.output,
-                lambda f: f.write(json.dumps(record, indent=1).encode()),
-            )
+            checkpoint.write_json(args.output, record)
 
     return pair(args, train, test, write)
 

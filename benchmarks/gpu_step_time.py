@@ -185,16 +185,12 @@ def main(argv=None):
             # After every row, so that a run a time limit stops keeps
             # the rows it finished.
             if args.output:
-                _write(args.output, json.dumps(rows, indent=1))
-                _write(
+                checkpoint.write_json(args.output, rows)
+                checkpoint.write_text(
                     os.path.splitext(args.output)[0] + ".md",
                     markdown(rows, device),
                 )
     print(markdown(rows, device))
-
-
-def _write(path, text):
-    checkpoint.write_atomically(path, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

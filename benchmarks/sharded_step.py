@@ -307,12 +307,13 @@ def _scaled(entry):
 
 
 def run(flags_obj):
+    # Imports Keras, which this parent process otherwise leaves to the
+    # measuring children.
+    from trainers import checkpoint
+
     measured = {c: measure(c) for c in flags_obj.contenders}
-    with open(flags_obj.output + ".json", "w") as f:
-        json.dump(measured, f, indent=1, sort_keys=True)
-        f.write("\n")
-    with open(flags_obj.output + ".md", "w") as f:
-        f.write(report(measured))
+    checkpoint.write_json(flags_obj.output + ".json", measured, sort_keys=True)
+    checkpoint.write_text(flags_obj.output + ".md", report(measured))
     return measured
 
 

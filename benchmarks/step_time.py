@@ -609,9 +609,7 @@ def _set_threads(threads):
 
 def _write(results, path):
     if path:
-        checkpoint.write_atomically(
-            path, lambda f: f.write(json.dumps(results, indent=1).encode())
-        )
+        checkpoint.write_json(path, results)
 
 
 def _torch_version():

@@ -20,6 +20,7 @@ import os
 import sys
 
 from benchmarks import process
+from trainers import checkpoint
 
 CONTENDERS = {
     "sgd": "plain fit",
@@ -137,8 +138,7 @@ def main(argv=None):
             for c in CONTENDERS
         }
         print(model_name, results["models"][model_name], flush=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
+    checkpoint.write_json(args.output, results, indent=2)
     write_markdown(results, os.path.splitext(args.output)[0] + ".md")
 
 
@@ -148,21 +148,21 @@ def write_markdown(results, path):
         for rows in results["models"].values()
         for r in rows.values()
     )
-    with open(path, "w") as f:
-        f.write(
-            "# Memory on Keras' PyTorch backend\n\n"
-            f"Made by `{results['command']}` (torch {results['torch']}, "
-            f"{results['steps']} steps at batch {results['batch_size']}, one "
-            "fresh process per row; see the script's docstring).\n\n"
-            + table(results)
-            + "\n\nHow to read it: the resident set moves with the "
-            "allocator by tens of MB either way, so the peaks say only that "
-            "a SAM step needs the same order of memory as a plain one. A "
-            "step's autograd graph holds its activations (for the small CNN "
-            "at batch 64, tens of MB); a graph kept from every step would "
-            "climb by that much per step, thousands of MB over the run. "
-            f"Here the largest slope is {steepest:.0f} KB a step.\n"
-        )
+    checkpoint.write_text(
+        path,
+        "# Memory on Keras' PyTorch backend\n\n"
+        f"Made by `{results['command']}` (torch {results['torch']}, "
+        f"{results['steps']} steps at batch {results['batch_size']}, one "
+        "fresh process per row; see the script's docstring).\n\n"
+        + table(results)
+        + "\n\nHow to read it: the resident set moves with the "
+        "allocator by tens of MB either way, so the peaks say only that "
+        "a SAM step needs the same order of memory as a plain one. A "
+        "step's autograd graph holds its activations (for the small CNN "
+        "at batch 64, tens of MB); a graph kept from every step would "
+        "climb by that much per step, thousands of MB over the run. "
+        f"Here the largest slope is {steepest:.0f} KB a step.\n",
+    )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,17 @@ def write_atomically(path, write, keep_previous=False):
     _sync_directory(directory)
 
 
+def write_text(path, text):
+    """Writes `text` to `path` (UTF-8) with `write_atomically`."""
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path, value, indent=1, sort_keys=False):
+    """Writes `value` to `path` as JSON with `write_atomically`."""
+    text = json.dumps(value, indent=indent, sort_keys=sort_keys)
+    write_text(path, text + "\n")
+
+
 def _sync_directory(directory):
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -472,10 +472,7 @@ def _fit_and_report_locked(
         _save_model(base, output_dir, checkpoint_path)
         results_path = os.path.join(output_dir, RESULTS)
         with _writing(results_path):
-            checkpoint_lib.write_atomically(
-                results_path,
-                lambda f: f.write(json.dumps(results, indent=1).encode()),
-            )
+            checkpoint_lib.write_json(results_path, results)
     return results
 
 
