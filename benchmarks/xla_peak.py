@@ -7,7 +7,8 @@ buffer assignment (`--xla_dump_to`) names the buffers alive at the step's
 peak. For each contender, in a fresh process, this compiles the step of
 `benchmarks.step_time` under `jit_compile=True`, reads that list, and
 groups it by the kind of instruction that made each buffer (its HLO name
-without the numeric suffix). Writes docs/xla_peak.md.
+without the numeric suffix). Writes the buffers to docs/xla_peak.json and
+the report rendered from them to docs/xla_peak.md.
 """
 
 import collections
@@ -33,7 +34,9 @@ def define_flags():
         "model", "small_cnn_no_dropout", "A model of benchmarks.step_time."
     )
     flags.DEFINE_list("contenders", list(LABELS), "Contenders to compile.")
-    flags.DEFINE_string("output", "docs/xla_peak.md", "The report.")
+    flags.DEFINE_string(
+        "output", "docs/xla_peak.json", "The buffers; the report goes beside."
+    )
 
 
 def peak_buffers(text):
@@ -120,9 +123,10 @@ def measure(contender, model):
         )
 
 
-def report(model, measured):
+def report(results):
+    """docs/xla_peak.md, from the JSON that `run` writes."""
     lines = [
-        f"# What XLA keeps alive at a step's peak: {model}",
+        f"# What XLA keeps alive at a step's peak: {results['model']}",
         "",
         "Made by",
         "",
@@ -134,7 +138,7 @@ def report(model, measured):
         "and where their live ranges span (positions in the step's "
         "schedule of instructions: the earliest start, the latest end).",
     ]
-    for contender, result in measured.items():
+    for contender, result in results["contenders"].items():
         rows = group(result["buffers"])
         total = sum(row[2] for row in rows)
         lines += [
@@ -154,11 +158,20 @@ def report(model, measured):
 
 
 def run(flags_obj):
-    measured = {c: measure(c, flags_obj.model) for c in flags_obj.contenders}
-    text = report(flags_obj.model, measured)
-    with open(flags_obj.output, "w") as f:
-        f.write(text)
-    return measured
+    # Imports Keras, which this parent process otherwise leaves to the
+    # measuring children.
+    from trainers import checkpoint
+
+    results = dict(
+        model=flags_obj.model,
+        contenders={
+            c: measure(c, flags_obj.model) for c in flags_obj.contenders
+        },
+    )
+    checkpoint.write_json(flags_obj.output, results)
+    path = os.path.splitext(flags_obj.output)[0] + ".md"
+    checkpoint.write_text(path, report(results))
+    return results
 
 
 def main(_):

@@ -41,3 +41,21 @@ def test_buffers_are_grouped_by_the_kind_of_instruction():
     assert rows[0] == ("convolution", 1, 1.0, "3–4")
     assert rows[1] == ("wrapped_iota", 2, 8000 / 2**20, "1–8")
     assert xla_peak.kind("fusion.12{0,1}") == "fusion"
+
+
+def test_the_report_renders_each_contenders_groups_from_the_json():
+    _, buffers = xla_peak.peak_buffers(ASSIGNMENT)
+    results = dict(
+        model="tiny",
+        contenders={
+            "sgd": dict(length=9, buffers=buffers),
+            "sam": dict(length=12, buffers=buffers[:1]),
+        },
+    )
+    text = xla_peak.report(results)
+    assert text.startswith("# What XLA keeps alive at a step's peak: tiny")
+    assert "## SGD: 1.0 MB at the peak, 9 positions" in text
+    assert "| `convolution` | 1 | 1.0 | 3–4 |" in text
+    # Groups under 0.05 MB are left out of the table.
+    assert "`wrapped_iota`" not in text.split("## SAM")[0]
+    assert "## SAM: 0.0 MB at the peak, 12 positions" in text
