@@ -32,6 +32,9 @@ PAPER_NOISE = {
     0.6: (48.2, 90.5),
     0.8: (26.2, 77.9),
 }
+# The SAM paper's sharpness at convergence (Foret et al., 2021), not a
+# measurement: the top Hessian eigenvalue of a WRN.
+PAPER_SHARPNESS = dict(model="WRN without BatchNorm", sgd=24, sam=1.0)
 # The question a cheaper variant answers: a cost of at most COST_TARGET
 # SGD steps keeping at least SHARE_TARGET of exact SAM's gain.
 COST_TARGET = 1.25

@@ -1,11 +1,13 @@
-"""Writes docs/results.md and its plots from benchmarks.generalization's JSON.
+"""Writes docs/results.md and docs/sharpness.md from the studies' JSON.
 
     python -m benchmarks.report_results
 
 reads docs/results_noise.json, docs/results_variants.json,
-docs/results_cnn.json and docs/performance.json (a section whose JSON is
-missing is left out) and writes docs/results.md and docs/results/*.png.
-The prose is `benchmarks/templates/results.md`; see
+docs/results_cnn.json, docs/performance.json, docs/make_train.json and
+the others `run` names (a section whose JSON is missing is left out) and
+writes docs/results.md and docs/results/*.png, and from
+docs/sharpness/analysis.json docs/sharpness.md. The prose is
+`benchmarks/templates/{results,sharpness}.md`; see
 `benchmarks.report_common`.
 """
 
@@ -18,6 +20,8 @@ from absl import flags
 from benchmarks import report_cnn
 from benchmarks import report_common as common
 from benchmarks import report_gpu
+from trainers import checkpoint
+from trainers import compare_sgd_sam
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +33,14 @@ COMMANDS = {
     "variants": "python -m benchmarks.generalization --study=variants "
     "--seeds=2 --output=docs/results_variants.json",
     "report": "python -m benchmarks.report_results",
+    "make_train": "make train && cp runs/compare_sgd_sam/comparison.json "
+    "docs/make_train.json",
+    "sharpness": "python -m trainers.analyze --run_data \\\n"
+    "    --checkpoint=runs/compare_sgd_sam/sgd/model.keras \\\n"
+    "    --compare=runs/compare_sgd_sam/sam/model.keras \\\n"
+    "    --data_dir=/usr/share/datasets/fashion-mnist --num_examples=2000 \\\n"
+    "    --max_iterations=30 --spectrum_steps=16 --landscape_points=11 \\\n"
+    "    --output_dir=docs/sharpness",
 }
 MOMENTUM_SAM = "Momentum-SAM"
 # The per-step cost table the variants are priced with, and its cells.
@@ -513,6 +525,82 @@ def _memorization(data):
     return dict(rows=memorization_table(runs))
 
 
+def _make_train(data):
+    compared = data["make_train"]
+    noise = compared["label_noise"]
+    paper = ""
+    if round(noise, 2) in common.PAPER_NOISE:
+        sgd, sam = common.PAPER_NOISE[round(noise, 2)]
+        paper = common.snippet(
+            "results",
+            "make_train_paper",
+            **common.PAPER_TABLE4,
+            noise=common.percent(noise),
+            sgd=sgd,
+            sam=sam,
+        )
+    return dict(
+        command=COMMANDS["make_train"],
+        noise=common.percent(noise),
+        table=compare_sgd_sam.format_table(compared),
+        summary=compare_sgd_sam.summary(compared),
+        paper=paper,
+    )
+
+
+def _sharpness(data):
+    """docs/sharpness.md's fields: the analysis of `make train`'s models."""
+    analysis, compared = data["sharpness"], data["make_train"]
+    settings, models = analysis["settings"], analysis["models"]
+    sgd, sam = models["sgd"], models["sam"]
+    rows = [
+        common.row(
+            name.upper(),
+            f"{100 * m['test_accuracy']:.2f} %",
+            f"{m['top_eigenvalues'][0]:.1f}",
+            f"{m['m_sharpness']:.3f}",
+            f"{m['loss']:.3f}",
+        )
+        for name, m in models.items()
+    ]
+    change = sam["m_sharpness"] / sgd["m_sharpness"] - 1
+    smaller = "smaller" if change < 0 else "larger"
+    m_change = f"{common.percent(abs(change))} {smaller}"
+
+    def edge_rise(m):
+        grid = np.array(m["landscape_2d"])
+        edge = np.concatenate(
+            [grid[0], grid[-1], grid[1:-1, 0], grid[1:-1, -1]]
+        )
+        return float(edge.mean() - m["loss"])
+
+    labels = "their true labels"
+    if settings["labels"] != "true":
+        labels = "the labels they trained on, the random ones included"
+    return dict(
+        commands="\n".join([COMMANDS["make_train"], COMMANDS["sharpness"]]),
+        noise=common.percent(compared["label_noise"]),
+        train_rho=compared["SAM"]["rho"],
+        examples=settings["examples"],
+        labels=labels,
+        rho=settings["rho"],
+        m=settings["m"],
+        rows="\n".join(rows),
+        max_iterations=settings["max_iterations"],
+        make_train_sgd=compared["SGD"]["sharpness"],
+        make_train_sam=compared["SAM"]["sharpness"],
+        make_train_sgd_accuracy=100 * compared["SGD"]["test_accuracy"],
+        make_train_sam_accuracy=100 * compared["SAM"]["test_accuracy"],
+        ratio=sgd["top_eigenvalues"][0] / sam["top_eigenvalues"][0],
+        m_change=m_change,
+        paper=common.PAPER_SHARPNESS,
+        radius=settings["landscape_radius"],
+        rise_sgd=edge_rise(sgd),
+        rise_sam=edge_rise(sam),
+        spectrum_steps=settings["spectrum_steps"],
+    )
+
+
 def _rho(data):
     runs = data["noise"]["runs"]
     plot_rho(runs, data["figure"]("rho"))
@@ -529,6 +617,7 @@ SECTIONS = [
     ("regime", ("noise",), _regime),
     ("noise", ("noise",), _noise),
     ("memorization", ("noise",), _memorization),
+    ("make_train", ("make_train",), _make_train),
     ("rho", ("noise",), _rho),
     (
         "clean",
@@ -541,6 +630,7 @@ SECTIONS = [
     ("gpu", (), report_gpu.missing),
     ("gpu_results", ("gpu_step_time", "facts"), report_gpu.section),
 ]
+SHARPNESS_SECTIONS = [("intro", ("sharpness", "make_train"), _sharpness)]
 
 
 def run(flags_obj):
@@ -552,6 +642,8 @@ def run(flags_obj):
         cnn=common.load(docs, "results_cnn.json"),
         cnn_memorizing=common.load(docs, "results_cnn_memorizing.json"),
         cnn_epoch_time=common.load(docs, "cnn_epoch_time.json"),
+        make_train=common.load(docs, "make_train.json"),
+        sharpness=common.load(docs, "sharpness", "analysis.json"),
         performance=common.load(docs, "performance.json"),
         gpu_step_time=common.load(docs, "gpu_step_time.json"),
         gpu_pair=common.load(docs, "gpu_pair.json"),
@@ -565,8 +657,12 @@ def run(flags_obj):
         )
     os.makedirs(figures, exist_ok=True)
     text = common.render("results", SECTIONS, data)
-    with open(os.path.join(docs, "results.md"), "w") as f:
-        f.write(text)
+    checkpoint.write_text(os.path.join(docs, "results.md"), text)
+    if data["sharpness"] and data["make_train"]:
+        checkpoint.write_text(
+            os.path.join(docs, "sharpness.md"),
+            common.render("sharpness", SHARPNESS_SECTIONS, data),
+        )
     return text
 
 

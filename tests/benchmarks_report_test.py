@@ -175,6 +175,100 @@ def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
     assert "The GPU results' JSON is missing" in text
 
 
+def _compared(sgd_accuracy, sam_accuracy):
+    def run(accuracy, sharpness, cpu):
+        return dict(
+            test_accuracy=accuracy,
+            train_accuracy_flipped=0.5,
+            train_accuracy_unflipped=0.9,
+            sharpness=sharpness,
+            train_wall_seconds=6.0,
+            train_cpu_seconds=cpu,
+            epochs=3,
+            rho=0.2,
+        )
+
+    return dict(
+        label_noise=0.4,
+        SGD=run(sgd_accuracy, 40.0, 3.0),
+        SAM=run(sam_accuracy, 4.0, 6.0),
+    )
+
+
+def _analysis(loss, edge, top, m_sharpness, accuracy):
+    grid = [[edge] * 3, [edge, loss, edge], [edge] * 3]
+    return dict(
+        top_eigenvalues=[top],
+        m_sharpness=m_sharpness,
+        landscape_1d=[edge, loss, edge],
+        landscape_2d=grid,
+        alphas=[-0.5, 0.0, 0.5],
+        loss=loss,
+        test_accuracy=accuracy,
+    )
+
+
+def test_make_train_and_its_sharpness_render_from_their_json(tmp_path):
+    from trainers import compare_sgd_sam
+
+    regime = dict(compare_sgd_sam.MEMORIZATION_REGIME, epochs=3)
+    (tmp_path / "results_noise.json").write_text(
+        json.dumps({"study": "noise", "regime": regime, "runs": _noise_study()})
+    )
+    (tmp_path / "make_train.json").write_text(json.dumps(_compared(0.6, 0.8)))
+    text = _flat(report_results.run(types.SimpleNamespace(docs=str(tmp_path))))
+    assert "## What `make train` prints" in text
+    assert "| test accuracy (clean test set) | 60.00% | 80.00% |" in text
+    assert "SAM ends 20.0 points above SGD" in text
+    assert (
+        "(its Table 4: CIFAR-10, 40 % noise, SGD 68.8 % → SAM 93.4 %)" in text
+    )
+    # Without the analysis there is no sharpness page.
+    assert not (tmp_path / "sharpness.md").exists()
+    (tmp_path / "sharpness").mkdir()
+    settings = dict(
+        top_k=1,
+        max_iterations=30,
+        rho=0.05,
+        m=128,
+        landscape_radius=0.5,
+        landscape_points=3,
+        spectrum_steps=16,
+        examples=2000,
+        labels="the run's",
+    )
+    models = dict(
+        sgd=_analysis(0.1, 2.1, 40.0, 0.08, 0.6),
+        sam=_analysis(0.5, 1.0, 5.0, 0.02, 0.8),
+    )
+    (tmp_path / "sharpness" / "analysis.json").write_text(
+        json.dumps(dict(settings=settings, models=models))
+    )
+    report_results.run(types.SimpleNamespace(docs=str(tmp_path)))
+    page = _flat((tmp_path / "sharpness.md").read_text())
+    assert "| SGD | 60.00 % | 40.0 | 0.080 | 0.100 |" in page
+    assert "| SAM | 80.00 % | 5.0 | 0.020 | 0.500 |" in page
+    assert "the first 2,000 training examples with the labels they" in page
+    assert "a top Hessian eigenvalue 8.0× smaller than SGD's" in page
+    assert "an m-sharpness 75 % smaller" in page
+    assert "test accuracies 60.00 % and 80.00 %." in page
+    assert "was 40.0 (SGD) and 4.0 (SAM)" in page
+    # The edge of the 3 × 3 grid: 2.1 − 0.1 for SGD, 1.0 − 0.5 for SAM.
+    assert "lies 2.00 above SGD's minimum and 0.50 above SAM's" in page
+
+
+def test_make_train_runs_the_noise_studys_regime_at_its_chosen_rho():
+    from trainers import compare_sgd_sam
+
+    study = common.load(DOCS, "results_noise.json")
+    assert study["regime"] == compare_sgd_sam.MEMORIZATION_REGIME
+    _, rho = common.chosen(study["runs"], "SAM", noise=0.4)
+    assert rho == compare_sgd_sam.SELECTED_RHO
+    compared = common.load(DOCS, "make_train.json")
+    assert compared["label_noise"] == 0.4
+    assert compared["SAM"]["rho"] == rho
+
+
 def test_variants_are_priced_by_the_measured_step_costs(tmp_path):
     ms = dict(
         sgd=10.0,
@@ -477,10 +571,14 @@ def test_committed_reports_regenerate_byte_for_byte(tmp_path):
     from benchmarks import report_performance
     from benchmarks import sharded_step
     from benchmarks import torch_memory
+    from benchmarks import xla_peak
 
     for name in os.listdir(DOCS):
         if name.endswith(".json"):
             shutil.copy(os.path.join(DOCS, name), tmp_path)
+    analysis = os.path.join("sharpness", "analysis.json")
+    (tmp_path / "sharpness").mkdir()
+    shutil.copy(os.path.join(DOCS, analysis), tmp_path / analysis)
     report_results.run(types.SimpleNamespace(docs=str(tmp_path)))
     report_performance.run(
         types.SimpleNamespace(
@@ -495,7 +593,17 @@ def test_committed_reports_regenerate_byte_for_byte(tmp_path):
     (tmp_path / "sharded_step.md").write_text(
         sharded_step.report(common.load(DOCS, "sharded_step.json"))
     )
-    for name in ("results", "performance", "torch_memory", "sharded_step"):
+    (tmp_path / "xla_peak.md").write_text(
+        xla_peak.report(common.load(DOCS, "xla_peak.json"))
+    )
+    for name in (
+        "results",
+        "performance",
+        "torch_memory",
+        "sharded_step",
+        "xla_peak",
+        "sharpness",
+    ):
         with open(os.path.join(DOCS, name + ".md")) as f:
             assert (tmp_path / f"{name}.md").read_text() == f.read(), name
     plots = ["step_time.png"] + [
@@ -517,6 +625,7 @@ MEASURED = re.compile(
 ALLOWED_NAMES = {
     "PAPER_TABLE4",
     "PAPER_NOISE",
+    "PAPER_SHARPNESS",
     "T_CRITICAL_95",
     "AGREEMENT",
     "FLOOR_TARGET",
@@ -533,6 +642,7 @@ ALLOWED_FLOATS = {0.0, 1.0, 100.0}
 ALLOWED_WORDS = re.compile(
     r"ResNet-20|WRN-16-4|WRN-28-10|float32|int32|jax(?:-ml/jax#|/issues/)12868"
     r"|10th|90th|k − 1|1 \+ (?:f|SAM)|95 %|rho=0|L2|bfloat16|H100|H200|#12"
+    r"|landscape_[12]d"
 )
 
 

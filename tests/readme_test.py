@@ -66,15 +66,35 @@ def test_the_readme_has_its_examples_and_the_pages_skip_few():
 
 def test_every_link_between_the_pages_names_a_page_that_exists():
     missing = [
-        f"{page}: {target}"
+        f"{page}: {target}{anchor}"
         for page in PAGES
-        for target, _ in _LINK.findall(_text(page))
+        for target, anchor in _LINK.findall(_text(page))
         if "://" not in target
-        and not os.path.exists(
-            os.path.join(ROOT, os.path.dirname(page), target)
-        )
+        and not _has_anchor(os.path.join(os.path.dirname(page), target), anchor)
     ]
     assert missing == []
+
+
+def _slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _has_anchor(page, anchor):
+    """Whether `page` exists and has a heading `anchor` names (if any)."""
+    if not os.path.exists(os.path.join(ROOT, page)):
+        return False
+    headings = re.findall(r"^#+ (.*)$", _text(page), flags=re.M)
+    return not anchor or anchor[1:] in {_slug(h) for h in headings}
+
+
+def test_heading_anchors_are_github_slugs():
+    assert _slug("What `make train` prints") == "what-make-train-prints"
+    assert _slug("At GPU scale") == "at-gpu-scale"
+    assert _slug("ρ sensitivity") == "ρ-sensitivity"
+    assert _has_anchor("docs/results.md", "#at-gpu-scale")
+    assert not _has_anchor("docs/results.md", "#no-such-heading")
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_analyze_measures_saved_shake_shake_and_pyramidnet_models(tmp_path):
         f"--output_dir={tmp_path / 'analysis'}",
     )
     with open(tmp_path / "analysis" / "analysis.json") as f:
-        results = json.load(f)
+        results = json.load(f)["models"]
     assert set(results) == set(models)
     for name, measures in results.items():
         assert np.isfinite(measures["top_eigenvalues"][0]), name

@@ -62,9 +62,21 @@ class _Flags(types.SimpleNamespace):
 
 def test_comparison_trains_a_plain_fit_and_sam_alike(tmp_path):
     flags_obj = _Flags(
-        **vars(make_flags(tmp_path, train_steps=3, rho=0.05)),
+        **vars(
+            make_flags(
+                tmp_path,
+                train_steps=3,
+                rho=0.05,
+                label_noise=0.5,
+                track_memorization=True,
+            )
+        ),
         sharpness_examples=64,
     )
+    with pytest.raises(ValueError, match="--track_memorization must stay"):
+        compare_sgd_sam.run(
+            _Flags(**dict(vars(flags_obj), track_memorization=False))
+        )
     results = compare_sgd_sam.run(flags_obj)
     assert list(results) == ["SGD", "SAM"]
     sgd, sam = results["SGD"], results["SAM"]
@@ -78,6 +90,12 @@ def test_comparison_trains_a_plain_fit_and_sam_alike(tmp_path):
     # Same data, seed and initial weights: SAM alone makes them differ.
     assert sgd["test_loss"] != sam["test_loss"]
     assert all(r["sharpness"] > 0 for r in results.values())
+    with open(tmp_path / compare_sgd_sam.COMPARISON) as f:
+        compared = json.load(f)
+    assert compared["SAM"]["test_accuracy"] == sam["test_accuracy"]
+    assert compared["SGD"]["sharpness"] == sgd["sharpness"]
+    assert compared["SAM"]["epochs"] == len(sam["history"]["loss"])
+    assert 0 < compared["SGD"]["train_accuracy_flipped"] < 1
     assert flags_obj.output_dir == str(tmp_path)
 
 

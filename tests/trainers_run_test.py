@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 
+import keras
 import numpy as np
 import pytest
 from absl import flags
@@ -228,7 +229,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 def test_compare_table_and_summary_state_the_numbers():
     def fake(rho, acc, flipped, sharpness, cpu):
         return dict(
-            flags=dict(rho=rho),
+            flags=dict(rho=rho, unread=1),
             test_accuracy=acc,
             train_accuracy_flipped=flipped,
             train_accuracy_unflipped=0.99,
@@ -236,23 +237,28 @@ def test_compare_table_and_summary_state_the_numbers():
             train_wall_seconds=60.0,
             train_cpu_seconds=cpu,
             history=dict(loss=[0.0] * 60),
+            test_loss=1.0,
         )
 
     results = {
         "SGD": fake(0.05, 0.70, 0.8, 40.0, 30.0),
         "SAM": fake(0.1, 0.78, 0.3, 10.0, 45.0),
     }
-    table = compare_sgd_sam.format_table(results, 0.4)
+    compared = compare_sgd_sam.comparison(results, 0.4)
+    assert set(compared["SAM"]) == {*compare_sgd_sam.REPORTED, "epochs", "rho"}
+    table = compare_sgd_sam.format_table(compared)
+    assert table.startswith("Fashion-MNIST, 40% of the training labels")
+    assert "MLP, 60 epochs:" in table
     assert "| test accuracy (clean test set) | 70.00% | 78.00% |" in table
     assert "| SGD | SAM (ρ = 0.1) |" in table
     assert "(memorized) | 80.0% | 30.0% |" in table
     assert "| 40.0 | 10.0 |" in table
     assert "| 1.00 | 1.00 |" in table and "| 0.50 | 0.75 |" in table
-    summary = compare_sgd_sam.summary(results)
+    summary = compare_sgd_sam.summary(compared)
     assert summary.startswith("SAM ends 8.0 points above SGD")
     assert "80%" in summary and "4.0x as sharp" in summary
-    results["SAM"]["test_accuracy"] = 0.65
-    assert "5.0 points below" in compare_sgd_sam.summary(results)
+    compared["SAM"]["test_accuracy"] = 0.65
+    assert "5.0 points below" in compare_sgd_sam.summary(compared)
 
 
 @pytest.mark.parametrize(
@@ -298,9 +304,14 @@ def test_analyze_compares_two_trained_models(tmp_path):
         landscape_points=3,
         landscape_radius=0.5,
         spectrum_steps=4,
+        run_data=False,
     )
-    results = analyze.run(options)
+    written = analyze.run(options)
+    results = written["models"]
     assert set(results) == {"rho0.0", "rho0.05"}
+    assert written["settings"]["labels"] == "true"
+    assert written["settings"]["examples"] == 64
+    assert written["settings"]["m"] == 16
     for r in results.values():
         assert len(r["top_eigenvalues"]) == 2
         assert r["top_eigenvalues"][0] >= r["top_eigenvalues"][1]
@@ -313,6 +324,66 @@ def test_analyze_compares_two_trained_models(tmp_path):
         "spectrum.png",
     ):
         assert (tmp_path / "analysis" / name).stat().st_size > 0
+
+
+def test_analyze_measures_on_the_labels_the_run_trained_on(tmp_path):
+    from trainers import analyze
+    from trainers.data import datasets as data_lib
+
+    trained = fashion_mnist.run(
+        make_flags(tmp_path / "run", label_noise=0.5, train_examples=128)
+    )
+    options = types.SimpleNamespace(
+        checkpoint=str(tmp_path / "run" / loop.MODEL),
+        compare=None,
+        dataset="fashion_mnist",
+        data_dir=None,
+        synthetic_data=True,
+        run_data=True,
+        output_dir=str(tmp_path / "analysis"),
+        num_examples=64,
+        batch_size=32,
+        top_k=1,
+        max_iterations=2,
+        rho=0.05,
+        m=16,
+        landscape_points=3,
+        landscape_radius=0.5,
+        spectrum_steps=0,
+    )
+    written = analyze.run(options)
+    measured = written["models"]["run"]
+    assert written["settings"]["labels"] == "the run's"
+    assert measured["test_accuracy"] == pytest.approx(
+        trained["test_accuracy"], abs=1e-6
+    )
+    # The loss at w from the run's own recipe: its first 128 examples, half
+    # their labels replaced with the run's seed, the first 64 measured.
+    train, _, info = data_lib.load("fashion_mnist", None, True)
+    noisy, _ = data_lib.add_label_noise(
+        train.labels[:128], 0.5, info.num_classes, 0
+    )
+    assert np.mean(noisy[:64] != train.labels[:64]) > 0.3
+    model = analyze.load_model(options.checkpoint)
+    logits = model.predict(train.images[:64] / 255.0, verbose=0)
+
+    def loss(labels):
+        return float(
+            np.mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    labels[:64], logits, from_logits=True
+                )
+            )
+        )
+
+    assert measured["loss"] == pytest.approx(loss(noisy), rel=1e-5)
+    assert abs(loss(noisy) - loss(train.labels)) > 1e-3
+    with pytest.raises(FileNotFoundError, match="--run_data: no results"):
+        analyze.run(
+            types.SimpleNamespace(
+                **dict(vars(options), checkpoint=str(tmp_path / "x.keras"))
+            )
+        )
 
 
 @pytest.mark.parametrize("strategy", ["default", "mirrored"])

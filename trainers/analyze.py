@@ -4,17 +4,21 @@
         --compare=runs/sam/model.keras --dataset=fashion_mnist \\
         --output_dir=runs/analysis
 
-writes `analysis.json` (top Hessian eigenvalues, m-sharpness and the loss
-at w for each model) and PNG plots: 1-D and 2-D filter-normalized loss
-landscapes side by side (like the SAM paper's Figure 1) and the Hessian
-spectral densities. All is measured on the first --num_examples training
-examples, with the models in inference mode. Any model the trainers save
-loads, their custom layers included.
+writes `analysis.json` (the settings, and for each model its top Hessian
+eigenvalues, m-sharpness, loss at w and test accuracy) and PNG plots: 1-D
+and 2-D filter-normalized loss landscapes side by side (like the SAM
+paper's Figure 1) and the Hessian spectral densities. All but the test
+accuracy is measured on the first --num_examples training examples, with
+the models in inference mode: with their true labels, or with --run_data
+with the labels the run that saved --checkpoint trained on (its label
+noise included). Any model the trainers save loads, their custom layers
+included.
 """
 
 import dataclasses
 import json
 import os
+import types
 
 import keras
 import numpy as np
@@ -25,10 +29,12 @@ from keras_sam import analysis
 from keras_sam import options
 from trainers import checkpoint
 from trainers import flags as trainer_flags
+from trainers import loop
 
 # The custom layers of the trainers' models (Shake-Shake, ShakeDrop, the
 # ImageNet preprocessing) are registered when their modules are imported.
 from trainers import models  # noqa: F401
+from trainers.data import arrays
 from trainers.data import config as data_config
 from trainers.data import datasets as data_lib
 
@@ -45,6 +51,14 @@ def define_flags():
     )
     flags.DEFINE_string("data_dir", None, "As for the trainers.")
     flags.DEFINE_bool("synthetic_data", False, "Random data (smoke runs).")
+    flags.DEFINE_bool(
+        "run_data",
+        False,
+        "Measure on what the run that saved --checkpoint trained on: its "
+        "training examples and labels, label noise included, as the "
+        f"{loop.RESULTS} beside the model records them. Otherwise on "
+        "--dataset's training examples with their true labels.",
+    )
     flags.DEFINE_string("output_dir", "runs/analysis", "Where to write.")
     flags.DEFINE_integer(
         "num_examples", 2048, "Training examples the measures use."
@@ -74,19 +88,46 @@ def _loss(y, y_pred):
     return keras.losses.categorical_crossentropy(y, y_pred, from_logits=True)
 
 
-def _dataset(flags_obj):
-    train, _, info = data_lib.load(
-        flags_obj.dataset,
-        flags_obj.data_dir,
-        flags_obj.synthetic_data,
-        synthetic_size=flags_obj.num_examples,
+def _splits(flags_obj):
+    """The training and test `Split`s, and the number of classes."""
+    if not flags_obj.run_data:
+        train, test, info = data_lib.load(
+            flags_obj.dataset,
+            flags_obj.data_dir,
+            flags_obj.synthetic_data,
+            synthetic_size=flags_obj.num_examples,
+        )
+        return train, test, info.num_classes
+    path = os.path.join(os.path.dirname(flags_obj.checkpoint), loop.RESULTS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"--run_data: no {loop.RESULTS} beside "
+            f"--checkpoint={flags_obj.checkpoint!r}."
+        )
+    with open(path) as f:
+        recorded = json.load(f)["flags"]
+    recorded.update(
+        data_dir=flags_obj.data_dir or recorded["data_dir"],
+        synthetic_data=flags_obj.synthetic_data,
     )
-    n = min(flags_obj.num_examples, len(train.labels))
-    x = train.images[:n].astype(np.float32) / 255.0
-    y = tf.one_hot(train.labels[:n], info.num_classes)
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(
-        flags_obj.batch_size
+    config = data_config.DataConfig.from_flags(
+        types.SimpleNamespace(**recorded)
     )
+    splits = arrays.in_memory_splits(config, flags_obj.dataset)
+    return splits.train, splits.test, splits.info.num_classes
+
+
+def _dataset(split, num_classes, batch_size):
+    x = split.images.astype(np.float32) / 255.0
+    y = tf.one_hot(split.labels, num_classes)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+
+def accuracy(model, split, batch_size):
+    """The share of `split` that `model` classifies right."""
+    images = split.images.astype(np.float32) / 255.0
+    logits = model.predict(images, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == split.labels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,20 +188,31 @@ def load_model(path):
 
 
 def run(flags_obj):
+    """Measures the models; returns what it writes to analysis.json: the
+    settings, and {model: its measures}."""
     os.makedirs(flags_obj.output_dir, exist_ok=True)
-    dataset = _dataset(flags_obj)
+    train, test, num_classes = _splits(flags_obj)
+    examples = min(flags_obj.num_examples, len(train.labels))
+    dataset = _dataset(
+        data_lib.Split(train.images[:examples], train.labels[:examples]),
+        num_classes,
+        flags_obj.batch_size,
+    )
+    measurements = Measurements.from_flags(flags_obj)
     paths = {"model": flags_obj.checkpoint}
     if flags_obj.compare:
         paths["compare"] = flags_obj.compare
     for name, path in paths.items():
         if not os.path.exists(path):
             raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
-    results = {
-        os.path.basename(os.path.dirname(os.path.abspath(p))) or p: measure(
-            load_model(p), dataset, Measurements.from_flags(flags_obj)
+    results = {}
+    for path in paths.values():
+        model = load_model(path)
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        results[name or path] = dict(
+            measure(model, dataset, measurements),
+            test_accuracy=accuracy(model, test, flags_obj.batch_size),
         )
-        for p in paths.values()
-    }
     names = list(results)
     alphas = results[names[0]]["alphas"]
     out = flags_obj.output_dir
@@ -186,19 +238,24 @@ def run(flags_obj):
             os.path.join(out, "spectrum.png"),
             label=names,
         )
-    checkpoint.write_atomically(
-        os.path.join(out, "analysis.json"),
-        lambda f: f.write(json.dumps(results, indent=1).encode()),
+    written = dict(
+        settings=dict(
+            dataclasses.asdict(measurements),
+            examples=examples,
+            labels="the run's" if flags_obj.run_data else "true",
+        ),
+        models=results,
     )
-    return results
+    checkpoint.write_json(os.path.join(out, "analysis.json"), written)
+    return written
 
 
 def main(_):
-    results = run(FLAGS)
-    for name, r in results.items():
+    for name, r in run(FLAGS)["models"].items():
         print(
             f"{name}: top eigenvalues {np.round(r['top_eigenvalues'], 3)}, "
-            f"m-sharpness {r['m_sharpness']:.4f}, loss {r['loss']:.4f}"
+            f"m-sharpness {r['m_sharpness']:.4f}, loss {r['loss']:.4f}, "
+            f"test accuracy {r['test_accuracy']:.4f}"
         )
 
 
