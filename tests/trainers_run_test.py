@@ -283,30 +283,43 @@ def test_bad_flag_values_fail_with_a_message_naming_them(flag, message):
     assert message in result.stderr
 
 
+def analyze_flags(tmp_path, **overrides):
+    """trainers.analyze's flags for a quick run on synthetic data."""
+    values = dict(
+        compare=None,
+        dataset="fashion_mnist",
+        data_dir=None,
+        synthetic_data=True,
+        run_data=False,
+        output_dir=str(tmp_path / "analysis"),
+        num_examples=64,
+        batch_size=32,
+        top_k=1,
+        max_iterations=2,
+        rho=0.05,
+        m=16,
+        landscape_points=3,
+        landscape_radius=0.5,
+        spectrum_steps=0,
+    )
+    return types.SimpleNamespace(**dict(values, **overrides))
+
+
 def test_analyze_compares_two_trained_models(tmp_path):
     from trainers import analyze
 
     for rho in (0.0, 0.05):
         fashion_mnist.run(make_flags(tmp_path / f"rho{rho}", rho=rho))
-    options = types.SimpleNamespace(
-        checkpoint=str(tmp_path / "rho0.0" / loop.MODEL),
-        compare=str(tmp_path / "rho0.05" / loop.MODEL),
-        dataset="fashion_mnist",
-        data_dir=None,
-        synthetic_data=True,
-        output_dir=str(tmp_path / "analysis"),
-        num_examples=64,
-        batch_size=32,
-        top_k=2,
-        max_iterations=6,
-        rho=0.05,
-        m=16,
-        landscape_points=3,
-        landscape_radius=0.5,
-        spectrum_steps=4,
-        run_data=False,
+    written = analyze.run(
+        analyze_flags(
+            tmp_path,
+            checkpoint=str(tmp_path / "rho0.0" / loop.MODEL),
+            compare=str(tmp_path / "rho0.05" / loop.MODEL),
+            top_k=2,
+            max_iterations=6,
+            spectrum_steps=4,
+        )
     )
-    written = analyze.run(options)
     results = written["models"]
     assert set(results) == {"rho0.0", "rho0.05"}
     assert written["settings"]["labels"] == "true"
@@ -333,23 +346,8 @@ def test_analyze_measures_on_the_labels_the_run_trained_on(tmp_path):
     trained = fashion_mnist.run(
         make_flags(tmp_path / "run", label_noise=0.5, train_examples=128)
     )
-    options = types.SimpleNamespace(
-        checkpoint=str(tmp_path / "run" / loop.MODEL),
-        compare=None,
-        dataset="fashion_mnist",
-        data_dir=None,
-        synthetic_data=True,
-        run_data=True,
-        output_dir=str(tmp_path / "analysis"),
-        num_examples=64,
-        batch_size=32,
-        top_k=1,
-        max_iterations=2,
-        rho=0.05,
-        m=16,
-        landscape_points=3,
-        landscape_radius=0.5,
-        spectrum_steps=0,
+    options = analyze_flags(
+        tmp_path, checkpoint=str(tmp_path / "run" / loop.MODEL), run_data=True
     )
     written = analyze.run(options)
     measured = written["models"]["run"]
