@@ -14,7 +14,7 @@ EXTRAS ?= cpu,jax,torch,dev
 # needs Python 3.11+; on 3.10 it is left out and its tests are skipped.
 KERAS_HUB ?= keras-hub==0.32.0 regex tokenizers
 
-.PHONY: venv data train test lint bench clean
+.PHONY: venv data train test lint clean
 
 venv: $(STAMP)
 

@@ -294,16 +294,6 @@ CORE = [
     "momentum_sam",
     "naive_assign_subtract",
 ]
-# The contenders that take SAM steps behind a switch (a conditional).
-SWITCHED_SAM_STEPS = [
-    "periodic_2",
-    "periodic_5",
-    "randomized_0.5",
-    "randomized_0.2",
-    "ae_sam",
-    "looksam_5",
-    "late_phase_during",
-]
 # Policies that mix SAM steps and base steps time, in each round, this many
 # times `--steps`: a whole period, or the count whose expected number of
 # SAM steps is whole, so that a round's mean step is the policy's cost and
@@ -316,6 +306,8 @@ MIXED_STEPS = {
     "ae_sam": 2,
     "looksam_5": 5,
 }
+# The contenders that take SAM steps behind a switch (a conditional).
+SWITCHED_SAM_STEPS = [*MIXED_STEPS, "late_phase_during"]
 # What is timed on each model: every contender on the small CNN, whose step
 # takes tens of milliseconds; on the others, which take up to seconds on
 # one thread, the core and what each model is there for.
