@@ -158,9 +158,10 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
-    def __init__(self, base, rho=None, **kwargs):
-        if rho is not None:  # Positional, as `SAMModel(base, 0.05)`.
-            kwargs["rho"] = rho
+    # ρ may come positionally, as `SAMModel(base, 0.05)`; its default is
+    # the options'.
+    def __init__(self, base, rho=options_lib.SAMOptions.rho, **kwargs):
+        kwargs["rho"] = rho
         wrapper.check_base(base)
         sam_options = options_lib.SAMOptions(
             **{k: kwargs.pop(k) for k in options_lib.NAMES if k in kwargs}
@@ -211,6 +212,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
                 "The model does not have any trainable weights.", stacklevel=2
             )
             y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            self._track_loss(loss, x)
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
         result = sam_step.compute_sam_gradients(
@@ -241,12 +244,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
                 ops.cast(result.sam_step, "float32")
             )
         self._track_sharpness(result)
-        compat.loss_tracker(self).update_state(
-            _unscale_loss_for_distribution(result.loss),
-            sample_weight=ops.shape(
-                next(t for t in tree.flatten(x) if t is not None)
-            )[0],
-        )
+        self._track_loss(result.loss, x)
         backend.apply_gradients(
             self.optimizer,
             result.gradients,
@@ -255,6 +253,15 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         )
         return self.compute_metrics(
             x, y, result.y_pred, sample_weight=sample_weight
+        )
+
+    def _track_loss(self, loss, x):
+        """Logs the replica's loss as Keras does, weighted by its batch."""
+        compat.loss_tracker(self).update_state(
+            _unscale_loss_for_distribution(loss),
+            sample_weight=ops.shape(
+                next(t for t in tree.flatten(x) if t is not None)
+            )[0],
         )
 
     def _track_sharpness(self, result):

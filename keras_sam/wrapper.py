@@ -76,6 +76,14 @@ class BaseWrapper:
             tree.map_structure(lambda t: None if t is None else t.shape, specs)
         )
 
+    @property
+    def output_names(self):
+        """The base model's output names: `compile` matches losses and
+        metrics given by name to a list of outputs, and names their logs,
+        by them. An AttributeError, as Keras expects, if the base has none
+        (a subclassed model)."""
+        return self.base.output_names
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):

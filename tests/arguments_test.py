@@ -1,5 +1,6 @@
 """What `SAMModel` accepts as arguments, and what it refuses."""
 
+import inspect
 import os
 import re
 
@@ -149,6 +150,12 @@ def base():
             "Received: rho=True",
         ),
         (
+            # Not the default: a user may mean "no SAM" by it.
+            lambda: keras_sam.SAMModel(base(), rho=None),
+            "`rho` must be a number >= 0, a float `keras.Variable` or a "
+            "schedule. Received: rho=None",
+        ),
+        (
             lambda: keras_sam.SAMModel(base(), rho=keras.Variable([0.1, 0.2])),
             "must be a float scalar. Received: rho=",
         ),
@@ -190,3 +197,11 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are():
     )
     assert model.get_config()["micro_batches"] == 2
     assert model.adaptive is True
+
+
+def test_rho_may_come_positionally_and_defaults_to_the_options():
+    assert keras_sam.SAMModel(base(), 0.2).options.rho == 0.2
+    default = keras_sam.options.SAMOptions.rho
+    assert keras_sam.SAMModel(base()).options.rho == default
+    signature = inspect.signature(keras_sam.SAMModel)
+    assert signature.parameters["rho"].default == default

@@ -18,7 +18,7 @@ from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
 
 
-def two_in_two_out():
+def two_in_two_out(outputs_as_list=False):
     keras.utils.set_random_seed(11)
     a = keras.Input((5,), name="a")
     b = keras.Input((2,), name="b")
@@ -28,6 +28,9 @@ def two_in_two_out():
     h = keras.layers.Dropout(0.2)(h)
     cls = keras.layers.Dense(3, name="cls")(h)
     reg = keras.layers.Dense(1, name="reg")(h)
+    if outputs_as_list:
+        # Keras names a list's outputs by their layers, cls and reg.
+        return keras.Model({"a": a, "b": b}, [cls, reg])
     return keras.Model({"a": a, "b": b}, {"cls": cls, "reg": reg})
 
 
@@ -49,6 +52,18 @@ def multi_io_setup():
     return two_in_two_out(), inputs, targets
 
 
+def list_outputs_setup():
+    inputs, targets = two_in_two_out_data()
+    base = two_in_two_out(outputs_as_list=True)
+    return base, inputs, [targets["cls"], targets["reg"]]
+
+
+def frozen_setup():
+    base, x, y = softmax_setup()
+    base.trainable = False
+    return base, x, y
+
+
 MULTI_IO_COMPILE = dict(
     loss={"cls": xent(), "reg": "mse"},
     loss_weights={"cls": 1.0, "reg": 0.5},
@@ -57,6 +72,27 @@ MULTI_IO_COMPILE = dict(
 
 CONFIGS = {
     "multi_input_multi_output": (multi_io_setup, MULTI_IO_COMPILE, {}),
+    # Losses and metrics by output name on a list of outputs, and one
+    # metric on both outputs: each logged under its output's name.
+    "list_outputs_named": (
+        list_outputs_setup,
+        dict(
+            MULTI_IO_COMPILE,
+            metrics={"cls": ["accuracy"], "reg": ["accuracy"]},
+        ),
+        {},
+    ),
+    "list_outputs_listed": (
+        list_outputs_setup,
+        dict(loss=[xent(), "mse"], metrics=[["accuracy"], ["accuracy"]]),
+        {},
+    ),
+    # Nothing to train: Keras still logs the loss.
+    "frozen_base": (
+        frozen_setup,
+        dict(loss=xent(), metrics=["accuracy"]),
+        {},
+    ),
     "steps_per_execution": (
         softmax_setup,
         dict(loss=xent(), metrics=["accuracy"], steps_per_execution=3),
@@ -115,6 +151,7 @@ def test_rho_zero_reproduces_plain_fit_bitwise(config):
     setup, compile_kwargs, fit_kwargs = CONFIGS[config]
     base, x, y = setup()
     plain_history = compile_and_fit(base, x, y, compile_kwargs, fit_kwargs)
+    assert plain_history.history["loss"][0] > 0
     plain_weights = [v.numpy() for v in base.variables]
 
     base, x, y = setup()
@@ -126,8 +163,9 @@ def test_rho_zero_reproduces_plain_fit_bitwise(config):
         np.testing.assert_array_equal(got.numpy(), want)
 
 
-def test_multi_output_logs_every_output_loss_and_metric():
-    base, x, y = multi_io_setup()
+@pytest.mark.parametrize("setup", [multi_io_setup, list_outputs_setup])
+def test_multi_output_logs_every_output_loss_and_metric(setup):
+    base, x, y = setup()
     model = keras_sam.SAMModel(base, rho=RHO)
     history = compile_and_fit(model, x, y, MULTI_IO_COMPILE, {})
     logs = history.history
@@ -173,3 +211,21 @@ def test_class_weight_is_the_oracle_with_per_example_weights():
     )
     np.testing.assert_allclose(model.base.get_weights()[0], want_w, rtol=1e-5)
     np.testing.assert_allclose(model.base.get_weights()[1], want_b, rtol=1e-5)
+
+
+def test_a_frozen_base_logs_its_loss_and_keeps_its_weights():
+    base, x, y = frozen_setup()
+    weights = base.get_weights()
+    model = keras_sam.SAMModel(base, rho=RHO)
+    model.compile(optimizer=sgd(), loss=xent())
+    with pytest.warns(UserWarning, match="does not have any trainable"):
+        logs = model.fit(x, y, batch_size=len(x), verbose=0).history
+    # The mean cross-entropy at the initial weights, from NumPy.
+    w, b = weights
+    logits = x @ w + b
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    want = -np.mean(log_p[np.arange(len(y)), y])
+    np.testing.assert_allclose(logs["loss"][0], want, rtol=1e-5)
+    for got, initial in zip(base.get_weights(), weights):
+        np.testing.assert_array_equal(got, initial)

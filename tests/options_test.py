@@ -37,7 +37,10 @@ def test_no_entry_point_repeats_a_default():
         parameters = inspect.signature(function).parameters
         assert not set(parameters) & set(options.NAMES) - {"rho"}, function
         if "rho" in parameters:
-            assert parameters["rho"].default is None
+            # None (the options' ρ), or the options' default object itself
+            # (SAMModel's, for a positional ρ), never a second literal.
+            default = parameters["rho"].default
+            assert default is None or default is options.SAMOptions.rho
 
 
 def test_every_option_has_help_for_a_command_line():
