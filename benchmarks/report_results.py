@@ -529,8 +529,9 @@ def _make_train(data):
     compared = data["make_train"]
     noise = compared["label_noise"]
     paper = ""
-    if round(noise, 2) in common.PAPER_NOISE:
-        sgd, sam = common.PAPER_NOISE[round(noise, 2)]
+    paper_row = common.PAPER_NOISE.get(round(noise, 2))
+    if paper_row:
+        sgd, sam = paper_row
         paper = common.snippet(
             "results",
             "make_train_paper",

@@ -22,7 +22,6 @@ import types
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import flags
 
 from keras_sam import analysis
@@ -117,19 +116,6 @@ def _splits(flags_obj):
     return splits.train, splits.test, splits.info.num_classes
 
 
-def _dataset(split, num_classes, batch_size):
-    x = split.images.astype(np.float32) / 255.0
-    y = tf.one_hot(split.labels, num_classes)
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-
-
-def accuracy(model, split, batch_size):
-    """The share of `split` that `model` classifies right."""
-    images = split.images.astype(np.float32) / 255.0
-    logits = model.predict(images, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == split.labels))
-
-
 @dataclasses.dataclass(frozen=True)
 class Measurements(data_config.FlagFields):
     """What `measure` computes; each field is the flag of its name."""
@@ -193,10 +179,10 @@ def run(flags_obj):
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     train, test, num_classes = _splits(flags_obj)
     examples = min(flags_obj.num_examples, len(train.labels))
-    dataset = _dataset(
+    dataset = arrays.test_dataset(
         data_lib.Split(train.images[:examples], train.labels[:examples]),
-        num_classes,
         flags_obj.batch_size,
+        num_classes,
     )
     measurements = Measurements.from_flags(flags_obj)
     paths = {"model": flags_obj.checkpoint}
@@ -211,7 +197,7 @@ def run(flags_obj):
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         results[name or path] = dict(
             measure(model, dataset, measurements),
-            test_accuracy=accuracy(model, test, flags_obj.batch_size),
+            test_accuracy=arrays.accuracy(model, test, flags_obj.batch_size),
         )
     names = list(results)
     alphas = results[names[0]]["alphas"]
