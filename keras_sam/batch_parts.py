@@ -14,7 +14,6 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
-from keras_sam import perturbations
 
 
 def threaded(values, updates):
@@ -141,10 +140,7 @@ def merge_parts(parts, threaded_state):
     return dict(
         loss=weighted_mean([part.clean.loss for part in parts], fractions),
         y_pred=y_pred,
-        grad_norm=weighted_mean(
-            [perturbations.global_norm(p.clean.gradients) for p in parts],
-            fractions,
-        ),
+        grad_norm=weighted_mean([p.clean_norm for p in parts], fractions),
         state=merge_states(
             parts[0].state,
             threaded_state,

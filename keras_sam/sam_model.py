@@ -65,7 +65,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
 
     Both are computed per part of the batch that has its own ε (a
     replica's share, a micro-batch) and averaged over the parts, so across
-    replicas they are the mean of the per-replica values. A step whose
+    replicas they are the mean of the per-replica values (one ε for the
+    global batch with `sync_perturbations=True`: its ‖g‖). A step whose
     values are not finite (a mixed-precision overflow, which the
     loss-scale optimizer skips) is left out. With `rho=0` (a number) they
     are not logged, and `fit` logs and computes exactly what the base

@@ -46,7 +46,8 @@ Attributes:
         not run.
     grad_norm: ‖∇L(w)‖₂ of each micro-batch's clean gradient over all
         trainable variables, averaged over micro-batches, multiplied by the
-        loss scale like `gradients`.
+        loss scale like `gradients`; with `sync_perturbations`, that of the
+        replicas' mean clean gradient.
     perturbed: a boolean scalar, whether the perturbed pass ran (false when
         ρ = 0 or when the `switching` policy declined).
     sam_step: a boolean scalar, the `switching` policy's decision (true
@@ -131,9 +132,8 @@ def compute_sam_gradients(
     - `gsam_alpha`: GSAM's α; the perturbed gradient of each micro-batch is
       combined with its clean gradient by `perturbations.gsam_gradients`.
     - `switching`, `step`: a `keras_sam.switching.SwitchingPolicy`, asked
-      once per step with `step` and ‖∇L(w)‖² of the whole batch (unscaled
-      by loss scaling, averaged across replicas). It decides the same on
-      every replica.
+      once per step with `step` and ‖∇L(w)‖² of the global batch (unscaled
+      by loss scaling). It decides the same on every replica.
     - `looksam_alpha`, `looksam_directions`: LookSAM's α and the variables
       holding its direction `g_v`, which SAM steps overwrite (keeping the
       old one when the new one is not finite).
@@ -189,7 +189,7 @@ def compute_sam_gradients(
         """The clean pass at w on each of `count` parts of `data`."""
         parts, metric_state = [], initial_metrics
         for fraction, batch in batch_parts.split(data, count):
-            random_state = backend.random_state()
+            seeds = backend.random_state()
             clean = _forward_and_gradients(
                 model,
                 compute_loss,
@@ -199,14 +199,19 @@ def compute_sam_gradients(
                 batch,
                 scale_loss,
             )
-            for_epsilon = perturbed_only(clean.gradients)
+            gradients, replicas = clean.gradients, 1
             if options.sync_perturbations:
-                # Outside the conditionals (one part: see below):
-                # tf.distribute cannot all-reduce inside a cond, so the
-                # all-reduce runs on every step.
-                for_epsilon = backend.all_reduce(for_epsilon, "sum")
+                # The global batch's gradient (Keras divides each replica's
+                # loss by their count), for ε and the logged ‖g‖, outside
+                # the conditionals (one part: see below): tf.distribute
+                # cannot all-reduce inside a cond.
+                gradients = backend.all_reduce(gradients, "sum")
+                replicas = backend.replica_count()
+            for_epsilon = perturbed_only(gradients)
+            # In a replica's units, as the norm of a replica's gradient.
+            norm = perturbations.global_norm(gradients) / replicas
             parts.append(
-                _Part(fraction, batch, state, random_state, clean, for_epsilon)
+                _Part(fraction, batch, state, seeds, clean, for_epsilon, norm)
             )
             state = batch_parts.advance_counters(state, clean.state)
             metric_state = batch_parts.threaded(metric_state, clean.metrics)
@@ -437,11 +442,9 @@ def _outcome(clean, gradients, sharpness, directions):
 
 _Part = collections.namedtuple(
     "_Part",
-    ["fraction", "batch", "state", "random_state", "clean", "for_epsilon"],
+    "fraction batch state random_state clean for_epsilon clean_norm",
 )
-_Pass = collections.namedtuple(
-    "_Pass", ["loss", "y_pred", "gradients", "state", "metrics"]
-)
+_Pass = collections.namedtuple("_Pass", "loss y_pred gradients state metrics")
 _Clean = collections.namedtuple(
     "_Clean", ["parts", "state", "metrics", "random_state_after"]
 )

@@ -29,8 +29,8 @@ class SwitchingPolicy(keras.layers.Layer):
     """Base class: `policy(step, squared_gradient_norm)` → a boolean scalar.
 
     `step` is the optimizer's iteration counter (int64), and
-    `squared_gradient_norm` is ‖∇L(w)‖² of the clean pass, unscaled by loss
-    scaling and averaged across replicas, or `None` when the policy sets
+    `squared_gradient_norm` is ‖∇L(w)‖² of the global batch's clean pass,
+    unscaled by loss scaling, or `None` when the policy sets
     `needs_gradient_norm = False`.
     """
 
@@ -330,12 +330,10 @@ class LatePhase(SwitchingPolicy):
 
 
 def squared_gradient_norm(gradients, scale_loss):
-    """‖∇L‖² of this replica's batch, without loss or replica scaling,
-    averaged across replicas: what a policy that `needs_gradient_norm` is
-    given."""
+    """‖∇L‖² of the global batch, without loss scaling: what a policy that
+    `needs_gradient_norm` is given. Every replica gets it: the sum of the
+    replicas' gradients (Keras divides each replica's loss by their count),
+    as one device, or JAX's step over the global batch, computes it."""
     scale = ops.cast(scale_loss(ops.ones(())), "float32")
-    norm = perturbations.global_norm(gradients) * backend.replica_count()
-    squared = ops.square(norm / scale)
-    if backend.replica_count() > 1:
-        (squared,) = backend.all_reduce([squared], "mean")
-    return squared
+    norm = perturbations.global_norm(backend.all_reduce(gradients, "sum"))
+    return ops.square(norm / scale)

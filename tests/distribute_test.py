@@ -95,6 +95,38 @@ def test_two_replicas_equal_two_micro_batches_on_one_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_ae_sam_on_two_replicas_decides_as_on_one_device():
+    # AE-SAM's ‖g‖² is the global batch's on every replica, as one device
+    # with two micro-batches (and JAX's sharded step) computes it.
+    def ae_sam(strategy, **sam_kwargs):
+        x, y, w0, b0 = softmax_data()
+        with strategy.scope():
+            model = keras_sam.SAMModel(
+                softmax_regression(w0, b0),
+                rho=RHO,
+                switching=keras_sam.switching.GradientNormOutlier(
+                    decay=0.5, c_start=0.0
+                ),
+                **sam_kwargs,
+            )
+            model.compile(
+                optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+                loss=xent(),
+                jit_compile=False,
+            )
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+        history = model.fit(dataset, epochs=2, verbose=0)
+        policy = [v.numpy() for v in model.switching.weights]
+        return model.base.get_weights(), policy, history.history
+
+    replicas = ae_sam(mirrored())
+    micro = ae_sam(tf.distribute.get_strategy(), micro_batches=2)
+    assert 0 < replicas[2]["sam_fraction"][-1] < 1
+    for got, want in zip(replicas[0] + replicas[1], micro[0] + micro[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert replicas[2]["sam_fraction"] == micro[2]["sam_fraction"]
+
+
 @pytest.mark.parametrize("rho", [0.0, RHO])
 def test_batchnorm_and_dropout_train_under_mirrored_strategy(rho):
     x, y, _, _ = softmax_data()

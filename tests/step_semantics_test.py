@@ -441,6 +441,18 @@ def test_sharpness_and_grad_norm_are_means_over_replicas():
     np.testing.assert_allclose(logs["grad_norm"][0], norm, rtol=1e-5)
 
 
+@backends.tensorflow_only
+def test_synced_grad_norm_is_the_global_batchs_as_on_jax():
+    # Every replica takes the global batch's ε; its logged ‖g‖ is that
+    # batch's too, as JAX's step computes it over the global batch.
+    _, logs = fit_and_log(strategy=mirrored(), sync_perturbations=True)
+    sharpness, norm = oracle_metrics()
+    _, replicas_norm = oracle_metrics(parts=2)
+    assert replicas_norm > norm * 1.01
+    np.testing.assert_allclose(logs["sharpness"][0], sharpness, rtol=1e-4)
+    np.testing.assert_allclose(logs["grad_norm"][0], norm, rtol=1e-5)
+
+
 def test_sharpness_averages_only_the_steps_that_ran_sam():
     _, logs = fit_and_log(switching=switching.Periodic(2))
     sharpness, norm = oracle_metrics(is_sam=lambda t: t % 2 == 0)
