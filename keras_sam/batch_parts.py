@@ -16,6 +16,35 @@ from keras import tree
 from keras_sam import backend
 
 
+def check_loss_reductions(loss, options):
+    """Refuses compiled losses whose parts' weighted mean is not the
+    batch's loss.
+
+    A step with several parts (`options.micro_batches`, and each device's
+    shard under `keras.distribution` without `sync_perturbations`) weights
+    each part's loss by its share of the examples: the batch's loss for a
+    mean over examples (Keras' default reduction), not for a "sum" (k parts
+    would take 1/k of the step) or a "mean_with_sample_weight".
+    """
+    shards = 1
+    if not (options.sync_perturbations or options.perturbation == "momentum"):
+        shards = backend.data_parallel_shards()
+    if options.micro_batches * shards == 1:
+        return
+    for function in tree.flatten(loss):
+        reduction = getattr(function, "reduction", "sum_over_batch_size")
+        if reduction not in ("sum_over_batch_size", "mean"):
+            raise ValueError(
+                "A SAM step in parts weights each part's loss by its share "
+                "of the examples, which changes a loss reduced with "
+                f"{reduction!r}: pass `reduction='sum_over_batch_size'`, or "
+                "one part (`micro_batches=1`, and `sync_perturbations=True` "
+                "under `keras.distribution`). Received: micro_batches="
+                f"{options.micro_batches} on {shards} data shard(s), loss="
+                f"{function!r}"
+            )
+
+
 def threaded(values, updates):
     """`values` with each non-`None` entry of `updates` taken instead."""
     return [old if new is None else new for old, new in zip(values, updates)]

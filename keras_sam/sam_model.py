@@ -7,6 +7,7 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import batch_parts
 from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
@@ -208,6 +209,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not self.built:
             self._build_from_batch(x)
+        batch_parts.check_loss_reductions(self.loss, self.options)
         if not self.trainable_weights:
             warnings.warn(
                 "The model does not have any trainable weights.", stacklevel=2

@@ -36,7 +36,7 @@ def data_parallel():
     return keras.distribution.DataParallel(devices=devices[:2])
 
 
-def fit(distribution, jit_compile=True, **sam_kwargs):
+def fit(distribution, jit_compile=True, loss=None, **sam_kwargs):
     x, y, w0, b0 = softmax_data()
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(distribution)
@@ -44,7 +44,7 @@ def fit(distribution, jit_compile=True, **sam_kwargs):
         model = keras_sam.SAMModel(softmax_regression(w0, b0), **sam_kwargs)
         model.compile(
             optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
-            loss=xent(),
+            loss=loss or xent(),
             jit_compile=jit_compile,
         )
         history = model.fit(
@@ -75,6 +75,16 @@ def test_reported_loss_is_the_global_batch_loss():
     _, distributed_loss = fit(data_parallel(), rho=RHO)
     _, single_loss = fit(None, rho=RHO, micro_batches=2)
     np.testing.assert_allclose(distributed_loss, single_loss, rtol=1e-6)
+
+
+def test_a_summed_loss_needs_one_epsilon_for_the_global_batch():
+    # Each shard's loss would count for half: a "sum" must stay whole.
+    summed = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"
+    )
+    with pytest.raises(ValueError, match="'sum'.* on 2 data shard"):
+        fit(data_parallel(), rho=RHO, loss=summed)
+    fit(data_parallel(), rho=RHO, loss=summed, sync_perturbations=True)
 
 
 def test_the_weights_are_replicated_over_both_devices():

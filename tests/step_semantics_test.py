@@ -50,6 +50,29 @@ def assert_close(got, want, rtol=1e-5, atol=1e-6):
 # -- 1. micro-batches that do not divide the batch ---------------------------
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean_with_sample_weight"])
+def test_micro_batches_refuse_a_loss_the_parts_mean_would_change(reduction):
+    # Parts are weighted by their share of the examples: the whole batch's
+    # loss for a mean over examples, not for a sum (half the step with two
+    # parts) or a mean weighted by sample weights.
+    x, y, w0, b0 = softmax_data()
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=reduction
+    )
+
+    def fit(loss, micro_batches):
+        model = keras_sam.SAMModel(
+            softmax_regression(w0, b0), rho=RHO, micro_batches=micro_batches
+        )
+        model.compile(optimizer=sgd(), loss=loss)
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+
+    with pytest.raises(ValueError, match=f"'{reduction}'.*micro_batches=2 "):
+        fit([loss], micro_batches=2)
+    fit(loss, micro_batches=1)
+    fit(xent(), micro_batches=2)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_unequal_micro_batches_match_the_array_split_oracle(mode):
     # Batches of 11, 11 and 2 examples cut in 3: (4, 4, 3) twice, then
