@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
+from keras_sam import switching
 from tests import backends
 from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
@@ -52,9 +53,12 @@ def assert_two_replicas_match_one_device(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def fit(strategy, **sam_kwargs):
+def fitted(strategy, epochs=1, make_switching=None, **sam_kwargs):
+    """The SAM softmax regression fitted under `strategy`, and its logs."""
     x, y, w0, b0 = softmax_data()
     with strategy.scope():
+        if make_switching:  # in the scope, as the policy's statistics must
+            sam_kwargs["switching"] = make_switching()
         model = keras_sam.SAMModel(softmax_regression(w0, b0), **sam_kwargs)
         model.compile(
             optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
@@ -62,8 +66,12 @@ def fit(strategy, **sam_kwargs):
             jit_compile=False,
         )
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-    history = model.fit(dataset, epochs=1, verbose=0)
-    return model.base.get_weights(), history.history["loss"][0]
+    return model, model.fit(dataset, epochs=epochs, verbose=0).history
+
+
+def fit(strategy, **sam_kwargs):
+    model, history = fitted(strategy, **sam_kwargs)
+    return model.base.get_weights(), history["loss"][0]
 
 
 def test_each_replica_perturbs_with_its_own_half_batch():
@@ -99,25 +107,15 @@ def test_ae_sam_on_two_replicas_decides_as_on_one_device():
     # AE-SAM's ‖g‖² is the global batch's on every replica, as one device
     # with two micro-batches (and JAX's sharded step) computes it.
     def ae_sam(strategy, **sam_kwargs):
-        x, y, w0, b0 = softmax_data()
-        with strategy.scope():
-            model = keras_sam.SAMModel(
-                softmax_regression(w0, b0),
-                rho=RHO,
-                switching=keras_sam.switching.GradientNormOutlier(
-                    decay=0.5, c_start=0.0
-                ),
-                **sam_kwargs,
-            )
-            model.compile(
-                optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
-                loss=xent(),
-                jit_compile=False,
-            )
-        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-        history = model.fit(dataset, epochs=2, verbose=0)
+        model, history = fitted(
+            strategy,
+            epochs=2,
+            rho=RHO,
+            make_switching=lambda: switching.GradientNormOutlier(0.5, 0.0),
+            **sam_kwargs,
+        )
         policy = [v.numpy() for v in model.switching.weights]
-        return model.base.get_weights(), policy, history.history
+        return model.base.get_weights(), policy, history
 
     replicas = ae_sam(mirrored())
     micro = ae_sam(tf.distribute.get_strategy(), micro_batches=2)
