@@ -166,6 +166,47 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
     assert isinstance(made.switching, keras_sam.switching.GradientNormOutlier)
 
 
+def test_a_run_killed_at_an_epochs_end_resumes_with_an_ema(
+    tmp_path, monkeypatch
+):
+    # Keras' `fit` ends by writing the average into the weights, which the
+    # next epoch must not train from: the checkpoint holds the raw ones.
+    settings = dict(
+        train_steps=6,
+        checkpoint_every_steps=2,
+        deterministic=True,
+        ema_decay=0.9,
+        train_examples=32,
+    )
+    whole, resumed = whole_and_resumed(
+        monkeypatch, tmp_path, 4, hook="on_epoch_end", **settings
+    )
+    np.testing.assert_allclose(
+        resumed["history"]["loss"], whole["history"]["loss"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        resumed["test_loss"], whole["test_loss"], rtol=1e-6
+    )
+
+
+def test_the_weights_average_is_evaluated_but_never_trained_on(tmp_path):
+    runs = [
+        fashion_mnist.run(
+            make_flags(
+                tmp_path / str(decay),
+                ema_decay=decay,
+                train_examples=64,
+                train_steps=0,
+                epochs=3,
+                deterministic=True,
+            )
+        )
+        for decay in (0.0, 0.9)
+    ]
+    assert runs[0]["history"]["loss"] == runs[1]["history"]["loss"]
+    assert abs(runs[0]["test_loss"] - runs[1]["test_loss"]) > 1e-3
+
+
 def test_rerunning_a_finished_run_trains_no_more(tmp_path):
     first = fashion_mnist.run(make_flags(tmp_path))
     again = fashion_mnist.run(make_flags(tmp_path))

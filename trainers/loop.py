@@ -57,6 +57,29 @@ class TrainingTime(keras.callbacks.Callback):
             logs["epoch_train_cpu_seconds"] = self.elapsed[1]
 
 
+class TrainOnRawWeights(keras.callbacks.Callback):
+    """Keeps the optimizer's moving average of the weights out of training.
+
+    Keras' `fit` ends by writing the average into the weights; the loop
+    calls `fit` once per epoch, so the next epoch would train from the
+    average (and a resumed run from the raw weights its checkpoint holds).
+    This puts back the weights the epoch ended with.
+    """
+
+    def on_train_begin(self, logs=None):
+        self.raw = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.raw = [v.numpy() for v in self.model.trainable_variables]
+
+    def on_train_end(self, logs=None):
+        if self.raw is not None:
+            for variable, value in zip(
+                self.model.trainable_variables, self.raw
+            ):
+                variable.assign(value)
+
+
 class ExampleSetAccuracy(keras.callbacks.Callback):
     """Adds to each epoch's logs, for each `key: measure` of
     `example_sets`, `measure(model)` (an accuracy on a set of examples)."""
@@ -406,6 +429,7 @@ def _fit_and_report_locked(
         saver,
         keras.callbacks.TerminateOnNaN(),
         *([keras.callbacks.TensorBoard(tensorboard_dir)] if writes else []),
+        *([TrainOnRawWeights()] if config.optimizer.ema_decay > 0 else []),
     ]
     if metrics and not set(metrics) <= set(checkpoint_lib.metric_paths(model)):
         # Without a strategy, TensorFlow creates the compiled metrics'
