@@ -77,6 +77,8 @@ def test_comparison_trains_a_plain_fit_and_sam_alike(tmp_path):
         compare_sgd_sam.run(
             _Flags(**dict(vars(flags_obj), track_memorization=False))
         )
+    with pytest.raises(ValueError, match="--label_noise must be > 0. .*=0.0"):
+        compare_sgd_sam.run(_Flags(**dict(vars(flags_obj), label_noise=0.0)))
     results = compare_sgd_sam.run(flags_obj)
     assert list(results) == ["SGD", "SAM"]
     sgd, sam = results["SGD"], results["SAM"]

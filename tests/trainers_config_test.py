@@ -82,6 +82,11 @@ def test_every_field_is_a_flag_with_its_default_help_and_check():
         ("steps_per_execution", 0, "--steps_per_execution must be >= 1"),
         ("image_size", 16, "--image_size must be >= 32"),
         ("sam_start_fraction", 2.0, "--sam_start_fraction must lie in"),
+        ("momentum", "nan", "--momentum must lie in [0, 1] and finite"),
+        ("momentum", 1.5, "--momentum must lie in [0, 1] and finite"),
+        ("seed", -1, "--seed must lie in [0, 2**32)"),
+        ("shuffle_buffer", 0, "--shuffle_buffer must be >= 1"),
+        ("verbose", 7, "--verbose must be 0, 1 or 2"),
     ],
 )
 def test_a_setting_refuses_what_its_check_says(name, value, message):

@@ -311,9 +311,11 @@ def test_compare_table_and_summary_state_the_numbers():
         ("--learning_rate=inf", "--learning_rate must be > 0 and finite"),
     ],
 )
-def test_bad_flag_values_fail_with_a_message_naming_them(flag, message):
+def test_bad_flag_values_fail_with_a_message_naming_them(
+    flag, message, program="trainers.fashion_mnist"
+):
     result = subprocess.run(
-        [sys.executable, "-m", "trainers.fashion_mnist", flag],
+        [sys.executable, "-m", program, flag],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -322,6 +324,14 @@ def test_bad_flag_values_fail_with_a_message_naming_them(flag, message):
     assert result.returncode != 0
     assert flag.split("=")[0] in result.stderr
     assert message in result.stderr
+
+
+def test_compare_refuses_measuring_sharpness_on_no_examples():
+    test_bad_flag_values_fail_with_a_message_naming_them(
+        "--sharpness_examples=0",
+        "0 is not a positive integer",
+        program="trainers.compare_sgd_sam",
+    )
 
 
 def analyze_flags(tmp_path, **overrides):

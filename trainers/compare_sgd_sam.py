@@ -86,6 +86,7 @@ def define_flags():
         2000,
         "Training examples (with their noisy labels) over which the top "
         "Hessian eigenvalue of the loss is measured.",
+        lower_bound=1,
     )
 
 
@@ -96,6 +97,12 @@ def run(flags_obj, datasets_override=None):
         raise ValueError(
             "--track_memorization must stay on: the comparison reports the "
             "memorized labels. Received: --track_memorization=False"
+        )
+    if not flags_obj.label_noise > 0:
+        raise ValueError(
+            "--label_noise must be > 0: the comparison reports how many "
+            "mislabeled examples each model fits. Received: --label_noise="
+            f"{flags_obj.label_noise}"
         )
     # Read once: both runs and both sharpness measurements use the same.
     datasets = datasets_override or data_lib.load(

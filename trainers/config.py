@@ -41,7 +41,11 @@ class OptimizerConfig(data_config.FlagFields):
         "constant, or cosine decay to 0 over all training steps.",
         choices=["constant", "cosine"],
     )
-    momentum: float = setting(0.9, "SGD momentum.")
+    momentum: float = setting(
+        0.9,
+        "SGD momentum, in [0, 1].",
+        check=(lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    )
     nesterov: bool = setting(False, "Nesterov momentum.")
     gradient_clipping: float = setting(
         0.0,
@@ -229,7 +233,11 @@ class TrainingConfig:
     eval_every_epochs: int = setting(
         1, "Evaluate on the test set every N epochs.", check=at_least(1)
     )
-    verbose: int = setting(1, "Keras verbosity: 0, 1 (bars), 2.")
+    verbose: int = setting(
+        1,
+        "Keras verbosity: 0, 1 (bars), 2.",
+        check=(lambda v: v in (0, 1, 2), "must be 0, 1 or 2"),
+    )
     recorded_flags: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):

@@ -97,7 +97,11 @@ class DataConfig(FlagFields):
         "Global batch size, in examples, split evenly across replicas.",
         check=at_least(1),
     )
-    seed: int = setting(0, "Seed of weights, data order and noise.")
+    seed: int = setting(
+        0,
+        "Seed of weights, data order and noise.",
+        check=(lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)"),
+    )
     augmentation: str = setting(
         "none",
         "none; basic (flip, pad 4, random crop); cutout (basic + cutout); "
@@ -150,5 +154,6 @@ class DataConfig(FlagFields):
         10000,
         "Examples in the shuffle buffer (encoded images, about 110 kB each "
         "on ImageNet), after tensorflow-datasets' file shuffling.",
+        check=at_least(1),
         streamed=True,
     )
