@@ -59,7 +59,7 @@ def test_analyze_measures_saved_shake_shake_and_pyramidnet_models(tmp_path):
         "--batch_size=8",
         "--m=4",
         "--max_iterations=2",
-        "--landscape_points=2",
+        "--landscape_points=3",
         f"--output_dir={tmp_path / 'analysis'}",
     )
     with open(tmp_path / "analysis" / "analysis.json") as f:

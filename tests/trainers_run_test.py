@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -326,6 +327,36 @@ def test_bad_flag_values_fail_with_a_message_naming_them(
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        # An even grid holds no α = 0: its middle "loss at w" was not.
+        ("--landscape_points=4", "--landscape_points must be odd and >= 3"),
+        ("--landscape_radius=nan", "--landscape_radius must be > 0"),
+        ("--num_examples=-5", "-5 is not a positive integer"),
+        ("--checkpoint=/nowhere.keras", "--checkpoint: no model file at"),
+    ],
+)
+def test_analyze_refuses_bad_flags_before_measuring(flag, message, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainers.analyze",
+            "--checkpoint=/nowhere.keras",
+            f"--output_dir={tmp_path / 'out'}",
+            flag,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_compare_refuses_measuring_sharpness_on_no_examples():
     test_bad_flag_values_fail_with_a_message_naming_them(
         "--sharpness_examples=0",
@@ -397,8 +428,12 @@ def test_analyze_measures_on_the_labels_the_run_trained_on(tmp_path):
     trained = fashion_mnist.run(
         make_flags(tmp_path / "run", label_noise=0.5, train_examples=128)
     )
+    # The run's own data: synthetic, as its results.json records.
     options = analyze_flags(
-        tmp_path, checkpoint=str(tmp_path / "run" / loop.MODEL), run_data=True
+        tmp_path,
+        checkpoint=str(tmp_path / "run" / loop.MODEL),
+        run_data=True,
+        synthetic_data=False,
     )
     written = analyze.run(options)
     measured = written["models"]["run"]
@@ -427,11 +462,12 @@ def test_analyze_measures_on_the_labels_the_run_trained_on(tmp_path):
 
     assert measured["loss"] == pytest.approx(loss(noisy), rel=1e-5)
     assert abs(loss(noisy) - loss(train.labels)) > 1e-3
+    lone = tmp_path / "lone" / loop.MODEL  # a model without its run
+    lone.parent.mkdir()
+    shutil.copy(options.checkpoint, lone)
     with pytest.raises(FileNotFoundError, match="--run_data: no results"):
         analyze.run(
-            types.SimpleNamespace(
-                **dict(vars(options), checkpoint=str(tmp_path / "x.keras"))
-            )
+            types.SimpleNamespace(**dict(vars(options), checkpoint=str(lone)))
         )
 
 

@@ -36,6 +36,8 @@ from trainers import models  # noqa: F401
 from trainers.data import arrays
 from trainers.data import config as data_config
 from trainers.data import datasets as data_lib
+from trainers.data.config import at_least
+from trainers.data.config import setting
 
 FLAGS = flags.FLAGS
 
@@ -60,26 +62,16 @@ def define_flags():
     )
     flags.DEFINE_string("output_dir", "runs/analysis", "Where to write.")
     flags.DEFINE_integer(
-        "num_examples", 2048, "Training examples the measures use."
-    )
-    flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
-    flags.DEFINE_integer("top_k", 1, "Top Hessian eigenvalues to compute.")
-    flags.DEFINE_integer(
-        "max_iterations", 40, "Cap on Hessian-vector products."
-    )
-    flags.DEFINE_float("rho", Measurements.rho, "ρ of the m-sharpness.")
-    flags.DEFINE_integer("m", 128, "Examples per set of the m-sharpness.")
-    flags.DEFINE_integer(
-        "landscape_points", 21, "Grid points per landscape axis."
-    )
-    flags.DEFINE_float(
-        "landscape_radius", 1.0, "Landscape extent along each direction."
+        "num_examples",
+        2048,
+        "Training examples the measures use.",
+        lower_bound=1,
     )
     flags.DEFINE_integer(
-        "spectrum_steps",
-        0,
-        "Lanczos steps of the spectral density; 0 skips it.",
+        "batch_size", 256, "Evaluation batch size.", lower_bound=1
     )
+    for field in dataclasses.fields(Measurements):
+        trainer_flags.define_setting(field, field.default)
     flags.mark_flag_as_required("checkpoint")
 
 
@@ -107,7 +99,7 @@ def _splits(flags_obj):
         recorded = json.load(f)["flags"]
     recorded.update(
         data_dir=flags_obj.data_dir or recorded["data_dir"],
-        synthetic_data=flags_obj.synthetic_data,
+        synthetic_data=flags_obj.synthetic_data or recorded["synthetic_data"],
     )
     config = data_config.DataConfig.from_flags(
         types.SimpleNamespace(**recorded)
@@ -120,13 +112,33 @@ def _splits(flags_obj):
 class Measurements(data_config.FlagFields):
     """What `measure` computes; each field is the flag of its name."""
 
-    top_k: int = 1
-    max_iterations: int = 40
-    rho: float = options.SAMOptions.rho
-    m: int = 128
-    landscape_radius: float = 1.0
-    landscape_points: int = 21
-    spectrum_steps: int = 0
+    top_k: int = setting(
+        1, "Top Hessian eigenvalues to compute.", check=at_least(1)
+    )
+    max_iterations: int = setting(
+        40, "Cap on Hessian-vector products.", check=at_least(1)
+    )
+    rho: float = setting(
+        options.SAMOptions.rho, "ρ of the m-sharpness.", check=at_least(0)
+    )
+    m: int = setting(
+        128, "Examples per set of the m-sharpness.", check=at_least(1)
+    )
+    landscape_radius: float = setting(
+        1.0,
+        "Landscape extent along each direction.",
+        check=(lambda v: v > 0, "must be > 0"),
+    )
+    landscape_points: int = setting(
+        21,
+        "Grid points per landscape axis; odd, so that the grid holds w.",
+        check=(lambda v: v >= 3 and v % 2, "must be odd and >= 3"),
+    )
+    spectrum_steps: int = setting(
+        0,
+        "Lanczos steps of the spectral density; 0 skips it.",
+        check=at_least(0),
+    )
 
 
 def measure(model, dataset, measurements):
@@ -176,6 +188,13 @@ def load_model(path):
 def run(flags_obj):
     """Measures the models; returns what it writes to analysis.json: the
     settings, and {model: its measures}."""
+    measurements = Measurements.from_flags(flags_obj)
+    paths = {"checkpoint": flags_obj.checkpoint}
+    if flags_obj.compare:
+        paths["compare"] = flags_obj.compare
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     train, test, num_classes = _splits(flags_obj)
     examples = min(flags_obj.num_examples, len(train.labels))
@@ -184,13 +203,6 @@ def run(flags_obj):
         flags_obj.batch_size,
         num_classes,
     )
-    measurements = Measurements.from_flags(flags_obj)
-    paths = {"model": flags_obj.checkpoint}
-    if flags_obj.compare:
-        paths["compare"] = flags_obj.compare
-    for name, path in paths.items():
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
     results = {}
     for path in paths.values():
         model = load_model(path)

@@ -53,7 +53,7 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
         "docs/faults.md). One process at a time.",
     )
     for field in fields:
-        _define_setting(field, defaults.get(field.name, field.default))
+        define_setting(field, defaults.get(field.name, field.default))
     _define_sam_flags(defaults)
 
 
@@ -79,7 +79,7 @@ def define_stream_flags(**defaults):
         )
     for name, field in streamed.items():
         if name not in flags.FLAGS:
-            _define_setting(field, defaults.get(name, field.default))
+            define_setting(field, defaults.get(name, field.default))
 
 
 _DEFINE = {
@@ -90,7 +90,7 @@ _DEFINE = {
 }
 
 
-def _define_setting(field, default):
+def define_setting(field, default):
     """The flag of a setting, refusing what its field refuses."""
     meta = field.metadata
     if meta["choices"]:
@@ -162,7 +162,7 @@ def _define_sam_flags(overrides):
             kind = float if defaults[name] is None else type(defaults[name])
         _DEFINE[kind](name, defaults[name], helps[name])
     for field in dataclasses.fields(config.PolicySettings):
-        _define_setting(field, defaults[field.name])
+        define_setting(field, defaults[field.name])
     for name in defaults:
         flags.register_validator(name, functools.partial(_check_sam_flag, name))
 
