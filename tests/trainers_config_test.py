@@ -1,6 +1,8 @@
 """trainers.config: every setting comes from the flag of its name."""
 
 import dataclasses
+import os
+import re
 import types
 
 import keras
@@ -344,3 +346,13 @@ def test_a_checkpoint_of_the_sam_flags_before_they_were_derived_resumes():
     with pytest.raises(checkpoint.CheckpointError) as error:
         loop._check_same_run(saved, dict(now, sam_every=3), "/tmp/run")
     assert "--sam_every=2 there, --sam_every=3 now" in str(error.value)
+
+
+def test_faults_md_names_every_setting_that_may_change_on_resume():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "faults.md")) as f:
+        text = " ".join(f.read().split())
+    start = text.index("every setting must match but")
+    sentence = text[start : text.index("MAY_CHANGE_ON_RESUME", start)]
+    named = set(re.findall(r"`--(\w+)`", sentence))
+    assert named == set(config.MAY_CHANGE_ON_RESUME)
