@@ -162,3 +162,14 @@ def test_layouts_that_cannot_work_are_refused_naming_the_flag(
             strategy_lib.get_strategy(name, **arguments)
     finally:
         keras.distribution.set_distribution(None)
+
+
+def test_a_layout_pattern_matching_no_variable_is_refused():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    strategy_lib.check_layout_map(".*dense.*/kernel=,model", model)
+    with pytest.raises(
+        ValueError, match="pattern '.*dense/kernal' matches none of the"
+    ):
+        strategy_lib.check_layout_map(
+            ".*dense.*/kernel=,model;.*dense/kernal=,model", model
+        )

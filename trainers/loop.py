@@ -273,6 +273,7 @@ def build_sam_model(config, strategy, settings, make_base, total_steps):
     base model itself when `config.sam` is None)."""
     with strategy.scope():
         base = make_base()
+        strategy_lib.check_layout_map(config.accelerator.layout_map, base)
         learning_rate = _learning_rate(config.optimizer, total_steps)
         model = base
         if config.sam is not None:

@@ -135,6 +135,19 @@ def parse_layout_map(text):
     return entries
 
 
+def check_layout_map(text, model):
+    """Refuses a `--layout_map` pattern that matches none of `model`'s
+    variables, which Keras would leave replicated without a word."""
+    paths = [v.path for v in model.variables]
+    for pattern, _ in parse_layout_map(text):
+        if not any(re.fullmatch(pattern, path) for path in paths):
+            raise ValueError(
+                f"--layout_map pattern {pattern!r} matches none of the "
+                f"model's {len(paths)} variables (paths such as "
+                f"{', '.join(paths[:3])})."
+            )
+
+
 def _keras_distribution(name, model_parallel=1, layout_map=""):
     backend = keras.backend.backend()
     if name == "default" and model_parallel == 1 and not layout_map:
