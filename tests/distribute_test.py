@@ -125,6 +125,12 @@ def test_ae_sam_on_two_replicas_decides_as_on_one_device():
     assert replicas[2]["sam_fraction"] == micro[2]["sam_fraction"]
 
 
+def test_a_policy_made_outside_the_strategys_scope_is_refused():
+    policy = switching.GradientNormOutlier()
+    with pytest.raises(ValueError, match="inside the strategy's scope.*mean"):
+        fitted(mirrored(), rho=RHO, switching=policy)
+
+
 @pytest.mark.parametrize("rho", [0.0, RHO])
 def test_batchnorm_and_dropout_train_under_mirrored_strategy(rho):
     x, y, _, _ = softmax_data()

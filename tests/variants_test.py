@@ -32,6 +32,9 @@ def fit_softmax(mode="graph", optimizer=None, strategy=None, **sam_kwargs):
     x, y, w0, b0 = softmax_data()
     scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
+        policy = sam_kwargs.get("switching")
+        if strategy and policy:  # made in the scope, as its variables must
+            sam_kwargs["switching"] = policy.from_config(policy.get_config())
         model = keras_sam.SAMModel(softmax_regression(w0, b0), **sam_kwargs)
         model.compile(optimizer=optimizer or sgd(), loss=xent(), **MODES[mode])
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
@@ -338,12 +341,8 @@ def test_switching_that_never_chooses_sam_is_the_base_fit(mode):
 )
 def test_synced_switching_under_mirrored_strategy_equals_one_device(kwargs):
     one = fit_softmax(rho=RHO, **kwargs)
-    fresh = {
-        k: (v.from_config(v.get_config()) if k == "switching" else v)
-        for k, v in kwargs.items()
-    }
     two = fit_softmax(
-        rho=RHO, strategy=mirrored(), sync_perturbations=True, **fresh
+        rho=RHO, strategy=mirrored(), sync_perturbations=True, **kwargs
     )
     if "looksam_alpha" in kwargs:
         # Between SAM steps each replica rescales g_v to its own ‖g‖, so

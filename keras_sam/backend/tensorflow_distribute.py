@@ -1,8 +1,9 @@
 """The TensorFlow backend's replicas: what the step needs of `tf.distribute`.
 
 Under a `tf.distribute` strategy the step runs once per replica, on its
-share of the batch: the replicas' count, their all-reduce, the check that a
-per-replica function runs in a replica, and, for `compat`'s multi-worker
+share of the batch: the replicas' count, their all-reduce, the checks that a
+per-replica function runs in a replica and that the switching policy's
+variables are the strategy's, and, for `compat`'s multi-worker
 workarounds (keras-team/keras#20585), whether a strategy spans workers and
 one replica's share of a batch.
 """
@@ -46,7 +47,24 @@ def check_per_replica_call(name):
 
 
 def train_step(model, step, data):
+    _check_policy_in_scope(model)
     return compat.logs_for_workers(step(data))
+
+
+def _check_policy_in_scope(model):
+    # A policy made outside the strategy's scope keeps plain variables,
+    # which every replica would update in turn.
+    strategy = tf.distribute.get_strategy()
+    policy = getattr(model, "switching", None)
+    if policy is None or strategy.num_replicas_in_sync == 1:
+        return
+    for variable in policy.weights:
+        if not strategy.extended.variable_created_in_scope(variable.value):
+            raise ValueError(
+                "Create the switching policy inside the strategy's scope, as "
+                f"the model: {type(strategy).__name__} does not hold its "
+                f"variable {variable.path!r}. Received: switching={policy!r}"
+            )
 
 
 def is_multi_worker(strategy=None):
