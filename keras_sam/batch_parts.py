@@ -16,24 +16,30 @@ from keras import tree
 from keras_sam import backend
 
 
-def check_loss_reductions(loss, options):
-    """Refuses compiled losses whose parts' weighted mean is not the
-    batch's loss.
+def shard_count(options):
+    """The data shards that each get their own ε: a device's rows under
+    `keras.distribution` (JAX) without `sync_perturbations`, else 1."""
+    if options.sync_perturbations:
+        return 1
+    return backend.data_parallel_shards()
 
-    A step with several parts (`options.micro_batches`, and each device's
-    shard under `keras.distribution` without `sync_perturbations`) weights
-    each part's loss by its share of the examples: the batch's loss for a
-    mean over examples (Keras' default reduction), not for a "sum" (k parts
-    would take 1/k of the step) or a "mean_with_sample_weight".
+
+def check_loss_reductions(loss, options, weighted):
+    """Refuses losses whose parts' weighted mean is not the batch's loss.
+
+    A SAM step in parts (`options.micro_batches`, and `shard_count`)
+    weights each part's loss by its share of the examples: the batch's
+    loss for a mean over examples (Keras' default reduction), not for a
+    "sum" (k parts would take 1/k of the step) or, given sample weights
+    (`weighted`), a "mean_with_sample_weight".
     """
-    shards = 1
-    if not (options.sync_perturbations or options.perturbation == "momentum"):
-        shards = backend.data_parallel_shards()
-    if options.micro_batches * shards == 1:
+    shards = 1 if options.perturbation == "momentum" else shard_count(options)
+    if options.micro_batches * shards == 1 or not options.takes_two_passes:
         return
+    refused = {"sum", "mean_with_sample_weight"} if weighted else {"sum"}
     for function in tree.flatten(loss):
-        reduction = getattr(function, "reduction", "sum_over_batch_size")
-        if reduction not in ("sum_over_batch_size", "mean"):
+        reduction = getattr(function, "reduction", None)
+        if reduction in refused:
             raise ValueError(
                 "A SAM step in parts weights each part's loss by its share "
                 "of the examples, which changes a loss reduced with "

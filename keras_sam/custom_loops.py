@@ -11,6 +11,7 @@ import keras
 from keras import ops
 
 from keras_sam import backend
+from keras_sam import batch_parts
 from keras_sam import options as options_lib
 from keras_sam import sam_step
 from keras_sam import schedules
@@ -116,6 +117,9 @@ def sam_gradients(
     options = _stateless_options(options)
     backend.check_per_replica_call("sam_gradients")
     loss_fn = _loss_function(loss_fn)
+    batch_parts.check_loss_reductions(
+        loss_fn, options, weighted=sample_weight is not None
+    )
 
     def compute_loss(x, y, y_pred, sample_weight):
         del x

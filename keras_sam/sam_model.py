@@ -209,7 +209,9 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not self.built:
             self._build_from_batch(x)
-        batch_parts.check_loss_reductions(self.loss, self.options)
+        batch_parts.check_loss_reductions(
+            self.loss, self.options, weighted=sample_weight is not None
+        )
         if not self.trainable_weights:
             warnings.warn(
                 "The model does not have any trainable weights.", stacklevel=2

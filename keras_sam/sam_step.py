@@ -173,7 +173,7 @@ def compute_sam_gradients(
     # Under `keras.distribution` (JAX) the step sees the global batch:
     # each device's shard is cut into its own micro-batches, so every
     # shard gets its own ε, as a tf.distribute replica does.
-    shards = 1 if options.sync_perturbations else backend.data_parallel_shards()
+    shards = batch_parts.shard_count(options)
     parts_count = options.micro_batches * shards
     old_directions = None
     if looksam_directions is not None:
@@ -189,7 +189,7 @@ def compute_sam_gradients(
         """The clean pass at w on each of `count` parts of `data`."""
         parts, metric_state = [], initial_metrics
         for fraction, batch in batch_parts.split(data, count):
-            seeds = backend.random_state()
+            rng = backend.random_state()
             clean = _forward_and_gradients(
                 model,
                 compute_loss,
@@ -211,7 +211,7 @@ def compute_sam_gradients(
             # In a replica's units, as the norm of a replica's gradient.
             norm = perturbations.global_norm(gradients) / replicas
             parts.append(
-                _Part(fraction, batch, state, seeds, clean, for_epsilon, norm)
+                _Part(fraction, batch, state, rng, clean, for_epsilon, norm)
             )
             state = batch_parts.advance_counters(state, clean.state)
             metric_state = batch_parts.threaded(metric_state, clean.metrics)

@@ -9,8 +9,8 @@ policy that takes SAM on a fraction `f` of the steps costs about `1 + f`
 base steps.
 
 Every policy decides identically on every replica (from the step counter,
-a stateless draw keyed by the step, or gradient statistics averaged across
-replicas), so replicas never disagree on which branch to run. Policies are
+a stateless draw keyed by the step, or the global batch's gradient norm),
+so replicas never disagree on which branch to run. Policies are
 Keras layers only to own their state: it is saved with the model and
 restored by `load_model`, `BackupAndRestore` and the trainers' checkpoints.
 Their dtype policy is float32 whatever the global policy (e.g.

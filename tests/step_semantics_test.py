@@ -60,16 +60,23 @@ def test_micro_batches_refuse_a_loss_the_parts_mean_would_change(reduction):
         from_logits=True, reduction=reduction
     )
 
-    def fit(loss, micro_batches):
+    weights = np.linspace(0.5, 1.5, len(y))
+
+    def fit(loss, micro_batches, rho=RHO):
         model = keras_sam.SAMModel(
-            softmax_regression(w0, b0), rho=RHO, micro_batches=micro_batches
+            softmax_regression(w0, b0), rho=rho, micro_batches=micro_batches
         )
         model.compile(optimizer=sgd(), loss=loss)
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+        model.fit(x, y, sample_weight=weights, batch_size=BATCH, verbose=0)
 
     with pytest.raises(ValueError, match=f"'{reduction}'.*micro_batches=2 "):
         fit([loss], micro_batches=2)
+    with pytest.raises(ValueError, match=f"'{reduction}'.*micro_batches=2 "):
+        keras_sam.sam_gradients(
+            softmax_regression(w0, b0), x, y, loss, weights, micro_batches=2
+        )
     fit(loss, micro_batches=1)
+    fit(loss, micro_batches=2, rho=0.0)  # the base step: the whole batch
     fit(xent(), micro_batches=2)
 
 

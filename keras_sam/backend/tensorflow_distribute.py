@@ -23,7 +23,12 @@ def replica_count():
 def all_reduce(tensors, op="sum"):
     """`op` ("sum" or "mean") of each tensor across the replicas."""
     context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    if context is None:
+        raise ValueError(
+            "An all-reduce across replicas must run in each replica, inside "
+            "`strategy.run(...)`, not in the cross-replica context."
+        )
+    if context.num_replicas_in_sync == 1:
         return list(tensors)
     reduce_op = {"sum": tf.distribute.ReduceOp.SUM}.get(
         op, tf.distribute.ReduceOp.MEAN
