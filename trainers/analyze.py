@@ -36,8 +36,6 @@ from trainers import models  # noqa: F401
 from trainers.data import arrays
 from trainers.data import config as data_config
 from trainers.data import datasets as data_lib
-from trainers.data.config import at_least
-from trainers.data.config import setting
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +49,11 @@ def define_flags():
         "dataset", "fashion_mnist", sorted(data_lib.DATASETS), "Data set."
     )
     flags.DEFINE_string("data_dir", None, "As for the trainers.")
-    flags.DEFINE_bool("synthetic_data", False, "Random data (smoke runs).")
+    flags.DEFINE_bool(
+        "synthetic_data",
+        False,
+        "Random data (smoke runs); with --run_data, as the run had it.",
+    )
     flags.DEFINE_bool(
         "run_data",
         False,
@@ -99,7 +101,7 @@ def _splits(flags_obj):
         recorded = json.load(f)["flags"]
     recorded.update(
         data_dir=flags_obj.data_dir or recorded["data_dir"],
-        synthetic_data=flags_obj.synthetic_data or recorded["synthetic_data"],
+        synthetic_data=recorded["synthetic_data"],
     )
     config = data_config.DataConfig.from_flags(
         types.SimpleNamespace(**recorded)
@@ -112,32 +114,36 @@ def _splits(flags_obj):
 class Measurements(data_config.FlagFields):
     """What `measure` computes; each field is the flag of its name."""
 
-    top_k: int = setting(
-        1, "Top Hessian eigenvalues to compute.", check=at_least(1)
+    top_k: int = data_config.setting(
+        1, "Top Hessian eigenvalues to compute.", check=data_config.at_least(1)
     )
-    max_iterations: int = setting(
-        40, "Cap on Hessian-vector products.", check=at_least(1)
+    max_iterations: int = data_config.setting(
+        40, "Cap on Hessian-vector products.", check=data_config.at_least(1)
     )
-    rho: float = setting(
-        options.SAMOptions.rho, "ρ of the m-sharpness.", check=at_least(0)
+    rho: float = data_config.setting(
+        options.SAMOptions.rho,
+        "ρ of the m-sharpness.",
+        check=data_config.at_least(0),
     )
-    m: int = setting(
-        128, "Examples per set of the m-sharpness.", check=at_least(1)
+    m: int = data_config.setting(
+        128,
+        "Examples per set of the m-sharpness.",
+        check=data_config.at_least(1),
     )
-    landscape_radius: float = setting(
+    landscape_radius: float = data_config.setting(
         1.0,
         "Landscape extent along each direction.",
         check=(lambda v: v > 0, "must be > 0"),
     )
-    landscape_points: int = setting(
+    landscape_points: int = data_config.setting(
         21,
         "Grid points per landscape axis; odd, so that the grid holds w.",
         check=(lambda v: v >= 3 and v % 2, "must be odd and >= 3"),
     )
-    spectrum_steps: int = setting(
+    spectrum_steps: int = data_config.setting(
         0,
         "Lanczos steps of the spectral density; 0 skips it.",
-        check=at_least(0),
+        check=data_config.at_least(0),
     )
 
 

@@ -63,14 +63,17 @@ class TrainOnRawWeights(keras.callbacks.Callback):
     Keras' `fit` ends by writing the average into the weights; the loop
     calls `fit` once per epoch, so the next epoch would train from the
     average (and a resumed run from the raw weights its checkpoint holds).
-    This puts back the weights the epoch ended with.
+    This puts back the weights the epoch ended with, before the
+    checkpoint's `on_train_end` saves them (so it comes first).
     """
 
     def on_train_begin(self, logs=None):
         self.raw = None
 
     def on_epoch_end(self, epoch, logs=None):
-        self.raw = [v.numpy() for v in self.model.trainable_variables]
+        # On the devices: a process may hold only its shards of a weight.
+        variables = self.model.trainable_variables
+        self.raw = [keras.ops.copy(v.value) for v in variables]
 
     def on_train_end(self, logs=None):
         if self.raw is not None:
@@ -423,6 +426,7 @@ def _fit_and_report_locked(
         with _writing(tensorboard_dir):
             os.makedirs(tensorboard_dir, exist_ok=True)
     callbacks = [
+        *([TrainOnRawWeights()] if config.optimizer.ema_decay > 0 else []),
         # Before `AtomicCheckpoint`, which saves the stream it restores.
         checkpoint_lib.RandomStream(),
         TrainingTime(),
@@ -430,7 +434,6 @@ def _fit_and_report_locked(
         saver,
         keras.callbacks.TerminateOnNaN(),
         *([keras.callbacks.TensorBoard(tensorboard_dir)] if writes else []),
-        *([TrainOnRawWeights()] if config.optimizer.ema_decay > 0 else []),
     ]
     if metrics and not set(metrics) <= set(checkpoint_lib.metric_paths(model)):
         # Without a strategy, TensorFlow creates the compiled metrics'
