@@ -33,7 +33,8 @@ def check_loss_reductions(loss, options, weighted):
     "sum" (k parts would take 1/k of the step) or, given sample weights
     (`weighted`), a "mean_with_sample_weight".
     """
-    shards = 1 if options.perturbation == "momentum" else shard_count(options)
+    shards = shard_count(options)
+    # Without two passes (ρ = 0, Momentum-SAM), one pass on the whole batch.
     if options.micro_batches * shards == 1 or not options.takes_two_passes:
         return
     refused = {"sum", "mean_with_sample_weight"} if weighted else {"sum"}
