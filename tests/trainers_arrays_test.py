@@ -158,6 +158,27 @@ def test_memorization_and_validation_accuracy_are_recorded(tmp_path):
         assert results[key] == pytest.approx(sum(per_epoch))
 
 
+def test_without_flipped_labels_their_accuracy_is_written_as_null(tmp_path):
+    # No label noise: no flipped example, an accuracy over none (NaN),
+    # which strict JSON readers refuse as Python writes it.
+    results = fashion_mnist.run(
+        make_flags(
+            tmp_path, label_noise=0.0, track_memorization=True, epochs=1
+        ),
+        datasets_override=datasets.load("fashion_mnist", synthetic_data=True),
+    )
+    assert np.isnan(results["train_accuracy_flipped"])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(tmp_path / "results.json") as f:
+        written = json.load(f, parse_constant=refuse)
+    assert written["train_accuracy_flipped"] is None
+    assert written["history"]["train_accuracy_flipped"] == [None]
+    assert 0.0 <= written["train_accuracy_unflipped"] <= 1.0
+
+
 def test_validation_examples_must_leave_training_examples(tmp_path):
     with pytest.raises(ValueError, match="--validation_examples=512"):
         fashion_mnist.run(make_flags(tmp_path, validation_examples=512))

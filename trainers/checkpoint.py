@@ -74,9 +74,29 @@ def write_text(path, text):
 
 
 def write_json(path, value, indent=1, sort_keys=False):
-    """Writes `value` to `path` as JSON with `write_atomically`."""
-    text = json.dumps(value, indent=indent, sort_keys=sort_keys)
+    """Writes `value` to `path` as JSON with `write_atomically`.
+
+    A float that is not finite (an accuracy on no examples, a loss that
+    diverged) is written as null: JSON has no NaN, and strict readers
+    (`jq`, JavaScript) refuse Python's `NaN`.
+    """
+    text = json.dumps(
+        _finite_or_none(value),
+        indent=indent,
+        sort_keys=sort_keys,
+        allow_nan=False,
+    )
     write_text(path, text + "\n")
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _sync_directory(directory):
