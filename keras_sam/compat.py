@@ -299,3 +299,38 @@ def load_weights(model, filepath, skip_mismatch=False):
         store.close()
     if failed:
         saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)
+
+
+def restoring_state_on_error(model, train_function):
+    """JAX: `train_function`, putting the state it was given back into the
+    model's variables when it raises.
+
+    Keras' JAX `fit` takes the values out of the variables before a step
+    and puts back the state the last step returned. When the first step
+    raises (a refused option, a shape error), there is none, and the model
+    is left without values; in a later `fit`, a stale state goes back by
+    position, into the wrong variables if which ones train has changed.
+    Either way the model is lost. Checked against Keras 3.15.1.
+    """
+    if keras.backend.backend() != "jax" or hasattr(train_function, "model"):
+        return train_function
+
+    def restoring(state, data):
+        try:
+            return train_function(state, data)
+        except Exception:
+            variables = (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                model.optimizer.variables,
+                model.metrics_variables,
+            )
+            for group, values in zip(variables, state):
+                for variable, value in zip(group, values):
+                    if not value.is_deleted():  # donated to a step that ran
+                        variable.assign(value)
+            model._jax_state_synced = True
+            raise
+
+    restoring.model = model
+    return restoring

@@ -99,6 +99,14 @@ class BaseWrapper:
     # A multi-worker-safe build (keras-team/keras#20585): see compat.
     _maybe_symbolic_build = compat.maybe_symbolic_build
 
+    def make_train_function(self, force=False):
+        super().make_train_function(force)
+        # On JAX, an error in a step must not take the weights with it.
+        self.train_function = compat.restoring_state_on_error(
+            self, self.train_function
+        )
+        return self.train_function
+
     def export(
         self,
         filepath,

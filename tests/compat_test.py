@@ -2,7 +2,9 @@
 
 import keras
 import numpy as np
+import pytest
 
+import keras_sam
 from keras_sam import backend
 from keras_sam import compat
 from tests import backends
@@ -315,3 +317,36 @@ def test_layer_names_start_again_after_a_reset():
     assert keras.layers.Dense(1).name == first + "_1"
     compat.reset_layer_names()
     assert keras.layers.Dense(1).name == first == "dense"
+
+
+class _RefusingStep(keras.Sequential):
+    def train_step(self, *args):
+        raise ValueError("refused")
+
+
+def test_a_refused_first_step_keeps_the_weights():
+    # A SAM step refuses a summed loss split into micro-batches at trace.
+    base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = keras_sam.SAMModel(base, micro_batches=2)
+    model.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError("sum"))
+    kernel = keras.ops.convert_to_numpy(base.layers[0].kernel)
+    with pytest.raises(ValueError, match="reduction"):
+        model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(base.layers[0].kernel), kernel
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)
+    assert np.all(np.isfinite(base.get_weights()[0]))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's fit")
+def test_keras_jax_fit_still_loses_the_weights_of_a_refused_first_step():
+    model = _RefusingStep([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="refused"):
+        model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)
+    assert model.trainable_variables[0]._value is None, (
+        "Keras' JAX fit now keeps the weights when a step raises: remove "
+        "compat.restoring_state_on_error"
+    )
