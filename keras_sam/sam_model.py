@@ -182,6 +182,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
             else:
                 setattr(self, name, value)
         self._looksam_directions = self._friendly_averages = None
+        self._state_owners = None
         if self.switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.sharpness_tracker = self.grad_norm_tracker = None
@@ -194,6 +195,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
 
     def _build_variant_state(self):
         variables = self.base.trainable_variables
+        if self._state_owners is None:
+            self._state_owners = tuple(id(v) for v in variables)
         if self.perturbation == "friendly" and self._friendly_averages is None:
             self._friendly_averages = selection.replica_state(
                 variables, "friendly_average"
@@ -234,8 +237,12 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
                 self, self.perturbed_variables
             ),
             step=self.optimizer.iterations,
-            looksam_directions=self._looksam_directions,
-            friendly_averages=self._friendly_averages,
+            looksam_directions=self._variant_state(
+                self._looksam_directions, "looksam_alpha"
+            ),
+            friendly_averages=self._variant_state(
+                self._friendly_averages, "perturbation='friendly'"
+            ),
             momentums=(
                 selection.momentum_variables(
                     self.optimizer, self.trainable_variables
@@ -258,6 +265,13 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         )
         return self.compute_metrics(
             x, y, result.y_pred, sample_weight=sample_weight
+        )
+
+    def _variant_state(self, state, option):
+        if state is None:
+            return None
+        return selection.state_of(
+            self.trainable_variables, state, self._state_owners, option
         )
 
     def _track_loss(self, loss, x):

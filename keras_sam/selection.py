@@ -109,7 +109,8 @@ def replica_state(variables, name):
     direction `g_v`, F-SAM's moving average of the clean gradient).
 
     On-read: each replica keeps the state of its own gradient, as it keeps
-    its own ε; a checkpoint stores their mean.
+    its own ε; a checkpoint stores their mean. `state_of` picks the entries
+    of the variables that train at a step.
     """
     return [
         keras.Variable(
@@ -123,3 +124,25 @@ def replica_state(variables, name):
         )
         for v in variables
     ]
+
+
+def state_of(variables, state, owners, option):
+    """The entries of `state` (`replica_state` of the variables whose ids
+    are `owners`) for `variables`, the trainable variables of a step.
+
+    A layer frozen after the state was made drops out of `variables`, so
+    the entries are picked by variable, not by position. A variable that
+    had no entry (a layer unfrozen since) raises, as Keras' optimizers do
+    for variables they were not built with: `option` names the variant.
+    """
+    index = {owner: i for i, owner in enumerate(owners)}
+    new = [v.path for v in variables if id(v) not in index]
+    if new:
+        raise ValueError(
+            f"`{option}` keeps a state per trainable variable, made when "
+            "the model was built; these variables have become trainable "
+            f"since: {new}. After changing which layers train, make a new "
+            "`SAMModel(model.base, **model.options.as_kwargs())` and "
+            "compile it, as Keras asks for a new optimizer."
+        )
+    return [state[index[id(v)]] for v in variables]

@@ -511,3 +511,90 @@ def test_the_fraction_of_sam_steps_is_logged_per_epoch():
     assert "sam_fraction" not in model.evaluate(
         x, y, verbose=0, return_dict=True
     )
+
+
+def _three_layers(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, activation="tanh", name="h0"),
+            keras.layers.Dense(3, activation="tanh", name="h"),
+            keras.layers.Dense(2, name="out"),
+        ]
+    )
+
+
+VARIANT_STATE = {
+    "looksam": (
+        dict(switching=switching.Periodic(2), looksam_alpha=0.7),
+        "_looksam_directions",
+    ),
+    "friendly": (dict(perturbation="friendly"), "_friendly_averages"),
+}
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("variant", sorted(VARIANT_STATE))
+def test_a_layer_frozen_after_build_keeps_each_variables_state(variant, mode):
+    # The state is per variable: freezing `h` once the state is made must
+    # train as freezing it first does (with `out`'s state copied over),
+    # and leave `h`'s state alone. Picked by position, `out`'s kernel took
+    # `h`'s state.
+    options, attribute = VARIANT_STATE[variant]
+    rng = np.random.RandomState(0)
+    x = rng.randn(24, 4).astype("float32")
+    y = rng.randint(0, 2, 24).astype("int32")
+
+    def compiled(base):
+        model = keras_sam.SAMModel(base, rho=0.5, **options)
+        model.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+        return model
+
+    def fit(model, rows):
+        model.fit(x[rows], y[rows], batch_size=8, shuffle=False, verbose=0)
+
+    late = compiled(_three_layers(1))
+    fit(late, slice(0, 8))  # makes the state, every slot non-zero
+    state = getattr(late, attribute)
+    h_state = [s.numpy().copy() for s in state[2:4]]
+    assert all(np.abs(s.numpy()).max() > 0 for s in state)
+    late.base.get_layer("h").trainable = False
+    late.compile(optimizer=sgd(), loss=xent(), **MODES[mode])
+
+    first = _three_layers(1)
+    first.set_weights(late.base.get_weights())
+    first.get_layer("h").trainable = False
+    early = compiled(first)
+    for mine, theirs in zip(getattr(early, attribute), state[:2] + state[4:]):
+        mine.assign(theirs)
+
+    fit(late, slice(8, 24))
+    fit(early, slice(8, 24))
+    for got, want in zip(late.base.get_weights(), early.base.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for kept, before in zip(state[2:4], h_state):
+        np.testing.assert_array_equal(kept.numpy(), before)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_STATE))
+def test_a_layer_unfrozen_after_build_is_refused_until_a_new_sam_model(
+    variant,
+):
+    options, _ = VARIANT_STATE[variant]
+    x = np.ones((8, 4), "float32")
+    y = np.zeros(8, "int32")
+    base = _three_layers(1)
+    base.get_layer("h").trainable = False
+    model = keras_sam.SAMModel(base, rho=0.5, **options)
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(x, y, batch_size=8, verbose=0)
+    base.get_layer("h").trainable = True
+    model.compile(optimizer=sgd(), loss=xent())
+    with pytest.raises(ValueError, match=r"since: \['.*h/kernel'"):
+        model.fit(x, y, batch_size=8, verbose=0)
+    model = keras_sam.SAMModel(base, **model.options.as_kwargs())
+    model.compile(optimizer=sgd(), loss=xent())
+    h_kernel = base.get_layer("h").kernel.numpy().copy()
+    model.fit(x, y, batch_size=8, verbose=0)
+    assert np.abs(base.get_layer("h").kernel.numpy() - h_kernel).max() > 0
