@@ -134,6 +134,19 @@ def fields():
     return dataclasses.fields(SAMOptions)
 
 
+def fixed_option(name, value):
+    """The message for assigning `SAMModel.<name>` once the model is made:
+    the step and the saved config read the options, which are frozen."""
+    return (
+        f"`SAMModel.{name}` is fixed when the model is made. Received: "
+        f"{name}={value!r}. To change ρ while training, make the model with "
+        "`rho=keras.Variable(...)` (or a schedule) and assign the Variable; "
+        "for another option, make a new SAMModel on the same base: "
+        f"`SAMModel(model.base, **{{**model.options.as_kwargs(), "
+        f"'{name}': ...}})`."
+    )
+
+
 def args_doc(indent):
     """The options as the `Args:` entries of a docstring, each with its
     help and its default, indented by `indent` spaces."""

@@ -170,9 +170,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         )
         super().__init__(**kwargs)
         self.base = base
-        self.options = sam_options
-        # Mirrored as attributes: Keras tracks (and saves) the switching
-        # policy's state under `switching`.
+        # Mirrored as attributes, read-only once `options` is set: Keras
+        # tracks (and saves) the switching policy's state under `switching`.
         for name in options_lib.NAMES:
             value = getattr(sam_options, name)
             if isinstance(value, keras.Variable):
@@ -181,6 +180,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
                 compat.set_untracked_attribute(self, name, value)
             else:
                 setattr(self, name, value)
+        self.options = sam_options
         self._looksam_directions = self._friendly_averages = None
         self._state_owners = None
         if self.switching is not None:
@@ -192,6 +192,11 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         if base.built:
             self._build_variant_state()
             self.built = True
+
+    def __setattr__(self, name, value):
+        if name in options_lib.NAMES and "options" in self.__dict__:
+            raise AttributeError(options_lib.fixed_option(name, value))
+        super().__setattr__(name, value)
 
     def _build_variant_state(self):
         variables = self.base.trainable_variables
@@ -268,8 +273,6 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         )
 
     def _variant_state(self, state, option):
-        if state is None:
-            return None
         return selection.state_of(
             self.trainable_variables, state, self._state_owners, option
         )

@@ -128,13 +128,16 @@ def replica_state(variables, name):
 
 def state_of(variables, state, owners, option):
     """The entries of `state` (`replica_state` of the variables whose ids
-    are `owners`) for `variables`, the trainable variables of a step.
+    are `owners`, or None) for `variables`, the trainable variables of a
+    step.
 
     A layer frozen after the state was made drops out of `variables`, so
     the entries are picked by variable, not by position. A variable that
     had no entry (a layer unfrozen since) raises, as Keras' optimizers do
     for variables they were not built with: `option` names the variant.
     """
+    if state is None:
+        return None
     index = {owner: i for i, owner in enumerate(owners)}
     new = [v.path for v in variables if id(v) not in index]
     if new:

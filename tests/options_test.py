@@ -81,3 +81,25 @@ def test_sam_gradients_refuses_options_that_keep_state():
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             looksam_alpha=0.5,
         )
+
+
+@pytest.mark.parametrize("name", options.NAMES)
+def test_an_option_assigned_on_the_model_is_refused(name):
+    # The step and the saved config read `model.options`: an assigned
+    # attribute trained with one ρ and saved another.
+    model = keras_sam.SAMModel(base(), rho=0.05)
+    before = getattr(model, name)
+    with pytest.raises(AttributeError, match=rf"SAMModel.{name}` is fixed"):
+        setattr(model, name, 0.5)
+    assert getattr(model, name) is before
+    assert getattr(model.options, name) is before
+
+
+def test_the_refusals_remedy_makes_the_model_asked_for():
+    model = keras_sam.SAMModel(base(), rho=0.05, micro_batches=2)
+    again = keras_sam.SAMModel(
+        model.base, **{**model.options.as_kwargs(), "rho": 0.5}
+    )
+    assert again.rho == again.options.rho == 0.5
+    assert again.micro_batches == 2 and again.base is model.base
+    assert again.get_config()["rho"] == 0.5
