@@ -292,7 +292,9 @@ class _PerExampleLoss(keras.losses.Loss):
     """
 
     def __init__(self, fn):
-        super().__init__()
+        # Named: TensorFlow refuses the class's name, "__per_example_loss",
+        # as a root name scope in a `tf.function`.
+        super().__init__(name="per_example_loss")
         self.fn = fn
 
     def call(self, y_true, y_pred):

@@ -155,6 +155,22 @@ def test_keras_losses_by_name_and_function_match_the_oracle(loss, weighted):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@backends.tensorflow_only
+def test_a_loss_function_in_a_tf_function_matches_the_oracle():
+    # Its wrapper's default name had been refused as a graph name scope.
+    x, y, w0, b0 = softmax_data()
+    model = softmax_probabilities(w0, b0)
+    loss, grads = tf.function(
+        lambda x, y: keras_sam.sam_gradients(
+            model, x, y, LOSSES["function_of_two_arguments"], rho=RHO
+        )
+    )(x, y)
+    want_loss, want = oracle.sam_gradient(w0, b0, x, y, RHO)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_a_function_taking_sample_weight_is_called_with_it():
     x, y, w0, b0 = softmax_data()
     sw = np.random.RandomState(1).uniform(0.0, 2.0, N)
