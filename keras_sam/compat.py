@@ -19,7 +19,9 @@ that nothing here imports a framework.
 import os
 
 import keras
+from keras.src.backend.common import global_state
 from keras.src.backend.common import stateless_scope as stateless_scope_lib
+from keras.src.random import seed_generator
 from keras.src.saving import saving_lib
 from keras.src.utils import io_utils
 from keras.src.utils import naming
@@ -334,3 +336,48 @@ def restoring_state_on_error(model, train_function):
 
     restoring.model = model
     return restoring
+
+
+def stateful_variables(model, create=False):
+    """`model.non_trainable_variables` and, off JAX, the state of Keras'
+    global SeedGenerator, which random ops with `seed=None` draw from
+    (`keras.random.normal(shape)`, as ported code writes it).
+
+    A SAM pass runs in a stateless scope, which keeps every variable's
+    update to itself; the step writes back the state it knows of. Without
+    the global seed state, such a layer drew the same noise at every step,
+    even at ρ = 0. With `create`, the generator is made if it is not yet
+    (as Keras makes it at the first draw), so that a traced step holds it.
+    On JAX, Keras refuses unseeded random ops in a traced function. Keras
+    offers no public way to reach the generator
+    (`keras.src.random.seed_generator.global_seed_generator`). Checked
+    against Keras 3.15.1.
+    """
+    variables = model.non_trainable_variables
+    if keras.backend.backend() == "jax":
+        return variables
+    if create:
+        seed_generator.global_seed_generator()
+    generator = global_state.get_global_attribute(
+        seed_generator.GLOBAL_SEED_GENERATOR
+    )
+    return variables if generator is None else variables + [generator.state]
+
+
+def unshared_inputs(batch):
+    """`(x, y, sample_weight)` with `x` copied, on PyTorch.
+
+    Some Keras layers change their input in place on PyTorch:
+    `RandomBrightness` (and `RandomColorJitter` through it) adds its delta
+    with `images += ...`. A plain `fit` runs the model once per batch, but
+    a SAM step runs it twice on the same batch: the perturbed pass saw the
+    images the clean pass had brightened, and took another gradient.
+    Checked against Keras 3.15.1.
+    """
+    if keras.backend.backend() != "torch":
+        return batch
+    x, y, sample_weight = batch
+    x = keras.tree.map_structure(
+        lambda t: t if t is None else keras.ops.copy(t), x
+    )
+    return x, y, sample_weight

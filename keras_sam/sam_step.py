@@ -159,7 +159,7 @@ def compute_sam_gradients(
     rho = options.rho if rho is None else rho
     scale_loss = scale_loss or (lambda loss: loss)
     trainable = model.trainable_variables
-    non_trainable = model.non_trainable_variables
+    non_trainable = compat.stateful_variables(model)
     weights = [ops.convert_to_tensor(v.value) for v in trainable]
     initial_state = [ops.convert_to_tensor(v.value) for v in non_trainable]
     adaptive_mask = (
@@ -196,7 +196,7 @@ def compute_sam_gradients(
                 weights,
                 state,
                 metric_state,
-                batch,
+                compat.unshared_inputs(batch),  # the perturbed pass's own
                 scale_loss,
             )
             gradients, replicas = clean.gradients, 1
@@ -465,7 +465,7 @@ def _forward_and_gradients(
     updates come back the same way; with `None` their updates are dropped.
     """
     x, y, sample_weight = batch
-    non_trainable = model.non_trainable_variables
+    non_trainable = compat.stateful_variables(model)
     metrics = [] if metric_state is None else model.metrics_variables
 
     def objective(weights):

@@ -100,6 +100,7 @@ class BaseWrapper:
     _maybe_symbolic_build = compat.maybe_symbolic_build
 
     def make_train_function(self, force=False):
+        compat.stateful_variables(self, create=True)  # before any trace
         super().make_train_function(force)
         # On JAX, an error in a step must not take the weights with it.
         self.train_function = compat.restoring_state_on_error(

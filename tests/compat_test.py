@@ -350,3 +350,27 @@ def test_keras_jax_fit_still_loses_the_weights_of_a_refused_first_step():
         "Keras' JAX fit now keeps the weights when a step raises: remove "
         "compat.restoring_state_on_error"
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="not on JAX")
+def test_unseeded_draws_advance_the_state_stateful_variables_adds():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    keras.utils.set_random_seed(0)
+    state = compat.stateful_variables(model, create=True)[-1]
+    assert len(compat.stateful_variables(model)) == 1
+    before = keras.ops.convert_to_numpy(state.value).copy()
+    keras.random.normal((1,))
+    assert (keras.ops.convert_to_numpy(state.value) != before).any()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch")
+def test_random_brightness_still_brightens_its_input_in_place():
+    images = keras.ops.convert_to_tensor(np.full((1, 2, 2, 1), 0.5, "float32"))
+    layer = keras.layers.RandomBrightness(0.3, value_range=(0, 1), seed=3)
+    layer(images, training=True)
+    assert (keras.ops.convert_to_numpy(images) != 0.5).any(), (
+        "Keras' RandomBrightness no longer changes its input in place on "
+        "PyTorch: compat.unshared_inputs may go"
+    )
+    batch = compat.unshared_inputs((images, None, None))
+    assert batch[0] is not images

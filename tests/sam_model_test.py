@@ -266,6 +266,86 @@ def test_both_passes_use_batch_statistics_and_match_an_assign_reference():
         )
 
 
+class _UnseededNoise(keras.layers.Layer):
+    """Noise from `keras.random.normal` with `seed=None`, as ported code
+    draws it: from Keras' global SeedGenerator."""
+
+    def call(self, x, training=False):
+        return x + keras.random.normal(ops.shape(x)) if training else x
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax", reason="JAX refuses unseeded draws"
+)
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("rho", [0.0, 5.0])
+def test_unseeded_random_ops_draw_as_in_plain_fit(rho, mode):
+    # The loss is linear in the head W, so its gradient zᵀy / n needs only
+    # the noisy inputs z: SAM at any ρ trains as plain `fit` exactly when
+    # both passes draw the same noise and the global generator advances
+    # step by step as in `fit`. It had stayed put: the same noise every
+    # step (0.3 away from `fit` after four steps).
+    rng = np.random.RandomState(0)
+    x = rng.rand(16, D).astype("float32")
+    y = rng.randn(16, 2).astype("float32")
+
+    def trained(wrap):
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential(
+            [
+                keras.Input((D,)),
+                _UnseededNoise(),
+                keras.layers.Dense(2, use_bias=False),
+            ]
+        )
+        model = wrap(base)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=lambda y, y_pred: ops.mean(ops.sum(y * y_pred, axis=-1)),
+            **MODES[mode],
+        )
+        keras.utils.set_random_seed(1)
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+        return base.get_weights()[0]
+
+    plain = trained(lambda base: base)
+    sam = trained(lambda base: keras_sam.SAMModel(base, rho=rho))
+    np.testing.assert_array_equal(sam, plain)
+
+
+@pytest.mark.parametrize("rho", [0.0, 5.0])
+def test_a_layer_changing_its_input_in_place_trains_as_in_plain_fit(rho):
+    # On PyTorch `RandomBrightness` adds its delta to its input in place;
+    # the perturbed pass had seen the clean pass's brightened images. The
+    # head's gradient needs only its inputs (the loss is linear in it).
+    rng = np.random.RandomState(0)
+    x = (0.5 * rng.rand(8, 4, 4, 1)).astype("float32")
+    y = rng.randn(8, 2).astype("float32")
+
+    def trained(wrap):
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential(
+            [
+                keras.Input((4, 4, 1)),
+                keras.layers.RandomBrightness(0.3, value_range=(0, 1), seed=3),
+                keras.layers.Flatten(),
+                keras.layers.Dense(2, use_bias=False),
+            ]
+        )
+        model = wrap(base)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=lambda y, y_pred: ops.mean(ops.sum(y * y_pred, axis=-1)),
+            run_eagerly=True,
+        )
+        model.fit(x.copy(), y, batch_size=4, shuffle=False, verbose=0)
+        return base.get_weights()[0]
+
+    plain = trained(lambda base: base)
+    sam = trained(lambda base: keras_sam.SAMModel(base, rho=rho))
+    np.testing.assert_allclose(sam, plain, rtol=0, atol=1e-6)
+
+
 def test_both_passes_draw_the_same_dropout_masks():
     # y_pred = dropout(x) W with an invertible W gives the clean pass's
     # dropped inputs z = y_pred W⁻¹. The loss Σ y⊙y_pred / n is linear in
