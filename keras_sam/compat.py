@@ -17,6 +17,7 @@ that nothing here imports a framework.
 """
 
 import os
+import random
 
 import keras
 from keras.src.backend.common import global_state
@@ -309,18 +310,24 @@ def restoring_state_on_error(model, train_function):
 
     Keras' JAX `fit` takes the values out of the variables before a step
     and puts back the state the last step returned. When the first step
-    raises (a refused option, a shape error), there is none, and the model
-    is left without values; in a later `fit`, a stale state goes back by
-    position, into the wrong variables if which ones train has changed.
-    Either way the model is lost. Checked against Keras 3.15.1.
+    raises (a refused option, a shape error, Ctrl-C while it compiles),
+    there is none, and the model is left without values; in a later `fit`,
+    a stale state goes back by position, into the wrong variables if which
+    ones train has changed. Either way the model is lost. (The end of an
+    epoch of unknown length raises too; the state put back is the one
+    Keras would.) A value that a step ran with on an accelerator was
+    donated to it and is gone: with `steps_per_execution > 1`, an error in
+    a later step of the same call still loses those. Checked against Keras
+    3.15.1.
     """
-    if keras.backend.backend() != "jax" or hasattr(train_function, "model"):
+    backend_name = keras.backend.backend()
+    if backend_name != "jax" or getattr(train_function, "restores", False):
         return train_function
 
     def restoring(state, data):
         try:
             return train_function(state, data)
-        except Exception:
+        except BaseException:
             variables = (
                 model.trainable_variables,
                 model.non_trainable_variables,
@@ -334,7 +341,7 @@ def restoring_state_on_error(model, train_function):
             model._jax_state_synced = True
             raise
 
-    restoring.model = model
+    restoring.restores = True
     return restoring
 
 
@@ -347,9 +354,11 @@ def stateful_variables(model, create=False):
     update to itself; the step writes back the state it knows of. Without
     the global seed state, such a layer drew the same noise at every step,
     even at ρ = 0. With `create`, the generator is made if it is not yet
-    (as Keras makes it at the first draw), so that a traced step holds it.
-    On JAX, Keras refuses unseeded random ops in a traced function. Keras
-    offers no public way to reach the generator
+    (as Keras makes it at the first draw), so that a traced step holds it;
+    Python's `random`, which Keras seeds it from, is left as it was, for
+    what else draws from it (`PyDataset`'s shuffling). On JAX, Keras
+    refuses unseeded random ops in a traced function. Keras offers no
+    public way to reach the generator
     (`keras.src.random.seed_generator.global_seed_generator`). Checked
     against Keras 3.15.1.
     """
@@ -357,7 +366,9 @@ def stateful_variables(model, create=False):
     if keras.backend.backend() == "jax":
         return variables
     if create:
+        python_state = random.getstate()
         seed_generator.global_seed_generator()
+        random.setstate(python_state)
     generator = global_state.get_global_attribute(
         seed_generator.GLOBAL_SEED_GENERATOR
     )

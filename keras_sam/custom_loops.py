@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_sam import backend
 from keras_sam import batch_parts
+from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
 from keras_sam import schedules
@@ -116,6 +117,7 @@ def sam_gradients(
     """
     options = _stateless_options(options)
     backend.check_per_replica_call("sam_gradients")
+    compat.stateful_variables(model, create=True)  # as `fit` makes it
     loss_fn = _loss_function(loss_fn)
     batch_parts.check_loss_reductions(
         loss_fn, options, weighted=sample_weight is not None
@@ -191,7 +193,9 @@ def stateless_sam_gradients(
     the values of `model.trainable_variables` and
     `model.non_trainable_variables` are passed in, and the new values of
     the non-trainable ones (BatchNorm statistics and seeds, updated once
-    from the clean pass) come back. No variable is read or written.
+    from the clean pass) come back. No variable is read or written (off
+    JAX, Keras' global seed generator, which unseeded random ops draw
+    from, is read, and its advance dropped).
 
     ```python
     @jax.jit

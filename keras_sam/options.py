@@ -134,16 +134,18 @@ def fields():
     return dataclasses.fields(SAMOptions)
 
 
-def fixed_option(name, value):
+def fixed_option_message(name, value):
     """The message for assigning `SAMModel.<name>` once the model is made:
     the step and the saved config read the options, which are frozen."""
+    kwargs = f"{{**model.options.as_kwargs(), '{name}': ...}}"
+    if name == "options":
+        kwargs = "new_options.as_kwargs()"
     return (
         f"`SAMModel.{name}` is fixed when the model is made. Received: "
         f"{name}={value!r}. To change ρ while training, make the model with "
         "`rho=keras.Variable(...)` (or a schedule) and assign the Variable; "
-        "for another option, make a new SAMModel on the same base: "
-        f"`SAMModel(model.base, **{{**model.options.as_kwargs(), "
-        f"'{name}': ...}})`."
+        "for other options, make a new SAMModel on the same base: "
+        f"`SAMModel(model.base, **{kwargs})`."
     )
 
 
@@ -163,6 +165,8 @@ def args_doc(indent):
 
 
 NAMES = tuple(f.name for f in fields())
+# `SAMModel`'s attributes that the step and the saved config read.
+GUARDED = (*NAMES, "options")
 
 
 def _checked(options):

@@ -182,7 +182,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
                 setattr(self, name, value)
         self.options = sam_options
         self._looksam_directions = self._friendly_averages = None
-        self._state_owners = None
+        compat.set_untracked_attribute(self, "_state_owners", None)
         if self.switching is not None:
             self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.sharpness_tracker = self.grad_norm_tracker = None
@@ -194,14 +194,14 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
             self.built = True
 
     def __setattr__(self, name, value):
-        if name in options_lib.NAMES and "options" in self.__dict__:
-            raise AttributeError(options_lib.fixed_option(name, value))
+        if name in options_lib.GUARDED and "options" in self.__dict__:
+            raise AttributeError(options_lib.fixed_option_message(name, value))
         super().__setattr__(name, value)
 
     def _build_variant_state(self):
         variables = self.base.trainable_variables
-        if self._state_owners is None:
-            self._state_owners = tuple(id(v) for v in variables)
+        if self._state_owners is None:  # held: their ids stay theirs
+            compat.set_untracked_attribute(self, "_state_owners", variables)
         if self.perturbation == "friendly" and self._friendly_averages is None:
             self._friendly_averages = selection.replica_state(
                 variables, "friendly_average"

@@ -196,7 +196,7 @@ def compute_sam_gradients(
                 weights,
                 state,
                 metric_state,
-                compat.unshared_inputs(batch),  # the perturbed pass's own
+                compat.unshared_inputs(batch),  # may be changed in place
                 scale_loss,
             )
             gradients, replicas = clean.gradients, 1

@@ -127,9 +127,8 @@ def replica_state(variables, name):
 
 
 def state_of(variables, state, owners, option):
-    """The entries of `state` (`replica_state` of the variables whose ids
-    are `owners`, or None) for `variables`, the trainable variables of a
-    step.
+    """The entries of `state` (`replica_state` of the variables `owners`,
+    or None) for `variables`, the trainable variables of a step.
 
     A layer frozen after the state was made drops out of `variables`, so
     the entries are picked by variable, not by position. A variable that
@@ -138,7 +137,7 @@ def state_of(variables, state, owners, option):
     """
     if state is None:
         return None
-    index = {owner: i for i, owner in enumerate(owners)}
+    index = {id(owner): i for i, owner in enumerate(owners)}
     new = [v.path for v in variables if id(v) not in index]
     if new:
         raise ValueError(

@@ -5,7 +5,9 @@ class of it before `keras.Model`, makes the wrapper call, build, compute
 its loss, export and save as the wrapped model: `.weights.h5` files in the
 base model's layout (the wrapper's own state under `sam_model/`), the
 exported artifact of the base, and optimizers named by their public class.
-The private Keras code this takes is in `keras_sam.compat`.
+Its train function is made after Keras' global seed generator and, on
+JAX, keeps the weights when a step raises. The private Keras code this
+takes is in `keras_sam.compat`.
 """
 
 import keras
@@ -100,9 +102,12 @@ class BaseWrapper:
     _maybe_symbolic_build = compat.maybe_symbolic_build
 
     def make_train_function(self, force=False):
-        compat.stateful_variables(self, create=True)  # before any trace
+        """Keras' train function, made after Keras' global seed generator
+        (a traced step must hold it: `compat.stateful_variables`); on JAX,
+        one that keeps the weights when a step raises
+        (`compat.restoring_state_on_error`)."""
+        compat.stateful_variables(self, create=True)
         super().make_train_function(force)
-        # On JAX, an error in a step must not take the weights with it.
         self.train_function = compat.restoring_state_on_error(
             self, self.train_function
         )

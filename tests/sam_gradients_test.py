@@ -16,6 +16,7 @@ from tests.sam_model_test import LR
 from tests.sam_model_test import MOMENTUM
 from tests.sam_model_test import RHO
 from tests.sam_model_test import N
+from tests.sam_model_test import UnseededNoise
 from tests.sam_model_test import batches
 from tests.sam_model_test import sgd
 from tests.sam_model_test import softmax_data
@@ -258,3 +259,21 @@ def test_a_schedule_rho_follows_the_optimizer_step():
     _, want = oracle.sam_gradient(w0, b0, x, y, 0.2)
     for got, expected in zip(grads, want):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    backends.BACKEND == "jax", reason="JAX refuses unseeded draws"
+)
+def test_unseeded_noise_is_drawn_anew_at_each_call():
+    # The first call makes Keras' global generator; made inside the first
+    # pass, its first advance had been dropped (the same noise twice).
+    noisy = keras.Sequential(
+        [keras.Input((3,)), UnseededNoise(), keras.layers.Dense(2)]
+    )
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    keras.utils.set_random_seed(0)
+    losses = [
+        float(keras_sam.sam_gradients(noisy, x, y, "mse", rho=RHO)[0])
+        for _ in range(3)
+    ]
+    assert len(set(losses)) == 3

@@ -266,7 +266,7 @@ def test_both_passes_use_batch_statistics_and_match_an_assign_reference():
         )
 
 
-class _UnseededNoise(keras.layers.Layer):
+class UnseededNoise(keras.layers.Layer):
     """Noise from `keras.random.normal` with `seed=None`, as ported code
     draws it: from Keras' global SeedGenerator."""
 
@@ -277,7 +277,10 @@ class _UnseededNoise(keras.layers.Layer):
 @pytest.mark.skipif(
     keras.backend.backend() == "jax", reason="JAX refuses unseeded draws"
 )
-@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize(
+    "mode",
+    ["eager", "graph"] + (["jit"] if backends.BACKEND == "tensorflow" else []),
+)
 @pytest.mark.parametrize("rho", [0.0, 5.0])
 def test_unseeded_random_ops_draw_as_in_plain_fit(rho, mode):
     # The loss is linear in the head W, so its gradient zᵀy / n needs only
@@ -294,7 +297,7 @@ def test_unseeded_random_ops_draw_as_in_plain_fit(rho, mode):
         base = keras.Sequential(
             [
                 keras.Input((D,)),
-                _UnseededNoise(),
+                UnseededNoise(),
                 keras.layers.Dense(2, use_bias=False),
             ]
         )
@@ -314,10 +317,11 @@ def test_unseeded_random_ops_draw_as_in_plain_fit(rho, mode):
 
 
 @pytest.mark.parametrize("rho", [0.0, 5.0])
-def test_a_layer_changing_its_input_in_place_trains_as_in_plain_fit(rho):
-    # On PyTorch `RandomBrightness` adds its delta to its input in place;
-    # the perturbed pass had seen the clean pass's brightened images. The
-    # head's gradient needs only its inputs (the loss is linear in it).
+def test_random_brightness_trains_as_in_plain_fit(rho):
+    # On PyTorch (where this can fail) `RandomBrightness` adds its delta
+    # to its input in place; the perturbed pass had seen the clean pass's
+    # brightened images. The head's gradient needs only its inputs (the
+    # loss is linear in it).
     rng = np.random.RandomState(0)
     x = (0.5 * rng.rand(8, 4, 4, 1)).astype("float32")
     y = rng.randn(8, 2).astype("float32")
@@ -344,6 +348,39 @@ def test_a_layer_changing_its_input_in_place_trains_as_in_plain_fit(rho):
     plain = trained(lambda base: base)
     sam = trained(lambda base: keras_sam.SAMModel(base, rho=rho))
     np.testing.assert_allclose(sam, plain, rtol=0, atol=1e-6)
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return len(self.x) // self.batch_size
+
+    def __getitem__(self, i):
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[rows], self.y[rows]
+
+
+def test_rho_zero_shuffles_a_py_dataset_as_plain_fit():
+    # Keras shuffles a PyDataset's batches with Python's `random`, which
+    # making Keras' global seed generator draws from: the step makes it
+    # and must leave Python's stream as it was.
+    x, y, w0, b0 = softmax_data()
+
+    def trained(wrap):
+        base = softmax_regression(w0, b0)
+        model = wrap(base)
+        model.compile(optimizer=sgd(), loss=xent())
+        keras.utils.set_random_seed(0)
+        model.fit(_Batches(x, y, 4), epochs=2, verbose=0)
+        return base.get_weights()
+
+    plain = trained(lambda base: base)
+    sam = trained(lambda base: keras_sam.SAMModel(base, rho=0.0))
+    for got, want in zip(sam, plain):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_both_passes_draw_the_same_dropout_masks():
