@@ -265,15 +265,19 @@ def test_a_schedule_rho_follows_the_optimizer_step():
     backends.BACKEND == "jax", reason="JAX refuses unseeded draws"
 )
 def test_unseeded_noise_is_drawn_anew_at_each_call():
-    # The first call makes Keras' global generator; made inside the first
-    # pass, its first advance had been dropped (the same noise twice).
+    # PyTorch's eager loop makes Keras' global generator before the first
+    # pass (made inside it, its first advance was dropped: the same noise
+    # twice); TensorFlow's loop in a tf.function traces again once made.
     noisy = keras.Sequential(
         [keras.Input((3,)), UnseededNoise(), keras.layers.Dense(2)]
     )
     x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+
+    def step():
+        return keras_sam.sam_gradients(noisy, x, y, "mse", rho=RHO)[0]
+
+    if backends.BACKEND == "tensorflow":
+        step = tf.function(step)
     keras.utils.set_random_seed(0)
-    losses = [
-        float(keras_sam.sam_gradients(noisy, x, y, "mse", rho=RHO)[0])
-        for _ in range(3)
-    ]
+    losses = [float(step()) for _ in range(3)]
     assert len(set(losses)) == 3
