@@ -287,7 +287,7 @@ def test_unseeded_random_ops_draw_as_in_plain_fit(rho, mode):
     # the noisy inputs z: SAM at any ρ trains as plain `fit` exactly when
     # both passes draw the same noise and the global generator advances
     # step by step as in `fit`. It had stayed put: the same noise every
-    # step (0.3 away from `fit` after four steps).
+    # step.
     rng = np.random.RandomState(0)
     x = rng.rand(16, D).astype("float32")
     y = rng.randn(16, 2).astype("float32")
