@@ -117,10 +117,11 @@ def sam_gradients(
     """
     options = _stateless_options(options)
     backend.check_per_replica_call("sam_gradients")
-    if keras.backend.backend() == "torch":
-        # Eager: made here, not inside the first pass, as `fit` makes it.
-        # (A tf.function traces again once a pass has made it; under
-        # tf.distribute each replica thread would make its own.)
+    if not backend.is_symbolic(x) and backend.replica_count() == 1:
+        # Eager: made here, as `fit` makes it before its first step; made
+        # inside the first pass, its first advance was dropped. (A traced
+        # loop traces again once a pass has made it; under tf.distribute
+        # each replica thread would make its own.)
         compat.stateful_variables(model, create=True)
     loss_fn = _loss_function(loss_fn)
     batch_parts.check_loss_reductions(

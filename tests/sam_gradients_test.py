@@ -265,8 +265,8 @@ def test_a_schedule_rho_follows_the_optimizer_step():
     backends.BACKEND == "jax", reason="JAX refuses unseeded draws"
 )
 def test_unseeded_noise_is_drawn_anew_at_each_call():
-    # PyTorch's eager loop makes Keras' global generator before the first
-    # pass (made inside it, its first advance was dropped: the same noise
+    # An eager loop makes Keras' global generator before the first pass
+    # (made inside it, its first advance was dropped: the same noise
     # twice); TensorFlow's loop in a tf.function traces again once made.
     noisy = keras.Sequential(
         [keras.Input((3,)), UnseededNoise(), keras.layers.Dense(2)]
@@ -276,8 +276,10 @@ def test_unseeded_noise_is_drawn_anew_at_each_call():
     def step():
         return keras_sam.sam_gradients(noisy, x, y, "mse", rho=RHO)[0]
 
+    loops = [step]
     if backends.BACKEND == "tensorflow":
-        step = tf.function(step)
-    keras.utils.set_random_seed(0)
-    losses = [float(step()) for _ in range(3)]
-    assert len(set(losses)) == 3
+        loops.append(tf.function(step))
+    for loop in loops:
+        keras.utils.set_random_seed(0)
+        losses = [float(loop()) for _ in range(3)]
+        assert len(set(losses)) == 3
