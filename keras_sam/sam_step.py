@@ -393,7 +393,7 @@ def compute_sam_gradients(
             squared_norm = None
             if needs_norm:
                 squared_norm = switching.squared_gradient_norm(
-                    whole.parts[0].clean.gradients, scale_loss
+                    whole.parts[0], scale_loss, options.sync_perturbations
                 )
             take_sam = options.switching(step, squared_norm)
         if isinstance(rho, (int, float)):

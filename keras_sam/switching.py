@@ -329,11 +329,23 @@ class LatePhase(SwitchingPolicy):
         }
 
 
-def squared_gradient_norm(gradients, scale_loss):
+def squared_gradient_norm(whole_batch, scale_loss, synced):
     """‖∇L‖² of the global batch, without loss scaling: what a policy that
-    `needs_gradient_norm` is given. Every replica gets it: the sum of the
-    replicas' gradients (Keras divides each replica's loss by their count),
-    as one device, or JAX's step over the global batch, computes it."""
+    `needs_gradient_norm` is given. Every replica gets it: the norm of the
+    sum of the replicas' gradients (Keras divides each replica's loss by
+    their count), as one device, or JAX's step over the global batch,
+    computes it.
+
+    `whole_batch` is the step's clean pass on the replica's whole batch
+    (`sam_step`'s part, with its gradients and their norm). When `synced`
+    (`sync_perturbations`), that norm is already the sum's, divided by the
+    replica count, and the gradients are not all-reduced a second time.
+    """
     scale = ops.cast(scale_loss(ops.ones(())), "float32")
-    norm = perturbations.global_norm(backend.all_reduce(gradients, "sum"))
+    if synced:
+        norm = whole_batch.clean_norm * backend.replica_count()
+    else:
+        norm = perturbations.global_norm(
+            backend.all_reduce(whole_batch.clean.gradients, "sum")
+        )
     return ops.square(norm / scale)

@@ -125,6 +125,40 @@ def test_ae_sam_on_two_replicas_decides_as_on_one_device():
     assert replicas[2]["sam_fraction"] == micro[2]["sam_fraction"]
 
 
+def test_ae_sam_with_one_perturbation_all_reduces_the_clean_gradient_once(
+    monkeypatch,
+):
+    # `sync_perturbations` sums the clean gradient across the replicas for
+    # ε; AE-SAM's ‖g‖² reuses that sum's norm instead of a second sum.
+    reductions = []
+    reduce = keras_sam.backend.all_reduce
+    monkeypatch.setattr(
+        keras_sam.backend,
+        "all_reduce",
+        lambda tensors, op="sum": reductions.append(op) or reduce(tensors, op),
+    )
+    outcomes = []
+    for strategy in (mirrored(), tf.distribute.get_strategy()):
+        reductions.clear()
+        model, history = fitted(
+            strategy,
+            epochs=2,
+            rho=RHO,
+            sync_perturbations=True,
+            make_switching=lambda: switching.GradientNormOutlier(0.5, 0.0),
+        )
+        policy = [v.numpy() for v in model.switching.weights]
+        outcomes.append((model.base.get_weights() + policy, history))
+        if strategy is mirrored():
+            # The step is traced once, in each replica's thread.
+            assert reductions == ["sum", "sum"]
+    (replicas, replicas_history), (one, one_history) = outcomes
+    assert 0 < replicas_history["sam_fraction"][-1] < 1
+    assert replicas_history["sam_fraction"] == one_history["sam_fraction"]
+    for got, want in zip(replicas, one):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_policy_made_outside_the_strategys_scope_is_refused():
     policy = switching.GradientNormOutlier()
     with pytest.raises(ValueError, match="inside the strategy's scope.*mean"):
