@@ -112,7 +112,7 @@ class SAMOptions:
         schedule and a policy serialized."""
         config = self.as_kwargs()
         if isinstance(self.rho, keras.Variable):
-            config["rho"] = float(ops.convert_to_numpy(self.rho.value))
+            config["rho"] = float(ops.convert_to_numpy(self.rho))
         for name in ("rho", "switching"):
             value = config[name]
             if value is not None and not isinstance(value, float):
@@ -273,9 +273,10 @@ def _checked_rho(rho):
                 f"rho={rho!r} of shape {tuple(rho.shape)} and dtype "
                 f"{rho.dtype}"
             )
-        value = rho.value
-        if not backend.is_symbolic(value):
-            value = float(ops.convert_to_numpy(value))
+        if not backend.is_symbolic(rho.value):
+            # The variable, not its `.value`: made in a tf.distribute
+            # scope, that is a per-replica value NumPy cannot read.
+            value = float(ops.convert_to_numpy(rho))
             if not math.isfinite(value):
                 raise ValueError(
                     f"`rho` must be finite. Received: rho={rho!r} of value "

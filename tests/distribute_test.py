@@ -159,6 +159,17 @@ def test_ae_sam_with_one_perturbation_all_reduces_the_clean_gradient_once(
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_rho_variable_made_in_the_strategys_scope_trains_as_a_float():
+    # Made in the scope, it is a MirroredVariable, whose `.value` NumPy
+    # cannot read: SAMModel's check of ρ and `get_config` had failed.
+    with mirrored().scope():
+        rho = keras.Variable(RHO, trainable=False)
+    model, _ = fitted(mirrored(), rho=rho)
+    np.testing.assert_allclose(model.get_config()["rho"], RHO, rtol=1e-6)
+    for got, want in zip(model.base.get_weights(), fit(mirrored(), rho=RHO)[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_a_policy_made_outside_the_strategys_scope_is_refused():
     policy = switching.GradientNormOutlier()
     with pytest.raises(ValueError, match="inside the strategy's scope.*mean"):
