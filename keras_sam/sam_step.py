@@ -175,6 +175,7 @@ def compute_sam_gradients(
     # shard gets its own ε, as a tf.distribute replica does.
     shards = batch_parts.shard_count(options)
     parts_count = options.micro_batches * shards
+    batch_parts.check_one_epsilon(options)
     old_directions = None
     if looksam_directions is not None:
         old_directions = [d.value for d in looksam_directions]
@@ -317,13 +318,10 @@ def compute_sam_gradients(
 
     def friendly(clean):
         """F-SAM: the whole batch's ε along g − σ m, and m's update."""
-        if parts_count > 1 or friendly_averages is None:
+        if friendly_averages is None:
             raise ValueError(
-                "`perturbation='friendly'` needs `friendly_averages` (as "
-                "`SAMModel` passes) and one ε for the batch: under "
-                "`keras.distribution`, pass `sync_perturbations=True`. "
-                f"Received: {parts_count} parts, friendly_averages="
-                f"{friendly_averages!r}"
+                "`perturbation='friendly'` needs `friendly_averages`, as "
+                "`SAMModel` passes. Received: friendly_averages=None"
             )
         (part,) = clean.parts
         unit = ops.cast(scale_loss(ops.ones(())), "float32")

@@ -6,6 +6,8 @@ with `sync_perturbations=True`, every device with that of the global batch.
 conftest.py sets `XLA_FLAGS=--xla_force_host_platform_device_count=2`.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -85,6 +87,28 @@ def test_a_summed_loss_needs_one_epsilon_for_the_global_batch():
     with pytest.raises(ValueError, match="'sum'.* on 2 data shard"):
         fit(data_parallel(), rho=RHO, loss=summed)
     fit(data_parallel(), rho=RHO, loss=summed, sync_perturbations=True)
+
+
+@pytest.mark.parametrize(
+    "variant, sam_kwargs",
+    [
+        (
+            "looksam_alpha",
+            dict(looksam_alpha=0.7, switching=keras_sam.switching.Periodic(2)),
+        ),
+        ("perturbation='friendly'", dict(perturbation="friendly")),
+    ],
+    ids=["looksam", "friendly"],
+)
+def test_one_state_per_step_needs_one_epsilon_for_the_global_batch(
+    variant, sam_kwargs
+):
+    # One direction (or average) per model: with a ε per shard, LookSAM
+    # had kept the last shard's direction.
+    message = re.escape(f"`{variant}` keeps one state") + ".* on 2 data shard"
+    with pytest.raises(ValueError, match=message):
+        fit(data_parallel(), rho=RHO, **sam_kwargs)
+    fit(data_parallel(), rho=RHO, sync_perturbations=True, **sam_kwargs)
 
 
 def test_the_weights_are_replicated_over_both_devices():

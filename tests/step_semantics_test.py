@@ -423,9 +423,11 @@ def oracle_metrics(parts=1, is_sam=lambda t: True):
     def gradient(w, b, x, y, rho, sample_weight=None):
         step = len(norms)
         s, g = sharpness_and_norm(w, b, x, y, rho, parts)
-        norms.append(g)
         if not is_sam(step):
+            # A step without SAM has one clean pass, on the whole batch.
+            norms.append(sharpness_and_norm(w, b, x, y, rho)[1])
             return oracle.softmax_regression_loss_and_grad(w, b, x, y)
+        norms.append(g)
         sharpness.append(s)
         return oracle.split_sam_gradient(w, b, x, y, rho, parts=parts)
 
@@ -459,6 +461,13 @@ def test_sharpness_and_grad_norm_are_logged_as_the_oracle_computes(mode):
 def test_sharpness_and_grad_norm_are_means_over_micro_batches():
     _, logs = fit_and_log(micro_batches=2)
     sharpness, norm = oracle_metrics(parts=2)
+    np.testing.assert_allclose(logs["sharpness"][0], sharpness, rtol=1e-4)
+    np.testing.assert_allclose(logs["grad_norm"][0], norm, rtol=1e-5)
+
+
+def test_a_step_without_sam_logs_the_whole_batchs_grad_norm():
+    _, logs = fit_and_log(micro_batches=2, switching=switching.Periodic(2))
+    sharpness, norm = oracle_metrics(parts=2, is_sam=lambda t: t % 2 == 0)
     np.testing.assert_allclose(logs["sharpness"][0], sharpness, rtol=1e-4)
     np.testing.assert_allclose(logs["grad_norm"][0], norm, rtol=1e-5)
 
