@@ -8,7 +8,9 @@ behind `SAMModel.train_step`, from a model and a loss given as in
 import inspect
 
 import keras
+import numpy as np
 from keras import ops
+from keras import tree
 
 from keras_sam import backend
 from keras_sam import batch_parts
@@ -127,6 +129,7 @@ def sam_gradients(
     batch_parts.check_loss_reductions(
         loss_fn, options, weighted=sample_weight is not None
     )
+    x, y, sample_weight = tree.map_structure(_as_tensor, (x, y, sample_weight))
 
     def compute_loss(x, y, y_pred, sample_weight):
         del x
@@ -164,6 +167,17 @@ _STATELESS_OPTIONS = (
     "sync_perturbations",
     "gsam_alpha",
 )
+
+
+def _as_tensor(value):
+    """A NumPy array as the backend's tensor, floats as `floatx`, as `fit`
+    gives a batch to the loss (PyTorch's operators refuse NumPy arrays)."""
+    if not isinstance(value, np.ndarray):
+        return value
+    dtype = None
+    if np.issubdtype(value.dtype, np.floating):
+        dtype = keras.backend.floatx()
+    return ops.convert_to_tensor(value, dtype)
 
 
 def _stateless_options(options):

@@ -190,6 +190,34 @@ def test_a_function_taking_sample_weight_is_called_with_it():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_loss_of_operators_gets_numpy_inputs_as_tensors():
+    # As `fit` gives them (floats as floatx): PyTorch had failed on NumPy's
+    # `sample_weight * loss` inside torch.
+    x, y, w0, b0 = softmax_data()
+    sw = np.random.RandomState(1).uniform(0.0, 2.0, N)
+    seen = []
+
+    def loss_fn(y_true, y_pred, sample_weight):
+        seen.append((y_true, sample_weight))
+        return keras.ops.mean(
+            sample_weight
+            * keras.losses.sparse_categorical_crossentropy(
+                y_true, y_pred, from_logits=True
+            )
+        )
+
+    loss, grads = keras_sam.sam_gradients(
+        softmax_regression(w0, b0), x, y, loss_fn, sample_weight=sw, rho=RHO
+    )
+    want_loss, want = oracle.sam_gradient(w0, b0, x, y, RHO, sample_weight=sw)
+    assert all(keras.ops.is_tensor(t) for pair in seen for t in pair)
+    dtypes = {keras.backend.standardize_dtype(w.dtype) for _, w in seen}
+    assert dtypes == {"float32"}
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_variable_rho_is_read_at_every_call():
     x, y, w0, b0 = softmax_data()
     model = softmax_regression(w0, b0)
