@@ -183,6 +183,17 @@ def test_every_sam_option_is_a_flag_with_its_default_and_help():
             dict(perturbed_variables="kernel,("),
             "'(' is not one",
         ),
+        (  # it had been ignored
+            dict(sam_every=3),
+            "--sam_every acts with `--switching=periodic` only. Received: "
+            "--sam_every=3, --switching=none",
+        ),
+        (  # the policy had been shown as its object's repr
+            dict(perturbation="friendly", switching="randomized"),
+            "cannot be combined with --switching (F-SAM keeps one moving "
+            "average of the whole batch's clean gradient and perturbs at "
+            "every step). Received: --switching=randomized",
+        ),
     ],
 )
 def test_a_bad_sam_flag_fails_parsing_naming_the_flag_and_value(

@@ -167,6 +167,15 @@ def _define_sam_flags(overrides):
         flags.register_validator(name, functools.partial(_check_sam_flag, name))
 
 
+# A policy's parameter, set without its policy, is refused: it would be
+# ignored.
+_POLICY_OF_SETTING = {
+    "sam_every": "periodic",
+    "sam_probability": "randomized",
+    "sam_start_fraction": "late_phase",
+}
+
+
 def sam_options(values, seed=0, total_steps=None, learning_rate=None):
     """The `keras_sam.options.SAMOptions` that SAM's flags describe.
 
@@ -206,6 +215,15 @@ def sam_options(values, seed=0, total_steps=None, learning_rate=None):
             int(round(values["sam_start_fraction"] * total_steps))
         ),
     }
+    defaults = config.sam_defaults()
+    for setting, policy in _POLICY_OF_SETTING.items():
+        changed = values[setting] != defaults[setting]
+        if changed and values["switching"] != policy:
+            raise ValueError(
+                f"`{setting}` acts with `switching={policy}` only. "
+                f"Received: {setting}={values[setting]}, "
+                f"switching={values['switching']}"
+            )
     kwargs["switching"] = policies[values["switching"]]()
     return options.SAMOptions(**kwargs)
 
@@ -218,22 +236,24 @@ def _check_sam_flag(name, value):
     values = {n: flags.FLAGS[n].value for n in config.sam_defaults()}
     values[name] = value
     try:
+        switching_lib.Periodic(values["sam_every"])
+        switching_lib.Randomized(values["sam_probability"])
         sam_options(
             values,
             total_steps=1,
             learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
         )
-        switching_lib.Periodic(values["sam_every"])
-        switching_lib.Randomized(values["sam_probability"])
     except ValueError as error:
-        message = _in_flag_terms(str(error))
+        message = _in_flag_terms(str(error), values["switching"])
         named = [n for n in re.findall(r"--(\w+)", message) if n in values]
         if not named or named[0] == name:
             raise flags.ValidationError(message) from None
     return True
 
 
-def _in_flag_terms(message):
+def _in_flag_terms(message, switching):
+    # The policy a message shows as an object is a name on the command line.
+    message = re.sub(r"switching=<[^>]*>", f"switching={switching}", message)
     names = {**{n: n for n in config.sam_defaults()}, **_ARGUMENT_FLAGS}
     alternatives = "|".join(sorted(names, key=len, reverse=True))
     message = re.sub(
