@@ -172,18 +172,8 @@ GUARDED = (*NAMES, "options")
 def _checked(options):
     """The normalized values of `options`' fields; raises on a bad one."""
     rho = _checked_rho(options.rho)
-    eta = _checked_number("eta", options.eta, minimum=0, strict=True)
-    micro_batches = options.micro_batches
-    if (
-        not isinstance(micro_batches, numbers.Integral)
-        or isinstance(micro_batches, (bool, np.bool_))
-        or micro_batches < 1
-    ):
-        raise ValueError(
-            "`micro_batches` must be an integer >= 1. "
-            f"Received: micro_batches={micro_batches!r}"
-        )
-    micro_batches = int(micro_batches)
+    eta = checked_number("eta", options.eta, minimum=0, strict=True)
+    micro_batches = checked_integer("micro_batches", options.micro_batches, 1)
     for name in ("adaptive", "sync_perturbations"):
         value = getattr(options, name)
         if not isinstance(value, (bool, np.bool_)):
@@ -201,7 +191,7 @@ def _checked(options):
             "`adaptive_variables` must be 'weights' or 'all'. Received: "
             f"adaptive_variables={options.adaptive_variables!r}"
         )
-    gsam_alpha = _checked_number("gsam_alpha", options.gsam_alpha, minimum=0)
+    gsam_alpha = checked_number("gsam_alpha", options.gsam_alpha, minimum=0)
     perturbed_variables = _checked_patterns(options.perturbed_variables)
     switching = options.switching
     if switching is not None and not isinstance(
@@ -213,7 +203,7 @@ def _checked(options):
         )
     looksam_alpha = options.looksam_alpha
     if looksam_alpha is not None:
-        looksam_alpha = _checked_number(
+        looksam_alpha = checked_number(
             "looksam_alpha", looksam_alpha, minimum=0
         )
         if switching is None:
@@ -228,10 +218,10 @@ def _checked(options):
                 f"be combined with micro_batches={micro_batches}."
             )
     _check_perturbation(options)
-    friendly_sigma = _checked_number(
+    friendly_sigma = checked_number(
         "friendly_sigma", options.friendly_sigma, minimum=0
     )
-    friendly_decay = _checked_number(
+    friendly_decay = checked_number(
         "friendly_decay", options.friendly_decay, minimum=0
     )
     if not friendly_decay < 1:
@@ -292,10 +282,25 @@ def _checked_rho(rho):
             "`rho` must be a number >= 0, a float `keras.Variable` or a "
             f"schedule. Received: rho={rho!r}"
         )
-    return _checked_number("rho", rho, minimum=0)
+    return checked_number("rho", rho, minimum=0)
 
 
-def _checked_number(name, value, minimum, strict=False):
+def checked_integer(name, value, minimum):
+    """`value` as an int >= `minimum` (a Python or NumPy integer, not a
+    boolean)."""
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, (bool, np.bool_))
+        or value < minimum
+    ):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def checked_number(name, value, minimum, strict=False):
     """`value` as a finite float >= `minimum` (> with `strict`)."""
     relation = ">" if strict else ">="
     if not _is_real(value):
