@@ -77,3 +77,31 @@ def test_flags_that_cannot_work_together_are_one_line(tmp_path):
     assert _last_line(result).startswith(
         "ValueError: --validation_examples=100000 leaves no training examples"
     )
+
+
+def test_analyze_refuses_a_measure_it_cannot_make_before_measuring(tmp_path):
+    # --rho=0 passed the flag check and --m above the examples measured
+    # failed only after the eigenvalues, each naming no flag.
+    import keras
+
+    path = str(tmp_path / "model.keras")
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten()]).save(
+        path
+    )
+    common = [f"--checkpoint={path}", "--synthetic_data", "--num_examples=16"]
+    result = _program("trainers.analyze", *common, "--rho=0")
+    assert result.returncode == 1
+    assert "flag --rho=0.0: --rho must be > 0" in result.stderr
+    result = _program(
+        "trainers.analyze",
+        *common,
+        "--m=64",
+        f"--output_dir={tmp_path / 'out'}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert _last_line(result) == (
+        "ValueError: --m=64 exceeds the 16 examples measured "
+        "(--num_examples=16): the m-sharpness needs one set of --m."
+    )
+    assert not os.path.exists(tmp_path / "out" / "analysis.json")

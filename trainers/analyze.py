@@ -123,7 +123,7 @@ class Measurements(data_config.FlagFields):
     rho: float = data_config.setting(
         options.SAMOptions.rho,
         "ρ of the m-sharpness.",
-        check=data_config.at_least(0),
+        check=(lambda v: v > 0, "must be > 0"),
     )
     m: int = data_config.setting(
         128,
@@ -204,6 +204,13 @@ def run(flags_obj):
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     train, test, num_classes = _splits(flags_obj)
     examples = min(flags_obj.num_examples, len(train.labels))
+    if measurements.m > examples:
+        # Checked before the eigenvalues, which take the longest.
+        raise ValueError(
+            f"--m={measurements.m} exceeds the {examples} examples measured "
+            f"(--num_examples={flags_obj.num_examples}): the m-sharpness "
+            "needs one set of --m."
+        )
     dataset = arrays.test_dataset(
         data_lib.Split(train.images[:examples], train.labels[:examples]),
         flags_obj.batch_size,
