@@ -10,7 +10,11 @@ Every evaluation runs statelessly: BatchNorm statistics, seeds and weights are
 never modified. By default the model is evaluated with `training=False`
 (BatchNorm uses its moving statistics, dropout is off), which makes the loss
 a deterministic function of the weights; pass `training=True` to measure
-with batch statistics instead.
+with batch statistics, and dropout on, instead. Random layers then draw the
+same numbers at every evaluation (PyTorch's global generator is set back),
+so the loss is still a function of the weights. On TensorFlow, Hessians
+through BatchNorm's batch statistics are refused (see
+`compat.check_second_derivatives`).
 
 Hessian-vector products use double backpropagation; the Hessian itself is
 never formed. Eigenvalues come from the Lanczos algorithm with full
@@ -21,6 +25,7 @@ random directions of the landscapes are filter-normalized as in Li et al.,
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -28,27 +33,46 @@ from keras import ops
 from keras import tree
 
 from keras_sam import backend
+from keras_sam import compat
+from keras_sam import options
 from keras_sam import perturbations
 
 
 class _LossFunctions:
     """The mean loss, its gradient and HVPs at given weights, compiled once."""
 
-    def __init__(self, model, dataset, loss_fn, training):
+    def __init__(self, model, dataset, loss_fn, training, variables=None):
+        """`variables`: what the weights given to each function are values
+        of; defaults to `model.trainable_variables`."""
+        if not model.trainable_variables:
+            raise ValueError(
+                "`model` has no trainable weights: build it (call it on a "
+                f"batch) or unfreeze a layer. Received: model={model.name!r}"
+            )
+        _check_dataset(dataset)
+        if getattr(loss_fn, "reduction", None) == "sum":
+            raise ValueError(
+                "The loss measured is the mean over examples: pass a loss "
+                "reduced with 'sum_over_batch_size' (or per example). "
+                f"Received: loss_fn={loss_fn!r} with reduction='sum'"
+            )
         self.model = model
         self.dataset = dataset
         self.loss_fn = loss_fn
         self.training = training
-        self.variables = model.trainable_variables
+        self.variables = variables or model.trainable_variables
+        self._random_state = backend.random_state()
         self._batch_loss = backend.function(self._batch_loss_impl)
         self._batch_grad = backend.function(self._batch_grad_impl)
         self._batch_hvp = backend.function(self._batch_hvp_impl)
 
     def _loss_at(self, weights, x, y):
         mapping = list(zip(self.variables, weights))
+        given = {id(v) for v in self.variables}
         mapping.extend(
             (v, ops.convert_to_tensor(v.value))
             for v in self.model.non_trainable_variables
+            if id(v) not in given
         )
         with keras.StatelessScope(state_mapping=mapping):
             y_pred = self.model(x, training=self.training)
@@ -72,7 +96,19 @@ class _LossFunctions:
         )
 
     def current_weights(self):
-        return [ops.convert_to_tensor(v.value) for v in self.variables]
+        return [ops.stop_gradient(v.value) for v in self.variables]
+
+    def call(self, fn, *args):
+        """`fn(*args)` drawing the same random numbers at every call, as
+        the unchanged seed variables give them on TensorFlow and JAX (on
+        PyTorch, its global generator is set to where it was at the start,
+        then set back)."""
+        outer = backend.random_state()
+        backend.set_random_state(self._random_state)
+        try:
+            return fn(*args)
+        finally:
+            backend.set_random_state(outer)
 
     def _mean_over_dataset(self, fn, *args):
         total, count = None, 0
@@ -80,7 +116,7 @@ class _LossFunctions:
             n = int(ops.shape(tree.flatten(x)[0])[0])
             value = tree.map_structure(
                 lambda t, n=n: ops.convert_to_numpy(t).astype(np.float64) * n,
-                fn(*args, x, y),
+                self.call(fn, *args, x, y),
             )
             total = (
                 value
@@ -103,9 +139,25 @@ class _LossFunctions:
         return self._mean_over_dataset(self._batch_hvp, weights, vector)
 
 
+def _check_dataset(dataset):
+    if isinstance(dataset, (tuple, list, dict, np.ndarray)):
+        raise ValueError(
+            "`dataset` must be a `tf.data.Dataset` of `(x, y)` batches. "
+            f"Received: a {type(dataset).__name__}"
+        )
+
+
 def _batches(dataset):
     """The `(x, y)` batches of `dataset` as the backend's tensors."""
-    for x, y in dataset:
+    for batch in dataset:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                "`dataset` must yield `(x, y)` batches (weigh examples in "
+                "`loss_fn`). Received: a batch of "
+                f"{len(batch) if isinstance(batch, (tuple, list)) else 1} "
+                "elements"
+            )
+        x, y = batch
         if backend.BACKEND != "tensorflow":
             x, y = tree.map_structure(
                 lambda t: ops.convert_to_tensor(np.asarray(t)), (x, y)
@@ -159,11 +211,12 @@ def _lanczos(
 ):
     """Lanczos tridiagonalization with full reorthogonalization.
 
-    Returns the tridiagonal's eigenvalues (Ritz values, ascending) and the
-    squared first components of its eigenvectors (the quadrature weights).
-    Stops early on an invariant subspace (β ≈ 0), which is how a zero or
-    low-rank Hessian ends, or when `converged(ritz_values)`, asked every
-    `every` steps, says so.
+    Returns the tridiagonal's eigenvalues (Ritz values, ascending), the
+    squared first components of its eigenvectors (the quadrature weights)
+    and whether it ran out of `steps` before either early stop: an
+    invariant subspace (β ≤ `tol` times the largest |α|, relative, so a
+    Hessian of any scale ends alike), which is how a zero or low-rank
+    Hessian ends, or `converged(ritz_values)`, asked every `every` steps.
     """
     steps = min(steps, size)
     basis = np.zeros((steps, size))
@@ -183,7 +236,7 @@ def _lanczos(
         beta = float(np.linalg.norm(w))
         if progress is not None:
             progress.add(1)
-        if beta <= tol * max(1.0, max(abs(a) for a in alphas)):
+        if beta <= tol * max(abs(a) for a in alphas):
             break
         if (
             converged is not None
@@ -193,8 +246,9 @@ def _lanczos(
             break
         betas.append(beta)
         v = w / beta
+    exhausted = len(betas) == steps < size
     ritz, vectors = _tridiagonal_eigen(alphas, betas)
-    return ritz, vectors[0] ** 2
+    return ritz, vectors[0] ** 2, exhausted
 
 
 def hessian_top_eigenvalues(
@@ -215,16 +269,18 @@ def hessian_top_eigenvalues(
     examples in `dataset`. It is never formed: each Lanczos step costs one
     Hessian-vector product (one double-backprop pass over `dataset`).
     Iteration stops when the top `k` Ritz values change by less than `tol`
-    (relative) over 4 steps, when an invariant subspace is found (for
-    example a zero Hessian), or after `max_iterations` products.
+    times the largest of their magnitudes over 4 steps, when an invariant
+    subspace is found (for example a zero Hessian), or after
+    `max_iterations` products, with a warning that they did not converge.
 
     Args:
         model: a built Keras model.
         dataset: a `tf.data.Dataset` of `(x, y)` batches.
         loss_fn: `loss_fn(y_true, y_pred)` returning the batch mean.
         k: how many eigenvalues. Defaults to `1`.
-        max_iterations: cap on Hessian-vector products. Defaults to `100`.
-        tol: relative tolerance. Defaults to `1e-4`.
+        max_iterations: cap on Hessian-vector products, at least `k`.
+            Defaults to `100`.
+        tol: relative tolerance, > 0. Defaults to `1e-4`.
         training: evaluate the model in training mode (batch statistics).
             Defaults to `False`.
         seed: seed of the starting vector. Defaults to `0`.
@@ -235,8 +291,12 @@ def hessian_top_eigenvalues(
         space closes before `k` values are found (a Hessian of rank < k seen
         from the start vector), the missing ones are reported as 0.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1. Received: k={k!r}")
+    k = options.checked_integer("k", k, 1)
+    max_iterations = options.checked_integer(
+        "max_iterations", max_iterations, k
+    )
+    tol = options.checked_number("tol", tol, 0, strict=True)
+    compat.check_second_derivatives(model, training)
     functions = _LossFunctions(model, dataset, loss_fn, training)
     flat = _Flattener(functions.variables)
     if k > flat.size:
@@ -255,14 +315,12 @@ def hessian_top_eigenvalues(
         done = (
             len(top) == k
             and previous[0] is not None
-            and np.all(
-                np.abs(top - previous[0]) <= tol * np.maximum(1.0, np.abs(top))
-            )
+            and np.all(np.abs(top - previous[0]) <= tol * np.max(np.abs(top)))
         )
         previous[0] = top if len(top) == k else None
         return done
 
-    ritz, _ = _lanczos(
+    ritz, _, exhausted = _lanczos(
         matvec,
         flat.size,
         max_iterations,
@@ -272,6 +330,12 @@ def hessian_top_eigenvalues(
         converged,
     )
     top = np.sort(ritz)[::-1][:k]
+    if exhausted:
+        warnings.warn(
+            f"The top {k} Hessian eigenvalues did not converge to tol={tol} "
+            f"in max_iterations={max_iterations}: {top.tolist()}",
+            stacklevel=2,
+        )
     return np.pad(top, (0, k - len(top)))
 
 
@@ -294,17 +358,24 @@ def hessian_spectral_density(
     The density is the probes' average of `Σ τ_i N(t; θ_i, σ²)` on a grid.
 
     Args:
-        lanczos_steps: Hessian-vector products per probe. Defaults to `40`.
-        num_probes: random starting vectors. Defaults to `2`.
-        grid_size: points of the returned grid. Defaults to `512`.
-        sigma: width of the Gaussian kernel; defaults to 1% of the spectral
-            range.
+        lanczos_steps: Hessian-vector products per probe, >= 1. Defaults
+            to `40`.
+        num_probes: random starting vectors, >= 1. Defaults to `2`.
+        grid_size: points of the returned grid, >= 2. Defaults to `512`.
+        sigma: width of the Gaussian kernel, > 0; defaults to 1% of the
+            spectral range.
         Other arguments as in `hessian_top_eigenvalues`.
 
     Returns:
         `(grid, density, nodes, weights)`: the density on `grid` (it
         integrates to about 1), and every probe's nodes and weights.
     """
+    lanczos_steps = options.checked_integer("lanczos_steps", lanczos_steps, 1)
+    num_probes = options.checked_integer("num_probes", num_probes, 1)
+    grid_size = options.checked_integer("grid_size", grid_size, 2)
+    if sigma is not None:
+        sigma = options.checked_number("sigma", sigma, 0, strict=True)
+    compat.check_second_derivatives(model, training)
     functions = _LossFunctions(model, dataset, loss_fn, training)
     flat = _Flattener(functions.variables)
     weights = functions.current_weights()
@@ -315,7 +386,7 @@ def hessian_spectral_density(
     progress = _progress(lanczos_steps * num_probes, verbose)
     nodes, quad_weights = [], []
     for probe in range(num_probes):
-        ritz, tau = _lanczos(
+        ritz, tau, _ = _lanczos(
             matvec,
             flat.size,
             lanczos_steps,
@@ -355,21 +426,19 @@ def m_sharpness(model, dataset, loss_fn, rho, m, training=False):
     Returns:
         The mean sharpness, a Python float.
     """
-    if not rho > 0:
-        raise ValueError(f"`rho` must be > 0. Received: rho={rho}")
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"`m` must be an integer >= 1. Received: m={m!r}")
+    rho = options.checked_number("rho", rho, 0, strict=True)
+    m = options.checked_integer("m", m, 1)
+    _check_dataset(dataset)
     groups = dataset.unbatch().batch(m, drop_remainder=True)
     functions = _LossFunctions(model, groups, loss_fn, training)
     weights = functions.current_weights()
     values = []
     for x, y in _batches(groups):
-        loss, grads = functions._batch_grad(weights, x, y)
+        loss, grads = functions.call(functions._batch_grad, weights, x, y)
         eps = perturbations.sam_perturbation(grads, rho)
         perturbed = [w + e for w, e in zip(weights, eps)]
-        values.append(
-            float(functions._batch_loss(perturbed, x, y)) - float(loss)
-        )
+        perturbed_loss = functions.call(functions._batch_loss, perturbed, x, y)
+        values.append(float(perturbed_loss) - float(loss))
     if not values:
         raise ValueError(f"`dataset` has fewer than m={m} examples.")
     return float(np.mean(values))
@@ -412,11 +481,28 @@ def filter_normalized_direction(weights, seed=0, ignore_1d=True):
     return direction
 
 
-def _weights_of(model):
+def _weights_of(model, variables=None):
     return [
         ops.convert_to_numpy(v.value).astype(np.float64)
-        for v in model.trainable_variables
+        for v in variables or model.trainable_variables
     ]
+
+
+def _checked_direction(name, direction, weights):
+    """`direction` as float64 arrays, one shaped like each weight."""
+    direction = [np.asarray(d, np.float64) for d in direction]
+    if len(direction) != len(weights):
+        raise ValueError(
+            f"`{name}` must hold one array per trainable weight: "
+            f"{len(weights)}. Received: {len(direction)} arrays"
+        )
+    for i, (d, w) in enumerate(zip(direction, weights)):
+        if d.shape != w.shape:
+            raise ValueError(
+                f"`{name}[{i}]` must have its weight's shape {w.shape}. "
+                f"Received: shape {d.shape}"
+            )
+    return direction
 
 
 def loss_landscape_1d(
@@ -428,7 +514,9 @@ def loss_landscape_1d(
     """
     functions = _LossFunctions(model, dataset, loss_fn, training)
     w = _weights_of(model)
-    d = direction or filter_normalized_direction(w, seed)
+    if direction is None:
+        direction = filter_normalized_direction(w, seed)
+    d = _checked_direction("direction", direction, w)
     return np.array(
         [
             functions.loss(_combine(functions, w, [(a, d)]))
@@ -453,9 +541,18 @@ def loss_landscape_2d(
     """
     functions = _LossFunctions(model, dataset, loss_fn, training)
     w = _weights_of(model)
-    d1, d2 = directions or (
-        filter_normalized_direction(w, seed),
-        filter_normalized_direction(w, seed + 1),
+    if directions is None:
+        directions = (
+            filter_normalized_direction(w, seed),
+            filter_normalized_direction(w, seed + 1),
+        )
+    if len(directions) != 2:
+        raise ValueError(
+            f"`directions` must be two directions. Received: {len(directions)}"
+        )
+    d1, d2 = (
+        _checked_direction(f"directions[{i}]", d, w)
+        for i, d in enumerate(directions)
     )
     return np.array(
         [
@@ -473,15 +570,28 @@ def linear_interpolation(
 ):
     """Loss at `(1 − α) w_a + α w_b`, evaluated with `model_a`'s architecture.
 
-    The two models must have the same trainable weight shapes (e.g. the same
-    network trained with SGD and with SAM).
+    `w` holds every float variable of a model: its weights and its
+    non-trainable state (BatchNorm's moving statistics), so that α = 0 and
+    α = 1 are the two models. They must have the same variable shapes
+    (e.g. the same network trained with SGD and with SAM).
     """
-    w_a, w_b = _weights_of(model_a), _weights_of(model_b)
+
+    def floats(model):
+        return [
+            v
+            for v in model.trainable_variables + model.non_trainable_variables
+            if "float" in str(v.dtype)
+        ]
+
+    w_a = _weights_of(model_a, floats(model_a))
+    w_b = _weights_of(model_b, floats(model_b))
     if [w.shape for w in w_a] != [w.shape for w in w_b]:
         raise ValueError(
             "`model_a` and `model_b` have different weight shapes."
         )
-    functions = _LossFunctions(model_a, dataset, loss_fn, training)
+    functions = _LossFunctions(
+        model_a, dataset, loss_fn, training, floats(model_a)
+    )
     difference = [b - a for a, b in zip(w_a, w_b)]
     return np.array(
         [

@@ -392,3 +392,33 @@ def unshared_inputs(batch):
         lambda t: t if t is None else keras.ops.copy(t), x
     )
     return x, y, sample_weight
+
+
+def check_second_derivatives(model, training):
+    """Refuses a Hessian through BatchNorm's batch statistics on TensorFlow.
+
+    Keras' TensorFlow `ops.moments`, which `BatchNormalization` calls in
+    training mode, is `tf.nn.moments`: it stops the gradient of the mean
+    inside the variance. First derivatives are exact (the variance is
+    stationary in its mean), second derivatives are not (the Hessian of
+    the variance loses its −1/n² terms), so `keras_sam.analysis` would
+    report a wrong spectrum without a word. `training=False` (moving
+    statistics) and the JAX and PyTorch backends are exact. A Keras defect
+    of the TensorFlow backend; checked against Keras 3.15.1 with TensorFlow
+    2.21.
+    """
+    if not training or keras.backend.backend() != "tensorflow":
+        return
+    names = [
+        layer.name
+        for layer in flatten_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if names:
+        raise ValueError(
+            "On TensorFlow, a Hessian through BatchNormalization in training "
+            "mode is wrong: Keras' batch variance (tf.nn.moments) stops the "
+            "gradient of its mean, which second derivatives need. Pass "
+            "`training=False` (moving statistics), or use the JAX or "
+            f"PyTorch backend. Received: training=True, with {names}"
+        )

@@ -1,11 +1,15 @@
 """keras_sam.analysis against analytic Hessians and hand-computed values."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_sam import analysis
+from keras_sam import backend
+from tests import backends
 
 
 def least_squares(x, y, w=None, batch=16):
@@ -100,7 +104,7 @@ def test_analysis_changes_no_state_of_a_batchnorm_model():
     dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(8)
     before = [v.numpy() for v in model.variables]
     analysis.hessian_top_eigenvalues(
-        model, dataset, mse, training=True, max_iterations=5
+        model, dataset, mse, training=False, max_iterations=5
     )
     analysis.m_sharpness(model, dataset, mse, rho=0.1, m=4, training=True)
     for b, v in zip(before, model.variables):
@@ -189,9 +193,217 @@ def test_plots_write_png_files(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(k=0), "Received: k=0"), (dict(k=99), "`k=99` exceeds")],
+    [
+        (dict(k=0), "Received: k=0"),
+        (dict(k=99), "`k=99` exceeds"),
+        (dict(k=True), "Received: k=True"),
+        (  # it had padded the values it had no steps for with zeros
+            dict(k=3, max_iterations=2),
+            "`max_iterations` must be an integer >= 3. Received: "
+            "max_iterations=2",
+        ),
+        (dict(max_iterations=0), "Received: max_iterations=0"),
+        (dict(tol=float("nan")), "`tol` must be finite"),
+        (dict(tol=-1.0), "`tol` must be > 0"),
+    ],
 )
-def test_bad_k_is_rejected(kwargs, message):
+def test_bad_arguments_are_rejected(kwargs, message):
     model, dataset = least_squares(np.ones((4, 3), "float32"), np.ones((4, 1)))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         analysis.hessian_top_eigenvalues(model, dataset, mse, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m, d: analysis.hessian_spectral_density(
+                m, d, mse, lanczos_steps=0
+            ),
+            "Received: lanczos_steps=0",
+        ),
+        (
+            lambda m, d: analysis.hessian_spectral_density(
+                m, d, mse, num_probes=0
+            ),
+            "Received: num_probes=0",
+        ),
+        (
+            lambda m, d: analysis.hessian_spectral_density(m, d, mse, sigma=-1),
+            "`sigma` must be > 0. Received: sigma=-1",
+        ),
+        (
+            lambda m, d: analysis.m_sharpness(m, d, mse, rho=np.inf, m=2),
+            "`rho` must be finite",
+        ),
+        (
+            lambda m, d: analysis.m_sharpness(m, d, mse, rho=0.1, m=True),
+            "Received: m=True",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_1d(
+                m, d, mse, [0.0], direction=[]
+            ),
+            "one array per trainable weight: 1. Received: 0 arrays",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_1d(
+                m, d, mse, [0.0], direction=[np.ones(1)]
+            ),
+            "`direction[0]` must have its weight's shape (3, 1). Received: "
+            "shape (1,)",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_2d(
+                m, d, mse, [0.0], [0.0], directions=[np.ones((3, 1))] * 2
+            ),
+            "`directions[0]` must hold one array per trainable weight",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_1d(
+                m, (np.ones((4, 3)), np.ones((4, 1))), mse, [0.0]
+            ),
+            "must be a `tf.data.Dataset` of `(x, y)` batches. Received: a "
+            "tuple",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_1d(
+                m, d.map(lambda x, y: (x, y, y)), mse, [0.0]
+            ),
+            "`dataset` must yield `(x, y)` batches",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_1d(
+                m, d, keras.losses.MeanSquaredError(reduction="sum"), [0.0]
+            ),
+            "with reduction='sum'",
+        ),
+    ],
+    ids=[
+        "lanczos_steps",
+        "num_probes",
+        "sigma",
+        "rho",
+        "m",
+        "empty_direction",
+        "direction_shape",
+        "directions",
+        "numpy_data",
+        "weighted_data",
+        "summed_loss",
+    ],
+)
+def test_bad_arguments_of_each_measure_are_rejected(call, message):
+    # Each had failed deep inside, or given a number without a word.
+    model, dataset = least_squares(np.ones((4, 3), "float32"), np.ones((4, 1)))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(model, dataset)
+
+
+def test_a_small_hessian_converges_as_a_large_one():
+    # The tolerances had been absolute below 1: at 1e-4 the second value
+    # came back 10 % off, at 1e-8 the first one step's guess and a 0.
+    spectrum = np.geomspace(1.0, 0.01, 40)
+    x = design_with_spectrum(spectrum).astype("float32")
+    for scale in (1.0, 1e-4, 1e-8):
+        model, dataset = least_squares(
+            np.sqrt(scale) * x, np.zeros((64, 1), "float32")
+        )
+        got = analysis.hessian_top_eigenvalues(model, dataset, mse, k=2)
+        want = 2 * np.float64(np.sqrt(scale) * x).T @ (np.sqrt(scale) * x)
+        want = np.sort(np.linalg.eigvalsh(want / 64))[::-1][:2]
+        np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_unconverged_eigenvalues_come_with_a_warning():
+    x = design_with_spectrum(np.geomspace(1.0, 0.9, 40)).astype("float32")
+    model, dataset = least_squares(x, np.zeros((64, 1), "float32"))
+    with pytest.warns(UserWarning, match="did not converge.*max_iterations=3"):
+        analysis.hessian_top_eigenvalues(
+            model, dataset, mse, k=2, max_iterations=3
+        )
+
+
+def test_a_weight_the_loss_does_not_use_has_a_zero_hessian():
+    # PyTorch's double backpropagation had raised on the unused head.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((16, 3)).astype("float32")
+    inputs = keras.Input((3,))
+    used = keras.layers.Dense(1, use_bias=False)(inputs)
+    unused = keras.layers.Dense(2)(inputs)
+    model = keras.Model(inputs, [used, unused])
+    dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(8)
+
+    def first_output_mse(y, outputs):
+        return mse(y, outputs[0])
+
+    got = analysis.hessian_top_eigenvalues(model, dataset, first_output_mse)
+    want = np.linalg.eigvalsh(2 * np.float64(x).T @ x / 16)[-1]
+    np.testing.assert_allclose(got, [want], rtol=1e-4)
+
+
+def test_dropout_in_training_mode_draws_the_same_masks_at_each_call():
+    # PyTorch's global generator had drawn new masks at every evaluation.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((16, 3)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dropout(0.5), keras.layers.Dense(1)]
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(8)
+    state = backend.random_state()
+
+    def measure():
+        return analysis.loss_landscape_1d(
+            model, dataset, mse, [0.0, 0.5], training=True
+        )
+
+    first, second = measure(), measure()
+    np.testing.assert_array_equal(first, second)
+    assert not np.allclose(
+        first, analysis.loss_landscape_1d(model, dataset, mse, [0.0, 0.5])
+    )
+    if state is not None:  # PyTorch's generator is left where it was
+        np.testing.assert_array_equal(
+            np.asarray(backend.random_state()[0]), np.asarray(state[0])
+        )
+
+
+def test_interpolation_ends_at_both_batchnorm_models():
+    # The ends had used model_a's moving statistics with model_b's weights.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((32, 3)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(8)
+    models = []
+    for seed in (0, 1):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(4),
+                keras.layers.BatchNormalization(),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x + seed, x[:, :1], epochs=2, verbose=0)
+        models.append(model)
+    ends = [
+        analysis.loss_landscape_1d(m, dataset, mse, [0.0])[0] for m in models
+    ]
+    path = analysis.linear_interpolation(*models, dataset, mse, [0.0, 1.0])
+    np.testing.assert_allclose(path, ends, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    backends.BACKEND != "tensorflow", reason="Keras' TensorFlow moments"
+)
+def test_a_tensorflow_hessian_through_batch_statistics_is_refused():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.BatchNormalization()]
+    )
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (np.ones((4, 3)), np.ones((4, 3)))
+    ).batch(4)
+    with pytest.raises(ValueError, match=r"tf\.nn\.moments.*training=True"):
+        analysis.hessian_top_eigenvalues(model, dataset, mse, training=True)
+    analysis.hessian_top_eigenvalues(model, dataset, mse, training=False)

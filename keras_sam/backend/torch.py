@@ -31,9 +31,8 @@ def _detached(structure):
 
 
 def _check_single_process():
-    if not torch.distributed.is_available():
-        return
-    if not torch.distributed.is_initialized():
+    distributed = torch.distributed
+    if not distributed.is_available() or not distributed.is_initialized():
         return
     world_size = torch.distributed.get_world_size()
     if world_size > 1:
@@ -63,10 +62,14 @@ def hessian_vector_product(fn, weights, vector):
     """`∇²fn(weights) · vector` by double backpropagation."""
     weights = _leaves(weights)
     with torch.enable_grad():
-        objective = fn(weights)
-        grads = torch.autograd.grad(objective, weights, create_graph=True)
-        dot = sum(torch.sum(g * v) for g, v in zip(grads, vector))
-        products = torch.autograd.grad(dot, weights, allow_unused=True)
+        grads = torch.autograd.grad(
+            fn(weights), weights, create_graph=True, allow_unused=True
+        )
+        pairs = [(g, v) for g, v in zip(grads, vector) if g is not None]
+        dot = sum(torch.sum(g * v) for g, v in pairs)
+        products = [None] * len(weights)  # a loss blind to, or linear in, w
+        if torch.is_tensor(dot) and dot.requires_grad:
+            products = torch.autograd.grad(dot, weights, allow_unused=True)
     return [
         torch.zeros_like(w) if p is None else p.detach()
         for p, w in zip(products, weights)
