@@ -48,7 +48,10 @@ def test_help_lists_the_trainer_flags_with_their_units(module, own):
     assert "--tt_check_filter" not in result.stdout
 
 
-def _last_line(result):
+def _error_line(result):
+    """The one line that a refused run ends with, without a traceback."""
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
     return result.stderr.strip().splitlines()[-1]
 
 
@@ -58,9 +61,7 @@ def test_missing_data_is_one_line_naming_the_flag_and_the_files(tmp_path):
         "--data_dir=/nonexistent",
         f"--output_dir={tmp_path}",
     )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    line = _last_line(result)
+    line = _error_line(result)
     assert line.startswith("FileNotFoundError: Fashion-MNIST not found: ")
     assert "--data_dir='/nonexistent' lacks train-images-idx3-ubyte.gz" in line
 
@@ -72,9 +73,7 @@ def test_flags_that_cannot_work_together_are_one_line(tmp_path):
         "--validation_examples=100000",
         f"--output_dir={tmp_path}",
     )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert _last_line(result).startswith(
+    assert _error_line(result).startswith(
         "ValueError: --validation_examples=100000 leaves no training examples"
     )
 
@@ -98,9 +97,7 @@ def test_analyze_refuses_a_measure_it_cannot_make_before_measuring(tmp_path):
         "--m=64",
         f"--output_dir={tmp_path / 'out'}",
     )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert _last_line(result) == (
+    assert _error_line(result) == (
         "ValueError: --m=64 exceeds the 16 examples measured "
         "(--num_examples=16): the m-sharpness needs one set of --m."
     )
