@@ -39,18 +39,17 @@ PAPER_SHARPNESS = dict(model="WRN without BatchNorm", sgd=24, sam=1.0)
 # SGD steps keeping at least SHARE_TARGET of exact SAM's gain.
 COST_TARGET = 1.25
 SHARE_TARGET = 0.8
-# Two-sided 95 % critical values of Student's t by degrees of freedom.
-T_CRITICAL_95 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-}
+# Two-sided 95 % critical values of Student's t by degrees of freedom (a
+# printed table's three decimals), for up to 31 seeds.
+T_CRITICAL_95 = dict(
+    enumerate(
+        [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
+        + [2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101]
+        + [2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052]
+        + [2.048, 2.045, 2.042],
+        start=1,
+    )
+)
 
 
 def load(*path):
@@ -150,6 +149,11 @@ def paired_difference(a, b):
     seeds = sorted(set(a) & set(b))
     d = np.array([b[s] - a[s] for s in seeds])
     half = float("nan")
+    if len(d) - 1 > max(T_CRITICAL_95):
+        raise ValueError(
+            "A paired difference has Student's t for up to "
+            f"{max(T_CRITICAL_95) + 1} seeds. Received: {len(d)} seeds"
+        )
     if len(d) > 1:
         half = T_CRITICAL_95[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
     return dict(

@@ -35,6 +35,18 @@ def test_paired_difference_gives_a_student_t_interval_and_wins():
     assert diff["wins"] == 2 and diff["n"] == 3
 
 
+def test_the_t_table_matches_scipy_and_reaches_31_seeds():
+    # It had stopped at 10 seeds: `--seeds=11` failed with a KeyError.
+    stats = pytest.importorskip("scipy.stats")
+    for freedom, value in common.T_CRITICAL_95.items():
+        assert value == pytest.approx(stats.t.ppf(0.975, freedom), abs=6e-4)
+    assert max(common.T_CRITICAL_95) == 30
+    seeds = {s: 80.0 + (s % 3) for s in range(31)}
+    common.paired_difference(seeds, {s: v + 1 for s, v in seeds.items()})
+    with pytest.raises(ValueError, match="up to 31 seeds. Received: 32"):
+        common.paired_difference({**seeds, 31: 80.0}, {**seeds, 31: 81.0})
+
+
 def _run(optimizer, noise, seed, test, validation, rho=0.0, flipped=0.5):
     epochs = 3
     return dict(
