@@ -28,21 +28,19 @@ def check_one_epsilon(options):
     """Refuses LookSAM and F-SAM where a step has several ε.
 
     Each keeps one state (LookSAM's direction, F-SAM's moving average)
-    that one ε per step updates, which several micro-batches, or data
-    shards (`shard_count`), would each update. (Under `tf.distribute` each
-    replica runs its own step, with its own copy.)
+    that one ε per step updates, which each data shard (`shard_count`)
+    would update in turn. The options refuse several micro-batches; under
+    `tf.distribute` each replica runs its own step, with its own copy.
     """
     name = "looksam_alpha" if options.looksam_alpha is not None else None
     if options.perturbation == "friendly":
         name = "perturbation='friendly'"
     shards = shard_count(options)
-    if name and options.micro_batches * shards > 1:
+    if name and shards > 1:
         raise ValueError(
             f"`{name}` keeps one state that one ε per step updates, and "
-            "this step has one ε per micro-batch of each data shard: pass "
-            "`micro_batches=1`, and `sync_perturbations=True` under "
-            f"`keras.distribution`. Received: micro_batches="
-            f"{options.micro_batches} on {shards} data shard(s)"
+            "`keras.distribution` gives each data shard its own ε: pass "
+            f"`sync_perturbations=True`. Received: {shards} data shards"
         )
 
 

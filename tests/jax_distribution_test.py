@@ -105,7 +105,7 @@ def test_one_state_per_step_needs_one_epsilon_for_the_global_batch(
 ):
     # One direction (or average) per model: with a ε per shard, LookSAM
     # had kept the last shard's direction.
-    message = re.escape(f"`{variant}` keeps one state") + ".* on 2 data shard"
+    message = re.escape(f"`{variant}` keeps one state") + ".*: 2 data shards"
     with pytest.raises(ValueError, match=message):
         fit(data_parallel(), rho=RHO, **sam_kwargs)
     fit(data_parallel(), rho=RHO, sync_perturbations=True, **sam_kwargs)
