@@ -170,14 +170,18 @@ _STATELESS_OPTIONS = (
 
 
 def _as_tensor(value):
-    """A NumPy array as the backend's tensor, floats as `floatx`, as `fit`
-    gives a batch to the loss (PyTorch's operators refuse NumPy arrays)."""
-    if not isinstance(value, np.ndarray):
-        return value
-    dtype = None
-    if np.issubdtype(value.dtype, np.floating):
-        dtype = keras.backend.floatx()
-    return ops.convert_to_tensor(value, dtype)
+    """A NumPy array or a tensor as the backend's tensor, floats as
+    `floatx`, as `fit` gives a batch to the loss (PyTorch's operators
+    refuse NumPy arrays, and a float64 `sample_weight` times a float32
+    loss fails)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        value = ops.convert_to_tensor(value)
+    elif not ops.is_tensor(value):
+        return value  # strings, for a model that takes text, stay as given
+    dtype = str(value.dtype)
+    if "float" in dtype and keras.backend.floatx() not in dtype:
+        return ops.cast(value, keras.backend.floatx())
+    return value
 
 
 def _stateless_options(options):
