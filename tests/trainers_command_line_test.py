@@ -79,8 +79,9 @@ def test_flags_that_cannot_work_together_are_one_line(tmp_path):
 
 
 def test_analyze_refuses_a_measure_it_cannot_make_before_measuring(tmp_path):
-    # --rho=0 passed the flag check and --m above the examples measured
-    # failed only after the eigenvalues, each naming no flag.
+    # --rho=0 passed the flag check, and --top_k above --max_iterations
+    # and --m above the examples measured failed only after the
+    # eigenvalues (or loading), each naming no flag.
     import keras
 
     path = str(tmp_path / "model.keras")
@@ -91,6 +92,13 @@ def test_analyze_refuses_a_measure_it_cannot_make_before_measuring(tmp_path):
     result = _program("trainers.analyze", *common, "--rho=0")
     assert result.returncode == 1
     assert "flag --rho=0.0: --rho must be > 0" in result.stderr
+    result = _program(
+        "trainers.analyze", *common, "--top_k=5", "--max_iterations=4"
+    )
+    assert _error_line(result) == (
+        "ValueError: --top_k=5 needs as many Lanczos steps: "
+        "--max_iterations=4 is fewer."
+    )
     result = _program(
         "trainers.analyze",
         *common,

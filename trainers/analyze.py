@@ -204,8 +204,13 @@ def run(flags_obj):
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     train, test, num_classes = _splits(flags_obj)
     examples = min(flags_obj.num_examples, len(train.labels))
+    # Checked before the eigenvalues, which take the longest.
+    if measurements.top_k > measurements.max_iterations:
+        raise ValueError(
+            f"--top_k={measurements.top_k} needs as many Lanczos steps: "
+            f"--max_iterations={measurements.max_iterations} is fewer."
+        )
     if measurements.m > examples:
-        # Checked before the eigenvalues, which take the longest.
         raise ValueError(
             f"--m={measurements.m} exceeds the {examples} examples measured "
             f"(--num_examples={flags_obj.num_examples}): the m-sharpness "
