@@ -140,7 +140,8 @@ class _LossFunctions:
 
 
 def _check_dataset(dataset):
-    if isinstance(dataset, (tuple, list, dict, np.ndarray)):
+    # `(x, y)` arrays are the usual mistake; a list of batches iterates.
+    if isinstance(dataset, (tuple, dict, np.ndarray)):
         raise ValueError(
             "`dataset` must be a `tf.data.Dataset` of `(x, y)` batches. "
             f"Received: a {type(dataset).__name__}"
@@ -150,12 +151,15 @@ def _check_dataset(dataset):
 def _batches(dataset):
     """The `(x, y)` batches of `dataset` as the backend's tensors."""
     for batch in dataset:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        if not isinstance(batch, (tuple, list)):
+            raise ValueError(
+                "`dataset` must yield `(x, y)` batches. Received: a batch "
+                f"of type {type(batch).__name__}"
+            )
+        if len(batch) != 2:
             raise ValueError(
                 "`dataset` must yield `(x, y)` batches (weigh examples in "
-                "`loss_fn`). Received: a batch of "
-                f"{len(batch) if isinstance(batch, (tuple, list)) else 1} "
-                "elements"
+                f"`loss_fn`). Received: a batch of {len(batch)} elements"
             )
         x, y = batch
         if backend.BACKEND != "tensorflow":
@@ -240,7 +244,7 @@ def _lanczos(
             break
         if (
             converged is not None
-            and (j + 1) % every == 0
+            and ((j + 1) % every == 0 or j + 1 == steps)
             and converged(_tridiagonal_eigen(alphas, betas)[0])
         ):
             break
@@ -398,7 +402,8 @@ def hessian_spectral_density(
         quad_weights.append(tau)
     all_nodes = np.concatenate(nodes)
     low, high = all_nodes.min(), all_nodes.max()
-    span = max(high - low, 1e-6 * max(1.0, abs(high)))
+    # Relative, as the eigenvalues' convergence; 1 for a zero Hessian.
+    span = max(high - low, 1e-6 * max(abs(low), abs(high))) or 1.0
     sigma = sigma or 0.01 * span
     grid = np.linspace(low - 0.1 * span, high + 0.1 * span, grid_size)
     density = np.zeros_like(grid)

@@ -409,10 +409,13 @@ def check_second_derivatives(model, training):
     """
     if not training or keras.backend.backend() != "tensorflow":
         return
+    # A frozen BatchNormalization normalizes with its moving statistics
+    # in training mode too, as Keras' layer does.
     names = [
         layer.name
         for layer in flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
+        and layer.trainable
     ]
     if names:
         raise ValueError(

@@ -1,6 +1,7 @@
 """keras_sam.analysis against analytic Hessians and hand-computed values."""
 
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -103,8 +104,13 @@ def test_analysis_changes_no_state_of_a_batchnorm_model():
     x = np.random.default_rng(0).standard_normal((16, 4)).astype("float32")
     dataset = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(8)
     before = [v.numpy() for v in model.variables]
+    # TensorFlow refuses the Hessian through batch statistics.
     analysis.hessian_top_eigenvalues(
-        model, dataset, mse, training=False, max_iterations=5
+        model,
+        dataset,
+        mse,
+        training=backends.BACKEND != "tensorflow",
+        max_iterations=5,
     )
     analysis.m_sharpness(model, dataset, mse, rho=0.1, m=4, training=True)
     for b, v in zip(before, model.variables):
@@ -315,6 +321,19 @@ def test_a_small_hessian_converges_as_a_large_one():
         np.testing.assert_allclose(got, want, rtol=1e-3)
 
 
+def test_a_small_spectral_density_has_its_own_width():
+    # Its span had an absolute floor of 1e-6: at 1e-10 the kernel was a
+    # hundred times wider than the spectrum, and the two peaks one.
+    x = design_with_spectrum([8e-10, 8e-10, 2e-10, 2e-10]).astype("float32")
+    model, dataset = least_squares(x, np.zeros((64, 1), "float32"))
+    grid, density, _, _ = analysis.hessian_spectral_density(
+        model, dataset, mse, lanczos_steps=4, num_probes=2
+    )
+    np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, rtol=1e-2)
+    peak = grid[np.argmax(density)]
+    assert min(abs(peak - 8e-10), abs(peak - 2e-10)) < 1e-11
+
+
 def test_unconverged_eigenvalues_come_with_a_warning():
     x = design_with_spectrum(np.geomspace(1.0, 0.9, 40)).astype("float32")
     model, dataset = least_squares(x, np.zeros((64, 1), "float32"))
@@ -322,6 +341,20 @@ def test_unconverged_eigenvalues_come_with_a_warning():
         analysis.hessian_top_eigenvalues(
             model, dataset, mse, k=2, max_iterations=3
         )
+
+
+def test_eigenvalues_converged_at_the_last_step_come_without_a_warning():
+    # Convergence had been asked every 4 steps only: with 5 steps the top
+    # value was never compared, and a converged run warned.
+    spectrum = np.concatenate([[100.0], np.geomspace(1.0, 0.01, 39)])
+    x = design_with_spectrum(spectrum).astype("float32")
+    model, dataset = least_squares(x, np.zeros((64, 1), "float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = analysis.hessian_top_eigenvalues(
+            model, dataset, mse, max_iterations=5
+        )
+    np.testing.assert_allclose(got, [100.0], rtol=1e-4)
 
 
 def test_a_weight_the_loss_does_not_use_has_a_zero_hessian():

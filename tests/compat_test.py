@@ -402,3 +402,6 @@ def test_keras_batch_variance_still_has_a_wrong_hessian_on_tensorflow():
             compat.check_second_derivatives(bn, training=True)
     else:
         compat.check_second_derivatives(bn, training=True)
+    # Frozen, it normalizes with its moving statistics in training mode.
+    bn.layers[0].trainable = False
+    compat.check_second_derivatives(bn, training=True)
