@@ -588,15 +588,14 @@ def linear_interpolation(
             if "float" in str(v.dtype)
         ]
 
-    w_a = _weights_of(model_a, floats(model_a))
+    variables_a = floats(model_a)
+    w_a = _weights_of(model_a, variables_a)
     w_b = _weights_of(model_b, floats(model_b))
     if [w.shape for w in w_a] != [w.shape for w in w_b]:
         raise ValueError(
             "`model_a` and `model_b` have different weight shapes."
         )
-    functions = _LossFunctions(
-        model_a, dataset, loss_fn, training, floats(model_a)
-    )
+    functions = _LossFunctions(model_a, dataset, loss_fn, training, variables_a)
     difference = [b - a for a, b in zip(w_a, w_b)]
     return np.array(
         [
