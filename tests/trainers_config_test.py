@@ -194,6 +194,11 @@ def test_every_sam_option_is_a_flag_with_its_default_and_help():
             "average of the whole batch's clean gradient and perturbs at "
             "every step). Received: --switching=randomized",
         ),
+        (  # it had failed at the first step, naming the optimizer
+            dict(perturbation="momentum", momentum=0.0),
+            "--perturbation=momentum moves the weights along SGD's "
+            "momentum, so it needs --momentum > 0. Received: --momentum=0.0",
+        ),
     ],
 )
 def test_a_bad_sam_flag_fails_parsing_naming_the_flag_and_value(

@@ -248,6 +248,14 @@ def _check_sam_flag(name, value):
         named = [n for n in re.findall(r"--(\w+)", message) if n in values]
         if not named or named[0] == name:
             raise flags.ValidationError(message) from None
+    momentum = flags.FLAGS["momentum"].value if "momentum" in flags.FLAGS else 1
+    if name == "perturbation" and value == "momentum" and not momentum:
+        # keras_sam would refuse the optimizer only at the first step.
+        raise flags.ValidationError(
+            "--perturbation=momentum moves the weights along SGD's "
+            f"momentum, so it needs --momentum > 0. Received: "
+            f"--momentum={momentum}"
+        )
     return True
 
 
