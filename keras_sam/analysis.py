@@ -389,12 +389,15 @@ def hessian_spectral_density(
 
     progress = _progress(lanczos_steps * num_probes, verbose)
     nodes, quad_weights = [], []
+    # One stream for all probes: `seed + probe` made seed 0's second probe
+    # seed 1's first.
+    rng = np.random.default_rng(seed)
     for probe in range(num_probes):
         ritz, tau, _ = _lanczos(
             matvec,
             flat.size,
             lanczos_steps,
-            np.random.default_rng(seed + probe),
+            rng,
             1e-10,
             progress,
         )
@@ -461,7 +464,8 @@ def filter_normalized_direction(weights, seed=0, ignore_1d=True):
 
     Args:
         weights: list of weight arrays.
-        seed: random seed. Defaults to `0`.
+        seed: random seed, or a `np.random.Generator` to draw from.
+            Defaults to `0`.
         ignore_1d: zero direction for rank < 2 weights. Defaults to `True`.
 
     Returns:
@@ -547,9 +551,11 @@ def loss_landscape_2d(
     functions = _LossFunctions(model, dataset, loss_fn, training)
     w = _weights_of(model)
     if directions is None:
+        # One stream for both, so no seed's second is another seed's first.
+        rng = np.random.default_rng(seed)
         directions = (
-            filter_normalized_direction(w, seed),
-            filter_normalized_direction(w, seed + 1),
+            filter_normalized_direction(w, rng),
+            filter_normalized_direction(w, rng),
         )
     if len(directions) != 2:
         raise ValueError(

@@ -91,6 +91,26 @@ def test_spectral_density_puts_its_mass_at_the_eigenvalues():
     assert abs(peak - 2.0) < 0.1 or abs(peak - 8.0) < 0.1
 
 
+def test_no_seed_draws_what_another_seed_draws():
+    # Probes and directions were drawn with `seed + i`: seed 0's second
+    # probe was seed 1's first, and so for the landscape's directions.
+    x = design_with_spectrum([8.0, 4.0, 2.0, 1.0]).astype("float32")
+    y = np.ones((64, 1), "float32")
+    model, dataset = least_squares(x, y, np.ones((4, 1), "float32"))
+    weights = [
+        analysis.hessian_spectral_density(
+            model, dataset, mse, lanczos_steps=4, num_probes=2, seed=seed
+        )[3]
+        for seed in (0, 1)
+    ]
+    assert not np.allclose(weights[0][1], weights[1][0])
+    second_of_0 = analysis.loss_landscape_2d(model, dataset, mse, [0], [1])
+    first_of_1 = analysis.loss_landscape_2d(
+        model, dataset, mse, [1], [0], seed=1
+    )
+    assert abs(second_of_0 - first_of_1) > 1e-3 * abs(first_of_1)
+
+
 def test_analysis_changes_no_state_of_a_batchnorm_model():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
