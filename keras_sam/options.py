@@ -41,13 +41,17 @@ class SAMOptions:
         "ASAM typically wants a ρ about 10 times SAM's.",
     )
     adaptive: bool = _option(False, "ASAM's scale-invariant ε.")
-    eta: float = _option(0.01, "ASAM's η > 0, added to |w|.")
+    eta: float = _option(
+        0.01,
+        "ASAM's η >= 0, added to |w| so that weights at zero are "
+        "perturbed (the ASAM authors' CIFAR example and davda54/sam use 0).",
+    )
     adaptive_variables: str = _option(
         "weights",
         "With adaptive: 'weights' (T = |w| + η on every trainable variable "
         "but biases and normalization offsets, named bias or beta, which "
         "get T = 1, as the ASAM authors' code) or 'all' (T = |w| + η on "
-        "every one, as davda54/sam's ASAM).",
+        "every one; with eta=0, davda54/sam's ASAM).",
     )
     sync_perturbations: bool = _option(
         False,
@@ -172,7 +176,7 @@ GUARDED = (*NAMES, "options")
 def _checked(options):
     """The normalized values of `options`' fields; raises on a bad one."""
     rho = _checked_rho(options.rho)
-    eta = checked_number("eta", options.eta, minimum=0, strict=True)
+    eta = checked_number("eta", options.eta, minimum=0)
     micro_batches = checked_integer("micro_batches", options.micro_batches, 1)
     for name in ("adaptive", "sync_perturbations"):
         value = getattr(options, name)

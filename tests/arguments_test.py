@@ -164,8 +164,8 @@ def base():
             "`rho` must be >= 0. Received: rho=",
         ),
         (
-            lambda: keras_sam.SAMModel(base(), eta=np.float32(0)),
-            "`eta` must be > 0. Received: eta=0.0",
+            lambda: keras_sam.SAMModel(base(), eta=np.float32(-1)),
+            "`eta` must be >= 0. Received: eta=-1.0",
         ),
         (
             lambda: keras_sam.SAMModel(base(), micro_batches=2.0),

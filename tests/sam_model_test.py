@@ -94,6 +94,13 @@ VARIANTS = {
         l2=0.0,
         weighted=False,
     ),
+    # davda54/sam's ASAM, and the ASAM authors' CIFAR example (η = 0 was
+    # refused).
+    "asam_all_eta_0": dict(
+        kwargs=dict(adaptive=True, eta=0.0, adaptive_variables="all"),
+        l2=0.0,
+        weighted=False,
+    ),
     "sam_weighted_l2": dict(kwargs={}, l2=0.01, weighted=True),
 }
 
@@ -476,7 +483,7 @@ def test_evaluate_and_predict_are_the_base_models():
     [
         (dict(rho=-0.1), "`rho` must be >= 0. Received: rho=-0.1"),
         (dict(rho="big"), "Received: rho='big'"),
-        (dict(eta=0.0), "`eta` must be > 0. Received: eta=0.0"),
+        (dict(eta=-0.01), "`eta` must be >= 0. Received: eta=-0.01"),
         (dict(micro_batches=0), "Received: micro_batches=0"),
         (
             dict(micro_batches=2, sync_perturbations=True),
