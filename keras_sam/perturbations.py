@@ -204,7 +204,9 @@ def gsam_gradients(clean, perturbed, alpha, epsilon=DEFAULT_EPSILON):
 def looksam_direction(clean, perturbed, epsilon=DEFAULT_EPSILON):
     """The direction LookSAM keeps from a SAM step (Liu et al., CVPR 2022).
 
-    For each variable separately, as in the authors' code, the part of the
+    For each variable separately, as the public implementations do
+    (unofficial ones: Liu et al. published none that we found; MSAM's
+    reimplementation takes whole-vector norms instead), the part of the
     SAM gradient `g_s` orthogonal to the clean gradient `g`:
 
     ```

@@ -285,6 +285,11 @@ class LatePhase(SwitchingPolicy):
     A late phase of a fraction f of the steps costs about 1 + f base
     steps. `start_step=0` (and no `end_step`) is exact SAM.
 
+    One optimizer serves both phases, so SGD's momentum carries across
+    the switch. The authors' code steps a second SGD in the SAM phase,
+    whose momentum starts at zero; the two differ for the first tens of
+    steps after the switch (about 1/(1 − μ)).
+
     Args:
         start_step: the first step that takes SAM, ≥ 0.
         end_step: the first step after the SAM phase, or `None` for the
