@@ -47,6 +47,21 @@ def schedule_step(optimizer):
     return inner._iterations
 
 
+def learning_rate_schedule(optimizer):
+    """The `LearningRateSchedule` `optimizer` applies, or `None` for a
+    constant or variable rate (a `LossScaleOptimizer`'s inner one's).
+
+    Keras offers the schedule only as the private `_learning_rate` (the
+    public `learning_rate` is its current value). Checked against Keras
+    3.15.1.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = inner._learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return rate
+    return None
+
+
 def stateless_scope(mapping):
     """A `StatelessScope` over `mapping` that also sees the enclosing one's.
 

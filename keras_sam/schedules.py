@@ -155,5 +155,38 @@ def current_rho(rho, optimizer):
                 "`optimizer` whose steps it follows. Received: "
                 f"rho={rho!r}, optimizer=None"
             )
+        if isinstance(rho, RhoFollowingLearningRate):
+            _check_follows(rho, optimizer)
         return ops.cast(rho(compat.schedule_step(optimizer)), "float32")
     return rho
+
+
+def _check_follows(rho, optimizer):
+    """Raises unless `rho` follows the schedule `optimizer` applies."""
+    if rho.rho_min == rho.rho_max:
+        return  # A constant ρ follows nothing.
+    applied = compat.learning_rate_schedule(optimizer)
+    if applied is rho.learning_rate:
+        return
+    if applied is not None and type(applied) is type(rho.learning_rate):
+        configs = [_config_or_none(s) for s in (applied, rho.learning_rate)]
+        if configs[0] is not None and configs[0] == configs[1]:
+            return
+    raise ValueError(
+        "`RhoFollowingLearningRate` follows a learning-rate schedule that "
+        "the optimizer does not apply, so ρ would not move with the rate: "
+        "give it the optimizer's schedule. Received: "
+        f"rho.learning_rate={rho.learning_rate!r}, the optimizer's "
+        + (
+            f"learning rate {applied!r}"
+            if applied is not None
+            else "constant (or variable) learning rate"
+        )
+    )
+
+
+def _config_or_none(schedule):
+    try:
+        return keras.saving.serialize_keras_object(schedule)
+    except (NotImplementedError, TypeError, ValueError):
+        return None

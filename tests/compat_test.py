@@ -35,6 +35,9 @@ def test_a_loss_scale_optimizer_steps_with_its_inner_optimizer():
     assert compat.schedule_step(optimizer) is inner._iterations
     assert optimizer.learning_rate is not None
     assert float(optimizer.learning_rate) == float(schedule(0))
+    # The schedule it applies, which the public `learning_rate` is not.
+    assert compat.learning_rate_schedule(optimizer) is schedule
+    assert compat.learning_rate_schedule(keras.optimizers.SGD(0.1)) is None
 
 
 # Each test below checks (a) that a workaround in `keras_sam.compat` still

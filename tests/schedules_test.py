@@ -109,3 +109,31 @@ def test_warmup_schedule_round_trips_through_get_config():
     assert clone.get_config() == rho.get_config()
     for step in (0, 5, 10, 60):
         assert float(clone(step)) == pytest.approx(float(rho(step)))
+
+
+@pytest.mark.parametrize(
+    "optimizer_rate, refused",
+    [
+        (0.1, True),  # ρ would decay while the rate stays
+        (lambda: SCHEDULES.CosineDecay(0.1, 4, alpha=0.5), True),
+        (lambda: SCHEDULES.CosineDecay(0.1, 4), False),  # equal, not same
+    ],
+)
+def test_rho_must_follow_the_schedule_the_optimizer_applies(
+    optimizer_rate, refused
+):
+    # A schedule other than the optimizer's had been followed silently.
+    rho = keras_sam.schedules.RhoFollowingLearningRate(
+        SCHEDULES.CosineDecay(0.1, 4), rho_max=0.1, rho_min=0.01
+    )
+    rate = optimizer_rate() if callable(optimizer_rate) else optimizer_rate
+    model = keras_sam.SAMModel(
+        keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]), rho=rho
+    )
+    model.compile(optimizer=keras.optimizers.SGD(rate), loss="mse")
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 1), "float32")
+    if not refused:
+        model.fit(x, y, epochs=2, verbose=0)
+        return
+    with pytest.raises(ValueError, match="the optimizer does not apply"):
+        model.fit(x, y, verbose=0)
