@@ -16,6 +16,13 @@ from keras import tree
 from keras_sam import compat
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
+# The wrapper's own steps: a base's override of one would be ignored.
+_REPLACED_STEPS = ("train_step", "test_step", "compute_metrics")
+
+
+def overrides(model, method):
+    """Whether `model`'s class overrides `keras.Model`'s `method`."""
+    return getattr(type(model), method) is not getattr(keras.Model, method)
 
 
 def check_base(base):
@@ -31,6 +38,16 @@ def check_base(base):
             f"`base` is already a {name}; wrap its base model instead, "
             f"`{name}(model.base, ...)`. Received: "
             f"base={base.name!r} of type {name}"
+        )
+    replaced = [m for m in _REPLACED_STEPS if overrides(base, m)]
+    if replaced:
+        raise ValueError(
+            f"`base` overrides `{'`, `'.join(replaced)}`, which `SAMModel` "
+            "replaces with its own (the SAM step, and evaluation with the "
+            "loss and metrics given to its `compile`), so the override "
+            "would be ignored. A custom objective belongs in `compute_loss`, "
+            "which both SAM passes and `evaluate` call. Received: "
+            f"base={base.name!r} of type {type(base).__name__}"
         )
 
 
@@ -90,7 +107,7 @@ class BaseWrapper:
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         """`base.compute_loss` if the base overrides it, else Keras' own."""
-        if type(self.base).compute_loss is keras.Model.compute_loss:
+        if not overrides(self.base, "compute_loss"):
             return super().compute_loss(
                 x, y, y_pred, sample_weight, training=training
             )
@@ -112,6 +129,20 @@ class BaseWrapper:
             self, self.train_function
         )
         return self.train_function
+
+    def predict(
+        self, x, batch_size=None, verbose="auto", steps=None, callbacks=None
+    ):
+        """`base.predict` when the base overrides `predict_step` (decoded
+        outputs, say), else Keras' own: the base model's predictions."""
+        model = self.base if overrides(self.base, "predict_step") else super()
+        return model.predict(x, batch_size, verbose, steps, callbacks)
+
+    def predict_on_batch(self, x):
+        """`predict_on_batch`, through the base's `predict_step` as
+        `predict`."""
+        model = self.base if overrides(self.base, "predict_step") else super()
+        return model.predict_on_batch(x)
 
     def export(
         self,

@@ -229,3 +229,54 @@ def test_a_frozen_base_logs_its_loss_and_keeps_its_weights():
     np.testing.assert_allclose(logs["loss"][0], want, rtol=1e-5)
     for got, initial in zip(base.get_weights(), weights):
         np.testing.assert_array_equal(got, initial)
+
+
+class ProbabilityClassifier(keras.Model):
+    """A subclassed classifier whose `predict_step` returns probabilities
+    (as KerasHub's detectors decode boxes)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x, training=None):
+        return self.dense(x)
+
+    def predict_step(self, *args):
+        output = super().predict_step(*args)
+        if isinstance(output, tuple):  # JAX's (outputs, state)
+            return keras.ops.softmax(output[0]), output[1]
+        return keras.ops.softmax(output)
+
+
+def test_predict_goes_through_the_bases_predict_step():
+    # SAMModel's predict had returned the base's raw outputs.
+    x, y, w0, b0 = softmax_data()
+    base = ProbabilityClassifier()
+    base(x[:1])
+    base.set_weights([w0, b0])
+    model = keras_sam.SAMModel(base, rho=RHO)
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    logits = x @ base.get_weights()[0] + base.get_weights()[1]
+    want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model.predict_on_batch(x[:4])),
+        want[:4],
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "method", ["train_step", "test_step", "compute_metrics"]
+)
+def test_a_base_overriding_a_replaced_step_is_refused(method):
+    # The override had been ignored, with no word.
+    def step(self, *args, **kwargs):
+        return getattr(keras.Model, method)(self, *args, **kwargs)
+
+    custom = type("Custom", (keras.Sequential,), {method: step})
+    base = custom([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=f"`base` overrides `{method}`"):
+        keras_sam.SAMModel(base)
