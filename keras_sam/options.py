@@ -43,8 +43,8 @@ class SAMOptions:
     adaptive: bool = _option(False, "ASAM's scale-invariant ε.")
     eta: float = _option(
         0.01,
-        "ASAM's η >= 0, added to |w| so that weights at zero are "
-        "perturbed (the ASAM authors' CIFAR example and davda54/sam use 0).",
+        "ASAM's η >= 0, added to |w|; η > 0 keeps weights at zero "
+        "perturbable (the ASAM authors' CIFAR example and davda54/sam use 0).",
     )
     adaptive_variables: str = _option(
         "weights",

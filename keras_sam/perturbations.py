@@ -102,7 +102,8 @@ def asam_perturbation(
         weights: list of the current weight tensors, aligned with
             `gradients`.
         rho: radius ρ ≥ 0; ASAM's ρ is typically about 10x SAM's.
-        eta: η ≥ 0, keeps weights at zero perturbable. Defaults to `0.01`.
+        eta: η ≥ 0; η > 0 keeps weights at zero perturbable. Defaults to
+            `0.01`.
         epsilon: added to the norm. Defaults to `1e-12`.
         adaptive_mask: booleans aligned with `gradients`: `True` where
             `T_w = |w| + η`, `False` where `T = 1`; `None` applies `T_w` to

@@ -16,13 +16,30 @@ from keras import tree
 from keras_sam import compat
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
-# The wrapper's own steps: a base's override of one would be ignored.
-_REPLACED_STEPS = ("train_step", "test_step", "compute_metrics")
 
 
 def overrides(model, method):
     """Whether `model`'s class overrides `keras.Model`'s `method`."""
     return getattr(type(model), method) is not getattr(keras.Model, method)
+
+
+def check_steps(base, steps, task):
+    """Raises if `base` overrides one of `steps`, which the wrapper
+    replaces with its own for `task` (the override would be ignored).
+
+    Checked when a train or test function is made, not when the wrapper
+    is made, so that a model saved before the check still loads and
+    predicts.
+    """
+    replaced = [m for m in steps if overrides(base, m)]
+    if replaced:
+        raise ValueError(
+            f"`base` overrides `{'`, `'.join(replaced)}`, which `SAMModel` "
+            f"replaces with its own for {task}, so the override would be "
+            "ignored. A custom objective belongs in `compute_loss`, which "
+            "both SAM passes and `evaluate` call. Received: "
+            f"base={base.name!r} of type {type(base).__name__}"
+        )
 
 
 def check_base(base):
@@ -38,16 +55,6 @@ def check_base(base):
             f"`base` is already a {name}; wrap its base model instead, "
             f"`{name}(model.base, ...)`. Received: "
             f"base={base.name!r} of type {name}"
-        )
-    replaced = [m for m in _REPLACED_STEPS if overrides(base, m)]
-    if replaced:
-        raise ValueError(
-            f"`base` overrides `{'`, `'.join(replaced)}`, which `SAMModel` "
-            "replaces with its own (the SAM step, and evaluation with the "
-            "loss and metrics given to its `compile`), so the override "
-            "would be ignored. A custom objective belongs in `compute_loss`, "
-            "which both SAM passes and `evaluate` call. Received: "
-            f"base={base.name!r} of type {type(base).__name__}"
         )
 
 
@@ -123,6 +130,7 @@ class BaseWrapper:
         (a traced step must hold it: `compat.stateful_variables`); on JAX,
         one that keeps the weights when a step raises
         (`compat.restoring_state_on_error`)."""
+        check_steps(self.base, ("train_step", "compute_metrics"), "training")
         compat.stateful_variables(self, create=True)
         super().make_train_function(force)
         self.train_function = compat.restoring_state_on_error(
@@ -130,19 +138,34 @@ class BaseWrapper:
         )
         return self.train_function
 
+    def make_test_function(self, force=False):
+        check_steps(self.base, ("test_step", "compute_metrics"), "evaluation")
+        return super().make_test_function(force)
+
     def predict(
         self, x, batch_size=None, verbose="auto", steps=None, callbacks=None
     ):
-        """`base.predict` when the base overrides `predict_step` (decoded
-        outputs, say), else Keras' own: the base model's predictions."""
-        model = self.base if overrides(self.base, "predict_step") else super()
-        return model.predict(x, batch_size, verbose, steps, callbacks)
+        """The base model's predictions: through its own `predict_step`
+        when it has one (decoded outputs, say), then with the base's
+        compile settings (Keras' `predict` on the base, without a KerasHub
+        model's preprocessing, which `fit` does not run either)."""
+        if not overrides(self.base, "predict_step"):
+            return super().predict(x, batch_size, verbose, steps, callbacks)
+        return keras.Model.predict(
+            self.base,
+            x,
+            batch_size=batch_size,
+            verbose=verbose,
+            steps=steps,
+            callbacks=callbacks,
+        )
 
     def predict_on_batch(self, x):
         """`predict_on_batch`, through the base's `predict_step` as
         `predict`."""
-        model = self.base if overrides(self.base, "predict_step") else super()
-        return model.predict_on_batch(x)
+        if not overrides(self.base, "predict_step"):
+            return super().predict_on_batch(x)
+        return keras.Model.predict_on_batch(self.base, x)
 
     def export(
         self,

@@ -269,14 +269,28 @@ def test_predict_goes_through_the_bases_predict_step():
 
 
 @pytest.mark.parametrize(
-    "method", ["train_step", "test_step", "compute_metrics"]
+    "method, refused",
+    [
+        ("train_step", ("fit",)),
+        ("test_step", ("evaluate",)),
+        ("compute_metrics", ("fit", "evaluate")),
+    ],
 )
-def test_a_base_overriding_a_replaced_step_is_refused(method):
-    # The override had been ignored, with no word.
+def test_a_base_overriding_a_replaced_step_is_refused(method, refused):
+    # The override had been ignored, with no word. The model is still
+    # made (a saved one loads) and predicts.
     def step(self, *args, **kwargs):
         return getattr(keras.Model, method)(self, *args, **kwargs)
 
     custom = type("Custom", (keras.Sequential,), {method: step})
     base = custom([keras.Input((2,)), keras.layers.Dense(1)])
-    with pytest.raises(ValueError, match=f"`base` overrides `{method}`"):
-        keras_sam.SAMModel(base)
+    model = keras_sam.SAMModel(base)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")
+    assert model.predict(x, verbose=0).shape == (4, 1)
+    for name in ("fit", "evaluate"):
+        if name in refused:
+            with pytest.raises(ValueError, match=f"overrides `{method}`"):
+                getattr(model, name)(x, y, verbose=0)
+        else:
+            getattr(model, name)(x, y, verbose=0)

@@ -270,3 +270,30 @@ def test_resnet_keras_file_round_trip_trains_on_identically(tmp_path):
     # BatchNorm's moving statistics were trained (from the clean pass).
     means = [v for v in sam.base.variables if v.path.endswith("moving_mean")]
     assert means and all(np.abs(v.numpy()).max() > 0 for v in means)
+
+
+def test_a_pipeline_models_predict_step_serves_predict():
+    # KerasHub's detectors decode in `predict_step`; their `predict` takes
+    # two positional arguments and runs the preprocessor, which `fit` does
+    # not: SAMModel.predict had failed on the arguments.
+    from keras_hub.src.utils.pipeline_model import PipelineModel
+
+    class Decoding(PipelineModel):
+        def __init__(self, **kwargs):
+            inputs = keras.Input((3,))
+            outputs = keras.layers.Dense(2)(inputs)
+            super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        def predict_step(self, *args):
+            output = super().predict_step(*args)
+            if isinstance(output, tuple):  # JAX's (outputs, state)
+                return keras.ops.softmax(output[0]), output[1]
+            return keras.ops.softmax(output)
+
+    model = keras_sam.SAMModel(Decoding(), rho=RHO)
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype("float32")
+    model.fit(x, np.zeros((4, 2), "float32"), verbose=0)
+    logits = keras.ops.convert_to_numpy(model(x))
+    want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, atol=1e-6)
