@@ -229,9 +229,16 @@ def answers(by_noise):
     missing = common.snippet("results", "cnn_missing")
     clean = by_noise.get(0.0, [])
     q1 = _against_sgd(_row(clean, "SAM")) or missing
-    q2, q3, q4 = [], [], []
+    q2, q3, q4, behind = [], [], [], []
     for noise, rows in sorted(by_noise.items()):
         at = common.percent(noise)
+        losing = [
+            f"{r['name']} ({r['gain']:+.2f} ± {r['ci']:.2f} points)"
+            for r in rows
+            if _paired(r) and r["gain"] + r["ci"] < 0
+        ]
+        if losing:
+            behind.append(f"At {at}: {', '.join(losing)}")
         msam, sam, sam_on = (
             _row(rows, n) for n in ("Momentum-SAM", "SAM", "SAM-ON")
         )
@@ -284,6 +291,12 @@ def answers(by_noise):
         q2=". ".join(q2) or missing,
         q3=". ".join(q3) or missing,
         q4=". ".join(q4) or missing,
+        behind=". ".join(behind)
+        or (
+            "none"
+            if any(_paired(r) for rows in by_noise.values() for r in rows)
+            else missing
+        ),
     )
 
 

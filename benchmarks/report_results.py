@@ -382,6 +382,25 @@ def _reaching(rows, cost="cost"):
     ]
 
 
+def _answer(rows, reached, sam_gain):
+    """Yes or No, and whether the gains' intervals agree with a Yes."""
+    if not reached:
+        return "No"
+    target = common.SHARE_TARGET * sam_gain
+    unsure = [
+        r["name"]
+        for r in rows
+        if r["name"] in reached and r["gain"] - r["gain_ci"] < target
+    ]
+    if not unsure:
+        return "Yes: " + ", ".join(reached)
+    return (
+        f"On the point estimates, yes: {', '.join(reached)}; the 95 % "
+        f"interval of the gain of {', '.join(unsure)} reaches below "
+        f"{common.percent(common.SHARE_TARGET)} of SAM's"
+    )
+
+
 def _closest(rows):
     others = [r for r in rows if r["name"] not in ("SAM", "GSAM")]
     keeping = [r for r in others if r["share"] >= common.SHARE_TARGET]
@@ -490,7 +509,7 @@ def _variants(data):
         cost_target=common.COST_TARGET,
         share_target=common.percent(common.SHARE_TARGET),
         sam_gain=sam_gain,
-        answer="Yes: " + ", ".join(reached) if reached else "No",
+        answer=_answer(rows, reached, sam_gain),
         closest=_closest(rows),
         priced_answer=_priced_answer(rows),
     )
