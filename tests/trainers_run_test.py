@@ -217,6 +217,39 @@ def test_the_weights_average_is_evaluated_but_never_trained_on(tmp_path):
     assert abs(runs[0]["test_loss"] - runs[1]["test_loss"]) > 1e-3
 
 
+def test_the_final_validation_figures_are_of_the_averaged_weights(
+    tmp_path, monkeypatch
+):
+    # They had been the last epoch's, of the raw weights, while the test
+    # accuracy and model.keras were of the average.
+    measured = {}
+    original = loop.ExampleSetAccuracy.__init__
+
+    def recording(self, model, example_sets):
+        measured.update(base=model, sets=example_sets)
+        original(self, model, example_sets)
+
+    monkeypatch.setattr(loop.ExampleSetAccuracy, "__init__", recording)
+    results = fashion_mnist.run(
+        make_flags(
+            tmp_path,
+            ema_decay=0.9,
+            train_examples=256,
+            validation_examples=256,
+            label_noise=0.4,
+            track_memorization=True,
+            train_steps=0,
+            epochs=2,
+            deterministic=True,
+        )
+    )
+    for key, measure in measured["sets"].items():
+        assert results[key] == float(measure(measured["base"])), key
+    assert any(
+        results[key] != results["history"][key][-1] for key in measured["sets"]
+    )
+
+
 def test_rerunning_a_finished_run_trains_no_more(tmp_path):
     first = fashion_mnist.run(make_flags(tmp_path))
     again = fashion_mnist.run(make_flags(tmp_path))

@@ -55,7 +55,9 @@ class OptimizerConfig(data_config.FlagFields):
     ema_decay: float = setting(
         0.0,
         "Evaluate an exponential moving average of the weights with this "
-        "decay; 0 disables.",
+        "decay (the final test, validation and memorization figures and "
+        "model.keras are the average's; each epoch's logs the raw "
+        "weights'); 0 disables.",
         check=BELOW_ONE,
     )
     label_smoothing: float = setting(

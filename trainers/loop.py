@@ -474,8 +474,12 @@ def _fit_and_report_locked(
                 f"infinite. {kept}; try a lower --learning_rate or --rho."
             )
 
+    final_sets = {k: history[k][-1] for k in example_sets if history.get(k)}
     if config.optimizer.ema_decay > 0:
         model.optimizer.finalize_variable_values(model.trainable_variables)
+        # Measured again on the average, the model that the test accuracy
+        # and model.keras are of (the epochs' logs are the raw weights').
+        final_sets = {k: float(m(base)) for k, m in example_sets.items()}
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
     results = {
         "dataset": data.name,
@@ -492,7 +496,7 @@ def _fit_and_report_locked(
             for key in TrainingTime.KEYS
         },
         "replicas": strategy.num_replicas_in_sync,
-        **{key: history[key][-1] for key in example_sets if history.get(key)},
+        **final_sets,
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "flags": config.recorded_flags,
     }
