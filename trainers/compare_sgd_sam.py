@@ -210,7 +210,7 @@ def format_table(compared):
     ]
     lines = [
         f"Fashion-MNIST, {compared['label_noise']:.0%} of the training "
-        f"labels wrong, MLP, {sgd['epochs']} epochs:",
+        f"labels replaced by random ones, MLP, {sgd['epochs']} epochs:",
         "",
         f"| | SGD | SAM (ρ = {sam['rho']}) |",
         "|---|---|---|",
