@@ -2,7 +2,8 @@
 
 Images arrive as float32 in [0, 1], NHWC; every function keeps the shape,
 the dtype and the range. Each image gets its own random draw, as in the SAM
-paper's code, which augments examples before batching. The draws are
+paper's code, which augments examples before batching (but for its
+cutout: see `cutout`). The draws are
 stateless: a `seed` of shape `[2]` (the trainer passes `(--seed, step)`)
 fixes them, so a resumed run augments every batch exactly as an
 uninterrupted one would, and parallel `map` calls share no random state.
@@ -76,7 +77,10 @@ def cutout(images, size, seed=None):
     """Zeroes one `size`×`size` square per image (DeVries & Taylor, 2017).
 
     The square's centre is uniform over the image, so it may be clipped at
-    the border, as in the original.
+    the border, as in the original. Two differences from the SAM paper's
+    code (google-research/sam), which cuts one square per batch out of
+    normalized images: each image gets its own square, and the fill, 0 on
+    images in [0, 1], is black there rather than the mean.
     """
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]

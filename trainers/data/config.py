@@ -104,7 +104,8 @@ class DataConfig(FlagFields):
     )
     augmentation: str = setting(
         "none",
-        "none; basic (flip, pad 4, random crop); cutout (basic + cutout); "
+        "none; basic (flip, pad 4, random crop); cutout (basic + a black "
+        "square per image); "
         "randaugment (basic + Keras RandAugment); autoaugment_cifar and "
         "autoaugment_svhn (the AutoAugment policy, then basic and cutout, "
         "as in the SAM paper's code).",
