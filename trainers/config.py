@@ -94,8 +94,8 @@ class AcceleratorConfig(data_config.FlagFields):
     )
     jit_compile: str = setting(
         "auto",
-        "XLA: auto resolves as Keras does (off on CPU and under "
-        "tf.distribute).",
+        "XLA: auto resolves as Keras does (TensorFlow: off on CPU and "
+        "under tf.distribute; JAX: on; PyTorch: off).",
         choices=["auto", "true", "false"],
     )
     mixed_precision: str = setting(
