@@ -242,13 +242,22 @@ def stateless_sam_gradients(
             `LossScaleOptimizer`) and a schedule `rho` follows its
             `iterations`.
         optimizer_variables: the values of `optimizer.variables`, needed
-            with an `optimizer` inside a compiled function.
+            (and checked) with an `optimizer` inside a compiled function.
 
     Returns:
         `(loss, gradients, non_trainable_variables)`: the clean loss, the
         SAM gradients aligned with `trainable_variables`, and the new
         values of the non-trainable variables.
     """
+    compiled = any(backend.is_symbolic(v) for v in trainable_variables[:1])
+    if optimizer is not None and optimizer_variables is None and compiled:
+        # JAX would read the optimizer's step and loss scale once, at trace.
+        raise ValueError(
+            "Inside a compiled function, `stateless_sam_gradients` needs the "
+            "values of `optimizer.variables` as `optimizer_variables`, as "
+            "`optimizer.stateless_apply` does. Received: "
+            f"optimizer={optimizer.name!r}, optimizer_variables=None"
+        )
     groups = [model.trainable_variables, model.non_trainable_variables]
     values = [trainable_variables, non_trainable_variables]
     if optimizer is not None and optimizer_variables is not None:

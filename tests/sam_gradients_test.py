@@ -251,6 +251,36 @@ def test_a_variable_rho_is_read_at_every_call():
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_compiled_call_needs_the_optimizers_variables():
+    # JAX had read the optimizer's step once, at trace: a ρ schedule stayed
+    # at its first value, with no word.
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+
+    @backends.compiled
+    def stateless_gradients(trainable, non_trainable):
+        return keras_sam.stateless_sam_gradients(
+            model,
+            trainable,
+            non_trainable,
+            x,
+            y,
+            xent(),
+            rho=keras.optimizers.schedules.CosineDecay(0.1, 10),
+            optimizer=optimizer,
+        )[1]
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    if backends.BACKEND == "torch":  # eager: the variables are read live
+        stateless_gradients(trainable, non_trainable)
+        return
+    with pytest.raises(ValueError, match="optimizer_variables=None"):
+        stateless_gradients(trainable, non_trainable)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
