@@ -281,7 +281,7 @@ def _checked_rho(rho):
         return rho
     if callable(rho):
         return rho
-    if not _is_real(rho):
+    if not is_real(rho):
         raise ValueError(
             "`rho` must be a number >= 0, a float `keras.Variable` or a "
             f"schedule. Received: rho={rho!r}"
@@ -307,7 +307,7 @@ def checked_integer(name, value, minimum):
 def checked_number(name, value, minimum, strict=False):
     """`value` as a finite float >= `minimum` (> with `strict`)."""
     relation = ">" if strict else ">="
-    if not _is_real(value):
+    if not is_real(value):
         raise ValueError(
             f"`{name}` must be a number {relation} {minimum}. Received: "
             f"{name}={value!r}"
@@ -392,7 +392,7 @@ _EXCLUDED = {
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAMOptions)}
 
 
-def _is_real(value):
+def is_real(value):
     """A Python or NumPy real number, not a boolean."""
     return isinstance(value, numbers.Real) and not isinstance(
         value, (bool, np.bool_)

@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 
 from keras_sam import backend
+from keras_sam import options
 from keras_sam import perturbations
 
 
@@ -55,10 +56,7 @@ class Periodic(SwitchingPolicy):
     """
 
     def __init__(self, every=2, **kwargs):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(
-                f"`every` must be an integer >= 1. Received: every={every!r}"
-            )
+        every = options.checked_integer("every", every, 1)
         super().__init__(**kwargs)
         self.every = every
 
@@ -90,9 +88,7 @@ class Randomized(SwitchingPolicy):
 
     def __init__(self, probability=0.5, seed=0, **kwargs):
         if not callable(probability) and not (
-            isinstance(probability, (int, float))
-            and not isinstance(probability, bool)
-            and 0 <= probability <= 1
+            options.is_real(probability) and 0 <= probability <= 1
         ):
             raise ValueError(
                 "`probability` must be a number in [0, 1] or a schedule. "
@@ -100,7 +96,7 @@ class Randomized(SwitchingPolicy):
             )
         super().__init__(**kwargs)
         self.probability = probability
-        self.seed = int(seed)
+        self.seed = options.checked_integer("seed", seed, 0)
 
     def call(self, step, squared_gradient_norm=None):
         del squared_gradient_norm
@@ -202,15 +198,12 @@ class GradientNormOutlier(SwitchingPolicy):
         decay_steps=None,
         **kwargs,
     ):
-        if not 0 <= decay < 1:
+        if not (options.is_real(decay) and 0 <= decay < 1):
             raise ValueError(
                 f"`decay` must lie in [0, 1). Received: decay={decay!r}"
             )
-        if decay_steps is not None and decay_steps < 1:
-            raise ValueError(
-                "`decay_steps` must be None or >= 1. "
-                f"Received: decay_steps={decay_steps!r}"
-            )
+        if decay_steps is not None:
+            options.checked_number("decay_steps", decay_steps, 1)
         super().__init__(**kwargs)
         self.decay = float(decay)
         self.c_start = float(c_start)
@@ -297,23 +290,10 @@ class LatePhase(SwitchingPolicy):
     """
 
     def __init__(self, start_step, end_step=None, **kwargs):
-        if (
-            not isinstance(start_step, int)
-            or isinstance(start_step, bool)
-            or start_step < 0
-        ):
-            raise ValueError(
-                "`start_step` must be an integer >= 0. Received: "
-                f"start_step={start_step!r}"
-            )
-        if end_step is not None and (
-            not isinstance(end_step, int)
-            or isinstance(end_step, bool)
-            or end_step <= start_step
-        ):
-            raise ValueError(
-                "`end_step` must be None or an integer > start_step="
-                f"{start_step}. Received: end_step={end_step!r}"
+        start_step = options.checked_integer("start_step", start_step, 0)
+        if end_step is not None:
+            end_step = options.checked_integer(
+                "end_step", end_step, start_step + 1
             )
         super().__init__(**kwargs)
         self.start_step = start_step

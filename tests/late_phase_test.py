@@ -1,6 +1,9 @@
 """Late-phase SAM (`switching.LatePhase`) against the NumPy oracle and its
 reductions to SAM and to the base optimizer."""
 
+import re
+
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -57,16 +60,42 @@ def test_late_phase_round_trips_through_get_config():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "policy, kwargs, message",
     [
-        (dict(start_step=-1), "start_step=-1"),
-        (dict(start_step=1.5), "start_step=1.5"),
-        (dict(start_step=4, end_step=4), "end_step=4"),
+        (switching.LatePhase, dict(start_step=-1), "start_step=-1"),
+        (switching.LatePhase, dict(start_step=1.5), "start_step=1.5"),
+        (switching.LatePhase, dict(start_step=4, end_step=4), "end_step=4"),
+        (switching.LatePhase, dict(start_step=0, end_step=True), "end_step"),
+        (switching.Periodic, dict(every=0), "every=0"),
+        (switching.Periodic, dict(every=2.0), "every=2.0"),
+        (switching.Randomized, dict(probability=1.5), "probability=1.5"),
+        (switching.Randomized, dict(probability=True), "probability=True"),
+        (switching.Randomized, dict(seed=2.7), "seed=2.7"),
+        (switching.Randomized, dict(seed="3"), "seed='3'"),
+        (switching.GradientNormOutlier, dict(decay=1), "decay=1"),
+        (switching.GradientNormOutlier, dict(decay="0.5"), "decay='0.5'"),
+        (switching.GradientNormOutlier, dict(decay_steps=0), "decay_steps=0"),
+        (
+            switching.GradientNormOutlier,
+            dict(decay_steps="100"),
+            "decay_steps='100'",
+        ),
     ],
 )
-def test_bad_late_phase_arguments_name_the_argument_and_value(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        switching.LatePhase(**kwargs)
+def test_bad_switching_arguments_name_the_argument_and_value(
+    policy, kwargs, message
+):
+    # Each check is the one the SAM options use (`options.checked_*`).
+    with pytest.raises(ValueError, match=re.escape(message)):
+        policy(**kwargs)
+
+
+def test_numpy_integers_are_accepted_as_steps():
+    window = switching.LatePhase(np.int64(2), end_step=np.int32(5))
+    assert (window.start_step, window.end_step) == (2, 5)
+    assert type(window.start_step) is int
+    assert switching.Periodic(np.int64(3)).every == 3
+    assert switching.Randomized(seed=np.int64(4)).seed == 4
 
 
 def test_trainer_flag_starts_sam_at_the_given_fraction(tmp_path):
