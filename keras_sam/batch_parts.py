@@ -184,8 +184,10 @@ def merge_states(initial_state, threaded_state, updates, fractions):
 
 def merge_parts(parts, threaded_state):
     """What the parts' clean passes leave, merged: the loss and ‖∇L(w)‖
-    averaged with the parts' shares, the predictions concatenated, and the
-    state as `merge_states` merges it."""
+    averaged with the parts' shares, the predictions concatenated, the
+    state as `merge_states` merges it, and the float8 scaling state
+    (`selection.split_assigned`) as the parts' elementwise maximum, as
+    Keras' gradient accumulation combines it."""
     fractions = [part.fraction for part in parts]
     y_pred = parts[0].clean.y_pred
     if len(parts) > 1:
@@ -197,6 +199,10 @@ def merge_parts(parts, threaded_state):
         loss=weighted_mean([part.clean.loss for part in parts], fractions),
         y_pred=y_pred,
         grad_norm=weighted_mean([p.clean_norm for p in parts], fractions),
+        assigned=[
+            None if a[0] is None else ops.max(ops.stack(a), 0)
+            for a in zip(*[part.clean.assigned for part in parts])
+        ],
         state=merge_states(
             parts[0].state,
             threaded_state,
@@ -214,7 +220,8 @@ def map_shards(step, data, state, metric_state, shards):
     keeps each on the devices holding its rows. `step` returns a SAM
     step's outcome; the merged one averages the loss, gradients, sharpness,
     gradient norm and BatchNorm statistics' updates over the shards (equal
-    shares, as `merge_states`), concatenates the predictions, takes the
+    shares, as `merge_states`), takes the float8 scaling state's maximum
+    (as `merge_parts`), concatenates the predictions, takes the
     seeds from the first shard (a step's advance) and adds up the shards'
     metric updates, as if threaded. Returns `None` where the backend does
     not map or the batch does not split into equal shards.
@@ -239,6 +246,7 @@ def map_shards(step, data, state, metric_state, shards):
             lambda t: ops.reshape(t, (n, *t.shape[2:])), out.y_pred
         ),
         gradients=[mean(g) for g in out.gradients],
+        assigned=[None if a is None else ops.max(a, 0) for a in out.assigned],
         sharpness=mean(out.sharpness),
         grad_norm=mean(out.grad_norm),
         state=[merged_state(new) for new in out.state],

@@ -8,8 +8,9 @@ Both passes run inside a `keras.StatelessScope`: the weights and the
 non-trainable state (BatchNorm statistics, random-number seeds) are handed in
 as tensors, so neither pass writes to a variable. After the passes, the
 non-trainable state of the clean pass is written back once; the perturbed
-pass's state is dropped. Because the perturbed pass starts from the same
-seed state as the clean pass, dropout draws the same masks in both.
+pass's state is dropped, and so is its float8 scaling state, which Keras
+returns as gradients (`selection.split_assigned`). The perturbed pass starts
+from the clean pass's seed state, so dropout draws the same masks in both.
 """
 
 import collections
@@ -39,15 +40,15 @@ Attributes:
         micro-batches, as returned by the loss function (not loss-scaled).
     y_pred: the clean pass's predictions for the whole batch.
     gradients: ∇L(w + ε), one per trainable variable (`None` where the loss
-        does not depend on it), multiplied by the optimizer's loss scale when
-        one is in use; averaged over micro-batches.
+        does not depend on it; the clean pass's new float8 scaling state),
+        times the optimizer's loss scale if any; averaged over micro-batches.
     sharpness: L(w + ε) − L(w), the perturbed pass's loss minus the clean
         pass's, averaged over micro-batches; `0` when the perturbed pass did
         not run.
-    grad_norm: ‖∇L(w)‖₂ of each micro-batch's clean gradient over all
-        trainable variables, averaged over micro-batches, multiplied by the
-        loss scale like `gradients`; with `sync_perturbations`, that of the
-        replicas' mean clean gradient.
+    grad_norm: ‖∇L(w)‖₂ of each micro-batch's clean gradient over the
+        trainable variables (not float8 scaling state), averaged over
+        micro-batches, times the loss scale like `gradients`; with
+        `sync_perturbations`, that of the replicas' mean clean gradient.
     perturbed: a boolean scalar, whether the perturbed pass ran (false when
         ρ = 0 or when the `switching` policy declined).
     sam_step: a boolean scalar, the `switching` policy's decision (true
@@ -78,8 +79,8 @@ def compute_sam_gradients(
     including `model.losses`; it is called inside the pass's stateless scope,
     so regularizers see the weights of that pass. Metric variables that it
     updates during the clean pass keep their updates; those of the perturbed
-    pass are dropped. The non-trainable state (BatchNorm statistics, seeds)
-    is written once, from the clean pass.
+    pass are dropped. The state (BatchNorm statistics, seeds, float8
+    scaling state) is the clean pass's.
 
     **Micro-batches.** With `micro_batches=k` and `n` examples, the batch is
     cut into `k` consecutive parts, the first `n mod k` of ⌈n/k⌉ examples
@@ -360,6 +361,7 @@ def compute_sam_gradients(
             loss=perturbed.loss,
             y_pred=perturbed.y_pred,
             gradients=perturbed.gradients,
+            assigned=perturbed.assigned,
             sharpness=ops.zeros((), "float32"),
             grad_norm=perturbations.global_norm(perturbed.gradients),
             directions=old_directions,
@@ -399,16 +401,11 @@ def compute_sam_gradients(
         else:
             run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
 
-        if parts_count == 1:
-            outcome = backend.cond(
-                run_perturbed, lambda: sam_step(whole), lambda: base_step(whole)
-            )
-        else:
-            outcome = backend.cond(
-                run_perturbed,
-                parts_step,
-                lambda: base_step(clean_passes(1) if whole is None else whole),
-            )
+        outcome = backend.cond(
+            run_perturbed,
+            (lambda: sam_step(whole)) if parts_count == 1 else parts_step,
+            lambda: base_step(clean_passes(1) if whole is None else whole),
+        )
 
     if looksam_directions is not None:
         _assign(looksam_directions, outcome.directions)
@@ -419,7 +416,7 @@ def compute_sam_gradients(
     return SAMResult(
         loss=outcome.loss,
         y_pred=outcome.y_pred,
-        gradients=outcome.gradients,
+        gradients=selection.with_assigned(outcome.gradients, outcome.assigned),
         sharpness=outcome.sharpness,
         grad_norm=outcome.grad_norm,
         perturbed=ops.convert_to_tensor(run_perturbed),
@@ -439,16 +436,18 @@ def _outcome(clean, gradients, sharpness, directions):
 
 
 _Part = collections.namedtuple(
-    "_Part",
-    "fraction batch state random_state clean for_epsilon clean_norm",
+    "_Part", "fraction batch state random_state clean for_epsilon clean_norm"
 )
-_Pass = collections.namedtuple("_Pass", "loss y_pred gradients state metrics")
+_Pass = collections.namedtuple(
+    "_Pass", "loss y_pred gradients state metrics assigned"
+)
 _Clean = collections.namedtuple(
     "_Clean", ["parts", "state", "metrics", "random_state_after"]
 )
 _Outcome = collections.namedtuple(
     "_Outcome",
-    "loss y_pred gradients sharpness grad_norm directions state metrics",
+    "loss y_pred gradients assigned sharpness grad_norm directions state "
+    "metrics",
 )
 
 
@@ -483,7 +482,10 @@ def _forward_and_gradients(
     (loss, y_pred, new_state, new_metrics), gradients = (
         backend.value_and_gradients(objective, weights)
     )
-    return _Pass(loss, y_pred, list(gradients), new_state, new_metrics)
+    gradients, assigned = selection.split_assigned(
+        model.trainable_variables, list(gradients)
+    )
+    return _Pass(loss, y_pred, gradients, new_state, new_metrics, assigned)
 
 
 def _changed(before, scope, variables):

@@ -4,13 +4,15 @@ ASAM's `T_w` scales the weights, not the offsets (`adaptive_variables_mask`);
 SAM-ON perturbs the variables that `perturbed_variables` names
 (`perturbed_mask`); Momentum-SAM moves the weights along the optimizer's
 momentum (`momentum_variables`); LookSAM keeps a direction per variable
-(`looksam_directions`). `SAMModel` hands them to
-`sam_step.compute_sam_gradients`.
+(`looksam_directions`); every variant leaves alone the variables that the
+optimizer assigns their gradient to (`split_assigned`). `SAMModel` hands
+them to `sam_step.compute_sam_gradients`.
 """
 
 import re
 
 import keras
+from keras import ops
 
 from keras_sam import compat
 
@@ -148,3 +150,30 @@ def state_of(variables, state, owners, option):
             "compile it, as Keras asks for a new optimizer."
         )
     return [state[index[id(v)]] for v in variables]
+
+
+def split_assigned(variables, gradients):
+    """(`gradients` with zeros for the variables that the optimizer assigns
+    their gradient to, those gradients with `None` elsewhere).
+
+    Keras' float8 layers return their new scaling state (scales, amax
+    histories) as the gradients of variables flagged
+    `overwrite_with_gradient`. That is state, as BatchNorm's statistics
+    are: ε, the norms and the variants' directions leave it alone, and it
+    comes from the clean passes (`batch_parts.merge_parts`), put back by
+    `with_assigned`.
+    """
+    assigned = [
+        g if getattr(v, "overwrite_with_gradient", False) else None
+        for v, g in zip(variables, gradients)
+    ]
+    zeroed = [
+        g if a is None else ops.zeros_like(g)
+        for g, a in zip(gradients, assigned)
+    ]
+    return zeroed, assigned
+
+
+def with_assigned(gradients, assigned):
+    """`gradients` with the `assigned` values (`split_assigned`) put back."""
+    return [g if a is None else a for g, a in zip(gradients, assigned)]
