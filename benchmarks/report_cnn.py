@@ -72,14 +72,7 @@ def rows(runs, noise, performance, grids=None):
     sam_gain = {"n": 0}
     if set(sgd) & set(common.by_seed(sam_group)):
         sam_gain = common.paired_difference(sgd, common.by_seed(sam_group))
-    cells = {}
-    if performance and PRICED_ON in performance["timings"]:
-        contenders = performance["timings"][PRICED_ON]["contenders"]
-        cells = {
-            name: contenders[cell]["cpu"]["median_ratio_to_sgd"]
-            for name, cell in CELLS.items()
-            if cell in contenders
-        }
+    costs = common.step_costs(performance, PRICED_ON)
     out = []
     for name in METHODS:
         group, rho = common.chosen(runs, name, noise)
@@ -94,7 +87,7 @@ def rows(runs, noise, performance, grids=None):
         row["accuracy"] = common.mean_sd(row["by_seed"].values())
         one_pass = name in ("SGD", "Momentum-SAM")
         row["cost"] = 1.0 + (0.0 if one_pass else common.sam_fraction(group))
-        row["measured"] = cells.get(name)
+        row["measured"] = costs.get(CELLS.get(name))
         cpu = _training_cpu(group)
         ratios = [cpu[s] / sgd_cpu[s] for s in set(cpu) & set(sgd_cpu)]
         row["run_cpu"] = float(np.mean(ratios)) if ratios else None

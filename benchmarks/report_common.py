@@ -173,14 +173,22 @@ def select(runs, optimizer, noise=None, rho=None):
     ]
 
 
+def first_seed(runs):
+    return min(r["seed"] for r in runs)
+
+
+def on_first_seed(group, runs):
+    """The runs of `group` on the first seed of the study's `runs`."""
+    return [r for r in group if r["seed"] == first_seed(runs)]
+
+
 def chosen(runs, name, noise=None):
     """`name`'s runs (at label noise `noise` when given) at the ρ of its
     best validation accuracy on the first seed of `runs`, and that ρ: the
     one rule by which every report chooses ρ, never on the test set.
     ([], None) when `name` has no run on that seed."""
     group = select(runs, name, noise)
-    first_seed = min(r["seed"] for r in runs)
-    first = [r for r in group if r["seed"] == first_seed]
+    first = on_first_seed(group, runs)
     if not first:
         return [], None
     rho = max(first, key=lambda r: r["validation_accuracy"])["rho"]
@@ -197,6 +205,15 @@ def sam_fraction(group):
         if "sam_fraction" in r["history"]
     ]
     return float(np.mean(fractions)) if fractions else 1.0
+
+
+def step_costs(performance, key):
+    """{contender: its median CPU time per step over SGD's} in the cell
+    `key` (model/mode) of `benchmarks.step_time`'s JSON; {} without it."""
+    if performance is None or key not in performance["timings"]:
+        return {}
+    contenders = performance["timings"][key]["contenders"]
+    return {n: c["cpu"]["median_ratio_to_sgd"] for n, c in contenders.items()}
 
 
 def by_seed(runs, key="test_accuracy", scale=100.0):

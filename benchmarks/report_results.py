@@ -53,15 +53,6 @@ def define_flags():
     )
 
 
-def _first_seed(runs):
-    return min(r["seed"] for r in runs)
-
-
-def _on_first_seed(group, runs):
-    """The runs of `group` on the first seed of the study's `runs`."""
-    return [r for r in group if r["seed"] == _first_seed(runs)]
-
-
 def _whole(runs):
     """The runs that trained in one process: their history covers every
     epoch and their times the whole run (a resumed run's cover the rest)."""
@@ -150,7 +141,9 @@ def rho_table(runs):
         cells = [common.percent(noise)]
         for rho in [None] + _grid(runs):
             name = "SGD" if rho is None else "SAM"
-            first = _on_first_seed(common.select(runs, name, noise, rho), runs)
+            first = common.on_first_seed(
+                common.select(runs, name, noise, rho), runs
+            )
             r = first[0] if first else {}
             cell = "—"
             if r:
@@ -243,20 +236,22 @@ def plot_rho(runs, path):
     for noise in _rates(runs):
         values = []
         for rho in _grid(runs):
-            first = _on_first_seed(common.select(runs, "SAM", noise, rho), runs)
+            first = common.on_first_seed(
+                common.select(runs, "SAM", noise, rho), runs
+            )
             values.append(
                 100 * first[0]["validation_accuracy"] if first else np.nan
             )
         label = common.percent(noise)
         line = ax.plot(_grid(runs), values, marker="o", label=label)[0]
-        sgd = _on_first_seed(common.select(runs, "SGD", noise), runs)
+        sgd = common.on_first_seed(common.select(runs, "SGD", noise), runs)
         if sgd:
             y = 100 * sgd[0]["validation_accuracy"]
             ax.axhline(y, color=line.get_color(), linestyle=":")
     ax.set_xscale("log")
     ax.set_xlabel("ρ")
     ax.set_ylabel("validation accuracy (noisy labels), %")
-    ax.set_title(f"SAM by ρ, seed {_first_seed(runs)} (dotted: SGD)")
+    ax.set_title(f"SAM by ρ, seed {common.first_seed(runs)} (dotted: SGD)")
     ax.legend(title="label noise", fontsize=7)
     common.save(fig, path)
 
@@ -311,7 +306,7 @@ def _with_chosen_momentum_rho(runs):
     group, chosen = common.chosen(runs, MOMENTUM_SAM)
     if chosen is None:
         return runs, None
-    first = _on_first_seed(common.select(runs, MOMENTUM_SAM), runs)
+    first = common.on_first_seed(common.select(runs, MOMENTUM_SAM), runs)
     candidates = {r["rho"]: r["validation_accuracy"] for r in first}
     kept = [r for r in runs if r["optimizer"] != MOMENTUM_SAM or r in group]
     return kept, (chosen, candidates, len(group))
@@ -326,10 +321,7 @@ def measured_step_cost(row, performance):
     during its phase) and 1 − f declined steps (before it). None when the
     table lacks the cells.
     """
-    if performance is None or PRICED_ON not in performance["timings"]:
-        return None
-    contenders = performance["timings"][PRICED_ON]["contenders"]
-    cells = {n: c["cpu"]["median_ratio_to_sgd"] for n, c in contenders.items()}
+    cells = common.step_costs(performance, PRICED_ON)
     own = {"SAM": "sam", "GSAM": "gsam", MOMENTUM_SAM: "momentum_sam"}
     if row["name"] in own:
         return cells.get(own[row["name"]])
@@ -471,7 +463,7 @@ def _variants(data):
             "results",
             "momentum_note",
             rho=chosen,
-            first_seed=_first_seed(runs),
+            first_seed=common.first_seed(runs),
             seeds=seeds,
             candidates=listed,
         )
@@ -625,7 +617,7 @@ def _rho(data):
     runs = data["noise"]["runs"]
     plot_rho(runs, data["figure"]("rho"))
     return dict(
-        first_seed=_first_seed(runs),
+        first_seed=common.first_seed(runs),
         table=rho_table(runs),
         edge_note=grid_edge_note(runs),
     )
