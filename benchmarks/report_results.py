@@ -561,7 +561,8 @@ def _make_train(data):
 
 
 def _sharpness(data):
-    """docs/sharpness.md's fields: the analysis of `make train`'s models."""
+    """docs/sharpness.md's fields: the analysis of `make train`'s models,
+    with the settings it ran with."""
     analysis, compared = data["sharpness"], data["make_train"]
     settings, models = analysis["settings"], analysis["models"]
     sgd, sam = models["sgd"], models["sam"]
@@ -590,26 +591,20 @@ def _sharpness(data):
     if settings["labels"] != "true":
         labels = "the labels they trained on, the random ones included"
     return dict(
+        settings,
         commands="\n".join([COMMANDS["make_train"], COMMANDS["sharpness"]]),
         noise=common.percent(compared["label_noise"]),
         train_rho=compared["SAM"]["rho"],
-        examples=settings["examples"],
         labels=labels,
-        rho=settings["rho"],
-        m=settings["m"],
         rows="\n".join(rows),
-        max_iterations=settings["max_iterations"],
-        make_train_sgd=compared["SGD"]["sharpness"],
-        make_train_sam=compared["SAM"]["sharpness"],
+        make_train=compared,
         make_train_sgd_accuracy=100 * compared["SGD"]["test_accuracy"],
         make_train_sam_accuracy=100 * compared["SAM"]["test_accuracy"],
         ratio=sgd["top_eigenvalues"][0] / sam["top_eigenvalues"][0],
         m_change=m_change,
         paper=common.PAPER_SHARPNESS,
-        radius=settings["landscape_radius"],
         rise_sgd=edge_rise(sgd),
         rise_sam=edge_rise(sam),
-        spectrum_steps=settings["spectrum_steps"],
     )
 
 
