@@ -362,8 +362,6 @@ def _study(study, performance, figure):
             "cnn_memorizes" if memorizes else "cnn_does_not_memorize",
         ),
         priced_on=PRICED_ON,
-        cost_target=common.COST_TARGET,
-        share_target=common.percent(common.SHARE_TARGET),
         first_seed=min(r["seed"] for r in runs),
     )
 

@@ -4,10 +4,10 @@ A report is a list of sections. A section is a block of
 `benchmarks/templates/<report>.md`, which starts at a line
 `<!-- section: <name> -->`, and a function that computes its fields from
 the loaded JSON. `render` fills each block with `str.format` (so a field
-may carry a format spec, `{gain:+.2f}`) and leaves a section out when its
-function returns None: a study whose JSON is missing has no section. To
-add one, write its block and its function, and list the pair in the
-report's `SECTIONS`.
+may carry a format spec, `{gain:+.2f}`; `TARGETS` are fields of every
+block) and leaves a section out when its function returns None: a study
+whose JSON is missing has no section. To add one, write its block and
+its function, and list the pair in the report's `SECTIONS`.
 
 Prose holds no measured figure: every number comes from the JSON that a
 measurement wrote, and the few figures a report quotes that no benchmark
@@ -77,7 +77,8 @@ def render(report, sections, data):
     for name, needs, fields in sections:
         values = all(data[n] is not None for n in needs) and fields(data)
         if values is not None and values is not False:
-            texts.append(templates[name].format(**values).strip("\n"))
+            text = templates[name].format_map(dict(TARGETS, **values))
+            texts.append(text.strip("\n"))
     return wrap("\n\n".join(texts)) + "\n"
 
 
@@ -115,7 +116,7 @@ def wrap(text, width=76):
 
 def snippet(report, block, /, **fields):
     """One block filled in, for a sentence that a section chooses."""
-    return blocks(report)[block].format(**fields)
+    return blocks(report)[block].format_map(dict(TARGETS, **fields))
 
 
 def row(*cells):
@@ -130,6 +131,10 @@ def table(header, rows):
 
 def percent(fraction):
     return f"{100 * fraction:.0f} %"
+
+
+# Fields that every block may quote: the targets, as its prose states them.
+TARGETS = dict(cost_target=COST_TARGET, share_target=percent(SHARE_TARGET))
 
 
 def mean_sd(values):

@@ -398,10 +398,6 @@ def _closest(rows):
     keeping = [r for r in others if r["share"] >= common.SHARE_TARGET]
     cheap = [r for r in others if r["cost"] <= common.COST_TARGET]
     late = [r["share"] for r in others if r["name"].startswith("late-phase")]
-    fields = dict(
-        cost_target=common.COST_TARGET,
-        share=common.percent(common.SHARE_TARGET),
-    )
     said = []
     for name, group, best in (
         ("cheapest", keeping, lambda g: min(g, key=lambda r: r["cost"])),
@@ -410,9 +406,7 @@ def _closest(rows):
         if group:
             r = best(group)
             said.append(
-                common.snippet(
-                    "results", name, name=r["name"], cost=r["cost"], **fields
-                )
+                common.snippet("results", name, name=r["name"])
                 + f" ({common.percent(r['share'])} at {r['cost']:.2f}×)"
             )
     if late and max(late) < LITTLE_SHARE:
@@ -432,8 +426,6 @@ def _priced_answer(rows):
         "priced_answer",
         priced_on=PRICED_ON,
         listed=", ".join(f"{r['name']} {r['step_cost']:.2f}×" for r in priced),
-        cost_target=common.COST_TARGET,
-        share_target=common.percent(common.SHARE_TARGET),
         reached=", ".join(_reaching(priced, "step_cost")) or "none",
     )
 
@@ -498,8 +490,6 @@ def _variants(data):
         rows=_variants_table(rows),
         priced_on=PRICED_ON,
         sam_cost=sam["cost"],
-        cost_target=common.COST_TARGET,
-        share_target=common.percent(common.SHARE_TARGET),
         sam_gain=sam_gain,
         answer=_answer(rows, reached, sam_gain),
         closest=_closest(rows),
