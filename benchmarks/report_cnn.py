@@ -176,8 +176,7 @@ def grids(runs, noise):
         _, rho = common.chosen(runs, name, noise)
         cells = [
             ("**{}**" if np.isclose(r["rho"], rho) else "{}").format(
-                f"ρ = {r['rho']:g}: {100 * r['validation_accuracy']:.1f} / "
-                f"{100 * r['test_accuracy']:.1f}"
+                f"ρ = {r['rho']:g}: {common.accuracies(r)}"
             )
             for r in sorted(first, key=lambda r: r["rho"])
         ]
@@ -188,8 +187,7 @@ def grids(runs, noise):
             edge = common.snippet(
                 "results",
                 "cnn_grid_edge_smallest",
-                sgd=f"{100 * sgd[0]['validation_accuracy']:.1f} / "
-                f"{100 * sgd[0]['test_accuracy']:.1f}",
+                sgd=common.accuracies(sgd[0]),
             )
         elif len(rhos) > 2 and rho in (rhos[0], rhos[-1]):
             edge = common.snippet(
@@ -206,11 +204,6 @@ def _rho_cell(row):
     if tried < grid:  # a study in progress: the choice may change
         return f"{row['rho']:g} ({tried} of {grid} tried)"
     return f"{row['rho']:g}"
-
-
-def _final(group, key):
-    values = [r[key] for r in group if r.get(key) is not None]
-    return f"{100 * np.mean(values):.1f} %" if values else "—"
 
 
 def _row(rows, name):
@@ -350,8 +343,8 @@ def _study(study, performance, figure):
         memorizes=memorizes,
         noise_rates=", ".join(common.percent(n) for n in noise_rates[::-1]),
         noisiest=common.percent(max(noise_rates)),
-        sgd_flipped=_final(noisy, "train_accuracy_flipped"),
-        sgd_unflipped=_final(noisy, "train_accuracy_unflipped"),
+        sgd_flipped=common.mean_percent(noisy, "train_accuracy_flipped"),
+        sgd_unflipped=common.mean_percent(noisy, "train_accuracy_unflipped"),
         status=common.snippet(
             "results",
             "cnn_complete" if study.get("complete") else "cnn_in_progress",
@@ -447,7 +440,7 @@ def section(data):
         needs=needs,
         collect=COMMANDS["collect"],
         backends=backends,
-        sgd_clean_train=_final(clean, "train_accuracy_unflipped"),
+        sgd_clean_train=common.mean_percent(clean, "train_accuracy_unflipped"),
         sgd_cpu_low=min(sgd_cpu),
         sgd_cpu_high=max(sgd_cpu),
         paper=PAPER_FASHION_MNIST,

@@ -137,6 +137,19 @@ def percent(fraction):
 TARGETS = dict(cost_target=COST_TARGET, share_target=percent(SHARE_TARGET))
 
 
+def accuracies(run):
+    """A run's validation / test accuracy (%), as a grid of ρ shows it."""
+    validation, test = run["validation_accuracy"], run["test_accuracy"]
+    return f"{100 * validation:.1f} / {100 * test:.1f}"
+
+
+def mean_percent(group, key):
+    """The mean of `key` (a fraction) over the runs of `group` that
+    recorded it, in %; "—" when none did."""
+    values = [r[key] for r in group if r.get(key) is not None]
+    return f"{100 * np.mean(values):.1f} %" if values else "—"
+
+
 def mean_sd(values):
     v = np.array(list(values))
     sd = v.std(ddof=1) if len(v) > 1 else 0.0

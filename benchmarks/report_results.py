@@ -120,7 +120,7 @@ def memorization_table(runs):
         common.row(
             common.percent(noise),
             *(
-                f"{100 * np.mean([r[key] for r in group]):.1f} %"
+                common.mean_percent(group, key)
                 for key in (
                     "train_accuracy_flipped",
                     "train_accuracy_unflipped",
@@ -144,13 +144,7 @@ def rho_table(runs):
             first = common.on_first_seed(
                 common.select(runs, name, noise, rho), runs
             )
-            r = first[0] if first else {}
-            cell = "—"
-            if r:
-                cell = (
-                    f"{100 * r['validation_accuracy']:.1f} / "
-                    f"{100 * r['test_accuracy']:.1f}"
-                )
+            cell = common.accuracies(first[0]) if first else "—"
             if rho is not None and np.isclose(chosen.get(noise, -1), rho):
                 cell = f"**{cell}**"
             cells.append(cell)
