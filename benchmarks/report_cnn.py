@@ -32,13 +32,12 @@ MEMORIZING = 0.5
 COMMANDS = {
     "study": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
     "--study=cnn --runs_dir=docs/results_cnn --output=docs/results_cnn.json",
-    "collect": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
-    "--study=cnn --runs_dir=docs/results_cnn --output=docs/results_cnn.json "
-    "--notrain",
     "probe": "KERAS_BACKEND=tensorflow python -m benchmarks.generalization "
     "--study=cnn_memorizing --runs_dir=docs/results_cnn_memorizing "
     "--output=docs/results_cnn_memorizing.json",
 }
+# The study's command collects its finished runs, training none.
+COMMANDS["collect"] = COMMANDS["study"] + " --notrain"
 METHODS = (
     "SGD",
     "SAM",
