@@ -374,11 +374,9 @@ def compute_sam_gradients(
         run_perturbed = ops.greater(rho, 0)
         outcome = momentum_step()
     else:
-        # The base step's clean pass runs on the whole batch, as Keras' own
-        # step (BatchNorm normalizes over it). A SAM step with several parts
-        # runs a clean pass per part instead, so the whole batch is passed
-        # first only when there is one part, or when a switching policy
-        # decides from its gradient (AE-SAM).
+        # The whole batch's clean pass comes first only where both branches
+        # use it (one part) or the policy needs its gradient (AE-SAM); see
+        # "When the perturbed pass runs" above.
         whole = None
         needs_norm = (
             options.switching is not None
@@ -405,6 +403,7 @@ def compute_sam_gradients(
             run_perturbed,
             (lambda: sam_step(whole)) if parts_count == 1 else parts_step,
             lambda: base_step(clean_passes(1) if whole is None else whole),
+            run_both=selection.all_reduces_in_passes(model),
         )
 
     if looksam_directions is not None:

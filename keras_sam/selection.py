@@ -14,6 +14,7 @@ import re
 import keras
 from keras import ops
 
+from keras_sam import backend
 from keras_sam import compat
 
 NORMALIZATION_LAYERS = (
@@ -77,6 +78,17 @@ def perturbed_mask(model, perturbed_variables="all"):
             f"{[v.path for v in model.trainable_variables]}"
         )
     return mask
+
+
+def all_reduces_in_passes(model):
+    """Whether a pass of `model` all-reduces across replicas: a
+    `BatchNormalization(synchronized=True)` under `tf.distribute` (on the
+    other backends Keras ignores `synchronized`)."""
+    return backend.replica_count() > 1 and any(
+        getattr(layer, "synchronized", False)
+        for layer in compat.flatten_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
 
 
 def _momentum_optimizer(optimizer):

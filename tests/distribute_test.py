@@ -15,6 +15,7 @@ from tests.sam_model_test import MOMENTUM
 from tests.sam_model_test import RHO
 from tests.sam_model_test import N
 from tests.sam_model_test import assert_one_epoch_matches_the_oracle
+from tests.sam_model_test import sgd
 from tests.sam_model_test import softmax_data
 from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
@@ -208,6 +209,40 @@ def test_batchnorm_and_dropout_train_under_mirrored_strategy(rho):
         for a, b in zip(plain, sam):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert N % BATCH == 0
+
+
+@pytest.mark.parametrize(
+    "make_options",
+    [
+        lambda: dict(rho=RHO),
+        lambda: dict(rho=keras.Variable(RHO, trainable=False)),
+        lambda: dict(rho=RHO, switching=switching.Periodic(2)),
+    ],
+    ids=["float", "variable", "periodic"],
+)
+def test_a_synchronized_batchnorm_trains_as_on_one_device(make_options):
+    # With one ε (`sync_perturbations`) and BatchNormalization synchronized
+    # over the replicas, both passes see the global batch: the step is the
+    # one device's. Under a run-time conditional (a ρ Variable, a policy)
+    # the all-reduce had failed in `tf.cond`; both branches run instead.
+    def make_model():
+        keras.utils.set_random_seed(7)
+        base = keras.Sequential(
+            [
+                keras.Input((softmax_data()[0].shape[1],)),
+                keras.layers.Dense(6),
+                keras.layers.BatchNormalization(synchronized=True),
+                keras.layers.Dense(3),
+            ]
+        )
+        return keras_sam.SAMModel(
+            base, sync_perturbations=True, **make_options()
+        )
+
+    x, y, _, _ = softmax_data()
+    assert_two_replicas_match_one_device(
+        make_model, sgd, xent(), (x, y), BATCH, epochs=2
+    )
 
 
 def test_jit_compile_auto_is_off_under_tf_distribute_as_in_keras():

@@ -58,6 +58,7 @@ import functools
 import importlib
 
 import keras
+from keras import ops
 from keras import tree
 
 from keras_sam.backend import common
@@ -123,11 +124,14 @@ def stateful_train_step(step):
     return train_step
 
 
-def cond(predicate, true_fn, false_fn):
+def cond(predicate, true_fn, false_fn, run_both=False):
     """`true_fn()` or `false_fn()`, chosen at run time unless `predicate` is
     a Python bool. Both return the same nested structure of tensors, with
     `None` entries in the same places. Sparse gradients come out dense: one
-    branch may combine what the other leaves sparse (GSAM, LookSAM)."""
+    branch may combine what the other leaves sparse (GSAM, LookSAM). With
+    `run_both`, both branches run and `predicate` picks their outputs: for
+    branches that all-reduce, which `tf.distribute` refuses in `tf.cond`.
+    """
     if isinstance(predicate, bool):
         return true_fn() if predicate else false_fn()
     structure = []
@@ -141,11 +145,17 @@ def cond(predicate, true_fn, false_fn):
 
         return run
 
-    values = iter(
-        _PRIMITIVES["cond"](
-            predicate, without_none(true_fn), without_none(false_fn)
+    if run_both:
+        values = iter(
+            ops.where(predicate, a, b)
+            for a, b in zip(without_none(true_fn)(), without_none(false_fn)())
         )
-    )
+    else:
+        values = iter(
+            _PRIMITIVES["cond"](
+                predicate, without_none(true_fn), without_none(false_fn)
+            )
+        )
     return tree.pack_sequence_as(
         structure[0],
         [
