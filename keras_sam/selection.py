@@ -80,6 +80,29 @@ def perturbed_mask(model, perturbed_variables="all"):
     return mask
 
 
+def check_layers_read_variables(model):
+    """Raises if a layer of `model` reads its weights outside Keras'
+    variables: a `TorchModuleWrapper` with trainable parameters, whose
+    module reads its own `torch.nn.Parameter`s. The passes hand the weights
+    in as values (`keras.StatelessScope`), which such a module never sees,
+    so its weights would get no gradient and stop training."""
+    wrapped = [
+        layer.name
+        for layer in compat.flatten_layers(model)
+        if isinstance(layer, keras.layers.TorchModuleWrapper)
+        and layer.trainable_variables
+    ]
+    if wrapped:
+        raise ValueError(
+            "keras_sam evaluates the loss at given weights (w and w + ε) "
+            "through Keras' variables, which a `TorchModuleWrapper`'s module "
+            "does not read, so its parameters would not train. Rebuild "
+            "those layers with Keras layers, or freeze them "
+            f"(`layer.trainable = False`). Received: layers {wrapped} of "
+            f"model {model.name!r}"
+        )
+
+
 def all_reduces_in_passes(model):
     """Whether a pass of `model` all-reduces across replicas: a
     `BatchNormalization(synchronized=True)` under `tf.distribute` (on the

@@ -150,3 +150,40 @@ def test_the_compiled_sam_step_compiles_once_with_fewer_graphs_than_plain(
     assert sam[0] > 0
     assert sam[1:] == [0, 0]
     assert sum(sam) <= sum(plain)
+
+
+def torch_module_model(trainable):
+    import torch
+
+    keras.utils.set_random_seed(2)
+    torch.manual_seed(2)
+    wrapped = keras.layers.TorchModuleWrapper(
+        torch.nn.Linear(softmax_data()[0].shape[1], 4), name="torch_linear"
+    )
+    wrapped.trainable = trainable
+    return keras.Sequential([wrapped, keras.layers.Dense(3)])
+
+
+def test_a_trainable_torch_module_is_refused_naming_the_layer():
+    # Its module reads its own parameters, not the values the passes hand
+    # in: the SAM step left them unchanged (Keras warned only that no
+    # gradient existed) where a plain fit trains them.
+    x, y, _, _ = softmax_data()
+    model = keras_sam.SAMModel(torch_module_model(trainable=True), rho=0.0)
+    model.compile(optimizer=sgd(), loss=xent())
+    with pytest.raises(ValueError, match=r"TorchModuleWrapper.*torch_linear"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"TorchModuleWrapper.*torch_linear"):
+        keras_sam.sam_gradients(model.base, x[:BATCH], y[:BATCH], xent())
+
+
+def test_a_frozen_torch_module_trains_as_a_plain_fit_at_rho_zero():
+    x, y, _, _ = softmax_data()
+    weights = []
+    for wrap in (lambda m: m, lambda m: keras_sam.SAMModel(m, rho=0.0)):
+        model = wrap(torch_module_model(trainable=False))
+        model.compile(optimizer=sgd(), loss=xent())
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        weights.append([np.array(w) for w in model.get_weights()])
+    for plain, sam in zip(*weights):
+        np.testing.assert_array_equal(plain, sam)
