@@ -36,6 +36,7 @@ from keras_sam import backend
 from keras_sam import compat
 from keras_sam import options
 from keras_sam import perturbations
+from keras_sam import selection
 
 
 class _LossFunctions:
@@ -43,7 +44,8 @@ class _LossFunctions:
 
     def __init__(self, model, dataset, loss_fn, training, variables=None):
         """`variables`: what the weights given to each function are values
-        of; defaults to `model.trainable_variables`."""
+        of; defaults to `selection.weights(model)` (the trainable variables
+        but float8 scaling state)."""
         if not model.trainable_variables:
             raise ValueError(
                 "`model` has no trainable weights: build it (call it on a "
@@ -60,7 +62,8 @@ class _LossFunctions:
         self.dataset = dataset
         self.loss_fn = loss_fn
         self.training = training
-        self.variables = variables or model.trainable_variables
+        selection.check_layers_read_variables(model)
+        self.variables = variables or selection.weights(model)
         self._random_state = backend.random_state()
         self._batch_loss = backend.function(self._batch_loss_impl)
         self._batch_grad = backend.function(self._batch_grad_impl)
@@ -268,10 +271,11 @@ def hessian_top_eigenvalues(
 ):
     """The `k` largest eigenvalues of the Hessian of the mean loss.
 
-    The Hessian is taken with respect to `model.trainable_variables` at
-    their current values, of the mean of `loss_fn(y, model(x))` over all
-    examples in `dataset`. It is never formed: each Lanczos step costs one
-    Hessian-vector product (one double-backprop pass over `dataset`).
+    The Hessian is taken with respect to `model.trainable_variables` (not
+    float8 scaling state) at their current values, of the mean of
+    `loss_fn(y, model(x))` over all examples in `dataset`. It is never
+    formed: each Lanczos step costs one Hessian-vector product (one
+    double-backprop pass over `dataset`).
     Iteration stops when the top `k` Ritz values change by less than `tol`
     times the largest of their magnitudes over 4 steps, when an invariant
     subspace is found (for example a zero Hessian), or after
@@ -493,7 +497,7 @@ def filter_normalized_direction(weights, seed=0, ignore_1d=True):
 def _weights_of(model, variables=None):
     return [
         ops.convert_to_numpy(v.value).astype(np.float64)
-        for v in variables or model.trainable_variables
+        for v in variables or selection.weights(model)
     ]
 
 

@@ -18,7 +18,6 @@ from keras_sam import compat
 from keras_sam import options as options_lib
 from keras_sam import sam_step
 from keras_sam import schedules
-from keras_sam import selection
 from keras_sam.backend import common
 
 
@@ -120,7 +119,6 @@ def sam_gradients(
     """
     options = _stateless_options(options)
     backend.check_per_replica_call("sam_gradients")
-    selection.check_layers_read_variables(model)
     if not backend.is_symbolic(x) and backend.replica_count() == 1:
         # Eager: made here, as `fit` makes it before its first step; made
         # inside the first pass, its first advance was dropped. (A traced

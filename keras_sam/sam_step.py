@@ -40,7 +40,7 @@ Attributes:
         micro-batches, as returned by the loss function (not loss-scaled).
     y_pred: the clean pass's predictions for the whole batch.
     gradients: ∇L(w + ε), one per trainable variable (`None` where the loss
-        does not depend on it; the clean pass's new float8 scaling state),
+        does not depend on it; float8 scaling state: as the first pass left it),
         times the optimizer's loss scale if any; averaged over micro-batches.
     sharpness: L(w + ε) − L(w), the perturbed pass's loss minus the clean
         pass's, averaged over micro-batches; `0` when the perturbed pass did
@@ -157,6 +157,7 @@ def compute_sam_gradients(
         A `SAMResult`.
     """
     options = options or options_lib.SAMOptions()
+    selection.check_layers_read_variables(model)
     rho = options.rho if rho is None else rho
     scale_loss = scale_loss or (lambda loss: loss)
     trainable = model.trainable_variables
@@ -341,9 +342,7 @@ def compute_sam_gradients(
 
     def momentum_step():
         """Momentum-SAM's one pass, at w moved along the momentum."""
-        directions = perturbed_only(
-            [ops.convert_to_tensor(m.value) for m in momentums]
-        )
+        directions = perturbed_only(selection.values(momentums))
         epsilons = perturbations.sam_perturbation(directions, rho, epsilon)
         perturbed = _forward_and_gradients(
             model,

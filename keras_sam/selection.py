@@ -104,10 +104,11 @@ def check_layers_read_variables(model):
 
 
 def all_reduces_in_passes(model):
-    """Whether a pass of `model` all-reduces across replicas: a
-    `BatchNormalization(synchronized=True)` under `tf.distribute` (on the
-    other backends Keras ignores `synchronized`)."""
-    return backend.replica_count() > 1 and any(
+    """Whether a pass of `model` may all-reduce across replicas: a
+    `BatchNormalization(synchronized=True)` under a `tf.distribute`
+    strategy, of one replica too (on the other backends Keras ignores
+    `synchronized`)."""
+    return backend.in_strategy() and any(
         getattr(layer, "synchronized", False)
         for layer in compat.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
@@ -139,6 +140,14 @@ def momentum_variables(optimizer, variables):
     return compat.optimizer_slots(
         optimizer, lambda inner: inner.momentums, variables
     )
+
+
+def values(variables):
+    """The variables' values, `None` for a `None` entry: Keras' optimizers
+    keep no slot for a variable that they assign (`is_assigned`)."""
+    return [
+        None if v is None else ops.convert_to_tensor(v.value) for v in variables
+    ]
 
 
 def replica_state(variables, name):
@@ -187,6 +196,18 @@ def state_of(variables, state, owners, option):
     return [state[index[id(v)]] for v in variables]
 
 
+def is_assigned(variable):
+    """Whether the optimizer assigns `variable` its gradient (flagged
+    `overwrite_with_gradient`: Keras' float8 scaling state)."""
+    return getattr(variable, "overwrite_with_gradient", False)
+
+
+def weights(model):
+    """`model.trainable_variables` without the assigned ones: the weights
+    of the loss landscape."""
+    return [v for v in model.trainable_variables if not is_assigned(v)]
+
+
 def split_assigned(variables, gradients):
     """(`gradients` with zeros for the variables that the optimizer assigns
     their gradient to, those gradients with `None` elsewhere).
@@ -199,8 +220,7 @@ def split_assigned(variables, gradients):
     `with_assigned`.
     """
     assigned = [
-        g if getattr(v, "overwrite_with_gradient", False) else None
-        for v, g in zip(variables, gradients)
+        g if is_assigned(v) else None for v, g in zip(variables, gradients)
     ]
     zeroed = [
         g if a is None else ops.zeros_like(g)

@@ -14,7 +14,6 @@ import keras
 from keras import tree
 
 from keras_sam import compat
-from keras_sam import selection
 
 _WEIGHTS_SUFFIXES = (".weights.h5", ".weights.json")
 
@@ -132,7 +131,6 @@ class BaseWrapper:
         one that keeps the weights when a step raises
         (`compat.restoring_state_on_error`)."""
         check_steps(self.base, ("train_step", "compute_metrics"), "training")
-        selection.check_layers_read_variables(self.base)
         compat.stateful_variables(self, create=True)
         super().make_train_function(force)
         self.train_function = compat.restoring_state_on_error(

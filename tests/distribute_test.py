@@ -35,6 +35,13 @@ def mirrored():
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
+@functools.cache
+def one_replica():
+    return tf.distribute.MirroredStrategy(
+        [tf.config.list_logical_devices("CPU")[0].name]
+    )
+
+
 def assert_two_replicas_match_one_device(
     make_model, make_optimizer, loss, data, batch, epochs
 ):
@@ -243,6 +250,16 @@ def test_a_synchronized_batchnorm_trains_as_on_one_device(make_options):
     assert_two_replicas_match_one_device(
         make_model, sgd, xent(), (x, y), BATCH, epochs=2
     )
+    # A strategy of one replica all-reduces too (one GPU, say).
+    weights = []
+    for strategy in (one_replica(), tf.distribute.get_strategy()):
+        with strategy.scope():
+            model = make_model()
+            model.compile(sgd(), loss=xent(), jit_compile=False)
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.base.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_jit_compile_auto_is_off_under_tf_distribute_as_in_keras():

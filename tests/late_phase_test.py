@@ -80,6 +80,13 @@ def test_late_phase_round_trips_through_get_config():
             dict(decay_steps="100"),
             "decay_steps='100'",
         ),
+        (switching.GradientNormOutlier, dict(c_start=True), "c_start=True"),
+        (switching.GradientNormOutlier, dict(c_end="a"), "c_end='a'"),
+        (
+            switching.GradientNormOutlier,
+            dict(c_end=float("nan")),
+            "c_end=nan",
+        ),
     ],
 )
 def test_bad_switching_arguments_name_the_argument_and_value(

@@ -22,7 +22,8 @@ not offer live in small modules per backend, as Keras splits
   that keeps each on its devices (`jax_shards`), `None` where one call of
   the step sees one shard.
 - `check_per_replica_call(name)`: raises when a per-replica function is
-  called where replicas cannot be reduced.
+  called where replicas cannot be reduced; `in_strategy()`: whether the
+  step runs under a `tf.distribute` strategy.
 - `read_live(variable)`: a variable's value when the step runs, also in a
   compiled step that does not hold it in its state.
 - `is_symbolic(tensor)`: whether its value is unknown until run time.
@@ -72,6 +73,7 @@ INTERFACE = (
     "first_local_batch",
     "function",
     "hessian_vector_product",
+    "in_strategy",
     "is_multi_worker",
     "is_symbolic",
     "map_shards",

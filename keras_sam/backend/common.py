@@ -1,13 +1,9 @@
-"""What a backend does unless its module says otherwise.
-
-The defaults of a backend that runs the step eagerly on one replica, with
-dense gradients and every random draw through Keras' seed variables, which
-the step hands to both passes; a backend's module defines only the names of
-`keras_sam.backend.INTERFACE` in which it differs. JAX is one replica too:
-Keras' losses are not divided by its devices, its data-parallel step
-differentiating the mean over the global batch. `run_stateless` serves the
-stateless calling conventions (Keras' JAX trainer,
-`keras_sam.stateless_sam_gradients`) on every backend.
+"""What a backend does unless its module says otherwise: run the step
+eagerly on one replica (JAX too: Keras does not divide its losses by the
+devices), with dense gradients and random draws through Keras' seed
+variables, which the step hands to both passes; a backend's module defines
+only the names of `keras_sam.backend.INTERFACE` where it differs.
+`run_stateless` serves the stateless conventions on every backend.
 """
 
 import keras
@@ -50,6 +46,10 @@ def replica_count():
 def all_reduce(tensors, op="sum"):
     del op
     return list(tensors)
+
+
+def in_strategy():
+    return False
 
 
 def data_parallel_shards():

@@ -1,11 +1,8 @@
-"""The TensorFlow backend's replicas: what the step needs of `tf.distribute`.
-
-Under a `tf.distribute` strategy the step runs once per replica, on its
-share of the batch: the replicas' count, their all-reduce, the checks that a
-per-replica function runs in a replica and that the switching policy's
-variables are the strategy's, and, for `compat`'s multi-worker
-workarounds (keras-team/keras#20585), whether a strategy spans workers and
-one replica's share of a batch.
+"""The TensorFlow backend's replicas under a `tf.distribute` strategy: their
+count and all-reduce, the checks that a per-replica function runs in a
+replica and that the switching policy's variables are the strategy's, and,
+for `compat`'s multi-worker workarounds (keras-team/keras#20585), whether a
+strategy spans workers and one replica's share of a batch.
 """
 
 import tensorflow as tf
@@ -34,6 +31,11 @@ def all_reduce(tensors, op="sum"):
         op, tf.distribute.ReduceOp.MEAN
     )
     return list(context.all_reduce(reduce_op, list(tensors)))
+
+
+def in_strategy():
+    # Even with one replica: a strategy's all-reduce cannot run in tf.cond.
+    return tf.distribute.has_strategy()
 
 
 def check_per_replica_call(name):
