@@ -361,9 +361,14 @@ def restoring_state_on_error(model, train_function):
 
 
 def stateful_variables(model, create=False):
-    """`model.non_trainable_variables` and, off JAX, the state of Keras'
-    global SeedGenerator, which random ops with `seed=None` draw from
-    (`keras.random.normal(shape)`, as ported code writes it).
+    """`model.non_trainable_variables` and, off JAX, the states of stateful
+    RNNs and that of Keras' global SeedGenerator, which random ops with
+    `seed=None` draw from (`keras.random.normal(shape)`, as ported code
+    writes it).
+
+    Keras' `RNN(stateful=True)` keeps its states in variables it does not
+    track (`_create_state_variables`); a plain step assigns them, so the
+    next batch starts from them (not on JAX, whose trainer drops them).
 
     A SAM pass runs in a stateless scope, which keeps every variable's
     update to itself; the step writes back the state it knows of. Without
@@ -380,6 +385,12 @@ def stateful_variables(model, create=False):
     variables = model.non_trainable_variables
     if keras.backend.backend() == "jax":
         return variables
+    variables = variables + [
+        state
+        for layer in flatten_layers(model)
+        if isinstance(layer, keras.layers.RNN) and layer.stateful
+        for state in keras.tree.flatten(layer.states or [])
+    ]
     if create:
         python_state = random.getstate()
         seed_generator.global_seed_generator()

@@ -408,3 +408,12 @@ def test_keras_batch_variance_still_has_a_wrong_hessian_on_tensorflow():
     # Frozen, it normalizes with its moving statistics in training mode.
     bn.layers[0].trainable = False
     compat.check_second_derivatives(bn, training=True)
+
+
+def test_keras_still_leaves_a_stateful_rnns_states_untracked():
+    # Else `stateful_variables` would list them twice.
+    model = keras.Sequential(
+        [keras.Input((2, 3), batch_size=2), keras.layers.GRU(2, stateful=True)]
+    )
+    states = {id(s) for s in model.layers[0].states}
+    assert states and not states & {id(v) for v in model.variables}
