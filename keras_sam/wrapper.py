@@ -42,6 +42,25 @@ def check_steps(base, steps, task):
         )
 
 
+def check_compiled(base):
+    """Raises if `base` overrides `compute_loss` and `compile` but was not
+    compiled: its loss reads what its own `compile` sets (Keras'
+    `Distiller`, KerasHub's object detectors), which the wrapper's
+    `compile` does not call."""
+    if (
+        overrides(base, "compute_loss")
+        and overrides(base, "compile")
+        and not base.compiled
+    ):
+        raise ValueError(
+            "`base` overrides `compute_loss` and `compile`, so its loss may "
+            "need what its own `compile` sets up. Compile it first with its "
+            "own arguments (`base.compile(...)`; its optimizer is not used), "
+            "then compile the `SAMModel`. Received: "
+            f"base={base.name!r} of type {type(base).__name__}, not compiled"
+        )
+
+
 def check_base(base):
     """Raises unless `base` is a Keras model that is not itself a wrapper."""
     if not isinstance(base, keras.Model):
@@ -118,6 +137,7 @@ class BaseWrapper:
             return super().compute_loss(
                 x, y, y_pred, sample_weight, training=training
             )
+        check_compiled(self.base)
         return compat.compute_loss_with(
             self.base, self, x, y, y_pred, sample_weight, training=training
         )

@@ -350,3 +350,46 @@ def test_a_stateful_rnn_keeps_the_clean_pass_states():
     for got, want in zip(lstm_states(model.base), lstm_states(reference)):
         assert np.abs(want).max() > 0
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def distiller():
+    from keras.distillation import Distiller
+    from keras.distillation import LogitsDistillation
+
+    def mlp(units, seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential(
+            [
+                keras.Input((softmax_data()[0].shape[1],)),
+                keras.layers.Dense(units, activation="relu"),
+                keras.layers.Dense(3),
+            ]
+        )
+
+    return Distiller(
+        teacher=mlp(16, 1),
+        student=mlp(4, 2),
+        distillation_losses=LogitsDistillation(temperature=2.0),
+        student_loss_weight=0.5,
+    )
+
+
+def test_keras_distiller_is_compiled_first_then_trains_as_a_plain_fit():
+    # Its `compute_loss` reads what its own `compile` sets: uncompiled, it
+    # had failed with "'Distiller' object has no attribute '_student_loss'".
+    x, y, _, _ = softmax_data()
+    model = keras_sam.SAMModel(distiller(), rho=RHO)
+    model.compile(optimizer=sgd(), loss=xent())
+    with pytest.raises(ValueError, match="Compile it first.*Distiller"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    students = []
+    for wrap in (lambda m: m, lambda m: keras_sam.SAMModel(m, rho=0.0)):
+        base = distiller()
+        base.compile(optimizer=sgd(), loss=xent())
+        model = wrap(base)
+        if model is not base:
+            model.compile(optimizer=sgd(), loss=xent())
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        students.append(base.student.get_weights())
+    for plain, sam in zip(*students):
+        np.testing.assert_array_equal(plain, sam)
