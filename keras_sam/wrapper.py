@@ -122,6 +122,20 @@ class BaseWrapper:
         )
 
     @property
+    def metrics(self):
+        """Keras' metrics of the wrapper, then the base's own trackers
+        (`compat.own_metrics`), so that `fit` and `evaluate` update and log
+        them as a plain `fit` of the base does."""
+        metrics = super().metrics
+        base = getattr(self, "base", None)
+        if base is None:
+            return metrics
+        seen = {id(m) for m in metrics}
+        return metrics + [
+            m for m in compat.own_metrics(base) if id(m) not in seen
+        ]
+
+    @property
     def output_names(self):
         """The base model's output names: `compile` matches losses and
         metrics given by name to a list of outputs, and names their logs,

@@ -417,3 +417,15 @@ def test_keras_still_leaves_a_stateful_rnns_states_untracked():
     )
     states = {id(s) for s in model.layers[0].states}
     assert states and not states & {id(v) for v in model.variables}
+
+
+def test_keras_still_leaves_a_sub_models_trackers_out_of_its_metrics():
+    # Else the wrapper would not need `own_metrics`.
+    inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    inner.tracker = keras.metrics.Mean(name="tracker")
+    inner.compile(loss="mse", metrics=["mae"])
+    outer = keras.Sequential([inner])
+    outer.compile(loss="mse")
+    assert inner.tracker in inner.metrics
+    assert inner.tracker not in outer.metrics
+    assert compat.own_metrics(inner) == [inner.tracker]

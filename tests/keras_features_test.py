@@ -393,3 +393,47 @@ def test_keras_distiller_is_compiled_first_then_trains_as_a_plain_fit():
         students.append(base.student.get_weights())
     for plain, sam in zip(*students):
         np.testing.assert_array_equal(plain, sam)
+
+
+class LossTracking(keras.Model):
+    """A base whose `compute_loss` updates its own tracker, as Keras'
+    guide to customizing `fit` writes it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+        self.doubled = keras.metrics.Mean(name="doubled_loss")
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        loss = super().compute_loss(x, y, y_pred, sample_weight)
+        self.doubled.update_state(2 * loss)
+        return loss
+
+
+def test_the_bases_own_trackers_are_logged_as_in_a_plain_fit():
+    # Keras leaves a sub-model's metrics out of the outer model's: fit and
+    # evaluate had neither updated nor logged them.
+    x, y, _, _ = softmax_data()
+    logs = []
+    for wrap in (
+        lambda m: m,
+        lambda m: keras_sam.SAMModel(m, rho=0.0),
+        lambda m: keras_sam.SAMModel(m, rho=RHO),
+    ):
+        keras.utils.set_random_seed(4)
+        model = wrap(LossTracking())
+        model.compile(optimizer=sgd(), loss=xent())
+        history = model.fit(
+            x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0
+        )
+        logs.append((history.history, model.evaluate(x, y, verbose=0)))
+    (plain, plain_eval), (rho_zero, rho_zero_eval), (sam, sam_eval) = logs
+    assert rho_zero == plain and rho_zero_eval == plain_eval
+    # The clean pass's loss only: the tracker's mean is twice the loss's.
+    np.testing.assert_allclose(
+        sam["doubled_loss"], 2 * np.array(sam["loss"]), rtol=1e-6
+    )
+    np.testing.assert_allclose(sam_eval[1], 2 * sam_eval[0], rtol=1e-6)
