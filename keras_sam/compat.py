@@ -80,18 +80,18 @@ def stateless_scope(mapping):
     return scope
 
 
-def own_metrics(model):
+def own_metrics(model, with_loss_trackers=False):
     """`model.metrics` but those its `compile` made (its loss tracker,
-    compiled metrics, per-output loss trackers): the trackers its own code
-    updates, as a `compute_loss` override does. Keras' `metrics` leaves out
-    every metric of a sublayer that is a model, so a wrapper adds these;
-    what `compile` made is known only by private attributes. Checked
-    against Keras 3.15.1.
+    compiled metrics and, unless `with_loss_trackers`, the per-output loss
+    trackers of its compiled loss): the trackers its own code updates, as a
+    `compute_loss` override does. Keras' `metrics` leaves out every metric
+    of a sublayer that is a model, so a wrapper adds these; what `compile`
+    made is known only by private attributes. Checked against Keras 3.15.1.
     """
     made = set()
     if model.compiled:
         made = {id(model._loss_tracker), id(model._compile_metrics)}
-        if model._compile_loss is not None:
+        if model._compile_loss is not None and not with_loss_trackers:
             made.update(id(m) for m in model._compile_loss.metrics)
     return [m for m in model.metrics if id(m) not in made]
 

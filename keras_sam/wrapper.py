@@ -42,25 +42,6 @@ def check_steps(base, steps, task):
         )
 
 
-def check_compiled(base):
-    """Raises if `base` overrides `compute_loss` and `compile` but was not
-    compiled: its loss reads what its own `compile` sets (Keras'
-    `Distiller`, KerasHub's object detectors), which the wrapper's
-    `compile` does not call."""
-    if (
-        overrides(base, "compute_loss")
-        and overrides(base, "compile")
-        and not base.compiled
-    ):
-        raise ValueError(
-            "`base` overrides `compute_loss` and `compile`, so its loss may "
-            "need what its own `compile` sets up. Compile it first with its "
-            "own arguments (`base.compile(...)`; its optimizer is not used), "
-            "then compile the `SAMModel`. Received: "
-            f"base={base.name!r} of type {type(base).__name__}, not compiled"
-        )
-
-
 def check_base(base):
     """Raises unless `base` is a Keras model that is not itself a wrapper."""
     if not isinstance(base, keras.Model):
@@ -131,9 +112,10 @@ class BaseWrapper:
         if base is None:
             return metrics
         seen = {id(m) for m in metrics}
-        return metrics + [
-            m for m in compat.own_metrics(base) if id(m) not in seen
-        ]
+        # A base whose `compute_loss` runs its own compiled loss updates
+        # that loss's per-output trackers.
+        own = compat.own_metrics(base, overrides(base, "compute_loss"))
+        return metrics + [m for m in own if id(m) not in seen]
 
     @property
     def output_names(self):
@@ -151,10 +133,23 @@ class BaseWrapper:
             return super().compute_loss(
                 x, y, y_pred, sample_weight, training=training
             )
-        check_compiled(self.base)
-        return compat.compute_loss_with(
-            self.base, self, x, y, y_pred, sample_weight, training=training
-        )
+        try:
+            return compat.compute_loss_with(
+                self.base, self, x, y, y_pred, sample_weight, training=training
+            )
+        except AttributeError as error:
+            if not overrides(self.base, "compile"):
+                raise
+            # Keras' `Distiller` reads what its own `compile` sets, which
+            # the wrapper's `compile` (and loading a file) does not call.
+            raise ValueError(
+                f"`base.compute_loss` failed ({error}); `base` overrides "
+                "`compile`, whose settings its loss may read. Compile it "
+                "with its own arguments (`base.compile(...)`; its optimizer "
+                "is not used), also after loading, then compile the "
+                f"`SAMModel`. Received: base={self.base.name!r} of type "
+                f"{type(self.base).__name__}"
+            ) from error
 
     # A multi-worker-safe build (keras-team/keras#20585): see compat.
     _maybe_symbolic_build = compat.maybe_symbolic_build

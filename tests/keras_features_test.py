@@ -374,14 +374,23 @@ def distiller():
     )
 
 
-def test_keras_distiller_is_compiled_first_then_trains_as_a_plain_fit():
+def test_keras_distiller_is_compiled_first_then_trains_as_a_plain_fit(
+    tmp_path,
+):
     # Its `compute_loss` reads what its own `compile` sets: uncompiled, it
     # had failed with "'Distiller' object has no attribute '_student_loss'".
     x, y, _, _ = softmax_data()
     model = keras_sam.SAMModel(distiller(), rho=RHO)
     model.compile(optimizer=sgd(), loss=xent())
-    with pytest.raises(ValueError, match="Compile it first.*Distiller"):
+    refused = "_student_loss.*Compile it with its own arguments.*Distiller"
+    with pytest.raises(ValueError, match=refused):
         model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    # Loading does not call the base's own `compile` either.
+    model.base.compile(optimizer=sgd(), loss=xent())
+    model.save(tmp_path / "distiller.keras")
+    loaded = keras.saving.load_model(tmp_path / "distiller.keras")
+    with pytest.raises(ValueError, match=refused):
+        loaded.evaluate(x, y, verbose=0)
     students = []
     for wrap in (lambda m: m, lambda m: keras_sam.SAMModel(m, rho=0.0)):
         base = distiller()
@@ -437,3 +446,36 @@ def test_the_bases_own_trackers_are_logged_as_in_a_plain_fit():
         sam["doubled_loss"], 2 * np.array(sam["loss"]), rtol=1e-6
     )
     np.testing.assert_allclose(sam_eval[1], 2 * sam_eval[0], rtol=1e-6)
+
+
+class TwoHeadsTracking(LossTracking):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.other = keras.layers.Dense(1)
+
+    def call(self, x):
+        return {"a": self.dense(x), "b": self.other(x)}
+
+
+def test_a_compiled_bases_loss_logs_its_outputs_losses_as_a_plain_fit():
+    # Compiled first, the base's own compiled loss computes the objective
+    # and updates its per-output trackers; they had been left out.
+    x, y, _, _ = softmax_data()
+    targets = {"a": y, "b": x[:, :1]}
+    settings = dict(loss={"a": xent(), "b": "mse"}, metrics={"a": ["accuracy"]})
+    logs = []
+    for rho in (None, 0.0):
+        keras.utils.set_random_seed(4)
+        model = base = TwoHeadsTracking()
+        base.compile(optimizer=sgd(), **settings)
+        if rho is not None:
+            model = keras_sam.SAMModel(base, rho=rho)
+            model.compile(optimizer=sgd(), **settings)
+        history = model.fit(
+            x, targets, batch_size=BATCH, epochs=1, shuffle=False, verbose=0
+        )
+        logs.append(
+            (history.history, model.evaluate(x, targets, return_dict=True))
+        )
+    assert logs[1] == logs[0]
+    assert {"a_loss", "b_loss", "a_accuracy", "doubled_loss"} <= set(logs[0][0])
