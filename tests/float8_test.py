@@ -217,9 +217,9 @@ def test_data_parallel_keeps_the_largest_state_of_the_shards():
 
 def test_the_analysis_measures_the_weights_not_the_scaling_state():
     # In training mode the scaling state's "gradients" had entered the
-    # Hessian (Lanczos failed to converge) and m-sharpness's ε (-3e-4
-    # against 0.023 in inference mode). The forward pass at fixed state is
-    # the same in both modes, so both measure the same landscape.
+    # Hessian (Lanczos failed to converge) and m-sharpness's ε (the two
+    # modes disagreed). The forward pass at fixed state is the same in both
+    # modes, so both measure the same landscape.
     import tensorflow as tf
 
     from keras_sam import analysis
