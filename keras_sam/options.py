@@ -304,16 +304,18 @@ def checked_integer(name, value, minimum):
     return int(value)
 
 
-def checked_number(name, value, minimum, strict=False):
-    """`value` as a finite float >= `minimum` (> with `strict`)."""
+def checked_number(name, value, minimum=None, strict=False):
+    """`value` as a finite float, >= `minimum` (> with `strict`) if given."""
     relation = ">" if strict else ">="
+    bound = "" if minimum is None else f" {relation} {minimum}"
     if not is_real(value):
         raise ValueError(
-            f"`{name}` must be a number {relation} {minimum}. Received: "
-            f"{name}={value!r}"
+            f"`{name}` must be a number{bound}. Received: {name}={value!r}"
         )
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite. Received: {name}={value}")
+    if minimum is None:
+        return float(value)
     if not (value > minimum if strict else value >= minimum):
         raise ValueError(
             f"`{name}` must be {relation} {minimum}. Received: {name}={value}"

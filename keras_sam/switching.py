@@ -17,8 +17,6 @@ Their dtype policy is float32 whatever the global policy (e.g.
 `mixed_float16`), so their statistics are float32.
 """
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
@@ -206,12 +204,8 @@ class GradientNormOutlier(SwitchingPolicy):
             )
         if decay_steps is not None:
             options.checked_number("decay_steps", decay_steps, 1)
-        for name, value in (("c_start", c_start), ("c_end", c_end)):
-            if not (options.is_real(value) and math.isfinite(value)):
-                raise ValueError(
-                    f"`{name}` must be a finite number. Received: "
-                    f"{name}={value!r}"
-                )
+        options.checked_number("c_start", c_start)
+        options.checked_number("c_end", c_end)
         super().__init__(**kwargs)
         self.decay = float(decay)
         self.c_start = float(c_start)
