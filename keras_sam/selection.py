@@ -105,11 +105,12 @@ def check_layers_read_variables(model):
 
 def all_reduces_in_passes(model):
     """Whether a pass of `model` may all-reduce across replicas: a
-    `BatchNormalization(synchronized=True)` under a `tf.distribute`
-    strategy, of one replica too (on the other backends Keras ignores
-    `synchronized`)."""
+    trainable `BatchNormalization(synchronized=True)` under a
+    `tf.distribute` strategy, of one replica too (on the other backends
+    Keras ignores `synchronized`; a frozen one uses its moving statistics).
+    """
     return backend.in_strategy() and any(
-        getattr(layer, "synchronized", False)
+        getattr(layer, "synchronized", False) and layer.trainable
         for layer in compat.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     )

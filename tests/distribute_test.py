@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_sam
+from keras_sam import selection
 from keras_sam import switching
 from tests import backends
 from tests.sam_model_test import LR
@@ -260,6 +261,25 @@ def test_a_synchronized_batchnorm_trains_as_on_one_device(make_options):
         weights.append(model.base.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_frozen_synchronized_batchnorm_keeps_the_conditional():
+    # Frozen, it normalizes with its moving statistics and never
+    # all-reduces (Keras: `training and self.trainable`), so a declined
+    # step need not pay for the perturbed pass.
+    block = keras.Sequential(
+        [
+            keras.layers.Dense(4),
+            keras.layers.BatchNormalization(synchronized=True),
+        ]
+    )
+    base = keras.Sequential([keras.Input((3,)), block, keras.layers.Dense(2)])
+    with one_replica().scope():
+        assert selection.all_reduces_in_passes(base)
+        block.trainable = False
+        assert not selection.all_reduces_in_passes(base)
+    block.trainable = True
+    assert not selection.all_reduces_in_passes(base)
 
 
 def test_jit_compile_auto_is_off_under_tf_distribute_as_in_keras():
