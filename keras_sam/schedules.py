@@ -28,7 +28,8 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     so ρ is `rho_max` at the peak learning rate and `rho_min` at the end of
     a decaying schedule, and never leaves [ρ_min, ρ_max]. During a warm-up
     ρ rises with the learning rate. Use the same schedule object as the
-    optimizer.
+    optimizer (as every optimizer in a `MultiOptimizer`); the first step
+    refuses another.
 
     The peak `lr_max`, when not given, is read from the schedule's
     arguments for Keras' schedules whose peak they determine: `CosineDecay`
@@ -162,27 +163,39 @@ def current_rho(rho, optimizer):
 
 
 def _check_follows(rho, optimizer):
-    """Raises unless `rho` follows the schedule `optimizer` applies."""
+    """Raises unless `rho` follows the schedule `optimizer` applies (each
+    optimizer's, inside a `MultiOptimizer`)."""
     if rho.rho_min == rho.rho_max:
         return  # A constant ρ follows nothing.
-    applied = compat.learning_rate_schedule(optimizer)
-    if applied is rho.learning_rate:
-        return
-    if applied is not None and type(applied) is type(rho.learning_rate):
-        configs = [_config_or_none(s) for s in (applied, rho.learning_rate)]
-        if configs[0] is not None and configs[0] == configs[1]:
-            return
-    raise ValueError(
-        "`RhoFollowingLearningRate` follows a learning-rate schedule that "
-        "the optimizer does not apply, so ρ would not move with the rate: "
-        "give it the optimizer's schedule. Received: "
-        f"rho.learning_rate={rho.learning_rate!r}, the optimizer's "
-        + (
-            f"learning rate {applied!r}"
-            if applied is not None
-            else "constant (or variable) learning rate"
-        )
-    )
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for each in getattr(inner, "optimizers", None) or [inner]:
+        applied = compat.learning_rate_schedule(each)
+        if not _is_schedule(applied, rho.learning_rate):
+            owner = "the optimizer"
+            if each is not inner:
+                owner += f" {each.name!r}"
+            raise ValueError(
+                "`RhoFollowingLearningRate` follows a learning-rate schedule "
+                "that the optimizer does not apply, so ρ would not move with "
+                "the rate: give it the optimizer's schedule. Received: "
+                f"rho.learning_rate={rho.learning_rate!r}, "
+                + owner
+                + (
+                    f"'s learning rate {applied!r}"
+                    if applied is not None
+                    else "'s constant (or variable) learning rate"
+                )
+            )
+
+
+def _is_schedule(applied, schedule):
+    """Whether `applied` is `schedule` or an equal one (a loaded copy)."""
+    if applied is schedule:
+        return True
+    if applied is None or type(applied) is not type(schedule):
+        return False
+    configs = [_config_or_none(s) for s in (applied, schedule)]
+    return configs[0] is not None and configs[0] == configs[1]
 
 
 def _config_or_none(schedule):

@@ -137,3 +137,45 @@ def test_rho_must_follow_the_schedule_the_optimizer_applies(
         return
     with pytest.raises(ValueError, match="the optimizer does not apply"):
         model.fit(x, y, verbose=0)
+
+
+@pytest.mark.skipif(
+    not hasattr(keras.optimizers, "MultiOptimizer"),
+    reason="keras.optimizers.MultiOptimizer is new in Keras 3.15",
+)
+def test_rho_follows_the_schedule_of_every_optimizer_in_a_multi_optimizer():
+    # A MultiOptimizer's own rate is 0: ρ had been refused as following a
+    # schedule the optimizer does not apply, though each inner one did.
+    def fitted(make_optimizer):
+        keras.utils.set_random_seed(3)
+        rho = keras_sam.schedules.RhoFollowingLearningRate(
+            SCHEDULES.CosineDecay(0.1, 4), rho_max=0.1, rho_min=0.01
+        )
+        base = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)]
+        )
+        model = keras_sam.SAMModel(base, rho=rho)
+        model.compile(optimizer=make_optimizer(), loss="mse")
+        x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+        model.fit(x, x[:, :1] ** 2, batch_size=4, epochs=2, verbose=0)
+        return base.get_weights()
+
+    def multi(default_rate):
+        optimizers = keras.optimizers.OptimizerMap(
+            keras.optimizers.SGD(default_rate),
+            {".*dense/kernel": keras.optimizers.SGD(cosine())},
+        )
+        return keras.optimizers.MultiOptimizer(optimizers)
+
+    def cosine():
+        return SCHEDULES.CosineDecay(0.1, 4)
+
+    # Four steps: ρ decays with the rate of both inner optimizers, so the
+    # run is a single SGD's.
+    for a, b in zip(
+        fitted(lambda: multi(cosine())),
+        fitted(lambda: keras.optimizers.SGD(cosine())),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="the optimizer 'sgd.*'s constant"):
+        fitted(lambda: multi(0.1))
