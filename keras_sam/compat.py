@@ -162,6 +162,24 @@ def flatten_layers(model):
     return list(model._flatten_layers())
 
 
+def rematerialized_layers(model):
+    """The layers of `model` whose whole call Keras rematerializes: made in
+    a `keras.RematScope` of mode "full", "larger_than" or "list_of_layers"
+    (naming them), not "activations", which wraps only the activation.
+
+    Keras keeps a layer's mode only as the private `_remat_mode`. Checked
+    against Keras 3.15.1.
+    """
+    found = []
+    for layer in flatten_layers(model):
+        mode = getattr(layer, "_remat_mode", None)
+        if mode is None or mode.mode == "activations":
+            continue
+        if mode.mode != "list_of_layers" or layer.name in mode.layer_names:
+            found.append(layer)
+    return found
+
+
 def optimizer_slots(optimizer, slots, variables):
     """`slots[i]` for each of `variables`, building `optimizer` first.
 

@@ -4,13 +4,13 @@
 custom loops' `sam_gradients` (`keras_sam.custom_loops`), so all share one
 implementation.
 
-Both passes run inside a `keras.StatelessScope`: the weights and the
-non-trainable state (BatchNorm statistics, random-number seeds) are handed in
-as tensors, so neither pass writes to a variable. After the passes, the
-non-trainable state of the clean pass is written back once; the perturbed
-pass's state is dropped, and so is its float8 scaling state, which Keras
-returns as gradients (`selection.split_assigned`). The perturbed pass starts
-from the clean pass's seed state, so dropout draws the same masks in both.
+Both passes, backward included, run in a `keras.StatelessScope`: the weights
+and the non-trainable state (BatchNorm statistics, seeds) are handed in as
+tensors, so no pass writes to a variable. The clean pass's state is then
+written back once; the perturbed pass's is dropped, with its float8 scaling
+state, which Keras returns as gradients (`selection.split_assigned`). The
+perturbed pass starts from the clean pass's seeds: dropout draws the same
+masks in both.
 """
 
 import collections
@@ -94,10 +94,8 @@ def compute_sam_gradients(
 
     the mean over parts weighted by their share of the examples (the plain
     mean when `k` divides `n`). The loss, the sharpness, the clean gradient
-    norm and the updates of BatchNorm moving statistics are averaged with
-    the same weights; BatchNorm normalizes each part with its own batch
-    statistics. The same numbers come out in eager, graph and XLA
-    execution.
+    norm and BatchNorm's moving statistics are averaged with the same
+    weights; BatchNorm normalizes each part with its own batch statistics.
 
     **Across devices.** Under `tf.distribute` this function runs in each
     replica, on its shard. Under `keras.distribution` on JAX it runs once on
@@ -172,9 +170,7 @@ def compute_sam_gradients(
 
     metrics = model.metrics_variables
     initial_metrics = [ops.convert_to_tensor(v.value) for v in metrics]
-    # Under `keras.distribution` (JAX) the step sees the global batch:
-    # each device's shard is cut into its own micro-batches, so every
-    # shard gets its own ε, as a tf.distribute replica does.
+    # Each device's shard gets its own ε ("Across devices" above).
     shards = batch_parts.shard_count(options)
     parts_count = options.micro_batches * shards
     batch_parts.check_one_epsilon(options)
@@ -463,11 +459,14 @@ def _forward_and_gradients(
     non_trainable = compat.stateful_variables(model)
     metrics = [] if metric_state is None else model.metrics_variables
 
-    def objective(weights):
+    def at(weights):
         mapping = list(zip(model.trainable_variables, weights))
         mapping.extend(zip(non_trainable, state))
         mapping.extend(zip(metrics, metric_state or []))
-        with compat.stateless_scope(mapping) as scope:
+        return compat.stateless_scope(mapping)
+
+    def objective(weights):
+        with at(weights) as scope:
             before = [scope.get_current_value(v) for v in non_trainable]
             metrics_before = [scope.get_current_value(v) for v in metrics]
             y_pred = model(x, training=True)
@@ -477,9 +476,11 @@ def _forward_and_gradients(
         new_metrics = _changed(metrics_before, scope, metrics)
         return scaled_loss, (loss, y_pred, new_state, new_metrics)
 
-    (loss, y_pred, new_state, new_metrics), gradients = (
-        backend.value_and_gradients(objective, weights)
-    )
+    # A rematerialized layer (PyTorch's checkpoint) reruns it in backward.
+    with at(weights):
+        (loss, y_pred, new_state, new_metrics), gradients = (
+            backend.value_and_gradients(objective, weights)
+        )
     gradients, assigned = selection.split_assigned(
         model.trainable_variables, list(gradients)
     )

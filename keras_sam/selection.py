@@ -81,11 +81,28 @@ def perturbed_mask(model, perturbed_variables="all"):
 
 
 def check_layers_read_variables(model):
-    """Raises if a layer of `model` reads its weights outside Keras'
-    variables: a `TorchModuleWrapper` with trainable parameters, whose
-    module reads its own `torch.nn.Parameter`s. The passes hand the weights
-    in as values (`keras.StatelessScope`), which such a module never sees,
-    so its weights would get no gradient and stop training."""
+    """Raises if the weights of a layer of `model` would get no gradient
+    from the values that the passes hand in (`keras.StatelessScope`), and
+    stop training: a `TorchModuleWrapper` with trainable parameters (its
+    module reads its own `torch.nn.Parameter`s) or, on TensorFlow, a layer
+    with weights that Keras rematerializes (`tf.recompute_grad`
+    differentiates only the inputs and the `tf.Variable`s it reads)."""
+    if backend.BACKEND == "tensorflow":
+        rematerialized = [
+            layer.name
+            for layer in compat.rematerialized_layers(model)
+            if layer.trainable_weights
+        ]
+        if rematerialized:
+            raise ValueError(
+                "On TensorFlow, Keras rematerializes a layer with "
+                "`tf.recompute_grad`, which differentiates its inputs and "
+                "`tf.Variable`s, not the weights keras_sam hands in (w and "
+                "w + ε), so they would not train. Build these layers "
+                "outside `keras.RematScope` (its 'activations' mode works), "
+                f"or train on JAX or PyTorch. Received: layers "
+                f"{rematerialized} of model {model.name!r}"
+            )
     wrapped = [
         layer.name
         for layer in compat.flatten_layers(model)

@@ -132,6 +132,26 @@ def test_flatten_layers_reaches_nested_models():
     )
 
 
+def test_rematerialized_layers_are_those_keras_rematerializes_whole():
+    def names(mode, layer_names=None):
+        with keras.RematScope(mode=mode, layer_names=layer_names):
+            model = keras.Sequential(
+                [
+                    keras.Input((3,)),
+                    keras.layers.Dense(2, activation="relu", name="a"),
+                    keras.layers.Dense(1, name="b"),
+                ]
+            )
+        return [layer.name for layer in compat.rematerialized_layers(model)]
+
+    assert {"a", "b"} <= set(names("full"))
+    assert names("list_of_layers", ["b"]) == ["b"]
+    assert names("activations") == []
+    assert names("larger_than") != []
+    outside = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    assert compat.rematerialized_layers(outside) == []
+
+
 def test_optimizer_slots_builds_as_apply_and_maps_each_variable():
     a = keras.Variable(np.zeros(2, "float32"))
     b = keras.Variable(np.zeros(3, "float32"))
