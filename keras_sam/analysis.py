@@ -42,10 +42,19 @@ from keras_sam import selection
 class _LossFunctions:
     """The mean loss, its gradient and HVPs at given weights, compiled once."""
 
-    def __init__(self, model, dataset, loss_fn, training, variables=None):
+    def __init__(
+        self,
+        model,
+        dataset,
+        loss_fn,
+        training,
+        variables=None,
+        differentiated=True,
+    ):
         """`variables`: what the weights given to each function are values
         of; defaults to `selection.weights(model)` (the trainable variables
-        but float8 scaling state)."""
+        but float8 scaling state). `differentiated`: whether gradients or
+        HVPs will be taken (else only losses)."""
         if not model.trainable_variables:
             raise ValueError(
                 "`model` has no trainable weights: build it (call it on a "
@@ -62,7 +71,7 @@ class _LossFunctions:
         self.dataset = dataset
         self.loss_fn = loss_fn
         self.training = training
-        selection.check_layers_read_variables(model)
+        selection.check_layers_read_variables(model, differentiated)
         self.variables = variables or selection.weights(model)
         self._random_state = backend.random_state()
         self._batch_loss = backend.function(self._batch_loss_impl)
@@ -525,7 +534,9 @@ def loss_landscape_1d(
 
     Returns a NumPy array aligned with `alphas`.
     """
-    functions = _LossFunctions(model, dataset, loss_fn, training)
+    functions = _LossFunctions(
+        model, dataset, loss_fn, training, differentiated=False
+    )
     w = _weights_of(model)
     if direction is None:
         direction = filter_normalized_direction(w, seed)
@@ -552,7 +563,9 @@ def loss_landscape_2d(
 
     Returns an array of shape `(len(alphas), len(betas))`.
     """
-    functions = _LossFunctions(model, dataset, loss_fn, training)
+    functions = _LossFunctions(
+        model, dataset, loss_fn, training, differentiated=False
+    )
     w = _weights_of(model)
     if directions is None:
         # One stream for both, so no seed's second is another seed's first.
@@ -605,7 +618,9 @@ def linear_interpolation(
         raise ValueError(
             "`model_a` and `model_b` have different weight shapes."
         )
-    functions = _LossFunctions(model_a, dataset, loss_fn, training, variables_a)
+    functions = _LossFunctions(
+        model_a, dataset, loss_fn, training, variables_a, differentiated=False
+    )
     difference = [b - a for a, b in zip(w_a, w_b)]
     return np.array(
         [

@@ -163,9 +163,10 @@ def flatten_layers(model):
 
 
 def rematerialized_layers(model):
-    """The layers of `model` whose whole call Keras rematerializes: made in
-    a `keras.RematScope` of mode "full", "larger_than" or "list_of_layers"
-    (naming them), not "activations", which wraps only the activation.
+    """The layers of `model` whose whole call Keras may rematerialize: made
+    in a `keras.RematScope` of mode "full", "list_of_layers" (naming them)
+    or "larger_than" (whose output size, known only at the call, decides),
+    not "activations", which wraps only the activation, nor `None`.
 
     Keras keeps a layer's mode only as the private `_remat_mode`. Checked
     against Keras 3.15.1.
@@ -173,7 +174,7 @@ def rematerialized_layers(model):
     found = []
     for layer in flatten_layers(model):
         mode = getattr(layer, "_remat_mode", None)
-        if mode is None or mode.mode == "activations":
+        if mode is None or mode.mode in (None, "activations"):
             continue
         if mode.mode != "list_of_layers" or layer.name in mode.layer_names:
             found.append(layer)

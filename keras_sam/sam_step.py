@@ -459,14 +459,14 @@ def _forward_and_gradients(
     non_trainable = compat.stateful_variables(model)
     metrics = [] if metric_state is None else model.metrics_variables
 
-    def at(weights):
+    def scope_at(weights):
         mapping = list(zip(model.trainable_variables, weights))
         mapping.extend(zip(non_trainable, state))
         mapping.extend(zip(metrics, metric_state or []))
         return compat.stateless_scope(mapping)
 
     def objective(weights):
-        with at(weights) as scope:
+        with scope_at(weights) as scope:
             before = [scope.get_current_value(v) for v in non_trainable]
             metrics_before = [scope.get_current_value(v) for v in metrics]
             y_pred = model(x, training=True)
@@ -476,8 +476,8 @@ def _forward_and_gradients(
         new_metrics = _changed(metrics_before, scope, metrics)
         return scaled_loss, (loss, y_pred, new_state, new_metrics)
 
-    # A rematerialized layer (PyTorch's checkpoint) reruns it in backward.
-    with at(weights):
+    # PyTorch's checkpoint reruns a rematerialized layer in backward.
+    with scope_at(weights):
         (loss, y_pred, new_state, new_metrics), gradients = (
             backend.value_and_gradients(objective, weights)
         )

@@ -177,7 +177,8 @@ def _check_follows(rho, optimizer):
             raise ValueError(
                 "`RhoFollowingLearningRate` follows a learning-rate schedule "
                 "that the optimizer does not apply, so ρ would not move with "
-                "the rate: give it the optimizer's schedule. Received: "
+                "the rate: give it the optimizer's schedule (each "
+                "optimizer's, in a MultiOptimizer). Received: "
                 f"rho.learning_rate={rho.learning_rate!r}, "
                 + owner
                 + (

@@ -80,14 +80,15 @@ def perturbed_mask(model, perturbed_variables="all"):
     return mask
 
 
-def check_layers_read_variables(model):
-    """Raises if the weights of a layer of `model` would get no gradient
-    from the values that the passes hand in (`keras.StatelessScope`), and
-    stop training: a `TorchModuleWrapper` with trainable parameters (its
-    module reads its own `torch.nn.Parameter`s) or, on TensorFlow, a layer
-    with weights that Keras rematerializes (`tf.recompute_grad`
-    differentiates only the inputs and the `tf.Variable`s it reads)."""
-    if backend.BACKEND == "tensorflow":
+def check_layers_read_variables(model, differentiated=True):
+    """Raises if a layer of `model` would not see the weights that the
+    passes hand in (`keras.StatelessScope`): a `TorchModuleWrapper` with
+    trainable parameters, whose module reads its own `torch.nn.Parameter`s.
+    With `differentiated`, also if they would get no gradient: on
+    TensorFlow, a layer with weights that Keras may rematerialize
+    (`tf.recompute_grad` differentiates only the inputs and the
+    `tf.Variable`s it reads)."""
+    if differentiated and backend.BACKEND == "tensorflow":
         rematerialized = [
             layer.name
             for layer in compat.rematerialized_layers(model)
@@ -98,10 +99,10 @@ def check_layers_read_variables(model):
                 "On TensorFlow, Keras rematerializes a layer with "
                 "`tf.recompute_grad`, which differentiates its inputs and "
                 "`tf.Variable`s, not the weights keras_sam hands in (w and "
-                "w + ε), so they would not train. Build these layers "
+                "w + ε): they would get no gradient. Build these layers "
                 "outside `keras.RematScope` (its 'activations' mode works), "
-                f"or train on JAX or PyTorch. Received: layers "
-                f"{rematerialized} of model {model.name!r}"
+                f"or use JAX or PyTorch. Received: layers {rematerialized} "
+                f"of model {model.name!r}"
             )
     wrapped = [
         layer.name

@@ -132,22 +132,20 @@ def test_flatten_layers_reaches_nested_models():
     )
 
 
-def test_rematerialized_layers_are_those_keras_rematerializes_whole():
+def test_rematerialized_layers_are_those_keras_may_rematerialize_whole():
     def names(mode, layer_names=None):
         with keras.RematScope(mode=mode, layer_names=layer_names):
-            model = keras.Sequential(
-                [
-                    keras.Input((3,)),
-                    keras.layers.Dense(2, activation="relu", name="a"),
-                    keras.layers.Dense(1, name="b"),
-                ]
-            )
+            first = keras.layers.Dense(2, activation="relu", name="a")
+            with keras.RematScope(mode=None):  # off, inside another
+                second = keras.layers.Dense(1, name="b")
+            model = keras.Sequential([keras.Input((3,)), first, second])
         return [layer.name for layer in compat.rematerialized_layers(model)]
 
-    assert {"a", "b"} <= set(names("full"))
-    assert names("list_of_layers", ["b"]) == ["b"]
+    assert "a" in names("full") and "b" not in names("full")
+    assert names("list_of_layers", ["a", "b"]) == ["a"]
     assert names("activations") == []
-    assert names("larger_than") != []
+    # Whatever its size: the size at the call decides.
+    assert "a" in names("larger_than")
     outside = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     assert compat.rematerialized_layers(outside) == []
 

@@ -138,6 +138,21 @@ def test_a_rematerialized_layer_is_refused_on_tensorflow(remat):
         model.fit(*data(), batch_size=BATCH, verbose=0)
 
 
+@backends.tensorflow_only
+def test_analysis_refuses_a_rematerialized_layer_for_gradients_only():
+    x, y = data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    base = make_base("list_of_layers")
+    with pytest.raises(ValueError, match=r"recompute_grad.*'hidden'"):
+        analysis.hessian_top_eigenvalues(base, dataset, xent(), seed=0)
+    # Losses alone: the rerun forward reads the weights as handed in.
+    got, want = [
+        analysis.loss_landscape_1d(model, dataset, xent(), [0.0, 1.0], seed=0)
+        for model in (base, make_base())
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_the_hessian_of_a_rematerialized_model_is_the_models():
     if backends.BACKEND == "tensorflow":
         pytest.skip("refused on TensorFlow")
