@@ -81,3 +81,25 @@ def gradients(model, loss_of_outputs, x):
 
     grads = jax.grad(loss_at)([v.value for v in trainable])
     return [keras.ops.convert_to_numpy(g) for g in grads]
+
+
+def train_by_hand_sam(model, loss_fn, x, y, batch, rho, lr):
+    """SGD at `lr` on SAM gradients (ρ = `rho`), batch by batch in order,
+    each gradient by the backend's own autodiff (`gradients`). Returns
+    `model`, trained in place."""
+    variables = model.trainable_variables
+    for start in range(0, len(x), batch):
+        xb, yb = x[start : start + batch], y[start : start + batch]
+
+        def loss(outputs, yb=yb):
+            return loss_fn(yb, outputs)
+
+        w = [keras.ops.convert_to_numpy(v.value) for v in variables]
+        g = gradients(model, loss, xb)
+        norm = np.sqrt(sum(np.sum(gi**2) for gi in g))
+        for v, wi, gi in zip(variables, w, g):
+            v.assign(wi + rho * gi / norm)
+        g_sam = gradients(model, loss, xb)
+        for v, wi, gi in zip(variables, w, g_sam):
+            v.assign(wi - lr * gi)
+    return model
