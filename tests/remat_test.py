@@ -36,20 +36,20 @@ class TanhDense(keras.layers.Layer):
         self.kernel = self.add_weight((input_shape[-1], self.units))
 
     def call(self, x):
-        def forward(x):
-            return ops.tanh(ops.matmul(x, self.kernel))
+        def forward(x, kernel):
+            return ops.tanh(ops.matmul(x, kernel))
 
         if self.remat == "function":
-            return keras.remat(forward)(x)
+            return keras.remat(lambda x: forward(x, self.kernel))(x)
         if self.remat == "function_of_weights":
-            return keras.remat(lambda x, kernel: ops.tanh(x @ kernel))(
-                x, ops.convert_to_tensor(self.kernel)
-            )
-        return forward(x)
+            kernel = ops.convert_to_tensor(self.kernel)
+            return keras.remat(forward)(x, kernel)
+        return forward(x, self.kernel)
 
 
 def make_base(remat=None):
-    """A two-layer model; `remat` is a `RematScope` mode or "function"."""
+    """A two-layer model; `remat` is a `RematScope` mode or a
+    `TanhDense` one ("function", "function_of_weights")."""
     keras.utils.set_random_seed(1)
     scope = contextlib.nullcontext()
     if remat in ("full", "list_of_layers", "activations"):
