@@ -213,6 +213,54 @@ def test_class_weight_is_the_oracle_with_per_example_weights():
     np.testing.assert_allclose(model.base.get_weights()[1], want_b, rtol=1e-5)
 
 
+ACTIVITY_L2 = 0.3
+
+
+def tanh_network(activity_l2):
+    """Dense(5, tanh) → Dense(3); an L2 activity regularizer on the hidden
+    layer if `activity_l2`, else the hidden layer as a second output."""
+    keras.utils.set_random_seed(5)
+    hidden_layer = keras.layers.Dense(
+        5,
+        activation="tanh",
+        activity_regularizer=(
+            keras.regularizers.L2(activity_l2) if activity_l2 else None
+        ),
+    )
+    inputs = keras.Input((softmax_data()[0].shape[1],))
+    hidden = hidden_layer(inputs)
+    logits = keras.layers.Dense(3)(hidden)
+    return keras.Model(inputs, logits if activity_l2 else [logits, hidden])
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_an_activity_regularizer_is_taken_at_w_plus_eps(mode):
+    # Keras adds it in the layer's call (`add_loss`), so it must be
+    # collected inside each pass, at the weights that pass hands in.
+    x, y, _, _ = softmax_data()
+    model = tanh_network(ACTIVITY_L2)
+    sam = keras_sam.SAMModel(model, rho=RHO)
+    sam.compile(
+        optimizer=keras.optimizers.SGD(LR),
+        loss=xent(),
+        run_eagerly=mode == "eager",
+        jit_compile=mode == "jit",
+    )
+    sam.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+
+    def loss_with_the_penalty(y_true, outputs):
+        logits, hidden = outputs
+        # Keras divides an activity penalty by the batch size.
+        penalty = ACTIVITY_L2 * keras.ops.sum(hidden**2) / BATCH
+        return xent()(y_true, logits) + penalty
+
+    want = backends.train_by_hand_sam(
+        tanh_network(None), loss_with_the_penalty, x, y, BATCH, RHO, LR
+    )
+    for got, expected in zip(model.get_weights(), want.get_weights()):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_frozen_base_logs_its_loss_and_keeps_its_weights():
     base, x, y = frozen_setup()
     weights = base.get_weights()
