@@ -38,6 +38,10 @@ class SAMOptions:
         "(evaluated at the step the optimizer's learning-rate schedule "
         "sees) or a float keras.Variable read at every step (a callback "
         "may set it; configs store its value); 0 is the base optimizer. "
+        "A schedule is called at step 0 when the options are made, so a "
+        "wrong one fails there; a schedule or Variable ρ that is negative "
+        "or NaN at a step makes that step's ε, sharpness and update NaN, "
+        "which the logs (and TerminateOnNaN) show. "
         "ASAM typically wants a ρ about 10 times SAM's.",
     )
     adaptive: bool = _option(False, "ASAM's scale-invariant ε.")
@@ -280,13 +284,56 @@ def _checked_rho(rho):
                 raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
         return rho
     if callable(rho):
-        return rho
+        return _checked_schedule(rho)
     if not is_real(rho):
         raise ValueError(
             "`rho` must be a number >= 0, a float `keras.Variable` or a "
             f"schedule. Received: rho={rho!r}"
         )
     return checked_number("rho", rho, minimum=0)
+
+
+def _checked_schedule(rho):
+    """A schedule `rho`, called at step 0 so that a wrong one fails here,
+    naming it, and not in the first step's trace with the backend's words
+    (a value it returns later is checked in `schedules.current_rho`)."""
+    expected = (
+        "A schedule `rho` is called with the step (an integer scalar) and "
+        "must return ρ, a float scalar >= 0"
+    )
+    if isinstance(rho, type):
+        raise ValueError(
+            f"{expected}: pass an instance, not a class. Received: rho={rho!r}"
+        )
+    try:
+        value = rho(ops.zeros((), "int64"))
+    except Exception as error:
+        raise ValueError(
+            f"{expected}; at step 0 it raised {type(error).__name__}: "
+            f"{error}. Received: rho={rho!r}"
+        ) from error
+    if isinstance(value, keras.Variable):
+        value = value.value
+    if not is_real(value):
+        is_number = (
+            ops.is_tensor(value) or isinstance(value, np.ndarray)
+        ) and (
+            keras.backend.is_float_dtype(value.dtype)
+            or keras.backend.is_int_dtype(value.dtype)
+        )
+        if not is_number or tuple(value.shape) != ():
+            raise ValueError(
+                f"{expected}. At step 0 it returned {value!r}. Received: "
+                f"rho={rho!r}"
+            )
+        if backend.is_symbolic(value):
+            return rho
+        value = float(ops.convert_to_numpy(value))
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"{expected}. At step 0 it returned {value}. Received: rho={rho!r}"
+        )
+    return rho
 
 
 def checked_integer(name, value, minimum):

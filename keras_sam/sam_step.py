@@ -111,8 +111,9 @@ def compute_sam_gradients(
     global batch, over which BatchNorm then normalizes (the global batch
     with a per-shard ε would need it evaluated at every shard's `w + ε`).
 
-    **When the perturbed pass runs.** Only when ρ > 0 (checked at run time
-    for a tensor ρ) and, given a `switching` policy, when the policy says
+    **When the perturbed pass runs.** Only when ρ ≠ 0 (checked at run time
+    for a tensor ρ, which `schedules.current_rho` makes NaN where it is
+    negative) and, given a `switching` policy, when the policy says
     so. Otherwise the step is the base optimizer's step: one clean pass on
     the whole batch, whatever the parts of a SAM step would be (exactly
     Keras' own step, BatchNorm normalizing over the whole batch), and it
@@ -366,7 +367,7 @@ def compute_sam_gradients(
 
     if options.perturbation == "momentum":
         take_sam = True
-        run_perturbed = ops.greater(rho, 0)
+        run_perturbed = ops.not_equal(rho, 0)
         outcome = momentum_step()
     else:
         # The whole batch's clean pass comes first only where both branches
@@ -392,7 +393,7 @@ def compute_sam_gradients(
         if isinstance(rho, (int, float)):
             run_perturbed = take_sam if rho > 0 else False
         else:
-            run_perturbed = ops.logical_and(take_sam, ops.greater(rho, 0))
+            run_perturbed = ops.logical_and(take_sam, ops.not_equal(rho, 0))
 
         outcome = backend.cond(
             run_perturbed,

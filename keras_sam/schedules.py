@@ -62,7 +62,10 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "`learning_rate` must be a schedule (a callable of the "
                 f"step). Received: learning_rate={learning_rate!r}"
             )
-        if not 0 <= rho_min <= rho_max:
+        rho_max = options.checked_number("rho_max", rho_max, minimum=0)
+        rho_min = options.checked_number("rho_min", rho_min, minimum=0)
+        lr_min = options.checked_number("lr_min", lr_min)
+        if not rho_min <= rho_max:
             raise ValueError(
                 "Expected 0 <= rho_min <= rho_max. Received: "
                 f"rho_min={rho_min}, rho_max={rho_max}"
@@ -76,16 +79,17 @@ class RhoFollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                     "learning rate it reaches. Received: lr_max=None, "
                     f"learning_rate={learning_rate!r}"
                 )
+        lr_max = options.checked_number("lr_max", lr_max)
         if not lr_max > lr_min:
             raise ValueError(
                 "Expected lr_max > lr_min. Received: "
                 f"lr_max={lr_max}, lr_min={lr_min}"
             )
         self.learning_rate = learning_rate
-        self.rho_max = float(rho_max)
-        self.rho_min = float(rho_min)
-        self.lr_max = float(lr_max)
-        self.lr_min = float(lr_min)
+        self.rho_max = rho_max
+        self.rho_min = rho_min
+        self.lr_max = lr_max
+        self.lr_min = lr_min
 
     def __call__(self, step):
         lr = ops.cast(self.learning_rate(step), "float32")
@@ -146,9 +150,10 @@ def _peak_learning_rate(schedule):
 
 def current_rho(rho, optimizer):
     """ρ for this step: a number as is, a Variable's value when the step
-    runs, a schedule at the step of the optimizer's learning rate."""
+    runs, a schedule at the step of the optimizer's learning rate; NaN
+    where a Variable or schedule gives a negative ρ."""
     if isinstance(rho, keras.Variable):
-        return backend.read_live(rho)
+        return _nan_unless_non_negative(backend.read_live(rho))
     if callable(rho):
         if optimizer is None:
             raise ValueError(
@@ -158,8 +163,16 @@ def current_rho(rho, optimizer):
             )
         if isinstance(rho, RhoFollowingLearningRate):
             _check_follows(rho, optimizer)
-        return ops.cast(rho(compat.schedule_step(optimizer)), "float32")
+        step = compat.schedule_step(optimizer)
+        return _nan_unless_non_negative(ops.cast(rho(step), "float32"))
     return rho
+
+
+def _nan_unless_non_negative(rho):
+    # A compiled step cannot raise on a value. A NaN ρ makes that step's ε,
+    # sharpness and update NaN, which the logs and `TerminateOnNaN` show;
+    # skipping the perturbed pass would train without SAM, unseen.
+    return ops.where(ops.greater_equal(rho, 0), rho, float("nan"))
 
 
 def _check_follows(rho, optimizer):

@@ -82,6 +82,25 @@ def test_a_variable_rho_set_by_a_callback_takes_effect_at_the_next_step(mode):
     assert float(rho.numpy()) == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["variable", "schedule"])
+def test_a_negative_rho_at_run_time_makes_the_step_nan(kind, mode):
+    # A compiled step cannot raise on a value; before, the step skipped the
+    # perturbed pass and trained without SAM, with no sign in the logs.
+    if kind == "variable":
+        rho = keras.Variable(0.5, trainable=False)
+        callbacks = [SetRho([0.5, -0.1, 0.5])]
+    else:
+
+        def rho(step):  # 0.5 at the first step, negative from the second
+            return 0.5 - 0.6 * keras.ops.cast(step, "float32")
+
+        callbacks = []
+    model = fit(rho, mode, callbacks=callbacks)
+    weights = model.base.get_weights()
+    assert all(np.isnan(w).all() for w in weights)
+
+
 def test_a_trainable_variable_rho_is_not_a_weight_of_the_model():
     rho = keras.Variable(0.3)  # trainable by default
     model = fit(rho)
@@ -162,6 +181,50 @@ def base():
         (
             lambda: keras_sam.SAMModel(base(), rho=keras.Variable(-0.1)),
             "`rho` must be >= 0. Received: rho=",
+        ),
+        (
+            lambda: keras_sam.SAMModel(
+                base(), rho=keras.optimizers.schedules.ExponentialDecay
+            ),
+            "pass an instance, not a class. Received: rho=<class",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=lambda step, other: 0.1),
+            "at step 0 it raised TypeError",
+        ),
+        (
+            lambda: keras_sam.SAMModel(
+                base(), rho=lambda step: keras.ops.ones((2,))
+            ),
+            "a float scalar >= 0. At step 0 it returned",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=lambda step: "0.05"),
+            "At step 0 it returned '0.05'. Received: rho=<function",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), rho=lambda step: -0.1),
+            "At step 0 it returned -0.1. Received: rho=<function",
+        ),
+        (
+            lambda: keras_sam.SAMModel(
+                base(), rho=lambda step: keras.ops.convert_to_tensor(np.nan)
+            ),
+            "At step 0 it returned nan. Received: rho=<function",
+        ),
+        (
+            lambda: keras_sam.schedules.RhoFollowingLearningRate(
+                keras.optimizers.schedules.CosineDecay(0.1, 10),
+                rho_max="0.05",
+            ),
+            "`rho_max` must be a number >= 0. Received: rho_max='0.05'",
+        ),
+        (
+            lambda: keras_sam.schedules.RhoFollowingLearningRate(
+                keras.optimizers.schedules.CosineDecay(0.1, 10),
+                lr_max="0.1",
+            ),
+            "`lr_max` must be a number. Received: lr_max='0.1'",
         ),
         (
             lambda: keras_sam.SAMModel(base(), eta=np.float32(-1)),
