@@ -223,7 +223,11 @@ class BaseWrapper:
         The file loads into the bare base model with
         `base.load_weights(filepath)`, and into a `SAMModel` (with the
         optimizer's and the variants' state, kept in a `sam_model` group
-        that the base model ignores). See `keras.Model.save_weights`.
+        that the base model ignores). As in Keras, the optimizer's state
+        loads only into a built optimizer: after `compile`, call
+        `model.optimizer.build(model.trainable_variables)` before
+        `load_weights`, or Keras skips it with a warning. See
+        `keras.Model.save_weights`.
         """
         path = str(filepath)
         if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
