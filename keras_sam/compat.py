@@ -249,9 +249,21 @@ def maybe_symbolic_build(model, iterator=None, data_batch=None):
     builds from one batch that it all-reduces eagerly with
     `strategy.reduce`, which MultiWorkerMirroredStrategy cannot do
     (keras-team/keras#20585). One replica's share of the batch has the
-    same structure and serves as well. Other strategies and backends build
-    as Keras does. Checked against Keras 3.15.1.
+    same structure and serves as well.
+
+    Without a strategy Keras' TensorFlow trainer builds nothing here: the
+    trace of the first step builds the compiled loss. A step that runs
+    eagerly has no trace before it, so its per-output loss trackers were
+    made inside the first SAM pass's stateless scope, and that step's
+    update to them was lost. Such a model is built here, as Keras' other
+    backends build every model. Other strategies and backends build as
+    Keras does. Checked against Keras 3.15.1.
     """
+    if backend.BACKEND == "tensorflow" and model.run_eagerly:
+        if model._distribute_strategy is None:
+            return model._symbolic_build(
+                iterator=iterator, data_batch=data_batch
+            )
     strategy = model.distribute_strategy
     if iterator is not None and data_batch is None:
         if backend.is_multi_worker(strategy):

@@ -287,6 +287,20 @@ def test_multi_worker_build_takes_one_replicas_batch(monkeypatch):
     )
 
 
+@backends.tensorflow_only
+def test_an_eager_model_without_a_strategy_is_built_before_its_step():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    batch = (np.ones((4, 3), "float32"), np.ones((4, 2), "float32"))
+    keras.Model._maybe_symbolic_build(model, data_batch=batch)
+    assert not model._compile_loss.built, (
+        "Keras' TensorFlow trainer now builds the compiled loss before an "
+        "eager step: remove the eager branch of compat.maybe_symbolic_build"
+    )
+    compat.maybe_symbolic_build(model, data_batch=batch)
+    assert model._compile_loss.built and model.optimizer.built
+
+
 def test_weights_files_in_the_base_layout(tmp_path):
     import keras_sam
 

@@ -72,6 +72,13 @@ MULTI_IO_COMPILE = dict(
 
 CONFIGS = {
     "multi_input_multi_output": (multi_io_setup, MULTI_IO_COMPILE, {}),
+    # On TensorFlow without a strategy Keras builds the per-output loss
+    # trackers in the first step, where they had lost that step's update.
+    "multi_input_multi_output_eager": (
+        multi_io_setup,
+        dict(MULTI_IO_COMPILE, run_eagerly=True),
+        {},
+    ),
     # Losses and metrics by output name on a list of outputs, and one
     # metric on both outputs: each logged under its output's name.
     "list_outputs_named": (
