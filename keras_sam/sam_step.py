@@ -239,12 +239,13 @@ def compute_sam_gradients(
                 w if e is None else w + e for w, e in zip(weights, epsilons)
             ]
             backend.set_random_state(part.random_state)
+            # Maps (and drops) the metrics: PyTorch compiles one program.
             perturbed = _forward_and_gradients(
                 model,
                 compute_loss,
                 perturbed_weights,
                 part.state,
-                None,
+                initial_metrics,
                 part.batch,
                 scale_loss,
             )
@@ -452,18 +453,17 @@ def _forward_and_gradients(
     """Loss, predictions, gradients and new state of one pass at `weights`.
 
     The new state has one entry per non-trainable variable: its updated
-    value, or `None` where the pass left it unchanged. With `metric_state`
-    (values of `model.metrics_variables`), the metrics that the loss
-    updates come back the same way; with `None` their updates are dropped.
+    value, or `None` where the pass left it unchanged; so do the metrics
+    that the loss updates (`model.metrics_variables`, at `metric_state`).
     """
     x, y, sample_weight = batch
     non_trainable = compat.stateful_variables(model)
-    metrics = [] if metric_state is None else model.metrics_variables
+    metrics = model.metrics_variables
 
     def scope_at(weights):
         mapping = list(zip(model.trainable_variables, weights))
         mapping.extend(zip(non_trainable, state))
-        mapping.extend(zip(metrics, metric_state or []))
+        mapping.extend(zip(metrics, metric_state))
         return compat.stateless_scope(mapping)
 
     def objective(weights):
