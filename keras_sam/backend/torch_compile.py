@@ -18,6 +18,8 @@ that is fewer graphs than Keras' compiled plain step
 """
 
 import functools
+import types
+import weakref
 
 import torch
 
@@ -29,41 +31,54 @@ def train_step(model, step, data):
     the step then leaves the trace and compiles its passes instead (see the
     module's docstring). Called eagerly, it runs eagerly.
     """
-    del model
     if torch.compiler.is_compiling():
-        return _step_with_compiled_passes(step, data)
+        return _step_with_compiled_passes(model, step, data)
     return step(data)
 
 
-# Whether `compiled_pass` compiles: set while
-# `_step_with_compiled_passes` runs a step.
-_compiling_passes = False
-_compiled = {}
+# The compiled `_pass` of the model whose step runs, `None` outside one.
+_compiled_pass = None
+_compiled_by_model = weakref.WeakKeyDictionary()
 
 
 @torch.compiler.disable
-def _step_with_compiled_passes(step, data):
-    global _compiling_passes
-    _compiling_passes = True
+def _step_with_compiled_passes(model, step, data):
+    global _compiled_pass
+    _compiled_pass = _compiled_by_model.get(model)
+    if _compiled_pass is None or _compiled_pass.compile is not torch.compile:
+        _compiled_pass = _compile_pass_for_a_model()
+        _compiled_by_model[model] = _compiled_pass
     try:
         return step(data)
     finally:
-        _compiling_passes = False
+        _compiled_pass = None
+
+
+def _compile_pass_for_a_model():
+    """`torch.compile` of a copy of `_pass` with code of its own.
+
+    Dynamo keeps at most 8 programs of one code object per process
+    (`torch._dynamo.config.recompile_limit`), for all models together,
+    and then runs it uncompiled with only a warning: each model takes one
+    or two (a second batch size compiles again, then dynamically), so a
+    process that trained several models ran the later ones' passes
+    uncompiled. A copy of the code per model gives each its own 8.
+    Made once per model (a `torch.compile` takes ~2 ms), and again if
+    `torch.compile` has been replaced (a test counts the graphs so).
+    """
+    code = _pass.__code__.replace()
+    compiled = torch.compile(types.FunctionType(code, _pass.__globals__))
+    return types.SimpleNamespace(
+        call=compiled, compile=torch.compile, code=code
+    )
 
 
 def compiled_pass(fn):
-    """`fn` through `torch.compile(_pass)` while a step compiles its passes.
-
-    The compiled `_pass` is made once (making it takes ~2 ms a call), keyed
-    by `torch.compile` itself, which a test may replace to count the graphs.
-    Outside such a step, `fn` itself.
-    """
-    if not _compiling_passes:
+    """`fn` through the model's compiled `_pass` while a step compiles its
+    passes; outside such a step, `fn` itself."""
+    if _compiled_pass is None:
         return fn
-    if torch.compile not in _compiled:
-        _compiled.clear()
-        _compiled[torch.compile] = torch.compile(_pass)
-    return functools.partial(_compiled[torch.compile], fn)
+    return functools.partial(_compiled_pass.call, fn)
 
 
 def _pass(fn, weights):
