@@ -256,14 +256,18 @@ def maybe_symbolic_build(model, iterator=None, data_batch=None):
     eagerly has no trace before it, so its per-output loss trackers were
     made inside the first SAM pass's stateless scope, and that step's
     update to them was lost. Such a model is built here, as Keras' other
-    backends build every model. Other strategies and backends build as
-    Keras does. Checked against Keras 3.15.1.
+    backends build every model, unless only an eager call can run it
+    (it reads `.numpy()`, say): that one is built in its first step, as
+    Keras does. Other strategies and backends build as Keras does.
+    Checked against Keras 3.15.1.
     """
     if backend.BACKEND == "tensorflow" and model.run_eagerly:
         if model._distribute_strategy is None:
-            return model._symbolic_build(
-                iterator=iterator, data_batch=data_batch
-            )
+            try:
+                model._symbolic_build(iterator=iterator, data_batch=data_batch)
+            except Exception:
+                pass  # Keras' own step builds it, or says what fails.
+            return None
     strategy = model.distribute_strategy
     if iterator is not None and data_batch is None:
         if backend.is_multi_worker(strategy):

@@ -11,6 +11,7 @@ import math
 import numbers
 import re
 import textwrap
+import weakref
 
 import keras
 import numpy as np
@@ -40,7 +41,7 @@ class SAMOptions:
         "may set it; configs store its value); 0 is the base optimizer. "
         "A schedule is called at step 0 when the options are made, so a "
         "wrong one fails there; a schedule or Variable ρ that is negative "
-        "or NaN at a step makes that step's ε, sharpness and update NaN, "
+        "or NaN at a SAM step makes its ε, sharpness and update NaN, "
         "which the logs (and TerminateOnNaN) show. "
         "ASAM typically wants a ρ about 10 times SAM's.",
     )
@@ -305,12 +306,16 @@ def _checked_schedule(rho):
         raise ValueError(
             f"{expected}: pass an instance, not a class. Received: rho={rho!r}"
         )
+    if rho in _checked_schedules:
+        return rho  # `sam_gradients` makes the options at every step.
     try:
-        value = rho(ops.zeros((), "int64"))
+        value = rho(ops.convert_to_tensor(0))
     except Exception as error:
         raise ValueError(
-            f"{expected}; at step 0 it raised {type(error).__name__}: "
-            f"{error}. Received: rho={rho!r}"
+            f"{expected}. It is called at step 0 when the model is made, "
+            f"before `compile` (to follow the learning rate, use "
+            f"`schedules.RhoFollowingLearningRate`), and it raised "
+            f"{type(error).__name__}: {error}. Received: rho={rho!r}"
         ) from error
     if isinstance(value, keras.Variable):
         value = value.value
@@ -333,7 +338,14 @@ def _checked_schedule(rho):
         raise ValueError(
             f"{expected}. At step 0 it returned {value}. Received: rho={rho!r}"
         )
+    try:
+        _checked_schedules.add(rho)
+    except TypeError:
+        pass  # Not weakly referable: checked again next time.
     return rho
+
+
+_checked_schedules = weakref.WeakSet()
 
 
 def checked_integer(name, value, minimum):

@@ -190,7 +190,8 @@ def base():
         ),
         (
             lambda: keras_sam.SAMModel(base(), rho=lambda step, other: 0.1),
-            "at step 0 it raised TypeError",
+            "before `compile` (to follow the learning rate, use "
+            "`schedules.RhoFollowingLearningRate`), and it raised TypeError",
         ),
         (
             lambda: keras_sam.SAMModel(

@@ -301,6 +301,26 @@ def test_an_eager_model_without_a_strategy_is_built_before_its_step():
     assert model._compile_loss.built and model.optimizer.built
 
 
+@backends.tensorflow_only
+def test_a_model_only_an_eager_call_runs_still_trains_eagerly():
+    class ReadsNumPy(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x) * float(np.sign(x.numpy().sum()) or 1.0)
+
+    base = ReadsNumPy()
+    base(np.ones((1, 3), "float32"))
+    model = keras_sam.SAMModel(base, rho=0.05)
+    model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    history = model.fit(
+        np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), verbose=0
+    )
+    assert np.isfinite(history.history["loss"]).all()
+
+
 def test_weights_files_in_the_base_layout(tmp_path):
     import keras_sam
 

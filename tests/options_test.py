@@ -104,3 +104,16 @@ def test_the_refusals_remedy_makes_the_model_asked_for():
     assert again.rho == again.options.rho == 0.5
     assert again.micro_batches == 2 and again.base is model.base
     assert again.get_config()["rho"] == 0.5
+
+
+def test_a_schedule_is_called_once_to_check_it():
+    # `sam_gradients` makes its options at every step of a custom loop.
+    steps = []
+
+    def rho(step):
+        steps.append(int(keras.ops.convert_to_numpy(step)))
+        return 0.05
+
+    for _ in range(3):
+        assert options.SAMOptions(rho=rho).rho is rho
+    assert steps == [0]

@@ -46,7 +46,7 @@ def _step_with_compiled_passes(model, step, data):
     global _compiled_pass
     _compiled_pass = _compiled_by_model.get(model)
     if _compiled_pass is None or _compiled_pass.compile is not torch.compile:
-        _compiled_pass = _compile_pass_for_a_model()
+        _compiled_pass = _compiled_copy_of_pass()
         _compiled_by_model[model] = _compiled_pass
     try:
         return step(data)
@@ -54,7 +54,7 @@ def _step_with_compiled_passes(model, step, data):
         _compiled_pass = None
 
 
-def _compile_pass_for_a_model():
+def _compiled_copy_of_pass():
     """`torch.compile` of a copy of `_pass` with code of its own.
 
     Dynamo keeps at most 8 programs of one code object per process
@@ -74,8 +74,10 @@ def _compile_pass_for_a_model():
 
 
 def compiled_pass(fn):
-    """`fn` through the model's compiled `_pass` while a step compiles its
-    passes; outside such a step, `fn` itself."""
+    """`fn` through the model's compiled `_pass`, in a compiling step.
+
+    Outside such a step, `fn` itself.
+    """
     if _compiled_pass is None:
         return fn
     return functools.partial(_compiled_pass.call, fn)
