@@ -152,9 +152,7 @@ def test_the_compiled_sam_step_compiles_once_with_fewer_graphs_than_plain(
     assert sum(sam) <= sum(plain)
 
 
-def test_each_model_compiles_its_passes_into_one_program_of_its_own(
-    monkeypatch,
-):
+def test_each_model_compiles_its_passes_into_one_program_of_its_own():
     # Dynamo keeps at most `recompile_limit` (8) programs of one code
     # object per process. The passes of all models had shared one, each
     # model taking two (the clean and the perturbed pass apart), so from the
@@ -163,23 +161,23 @@ def test_each_model_compiles_its_passes_into_one_program_of_its_own(
 
     from keras_sam.backend import torch_compile
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     x, y, _, _ = softmax_data()
     codes = []
-    for _ in range(3):
-        inputs = keras.Input(x.shape[1:])
-        hidden = keras.layers.Dropout(0.4)(keras.layers.Dense(16)(inputs))
-        # Functional: dynamo had compiled a Sequential's passes as one.
-        base = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-        model = keras_sam.SAMModel(base, rho=0.05)
-        model.compile(optimizer=sgd(), loss=xent(), jit_compile=True)
-        model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
-        codes.append(torch_compile._compiled_by_model[model].code)
-        programs = torch._dynamo.eval_frame._debug_get_cache_entry_list(
-            codes[-1]
-        )
-        assert len(programs) == 1
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            inputs = keras.Input(x.shape[1:])
+            hidden = keras.layers.Dropout(0.4)(keras.layers.Dense(16)(inputs))
+            # Functional: dynamo had compiled a Sequential's passes as one.
+            base = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+            model = keras_sam.SAMModel(base, rho=0.05)
+            model.compile(optimizer=sgd(), loss=xent(), jit_compile=True)
+            model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+            codes.append(torch_compile._compiled_by_model[model].code)
+            programs = torch._dynamo.eval_frame._debug_get_cache_entry_list(
+                codes[-1]
+            )
+            assert len(programs) == 1
     assert len({id(code) for code in codes}) == 3
     torch._dynamo.reset()
 
