@@ -182,6 +182,45 @@ def test_each_model_compiles_its_passes_into_one_program_of_its_own():
     torch._dynamo.reset()
 
 
+def test_a_step_in_another_thread_leaves_this_steps_compiled_pass():
+    # The running model's compiled pass was a module global: a step that
+    # ended in another thread reset it, so this thread's perturbed pass
+    # ran uncompiled (or through the other model's program).
+    import threading
+
+    from keras_sam.backend import torch_compile
+
+    class Model:
+        pass
+
+    this, other = Model(), Model()
+    other_started, other_done = threading.Event(), threading.Event()
+    passes = {}
+
+    def this_step(_):
+        passes["clean"] = torch_compile.compiled_pass(abs)
+        other_started.set()
+        other_done.wait(timeout=60)
+        passes["perturbed"] = torch_compile.compiled_pass(abs)
+
+    def other_step(_):
+        other_started.wait(timeout=60)
+        torch_compile.compiled_pass(abs)
+        other_done.set()
+
+    thread = threading.Thread(
+        target=torch_compile._step_with_compiled_passes,
+        args=(other, other_step, None),
+    )
+    thread.start()
+    torch_compile._step_with_compiled_passes(this, this_step, None)
+    thread.join()
+    program = torch_compile._compiled_by_model[this].call
+    assert passes["clean"].func is program
+    assert passes["perturbed"].func is program
+    assert torch_compile.compiled_pass(abs) is abs
+
+
 def torch_module_model(trainable):
     import torch
 

@@ -18,6 +18,7 @@ that is fewer graphs than Keras' compiled plain step
 """
 
 import functools
+import threading
 import types
 import weakref
 
@@ -36,22 +37,23 @@ def train_step(model, step, data):
     return step(data)
 
 
-# The compiled `_pass` of the model whose step runs, `None` outside one.
-_compiled_pass = None
+# `.compiled_pass`: that of the model whose step runs in this thread (two
+# threads may each run a `fit`), `None` outside one.
+_running = threading.local()
 _compiled_by_model = weakref.WeakKeyDictionary()
 
 
 @torch.compiler.disable
 def _step_with_compiled_passes(model, step, data):
-    global _compiled_pass
-    _compiled_pass = _compiled_by_model.get(model)
-    if _compiled_pass is None or _compiled_pass.compile is not torch.compile:
-        _compiled_pass = _compiled_copy_of_pass()
-        _compiled_by_model[model] = _compiled_pass
+    compiled = _compiled_by_model.get(model)
+    if compiled is None or compiled.compile is not torch.compile:
+        compiled = _compiled_copy_of_pass()
+        _compiled_by_model[model] = compiled
+    _running.compiled_pass = compiled
     try:
         return step(data)
     finally:
-        _compiled_pass = None
+        _running.compiled_pass = None
 
 
 def _compiled_copy_of_pass():
@@ -78,9 +80,10 @@ def compiled_pass(fn):
 
     Outside such a step, `fn` itself.
     """
-    if _compiled_pass is None:
+    compiled = getattr(_running, "compiled_pass", None)
+    if compiled is None:
         return fn
-    return functools.partial(_compiled_pass.call, fn)
+    return functools.partial(compiled.call, fn)
 
 
 def _pass(fn, weights):
