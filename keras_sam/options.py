@@ -275,14 +275,7 @@ def _checked_rho(rho):
         if not backend.is_symbolic(rho.value):
             # The variable, not its `.value`: made in a tf.distribute
             # scope, that is a per-replica value NumPy cannot read.
-            value = float(ops.convert_to_numpy(rho))
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"`rho` must be finite. Received: rho={rho!r} of value "
-                    f"{value}"
-                )
-            if not value >= 0:
-                raise ValueError(f"`rho` must be >= 0. Received: rho={rho!r}")
+            checked_number("rho", ops.convert_to_numpy(rho)[()], 0)
         return rho
     if callable(rho):
         return _checked_schedule(rho)
@@ -372,12 +365,12 @@ def checked_number(name, value, minimum=None, strict=False):
             f"`{name}` must be a number{bound}. Received: {name}={value!r}"
         )
     if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite. Received: {name}={value}")
+        raise ValueError(f"`{name}` must be finite. Received: {name}={value!s}")
     if minimum is None:
         return float(value)
     if not (value > minimum if strict else value >= minimum):
         raise ValueError(
-            f"`{name}` must be {relation} {minimum}. Received: {name}={value}"
+            f"`{name}` must be {relation} {minimum}. Received: {name}={value!s}"
         )
     return float(value)
 

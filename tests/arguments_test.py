@@ -158,7 +158,7 @@ def base():
         ),
         (
             lambda: keras_sam.SAMModel(base(), rho=keras.Variable(np.nan)),
-            "`rho` must be finite. Received: rho=",
+            "`rho` must be finite. Received: rho=nan",
         ),
         (
             lambda: keras_sam.SAMModel(base(), eta=float("nan")),
@@ -180,7 +180,7 @@ def base():
         ),
         (
             lambda: keras_sam.SAMModel(base(), rho=keras.Variable(-0.1)),
-            "`rho` must be >= 0. Received: rho=",
+            "`rho` must be >= 0. Received: rho=-0.1",
         ),
         (
             lambda: keras_sam.SAMModel(
