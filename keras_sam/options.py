@@ -38,7 +38,8 @@ class SAMOptions:
         "The neighbourhood radius ρ >= 0: a number, a schedule of the step "
         "(evaluated at the step the optimizer's learning-rate schedule "
         "sees) or a float keras.Variable read at every step (a callback "
-        "may set it; configs store its value); 0 is the base optimizer. "
+        "may set it; saved with the weights, and a config makes a new "
+        "Variable of its value); 0 is the base optimizer. "
         "A schedule is called at step 0 when the options are made, so a "
         "wrong one fails there; a schedule or Variable ρ that is negative "
         "or NaN at a SAM step makes its ε, sharpness and update NaN, "
@@ -117,26 +118,58 @@ class SAMOptions:
         return {name: getattr(self, name) for name in NAMES}
 
     def get_config(self):
-        """The options as a config: a Variable ρ as its current value, a
-        schedule and a policy serialized."""
+        """The options as a config: a Variable ρ as `{"variable": value,
+        "dtype": dtype}`, a schedule and a policy serialized."""
         config = self.as_kwargs()
         if isinstance(self.rho, keras.Variable):
-            config["rho"] = float(ops.convert_to_numpy(self.rho))
-        for name in ("rho", "switching"):
-            value = config[name]
-            if value is not None and not isinstance(value, float):
-                config[name] = keras.saving.serialize_keras_object(value)
+            config["rho"] = {
+                "variable": float(ops.convert_to_numpy(self.rho)),
+                "dtype": str(self.rho.dtype),
+            }
+        elif not isinstance(self.rho, float):
+            config["rho"] = keras.saving.serialize_keras_object(self.rho)
+        if self.switching is not None:
+            config["switching"] = keras.saving.serialize_keras_object(
+                self.switching
+            )
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        """Options from `get_config`'s config; a Variable ρ comes back as a
+        new non-trainable Variable (`model.rho`, for callbacks to assign).
+        A config written before Variables were kept holds a float."""
         config = dict(config)
+        rho = config.get("rho")
+        if isinstance(rho, dict) and "variable" in rho:
+            config["rho"] = keras.Variable(
+                rho["variable"], dtype=rho["dtype"], trainable=False
+            )
         for name in ("rho", "switching"):
             if isinstance(config.get(name), dict):
                 config[name] = keras.saving.deserialize_keras_object(
                     config[name], custom_objects=custom_objects
                 )
         return cls(**config)
+
+
+def save_rho(rho, store):
+    """Writes a Variable ρ's value under `rho` in the model's own store of
+    a weights file, beside its variables: a callback may have changed it,
+    and a resumed run must go on from there, as from an optimizer's
+    learning rate."""
+    if isinstance(rho, keras.Variable):
+        store["rho"] = rho
+
+
+def load_rho(rho, store):
+    """Assigns a saved ρ to a Variable ρ; returns the rest of `store`."""
+    keys = list(store.keys())
+    if "rho" not in keys:
+        return store  # No Variable ρ, or a file written before one was kept.
+    if isinstance(rho, keras.Variable):
+        rho.assign(store["rho"])
+    return {key: store[key] for key in keys if key != "rho"}
 
 
 def fields():

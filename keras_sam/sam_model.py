@@ -49,10 +49,6 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
     drift. The optimizer then applies `g_SAM` at `w` as usual (momentum,
     weight decay, clipping, gradient accumulation, loss scaling).
 
-    With `rho=0` the step is exactly the base optimizer's step, at its
-    cost: the perturbed pass is not computed, also when a `rho` schedule
-    reaches 0 (a conditional at run time).
-
     **Logged loss and metrics** are those of the clean pass at `w`, as in a
     plain `fit`, so they compare directly with a model trained without SAM.
     Two more metrics show what SAM does (`fit` only, not `evaluate`):
@@ -69,9 +65,10 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
     replicas they are the mean of the per-replica values (one ε for the
     global batch with `sync_perturbations=True`: its ‖g‖). A step whose
     values are not finite (a mixed-precision overflow, which the
-    loss-scale optimizer skips) is left out. With `rho=0` (a number) they
-    are not logged, and `fit` logs and computes exactly what the base
-    model's `fit` does.
+    loss-scale optimizer skips) is left out. With `rho=0` (a number) the
+    step is exactly the base optimizer's, at its cost, and `fit` logs what
+    the base model's `fit` does; a schedule or Variable ρ at 0 skips the
+    perturbed pass at run time.
 
     **Across replicas** (`tf.distribute`), each replica computes ε from the
     gradient of its own share of the batch (the paper's default; m-sharpness
@@ -127,20 +124,17 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
       step whose direction is not finite (a mixed-precision overflow) keeps
       the previous direction.
     - Momentum-SAM (Becker et al., 2024), `perturbation="momentum"`: one
-      pass per step, at `w + ρ m/‖m‖` with `m` the momentum of the
-      optimizer (`keras.optimizers.SGD(momentum=μ)`, required); no clean
-      pass, so the logged loss is `L(w + ε)` and `sharpness`/`grad_norm`
-      are not logged. It costs about one SGD step; the authors use a ρ
-      several times SAM's (e.g. 0.3–3). See
-      `sam_step.compute_sam_gradients`.
+      pass, at `w + ρ m/‖m‖` with `m` the momentum of `SGD(momentum=μ)`
+      (required), at about one SGD step's cost; the logged loss is
+      `L(w + ε)`, without `sharpness`/`grad_norm`. The authors use a ρ
+      several times SAM's (e.g. 0.3–3).
     - F-SAM (Li et al., CVPR 2024), `perturbation="friendly"`: ε along
       `g − σ m`, `m` a moving average of the clean gradients (model state,
       saved with the model); σ = 0 is SAM.
 
-    `evaluate`, `predict` and `base` are those of the wrapped model; save
-    `model.base` for inference. `export` exports the base model, and
-    `save_weights` (also through `ModelCheckpoint(save_weights_only=True)`)
-    writes the base model's layout, so the file loads into the bare base.
+    `evaluate`, `predict` and `export` are the wrapped model's (save
+    `model.base` for inference); `save_weights` writes the base model's
+    layout, which the bare base loads, and the SAM state (ρ too).
 
     Example:
 
@@ -175,8 +169,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         for name in options_lib.NAMES:
             value = getattr(sam_options, name)
             if isinstance(value, keras.Variable):
-                # Read at every step and never tracked: it is not a weight
-                # of the model, and a callback may assign it.
+                # Read at every step, and not a weight of the model: saved
+                # by `save_own_variables`, not tracked.
                 compat.set_untracked_attribute(self, name, value)
             else:
                 setattr(self, name, value)
@@ -315,6 +309,13 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         for name in ("sam_fraction", "sharpness", "grad_norm"):
             logs.pop(name, None)
         return compat.logs_for_workers(output)
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        options_lib.save_rho(self.rho, store)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(options_lib.load_rho(self.rho, store))
 
     def get_config(self):
         config = super().get_config()

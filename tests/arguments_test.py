@@ -112,17 +112,23 @@ def test_a_trainable_variable_rho_is_not_a_weight_of_the_model():
 @pytest.mark.parametrize(
     "rho", [np.float32(0.25), keras.Variable(0.25)], ids=["numpy", "variable"]
 )
-def test_new_rho_kinds_round_trip_as_their_value(rho, tmp_path):
+def test_new_rho_kinds_round_trip_as_their_kind_and_value(rho, tmp_path):
     model = fit(rho)
     config = model.get_config()
-    assert config["rho"] == pytest.approx(0.25)
-    assert isinstance(config["rho"], float)
-    clone = keras_sam.SAMModel.from_config(config)
-    assert clone.rho == pytest.approx(0.25)
     path = os.fspath(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.rho == pytest.approx(0.25)
+    clone = keras_sam.SAMModel.from_config(config)
+    if isinstance(rho, keras.Variable):
+        # A new Variable, which a callback reading `model.rho` can assign.
+        assert config["rho"] == {"variable": 0.25, "dtype": "float32"}
+        for copy in (clone, loaded):
+            assert isinstance(copy.rho, keras.Variable)
+            assert copy.rho is not rho and not copy.rho.trainable
+            assert float(copy.rho.numpy()) == 0.25
+    else:
+        assert config["rho"] == 0.25 and isinstance(config["rho"], float)
+        assert clone.rho == loaded.rho == 0.25
     x, _, _, _ = softmax_data()
     np.testing.assert_array_equal(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0)

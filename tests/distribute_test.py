@@ -174,7 +174,9 @@ def test_a_rho_variable_made_in_the_strategys_scope_trains_as_a_float():
     with mirrored().scope():
         rho = keras.Variable(RHO, trainable=False)
     model, _ = fitted(mirrored(), rho=rho)
-    np.testing.assert_allclose(model.get_config()["rho"], RHO, rtol=1e-6)
+    np.testing.assert_allclose(
+        model.get_config()["rho"]["variable"], RHO, rtol=1e-6
+    )
     for got, want in zip(model.base.get_weights(), fit(mirrored(), rho=RHO)[0]):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 

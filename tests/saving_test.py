@@ -176,6 +176,68 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+class _DoubleRho(keras.callbacks.Callback):
+    """Doubles the model's Variable ρ after each epoch, as a user's ρ rule
+    might; listed before the callback that saves, so the file holds it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.rho.assign(self.model.rho * 2.0)
+
+
+@pytest.mark.parametrize("path", ["backup", "keras_file", "weights_file"])
+def test_a_variable_rho_a_callback_changed_resumes_where_it_was(tmp_path, path):
+    # A Variable ρ was neither in a weights file nor in a backup, and a
+    # `.keras` file made it a float, so a resumed run went on from the
+    # initial ρ (or could not change it again). An optimizer's learning
+    # rate, which a callback may change as well, resumes from its value.
+    x, y, _, _ = softmax_data()
+
+    def model():
+        return compiled_model(dropout=False, rho=keras.Variable(0.05))
+
+    def fit(model, callbacks=(), initial_epoch=0):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=3,
+            initial_epoch=initial_epoch,
+            shuffle=False,
+            verbose=0,
+            callbacks=[_DoubleRho(), *callbacks],
+        )
+        return model
+
+    uninterrupted = fit(model())
+    file = os.fspath(tmp_path / "ckpt")
+    if path == "backup":
+        backup = keras.callbacks.BackupAndRestore(file)
+        with pytest.raises(KeyboardInterrupt):
+            fit(model(), [backup, _StopAfterEpoch(0)])
+        resumed = fit(model(), [backup])
+    else:
+        weights_only = path == "weights_file"
+        file += ".weights.h5" if weights_only else ".keras"
+        checkpoint = keras.callbacks.ModelCheckpoint(
+            file, save_weights_only=weights_only
+        )
+        with pytest.raises(KeyboardInterrupt):
+            fit(model(), [checkpoint, _StopAfterEpoch(0)])
+        if weights_only:
+            # A model with a number ρ reads the file too, ignoring its ρ.
+            compiled_model(dropout=False, rho=0.05).load_weights(file)
+            resumed = model()
+            resumed.optimizer.build(resumed.trainable_variables)
+            resumed.load_weights(file)
+        else:
+            resumed = keras.saving.load_model(file)
+        assert float(resumed.rho.numpy()) == pytest.approx(0.1)
+        fit(resumed, initial_epoch=1)
+    assert float(resumed.rho.numpy()) == pytest.approx(0.4)
+    for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
     # What docs/api.md says about loading a SAMModel file, in fresh
     # processes as a user would load it.
