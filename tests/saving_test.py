@@ -238,6 +238,47 @@ def test_a_variable_rho_a_callback_changed_resumes_where_it_was(tmp_path, path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_a_file_of_a_model_frozen_after_its_build_resumes_by_load_weights(
+    tmp_path,
+):
+    # What limits.md says: F-SAM's averages belong to the variables that
+    # were trainable at the build, so `load_model`, which builds them from
+    # the file's config, fails; the model made in code loads the file.
+    x, y, _, _ = softmax_data()
+
+    def model():
+        made = compiled_model(dropout=False, perturbation="friendly")
+        made.base.layers[0].trainable = False
+        made.compile(optimizer=sgd(), loss=xent())
+        return made
+
+    def fit(model, epochs, initial_epoch=0):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            shuffle=False,
+            verbose=0,
+        )
+        return model
+
+    uninterrupted = fit(model(), epochs=2)
+    path = os.fspath(tmp_path / "frozen.keras")
+    fit(model(), epochs=1).save(path)
+    with pytest.raises(
+        ValueError, match="expected 4 variables, but received 6"
+    ):
+        keras.saving.load_model(path)
+    resumed = model()
+    resumed.optimizer.build(resumed.trainable_variables)
+    resumed.load_weights(path)
+    fit(resumed, epochs=2, initial_epoch=1)
+    for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
     # What docs/api.md says about loading a SAMModel file, in fresh
     # processes as a user would load it.
