@@ -5,6 +5,7 @@ behind `SAMModel.train_step`, from a model and a loss given as in
 `compile(loss=...)`; they apply nothing.
 """
 
+import functools
 import inspect
 
 import keras
@@ -91,15 +92,17 @@ def sam_gradients(
         x: the inputs of the batch.
         y: the targets of the batch.
         loss_fn: the loss, as in `compile(loss=...)`: a `keras.losses.Loss`
-            instance, a name such as `"sparse_categorical_crossentropy"`,
-            or a function `fn(y_true, y_pred)` of per-example losses (e.g.
+            (or its class), a name such as
+            `"sparse_categorical_crossentropy"`, or a function
+            `fn(y_true, y_pred)` of per-example losses (e.g.
             `keras.losses.sparse_categorical_crossentropy`), which is
             weighted by `sample_weight` and averaged over the batch as
             Keras does. A function whose third parameter is required or
             named `sample_weight` is called as
-            `loss_fn(y_true, y_pred, sample_weight)`, must return a scalar,
-            and is used as is (under a strategy, divide it by the number
-            of replicas, as Keras' losses do).
+            `loss_fn(y_true, y_pred, sample_weight)` (by keyword where it
+            is keyword-only), must return a scalar, and is used as is
+            (under a strategy, divide it by the number of replicas, as
+            Keras' losses do).
         sample_weight: optional per-example weights.
         optimizer: optional Keras optimizer whose `scale_loss` is applied
             before differentiating (needed for a `LossScaleOptimizer`), and
@@ -118,6 +121,7 @@ def sam_gradients(
         `model.trainable_variables`.
     """
     options = _stateless_options(options)
+    _check_model_and_optimizer(model, optimizer, sample_weight)
     backend.check_per_replica_call("sam_gradients")
     if not backend.is_symbolic(x) and backend.replica_count() == 1:
         # Eager: made here, as `fit` makes it before its first step; made
@@ -156,6 +160,29 @@ def sam_gradients(
         scale_loss=None if optimizer is None else optimizer.scale_loss,
     )
     return result.loss, result.gradients
+
+
+def _check_model_and_optimizer(model, optimizer, sample_weight):
+    if isinstance(model, keras.Layer) and not model.built:
+        # It would make its weights in the clean pass's call, after the
+        # step has listed the variables: no gradient came back.
+        raise ValueError(
+            "`model` must be built: give it an `Input`, or call it on a "
+            f"batch first. Received: model={model.name!r}, not built"
+        )
+    if isinstance(sample_weight, keras.optimizers.Optimizer):
+        raise TypeError(
+            "`optimizer` is keyword-only: `sam_gradients(model, x, y, "
+            "loss_fn, optimizer=optimizer)`. Received: "
+            f"sample_weight={sample_weight!r}"
+        )
+    if optimizer is not None and not isinstance(
+        optimizer, keras.optimizers.Optimizer
+    ):
+        raise TypeError(
+            "`optimizer` must be a Keras optimizer instance or None. "
+            f"Received: optimizer={optimizer!r}"
+        )
 
 
 _STATELESS_OPTIONS = (
@@ -260,9 +287,19 @@ def stateless_sam_gradients(
         )
     groups = [model.trainable_variables, model.non_trainable_variables]
     values = [trainable_variables, non_trainable_variables]
+    names = ["trainable_variables", "non_trainable_variables"]
     if optimizer is not None and optimizer_variables is not None:
         groups.append(optimizer.variables)
         values.append(optimizer_variables)
+        names.append("optimizer_variables")
+    for group, given, name in zip(groups, values, names):
+        if len(given) != len(group):
+            # A short list had left the rest to the variables, which
+            # `jax.jit` reads once, as constants.
+            raise ValueError(
+                f"`{name}` must hold one value per variable, "
+                f"{len(group)}. Received: {name} of length {len(given)}"
+            )
     (loss, gradients), new_values = common.run_stateless(
         lambda: sam_gradients(
             model,
@@ -281,8 +318,8 @@ def stateless_sam_gradients(
 
 def _loss_function(loss_fn):
     """`loss_fn` as `f(y_true, y_pred, sample_weight)` giving a scalar."""
-    if isinstance(loss_fn, (str, dict)):
-        try:
+    if isinstance(loss_fn, (str, dict, type)):
+        try:  # A class is made, as `compile(loss=cls)` makes it.
             loss_fn = keras.losses.get(loss_fn)
         except ValueError as error:
             raise ValueError(
@@ -296,24 +333,39 @@ def _loss_function(loss_fn):
             "`loss_fn` must be a `keras.losses.Loss`, a loss name or a "
             f"function. Received: loss_fn={loss_fn!r}"
         )
-    if _takes_sample_weight(loss_fn):
+    way = _sample_weight_argument(loss_fn)
+    if way == "keyword":
+
+        @functools.wraps(loss_fn)
+        def weighted_loss(y_true, y_pred, sample_weight):
+            return loss_fn(y_true, y_pred, sample_weight=sample_weight)
+
+        return weighted_loss
+    if way == "positional":
         return loss_fn
     return _PerExampleLoss(loss_fn)
 
 
-def _takes_sample_weight(fn):
+def _sample_weight_argument(fn):
+    """How `fn` takes `sample_weight`: "positional" (a third positional
+    parameter, required or so named, or `*args`), "keyword" (keyword-only)
+    or None (Keras' reduction weights its values)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return True
+        return "positional"
     positional = []
     for p in parameters:
+        if p.name == "sample_weight" and p.kind == p.KEYWORD_ONLY:
+            return "keyword"
         if p.name == "sample_weight" or p.kind == p.VAR_POSITIONAL:
-            return True
+            return "positional"
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             positional.append(p)
     required = inspect.Parameter.empty
-    return len(positional) >= 3 and positional[2].default is required
+    if len(positional) >= 3 and positional[2].default is required:
+        return "positional"
+    return None
 
 
 class _PerExampleLoss(keras.losses.Loss):

@@ -172,14 +172,22 @@ def test_a_loss_function_in_a_tf_function_matches_the_oracle():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_a_function_taking_sample_weight_is_called_with_it():
+@pytest.mark.parametrize("keyword_only", [False, True])
+def test_a_function_taking_sample_weight_is_called_with_it(keyword_only):
+    # A keyword-only `sample_weight` had been given positionally: a
+    # TypeError.
     x, y, w0, b0 = softmax_data()
     sw = np.random.RandomState(1).uniform(0.0, 2.0, N)
     seen = []
 
-    def loss_fn(y_true, y_pred, sample_weight):
+    def positional_loss_fn(y_true, y_pred, sample_weight):
         seen.append(sample_weight)
         return xent()(y_true, y_pred, sample_weight)
+
+    def keyword_loss_fn(y_true, y_pred, *, sample_weight=None):
+        return positional_loss_fn(y_true, y_pred, sample_weight)
+
+    loss_fn = keyword_loss_fn if keyword_only else positional_loss_fn
 
     _, grads = keras_sam.sam_gradients(
         softmax_regression(w0, b0), x, y, loss_fn, sample_weight=sw, rho=RHO
@@ -298,6 +306,19 @@ def test_a_compiled_call_needs_the_optimizers_variables():
         ),
         (dict(adaptive="yes"), ValueError, "adaptive='yes'"),
         (dict(rho=np.nan), ValueError, "rho=nan"),
+        # These three had failed in an attribute lookup or the backend.
+        (dict(optimizer="sgd"), TypeError, "Received: optimizer='sgd'"),
+        (
+            dict(optimizer=keras.optimizers.SGD),
+            TypeError,
+            "Received: optimizer=<class",
+        ),
+        (
+            # The optimizer given positionally lands in `sample_weight`.
+            dict(sample_weight=keras.optimizers.SGD()),
+            TypeError,
+            "`optimizer` is keyword-only",
+        ),
     ],
 )
 def test_bad_arguments_raise_naming_argument_and_value(kwargs, error, message):
@@ -305,6 +326,67 @@ def test_bad_arguments_raise_naming_argument_and_value(kwargs, error, message):
     kwargs = {"loss_fn": xent(), **kwargs}
     with pytest.raises(error, match=re.escape(message)):
         keras_sam.sam_gradients(softmax_regression(w0, b0), x, y, **kwargs)
+
+
+def test_an_unbuilt_model_is_refused_naming_it():
+    # It made its weights in the clean pass, after the step had listed
+    # none: TensorFlow and JAX returned no gradients, with no error.
+    x, y, _, _ = softmax_data()
+    model = keras.Sequential([keras.layers.Dense(3)], name="unbuilt")
+    with pytest.raises(ValueError, match="model='unbuilt', not built"):
+        keras_sam.sam_gradients(model, x, y, xent(), rho=RHO)
+
+
+def test_a_loss_class_is_made_as_compile_makes_it():
+    x, y, w0, b0 = softmax_data()
+    loss_class = keras.losses.CategoricalHinge
+    y_one_hot = np.eye(3, dtype="float32")[y]
+    model = softmax_regression(w0, b0)
+    got = keras_sam.sam_gradients(model, x, y_one_hot, loss_class, rho=RHO)
+    want = keras_sam.sam_gradients(model, x, y_one_hot, loss_class(), rho=RHO)
+    for a, b in zip(tree_flat(got), tree_flat(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def tree_flat(structure):
+    return [
+        keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(structure)
+    ]
+
+
+@pytest.mark.parametrize(
+    "short", ["trainable_variables", "non_trainable_variables", "optimizer"]
+)
+def test_stateless_value_lists_of_the_wrong_length_are_refused(short):
+    # A short list had left the rest to the variables, read once as
+    # constants under `jax.jit`, with no error.
+    x, y, _, _ = softmax_data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((x.shape[1],)), keras.layers.BatchNormalization()]
+    )
+    optimizer = sgd()
+    optimizer.build(model.trainable_variables)
+    values = {
+        "trainable_variables": [v.value for v in model.trainable_variables],
+        "non_trainable_variables": [
+            v.value for v in model.non_trainable_variables
+        ],
+        "optimizer": [v.value for v in optimizer.variables],
+    }
+    values[short] = values[short][:1]
+    name = "optimizer_variables" if short == "optimizer" else short
+    with pytest.raises(ValueError, match=f"Received: {name} of length 1"):
+        keras_sam.stateless_sam_gradients(
+            model,
+            values["trainable_variables"],
+            values["non_trainable_variables"],
+            x,
+            x,
+            "mse",
+            optimizer=optimizer,
+            optimizer_variables=values["optimizer"],
+        )
 
 
 def ops_square(t):
