@@ -122,6 +122,7 @@ def sam_gradients(
     """
     options = _stateless_options(options)
     _check_model_and_optimizer(model, optimizer, sample_weight)
+    _check_not_traced_statefully(model, x)
     backend.check_per_replica_call("sam_gradients")
     if not backend.is_symbolic(x) and backend.replica_count() == 1:
         # Eager: made here, as `fit` makes it before its first step; made
@@ -182,6 +183,26 @@ def _check_model_and_optimizer(model, optimizer, sample_weight):
         raise TypeError(
             "`optimizer` must be a Keras optimizer instance or None. "
             f"Received: optimizer={optimizer!r}"
+        )
+
+
+def _check_not_traced_statefully(model, x):
+    # Traced by `jax.jit` outside a `StatelessScope`, the step read the
+    # weights once, as constants (every call returned the first step's
+    # gradients), and wrote traced values into the BatchNorm statistics.
+    weights = model.trainable_variables[:1]
+    inputs = tree.flatten(x)[:1]
+    if (
+        weights
+        and inputs
+        and backend.is_symbolic(inputs[0])
+        and not backend.is_symbolic(weights[0].value)
+    ):
+        raise ValueError(
+            "`sam_gradients` was traced (by `jax.jit`) with the model's "
+            "variables outside it, which a trace reads once, as "
+            "constants: use `stateless_sam_gradients` with the variables' "
+            f"values, as `model.stateless_call`. Received: x={inputs[0]!r}"
         )
 
 

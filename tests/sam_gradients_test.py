@@ -337,6 +337,18 @@ def test_an_unbuilt_model_is_refused_naming_it():
         keras_sam.sam_gradients(model, x, y, xent(), rho=RHO)
 
 
+@pytest.mark.skipif(backends.BACKEND != "jax", reason="jax.jit")
+def test_the_stateful_call_traced_by_jax_jit_is_refused():
+    # It read the weights once, as constants, with no error.
+    import jax
+
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0)
+    step = jax.jit(lambda x: keras_sam.sam_gradients(model, x, y, xent()))
+    with pytest.raises(ValueError, match="use `stateless_sam_gradients`"):
+        step(x)
+
+
 def test_a_loss_class_is_made_as_compile_makes_it():
     x, y, w0, b0 = softmax_data()
     loss_class = keras.losses.CategoricalHinge
