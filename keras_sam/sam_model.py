@@ -43,10 +43,9 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
     the base was compiled). Both passes call the model with
     `training=True` (BatchNorm normalizes with batch statistics) on the
     same batch with the same random state (the same dropout masks). The
-    moving statistics of BatchNorm and the seeds are updated once per step,
-    from the clean pass. No variable is written by the perturbed pass: it is
-    evaluated statelessly at `w + ε`, so there is no assign-and-subtract
-    drift. The optimizer then applies `g_SAM` at `w` as usual (momentum,
+    moving statistics of BatchNorm and the seeds are updated once per step
+    (the seeds once per micro-batch), from the clean pass. The perturbed
+    pass writes no variable: it is evaluated statelessly at `w + ε`. The optimizer then applies `g_SAM` at `w` as usual (momentum,
     weight decay, clipping, gradient accumulation, loss scaling).
 
     **Logged loss and metrics** are those of the clean pass at `w`, as in a
