@@ -120,9 +120,15 @@ def sam_gradients(
         replica's share, see above) and a list of gradients aligned with
         `model.trainable_variables`.
     """
+    _check_not_traced_statefully(model, (x, y, sample_weight))
+    return _sam_gradients(
+        model, x, y, loss_fn, sample_weight, optimizer, options
+    )
+
+
+def _sam_gradients(model, x, y, loss_fn, sample_weight, optimizer, options):
     options = _stateless_options(options)
     _check_model_and_optimizer(model, optimizer, sample_weight)
-    _check_not_traced_statefully(model, x)
     backend.check_per_replica_call("sam_gradients")
     if not backend.is_symbolic(x) and backend.replica_count() == 1:
         # Eager: made here, as `fit` makes it before its first step; made
@@ -164,9 +170,14 @@ def sam_gradients(
 
 
 def _check_model_and_optimizer(model, optimizer, sample_weight):
-    if isinstance(model, keras.Layer) and not model.built:
+    if (
+        isinstance(model, keras.Layer)
+        and not model.built
+        and not model.trainable_variables
+    ):
         # It would make its weights in the clean pass's call, after the
-        # step has listed the variables: no gradient came back.
+        # step has listed the variables: no gradient came back. (A model
+        # that makes them in `__init__` may never be marked built.)
         raise ValueError(
             "`model` must be built: give it an `Input`, or call it on a "
             f"batch first. Received: model={model.name!r}, not built"
@@ -186,23 +197,19 @@ def _check_model_and_optimizer(model, optimizer, sample_weight):
         )
 
 
-def _check_not_traced_statefully(model, x):
-    # Traced by `jax.jit` outside a `StatelessScope`, the step read the
-    # weights once, as constants (every call returned the first step's
-    # gradients), and wrote traced values into the BatchNorm statistics.
+def _check_not_traced_statefully(model, batch):
+    # Traced by `jax.jit` with the variables outside (not in the stateless
+    # twin's scope), the step read the weights once, as constants (every
+    # call returned the first step's gradients), and wrote traced values
+    # into the BatchNorm statistics.
     weights = model.trainable_variables[:1]
-    inputs = tree.flatten(x)[:1]
-    if (
-        weights
-        and inputs
-        and backend.is_symbolic(inputs[0])
-        and not backend.is_symbolic(weights[0].value)
-    ):
+    traced = [t for t in tree.flatten(batch) if backend.is_symbolic(t)]
+    if weights and traced and not backend.is_symbolic(weights[0].value):
         raise ValueError(
             "`sam_gradients` was traced (by `jax.jit`) with the model's "
             "variables outside it, which a trace reads once, as "
             "constants: use `stateless_sam_gradients` with the variables' "
-            f"values, as `model.stateless_call`. Received: x={inputs[0]!r}"
+            f"values, as `model.stateless_call`. Received: {traced[0]!r}"
         )
 
 
@@ -322,14 +329,8 @@ def stateless_sam_gradients(
                 f"{len(group)}. Received: {name} of length {len(given)}"
             )
     (loss, gradients), new_values = common.run_stateless(
-        lambda: sam_gradients(
-            model,
-            x,
-            y,
-            loss_fn,
-            sample_weight=sample_weight,
-            optimizer=optimizer,
-            **options,
+        lambda: _sam_gradients(
+            model, x, y, loss_fn, sample_weight, optimizer, options
         ),
         groups,
         values,
@@ -372,13 +373,16 @@ def _sample_weight_argument(fn):
     parameter, required or so named, or `*args`), "keyword" (keyword-only)
     or None (Keras' reduction weights its values)."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return "positional"
+    if any(
+        p.name == "sample_weight" and p.kind == p.KEYWORD_ONLY
+        for p in parameters
+    ):
+        return "keyword"  # also after `*args`, which would take it unused
     positional = []
     for p in parameters:
-        if p.name == "sample_weight" and p.kind == p.KEYWORD_ONLY:
-            return "keyword"
         if p.name == "sample_weight" or p.kind == p.VAR_POSITIONAL:
             return "positional"
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):

@@ -162,14 +162,16 @@ def save_rho(rho, store):
         store["rho"] = rho
 
 
-def load_rho(rho, store):
-    """Assigns a saved ρ to a Variable ρ; returns the rest of `store`."""
+def load_rho(rho, store, load_rest):
+    """`load_rest` of the store without its `rho`, then assigns that to a
+    Variable ρ: a state that does not load leaves ρ as it was."""
     keys = list(store.keys())
     if "rho" not in keys:
-        return store  # No Variable ρ, or a file written before one was kept.
+        # No Variable ρ, or a file written before one was kept.
+        return load_rest(store)
+    load_rest({key: store[key] for key in keys if key != "rho"})
     if isinstance(rho, keras.Variable):
         rho.assign(store["rho"])
-    return {key: store[key] for key in keys if key != "rho"}
 
 
 def fields():
@@ -308,7 +310,9 @@ def _checked_rho(rho):
         if not backend.is_symbolic(rho.value):
             # The variable, not its `.value`: made in a tf.distribute
             # scope, that is a per-replica value NumPy cannot read.
-            checked_number("rho", ops.convert_to_numpy(rho)[()], 0)
+            # As float32, which prints as written (and takes bfloat16).
+            value = ops.convert_to_numpy(rho).astype("float32")[()]
+            checked_number("rho", value, 0)
         return rho
     if callable(rho):
         return _checked_schedule(rho)

@@ -45,8 +45,9 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
     same batch with the same random state (the same dropout masks). The
     moving statistics of BatchNorm and the seeds are updated once per step
     (the seeds once per micro-batch), from the clean pass. The perturbed
-    pass writes no variable: it is evaluated statelessly at `w + ε`. The optimizer then applies `g_SAM` at `w` as usual (momentum,
-    weight decay, clipping, gradient accumulation, loss scaling).
+    pass writes no variable: it is evaluated statelessly at `w + ε`. The
+    optimizer then applies `g_SAM` at `w` as usual (momentum, weight
+    decay, clipping, gradient accumulation, loss scaling).
 
     **Logged loss and metrics** are those of the clean pass at `w`, as in a
     plain `fit`, so they compare directly with a model trained without SAM.
@@ -314,7 +315,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         options_lib.save_rho(self.rho, store)
 
     def load_own_variables(self, store):
-        super().load_own_variables(options_lib.load_rho(self.rho, store))
+        options_lib.load_rho(self.rho, store, super().load_own_variables)
 
     def get_config(self):
         config = super().get_config()

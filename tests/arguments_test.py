@@ -256,6 +256,13 @@ def test_bad_arguments_raise_naming_argument_and_value(make, message):
         make()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_a_variable_rho_of_any_float_dtype_is_accepted(dtype):
+    # A bfloat16 value is no `numbers.Real` in NumPy; it had been refused.
+    model = keras_sam.SAMModel(base(), rho=keras.Variable(0.5, dtype=dtype))
+    assert model.rho.dtype == dtype
+
+
 def test_numpy_numbers_are_accepted_where_python_numbers_are():
     model = keras_sam.SAMModel(
         base(),

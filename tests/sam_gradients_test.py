@@ -172,10 +172,10 @@ def test_a_loss_function_in_a_tf_function_matches_the_oracle():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("keyword_only", [False, True])
-def test_a_function_taking_sample_weight_is_called_with_it(keyword_only):
+@pytest.mark.parametrize("form", ["positional", "keyword", "after_args"])
+def test_a_function_taking_sample_weight_is_called_with_it(form):
     # A keyword-only `sample_weight` had been given positionally: a
-    # TypeError.
+    # TypeError, or, after `*args`, into them, unused.
     x, y, w0, b0 = softmax_data()
     sw = np.random.RandomState(1).uniform(0.0, 2.0, N)
     seen = []
@@ -187,7 +187,10 @@ def test_a_function_taking_sample_weight_is_called_with_it(keyword_only):
     def keyword_loss_fn(y_true, y_pred, *, sample_weight=None):
         return positional_loss_fn(y_true, y_pred, sample_weight)
 
-    loss_fn = keyword_loss_fn if keyword_only else positional_loss_fn
+    def after_args_loss_fn(y_true, y_pred, *args, sample_weight=None):
+        return positional_loss_fn(y_true, y_pred, sample_weight)
+
+    loss_fn = locals()[f"{form}_loss_fn"]
 
     _, grads = keras_sam.sam_gradients(
         softmax_regression(w0, b0), x, y, loss_fn, sample_weight=sw, rho=RHO
@@ -339,7 +342,8 @@ def test_an_unbuilt_model_is_refused_naming_it():
 
 @pytest.mark.skipif(backends.BACKEND != "jax", reason="jax.jit")
 def test_the_stateful_call_traced_by_jax_jit_is_refused():
-    # It read the weights once, as constants, with no error.
+    # It read the weights once, as constants, with no error. The stateless
+    # twin may take concrete values and a traced batch.
     import jax
 
     x, y, w0, b0 = softmax_data()
@@ -347,6 +351,39 @@ def test_the_stateful_call_traced_by_jax_jit_is_refused():
     step = jax.jit(lambda x: keras_sam.sam_gradients(model, x, y, xent()))
     with pytest.raises(ValueError, match="use `stateless_sam_gradients`"):
         step(x)
+    weights = [v.value for v in model.trainable_variables]
+    stateless_step = jax.jit(
+        lambda x: keras_sam.stateless_sam_gradients(
+            model, weights, [], x, y, xent(), rho=RHO
+        )[1]
+    )
+    _, want = oracle.sam_gradient(w0, b0, x, y, RHO)
+    for got, expected in zip(stateless_step(x), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_its_weights_but_never_marked_built_is_taken():
+    # Weights made in `__init__`: Keras never marks such a layer built,
+    # and the refusal of an unbuilt model must not take it for one.
+    x, y, w0, b0 = softmax_data()
+
+    class Affine(keras.Layer):
+        def __init__(self):
+            super().__init__()
+            self.w = self.add_weight(w0.shape, initializer="zeros")
+            self.b = self.add_weight(b0.shape, initializer="zeros")
+            self.w.assign(w0)
+            self.b.assign(b0)
+
+        def call(self, inputs, training=None):
+            return keras.ops.matmul(inputs, self.w) + self.b
+
+    model = Affine()
+    assert not model.built
+    _, grads = keras_sam.sam_gradients(model, x, y, xent(), rho=RHO)
+    _, want = oracle.sam_gradient(w0, b0, x, y, RHO)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_loss_class_is_made_as_compile_makes_it():

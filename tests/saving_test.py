@@ -238,6 +238,22 @@ def test_a_variable_rho_a_callback_changed_resumes_where_it_was(tmp_path, path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_a_file_whose_state_does_not_load_leaves_a_variable_rho(tmp_path):
+    # ρ was assigned before Keras checked the rest of the model's state.
+    x, y, _, _ = softmax_data()
+    path = os.fspath(tmp_path / "friendly.weights.h5")
+    saved = compiled_model(
+        dropout=False, rho=keras.Variable(0.5), perturbation="friendly"
+    )
+    saved.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    saved.save_weights(path)
+    model = compiled_model(dropout=False, rho=keras.Variable(0.05))
+    model.optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="could not be loaded"):
+        model.load_weights(path)
+    assert float(model.rho.numpy()) == pytest.approx(0.05)
+
+
 def test_a_file_of_a_model_frozen_after_its_build_resumes_by_load_weights(
     tmp_path,
 ):
