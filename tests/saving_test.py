@@ -176,6 +176,21 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def fit_epochs(model, epochs, initial_epoch=0, callbacks=()):
+    """`model` fitted on `softmax_data`, its batches in order."""
+    x, y, _, _ = softmax_data()
+    in_order = dict(batch_size=BATCH, shuffle=False, verbose=0)
+    model.fit(
+        x,
+        y,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        callbacks=list(callbacks),
+        **in_order,
+    )
+    return model
+
+
 class _DoubleRho(keras.callbacks.Callback):
     """Doubles the model's Variable ρ after each epoch, as a user's ρ rule
     might; listed before the callback that saves, so the file holds it."""
@@ -190,23 +205,11 @@ def test_a_variable_rho_a_callback_changed_resumes_where_it_was(tmp_path, path):
     # `.keras` file made it a float, so a resumed run went on from the
     # initial ρ (or could not change it again). An optimizer's learning
     # rate, which a callback may change as well, resumes from its value.
-    x, y, _, _ = softmax_data()
-
     def model():
         return compiled_model(dropout=False, rho=keras.Variable(0.05))
 
     def fit(model, callbacks=(), initial_epoch=0):
-        model.fit(
-            x,
-            y,
-            batch_size=BATCH,
-            epochs=3,
-            initial_epoch=initial_epoch,
-            shuffle=False,
-            verbose=0,
-            callbacks=[_DoubleRho(), *callbacks],
-        )
-        return model
+        return fit_epochs(model, 3, initial_epoch, [_DoubleRho(), *callbacks])
 
     uninterrupted = fit(model())
     file = os.fspath(tmp_path / "ckpt")
@@ -260,29 +263,15 @@ def test_a_file_of_a_model_frozen_after_its_build_resumes_by_load_weights(
     # What limits.md says: F-SAM's averages belong to the variables that
     # were trainable at the build, so `load_model`, which builds them from
     # the file's config, fails; the model made in code loads the file.
-    x, y, _, _ = softmax_data()
-
     def model():
         made = compiled_model(dropout=False, perturbation="friendly")
         made.base.layers[0].trainable = False
         made.compile(optimizer=sgd(), loss=xent())
         return made
 
-    def fit(model, epochs, initial_epoch=0):
-        model.fit(
-            x,
-            y,
-            batch_size=BATCH,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            shuffle=False,
-            verbose=0,
-        )
-        return model
-
-    uninterrupted = fit(model(), epochs=2)
+    uninterrupted = fit_epochs(model(), 2)
     path = os.fspath(tmp_path / "frozen.keras")
-    fit(model(), epochs=1).save(path)
+    fit_epochs(model(), 1).save(path)
     with pytest.raises(
         ValueError, match="expected 4 variables, but received 6"
     ):
@@ -290,7 +279,7 @@ def test_a_file_of_a_model_frozen_after_its_build_resumes_by_load_weights(
     resumed = model()
     resumed.optimizer.build(resumed.trainable_variables)
     resumed.load_weights(path)
-    fit(resumed, epochs=2, initial_epoch=1)
+    fit_epochs(resumed, 2, initial_epoch=1)
     for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
