@@ -156,6 +156,7 @@ def _sam_gradients(model, x, y, loss_fn, sample_weight, optimizer, options):
             total = total + _scale_loss_for_replicas(extra)
         return total
 
+    listed = len(model.trainable_variables)
     result = sam_step.compute_sam_gradients(
         model,
         compute_loss,
@@ -166,22 +167,27 @@ def _sam_gradients(model, x, y, loss_fn, sample_weight, optimizer, options):
         rho=schedules.current_rho(options.rho, optimizer),
         scale_loss=None if optimizer is None else optimizer.scale_loss,
     )
+    if len(model.trainable_variables) != listed:
+        # A layer built lazily made its weights in the clean pass, after
+        # the step had listed the variables: they got no gradient.
+        raise ValueError(_UNBUILT.format(name=model.name))
     return result.loss, result.gradients
 
 
+_UNBUILT = (
+    "`model` must be built, all its layers: give it an `Input`, or call it "
+    "on a batch first; weights made inside the SAM step get no gradient. "
+    "Received: model={name!r}, not built"
+)
+
+
 def _check_model_and_optimizer(model, optimizer, sample_weight):
-    if (
-        isinstance(model, keras.Layer)
-        and not model.built
-        and not model.trainable_variables
-    ):
-        # It would make its weights in the clean pass's call, after the
-        # step has listed the variables: no gradient came back. (A model
-        # that makes them in `__init__` may never be marked built.)
-        raise ValueError(
-            "`model` must be built: give it an `Input`, or call it on a "
-            f"batch first. Received: model={model.name!r}, not built"
-        )
+    if isinstance(model, keras.Layer) and not model.built:
+        # Without weights, refused before a backend fails on none (a
+        # model that makes them in `__init__` may never be marked built;
+        # one that makes some later is refused after the step).
+        if not model.variables:
+            raise ValueError(_UNBUILT.format(name=model.name))
     if isinstance(sample_weight, keras.optimizers.Optimizer):
         raise TypeError(
             "`optimizer` is keyword-only: `sam_gradients(model, x, y, "

@@ -331,11 +331,16 @@ def test_bad_arguments_raise_naming_argument_and_value(kwargs, error, message):
         keras_sam.sam_gradients(softmax_regression(w0, b0), x, y, **kwargs)
 
 
-def test_an_unbuilt_model_is_refused_naming_it():
-    # It made its weights in the clean pass, after the step had listed
-    # none: TensorFlow and JAX returned no gradients, with no error.
+@pytest.mark.parametrize("built_layers", [0, 1])
+def test_an_unbuilt_model_is_refused_naming_it(built_layers):
+    # Its layers made their weights in the clean pass, after the step had
+    # listed the variables: TensorFlow and JAX returned no gradients for
+    # them, with no error.
     x, y, _, _ = softmax_data()
-    model = keras.Sequential([keras.layers.Dense(3)], name="unbuilt")
+    layers = [keras.layers.Dense(4), keras.layers.Dense(3)]
+    for layer in layers[:built_layers]:
+        layer.build(x.shape)
+    model = keras.Sequential(layers, name="unbuilt")
     with pytest.raises(ValueError, match="model='unbuilt', not built"):
         keras_sam.sam_gradients(model, x, y, xent(), rho=RHO)
 
