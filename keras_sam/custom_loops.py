@@ -182,12 +182,15 @@ _UNBUILT = (
 
 
 def _check_model_and_optimizer(model, optimizer, sample_weight):
-    if isinstance(model, keras.Layer) and not model.built:
-        # Without weights, refused before a backend fails on none (a
-        # model that makes them in `__init__` may never be marked built;
-        # one that makes some later is refused after the step).
-        if not model.variables:
-            raise ValueError(_UNBUILT.format(name=model.name))
+    # Without weights, refused before a backend fails on none (a model
+    # that makes them in `__init__` may never be marked built; one that
+    # makes some later is refused after the step).
+    if (
+        isinstance(model, keras.Layer)
+        and not model.built
+        and not model.variables
+    ):
+        raise ValueError(_UNBUILT.format(name=model.name))
     if isinstance(sample_weight, keras.optimizers.Optimizer):
         raise TypeError(
             "`optimizer` is keyword-only: `sam_gradients(model, x, y, "

@@ -168,7 +168,8 @@ def load_rho(rho, store, load_rest):
     keys = list(store.keys())
     if "rho" not in keys:
         # No Variable ρ, or a file written before one was kept.
-        return load_rest(store)
+        load_rest(store)
+        return
     load_rest({key: store[key] for key in keys if key != "rho"})
     if isinstance(rho, keras.Variable):
         rho.assign(store["rho"])
