@@ -77,13 +77,11 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
     first, so every replica uses the ε of the whole global batch (m = global
     batch size). `micro_batches=k` splits each replica's batch into `k`
     parts, each with its own ε, and averages their perturbed gradients:
-    m = global batch size / (replicas · k). A batch of `n` examples that `k`
-    does not divide (a partial last batch) is cut as `np.array_split` cuts
-    it, the first `n mod k` parts one example larger, and the parts are
-    averaged weighted by their number of examples, so every example counts
-    the same; the same happens in eager, graph and XLA execution. Under
-    `keras.distribution.DataParallel` (JAX) each device's shard is a
-    replica's share in the same way.
+    m = global batch size / (replicas · k). A batch that `k` does not
+    divide (a partial last batch) is cut as `np.array_split` cuts it, and
+    the parts are averaged weighted by their number of examples, so every
+    example counts the same. Under `keras.distribution.DataParallel` (JAX)
+    each device's shard is a replica's share in the same way.
 
     **BatchNorm** normalizes over the examples that share an ε: in a SAM
     step, each part (a replica's or a device's shard, a micro-batch) with
@@ -132,9 +130,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
       `g − σ m`, `m` a moving average of the clean gradients (model state,
       saved with the model); σ = 0 is SAM.
 
-    `evaluate`, `predict` and `export` are the wrapped model's (save
-    `model.base` for inference); `save_weights` writes the base model's
-    layout, which the bare base loads, and the SAM state (ρ too).
+    `evaluate`, `predict` and `export` are the wrapped model's; save
+    `model.base` for inference (a bare base loads `save_weights` files).
 
     Example:
 
@@ -154,8 +151,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
-    # ρ may come positionally, as `SAMModel(base, 0.05)`; its default is
-    # the options'.
+    # ρ may come positionally (`SAMModel(base, 0.05)`); options' default.
     def __init__(self, base, rho=options_lib.SAMOptions.rho, **kwargs):
         kwargs["rho"] = rho
         wrapper.check_base(base)
@@ -312,10 +308,14 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
+        selection.save_state_owners(store, self.base, self._state_owners)
         options_lib.save_rho(self.rho, store)
 
     def load_own_variables(self, store):
-        options_lib.load_rho(self.rho, store, super().load_own_variables)
+        load_state = selection.state_loader(
+            self.base, self._state_owners, super().load_own_variables
+        )
+        options_lib.load_rho(self.rho, store, load_state)
 
     def get_config(self):
         config = super().get_config()

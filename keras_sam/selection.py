@@ -9,9 +9,11 @@ optimizer assigns their gradient to (`split_assigned`). `SAMModel` hands
 them to `sam_step.compute_sam_gradients`.
 """
 
+import functools
 import re
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sam import backend
@@ -189,6 +191,56 @@ def replica_state(variables, name):
         )
         for v in variables
     ]
+
+
+def save_state_owners(store, base, owners):
+    """Writes which of `base.weights` own the variant state (`owners`) as
+    0/1 under `state_owners`, beside the state in the model's own store.
+
+    A layer frozen after the build owns state that a model loaded from the
+    file's config does not make; `load_state` picks the entries by it.
+    """
+    if owners is not None and list(store.keys()):
+        owned = {id(v) for v in owners}
+        store["state_owners"] = np.array(
+            [id(w) in owned for w in base.weights], "int8"
+        )
+
+
+def state_loader(base, owners, load_rest):
+    """A function of a store that calls `load_rest` with its state entries
+    (`save_state_owners`) for `owners`, the variables this model made its
+    state for.
+
+    Each state list holds an entry per saved owner, in order. A saved owner
+    that is no owner here (frozen since) is skipped; an owner that was
+    none there keeps its zeros. A file without the key loads as it is.
+    """
+    return functools.partial(_load_state, base, owners, load_rest)
+
+
+def _load_state(base, owners, load_rest, store):
+    keys = list(store.keys())
+    if "state_owners" not in keys:
+        load_rest(store)
+        return
+    mask = np.asarray(store["state_owners"])
+    rest = {key: store[key] for key in keys if key != "state_owners"}
+    saved = [w for w, owned in zip(base.weights, mask) if owned]
+    if len(mask) != len(base.weights) or not saved or len(rest) % len(saved):
+        load_rest(rest)  # another model: Keras' count check reports it
+        return
+    index = {id(v): i for i, v in enumerate(saved)}
+    remapped = {}
+    for offset in range(0, len(rest), len(saved)):
+        for v in owners:
+            i = index.get(id(v))
+            remapped[str(len(remapped))] = (
+                np.zeros(v.shape, "float32")
+                if i is None
+                else rest[str(offset + i)]
+            )
+    load_rest(remapped)
 
 
 def state_of(variables, state, owners, option):

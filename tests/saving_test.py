@@ -9,6 +9,7 @@ import pytest
 
 import keras_sam
 from tests.sam_model_test import BATCH
+from tests.sam_model_test import D
 from tests.sam_model_test import bn_dropout_model
 from tests.sam_model_test import sgd
 from tests.sam_model_test import softmax_data
@@ -257,31 +258,71 @@ def test_a_file_whose_state_does_not_load_leaves_a_variable_rho(tmp_path):
     assert float(model.rho.numpy()) == pytest.approx(0.05)
 
 
-def test_a_file_of_a_model_frozen_after_its_build_resumes_by_load_weights(
-    tmp_path,
-):
-    # What limits.md says: F-SAM's averages belong to the variables that
-    # were trainable at the build, so `load_model`, which builds them from
-    # the file's config, fails; the model made in code loads the file.
-    def model():
-        made = compiled_model(dropout=False, perturbation="friendly")
-        made.base.layers[0].trainable = False
-        made.compile(optimizer=sgd(), loss=xent())
-        return made
+def _frozen_after_build(**options):
+    made = compiled_model(dropout=False, **options)
+    made.base.layers[0].trainable = False
+    made.compile(optimizer=sgd(), loss=xent())
+    return made
 
-    uninterrupted = fit_epochs(model(), 2)
+
+def _state(model):
+    """The model's variant state of the variables it trains now."""
+    state = model._friendly_averages or model._looksam_directions
+    return [
+        v.numpy()
+        for v in keras_sam.selection.state_of(
+            model.trainable_variables, state, model._state_owners, "state"
+        )
+    ]
+
+
+STATEFUL = {
+    "friendly": dict(perturbation="friendly"),
+    "looksam": dict(
+        looksam_alpha=0.7, switching=keras_sam.switching.Periodic(2)
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(STATEFUL))
+def test_a_file_of_a_model_frozen_after_its_build_resumes_by_load_model(
+    tmp_path, variant
+):
+    # The state was made for the variables trainable at the build; the
+    # model that `load_model` makes from the config has none for the
+    # frozen layer, and takes the saved entries of its own variables.
+    uninterrupted = fit_epochs(_frozen_after_build(**STATEFUL[variant]), 2)
     path = os.fspath(tmp_path / "frozen.keras")
-    fit_epochs(model(), 1).save(path)
-    with pytest.raises(
-        ValueError, match="expected 4 variables, but received 6"
-    ):
-        keras.saving.load_model(path)
-    resumed = model()
-    resumed.optimizer.build(resumed.trainable_variables)
-    resumed.load_weights(path)
+    fit_epochs(_frozen_after_build(**STATEFUL[variant]), 1).save(path)
+    resumed = keras.saving.load_model(path)
+    assert len(_state(resumed)) == 4
+    assert np.any(_state(resumed)[0])
     fit_epochs(resumed, 2, initial_epoch=1)
-    for want, got in zip(uninterrupted.get_weights(), resumed.get_weights()):
+    for want, got in zip(
+        uninterrupted.base.get_weights() + _state(uninterrupted),
+        resumed.base.get_weights() + _state(resumed),
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_variable_without_saved_state_starts_from_zeros(tmp_path):
+    # Frozen at the build and trainable in the file: the loaded model makes
+    # a state for it, which the file does not hold.
+    keras.utils.set_random_seed(0)
+    made = compiled_model(dropout=False, perturbation="friendly")
+    made.base.layers[0].trainable = False
+    fresh = keras_sam.SAMModel(made.base, perturbation="friendly")
+    fresh.compile(optimizer=sgd(), loss=xent())
+    fit_epochs(fresh, 1)
+    made.base.layers[0].trainable = True
+    path = os.fspath(tmp_path / "unfrozen.keras")
+    fresh.save(path)
+    loaded = keras.saving.load_model(path)
+    state = _state(loaded)
+    assert [s.shape for s in state[:2]] == [(D, 16), (16,)]
+    assert not np.any(state[0]) and not np.any(state[1])
+    fresh.base.layers[0].trainable = False
+    np.testing.assert_array_equal(state[2], _state(fresh)[0])
 
 
 def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
