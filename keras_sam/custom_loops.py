@@ -366,9 +366,14 @@ def _loss_function(loss_fn):
         )
     way = _sample_weight_argument(loss_fn)
     if way == "keyword":
+        parameter = inspect.signature(loss_fn).parameters["sample_weight"]
+        keeps_default = parameter.default is not inspect.Parameter.empty
 
         @functools.wraps(loss_fn)
         def weighted_loss(y_true, y_pred, sample_weight):
+            if sample_weight is None and keeps_default:
+                # A value bound by `functools.partial` stays.
+                return loss_fn(y_true, y_pred)
             return loss_fn(y_true, y_pred, sample_weight=sample_weight)
 
         return weighted_loss

@@ -1,5 +1,6 @@
 """`keras_sam.sam_gradients` in custom loops, with and without a strategy."""
 
+import functools
 import re
 import textwrap
 
@@ -201,6 +202,26 @@ def test_a_function_taking_sample_weight_is_called_with_it(form):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_sample_weight_bound_by_partial_is_kept():
+    # It had been replaced by the `sample_weight=None` of a call without.
+    x, y, w0, b0 = softmax_data()
+    sw = np.random.RandomState(1).uniform(0.0, 2.0, N)
+
+    def loss_fn(y_true, y_pred, sample_weight=None):
+        return xent()(y_true, y_pred, sample_weight)
+
+    _, grads = keras_sam.sam_gradients(
+        softmax_regression(w0, b0),
+        x,
+        y,
+        functools.partial(loss_fn, sample_weight=sw),
+        rho=RHO,
+    )
+    _, want = oracle.sam_gradient(w0, b0, x, y, RHO, sample_weight=sw)
+    for got, expected in zip(grads, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_loss_of_operators_gets_numpy_inputs_as_tensors():
     # As `fit` gives them (floats as floatx): PyTorch had failed on NumPy's
     # `sample_weight * loss` inside torch.
@@ -389,6 +410,18 @@ def test_a_model_with_its_weights_but_never_marked_built_is_taken():
     _, want = oracle.sam_gradient(w0, b0, x, y, RHO)
     for got, expected in zip(grads, want):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_without_trainable_weights_has_no_gradients():
+    # As `tape.gradient` of none gives none, on every backend (PyTorch's
+    # `autograd.grad` refuses an empty list).
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0)
+    model.trainable = False
+    loss, grads = keras_sam.sam_gradients(model, x, y, xent(), rho=RHO)
+    assert list(grads) == []
+    want = xent()(y, model(x, training=True))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
 
 
 def test_a_loss_class_is_made_as_compile_makes_it():

@@ -7,8 +7,7 @@ of `torch.distributed` are refused: gradients taken with
 `torch.autograd.grad` bypass the all-reduce hooks of
 `DistributedDataParallel`, so each process would train alone.
 
-Under `jit_compile=True` the step compiles its passes: see
-`torch_compile`.
+Under `jit_compile=True` the step compiles its passes (`torch_compile`).
 """
 
 import torch
@@ -52,9 +51,11 @@ def value_and_gradients(fn, weights):
     fn = torch_compile.compiled_pass(fn)
     with torch.enable_grad():
         objective, aux = fn(weights)
-        gradients = torch.autograd.grad(objective, weights, allow_unused=True)
+        gradients = weights and torch.autograd.grad(
+            objective, weights, allow_unused=True
+        )
     # `None` where the objective does not depend on a weight, as Keras'
-    # PyTorch trainer leaves `.grad`.
+    # PyTorch trainer leaves `.grad` (none for none: `grad` refuses them).
     return _detached(aux), list(gradients)
 
 
