@@ -4,7 +4,8 @@ ASAM's `T_w` scales the weights, not the offsets (`adaptive_variables_mask`);
 SAM-ON perturbs the variables that `perturbed_variables` names
 (`perturbed_mask`); Momentum-SAM moves the weights along the optimizer's
 momentum (`momentum_variables`); LookSAM keeps a direction per variable
-(`looksam_directions`); every variant leaves alone the variables that the
+(`looksam_directions`), saved with the variables that own it
+(`save_state_owners`); every variant leaves alone the variables that the
 optimizer assigns their gradient to (`split_assigned`). `SAMModel` hands
 them to `sam_step.compute_sam_gradients`.
 """
@@ -198,7 +199,7 @@ def save_state_owners(store, base, owners):
     0/1 under `state_owners`, beside the state in the model's own store.
 
     A layer frozen after the build owns state that a model loaded from the
-    file's config does not make; `load_state` picks the entries by it.
+    file's config does not make; `state_loader` picks the entries by it.
     """
     if owners is not None and list(store.keys()):
         owned = {id(v) for v in owners}
@@ -214,7 +215,7 @@ def state_loader(base, owners, load_rest):
 
     Each state list holds an entry per saved owner, in order. A saved owner
     that is no owner here (frozen since) is skipped; an owner that was
-    none there keeps its zeros. A file without the key loads as it is.
+    none there gets zeros. A file without the key loads as it is.
     """
     return functools.partial(_load_state, base, owners, load_rest)
 
