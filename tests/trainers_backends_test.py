@@ -20,8 +20,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_two_synthetic_steps_write_results(tmp_path):
-    results = fashion_mnist.run(make_flags(tmp_path))
+@pytest.mark.parametrize(
+    "augmentation", [None, "autoaugment_cifar", "randaugment"]
+)
+def test_two_synthetic_steps_write_results(tmp_path, augmentation):
+    # AutoAugment's geometric operations had run `keras.ops.image` in the
+    # `tf.data` graph, which JAX and PyTorch cannot take.
+    extra = {} if augmentation is None else dict(augmentation=augmentation)
+    results = fashion_mnist.run(make_flags(tmp_path, **extra))
     assert results["train_steps"] == 2
     assert np.isfinite(results["test_loss"])
 

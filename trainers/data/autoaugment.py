@@ -32,7 +32,6 @@ and the range. The draws are stateless given a `seed` of shape `[2]`, as in
 
 import math
 
-import keras
 import tensorflow as tf
 
 CIFAR10_POLICY = (
@@ -291,13 +290,17 @@ def apply_operation(images, name, magnitude, sign=None):
     sign = tf.ones_like(level) if sign is None else tf.cast(sign, "float32")
     if name in _GEOMETRIC:
         shape = tf.cast(tf.shape(images), tf.float32)
-        return keras.ops.image.affine_transform(
-            images,
-            _GEOMETRIC[name](level, sign, shape[1], shape[2]),
-            interpolation="nearest",
-            fill_mode="constant",
+        # TensorFlow's op, not `keras.ops.image`, which runs the backend's
+        # (JAX's or PyTorch's) and cannot take a `tf.data` graph tensor.
+        transformed = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=_GEOMETRIC[name](level, sign, shape[1], shape[2]),
+            output_shape=tf.shape(images)[1:3],
             fill_value=FILL_VALUE,
+            interpolation="NEAREST",
+            fill_mode="CONSTANT",
         )
+        return tf.ensure_shape(transformed, images.shape)
     function, argument = _POINT[name]
     if argument is None:
         return function(images)
