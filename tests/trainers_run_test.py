@@ -113,6 +113,9 @@ RESUMED_SETTINGS = {
     # kill) and AE-SAM's gradient-norm statistics.
     "looksam": dict(switching="periodic", sam_every=3, looksam_alpha=0.7),
     "ae_sam": dict(switching="ae_sam"),
+    # The loss-scale optimizer skips the first steps (overflows at its
+    # initial scale) and does not count them.
+    "float16": dict(model="small_cnn", mixed_precision="float16"),
 }
 
 
@@ -169,10 +172,10 @@ def test_variant_flags_build_the_documented_sam_model(tmp_path):
 
 @pytest.mark.parametrize(
     "every, hook, step",
-    # Two steps an epoch: killed after the epoch's checkpoint, or after the
-    # one `fit` writes when it ends between checkpoints (the average is in
-    # the weights then).
-    [(2, "on_epoch_end", 4), (3, "on_train_end", 2)],
+    # Two steps an epoch: killed after the epoch's checkpoint, or after one
+    # within an epoch, whose next `fit` begins from the average's weights
+    # unless they are put back.
+    [(2, "on_epoch_end", 4), (3, "on_train_batch_end", 3)],
 )
 def test_a_run_killed_at_an_epochs_end_resumes_with_an_ema(
     tmp_path, monkeypatch, every, hook, step
@@ -250,6 +253,20 @@ def test_the_final_validation_figures_are_of_the_averaged_weights(
     )
 
 
+def test_a_float16_run_counts_the_steps_its_loss_scale_skipped(tmp_path):
+    # The run's step had been the optimizer's counter: results said 1
+    # step of 4, and every run of the command again trained more.
+    settings = dict(model="small_cnn", mixed_precision="float16", train_steps=4)
+    first = fashion_mnist.run(make_flags(tmp_path, **settings))
+    saved = np.load(tmp_path / checkpoint.CHECKPOINT)
+    assert int(saved["variables/sgd/iteration"]) < 4 == int(saved["step"])
+    assert first["train_steps"] == 4
+    again = fashion_mnist.run(make_flags(tmp_path, **settings))
+    assert again["resumed_from_step"] == 4
+    assert again["history"] == first["history"]
+    assert again["test_loss"] == first["test_loss"]
+
+
 def test_rerunning_a_finished_run_trains_no_more(tmp_path):
     first = fashion_mnist.run(make_flags(tmp_path))
     again = fashion_mnist.run(make_flags(tmp_path))
@@ -287,6 +304,22 @@ def test_a_resumed_run_logs_every_epoch_as_an_uninterrupted_one(
         assert len(got) == len(want) == 3
         # Epoch 1 was cut in two, and its running means carried across.
         assert got == want, key
+
+
+def test_checkpoints_are_as_rare_as_asked(tmp_path):
+    # Every `fit` (an epoch) had ended with one.
+    settings = dict(train_steps=6, checkpoint_every_steps=4, **EPOCHS)
+    saves = []
+    original = checkpoint.save
+
+    def counting_save(path, model, step, *args, **kwargs):
+        saves.append(step)
+        return original(path, model, step, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "save", counting_save)
+        fashion_mnist.run(make_flags(tmp_path, **settings))
+    assert saves == [4, 6]
 
 
 def test_results_record_the_trainer_flags_only(tmp_path):

@@ -430,8 +430,12 @@ class RandomStream(keras.callbacks.Callback):
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves `checkpoint.npz` every `every` steps and at the end of training.
 
-    Steps are read from the optimizer's counter, so the schedule holds with
-    `steps_per_execution` > 1 (the callback then runs once per execution).
+    A step is a batch trained: counted from the batch index, not from the
+    optimizer's counter, which a loss-scale optimizer does not advance on
+    the steps it skips (an overflow); the schedule holds with
+    `steps_per_execution` > 1 (the callback then runs once per execution,
+    with the execution's last batch). `fit` may end between two saves: the
+    end of training is `last_step`.
     The checkpoint also holds `history`, the logs of every epoch so far
     (to which this callback appends each epoch's), the run's `settings`
     and, when it is written within an epoch, the running metrics of that
@@ -457,12 +461,14 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         settings=None,
         metrics=None,
         worker_copy=True,
+        last_step=None,
     ):
         super().__init__()
         self.path = path
         self.worker_copy = worker_copy
         self.every = every
-        self.step = start_step
+        self.last_step = last_step
+        self.step = self._first_step = start_step
         self.saved_step = start_step
         self.is_chief = is_chief
         self.history = {} if history is None else history
@@ -477,8 +483,11 @@ class AtomicCheckpoint(keras.callbacks.Callback):
                 variables[key].assign(value)
         self.metrics = None
 
+    def on_train_begin(self, logs=None):
+        self._first_step = self.step
+
     def on_train_batch_end(self, batch, logs=None):
-        self.step = int(self.model.optimizer.iterations.numpy())
+        self.step = self._first_step + batch + 1
         if self.step // self.every > self.saved_step // self.every:
             # At the epoch's last batch, wait for the epoch's logs.
             steps = (self.params or {}).get("steps")
@@ -494,7 +503,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             self._save(logs)
 
     def on_train_end(self, logs=None):
-        if self.step > self.saved_step:
+        # Not at the end of each `fit` (the loop's epoch): the schedule.
+        ended = self.last_step is None or self.step >= self.last_step
+        if ended and self.step > self.saved_step:
             self._save(logs)
 
     def _save(self, logs, metrics=False):

@@ -418,6 +418,7 @@ def _fit_and_report_locked(
         settings=run_settings,
         metrics=metrics,
         worker_copy=_processes(strategy) == 1,
+        last_step=total_steps,
     )
     # On JAX, processes other than the chief write nothing.
     writes = chief or _processes(strategy) == 1
@@ -461,7 +462,7 @@ def _fit_and_report_locked(
             )
         step += steps
         if model.stop_training:
-            step = int(model.optimizer.iterations.numpy())
+            step = saver.step
             if os.path.exists(written_path):
                 kept = (
                     f"The last good checkpoint is {written_path} (step "
@@ -485,7 +486,7 @@ def _fit_and_report_locked(
         "dataset": data.name,
         "test_accuracy": float(test_accuracy),
         "test_loss": float(test_loss),
-        "train_steps": int(model.optimizer.iterations.numpy()),
+        "train_steps": int(step),
         "requested_train_steps": int(total_steps),
         "resumed_from_step": int(start_step),
         "wall_time_seconds": time.time() - start_time,
