@@ -541,6 +541,37 @@ def test_analyze_measures_on_the_labels_the_run_trained_on(tmp_path):
         )
 
 
+def test_analyze_run_data_is_of_the_data_set_the_run_trained_on(tmp_path):
+    # It had loaded --dataset's (Fashion-MNIST's by default) for the run's
+    # recipe, and failed on the model's input shape.
+    from trainers import analyze
+    from trainers import cifar
+
+    trained = cifar.run(
+        make_flags(tmp_path / "run", model="mlp", dataset="cifar10")
+    )
+    options = analyze_flags(
+        tmp_path, checkpoint=str(tmp_path / "run" / loop.MODEL), run_data=True
+    )
+    measured = analyze.run(options)["models"]["run"]
+    assert measured["test_accuracy"] == pytest.approx(
+        trained["test_accuracy"], abs=1e-6
+    )
+
+
+def test_analyze_names_models_of_same_named_folders_apart():
+    # Both had been "sam": the second replaced the first.
+    from trainers import analyze
+
+    def names(checkpoint, compare):
+        paths = dict(checkpoint=checkpoint, compare=compare)
+        return list(analyze._model_names(paths))
+
+    assert names("r/sgd/m.keras", "r/sam/m.keras") == ["sgd", "sam"]
+    assert names("a/sam/m.keras", "b/sam/m.keras") == ["a/sam", "b/sam"]
+    assert names("r/m.keras", "r/m.keras") == ["checkpoint", "compare"]
+
+
 @pytest.mark.parametrize("strategy", ["default", "mirrored"])
 @pytest.mark.parametrize(
     "module, dataset", [("cifar", "cifar100"), ("svhn", "svhn")]

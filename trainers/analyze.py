@@ -46,7 +46,10 @@ def define_flags():
         "compare", None, "A second model (.keras) to show side by side."
     )
     flags.DEFINE_enum(
-        "dataset", "fashion_mnist", sorted(data_lib.DATASETS), "Data set."
+        "dataset",
+        "fashion_mnist",
+        sorted(data_lib.DATASETS),
+        "Data set (with --run_data, the run's).",
     )
     flags.DEFINE_string("data_dir", None, "As for the trainers.")
     flags.DEFINE_bool(
@@ -98,7 +101,8 @@ def _splits(flags_obj):
             f"--checkpoint={flags_obj.checkpoint!r}."
         )
     with open(path) as f:
-        recorded = json.load(f)["flags"]
+        run_results = json.load(f)
+    recorded = run_results["flags"]
     recorded.update(
         data_dir=flags_obj.data_dir or recorded["data_dir"],
         synthetic_data=recorded["synthetic_data"],
@@ -106,7 +110,7 @@ def _splits(flags_obj):
     config = data_config.DataConfig.from_flags(
         types.SimpleNamespace(**recorded)
     )
-    splits = arrays.in_memory_splits(config, flags_obj.dataset)
+    splits = arrays.in_memory_splits(config, run_results["dataset"])
     return splits.train, splits.test, splits.info.num_classes
 
 
@@ -222,10 +226,9 @@ def run(flags_obj):
         num_classes,
     )
     results = {}
-    for path in paths.values():
+    for name, path in _model_names(paths).items():
         model = load_model(path)
-        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        results[name or path] = dict(
+        results[name] = dict(
             measure(model, dataset, measurements),
             test_accuracy=arrays.accuracy(model, test, flags_obj.batch_size),
         )
@@ -264,6 +267,25 @@ def run(flags_obj):
     )
     checkpoint.write_json(os.path.join(out, "analysis.json"), written)
     return written
+
+
+def _model_names(paths):
+    """`{name: path}` of the models of `paths` (`{flag: path}`): each named
+    by its run's folder, or by its path from the folders' common one when
+    two folders share a name, or by its flag when the paths are one."""
+    folders = {
+        flag: os.path.dirname(os.path.abspath(path))
+        for flag, path in paths.items()
+    }
+    names = {flag: os.path.basename(f) for flag, f in folders.items()}
+    if len(set(names.values())) < len(names):
+        common = os.path.commonpath(list(folders.values()))
+        names = {
+            flag: os.path.relpath(f, common) for flag, f in folders.items()
+        }
+    if len(set(names.values())) < len(names) or not all(names.values()):
+        names = {flag: flag for flag in paths}
+    return {names[flag]: path for flag, path in paths.items()}
 
 
 def main(_):
