@@ -102,6 +102,15 @@ def test_a_setting_refuses_what_its_check_says(name, value, message):
         declared.validate_all_flags()
 
 
+def by_hand(**settings):
+    return config.TrainingConfig(
+        model="mlp",
+        output_dir="/tmp/run",
+        data=data_config.DataConfig(),
+        **settings,
+    )
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -122,6 +131,27 @@ def test_a_setting_refuses_what_its_check_says(name, value, message):
                 train_steps=None,
             ),
             "`train_steps` must be >= 0. Received: train_steps=None",
+        ),
+        # Each of these had been taken: a misspelt SAM setting dropped, a
+        # schedule name trained with a constant rate, a fraction of an
+        # epoch failing after the first checkpoint.
+        (
+            lambda: by_hand(sam={"rhoo": 0.1}),
+            f"`sam` has no settings ['rhoo']; it takes "
+            f"{sorted(config.sam_defaults())}. Received: sam={{'rhoo': 0.1}}",
+        ),
+        (
+            lambda: by_hand(sam={"rho": -1.0}),
+            "`rho` must be >= 0. Received: rho=-1.0",
+        ),
+        (
+            lambda: config.OptimizerConfig(lr_schedule="linear"),
+            "`lr_schedule` must be one of ['constant', 'cosine']. Received: "
+            "lr_schedule='linear'",
+        ),
+        (
+            lambda: by_hand(epochs=1.5),
+            "`epochs` must be an integer. Received: epochs=1.5",
         ),
     ],
 )
@@ -261,7 +291,7 @@ def test_from_flags_reads_every_value():
         rho_min=0.01,
         switching="periodic",
         sam_every=3,
-        perturbation="momentum",
+        looksam_alpha=0.7,
         jit_compile="true",
         mixed_precision="bfloat16",
         steps_per_execution=4,
@@ -290,7 +320,7 @@ def test_from_flags_reads_every_value():
         rho_min=0.01,
         switching="periodic",
         sam_every=3,
-        perturbation="momentum",
+        looksam_alpha=0.7,
     )
     assert made.accelerator == config.AcceleratorConfig(
         jit_compile="true",

@@ -244,6 +244,17 @@ class TrainingConfig:
 
     def __post_init__(self):
         data_config.check_settings(self)
+        if self.sam is not None:
+            unknown = sorted(set(self.sam) - set(sam_defaults()))
+            if unknown:
+                raise ValueError(
+                    f"`sam` has no settings {unknown}; it takes "
+                    f"{sorted(sam_defaults())}. Received: sam={self.sam!r}"
+                )
+            # Here, not at the top: `trainers.flags` imports this module.
+            from trainers import flags as flags_lib
+
+            flags_lib.check_sam_settings(self.sam)
 
     @property
     def seed(self):

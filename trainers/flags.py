@@ -228,6 +228,20 @@ def sam_options(values, seed=0, total_steps=None, learning_rate=None):
     return options.SAMOptions(**kwargs)
 
 
+def check_sam_settings(values):
+    """Raises the `ValueError` of `sam_options(values)` (with a nominal
+    schedule of one step) or of a policy whose parameter is in `values`,
+    naming the argument and the value."""
+    values = dict(config.sam_defaults(), **values)
+    switching_lib.Periodic(values["sam_every"])
+    switching_lib.Randomized(values["sam_probability"])
+    sam_options(
+        values,
+        total_steps=1,
+        learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
+    )
+
+
 def _check_sam_flag(name, value):
     """Checks SAM's flags, `name` at `value`, as `sam_options` does (with a
     nominal schedule of one step), and every policy whose parameter is a
@@ -236,13 +250,7 @@ def _check_sam_flag(name, value):
     values = {n: flags.FLAGS[n].value for n in config.sam_defaults()}
     values[name] = value
     try:
-        switching_lib.Periodic(values["sam_every"])
-        switching_lib.Randomized(values["sam_probability"])
-        sam_options(
-            values,
-            total_steps=1,
-            learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
-        )
+        check_sam_settings(values)
     except ValueError as error:
         message = _in_flag_terms(str(error), values["switching"])
         named = [n for n in re.findall(r"--(\w+)", message) if n in values]

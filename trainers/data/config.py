@@ -7,6 +7,8 @@ declares the flags from the fields), so each is written once.
 
 import dataclasses
 import math
+import numbers
+from typing import Optional
 
 from trainers.data import augment
 
@@ -35,9 +37,13 @@ def unset_or_at_least(low):
 
 
 def accepts(field, value):
-    """Whether `value` passes the check of the setting `field`: its
-    predicate, and for a float, being finite. A field without a check
-    takes any value."""
+    """Whether `value` passes the check of the setting `field`: one of its
+    choices, an integer for an integer field, its predicate, and for a
+    float, being finite. A field without these takes any value."""
+    if field.metadata.get("choices"):
+        return value in field.metadata["choices"]
+    if _not_an_integer(field, value):
+        return False
     if field.metadata.get("check") is None:
         return True
     if isinstance(value, float) and not math.isfinite(value):
@@ -51,6 +57,8 @@ def accepts(field, value):
 def requirement(field):
     """What the check of the setting `field` asks, as "must ...": the
     message of its flag and of its field."""
+    if field.metadata.get("choices"):
+        return f"must be one of {field.metadata['choices']}"
     finite = " and finite" if field.type is float else ""
     return field.metadata["check"][1] + finite
 
@@ -61,10 +69,21 @@ def check_settings(config):
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if not accepts(field, value):
-            raise ValueError(
-                f"`{field.name}` {requirement(field)}. "
-                f"Received: {field.name}={value!r}"
+            must = (
+                "must be an integer"
+                if _not_an_integer(field, value)
+                else requirement(field)
             )
+            raise ValueError(
+                f"`{field.name}` {must}. Received: {field.name}={value!r}"
+            )
+
+
+def _not_an_integer(field, value):
+    # absl gives an integer flag an int; a config made by hand may not.
+    if field.type not in (int, Optional[int]) or value is None:
+        return False
+    return isinstance(value, bool) or not isinstance(value, numbers.Integral)
 
 
 class FlagFields:
