@@ -414,6 +414,8 @@ def assert_refused(program, flag, message, *other_flags):
         ("--landscape_radius=nan", "--landscape_radius must be > 0"),
         ("--num_examples=-5", "-5 is not a positive integer"),
         ("--checkpoint=/nowhere.keras", "--checkpoint: no model file at"),
+        # Keras' "File format not supported" had come as a traceback.
+        ("--checkpoint=README.md", "--checkpoint must be a .keras model"),
     ],
 )
 def test_analyze_refuses_bad_flags_before_measuring(flag, message, tmp_path):

@@ -236,6 +236,15 @@ def test_legacy_notop_h5_loads_and_another_architecture_is_refused(tmp_path):
         models.build("efficientnetb0", (32, 32, 3), 10, pretrained_weights=path)
 
 
+@pytest.mark.parametrize("name", ["weights.h5", "w.keras"])
+def test_a_file_that_is_no_weights_file_is_refused_naming_it(tmp_path, name):
+    # h5py's or zipfile's own error had ended the program in a traceback.
+    path = tmp_path / name
+    path.write_text("not a weights file")
+    with pytest.raises(OSError, match=f"--pretrained_weights='{path}'"):
+        models.build("resnet50", (32, 32, 3), 10, pretrained_weights=str(path))
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
     tmp_path, monkeypatch
 ):

@@ -205,6 +205,12 @@ def run(flags_obj):
     for name, path in paths.items():
         if not os.path.exists(path):
             raise FileNotFoundError(f"--{name}: no model file at {path!r}.")
+        if not path.endswith(".keras") or os.path.isdir(path):
+            raise ValueError(
+                f"--{name} must be a .keras model file, such as the "
+                f"{loop.MODEL} a trainer writes (not its checkpoint). "
+                f"Received: --{name}={path!r}"
+            )
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     train, test, num_classes = _splits(flags_obj)
     examples = min(flags_obj.num_examples, len(train.labels))

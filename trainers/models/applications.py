@@ -9,6 +9,7 @@ Images reach them as float32 in [0, 1], like every model of `trainers`;
 
 import math
 import os
+import zipfile
 
 import keras
 
@@ -77,6 +78,16 @@ def load_pretrained(backbone, path):
             "--pretrained_weights must be a .weights.h5, .keras or legacy "
             f".h5 file. Received: --pretrained_weights={path!r}"
         )
+    try:
+        _load_weights_file(backbone, path)
+    except (OSError, zipfile.BadZipFile) as error:  # h5py's, or a zip's
+        raise OSError(
+            f"--pretrained_weights={path!r} cannot be read as a weights "
+            f"file: {error}"
+        ) from error
+
+
+def _load_weights_file(backbone, path):
     if path.endswith((".weights.h5", ".keras")):
         backbone.load_weights(path)
         return
