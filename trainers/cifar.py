@@ -7,11 +7,16 @@ Needs a prepared tensorflow-datasets copy in --data_dir. Quick CPU run:
 
 The paper's WRN-28-10 setting (200 epochs, batch 256, lr 0.1 cosine,
 weight decay 5e-4, basic augmentation; ρ = 0.05 for CIFAR-10, 0.1 for
-CIFAR-100; 2.7 % / 16.5 % error with SAM against 3.5 % / 18.8 %):
+CIFAR-100; 2.7 % / 16.5 % error with SAM against 3.5 % / 18.8 %); the
+default --rho is CIFAR-10's:
 
     python -m trainers.cifar --dataset=cifar10 --data_dir=<tfds dir> \\
         --model=wrn_28_10 --epochs=200 --batch_size=256 \\
         --learning_rate=0.1 --weight_decay=5e-4 --rho=0.05 \\
+        --augmentation=basic
+    python -m trainers.cifar --dataset=cifar100 --data_dir=<tfds dir> \\
+        --model=wrn_28_10 --epochs=200 --batch_size=256 \\
+        --learning_rate=0.1 --weight_decay=5e-4 --rho=0.1 \\
         --augmentation=basic
 
 Shake-Shake 26 2x96d and PyramidNet-272 with ShakeDrop, with AutoAugment
