@@ -186,7 +186,8 @@ def optimizer_slots(optimizer, slots, variables):
 
     `slots` is a list of an optimizer's per-variable state (e.g. SGD's
     `momentums`), in the order of the variables it was built with; Keras'
-    private `_get_variable_index` maps a variable to its index. An
+    private `_get_variable_index` maps a variable to its index (`_var_key`
+    and `_trainable_variables` name one it was not built with). An
     optimizer not built yet is built as `optimizer.apply` would at its
     first call (under its name scope, so its variables get the same paths),
     since its state must exist before the first update. `slots` is a
@@ -198,7 +199,18 @@ def optimizer_slots(optimizer, slots, variables):
         optimizer.built = True
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     state = slots(inner)
-    return [state[inner._get_variable_index(v)] for v in variables]
+    try:
+        return [state[inner._get_variable_index(v)] for v in variables]
+    except KeyError:
+        # Keras' `apply` refuses such a variable with this ValueError.
+        built = {inner._var_key(v) for v in inner._trainable_variables}
+        new = [v.path for v in variables if inner._var_key(v) not in built]
+        raise ValueError(
+            f"Unknown variables: {new}. The optimizer can only be called for "
+            "the variables it was built with (a layer made trainable since "
+            "needs the model compiled again, with a new optimizer). "
+            f"Received: optimizer={optimizer.name!r}"
+        ) from None
 
 
 def public_optimizer_classes(config):

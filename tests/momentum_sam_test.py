@@ -170,6 +170,23 @@ def test_combinations_without_a_meaning_are_refused(kwargs):
         msam_model(**kwargs)
 
 
+def test_a_layer_unfrozen_without_compiling_again_is_refused_naming_it():
+    # The optimizer's momentum of a variable it was not built with had
+    # failed in a bare `KeyError` of a Python object id.
+    x, y, w0, b0 = softmax_data()
+    backbone = softmax_regression(w0, b0)
+    backbone.trainable = False
+    base = keras.Sequential(
+        [keras.Input(x.shape[1:]), backbone, keras.layers.Dense(w0.shape[1])]
+    )
+    model = keras_sam.SAMModel(base, rho=0.5, perturbation="momentum")
+    model.compile(optimizer=sgd(), loss=xent(), run_eagerly=True)
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    backbone.trainable = True
+    with pytest.raises(ValueError, match=r"Unknown variables: \['.*kernel"):
+        model.fit(x, y, batch_size=BATCH, verbose=0)
+
+
 def test_a_bad_perturbation_names_the_value():
     with pytest.raises(ValueError, match="perturbation='gradients'"):
         keras_sam.SAMModel(
