@@ -382,6 +382,40 @@ def load_weights(model, filepath, skip_mismatch=False):
         saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)
 
 
+def load_base_weights(model, filepath, skip_mismatch=False):
+    """Reads a file in the base's layout into `model.base`, and the
+    optimizer state of a compiled model's file (at `optimizer/`) into
+    `model.optimizer`, as Keras loads it into a compiled model's.
+
+    `base.load_weights` alone would drop it: the base is not compiled with
+    the wrapper's optimizer. As in Keras, a state of another size (an
+    optimizer not built yet) is skipped with Keras' warning. Through
+    `keras.src.saving.saving_lib`; checked against Keras 3.15.1.
+    """
+    model.base.load_weights(filepath, skip_mismatch)
+    optimizer = getattr(model, "optimizer", None)  # None until compiled
+    if optimizer is None or optimizer is getattr(model.base, "optimizer", 0):
+        return
+    store = _weights_store(filepath, "r")
+    failed, errors = set(), {}
+    try:
+        if store.has_path("optimizer"):
+            saving_lib._load_state(
+                optimizer,
+                store,
+                None,
+                "optimizer",
+                skip_mismatch,
+                set(),
+                failed,
+                errors,
+            )
+    finally:
+        store.close()
+    if failed:
+        saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)
+
+
 def restoring_state_on_error(model, train_function):
     """JAX: `train_function`, putting the state it was given back into the
     model's variables when it raises.

@@ -237,15 +237,16 @@ class BaseWrapper:
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Loads weights saved by a `SAMModel` or by its base model.
 
-        A file written by `model.base.save_weights` loads into the base.
-        See `keras.Model.load_weights`.
+        A file written by `model.base.save_weights` loads into the base,
+        and the optimizer state of a compiled base's file into this model's
+        optimizer. See `keras.Model.load_weights`.
         """
         path = str(filepath)
         if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
             if compat.weights_file_has_path(path, compat.SAM_STATE):
                 return compat.load_weights(self, path, skip_mismatch)
             if not compat.weights_file_has_path(path, "base"):
-                return self.base.load_weights(path, skip_mismatch)
+                return compat.load_base_weights(self, path, skip_mismatch)
         return super().load_weights(
             filepath, skip_mismatch=skip_mismatch, **kwargs
         )

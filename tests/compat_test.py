@@ -355,6 +355,26 @@ def test_weights_files_in_the_base_layout(tmp_path):
     )
 
 
+def test_a_compiled_models_file_lends_its_optimizer_state(tmp_path):
+    import keras_sam
+
+    def base():
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+    plain = base()
+    plain.compile(optimizer=keras.optimizers.SGD(momentum=0.9), loss="mse")
+    plain.fit(np.ones((4, 3)), np.ones((4, 2)), batch_size=2, verbose=0)
+    path = str(tmp_path / "plain.weights.h5")
+    plain.save_weights(path)
+    model = keras_sam.SAMModel(base())
+    model.compile(optimizer=keras.optimizers.SGD(momentum=0.9), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    compat.load_base_weights(model, path)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    for got, want in zip(model.optimizer.variables, plain.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_the_loss_tracker_is_the_metric_fit_logs_as_loss():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")

@@ -101,6 +101,30 @@ def test_a_base_weights_file_loads_into_a_sam_model(tmp_path):
     assert_same_variables(model.base.variables, base.variables)
 
 
+def test_a_compiled_base_files_optimizer_state_loads_into_a_sam_model(
+    tmp_path,
+):
+    # A run that goes on with SAM from a plain model's weights file: its
+    # momentum and step count had been dropped with the base's load.
+    x, y, _, _ = softmax_data()
+    path = os.fspath(tmp_path / "plain.weights.h5")
+    plain = bn_dropout_model(seed=3)
+    plain.layers[2].rate = 0.0
+    plain.compile(optimizer=sgd(), loss=xent())
+    plain.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    plain.save_weights(path)
+    base = bn_dropout_model(seed=9)
+    base.layers[2].rate = 0.0
+    model = keras_sam.SAMModel(base, rho=0.0)
+    model.compile(optimizer=sgd(), loss=xent())
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    assert int(model.optimizer.iterations.numpy()) == 3
+    for fitted in (plain, model):
+        fitted.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert_same_variables(model.base.variables, plain.variables)
+
+
 def test_a_file_in_the_nested_layout_of_earlier_versions_loads(tmp_path):
     path = os.fspath(tmp_path / "nested.weights.h5")
     model = trained()
