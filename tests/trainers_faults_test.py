@@ -347,6 +347,11 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(
         printed.out
     )
     assert not stale.exists()
+    # Set aside: the next save had made it the previous one, in place of
+    # the only good one, until the save after.
+    corrupt = cut / (checkpoint.CHECKPOINT + checkpoint.CORRUPT)
+    assert corrupt.read_bytes() == bytes(data)
+    assert f"Moved the corrupt {newest} to {corrupt}." in printed.err
     assert resumed["resumed_from_step"] == 2
     assert resumed["test_loss"] == whole["test_loss"]
     assert resumed["history"]["loss"] == whole["history"]["loss"]

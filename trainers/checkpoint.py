@@ -346,6 +346,18 @@ def find(path):
     return None
 
 
+CORRUPT = ".corrupt"  # suffix of a checkpoint that failed its check
+
+
+def set_aside(path):
+    """Renames a checkpoint that failed its check to `path + CORRUPT`, for
+    a look, and says so on stderr."""
+    if os.path.exists(path):
+        os.replace(path, path + CORRUPT)
+        _sync_directory(os.path.dirname(path) or ".")
+        print(f"Moved the corrupt {path} to {path + CORRUPT}.", file=sys.stderr)
+
+
 def restore(saved, model):
     """Loads a checkpoint (a `Saved` or a path) into `model`; returns its
     step.
