@@ -196,10 +196,11 @@ def test_every_sam_option_is_a_flag_with_its_default_and_help():
     [
         (dict(rho=-1.0), "--rho must be >= 0. Received: --rho=-1.0"),
         (dict(eta=float("inf")), "--eta must be finite. Received: --eta=inf"),
-        (
+        (  # the remedy and the value had been Python's
             dict(looksam_alpha=0.5),
             "--looksam_alpha acts on the steps without SAM, so it needs a "
-            "--switching policy",
+            "--switching policy, e.g. --switching=periodic --sam_every=5. "
+            "Received: --looksam_alpha=0.5, --switching=none",
         ),
         (
             dict(sam_every=0),

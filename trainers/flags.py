@@ -268,8 +268,16 @@ def _check_sam_flag(name, value):
 
 
 def _in_flag_terms(message, switching):
-    # The policy a message shows as an object is a name on the command line.
-    message = re.sub(r"switching=<[^>]*>", f"switching={switching}", message)
+    # The policy a message shows as an object (or None, or an example) is
+    # a name on the command line.
+    message = re.sub(
+        r"switching=(<[^>]*>|None)", f"switching={switching}", message
+    )
+    message = re.sub(
+        r"keras_sam\.switching\.Periodic\((\d+)\)",
+        r"--switching=periodic --sam_every=\1",
+        message,
+    )
     names = {**{n: n for n in config.sam_defaults()}, **_ARGUMENT_FLAGS}
     alternatives = "|".join(sorted(names, key=len, reverse=True))
     message = re.sub(
