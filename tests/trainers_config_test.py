@@ -249,6 +249,20 @@ def test_a_bad_sam_flag_fails_parsing_naming_the_flag_and_value(
         declared.validate_all_flags()
 
 
+def test_nosam_ignores_the_sam_flags_as_its_help_says():
+    # They had been checked all the same: `--nosam --looksam_alpha=0.5`
+    # was refused for want of a policy.
+    declared = _declared_flags()
+    try:
+        declared(["test", "--nosam", "--looksam_alpha=0.5"])
+        made = config.TrainingConfig.from_flags(declared)
+        assert made.sam is None
+    finally:
+        for key in ("looksam_alpha", "sam"):
+            declared[key].value = declared[key].default
+        declared.validate_all_flags()
+
+
 def test_sam_flags_make_the_options_of_their_forms(tmp_path):
     made = trainer_flags.sam_options(
         dict(

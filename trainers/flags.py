@@ -247,6 +247,8 @@ def _check_sam_flag(name, value):
     nominal schedule of one step), and every policy whose parameter is a
     flag; an error is the flag error of the first flag it names, each
     argument named as its flag."""
+    if "sam" in flags.FLAGS and not flags.FLAGS["sam"].value:
+        return True  # --nosam ignores them, as its help says
     values = {n: flags.FLAGS[n].value for n in config.sam_defaults()}
     values[name] = value
     try:
