@@ -249,6 +249,13 @@ def test_a_bad_sam_flag_fails_parsing_naming_the_flag_and_value(
         declared.validate_all_flags()
 
 
+def test_epochs_that_train_steps_override_are_no_setting_of_the_run():
+    # A resume with another --epochs had been refused, though it changes
+    # nothing when --train_steps is set.
+    assert "epochs" not in by_hand(train_steps=5, epochs=3).settings()
+    assert by_hand(epochs=3).settings()["epochs"] == 3
+
+
 def test_nosam_ignores_the_sam_flags_as_its_help_says():
     # They had been checked all the same: `--nosam --looksam_alpha=0.5`
     # was refused for want of a policy.

@@ -269,8 +269,9 @@ class TrainingConfig:
 
         `data`, `optimizer` and `accelerator` are flattened into their
         fields, `sam` is a bool followed by SAM's flags when it is on, and
-        `recorded_flags` is left out. A checkpoint holds these, and a run
-        resumes it only when all but `MAY_CHANGE_ON_RESUME` are equal.
+        `recorded_flags` is left out, and `epochs` when `train_steps`
+        overrides it. A checkpoint holds these, and a run resumes it only
+        when all but `MAY_CHANGE_ON_RESUME` are equal.
         """
         values = {}
         for field in dataclasses.fields(self):
@@ -285,6 +286,8 @@ class TrainingConfig:
                 values.update(dataclasses.asdict(value))
             else:
                 values[field.name] = value
+        if values["train_steps"]:
+            del values["epochs"]  # overridden: a resume may change it
         return values
 
     @classmethod
