@@ -321,6 +321,17 @@ def test_a_resume_with_other_settings_is_refused_naming_each(
     assert results["train_steps"] == 6
 
 
+def test_a_second_process_stops_before_it_loads_its_data(tmp_path):
+    # The lock had been taken after the data and the model, which may take
+    # minutes (a streamed data set, a large model).
+    loaded = []
+    config = trainer_config.TrainingConfig.from_flags(make_flags(tmp_path))
+    with checkpoint.DirectoryLock(str(tmp_path / loop.lock_name())):
+        with pytest.raises(checkpoint.DirectoryInUseError):
+            loop.run(config, loaded.append)
+    assert loaded == []
+
+
 def test_a_corrupt_checkpoint_falls_back_to_the_one_before(
     tmp_path, monkeypatch, capsys
 ):

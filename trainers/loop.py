@@ -121,6 +121,26 @@ def run(config, load_data, strategy_override=None, **model_options):
             f"--output_dir={config.output_dir} is a file, not a directory."
         )
     strategy, settings = prepare(config, strategy_override)
+    # Before the data and the model, which may take long: a second process
+    # stops at once.
+    with _training_lock(config.output_dir, strategy):
+        return _run_locked(
+            config, load_data, strategy, settings, start_time, model_options
+        )
+
+
+def _training_lock(output_dir, strategy):
+    """One process at a time trains in `output_dir` (a
+    `checkpoint.DirectoryLock`; each worker of a multi-worker run takes
+    its own)."""
+    with _writing(output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+        return checkpoint_lib.DirectoryLock(
+            os.path.join(output_dir, lock_name(strategy))
+        )
+
+
+def _run_locked(config, load_data, strategy, settings, start_time, options):
     with precision_policy(settings["policy"]):
         data = load_data(config.data)
         total_steps = config.train_steps or config.epochs * data.steps_per_epoch
@@ -133,7 +153,7 @@ def run(config, load_data, strategy_override=None, **model_options):
                 data.shape,
                 data.info.num_classes,
                 config.weight_decay,
-                **model_options,
+                **options,
             ),
             total_steps,
         )
@@ -148,7 +168,7 @@ def run(config, load_data, strategy_override=None, **model_options):
             run_settings={
                 **config.settings(),
                 "dataset": data.name,
-                **model_options,
+                **options,
             },
         )
 
@@ -318,9 +338,8 @@ def fit_and_report(
     checkpoint, and so do the running metrics of an epoch it cut in two;
     a finished run started again trains no more and keeps its history.
 
-    One process at a time trains in `config.output_dir` (a
-    `checkpoint.DirectoryLock`; each worker of a multi-worker run takes
-    its own). The processes of a JAX `multi_worker` run each feed their
+    The caller holds the directory's lock (`run` takes it). The processes
+    of a JAX `multi_worker` run each feed their
     rows of every batch (`strategy.batch_shards`); process 0 alone writes
     the checkpoint, the model, the results and TensorBoard's logs, and all
     restore its checkpoint, from a directory they share. A checkpoint is
@@ -338,38 +357,8 @@ def fit_and_report(
     `steps_per_epoch` for all its epochs. Keras' `initial_epoch` numbers
     the epochs and its `validation_freq` picks those that evaluate.
     """
-    output_dir = config.output_dir
+    run_settings = run_settings or config.settings()
     chief = _is_chief(strategy)
-    with _writing(output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        lock = checkpoint_lib.DirectoryLock(
-            os.path.join(output_dir, lock_name(strategy))
-        )
-    with lock:
-        return _fit_and_report_locked(
-            config,
-            strategy,
-            base,
-            model,
-            data,
-            total_steps,
-            start_time,
-            run_settings or config.settings(),
-            chief,
-        )
-
-
-def _fit_and_report_locked(
-    config,
-    strategy,
-    base,
-    model,
-    data,
-    total_steps,
-    start_time,
-    run_settings,
-    chief,
-):
     example_sets = data.example_sets
     steps_per_epoch = data.steps_per_epoch
     _check_processes_can_share(config, strategy, data)
