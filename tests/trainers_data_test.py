@@ -78,6 +78,11 @@ def test_missing_tfds_copy_says_where_it_looked(tmp_path):
         datasets.load("cifar10", data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         datasets.load("cifar10", data_dir=str(tmp_path / "nope"))
+    # A version folder that was never filled (tfds' KeyError had come as a
+    # traceback).
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="No prepared.*cifar10"):
+        datasets.load("cifar10", data_dir=str(tmp_path))
 
 
 def test_labels_out_of_range_are_rejected():

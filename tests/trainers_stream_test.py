@@ -271,7 +271,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     assert again["resumed_from_step"] == 6 and again["train_steps"] == 6
 
 
-def test_missing_tfds_copy_names_data_dir(tmp_path):
+@pytest.mark.parametrize("empty_version", [False, True])
+def test_missing_tfds_copy_names_data_dir(tmp_path, empty_version):
+    if empty_version:  # tfds' KeyError had come as a traceback
+        (tmp_path / "imagenet2012" / "5.1.0").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="No prepared.*imagenet2012"):
         imagenet.run(
             make_flags(

@@ -137,7 +137,12 @@ def load_tfds(tfds_name, data_dir, train_split="train", test_split="test"):
         try:
             dataset = builder.as_dataset(split=split, as_supervised=True)
             batches = list(tfds.as_numpy(dataset.batch(16384)))
-        except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
+        except (
+            AssertionError,
+            FileNotFoundError,
+            KeyError,  # an empty version folder: no splits
+            tf.errors.NotFoundError,
+        ):
             raise FileNotFoundError(
                 f"No prepared tensorflow-datasets copy of {tfds_name!r} in "
                 f"--data_dir={data_dir!r} (looked in {builder.data_dir}). "

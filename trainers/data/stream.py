@@ -120,7 +120,12 @@ def tfds_source(info, data_dir):
     for split in (info.train_split, info.test_split):
         try:
             dataset = read(split)
-        except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
+        except (
+            AssertionError,
+            FileNotFoundError,
+            KeyError,  # an empty version folder: no splits
+            tf.errors.NotFoundError,
+        ):
             raise FileNotFoundError(
                 f"No prepared tensorflow-datasets copy of {name!r} in "
                 f"--data_dir={data_dir!r} (looked in {builder.data_dir}). "
