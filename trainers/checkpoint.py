@@ -231,7 +231,8 @@ class Saved:
 
     Attributes:
         path: the file.
-        step: the optimizer steps it holds.
+        step: the batches trained (a loss-scale optimizer may have skipped
+            some of its steps).
         variables: `{key: array}` of `state_paths`.
         metrics: `{key: array}` of `metric_paths` (empty unless the
             checkpoint cut an epoch in two).
@@ -499,11 +500,13 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self._first_step = self.step
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step = self._first_step + batch + 1
+        steps = (self.params or {}).get("steps")
+        # Keras numbers a short last execution as if it were whole.
+        trained = min(batch + 1, steps) if steps else batch + 1
+        self.step = self._first_step + trained
         if self.step // self.every > self.saved_step // self.every:
             # At the epoch's last batch, wait for the epoch's logs.
-            steps = (self.params or {}).get("steps")
-            if steps and batch + 1 >= steps:
+            if steps and trained >= steps:
                 self._due = True
             else:
                 self._save(logs, metrics=True)
