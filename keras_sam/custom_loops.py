@@ -103,7 +103,10 @@ def sam_gradients(
             is keyword-only), must return a scalar, and is used as is
             (under a strategy, divide it by the number of replicas, as
             Keras' losses do).
-        sample_weight: optional per-example weights.
+        sample_weight: optional per-example weights, split with the batch
+            (by `micro_batches`, replicas). Weights bound into `loss_fn`
+            (`functools.partial`) are kept when this is None, and are the
+            whole batch's: with `micro_batches` > 1, pass them here.
         optimizer: optional Keras optimizer whose `scale_loss` is applied
             before differentiating (needed for a `LossScaleOptimizer`), and
             whose learning-rate step a schedule `rho` follows.

@@ -379,11 +379,14 @@ def fit_and_report(
     saved = checkpoint_lib.find(checkpoint_path)
     if saved is None and not chief:
         saved = checkpoint_lib.find(written_path)
-    if chief and saved is not None and saved.path != checkpoint_path:
-        # The newest failed its check: set aside, so that the next save
-        # keeps the good one as the previous, not the corrupt one.
+    if (
+        saved is not None
+        and saved.path == written_path + checkpoint_lib.PREVIOUS
+    ):
+        # The newest of the pair this process writes failed its check: set
+        # aside, so that the next save keeps the good one as the previous.
         with _writing(output_dir):
-            checkpoint_lib.set_aside(checkpoint_path)
+            checkpoint_lib.set_aside(written_path)
     if _processes(strategy) > 1:
         # Before restoring, which puts values on every process's devices.
         _check_same_start(0 if saved is None else saved.step, checkpoint_path)
