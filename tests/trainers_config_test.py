@@ -153,6 +153,14 @@ def by_hand(**settings):
             lambda: by_hand(epochs=1.5),
             "`epochs` must be an integer. Received: epochs=1.5",
         ),
+        (
+            lambda: by_hand(
+                sam={"perturbation": "momentum"},
+                optimizer=config.OptimizerConfig(momentum=0.0),
+            ),
+            "--perturbation=momentum moves the weights along SGD's momentum, "
+            "so it needs --momentum > 0. Received: --momentum=0.0",
+        ),
     ],
 )
 def test_a_config_made_by_hand_refuses_what_the_flag_would(make, message):

@@ -254,7 +254,7 @@ class TrainingConfig:
             # Here, not at the top: `trainers.flags` imports this module.
             from trainers import flags as flags_lib
 
-            flags_lib.check_sam_settings(self.sam)
+            flags_lib.check_sam_settings(self.sam, self.optimizer.momentum)
 
     @property
     def seed(self):

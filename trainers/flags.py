@@ -228,10 +228,11 @@ def sam_options(values, seed=0, total_steps=None, learning_rate=None):
     return options.SAMOptions(**kwargs)
 
 
-def check_sam_settings(values):
+def check_sam_settings(values, momentum=None):
     """Raises the `ValueError` of `sam_options(values)` (with a nominal
     schedule of one step) or of a policy whose parameter is in `values`,
-    naming the argument and the value."""
+    naming the argument and the value; and, given SGD's `momentum`, the
+    one of Momentum-SAM without it."""
     values = dict(config.sam_defaults(), **values)
     switching_lib.Periodic(values["sam_every"])
     switching_lib.Randomized(values["sam_probability"])
@@ -240,6 +241,13 @@ def check_sam_settings(values):
         total_steps=1,
         learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
     )
+    if values["perturbation"] == "momentum" and momentum == 0:
+        # keras_sam would refuse the optimizer only at the first step.
+        raise ValueError(
+            "--perturbation=momentum moves the weights along SGD's "
+            f"momentum, so it needs --momentum > 0. Received: "
+            f"--momentum={momentum}"
+        )
 
 
 def _check_sam_flag(name, value):
@@ -251,21 +259,14 @@ def _check_sam_flag(name, value):
         return True  # --nosam ignores them, as its help says
     values = {n: flags.FLAGS[n].value for n in config.sam_defaults()}
     values[name] = value
+    momentum = flags.FLAGS["momentum"].value if "momentum" in flags.FLAGS else 1
     try:
-        check_sam_settings(values)
+        check_sam_settings(values, momentum)
     except ValueError as error:
         message = _in_flag_terms(str(error), values["switching"])
         named = [n for n in re.findall(r"--(\w+)", message) if n in values]
         if not named or named[0] == name:
             raise flags.ValidationError(message) from None
-    momentum = flags.FLAGS["momentum"].value if "momentum" in flags.FLAGS else 1
-    if name == "perturbation" and value == "momentum" and not momentum:
-        # keras_sam would refuse the optimizer only at the first step.
-        raise flags.ValidationError(
-            "--perturbation=momentum moves the weights along SGD's "
-            f"momentum, so it needs --momentum > 0. Received: "
-            f"--momentum={momentum}"
-        )
     return True
 
 
