@@ -142,7 +142,11 @@ def by_hand(**settings):
         ),
         (
             lambda: by_hand(sam={"rho": -1.0}),
-            "`rho` must be >= 0. Received: rho=-1.0",
+            "--rho must be >= 0. Received: --rho=-1.0",
+        ),
+        (  # it had named the policy's argument, `every`
+            lambda: by_hand(sam={"sam_every": 2.5}),
+            "--sam_every must be an integer >= 1. Received: --sam_every=2.5",
         ),
         (
             lambda: config.OptimizerConfig(lr_schedule="linear"),

@@ -231,16 +231,22 @@ def sam_options(values, seed=0, total_steps=None, learning_rate=None):
 def check_sam_settings(values, momentum=None):
     """Raises the `ValueError` of `sam_options(values)` (with a nominal
     schedule of one step) or of a policy whose parameter is in `values`,
-    naming the argument and the value; and, given SGD's `momentum`, the
-    one of Momentum-SAM without it."""
+    naming each argument as its flag, and the value; and, given SGD's
+    `momentum`, the one of Momentum-SAM without it."""
     values = dict(config.sam_defaults(), **values)
-    switching_lib.Periodic(values["sam_every"])
-    switching_lib.Randomized(values["sam_probability"])
-    sam_options(
-        values,
-        total_steps=1,
-        learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
-    )
+    try:
+        switching_lib.Periodic(values["sam_every"])
+        switching_lib.Randomized(values["sam_probability"])
+        sam_options(
+            values,
+            total_steps=1,
+            learning_rate=keras.optimizers.schedules.CosineDecay(1.0, 1),
+        )
+    except ValueError as error:
+        # An argument of an object a setting makes, named as the setting.
+        raise ValueError(
+            _in_flag_terms(str(error), values["switching"])
+        ) from None
     if values["perturbation"] == "momentum" and momentum == 0:
         # keras_sam would refuse the optimizer only at the first step.
         raise ValueError(
