@@ -269,7 +269,7 @@ def _check_sam_flag(name, value):
     try:
         check_sam_settings(values, momentum)
     except ValueError as error:
-        message = _in_flag_terms(str(error), values["switching"])
+        message = str(error)
         named = [n for n in re.findall(r"--(\w+)", message) if n in values]
         if not named or named[0] == name:
             raise flags.ValidationError(message) from None
