@@ -353,33 +353,8 @@ def weights_file_has_path(filepath, path):
 
 
 def load_weights(model, filepath, skip_mismatch=False):
-    """Reads a file written by `save_weights` into `model` and its base.
-
-    Through `keras.src.saving.saving_lib`, as `Model.load_weights` reads;
-    checked against Keras 3.15.1.
-    """
-    store = _weights_store(filepath, "r")
-    failed, errors = set(), {}
-    try:
-        visited = set()
-        saving_lib._load_state(
-            model.base, store, None, "", skip_mismatch, visited, failed, errors
-        )
-        visited.add(id(model.base))
-        saving_lib._load_state(
-            model,
-            store,
-            None,
-            SAM_STATE,
-            skip_mismatch,
-            visited,
-            failed,
-            errors,
-        )
-    finally:
-        store.close()
-    if failed:
-        saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)
+    """Reads a file written by `save_weights` into `model` and its base."""
+    _load_parts(filepath, [(model.base, ""), (model, SAM_STATE)], skip_mismatch)
 
 
 def load_base_weights(model, filepath, skip_mismatch=False):
@@ -389,27 +364,35 @@ def load_base_weights(model, filepath, skip_mismatch=False):
 
     `base.load_weights` alone would drop it: the base is not compiled with
     the wrapper's optimizer. As in Keras, a state of another size (an
-    optimizer not built yet) is skipped with Keras' warning. Through
-    `keras.src.saving.saving_lib`; checked against Keras 3.15.1.
+    optimizer not built yet) is skipped with Keras' warning.
     """
     model.base.load_weights(filepath, skip_mismatch)
     optimizer = getattr(model, "optimizer", None)  # None until compiled
     if optimizer is None or optimizer is getattr(model.base, "optimizer", 0):
         return
+    if weights_file_has_path(filepath, "optimizer"):
+        _load_parts(filepath, [(optimizer, "optimizer")], skip_mismatch)
+
+
+def _load_parts(filepath, parts, skip_mismatch):
+    # Each `(saveable, path in the file)` of `parts` in turn, through
+    # `keras.src.saving.saving_lib`, as `Model.load_weights` reads a model;
+    # checked against Keras 3.15.1.
     store = _weights_store(filepath, "r")
-    failed, errors = set(), {}
+    failed, errors, visited = set(), {}, set()
     try:
-        if store.has_path("optimizer"):
+        for saveable, path in parts:
             saving_lib._load_state(
-                optimizer,
+                saveable,
                 store,
                 None,
-                "optimizer",
+                path,
                 skip_mismatch,
-                set(),
+                visited,
                 failed,
                 errors,
             )
+            visited.add(id(saveable))
     finally:
         store.close()
     if failed:
