@@ -18,6 +18,7 @@ from trainers import config
 from trainers import fashion_mnist
 from trainers import flags as trainer_flags
 from trainers import loop
+from trainers import models
 from trainers.data import arrays
 from trainers.data import config as data_config
 
@@ -156,6 +157,15 @@ def by_hand(**settings):
         (
             lambda: by_hand(epochs=1.5),
             "`epochs` must be an integer. Received: epochs=1.5",
+        ),
+        (
+            lambda: config.TrainingConfig(
+                model="resnet21",
+                output_dir="/tmp/run",
+                data=data_config.DataConfig(),
+            ),
+            f"`model` must be one of {models.NAMES}. Received: "
+            "model='resnet21'",
         ),
         (
             lambda: by_hand(

@@ -18,6 +18,7 @@ from absl import flags
 
 from keras_sam import options
 from keras_sam import switching as switching_lib
+from trainers import models
 from trainers import strategy as strategy_lib
 from trainers.data import config as data_config
 from trainers.data.config import at_least
@@ -244,6 +245,11 @@ class TrainingConfig:
 
     def __post_init__(self):
         data_config.check_settings(self)
+        if self.model not in models.NAMES:
+            raise ValueError(
+                f"`model` must be one of {models.NAMES}. Received: "
+                f"model={self.model!r}"
+            )
         if self.sam is not None:
             unknown = sorted(set(self.sam) - set(sam_defaults()))
             if unknown:
