@@ -339,16 +339,15 @@ def fit_and_report(
     a finished run started again trains no more and keeps its history.
 
     The caller holds the directory's lock (`run` takes it). The processes
-    of a JAX `multi_worker` run each feed their
-    rows of every batch (`strategy.batch_shards`); process 0 alone writes
-    the checkpoint, the model, the results and TensorBoard's logs, and all
-    restore its checkpoint, from a directory they share. A checkpoint is
-    resumed only when `run_settings` (default: `config.settings()`)
-    equal the settings it was written with, but for
-    `config.MAY_CHANGE_ON_RESUME`; a corrupt one is skipped for the one
-    before it (`checkpoint.find`). A file that cannot be written (a full
-    disk, a read-only directory) stops the run with an `OSError` naming
-    it.
+    of a JAX `multi_worker` run each feed their rows of every batch
+    (`strategy.batch_shards`); process 0 alone writes the checkpoint, the
+    model, the results and TensorBoard's logs, and all restore its
+    checkpoint, from a directory they share. A checkpoint is resumed only
+    when `run_settings` (default: `config.settings()`) equal the settings
+    it was written with, but for `config.MAY_CHANGE_ON_RESUME`; a corrupt
+    one is skipped for the one before it (`checkpoint.find`) and set
+    aside. A file that cannot be written (a full disk, a read-only
+    directory) stops the run with an `OSError` naming it.
 
     One `fit` call trains one data epoch: each epoch's batches are a
     dataset that starts at that epoch's first absolute step, and a
