@@ -489,7 +489,7 @@ A_FILE = "a file"  # --output_dir names a file
     [
         (
             dict(perturbed_variables="kernel,["),
-            "ValueError: `perturbed_variables` must hold regular "
+            "ValueError: --perturbed_variables must hold regular "
             "expressions; '[' is not one",
         ),
         (
