@@ -186,8 +186,7 @@ def optimizer_slots(optimizer, slots, variables):
 
     `slots` is a list of an optimizer's per-variable state (e.g. SGD's
     `momentums`), in the order of the variables it was built with; Keras'
-    private `_get_variable_index` maps a variable to its index (`_var_key`
-    and `_trainable_variables` name one it was not built with). An
+    private `_get_variable_index` maps a variable to its index. An
     optimizer not built yet is built as `optimizer.apply` would at its
     first call (under its name scope, so its variables get the same paths),
     since its state must exist before the first update. `slots` is a
@@ -199,18 +198,21 @@ def optimizer_slots(optimizer, slots, variables):
         optimizer.built = True
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     state = slots(inner)
-    try:
-        return [state[inner._get_variable_index(v)] for v in variables]
-    except KeyError:
+    slots_of, new = [], []
+    for v in variables:
+        try:
+            slots_of.append(state[inner._get_variable_index(v)])
+        except KeyError:  # not built with it
+            new.append(v.path)
+    if new:
         # Keras' `apply` refuses such a variable with this ValueError.
-        built = {inner._var_key(v) for v in inner._trainable_variables}
-        new = [v.path for v in variables if inner._var_key(v) not in built]
         raise ValueError(
             f"Unknown variables: {new}. The optimizer can only be called for "
             "the variables it was built with (a layer made trainable since "
             "needs the model compiled again, with a new optimizer). "
             f"Received: optimizer={optimizer.name!r}"
-        ) from None
+        )
+    return slots_of
 
 
 def public_optimizer_classes(config):
@@ -370,18 +372,20 @@ def load_base_weights(model, filepath, skip_mismatch=False):
     optimizer = getattr(model, "optimizer", None)  # None until compiled
     if optimizer is None or optimizer is getattr(model.base, "optimizer", 0):
         return
-    if weights_file_has_path(filepath, "optimizer"):
-        _load_parts(filepath, [(optimizer, "optimizer")], skip_mismatch)
+    _load_parts(filepath, [(optimizer, "optimizer")], skip_mismatch)
 
 
 def _load_parts(filepath, parts, skip_mismatch):
-    # Each `(saveable, path in the file)` of `parts` in turn, through
+    # Each `(saveable, path in the file)` of `parts` that the file holds
+    # (an uncompiled model's has no optimizer), in turn, through
     # `keras.src.saving.saving_lib`, as `Model.load_weights` reads a model;
     # checked against Keras 3.15.1.
     store = _weights_store(filepath, "r")
     failed, errors, visited = set(), {}, set()
     try:
         for saveable, path in parts:
+            if path and not store.has_path(path):
+                continue
             saving_lib._load_state(
                 saveable,
                 store,

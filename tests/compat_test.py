@@ -373,6 +373,11 @@ def test_a_compiled_models_file_lends_its_optimizer_state(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == 2
     for got, want in zip(model.optimizer.variables, plain.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # An uncompiled model's file has no optimizer state to lend.
+    bare = str(tmp_path / "bare.weights.h5")
+    base().save_weights(bare)
+    compat.load_base_weights(model, bare)
+    assert int(model.optimizer.iterations.numpy()) == 2
 
 
 def test_the_loss_tracker_is_the_metric_fit_logs_as_loss():

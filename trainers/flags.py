@@ -257,10 +257,8 @@ def check_sam_settings(values, momentum=None):
 
 
 def _check_sam_flag(name, value):
-    """Checks SAM's flags, `name` at `value`, as `sam_options` does (with a
-    nominal schedule of one step), and every policy whose parameter is a
-    flag; an error is the flag error of the first flag it names, each
-    argument named as its flag."""
+    """Checks SAM's flags, `name` at `value` (`check_sam_settings`); an
+    error is the flag error of the first flag it names."""
     if "sam" in flags.FLAGS and not flags.FLAGS["sam"].value:
         return True  # --nosam ignores them, as its help says
     values = {n: flags.FLAGS[n].value for n in config.sam_defaults()}
