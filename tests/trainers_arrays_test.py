@@ -73,6 +73,8 @@ def test_comparison_trains_a_plain_fit_and_sam_alike(tmp_path):
         ),
         sharpness_examples=64,
     )
+    with pytest.raises(ValueError, match="--sam must stay on"):  # ignored
+        compare_sgd_sam.run(_Flags(**dict(vars(flags_obj), sam=False)))
     with pytest.raises(ValueError, match="--track_memorization must stay"):
         compare_sgd_sam.run(
             _Flags(**dict(vars(flags_obj), track_memorization=False))

@@ -14,6 +14,7 @@ from tests.trainers_run_test import make_flags
 from tests.trainers_run_test import whole_and_resumed
 from trainers import fashion_mnist
 from trainers import strategy as strategy_lib
+from trainers.flags import error_line
 
 pytestmark = pytest.mark.skipif(
     BACKEND == "tensorflow", reason="trainers_*_test.py cover TensorFlow"
@@ -95,6 +96,27 @@ def test_mirrored_maps_onto_data_parallel_over_the_devices(tmp_path):
 def test_strategies_without_a_route_are_refused_naming_the_backend(name):
     with pytest.raises(ValueError, match=f"--strategy={name} .* {BACKEND}"):
         strategy_lib.get_strategy(name, tpu="local")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
+def test_multi_worker_without_a_cluster_says_what_it_reads(monkeypatch):
+    # Keras' "coordinator_address should be defined." had come as a
+    # traceback.
+    import jax
+
+    for name in ("JOB_ADDRESSES", "NUM_PROCESSES", "PROCESS_ID"):
+        monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    with pytest.raises(ValueError) as error:
+        strategy_lib.get_strategy("multi_worker")
+    assert error_line(error.value) == (
+        "ValueError: --strategy=multi_worker on JAX joins the processes "
+        "with keras.distribution.initialize(), which refused: "
+        "coordinator_address should be defined. Set "
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES, KERAS_DISTRIBUTION_NUM_PROCESSES "
+        "and KERAS_DISTRIBUTION_PROCESS_ID, or run where jax.distributed "
+        "finds the cluster (Cloud TPU, SLURM, Open MPI)."
+    )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")

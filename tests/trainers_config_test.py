@@ -90,6 +90,7 @@ def test_every_field_is_a_flag_with_its_default_help_and_check():
         ("seed", -1, "--seed must lie in [0, 2**32)"),
         ("shuffle_buffer", 0, "--shuffle_buffer must be >= 1"),
         ("verbose", 7, "--verbose must be 0, 1 or 2"),
+        ("model_parallel", 0, "--model_parallel must be >= 1"),
     ],
 )
 def test_a_setting_refuses_what_its_check_says(name, value, message):
@@ -174,6 +175,21 @@ def by_hand(**settings):
             ),
             "--perturbation=momentum moves the weights along SGD's momentum, "
             "so it needs --momentum > 0. Received: --momentum=0.0",
+        ),
+        # These three had been taken: two ignored, one refused at the run.
+        (
+            lambda: config.AcceleratorConfig(tpu="node-1"),
+            "`tpu` acts with `strategy=tpu` only. Received: tpu='node-1', "
+            "strategy='default'",
+        ),
+        (
+            lambda: data_config.DataConfig(data_dir="/d", synthetic_data=True),
+            "`data_dir` acts with `synthetic_data=False` only. Received: "
+            "data_dir='/d', synthetic_data=True",
+        ),
+        (
+            lambda: config.AcceleratorConfig(model_parallel=0),
+            "`model_parallel` must be >= 1. Received: model_parallel=0",
         ),
     ],
 )
@@ -268,6 +284,36 @@ def test_a_bad_sam_flag_fails_parsing_naming_the_flag_and_value(
     finally:
         for key in values:
             declared[key].value = declared[key].default
+        declared.validate_all_flags()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--tpu=node-1"],
+            "--tpu acts with `--strategy=tpu` only. Received: --tpu='node-1', "
+            "--strategy='default'",
+        ),
+        (
+            ["--synthetic_data", "--data_dir=/d"],
+            "--data_dir acts with `--synthetic_data=False` only. Received: "
+            "--data_dir='/d', --synthetic_data=True",
+        ),
+    ],
+)
+def test_a_flag_that_another_would_make_ignored_is_refused(argv, message):
+    declared = _declared_flags()
+    try:
+        with pytest.raises(flags.IllegalFlagValueError) as error:
+            declared(["test", *argv])
+        assert message in str(error.value)
+        for name in ("tpu", "data_dir", "synthetic_data"):
+            declared[name].value = declared[name].default
+        declared(["test", "--strategy=tpu", "--tpu=node-1", "--data_dir=/d"])
+    finally:
+        for name in ("tpu", "data_dir", "synthetic_data", "strategy"):
+            declared[name].value = declared[name].default
         declared.validate_all_flags()
 
 

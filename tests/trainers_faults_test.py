@@ -492,6 +492,11 @@ A_FILE = "a file"  # --output_dir names a file
             "ValueError: --perturbed_variables must hold regular "
             "expressions; '[' is not one",
         ),
+        (  # it had been refused at the first step, naming the option
+            dict(perturbed_variables="no_such_variable"),
+            "ValueError: --perturbed_variables selects none of the trainable "
+            "variables. Received: --perturbed_variables=['no_such_variable']",
+        ),
         (
             dict(micro_batches=64),
             "ValueError: --micro_batches=64 is more than the 16 examples of "
@@ -507,7 +512,13 @@ A_FILE = "a file"  # --output_dir names a file
             ),
         ),
     ],
-    ids=["regex", "micro_batches", "output_dir_a_file", "torch_spe"],
+    ids=[
+        "regex",
+        "selects_none",
+        "micro_batches",
+        "output_dir_a_file",
+        "torch_spe",
+    ],
 )
 def test_a_refused_command_says_why_in_one_line_and_writes_nothing(
     tmp_path, settings, message
@@ -520,8 +531,10 @@ def test_a_refused_command_says_why_in_one_line_and_writes_nothing(
         fashion_mnist.run(make_flags(output_dir, **settings))
     assert error_line(error.value).startswith(message)
     assert os.listdir(tmp_path) == (["run"] if output_dir.exists() else [])
-    if output_dir.exists():
+    if output_dir.is_file():
         assert output_dir.read_text() == "not a directory"
+    elif output_dir.exists():  # refused with the model, in the lock
+        assert os.listdir(output_dir) == [loop.LOCK]
 
 
 def test_files_are_written_with_the_umask(tmp_path, monkeypatch):

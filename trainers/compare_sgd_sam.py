@@ -93,6 +93,11 @@ def define_flags():
 def run(flags_obj, datasets_override=None):
     """Trains SGD then SAM; returns {name: results with "sharpness"} and
     writes their `comparison` to --output_dir/comparison.json."""
+    if not getattr(flags_obj, "sam", True):
+        raise ValueError(
+            "--sam must stay on: the comparison trains a plain fit (SGD) "
+            "and SAM. Received: --nosam"
+        )
     if not flags_obj.track_memorization:
         raise ValueError(
             "--track_memorization must stay on: the comparison reports the "

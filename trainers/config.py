@@ -72,6 +72,8 @@ class OptimizerConfig(data_config.FlagFields):
 class AcceleratorConfig(data_config.FlagFields):
     """Where and how the steps run."""
 
+    ACTS_ONLY_WITH = {"tpu": ("strategy", "tpu")}
+
     strategy: str = setting(
         "default",
         "default (one device); mirrored (this host's devices); "
@@ -85,6 +87,7 @@ class AcceleratorConfig(data_config.FlagFields):
         1,
         "JAX: devices along the mesh's model axis; the others form the "
         "batch axis (default 1: data parallel only).",
+        check=at_least(1),
     )
     layout_map: str = setting(
         "",

@@ -19,6 +19,7 @@ from absl import flags
 
 from keras_sam import options
 from keras_sam import schedules
+from keras_sam import selection
 from keras_sam import switching as switching_lib
 from trainers import config
 from trainers import models
@@ -54,7 +55,22 @@ def define_common_flags(model_names=None, model_help="Model.", **defaults):
     )
     for field in fields:
         define_setting(field, defaults.get(field.name, field.default))
+    for cls in (data_config.DataConfig, config.AcceleratorConfig):
+        for name, (other, _) in cls.ACTS_ONLY_WITH.items():
+            flags.register_multi_flags_validator(
+                [name, other], functools.partial(_check_together, cls)
+            )
     _define_sam_flags(defaults)
+
+
+def _check_together(cls, values):
+    """Refuses flag `values` that `cls` refuses together (`FlagFields`)."""
+    try:
+        cls(**values)
+    except ValueError as error:
+        names = {name: name for name in values}
+        raise flags.ValidationError(_as_flags(str(error), names)) from None
+    return True
 
 
 def define_stream_flags(**defaults):
@@ -256,6 +272,17 @@ def check_sam_settings(values, momentum=None):
         )
 
 
+def check_perturbed_variables(model, sam):
+    """Raises the `ValueError`, naming the flag, of a --perturbed_variables
+    of the `SAMOptions` `sam` that selects none of `model`'s trainable
+    variables: here, before the data are fed, not at the first step."""
+    try:
+        selection.perturbed_mask(model, sam.perturbed_variables)
+    except ValueError as error:
+        names = {"perturbed_variables": "perturbed_variables"}
+        raise ValueError(_as_flags(str(error), names)) from None
+
+
 def _check_sam_flag(name, value):
     """Checks SAM's flags, `name` at `value` (`check_sam_settings`); an
     error is the flag error of the first flag it names."""
@@ -286,6 +313,12 @@ def _in_flag_terms(message, switching):
         message,
     )
     names = {**{n: n for n in config.sam_defaults()}, **_ARGUMENT_FLAGS}
+    return _as_flags(message, names)
+
+
+def _as_flags(message, names):
+    # `name` and name= in `message` as --flag and --flag=, by `names`:
+    # {name: flag}.
     alternatives = "|".join(sorted(names, key=len, reverse=True))
     message = re.sub(
         rf"`({alternatives})`", lambda m: f"--{names[m[1]]}", message

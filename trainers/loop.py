@@ -304,6 +304,7 @@ def build_sam_model(config, strategy, settings, make_base, total_steps):
                 config.sam, config.seed, total_steps, learning_rate
             )
             model = keras_sam.SAMModel(base, **sam.as_kwargs())
+            trainer_flags.check_perturbed_variables(base, sam)
         model.compile(
             optimizer=_optimizer(config.optimizer, learning_rate),
             loss=keras.losses.CategoricalCrossentropy(

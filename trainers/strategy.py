@@ -181,7 +181,17 @@ def _keras_distribution(name, model_parallel=1, layout_map=""):
     if name == "multi_worker":
         # Collectives between processes' CPU devices need gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        keras.distribution.initialize()
+        try:
+            keras.distribution.initialize()
+        except ValueError as error:
+            raise ValueError(
+                "--strategy=multi_worker on JAX joins the processes with "
+                f"keras.distribution.initialize(), which refused: {error} "
+                "Set KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                "KERAS_DISTRIBUTION_NUM_PROCESSES and "
+                "KERAS_DISTRIBUTION_PROCESS_ID, or run where jax.distributed "
+                "finds the cluster (Cloud TPU, SLURM, Open MPI)."
+            ) from error
         devices = jax.devices()
     else:
         devices = jax.local_devices()

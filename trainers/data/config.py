@@ -88,10 +88,25 @@ def _not_an_integer(field, value):
 
 class FlagFields:
     """A dataclass whose fields are flags of the same names, checked when
-    made (`check_settings`)."""
+    made (`check_settings`, then `ACTS_ONLY_WITH`).
+
+    `ACTS_ONLY_WITH` maps a setting to `(other setting, its value)`: the
+    setting, when not at its default, is refused where the other has
+    another value, for there it would be ignored.
+    """
+
+    ACTS_ONLY_WITH = {}
 
     def __post_init__(self):
         check_settings(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, (other, needed) in self.ACTS_ONLY_WITH.items():
+            value, others = getattr(self, name), getattr(self, other)
+            if value != defaults[name] and others != needed:
+                raise ValueError(
+                    f"`{name}` acts with `{other}={needed}` only. "
+                    f"Received: {name}={value!r}, {other}={others!r}"
+                )
 
     @classmethod
     def from_flags(cls, flags_obj):
@@ -110,6 +125,8 @@ class FlagFields:
 @dataclasses.dataclass(frozen=True)
 class DataConfig(FlagFields):
     """The data settings of a run; each field is the flag of its name."""
+
+    ACTS_ONLY_WITH = {"data_dir": ("synthetic_data", False)}
 
     batch_size: int = setting(
         128,
