@@ -179,9 +179,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         if self.options.takes_two_passes:
             self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
             self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
-        if base.built:
-            self._build_variant_state()
-            self.built = True
+        if base.built:  # by Keras' `build`, which records the input shape
+            self.build(wrapper.input_shape_of(base))
 
     def __setattr__(self, name, value):
         if name in options_lib.GUARDED and "options" in self.__dict__:

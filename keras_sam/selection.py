@@ -195,16 +195,17 @@ def replica_state(variables, name):
 
 
 def save_state_owners(store, base, owners):
-    """Writes which of `base.weights` own the variant state (`owners`) as
-    0/1 under `state_owners`, beside the state in the model's own store.
+    """Writes, under `state_owner_index`, the index in `base.weights` of
+    each variable of `owners` (which own the variant state, an entry each
+    in order), or -1 for one the base no longer has (quantized away).
 
     A layer frozen after the build owns state that a model loaded from the
     file's config does not make; `state_loader` picks the entries by it.
     """
     if owners is not None and list(store.keys()):
-        owned = {id(v) for v in owners}
-        store["state_owners"] = np.array(
-            [id(w) in owned for w in base.weights], "int8"
+        position = {id(w): i for i, w in enumerate(base.weights)}
+        store["state_owner_index"] = np.array(
+            [position.get(id(v), -1) for v in owners], "int32"
         )
 
 
@@ -214,24 +215,35 @@ def state_loader(base, owners, load_rest):
     state for.
 
     Each state list holds an entry per saved owner, in order. A saved owner
-    that is no owner here (frozen since) is skipped; an owner that was
-    none there gets zeros. A file without the key loads as it is.
+    that is no owner here (frozen since, or gone) is skipped; an owner that
+    was none there gets zeros. A file without the record loads as it is.
     """
     return functools.partial(_load_state, base, owners, load_rest)
 
 
+def _saved_owners(store, keys, count):
+    # The `base.weights` index of each saved owner; the record before
+    # quantized models kept their state was a 0/1 `state_owners` mask over
+    # the weights.
+    if "state_owner_index" in keys:
+        return [int(i) for i in np.asarray(store["state_owner_index"])]
+    mask = np.asarray(store["state_owners"])
+    return list(np.flatnonzero(mask)) if len(mask) == count else None
+
+
 def _load_state(base, owners, load_rest, store):
     keys = list(store.keys())
-    if "state_owners" not in keys:
+    records = {"state_owner_index", "state_owners"}
+    if not records & set(keys):
         load_rest(store)
         return
-    mask = np.asarray(store["state_owners"])
-    rest = {key: store[key] for key in keys if key != "state_owners"}
-    saved = [w for w, owned in zip(base.weights, mask) if owned]
-    if len(mask) != len(base.weights) or not saved or len(rest) % len(saved):
+    weights = base.weights
+    saved = _saved_owners(store, keys, len(weights))
+    rest = {key: store[key] for key in keys if key not in records}
+    if not saved or max(saved) >= len(weights) or len(rest) % len(saved):
         load_rest(rest)  # another model: Keras' count check reports it
         return
-    index = {id(v): i for i, v in enumerate(saved)}
+    index = {id(weights[j]): i for i, j in enumerate(saved) if j >= 0}
     remapped = {}
     for offset in range(0, len(rest), len(saved)):
         for v in owners:

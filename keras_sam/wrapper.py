@@ -10,6 +10,8 @@ JAX, keeps the weights when a step raises. The private Keras code this
 takes is in `keras_sam.compat`.
 """
 
+import inspect
+
 import keras
 from keras import tree
 
@@ -23,15 +25,26 @@ def overrides(model, method):
     return getattr(type(model), method) is not getattr(keras.Model, method)
 
 
-def check_steps(base, steps, task):
-    """Raises if `base` overrides one of `steps`, which the wrapper
-    replaces with its own for `task` (the override would be ignored).
+# Methods of `keras.Model` that the wrapper's steps replace: an override in
+# the base would be ignored. JAX's trainer reaches the loss through the two
+# `*compute_loss*` hooks of the model whose step runs, the wrapper.
+_JAX_LOSS_HOOKS = ("compute_loss_and_updates", "stateless_compute_loss")
+TRAIN_STEPS = ("train_step", "compute_metrics", *_JAX_LOSS_HOOKS)
+TEST_STEPS = ("test_step", "compute_metrics", *_JAX_LOSS_HOOKS)
 
-    Checked when a train or test function is made, not when the wrapper
-    is made, so that a model saved before the check still loads and
-    predicts.
+
+def check_steps(base, steps, task):
+    """Raises if `base` overrides one of `steps` that `keras.Model` has on
+    this backend, which the wrapper replaces with its own for `task` (the
+    override would be ignored).
+
+    Checked when a train or test function is made (and when `fit` starts
+    with validation data), not when the wrapper is made, so that a model
+    saved before the check still loads and predicts.
     """
-    replaced = [m for m in steps if overrides(base, m)]
+    replaced = [
+        m for m in steps if hasattr(keras.Model, m) and overrides(base, m)
+    ]
     if replaced:
         raise ValueError(
             f"`base` overrides `{'`, `'.join(replaced)}`, which `SAMModel` "
@@ -56,6 +69,15 @@ def check_base(base):
             f"`{name}(model.base, ...)`. Received: "
             f"base={base.name!r} of type {name}"
         )
+
+
+def input_shape_of(model):
+    """The input shape (a structure of shapes) of a built `model`: its
+    inputs' for a functional model, else the one its build recorded."""
+    try:
+        return tree.map_structure(lambda t: t.shape, model.input)
+    except (AttributeError, ValueError):  # no functional inputs
+        return (model.get_build_config() or {}).get("input_shape")
 
 
 class BaseWrapper:
@@ -159,7 +181,7 @@ class BaseWrapper:
         (a traced step must hold it: `compat.stateful_variables`); on JAX,
         one that keeps the weights when a step raises
         (`compat.restoring_state_on_error`)."""
-        check_steps(self.base, ("train_step", "compute_metrics"), "training")
+        check_steps(self.base, TRAIN_STEPS, "training")
         compat.stateful_variables(self, create=True)
         super().make_train_function(force)
         self.train_function = compat.restoring_state_on_error(
@@ -168,8 +190,18 @@ class BaseWrapper:
         return self.train_function
 
     def make_test_function(self, force=False):
-        check_steps(self.base, ("test_step", "compute_metrics"), "evaluation")
+        check_steps(self.base, TEST_STEPS, "evaluation")
         return super().make_test_function(force)
+
+    def fit(self, *args, **kwargs):
+        arguments = inspect.signature(super().fit).bind(*args, **kwargs)
+        validation = arguments.arguments
+        if validation.get("validation_data") is not None or validation.get(
+            "validation_split"
+        ):
+            # Now, not after the first epoch's training.
+            check_steps(self.base, TEST_STEPS, "evaluation")
+        return super().fit(*args, **kwargs)
 
     def predict(
         self, x, batch_size=None, verbose="auto", steps=None, callbacks=None

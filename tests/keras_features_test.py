@@ -329,6 +329,17 @@ def test_predict_goes_through_the_bases_predict_step():
         ("train_step", ("fit",)),
         ("test_step", ("evaluate",)),
         ("compute_metrics", ("fit", "evaluate")),
+        # JAX's steps reach the loss through these: they had been ignored.
+        *[
+            pytest.param(
+                hook,
+                ("fit", "evaluate"),
+                marks=pytest.mark.skipif(
+                    backends.BACKEND != "jax", reason="JAX's trainer's hook"
+                ),
+            )
+            for hook in ("compute_loss_and_updates", "stateless_compute_loss")
+        ],
     ],
 )
 def test_a_base_overriding_a_replaced_step_is_refused(method, refused):
@@ -349,6 +360,30 @@ def test_a_base_overriding_a_replaced_step_is_refused(method, refused):
                 getattr(model, name)(x, y, verbose=0)
         else:
             getattr(model, name)(x, y, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "validation",
+    [dict(validation_split=0.5), "validation_data"],
+)
+def test_a_replaced_test_step_is_refused_before_fit_trains(validation):
+    # It had been refused at the first validation, after an epoch.
+    class Custom(keras.Sequential):
+        def test_step(self, *args):
+            return super().test_step(*args)
+
+    base = Custom([keras.Input((2,)), keras.layers.Dense(1)])
+    model = keras_sam.SAMModel(base)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 2), "float32"), np.ones((4, 1), "float32")
+    if validation == "validation_data":
+        validation = dict(validation_data=(x, y))
+    before = base.get_weights()
+    with pytest.raises(ValueError, match="overrides `test_step`"):
+        model.fit(x, y, verbose=0, **validation)
+    for now, then in zip(base.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
+    model.fit(x, y, verbose=0)  # without validation it trains
 
 
 def stateful_lstm():

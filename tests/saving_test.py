@@ -325,6 +325,83 @@ def test_a_variable_without_saved_state_starts_from_zeros(tmp_path):
     np.testing.assert_array_equal(state[2], _state(fresh)[0])
 
 
+@pytest.mark.parametrize("variant", list(STATEFUL))
+def test_a_file_of_a_quantized_model_loads_with_its_state(tmp_path, variant):
+    # Quantizing had removed the float kernels but not their state, and
+    # the file failed `load_model` ("expected 4 variables, but received
+    # 6"); a plain SAM or Keras model's loads.
+    made = fit_epochs(compiled_model(dropout=False, **STATEFUL[variant]), 1)
+    made.quantize("int8")
+    path = os.fspath(tmp_path / "quantized.keras")
+    made.save(path)
+    loaded = keras.saving.load_model(path)
+    # The biases and BatchNorm's scale and offset train on; their state is
+    # the file's.
+    assert [s.shape for s in _state(loaded)] == [(16,), (16,), (16,), (3,)]
+    for want, got in zip(_state(made), _state(loaded)):
+        np.testing.assert_array_equal(got, want)
+    assert np.any(_state(loaded)[0])
+    x = softmax_data()[0]
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), made.predict(x, verbose=0)
+    )
+
+
+def test_the_earlier_state_owner_record_loads():
+    # Files written before the owners' indices were recorded mark them
+    # with a 0/1 mask over the base's weights.
+    base = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(3), keras.layers.Dense(1)]
+    )
+    owners = base.layers[1].trainable_variables
+    entries = {
+        str(i): np.full(w.shape, i + 1.0) for i, w in enumerate(base.weights)
+    }
+    store = dict(entries, state_owners=np.array([1, 1, 1, 1], "int8"))
+    loaded = {}
+    keras_sam.selection.state_loader(base, owners, loaded.update)(store)
+    assert sorted(loaded) == ["0", "1"]
+    np.testing.assert_array_equal(loaded["0"], entries["2"])
+    np.testing.assert_array_equal(loaded["1"], entries["3"])
+
+
+def _named_model():
+    # Fixed names: PyTorch's `state_dict` keys hold the variables' paths.
+    base = keras.Sequential(
+        [keras.Input((D,)), keras.layers.Dense(3, name="dense")], name="base"
+    )
+    model = keras_sam.SAMModel(base, rho=0.05)
+    model.compile(optimizer=sgd(), loss=xent())
+    return model
+
+
+def test_a_model_of_a_built_base_records_its_build_as_keras_does(tmp_path):
+    # The build had been marked, not made: no input shape recorded, so
+    # TensorFlow's SavedModel had no serving signature and PyTorch's
+    # `state_dict` lacked the wrapper's parameters until a first step.
+    model = _named_model()
+    assert model.get_build_config() == {"input_shape": (None, D)}
+    x = softmax_data()[0][:BATCH]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.saved_model.save(model, os.fspath(tmp_path / "saved"))
+        served = tf.saved_model.load(os.fspath(tmp_path / "saved"))
+        outputs = served.signatures["serving_default"](tf.constant(x))
+        np.testing.assert_allclose(
+            next(iter(outputs.values())).numpy(),
+            model.predict(x, verbose=0),
+            rtol=1e-6,
+        )
+    if keras.backend.backend() == "torch":
+        fit_epochs(model, 1)
+        fresh = _named_model()
+        fresh.load_state_dict(model.state_dict())  # strict
+        np.testing.assert_array_equal(
+            fresh.predict(x, verbose=0), model.predict(x, verbose=0)
+        )
+
+
 def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
     # What docs/api.md says about loading a SAMModel file, in fresh
     # processes as a user would load it.
