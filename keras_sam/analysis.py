@@ -24,6 +24,7 @@ random directions of the landscapes are filter-normalized as in Li et al.,
 "Visualizing the Loss Landscape of Neural Nets" (NeurIPS 2018).
 """
 
+import collections.abc
 import math
 import warnings
 
@@ -69,7 +70,7 @@ class _LossFunctions:
             )
         self.model = model
         self.dataset = dataset
-        self.loss_fn = loss_fn
+        self.loss_fn = keras.losses.get(loss_fn)  # "mse", as `compile` takes
         self.training = training
         selection.check_layers_read_variables(model, differentiated)
         self.variables = variables or selection.weights(model)
@@ -89,7 +90,10 @@ class _LossFunctions:
         with keras.StatelessScope(state_mapping=mapping):
             y_pred = self.model(x, training=self.training)
             # Per-example losses or their mean: either way, the batch mean.
-            return ops.mean(ops.cast(self.loss_fn(y, y_pred), "float32"))
+            loss = self.loss_fn(y, y_pred)
+            # float32 at least: a float64 model is measured in float64.
+            dtype = keras.backend.result_type(loss.dtype, "float32")
+            return ops.mean(ops.cast(loss, dtype))
 
     def _batch_loss_impl(self, weights, x, y):
         return self._loss_at(weights, x, y)
@@ -158,6 +162,12 @@ def _check_dataset(dataset):
             "`dataset` must be a `tf.data.Dataset` of `(x, y)` batches. "
             f"Received: a {type(dataset).__name__}"
         )
+    if isinstance(dataset, collections.abc.Iterator):
+        raise ValueError(
+            "`dataset` is read once per loss, gradient or Hessian-vector "
+            "product, so it must iterate again: a `tf.data.Dataset` or a "
+            f"list of `(x, y)` batches. Received: a {type(dataset).__name__}"
+        )
 
 
 def _batches(dataset):
@@ -223,7 +233,15 @@ def _tridiagonal_eigen(alphas, betas):
 
 
 def _lanczos(
-    matvec, size, steps, rng, tol, progress=None, converged=None, every=4
+    matvec,
+    size,
+    steps,
+    rng,
+    tol,
+    progress=None,
+    converged=None,
+    every=4,
+    restart=False,
 ):
     """Lanczos tridiagonalization with full reorthogonalization.
 
@@ -233,6 +251,11 @@ def _lanczos(
     invariant subspace (β ≤ `tol` times the largest |α|, relative, so a
     Hessian of any scale ends alike), which is how a zero or low-rank
     Hessian ends, or `converged(ritz_values)`, asked every `every` steps.
+
+    With `restart`, an invariant subspace does not end it: it goes on from
+    a random vector orthogonal to the basis (β = 0, so the tridiagonal is
+    block diagonal). One start vector sees each eigenvalue once; the
+    restarts find the other copies of a repeated one.
     """
     steps = min(steps, size)
     basis = np.zeros((steps, size))
@@ -252,7 +275,8 @@ def _lanczos(
         beta = float(np.linalg.norm(w))
         if progress is not None:
             progress.add(1)
-        if beta <= tol * max(abs(a) for a in alphas):
+        invariant = beta <= tol * max(abs(a) for a in alphas)
+        if invariant and (not restart or j + 1 == steps):
             break
         if (
             converged is not None
@@ -260,8 +284,12 @@ def _lanczos(
             and converged(_tridiagonal_eigen(alphas, betas)[0])
         ):
             break
+        if invariant:
+            w, beta = rng.standard_normal(size), 0.0
+            for _ in range(2):
+                w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
         betas.append(beta)
-        v = w / beta
+        v = w / np.linalg.norm(w)
     exhausted = len(betas) == steps < size
     ritz, vectors = _tridiagonal_eigen(alphas, betas)
     return ritz, vectors[0] ** 2, exhausted
@@ -293,7 +321,8 @@ def hessian_top_eigenvalues(
     Args:
         model: a built Keras model.
         dataset: a `tf.data.Dataset` of `(x, y)` batches.
-        loss_fn: `loss_fn(y_true, y_pred)` returning the batch mean.
+        loss_fn: `loss_fn(y_true, y_pred)` returning per-example losses
+            or their batch mean, or a loss's name, as `compile` takes it.
         k: how many eigenvalues. Defaults to `1`.
         max_iterations: cap on Hessian-vector products, at least `k`.
             Defaults to `100`.
@@ -304,9 +333,9 @@ def hessian_top_eigenvalues(
         verbose: show a progress bar. Defaults to `False`.
 
     Returns:
-        A NumPy array of `k` eigenvalues, largest first. Where the Krylov
-        space closes before `k` values are found (a Hessian of rank < k seen
-        from the start vector), the missing ones are reported as 0.
+        A NumPy array of `k` eigenvalues, largest first, each repeated as
+        often as it is (a Krylov space that closes is restarted from a
+        random vector orthogonal to it).
     """
     k = options.checked_integer("k", k, 1)
     max_iterations = options.checked_integer(
@@ -345,6 +374,7 @@ def hessian_top_eigenvalues(
         tol * 1e-3,
         _progress(max_iterations, verbose),
         converged,
+        restart=True,
     )
     top = np.sort(ritz)[::-1][:k]
     if exhausted:
@@ -353,7 +383,7 @@ def hessian_top_eigenvalues(
             f"in max_iterations={max_iterations}: {top.tolist()}",
             stacklevel=2,
         )
-    return np.pad(top, (0, k - len(top)))
+    return top
 
 
 def hessian_spectral_density(
@@ -450,6 +480,12 @@ def m_sharpness(model, dataset, loss_fn, rho, m, training=False):
     rho = options.checked_number("rho", rho, 0, strict=True)
     m = options.checked_integer("m", m, 1)
     _check_dataset(dataset)
+    if not hasattr(dataset, "unbatch"):
+        raise ValueError(
+            "`m_sharpness` regroups the examples into sets of m, so "
+            "`dataset` must be a `tf.data.Dataset`. Received: a "
+            f"{type(dataset).__name__}"
+        )
     groups = dataset.unbatch().batch(m, drop_remainder=True)
     functions = _LossFunctions(model, groups, loss_fn, training)
     weights = functions.current_weights()
@@ -605,11 +641,9 @@ def linear_interpolation(
     """
 
     def floats(model):
-        return [
-            v
-            for v in model.trainable_variables + model.non_trainable_variables
-            if "float" in str(v.dtype)
-        ]
+        # In the layers' order: a layer frozen in one model only keeps its
+        # place.
+        return [v for v in model.weights if "float" in str(v.dtype)]
 
     variables_a = floats(model_a)
     w_a = _weights_of(model_a, variables_a)

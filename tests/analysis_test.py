@@ -57,14 +57,35 @@ def test_top_eigenvalues_of_a_known_spectrum():
     np.testing.assert_allclose(got, [24.0, 10.0], rtol=1e-2)
 
 
-def test_repeated_eigenvalues_do_not_hang_or_nan():
+def test_repeated_eigenvalues_come_as_often_as_they_are():
+    # One start vector sees each eigenvalue once: this had given
+    # [5, 1, 0].
     x = design_with_spectrum([5.0, 5.0, 5.0, 1.0]).astype("float32")
     model, dataset = least_squares(x, np.zeros((64, 1), "float32"))
     got = analysis.hessian_top_eigenvalues(
-        model, dataset, mse, k=2, max_iterations=20
+        model, dataset, mse, k=3, max_iterations=20
     )
-    assert np.all(np.isfinite(got))
-    np.testing.assert_allclose(got[0], 5.0, rtol=1e-2)
+    np.testing.assert_allclose(got, [5.0, 5.0, 5.0], rtol=1e-5)
+
+
+def test_a_repeated_zero_of_an_indefinite_hessian_comes_in_its_place():
+    # L = mean((b·(a·x) − y)²) at a = b = 0: H = [[0, c], [cᵀ, 0]] with
+    # c = −2 mean(x y), eigenvalues ±‖c‖ and 0 twice. It had given
+    # [‖c‖, 0, −‖c‖] for k = 3 and a padded 0 after −‖c‖ for k = 4.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3)).astype("float32")
+    y = x @ np.array([[1.0], [2.0], [-1.0]], "float32")
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+        ]
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+    c = np.linalg.norm(2 * (x.astype(np.float64) * y).mean(axis=0))
+    got = analysis.hessian_top_eigenvalues(model, dataset, mse, k=4)
+    np.testing.assert_allclose(got, [c, 0.0, 0.0, -c], rtol=1e-5, atol=1e-6)
 
 
 def test_zero_hessian_gives_zeros_not_nan():
@@ -304,6 +325,17 @@ def test_bad_arguments_are_rejected(kwargs, message):
             ),
             "with reduction='sum'",
         ),
+        (  # it had been read once, then reported empty
+            lambda m, d: analysis.loss_landscape_1d(
+                m, (batch for batch in d), mse, [0.0]
+            ),
+            "so it must iterate again: a `tf.data.Dataset` or a list of "
+            "`(x, y)` batches. Received: a generator",
+        ),
+        (  # it had failed in "has no attribute 'unbatch'"
+            lambda m, d: analysis.m_sharpness(m, list(d), mse, 0.1, 2),
+            "`dataset` must be a `tf.data.Dataset`. Received: a list",
+        ),
     ],
     ids=[
         "lanczos_steps",
@@ -317,6 +349,8 @@ def test_bad_arguments_are_rejected(kwargs, message):
         "numpy_data",
         "weighted_data",
         "summed_loss",
+        "iterator",
+        "m_sharpness_list",
     ],
 )
 def test_bad_arguments_of_each_measure_are_rejected(call, message):
@@ -419,6 +453,81 @@ def test_dropout_in_training_mode_draws_the_same_masks_at_each_call():
         np.testing.assert_array_equal(
             np.asarray(backend.random_state()[0]), np.asarray(state[0])
         )
+
+
+def test_interpolation_pairs_the_weights_of_a_frozen_layer_in_place():
+    # The variables had been paired in trainable-then-frozen order, so a
+    # layer frozen in one model only was matched with another's weights.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((20, 3)).astype("float32")
+    y = rng.standard_normal((20, 1)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    models = []
+    for seed in (0, 1):
+        keras.utils.set_random_seed(seed)
+        models.append(
+            keras.Sequential(
+                [
+                    keras.Input((3,)),
+                    keras.layers.Dense(3, activation="tanh"),
+                    keras.layers.Dense(1),
+                ]
+            )
+        )
+    models[1].layers[0].trainable = False
+    ends = [
+        analysis.loss_landscape_1d(m, dataset, mse, [0.0])[0]
+        for m in (models[0], models[0])
+    ]
+    ends[1] = float(
+        np.mean((models[1].predict(x, verbose=0) - y) ** 2, dtype=np.float64)
+    )
+    path = analysis.linear_interpolation(*models, dataset, mse, [0.0, 1.0])
+    np.testing.assert_allclose(path, ends, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    backends.BACKEND != "tensorflow",
+    reason="the model's outputs are float32: JAX without x64, and Keras' "
+    "PyTorch Sequential of float64 layers",
+)
+def test_a_float64_model_is_measured_in_float64():
+    # Each batch's loss had been cast to float32: a landscape step of 1e-6
+    # came out with the wrong sign on TensorFlow.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((32, 3))
+    y = rng.standard_normal((32, 1))
+    w = rng.standard_normal((3, 1))
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            keras.layers.Dense(1, use_bias=False, dtype="float64"),
+        ]
+    )
+    model.set_weights([w])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    d = rng.standard_normal((3, 1))
+
+    def loss(y_true, y_pred):
+        return keras.ops.mean((y_true - y_pred) ** 2, axis=-1)
+
+    got = analysis.loss_landscape_1d(
+        model, dataset, loss, [0.0, 1e-6], direction=[d]
+    )
+    want = [np.mean((x @ (w + a * d) - y) ** 2) for a in (0.0, 1e-6)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got[1] - got[0], want[1] - want[0], rtol=1e-4)
+
+
+def test_a_loss_may_be_named_as_compile_takes_it():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((16, 3)).astype("float32")
+    y = rng.standard_normal((16, 1)).astype("float32")
+    model, dataset = least_squares(x, y, rng.standard_normal((3, 1)))
+    np.testing.assert_allclose(
+        analysis.loss_landscape_1d(model, dataset, "mse", [0.0]),
+        analysis.loss_landscape_1d(model, dataset, mse, [0.0]),
+    )
 
 
 def test_interpolation_ends_at_both_batchnorm_models():
