@@ -333,9 +333,10 @@ def hessian_top_eigenvalues(
         verbose: show a progress bar. Defaults to `False`.
 
     Returns:
-        A NumPy array of `k` eigenvalues, largest first, each repeated as
-        often as it is (a Krylov space that closes is restarted from a
-        random vector orthogonal to it).
+        A NumPy array of `k` eigenvalues, largest first. A Krylov space
+        that closes within `max_iterations` is restarted from a random
+        vector orthogonal to it, which finds the other copies of a
+        repeated eigenvalue; one that converges first may miss them.
     """
     k = options.checked_integer("k", k, 1)
     max_iterations = options.checked_integer(

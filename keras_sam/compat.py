@@ -32,6 +32,17 @@ from keras_sam import backend
 SAM_STATE = "sam_model"
 
 
+def keep_state_open(model):
+    """A wrapper's `_lock_state`, which Keras' `build` calls: it leaves the
+    model's state open, as Keras' Functional and Sequential models do.
+
+    A `SAMModel` of a built base is built in its constructor, so Keras'
+    lock would refuse the state a subclass adds after `super().__init__`,
+    which Keras asks for in `__init__`.
+    """
+    del model
+
+
 def schedule_step(optimizer):
     """The step at which `optimizer` evaluates its learning-rate schedule.
 

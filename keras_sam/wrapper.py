@@ -27,24 +27,26 @@ def overrides(model, method):
 
 # Methods of `keras.Model` that the wrapper's steps replace: an override in
 # the base would be ignored. JAX's trainer reaches the loss through the two
-# `*compute_loss*` hooks of the model whose step runs, the wrapper.
-_JAX_LOSS_HOOKS = ("compute_loss_and_updates", "stateless_compute_loss")
-TRAIN_STEPS = ("train_step", "compute_metrics", *_JAX_LOSS_HOOKS)
-TEST_STEPS = ("test_step", "compute_metrics", *_JAX_LOSS_HOOKS)
+# `*compute_loss*` hooks of the model whose step runs, the wrapper; the
+# other trainers call neither.
+_LOSS_HOOKS = (
+    ("compute_loss_and_updates", "stateless_compute_loss")
+    if keras.backend.backend() == "jax"
+    else ()
+)
+TRAIN_STEPS = ("train_step", "compute_metrics", *_LOSS_HOOKS)
+TEST_STEPS = ("test_step", "compute_metrics", *_LOSS_HOOKS)
 
 
 def check_steps(base, steps, task):
-    """Raises if `base` overrides one of `steps` that `keras.Model` has on
-    this backend, which the wrapper replaces with its own for `task` (the
-    override would be ignored).
+    """Raises if `base` overrides one of `steps`, which the wrapper
+    replaces with its own for `task` (the override would be ignored).
 
     Checked when a train or test function is made (and when `fit` starts
     with validation data), not when the wrapper is made, so that a model
     saved before the check still loads and predicts.
     """
-    replaced = [
-        m for m in steps if hasattr(keras.Model, m) and overrides(base, m)
-    ]
+    replaced = [m for m in steps if overrides(base, m)]
     if replaced:
         raise ValueError(
             f"`base` overrides `{'`, `'.join(replaced)}`, which `SAMModel` "
@@ -175,6 +177,7 @@ class BaseWrapper:
 
     # A multi-worker-safe build (keras-team/keras#20585): see compat.
     _maybe_symbolic_build = compat.maybe_symbolic_build
+    _lock_state = compat.keep_state_open
 
     def make_train_function(self, force=False):
         """Keras' train function, made after Keras' global seed generator

@@ -506,3 +506,26 @@ def test_keras_still_leaves_a_sub_models_trackers_out_of_its_metrics():
     assert inner.tracker in inner.metrics
     assert inner.tracker not in outer.metrics
     assert compat.own_metrics(inner) == [inner.tracker]
+
+
+def test_a_wrapper_built_in_its_constructor_keeps_its_state_open():
+    # Keras' build locks a subclassed model's state: a subclass of
+    # `SAMModel` adding a tracker after `super().__init__` on a built base
+    # had been refused. When the first half fails, Keras no longer locks:
+    # remove `compat.keep_state_open`.
+    class Locked(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.build((None, 2))
+
+    with pytest.raises(ValueError, match="cannot add new elements of state"):
+        Locked().extra = keras.metrics.Mean()
+
+    class Counting(keras_sam.SAMModel):
+        def __init__(self, base, **kwargs):
+            super().__init__(base, **kwargs)
+            self.extra = keras.metrics.Mean(name="extra")
+
+    base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = Counting(base)
+    assert model.built and model.extra.name == "extra"

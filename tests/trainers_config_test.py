@@ -317,6 +317,13 @@ def test_a_flag_that_another_would_make_ignored_is_refused(argv, message):
         declared.validate_all_flags()
 
 
+def test_an_empty_setting_is_not_one_another_makes_ignored():
+    assert config.AcceleratorConfig(tpu="").tpu == ""
+    assert (
+        data_config.DataConfig(data_dir="", synthetic_data=True).data_dir == ""
+    )
+
+
 def test_epochs_that_train_steps_override_are_no_setting_of_the_run():
     # A resume with another --epochs had been refused, though it changes
     # nothing when --train_steps is set.

@@ -552,8 +552,11 @@ def test_analyze_run_data_is_of_the_data_set_the_run_trained_on(tmp_path):
     trained = cifar.run(
         make_flags(tmp_path / "run", model="mlp", dataset="cifar10")
     )
-    options = analyze_flags(
-        tmp_path, checkpoint=str(tmp_path / "run" / loop.MODEL), run_data=True
+    options = analyze_flags(  # a --data_dir a synthetic run did not read
+        tmp_path,
+        checkpoint=str(tmp_path / "run" / loop.MODEL),
+        run_data=True,
+        data_dir=str(tmp_path),
     )
     measured = analyze.run(options)["models"]["run"]
     assert measured["test_accuracy"] == pytest.approx(

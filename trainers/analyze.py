@@ -103,9 +103,12 @@ def _splits(flags_obj):
     with open(path) as f:
         run_results = json.load(f)
     recorded = run_results["flags"]
-    recorded.update(
-        data_dir=flags_obj.data_dir or recorded["data_dir"],
-        synthetic_data=recorded["synthetic_data"],
+    synthetic = recorded["synthetic_data"]
+    recorded.update(  # a synthetic run's data are made, not read
+        data_dir=None
+        if synthetic
+        else flags_obj.data_dir or recorded["data_dir"],
+        synthetic_data=synthetic,
     )
     config = data_config.DataConfig.from_flags(
         types.SimpleNamespace(**recorded)

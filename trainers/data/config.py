@@ -91,8 +91,8 @@ class FlagFields:
     made (`check_settings`, then `ACTS_ONLY_WITH`).
 
     `ACTS_ONLY_WITH` maps a setting to `(other setting, its value)`: the
-    setting, when not at its default, is refused where the other has
-    another value, for there it would be ignored.
+    setting, when set (not its default, None or empty), is refused where
+    the other has another value, for there it would be ignored.
     """
 
     ACTS_ONLY_WITH = {}
@@ -102,7 +102,8 @@ class FlagFields:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, (other, needed) in self.ACTS_ONLY_WITH.items():
             value, others = getattr(self, name), getattr(self, other)
-            if value != defaults[name] and others != needed:
+            unset = value in (defaults[name], None, "")
+            if not unset and others != needed:
                 raise ValueError(
                     f"`{name}` acts with `{other}={needed}` only. "
                     f"Received: {name}={value!r}, {other}={others!r}"
