@@ -71,6 +71,11 @@ class _LossFunctions:
         self.model = model
         self.dataset = dataset
         self.loss_fn = keras.losses.get(loss_fn)  # "mse", as `compile` takes
+        if self.loss_fn is None:
+            raise ValueError(
+                "`loss_fn` must be a loss function or a loss's name. "
+                "Received: loss_fn=None"
+            )
         self.training = training
         selection.check_layers_read_variables(model, differentiated)
         self.variables = variables or selection.weights(model)

@@ -336,6 +336,11 @@ def test_bad_arguments_are_rejected(kwargs, message):
             lambda m, d: analysis.m_sharpness(m, list(d), mse, 0.1, 2),
             "`dataset` must be a `tf.data.Dataset`. Received: a list",
         ),
+        (  # it had failed in "'NoneType' object is not callable"
+            lambda m, d: analysis.loss_landscape_1d(m, d, None, [0.0]),
+            "`loss_fn` must be a loss function or a loss's name. Received: "
+            "loss_fn=None",
+        ),
     ],
     ids=[
         "lanczos_steps",
@@ -351,6 +356,7 @@ def test_bad_arguments_are_rejected(kwargs, message):
         "summed_loss",
         "iterator",
         "m_sharpness_list",
+        "no_loss",
     ],
 )
 def test_bad_arguments_of_each_measure_are_rejected(call, message):
