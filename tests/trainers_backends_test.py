@@ -5,6 +5,10 @@ training step and `--strategy`, which maps onto `keras.distribution` on JAX.
 The TensorFlow pass runs the full trainer suite (trainers_*_test.py).
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -14,7 +18,6 @@ from tests.trainers_run_test import make_flags
 from tests.trainers_run_test import whole_and_resumed
 from trainers import fashion_mnist
 from trainers import strategy as strategy_lib
-from trainers.flags import error_line
 
 pytestmark = pytest.mark.skipif(
     BACKEND == "tensorflow", reason="trainers_*_test.py cover TensorFlow"
@@ -99,17 +102,31 @@ def test_strategies_without_a_route_are_refused_naming_the_backend(name):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
-def test_multi_worker_without_a_cluster_says_what_it_reads(monkeypatch):
+def test_multi_worker_without_a_cluster_says_what_it_reads():
     # Keras' "coordinator_address should be defined." had come as a
-    # traceback.
-    import jax
-
-    for name in ("JOB_ADDRESSES", "NUM_PROCESSES", "PROCESS_ID"):
-        monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
-    monkeypatch.setattr(jax.config, "update", lambda *args: None)
-    with pytest.raises(ValueError) as error:
-        strategy_lib.get_strategy("multi_worker")
-    assert error_line(error.value) == (
+    # traceback. A new process: JAX joins a cluster before its first
+    # computation only.
+    code = (
+        "from trainers import flags, strategy\n"
+        "try:\n"
+        "    strategy.get_strategy('multi_worker')\n"
+        "except ValueError as error:\n"
+        "    print(flags.error_line(error))\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KERAS_DISTRIBUTION_")
+    }
+    printed = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, KERAS_BACKEND="jax"),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.strip()
+    assert printed.splitlines()[-1] == (
         "ValueError: --strategy=multi_worker on JAX joins the processes "
         "with keras.distribution.initialize(), which refused: "
         "coordinator_address should be defined. Set "
