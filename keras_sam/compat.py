@@ -1,5 +1,5 @@
-"""Every reading of private Keras code in keras_sam and its trainers, with
-why and the versions.
+"""Every reading of private Keras (and KerasHub) code in keras_sam and its
+trainers, with why and the versions.
 
 Each function here reaches into Keras' internals (`keras.src`, a private
 method or attribute, a saving internal) or works around a Keras defect. Each
@@ -16,8 +16,10 @@ share of a batch) is in `keras_sam.backend.tensorflow_distribute`, so
 that nothing here imports a framework.
 """
 
+import functools
 import os
 import random
+import sys
 
 import keras
 from keras.src.backend.common import global_state
@@ -161,6 +163,46 @@ def set_untracked_attribute(layer, name, value):
     hold a variable untracked. Checked against Keras 3.15.1.
     """
     object.__setattr__(layer, name, value)
+
+
+def pipeline_arguments(base, method, arguments):
+    """The arguments of `keras.Model.<method>` (`fit`, `evaluate`,
+    `predict` or a `*_on_batch`) once `base`, a KerasHub pipeline model (a
+    `keras_hub.models.Task`), has prepared them as its own `<method>` does.
+
+    KerasHub's `PipelineModel` overrides these methods to batch the data
+    and map its `preprocess_samples` (the task's preprocessor) over it,
+    then calls `keras.Model`'s with the prepared data. A wrapper's methods
+    are `keras.Model`'s, so they fed a task raw data. The preparation is
+    KerasHub's own, run on a stand-in whose next class after
+    `PipelineModel` returns the arguments instead of training. Any other
+    base gets `arguments` back. Checked against keras-hub 0.32.0.
+    """
+    # Only a model of an imported keras_hub can be a pipeline model.
+    module = sys.modules.get("keras_hub.src.utils.pipeline_model")
+    if module is None or not isinstance(base, module.PipelineModel):
+        return arguments
+    stand_in_class = _pipeline_stand_in(module.PipelineModel)
+    # Not initialized: `PipelineModel.__init__` resets the class's bases,
+    # which Keras changes for the functional tasks that exist.
+    stand_in = object.__new__(stand_in_class)
+    object.__setattr__(stand_in, "preprocess_samples", base.preprocess_samples)
+    return getattr(stand_in, method)(**arguments)
+
+
+@functools.cache
+def _pipeline_stand_in(pipeline_model):
+    class Arguments(keras.Model):
+        def _arguments(self, **arguments):
+            return arguments
+
+        fit = evaluate = predict = _arguments
+        train_on_batch = test_on_batch = predict_on_batch = _arguments
+
+    class StandIn(pipeline_model, Arguments):
+        pass
+
+    return StandIn
 
 
 def flatten_layers(model):

@@ -1,8 +1,9 @@
 """What a model that wraps `self.base` needs of Keras to behave as its base.
 
 `SAMModel` changes how a model trains, nothing else. `BaseWrapper`, a base
-class of it before `keras.Model`, makes the wrapper call, build, compute
-its loss, export and save as the wrapped model: `.weights.h5` files in the
+class of it before `keras.Model`, makes the wrapper take its data (a
+KerasHub task's preprocessed as the task does), call, build, compute its
+loss, export and save as the wrapped model: `.weights.h5` files in the
 base model's layout (the wrapper's own state under `sam_model/`), the
 exported artifact of the base, and optimizers named by their public class.
 Its train function is made after Keras' global seed generator and, on
@@ -196,40 +197,53 @@ class BaseWrapper:
         check_steps(self.base, TEST_STEPS, "evaluation")
         return super().make_test_function(force)
 
+    def _prepared(self, method, args, kwargs):
+        """The arguments of `keras.Model.<method>`, by name, as a KerasHub
+        pipeline base prepares them (`compat.pipeline_arguments`): batched
+        and preprocessed, as the base's own `<method>` would."""
+        bound = inspect.signature(getattr(super(), method)).bind(
+            *args, **kwargs
+        )
+        arguments = bound.arguments
+        arguments.update(arguments.pop("kwargs", {}))
+        return compat.pipeline_arguments(self.base, method, arguments)
+
     def fit(self, *args, **kwargs):
-        arguments = inspect.signature(super().fit).bind(*args, **kwargs)
-        validation = arguments.arguments
-        if validation.get("validation_data") is not None or validation.get(
+        arguments = self._prepared("fit", args, kwargs)
+        if arguments.get("validation_data") is not None or arguments.get(
             "validation_split"
         ):
             # Now, not after the first epoch's training.
             check_steps(self.base, TEST_STEPS, "evaluation")
-        return super().fit(*args, **kwargs)
+        return super().fit(**arguments)
 
-    def predict(
-        self, x, batch_size=None, verbose="auto", steps=None, callbacks=None
-    ):
+    def evaluate(self, *args, **kwargs):
+        return super().evaluate(**self._prepared("evaluate", args, kwargs))
+
+    def train_on_batch(self, *args, **kwargs):
+        arguments = self._prepared("train_on_batch", args, kwargs)
+        return super().train_on_batch(**arguments)
+
+    def test_on_batch(self, *args, **kwargs):
+        arguments = self._prepared("test_on_batch", args, kwargs)
+        return super().test_on_batch(**arguments)
+
+    def predict(self, *args, **kwargs):
         """The base model's predictions: through its own `predict_step`
         when it has one (decoded outputs, say), then with the base's
-        compile settings (Keras' `predict` on the base, without a KerasHub
-        model's preprocessing, which `fit` does not run either)."""
+        compile settings (Keras' `predict` on the base)."""
+        arguments = self._prepared("predict", args, kwargs)
         if not overrides(self.base, "predict_step"):
-            return super().predict(x, batch_size, verbose, steps, callbacks)
-        return keras.Model.predict(
-            self.base,
-            x,
-            batch_size=batch_size,
-            verbose=verbose,
-            steps=steps,
-            callbacks=callbacks,
-        )
+            return super().predict(**arguments)
+        return keras.Model.predict(self.base, **arguments)
 
-    def predict_on_batch(self, x):
+    def predict_on_batch(self, *args, **kwargs):
         """`predict_on_batch`, through the base's `predict_step` as
         `predict`."""
+        arguments = self._prepared("predict_on_batch", args, kwargs)
         if not overrides(self.base, "predict_step"):
-            return super().predict_on_batch(x)
-        return keras.Model.predict_on_batch(self.base, x)
+            return super().predict_on_batch(**arguments)
+        return keras.Model.predict_on_batch(self.base, **arguments)
 
     def export(
         self,

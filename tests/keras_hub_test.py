@@ -236,7 +236,7 @@ def test_keras_file_of_a_lora_model_holds_the_merged_model(tmp_path):
     assert len(loaded.trainable_variables) > len(sam.trainable_variables)
 
 
-def resnet_classifier(seed=0):
+def resnet_classifier(seed=0, preprocessor=None):
     """A one-block ResNet (64 filters, 8x8 images) with BatchNorm."""
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.ResNetBackbone(
@@ -249,7 +249,7 @@ def resnet_classifier(seed=0):
         image_shape=(8, 8, 3),
     )
     return keras_hub.models.ResNetImageClassifier(
-        backbone, num_classes=CLASSES, preprocessor=None
+        backbone, num_classes=CLASSES, preprocessor=preprocessor
     )
 
 
@@ -297,3 +297,88 @@ def test_a_pipeline_models_predict_step_serves_predict():
     logits = keras.ops.convert_to_numpy(model(x))
     want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(model.predict(x, verbose=0), want, atol=1e-6)
+
+
+def image_preprocessor():
+    """Resizes raw uint8 images to the backbone's 8x8 and scales them."""
+    converter = keras_hub.layers.ResNetImageConverter(
+        image_size=(8, 8), scale=1 / 255.0
+    )
+    return keras_hub.models.ResNetImageClassifierPreprocessor(converter)
+
+
+def raw_images(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (N, 12, 12, 3)).astype("uint8")
+    return x, rng.integers(0, CLASSES, N).astype("int32")
+
+
+def compiled(model):
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss=xent())
+    return model
+
+
+def test_a_tasks_preprocessor_prepares_the_data_as_the_tasks_own_methods():
+    # `task.fit` batches raw data and maps the task's preprocessor over
+    # it; at ρ = 0 SAMModel's `fit` is bitwise the task's own, validation
+    # included. Without the preprocessing, 12x12 images fail to reach the
+    # 8x8 backbone.
+    x, y = raw_images()
+    task = compiled(resnet_classifier(preprocessor=image_preprocessor()))
+    sam = compiled(
+        keras_sam.SAMModel(
+            resnet_classifier(preprocessor=image_preprocessor()), rho=0.0
+        )
+    )
+    fits = [
+        m.fit(x, y, batch_size=4, epochs=2, validation_split=0.25, verbose=0)
+        for m in (task, sam)
+    ]
+
+    assert_bitwise_equal(values(sam.base.variables), values(task.variables))
+    assert fits[1].history == {
+        k: v for k, v in fits[0].history.items() if "loss" in k
+    }
+    assert (
+        sam.evaluate(x, y, batch_size=4, verbose=0)
+        == task.evaluate(x, y, batch_size=4, verbose=0)[0]
+    )
+    for method, args in (
+        ("predict", (x,)),
+        ("predict_on_batch", (x[:4],)),
+        ("test_on_batch", (x[:4], y[:4])),
+        ("train_on_batch", (x[:4], y[:4])),
+    ):
+        got, want = (getattr(m, method)(*args) for m in (sam, task))
+        if method.startswith(("test", "train")):
+            want = want[0]  # the task logs its accuracy too
+        np.testing.assert_array_equal(got, want, err_msg=method)
+    assert_bitwise_equal(values(sam.base.variables), values(task.variables))
+
+
+def test_a_sam_step_on_raw_data_is_the_hand_step_on_preprocessed_data():
+    x, y = raw_images()
+    sam = compiled(
+        keras_sam.SAMModel(
+            resnet_classifier(preprocessor=image_preprocessor()), rho=RHO
+        )
+    )
+    sam.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    # The reference: the same ResNet without a preprocessor, SAM steps by
+    # hand on images that the preprocessor alone prepared, in `tf.data` as
+    # KerasHub runs it (bilinear resizing differs across backends).
+    import tensorflow as tf
+
+    reference = resnet_classifier()
+    batches = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    prepared = np.concatenate(
+        list(batches.map(image_preprocessor()).as_numpy_iterator())
+    )
+    backends.train_by_hand_sam(reference, xent(), prepared, y, 8, RHO, LR)
+    want = values(reference.trainable_variables)
+    got = values(sam.base.trainable_variables)
+    for path in want:
+        np.testing.assert_allclose(
+            got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=path
+        )
