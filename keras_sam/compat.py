@@ -171,9 +171,10 @@ def pipeline_arguments(base, method, arguments):
     `keras_hub.models.Task`), has prepared them as its own `<method>` does.
 
     KerasHub's `PipelineModel` overrides these methods to batch the data
-    and map its `preprocess_samples` (the task's preprocessor) over it,
-    then calls `keras.Model`'s with the prepared data. A wrapper's methods
-    are `keras.Model`'s, so they fed a task raw data. The preparation is
+    and map its `preprocess_samples` (the task's preprocessor) over it, or
+    to run it on the one batch, then calls `keras.Model`'s with the
+    prepared data. A wrapper's methods are `keras.Model`'s, so they fed a
+    task raw data. For `fit`, `evaluate` and `predict` the preparation is
     KerasHub's own, run on a stand-in whose next class after
     `PipelineModel` returns the arguments instead of training. Any other
     base gets `arguments` back. Checked against keras-hub 0.32.0.
@@ -182,6 +183,18 @@ def pipeline_arguments(base, method, arguments):
     module = sys.modules.get("keras_hub.src.utils.pipeline_model")
     if module is None or not isinstance(base, module.PipelineModel):
         return arguments
+    if method.endswith("_on_batch"):
+        # As KerasHub's, but without its conversion of `y` to one tensor,
+        # which fails for a dict of labels (a detector's boxes, classes).
+        data = base.preprocess_samples(
+            arguments.pop("x"),
+            arguments.pop("y", None),
+            arguments.pop("sample_weight", None),
+        )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if method == "predict_on_batch":
+            return {"x": x}
+        return {**arguments, "x": x, "y": y, "sample_weight": sample_weight}
     stand_in_class = _pipeline_stand_in(module.PipelineModel)
     # Not initialized: `PipelineModel.__init__` resets the class's bases,
     # which Keras changes for the functional tasks that exist.
@@ -197,7 +210,6 @@ def _pipeline_stand_in(pipeline_model):
             return arguments
 
         fit = evaluate = predict = _arguments
-        train_on_batch = test_on_batch = predict_on_batch = _arguments
 
     class StandIn(pipeline_model, Arguments):
         pass

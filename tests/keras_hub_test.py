@@ -382,3 +382,50 @@ def test_a_sam_step_on_raw_data_is_the_hand_step_on_preprocessed_data():
         np.testing.assert_allclose(
             got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=path
         )
+
+
+def test_a_batch_with_a_dict_of_labels_is_preprocessed_and_trained():
+    # A detector's labels are a dict (boxes, classes); KerasHub's own
+    # `train_on_batch` fails on it (it converts `y` to one tensor).
+    from keras_hub.src.utils.pipeline_model import PipelineModel
+
+    class TwoHeads(PipelineModel):
+        def __init__(self, **kwargs):
+            inputs = keras.Input((3,))
+            outputs = {
+                "a": keras.layers.Dense(1, name="a")(inputs),
+                "b": keras.layers.Dense(2, name="b")(inputs),
+            }
+            super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        def preprocess_samples(self, x, y=None, sample_weight=None):
+            return keras.utils.pack_x_y_sample_weight(2 * x, y, sample_weight)
+
+    def model(wrap):
+        keras.utils.set_random_seed(0)
+        base = TwoHeads()
+        model = keras_sam.SAMModel(base, rho=0.0) if wrap else base
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+        return model
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3)).astype("float32")
+    y = {
+        "a": rng.standard_normal((4, 1)).astype("float32"),
+        "b": rng.standard_normal((4, 2)).astype("float32"),
+    }
+    sam, plain = model(wrap=True), model(wrap=False)
+    for method, args, plain_args in (
+        ("train_on_batch", (x, y), (2 * x, y)),
+        ("test_on_batch", (x, y), (2 * x, y)),
+    ):
+        got = getattr(sam, method)(*args, return_dict=True)
+        want = getattr(keras.Model, method)(
+            plain, *plain_args, return_dict=True
+        )
+        assert got == {k: v for k, v in want.items() if k in got}, method
+    got = sam.predict_on_batch(x)
+    want = keras.Model.predict_on_batch(plain, 2 * x)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert_bitwise_equal(values(sam.base.variables), values(plain.variables))
