@@ -174,7 +174,9 @@ def values(variables):
 
 def replica_state(variables, name):
     """A zero float32 variable per variable: a variant's state (LookSAM's
-    direction `g_v`, F-SAM's moving average of the clean gradient).
+    direction `g_v`, F-SAM's moving average of the clean gradient), named
+    `<name>_<i>` for the i-th, so that each has its own path (PyTorch's
+    `state_dict` and JAX's `get_state_tree` key them by it).
 
     On-read: each replica keeps the state of its own gradient, as it keeps
     its own ε; a checkpoint stores their mean. `state_of` picks the entries
@@ -188,9 +190,9 @@ def replica_state(variables, name):
             trainable=False,
             aggregation="mean",
             synchronization="on_read",
-            name=name,
+            name=f"{name}_{i}",
         )
-        for v in variables
+        for i, v in enumerate(variables)
     ]
 
 

@@ -402,6 +402,56 @@ def test_a_model_of_a_built_base_records_its_build_as_keras_does(tmp_path):
         )
 
 
+VARIANT_STATE = {  # options, and the name of the state's entries
+    "looksam": (
+        dict(looksam_alpha=0.7, switching=keras_sam.switching.Periodic(2)),
+        "looksam_direction",
+    ),
+    "friendly": (dict(perturbation="friendly"), "friendly_average"),
+}
+
+
+def _variant_model(variant, epochs):
+    base = keras.Sequential(
+        [
+            keras.Input((D,)),
+            keras.layers.Dense(4, name="hidden"),
+            keras.layers.Dense(3, name="dense"),
+        ],
+        name="base",
+    )
+    options = VARIANT_STATE[variant][0]
+    model = keras_sam.SAMModel(base, rho=0.05, name="sam", **options)
+    model.compile(optimizer=sgd(), loss=xent())
+    return fit_epochs(model, epochs)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_STATE))
+def test_each_entry_of_a_variants_state_has_its_own_path(variant):
+    # They had shared one path: PyTorch's `state_dict` held one of the
+    # four entries (and loaded it into all, silently), and JAX's
+    # `get_state_tree` refused the model.
+    model = _variant_model(variant, epochs=1)
+    name = VARIANT_STATE[variant][1]
+    state = [v for v in model.variables if name in v.path]
+    assert [v.path for v in state] == [f"sam/{name}_{i}" for i in range(4)]
+    assert len({v.path for v in model.variables}) == len(model.variables)
+
+    other = _variant_model(variant, epochs=2)
+    if keras.backend.backend() == "torch":
+        other.load_state_dict(model.state_dict())  # strict
+    elif keras.backend.backend() == "jax":
+        other.set_state_tree(model.get_state_tree())
+    else:
+        other.set_weights(model.get_weights())
+    for got, want in zip(other.variables, model.variables):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(got),
+            keras.ops.convert_to_numpy(want),
+            want.path,
+        )
+
+
 def test_a_file_loads_after_import_keras_sam_with_its_jit_compile(tmp_path):
     # What docs/api.md says about loading a SAMModel file, in fresh
     # processes as a user would load it.

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import shutil
 
 import keras
@@ -296,3 +297,52 @@ def test_a_checkpoint_written_before_the_options_module_resumes(
         assert len(variables) == 13
         for key in variables:
             np.testing.assert_array_equal(got[key], want[key], key)
+
+
+@backends.tensorflow_only
+def test_a_looksam_checkpoint_of_shared_state_paths_resumes(
+    tmp_path, monkeypatch
+):
+    # Written by the Fashion-MNIST trainer at d589cae on TensorFlow, when
+    # LookSAM's directions shared one path (keyed `looksam_direction`,
+    # `looksam_direction#1`, ...), as the test above with --looksam_alpha=0.7
+    # --switching=periodic --sam_every=2. Today's entries have a name each
+    # (`looksam_direction_0`, ...); the run finishes where the old one did.
+    monkeypatch.setitem(
+        models.MODELS,
+        "mlp",
+        lambda shape, classes, wd=0.0: simple.mlp(shape, classes, wd, 4),
+    )
+    shutil.copy(
+        os.path.join(FIXTURES, "trainer_looksam_d589cae_step_3.npz"),
+        tmp_path / checkpoint.CHECKPOINT,
+    )
+    results = fashion_mnist.run(
+        trainers_run_test.make_flags(
+            tmp_path,
+            model="mlp",
+            train_steps=6,
+            checkpoint_every_steps=3,
+            deterministic=True,
+            rho=0.1,
+            learning_rate=0.02,
+            looksam_alpha=0.7,
+            switching="periodic",
+            sam_every=2,
+        )
+    )
+    assert results["resumed_from_step"] == 3
+    old = re.compile(r"(.*looksam_direction)(?:#(\d))?")
+    with (
+        np.load(tmp_path / checkpoint.CHECKPOINT) as got,
+        np.load(
+            os.path.join(FIXTURES, "trainer_looksam_d589cae_step_6.npz")
+        ) as want,
+    ):
+        variables = [k for k in want.files if k.startswith("variables/")]
+        directions = [k for k in variables if old.fullmatch(k)]
+        assert len(directions) == 6
+        for key in variables:
+            match = old.fullmatch(key)
+            new = key if match is None else f"{match[1]}_{match[2] or 0}"
+            np.testing.assert_array_equal(got[new], want[key], key)

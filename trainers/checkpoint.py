@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 
 import keras
@@ -167,6 +168,19 @@ _TORCH_RANDOM_STATE = "torch_random_state"
 _CHECKSUM = "checksum"
 
 
+# Before each entry of a variant's state (LookSAM's directions, F-SAM's
+# averages) had a name of its own, they shared one path, keyed as repeats:
+# `<path>`, `<path>#1`, ...; now `<path>_0`, `<path>_1`, ...
+_SHARED_STATE = re.compile(
+    r"(.*/(?:looksam_direction|friendly_average))(?:#(\d+))?"
+)
+
+
+def _state_key(key):
+    match = _SHARED_STATE.fullmatch(key)
+    return key if match is None else f"{match[1]}_{match[2] or 0}"
+
+
 def _keyed(variables):
     keys, seen = {}, {}
     for variable in variables:
@@ -289,7 +303,7 @@ def read(path):
             path=path,
             step=int(arrays["step"]),
             variables={
-                k[len(_VARIABLES) :]: v
+                _state_key(k[len(_VARIABLES) :]): v
                 for k, v in arrays.items()
                 if k.startswith(_VARIABLES)
             },
