@@ -588,8 +588,10 @@ def test_a_new_pipeline_model_still_resets_the_bases_of_functional_tasks():
     class Plain(PipelineModel):
         pass
 
-    Plain()
-    with pytest.raises(NotImplementedError, match="call"):
-        task(x)
-    keras_hub_image_task()  # a functional task sets the bases back
+    try:
+        Plain()
+        with pytest.raises(NotImplementedError, match="call"):
+            task(x)
+    finally:
+        keras_hub_image_task()  # a functional task sets the bases back
     task(x)

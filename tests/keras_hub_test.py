@@ -274,8 +274,7 @@ def test_resnet_keras_file_round_trip_trains_on_identically(tmp_path):
 
 def test_a_pipeline_models_predict_step_serves_predict():
     # KerasHub's detectors decode in `predict_step`; their `predict` takes
-    # two positional arguments and runs the preprocessor, which `fit` does
-    # not: SAMModel.predict had failed on the arguments.
+    # two positional arguments: SAMModel.predict had failed on them.
     from keras_hub.src.utils.pipeline_model import PipelineModel
 
     class Decoding(PipelineModel):

@@ -93,6 +93,35 @@ def test_repeated_variable_paths_get_distinct_keys():
     assert {"state", "state#1", "state#2"} <= set(keys)
 
 
+def test_a_users_variable_named_as_a_variants_state_keeps_its_key(tmp_path):
+    # The renaming of checkpoints from before the variant state had a path
+    # per entry applies to keys the model lacks, not to a user's own.
+    class Averaged(keras.layers.Layer):
+        def build(self, input_shape):
+            self.average = self.add_weight(
+                shape=(2,), initializer="ones", name="friendly_average"
+            )
+
+        def call(self, x):
+            return x * self.average
+
+    def model():
+        net = keras.Sequential(
+            [keras.Input((2,)), Averaged(name="avg")], name="net"
+        )
+        net.compile(optimizer=keras.optimizers.SGD(0.1, name="sgd"))
+        net.optimizer.build(net.trainable_variables)
+        return net
+
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    saved = model()
+    saved.layers[0].average.assign([2.0, 3.0])
+    checkpoint.save(path, saved, step=1)
+    restored = model()
+    assert checkpoint.restore(path, restored) == 1
+    np.testing.assert_array_equal(restored.layers[0].average.numpy(), [2, 3])
+
+
 def test_a_checkpoint_without_settings_or_checksum_still_restores(tmp_path):
     # As checkpoints were written before they held either.
     path = str(tmp_path / checkpoint.CHECKPOINT)

@@ -168,19 +168,6 @@ _TORCH_RANDOM_STATE = "torch_random_state"
 _CHECKSUM = "checksum"
 
 
-# Before each entry of a variant's state (LookSAM's directions, F-SAM's
-# averages) had a name of its own, they shared one path, keyed as repeats:
-# `<path>`, `<path>#1`, ...; now `<path>_0`, `<path>_1`, ...
-_SHARED_STATE = re.compile(
-    r"(.*/(?:looksam_direction|friendly_average))(?:#(\d+))?"
-)
-
-
-def _state_key(key):
-    match = _SHARED_STATE.fullmatch(key)
-    return key if match is None else f"{match[1]}_{match[2] or 0}"
-
-
 def _keyed(variables):
     keys, seen = {}, {}
     for variable in variables:
@@ -303,7 +290,7 @@ def read(path):
             path=path,
             step=int(arrays["step"]),
             variables={
-                _state_key(k[len(_VARIABLES) :]): v
+                k[len(_VARIABLES) :]: v
                 for k, v in arrays.items()
                 if k.startswith(_VARIABLES)
             },
@@ -383,8 +370,8 @@ def restore(saved, model):
     """
     if not isinstance(saved, Saved):
         saved = read(saved)
-    path, arrays = saved.path, saved.variables
     variables = state_paths(model)
+    path, arrays = saved.path, _state_renamed(saved.variables, variables)
     problems = [f"missing {k}" for k in variables if k not in arrays]
     problems += [f"unexpected {k}" for k in arrays if k not in variables]
     problems += [
@@ -406,6 +393,28 @@ def restore(saved, model):
         variable.assign(arrays[key])
     _restore_random_state(saved.random_state)
     return saved.step
+
+
+# Before each entry of a variant's state (LookSAM's directions, F-SAM's
+# averages) had a name of its own, they shared one path, keyed as repeats:
+# `<path>`, `<path>#1`, ...; now `<path>_0`, `<path>_1`, ...
+_SHARED_STATE = re.compile(
+    r"(.*/(?:looksam_direction|friendly_average))(?:#(\d+))?"
+)
+
+
+def _state_renamed(arrays, variables):
+    """`arrays` with each key of a shared-path entry that `variables` lacks
+    renamed to the entry's own path, where `variables` has that (a user's
+    variable of the same name keeps its key)."""
+    renamed = {}
+    for key, value in arrays.items():
+        match = _SHARED_STATE.fullmatch(key)
+        if match and key not in variables:
+            own = f"{match[1]}_{match[2] or 0}"
+            key = own if own in variables else key
+        renamed[key] = value
+    return renamed
 
 
 def _restore_random_state(leaves):
