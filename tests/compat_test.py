@@ -532,40 +532,26 @@ def test_a_wrapper_built_in_its_constructor_keeps_its_state_open():
 
 
 def keras_hub_image_task():
-    keras_hub = pytest.importorskip("keras_hub")
-    backbone = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64],
-        stackwise_num_blocks=[1],
-        stackwise_num_strides=[1],
-        block_type="basic_block",
-        image_shape=(4, 4, 3),
-    )
-    converter = keras_hub.layers.ResNetImageConverter(
-        image_size=(4, 4), scale=0.5
-    )
-    return keras_hub.models.ResNetImageClassifier(
-        backbone,
-        num_classes=2,
-        preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(
-            converter
-        ),
+    """`tests/keras_hub_test.py`'s ResNet classifier (8x8 images) with a
+    preprocessor that scales by 1/255; skips without keras-hub."""
+    pytest.importorskip("keras_hub")
+    from tests import keras_hub_test
+
+    return keras_hub_test.resnet_classifier(
+        preprocessor=keras_hub_test.image_preprocessor()
     )
 
 
 def test_a_keras_hub_task_prepares_the_arguments_of_keras_models_method():
-    # Raw 4x4 images of 2s: the task's preprocessor scales them by 0.5.
+    # Raw images of 255s: the task's preprocessor scales them to 1.
     task = keras_hub_image_task()
-    images = np.full((3, 4, 4, 3), 2, "uint8")
+    images = np.full((3, 8, 8, 3), 255, "uint8")
     prepared = compat.pipeline_arguments(
         task, "predict", {"x": images, "batch_size": 2}
     )
     batches = [keras.ops.convert_to_numpy(b) for b in prepared.pop("x")]
     assert prepared == {"batch_size": None}
-    np.testing.assert_array_equal(
-        np.concatenate(batches), np.ones((3, 4, 4, 3))
-    )
+    np.testing.assert_allclose(np.concatenate(batches), 1.0, rtol=1e-6)
     assert [len(b) for b in batches] == [2, 1]
     # Any other model takes its arguments as they are.
     plain = keras.Sequential([keras.layers.Dense(1)])
@@ -582,7 +568,7 @@ def test_a_new_pipeline_model_still_resets_the_bases_of_functional_tasks():
     task = keras_hub_image_task()
     from keras_hub.src.utils.pipeline_model import PipelineModel
 
-    x = np.zeros((1, 4, 4, 3), "float32")
+    x = np.zeros((1, 8, 8, 3), "float32")
     task(x)
 
     class Plain(PipelineModel):

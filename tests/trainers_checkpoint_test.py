@@ -285,24 +285,17 @@ def test_the_random_stream_leaves_out_draws_between_batches():
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-@backends.tensorflow_only
-def test_a_checkpoint_written_before_the_options_module_resumes(
-    tmp_path, monkeypatch
-):
-    # Written by the Fashion-MNIST trainer at 0825e6a on TensorFlow
-    # (before SAMOptions, compat and the flags derived from them), with
-    # the MLP narrowed to 4 units to keep the files small: a 6-step run
-    # with --rho=0.1 --learning_rate=0.02 --batch_size=16 --synthetic_data
-    # --checkpoint_every_steps=3 --deterministic, cut after step 3
-    # (`step_3`) and uninterrupted (`step_6`). Today's trainer accepts the
-    # old run's settings and finishes it where the old one ended.
+def _finish_old_run(tmp_path, monkeypatch, fixture, **settings):
+    """Resumes the fixture run `<fixture>_step_3.npz` with today's trainer
+    (settings as the old run's) to step 6; returns the checkpoint it wrote
+    and the old uninterrupted run's (`<fixture>_step_6.npz`), opened."""
     monkeypatch.setitem(
         models.MODELS,
         "mlp",
         lambda shape, classes, wd=0.0: simple.mlp(shape, classes, wd, 4),
     )
     shutil.copy(
-        os.path.join(FIXTURES, "trainer_0825e6a_step_3.npz"),
+        os.path.join(FIXTURES, f"{fixture}_step_3.npz"),
         tmp_path / checkpoint.CHECKPOINT,
     )
     results = fashion_mnist.run(
@@ -314,14 +307,30 @@ def test_a_checkpoint_written_before_the_options_module_resumes(
             deterministic=True,
             rho=0.1,
             learning_rate=0.02,
+            **settings,
         )
     )
     assert results["resumed_from_step"] == 3
     assert results["train_steps"] == 6
-    with (
-        np.load(tmp_path / checkpoint.CHECKPOINT) as got,
-        np.load(os.path.join(FIXTURES, "trainer_0825e6a_step_6.npz")) as want,
-    ):
+    return (
+        np.load(tmp_path / checkpoint.CHECKPOINT),
+        np.load(os.path.join(FIXTURES, f"{fixture}_step_6.npz")),
+    )
+
+
+@backends.tensorflow_only
+def test_a_checkpoint_written_before_the_options_module_resumes(
+    tmp_path, monkeypatch
+):
+    # Written by the Fashion-MNIST trainer at 0825e6a on TensorFlow
+    # (before SAMOptions, compat and the flags derived from them), with
+    # the MLP narrowed to 4 units to keep the files small: a 6-step run
+    # with --rho=0.1 --learning_rate=0.02 --batch_size=16 --synthetic_data
+    # --checkpoint_every_steps=3 --deterministic, cut after step 3
+    # (`step_3`) and uninterrupted (`step_6`). Today's trainer accepts the
+    # old run's settings and finishes it where the old one ended.
+    got, want = _finish_old_run(tmp_path, monkeypatch, "trainer_0825e6a")
+    with got, want:
         variables = [k for k in want.files if k.startswith("variables/")]
         assert len(variables) == 13
         for key in variables:
@@ -334,40 +343,20 @@ def test_a_looksam_checkpoint_of_shared_state_paths_resumes(
 ):
     # Written by the Fashion-MNIST trainer at d589cae on TensorFlow, when
     # LookSAM's directions shared one path (keyed `looksam_direction`,
-    # `looksam_direction#1`, ...), as the test above with --looksam_alpha=0.7
-    # --switching=periodic --sam_every=2. Today's entries have a name each
-    # (`looksam_direction_0`, ...); the run finishes where the old one did.
-    monkeypatch.setitem(
-        models.MODELS,
-        "mlp",
-        lambda shape, classes, wd=0.0: simple.mlp(shape, classes, wd, 4),
+    # `looksam_direction#1`, ...), as the test above with
+    # --looksam_alpha=0.7 --switching=periodic --sam_every=2 (`step_3` is
+    # the checkpoint the step-6 one replaced). Today's entries have a name
+    # each (`looksam_direction_0`, ...); the run ends where the old one did.
+    got, want = _finish_old_run(
+        tmp_path,
+        monkeypatch,
+        "trainer_looksam_d589cae",
+        looksam_alpha=0.7,
+        switching="periodic",
+        sam_every=2,
     )
-    shutil.copy(
-        os.path.join(FIXTURES, "trainer_looksam_d589cae_step_3.npz"),
-        tmp_path / checkpoint.CHECKPOINT,
-    )
-    results = fashion_mnist.run(
-        trainers_run_test.make_flags(
-            tmp_path,
-            model="mlp",
-            train_steps=6,
-            checkpoint_every_steps=3,
-            deterministic=True,
-            rho=0.1,
-            learning_rate=0.02,
-            looksam_alpha=0.7,
-            switching="periodic",
-            sam_every=2,
-        )
-    )
-    assert results["resumed_from_step"] == 3
     old = re.compile(r"(.*looksam_direction)(?:#(\d))?")
-    with (
-        np.load(tmp_path / checkpoint.CHECKPOINT) as got,
-        np.load(
-            os.path.join(FIXTURES, "trainer_looksam_d589cae_step_6.npz")
-        ) as want,
-    ):
+    with got, want:
         variables = [k for k in want.files if k.startswith("variables/")]
         directions = [k for k in variables if old.fullmatch(k)]
         assert len(directions) == 6
