@@ -179,8 +179,10 @@ def replica_state(variables, name):
     `state_dict` and JAX's `get_state_tree` key them by it).
 
     On-read: each replica keeps the state of its own gradient, as it keeps
-    its own ε; a checkpoint stores their mean. `state_of` picks the entries
-    of the variables that train at a step.
+    its own ε; a checkpoint stores their mean. Under `keras.distribution`
+    each entry takes its variable's layout, as Keras' optimizers give their
+    slots. `state_of` picks the entries of the variables that train at a
+    step.
     """
     return [
         keras.Variable(
@@ -191,6 +193,7 @@ def replica_state(variables, name):
             aggregation="mean",
             synchronization="on_read",
             name=f"{name}_{i}",
+            layout=getattr(v, "_layout", None),
         )
         for i, v in enumerate(variables)
     ]

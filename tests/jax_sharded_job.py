@@ -34,6 +34,8 @@ from tests import mlp_oracle  # noqa: E402
 
 N, BATCH = 32, 16
 RHO, LR, MOMENTUM = 0.5, 0.1, 0.9
+SIGMA, DECAY = 0.8, 0.7  # F-SAM's
+ALPHA, EVERY = 0.7, 2  # LookSAM's, a SAM step every EVERY steps
 # Variable path -> axes (re.fullmatch), as a LayoutMap takes them.
 LAYOUTS = {
     "hidden/kernel": (None, "model"),
@@ -49,7 +51,24 @@ CONFIGS = {
     "bn": (True, dict(rho=RHO)),
     "bn_sync": (True, dict(rho=RHO, sync_perturbations=True)),
     "bn_rho0": (True, dict(rho=0.0)),
+    # One state per step: one ε for the global batch.
+    "friendly": (
+        False,
+        dict(
+            rho=RHO,
+            sync_perturbations=True,
+            perturbation="friendly",
+            friendly_sigma=SIGMA,
+            friendly_decay=DECAY,
+        ),
+    ),
+    "looksam": (
+        False,
+        dict(rho=RHO, sync_perturbations=True, looksam_alpha=ALPHA),
+    ),
 }
+# The configurations whose compiled step `model_parallel` writes.
+COMPILED = ("sam", "sync", "friendly", "looksam")
 
 
 def build(batchnorm):
@@ -88,6 +107,9 @@ def train(model_fn, x, y, batch, sam_kwargs):
     import keras_sam
 
     base = model_fn()
+    if "looksam_alpha" in sam_kwargs:
+        switching = keras_sam.switching.Periodic(EVERY)
+        sam_kwargs = dict(sam_kwargs, switching=switching)
     model = keras_sam.SAMModel(base, **sam_kwargs)
     model.compile(
         optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
@@ -180,7 +202,19 @@ def main(mode, path, port=None, process_id=None):
                 out[f"{name}:{v.path.split('/', 1)[1]}:spec"] = np.array(
                     str(v.value.sharding.spec)
                 )
-        if mode == "model_parallel" and name in ("sam", "sync"):
+        if mode == "model_parallel":
+            # A variant's state, each entry by the path of its variable.
+            state = [
+                v
+                for v in model.variables
+                if v.name.startswith(("friendly_average", "looksam_direction"))
+            ]
+            for v, owner in zip(state, base.trainable_variables):
+                spec = str(v.value.sharding.spec)
+                out[f"{name}:{owner.path.split('/', 1)[1]}:state_spec"] = (
+                    np.array(spec)
+                )
+        if mode == "model_parallel" and name in COMPILED:
             text = compiled_step(model, x, y)
             out[f"{name}:shapes"] = partitioned_shapes(text)
             out[f"{name}:all_reduce"] = all_reduce_bytes(text)

@@ -6,7 +6,8 @@ devices each under `DataParallel` (four shards of every global batch), and
 one process with four CPU devices under `ModelParallel` on a (batch=2,
 model=2) mesh with the MLP's kernels split over "model". Both run the
 MLP of tests/mlp_oracle.py through SAM, ASAM, `sync_perturbations`,
-`micro_batches` and BatchNorm; a SAM step gives each batch shard its own
+`micro_batches`, BatchNorm, F-SAM and LookSAM (their state split as its
+variable); a SAM step gives each batch shard its own
 ε (one for the global batch with `sync_perturbations`), normalizes
 BatchNorm over the examples that share an ε, and takes ‖g‖ over the whole
 model however its kernels are split.
@@ -21,11 +22,16 @@ import pytest
 
 from tests import mlp_oracle
 from tests.backends import BACKEND
+from tests.jax_sharded_job import ALPHA
 from tests.jax_sharded_job import BATCH
+from tests.jax_sharded_job import COMPILED
 from tests.jax_sharded_job import CONFIGS
+from tests.jax_sharded_job import DECAY
+from tests.jax_sharded_job import EVERY
 from tests.jax_sharded_job import LAYOUTS
 from tests.jax_sharded_job import LR
 from tests.jax_sharded_job import MOMENTUM
+from tests.jax_sharded_job import SIGMA
 from tests.jax_sharded_job import N
 from tests.multi_worker_test import _free_ports
 from tests.multi_worker_test import _wait
@@ -94,6 +100,11 @@ def oracle(config, data_shards, **kwargs):
     rho = sam_kwargs.pop("rho")
     sync = sam_kwargs.pop("sync_perturbations", False)
     parts = sam_kwargs.pop("micro_batches", 1) * (1 if sync else data_shards)
+    if sam_kwargs.pop("perturbation", None) == "friendly":
+        del sam_kwargs["friendly_sigma"], sam_kwargs["friendly_decay"]
+        kwargs["step"] = mlp_oracle.FriendlyStep(SIGMA, DECAY)
+    if sam_kwargs.pop("looksam_alpha", None):
+        kwargs["step"] = mlp_oracle.LookSAMStep(ALPHA, EVERY)
     x, y = mlp_oracle.data(N)
     params, losses = mlp_oracle.train(
         mlp_oracle.initial_parameters(batchnorm),
@@ -141,6 +152,12 @@ def test_the_oracles_tell_the_configurations_apart():
         assert max(differences) > 1e-3
     moving = "norm/moving_mean"
     assert np.abs(per_shard[moving] - oracle("bn_rho0", 4)[0][moving]).max() > 0
+    sam = oracle("sync", 4)[0]
+    for variant in ("friendly", "looksam"):
+        differences = [
+            np.abs(sam[k] - v).max() for k, v in oracle(variant, 4)[0].items()
+        ]
+        assert max(differences) > 1e-3
 
 
 def test_every_process_holds_the_same_variables(runs):
@@ -180,10 +197,14 @@ def test_no_device_holds_a_whole_sharded_kernel(runs):
     for name, axes in LAYOUTS.items():
         spec = str(result[f"sam:{name}:spec"])
         assert spec == str(PartitionSpec(*axes))
+        # A variant's state is split as its variable, as Keras splits an
+        # optimizer's slots.
+        for variant in ("friendly", "looksam"):
+            assert str(result[f"{variant}:{name}:state_spec"]) == spec
     # The compiled SAM step (clean gradients, ε, w + ε, perturbed
     # gradients) only ever holds each kernel's per-device half.
     d, h, c = mlp_oracle.D, mlp_oracle.H, mlp_oracle.C
-    for config in ("sam", "sync"):
+    for config in COMPILED:
         shapes = {tuple(s) for s in result[f"{config}:shapes"]}
         assert {(d, h // 2), (h // 2, c)} <= shapes
         for whole in ((d, h), (h, d), (h, c), (c, h)):

@@ -174,9 +174,76 @@ def sam_step(params, x, y, rho, parts, **kwargs):
     )
 
 
-def train(params, x, y, batch, rho, parts, lr, momentum, **kwargs):
+class FriendlyStep:
+    """F-SAM's step on the whole batch, a `sam_step` with state: ε along
+    d = g − σ m, where m, the moving average of the clean gradients, is
+    the first g and then moves by `decay` after d is formed."""
+
+    def __init__(self, sigma, decay):
+        self.sigma, self.decay, self.average = sigma, decay, None
+
+    def __call__(self, params, x, y, rho, parts):
+        assert parts == 1, "one state per step: the whole batch"
+        loss, grads = loss_and_gradients(params, x, y)
+        m = self.average or grads
+        direction = {
+            k: g if self.average is None else g - self.sigma * m[k]
+            for k, g in grads.items()
+        }
+        self.average = {
+            k: self.decay * m[k] + (1 - self.decay) * g
+            for k, g in grads.items()
+        }
+        eps = perturbation(direction, params, rho)
+        perturbed = {k: v + eps.get(k, 0.0) for k, v in params.items()}
+        sam = loss_and_gradients(perturbed, x, y)[1]
+        return loss, sam, [forward(params, x, y)[1]]
+
+
+class LookSAMStep:
+    """LookSAM's step on the whole batch, SAM every `every` steps: a SAM
+    step keeps, per tensor, the part g_v of its SAM gradient orthogonal to
+    its clean g; the steps between descend along g + α (‖g‖/‖g_v‖) g_v."""
+
+    def __init__(self, alpha, every):
+        self.alpha, self.every = alpha, every
+        self.step, self.directions = 0, None
+
+    def __call__(self, params, x, y, rho, parts):
+        assert parts == 1, "one state per step: the whole batch"
+        loss, grads = loss_and_gradients(params, x, y)
+        stats = [forward(params, x, y)[1]]
+        self.step += 1
+        if (self.step - 1) % self.every:
+            return (
+                loss,
+                {
+                    k: g
+                    + self.alpha
+                    * np.linalg.norm(g)
+                    / np.linalg.norm(self.directions[k])
+                    * self.directions[k]
+                    for k, g in grads.items()
+                },
+                stats,
+            )
+        eps = perturbation(grads, params, rho)
+        perturbed = {k: v + eps.get(k, 0.0) for k, v in params.items()}
+        sam = loss_and_gradients(perturbed, x, y)[1]
+        self.directions = {
+            k: s - np.sum(s * grads[k]) / np.sum(grads[k] ** 2) * grads[k]
+            for k, s in sam.items()
+        }
+        return loss, sam, stats
+
+
+def train(
+    params, x, y, batch, rho, parts, lr, momentum, step=sam_step, **kwargs
+):
     """Keras' SGD with momentum on SAM gradients, one epoch in order.
 
+    `step` computes each batch's (loss, gradients, BatchNorm statistics):
+    `sam_step` with `kwargs`, or a variant's step with its state.
     BatchNorm's moving statistics move by the mean of the parts' updates.
     Returns the final parameters (by path) and each step's clean loss.
     """
@@ -185,7 +252,7 @@ def train(params, x, y, batch, rho, parts, lr, momentum, **kwargs):
     losses = []
     for start in range(0, len(x), batch):
         s = slice(start, start + batch)
-        loss, grads, stats = sam_step(params, x[s], y[s], rho, parts, **kwargs)
+        loss, grads, stats = step(params, x[s], y[s], rho, parts, **kwargs)
         losses.append(loss)
         for k, g in grads.items():
             velocity[k] = momentum * velocity[k] - lr * g
