@@ -93,6 +93,22 @@ def test_sync_perturbations_matches_the_full_batch_oracle():
     assert_one_epoch_matches_the_oracle(weights, loss=loss)
 
 
+def test_central_storage_replicas_perturb_with_their_own_half_batch():
+    # One copy of each variable, the replicas' gradients all-reduced into
+    # it: the step is MirroredStrategy's (Keras' logged metrics are not).
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    strategy = tf.distribute.experimental.CentralStorageStrategy(devices)
+    assert_one_epoch_matches_the_oracle(fit(strategy, rho=RHO)[0], parts=2)
+
+
+def test_a_one_device_strategy_is_bitwise_no_strategy():
+    device = tf.config.list_logical_devices("CPU")[0].name
+    got = fit(tf.distribute.OneDeviceStrategy(device), rho=RHO)
+    want = fit(tf.distribute.get_strategy(), rho=RHO)
+    for a, b in zip(got[0] + [got[1]], want[0] + [want[1]]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_reported_loss_equals_the_single_device_loss():
     strategy_weights, strategy_loss = fit(
         mirrored(), rho=RHO, sync_perturbations=True
