@@ -566,7 +566,30 @@ def _checked_direction(name, direction, weights):
                 f"`{name}[{i}]` must have its weight's shape {w.shape}. "
                 f"Received: shape {d.shape}"
             )
+    if not any(np.any(d) for d in direction):
+        # The default gives rank-0/1 weights none: with only biases or
+        # normalization trainable, a landscape had come back flat.
+        raise ValueError(
+            f"`{name}` is zero, so the landscape would be flat. The default "
+            "filter-normalized direction gives rank-0/1 weights (biases, "
+            "normalization) none, as Li et al. (2018) do; with only such "
+            "weights trainable, pass one, e.g. `filter_normalized_direction("
+            "weights, ignore_1d=False)` (scaled to each weight's norm, so "
+            "zero for a weight still zero). Received: trainable weights of "
+            f"shapes {[w.shape for w in weights]}"
+        )
     return direction
+
+
+def _checked_steps(name, steps):
+    """`steps` (a landscape's α or β) as a 1-D float64 array."""
+    values = np.asarray(steps, np.float64)
+    if values.ndim != 1:
+        raise ValueError(
+            f"`{name}` must be a 1-D sequence of step sizes. Received: "
+            f"{name}={steps!r}"
+        )
+    return values
 
 
 def loss_landscape_1d(
@@ -576,6 +599,7 @@ def loss_landscape_1d(
 
     Returns a NumPy array aligned with `alphas`.
     """
+    alphas = _checked_steps("alphas", alphas)
     functions = _LossFunctions(
         model, dataset, loss_fn, training, differentiated=False
     )
@@ -584,10 +608,7 @@ def loss_landscape_1d(
         direction = filter_normalized_direction(w, seed)
     d = _checked_direction("direction", direction, w)
     return np.array(
-        [
-            functions.loss(_combine(functions, w, [(a, d)]))
-            for a in np.asarray(alphas, np.float64)
-        ]
+        [functions.loss(_combine(functions, w, [(a, d)])) for a in alphas]
     )
 
 
@@ -605,6 +626,8 @@ def loss_landscape_2d(
 
     Returns an array of shape `(len(alphas), len(betas))`.
     """
+    alphas = _checked_steps("alphas", alphas)
+    betas = _checked_steps("betas", betas)
     functions = _LossFunctions(
         model, dataset, loss_fn, training, differentiated=False
     )
@@ -645,6 +668,7 @@ def linear_interpolation(
     α = 1 are the two models. They must have the same variable shapes
     (e.g. the same network trained with SGD and with SAM).
     """
+    alphas = _checked_steps("alphas", alphas)
 
     def floats(model):
         # In the layers' order: a layer frozen in one model only keeps its
@@ -665,7 +689,7 @@ def linear_interpolation(
     return np.array(
         [
             functions.loss(_combine(functions, w_a, [(t, difference)]))
-            for t in np.asarray(alphas, np.float64)
+            for t in alphas
         ]
     )
 

@@ -341,6 +341,25 @@ def test_bad_arguments_are_rejected(kwargs, message):
             "`loss_fn` must be a loss function or a loss's name. Received: "
             "loss_fn=None",
         ),
+        (  # it had come back flat
+            lambda m, d: analysis.loss_landscape_1d(
+                m, d, mse, [0.0, 1.0], direction=[np.zeros((3, 1))]
+            ),
+            "`direction` is zero, so the landscape would be flat",
+        ),
+        (  # it had failed in NumPy's "iteration over a 0-d array"
+            lambda m, d: analysis.loss_landscape_1d(m, d, mse, 0.5),
+            "`alphas` must be a 1-D sequence of step sizes. Received: "
+            "alphas=0.5",
+        ),
+        (
+            lambda m, d: analysis.loss_landscape_2d(m, d, mse, [0.0], [[0.0]]),
+            "`betas` must be a 1-D sequence of step sizes",
+        ),
+        (
+            lambda m, d: analysis.linear_interpolation(m, m, d, mse, 1.0),
+            "`alphas` must be a 1-D sequence of step sizes",
+        ),
     ],
     ids=[
         "lanczos_steps",
@@ -357,6 +376,10 @@ def test_bad_arguments_are_rejected(kwargs, message):
         "iterator",
         "m_sharpness_list",
         "no_loss",
+        "zero_direction",
+        "scalar_alphas",
+        "grid_betas",
+        "interpolation_alphas",
     ],
 )
 def test_bad_arguments_of_each_measure_are_rejected(call, message):
@@ -364,6 +387,32 @@ def test_bad_arguments_of_each_measure_are_rejected(call, message):
     model, dataset = least_squares(np.ones((4, 3), "float32"), np.ones((4, 1)))
     with pytest.raises(ValueError, match=re.escape(message)):
         call(model, dataset)
+
+
+def test_with_only_rank_1_weights_trainable_a_direction_must_be_given():
+    # Li et al.'s default gives biases and normalization no direction, so
+    # fine-tuning only those had given a flat landscape without a word.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3)).astype("float32")
+    y = rng.standard_normal((8, 2)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="frozen")]
+    )
+    model.get_layer("frozen").kernel.trainable = False
+    model.get_layer("frozen").bias.assign([0.5, -1.0])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    alphas = [-1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"shapes \[\(2,\)\]"):
+        analysis.loss_landscape_1d(model, dataset, mse, alphas)
+    (bias,) = [v.numpy() for v in model.trainable_weights]
+    direction = analysis.filter_normalized_direction([bias], ignore_1d=False)
+    losses = analysis.loss_landscape_1d(
+        model, dataset, mse, alphas, direction=direction
+    )
+    kernel, _ = model.get_weights()
+    for alpha, loss in zip(alphas, losses):
+        want = np.mean((x @ kernel + bias + alpha * direction[0] - y) ** 2)
+        np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
 def test_a_small_hessian_converges_as_a_large_one():
