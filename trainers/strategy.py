@@ -62,7 +62,14 @@ def get_strategy(name, tpu=None, model_parallel=1, layout_map=""):
         return tf.distribute.MultiWorkerMirroredStrategy()
     if not tpu:
         raise ValueError("--strategy=tpu needs --tpu=<name or address>.")
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    except Exception as error:  # A name off GCE fails in urllib's URLError.
+        raise ValueError(
+            f"--tpu={tpu!r} names no TPU that this machine can find: "
+            f"{error}. Pass the TPU's name on Google Cloud or its "
+            "grpc://host:port address."
+        ) from error
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
