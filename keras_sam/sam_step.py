@@ -6,11 +6,11 @@ implementation.
 
 Both passes, backward included, run in a `keras.StatelessScope`: the weights
 and the non-trainable state (BatchNorm statistics, seeds) are handed in as
-tensors, so no pass writes to a variable. The clean pass's state is then
-written back once; the perturbed pass's is dropped, with its float8 scaling
-state, which Keras returns as gradients (`selection.split_assigned`). The
-perturbed pass starts from the clean pass's seeds: dropout draws the same
-masks in both.
+tensors, so no pass writes to a variable. The clean pass's state is written
+back once; the perturbed pass's is dropped, with its float8 scaling state
+(Keras returns it as gradients: `selection.split_assigned`) and what it
+wrote to a torch module's buffers (`selection.module_buffers_kept`). It
+starts from the clean pass's seeds: dropout draws the same masks in both.
 """
 
 import collections
@@ -219,52 +219,52 @@ def compute_sam_gradients(
 
     def sam_step(clean):
         """The perturbed pass of each part, at its own w + ε."""
-        perturbed_gradients, sharpness = [], []
-        directions = old_directions
-        for part in clean.parts:
-            if options.adaptive:
-                epsilons = perturbations.asam_perturbation(
-                    part.for_epsilon,
-                    weights,
-                    rho,
-                    options.eta,
-                    epsilon,
-                    adaptive_mask=adaptive_mask,
-                )
-            else:
-                epsilons = perturbations.sam_perturbation(
-                    part.for_epsilon, rho, epsilon
-                )
-            perturbed_weights = [
-                w if e is None else w + e for w, e in zip(weights, epsilons)
-            ]
-            backend.set_random_state(part.random_state)
-            # Maps (and drops) the metrics: PyTorch compiles one program.
-            perturbed = _forward_and_gradients(
-                model,
-                compute_loss,
-                perturbed_weights,
-                part.state,
-                initial_metrics,
-                part.batch,
-                scale_loss,
-            )
-            gradients = perturbed.gradients
-            if options.looksam_alpha is not None:
-                new = perturbations.looksam_direction(
-                    part.clean.gradients, gradients
-                )
-                finite = ops.isfinite(perturbations.global_norm(new))
-                directions = [
-                    old if d is None else ops.where(finite, d, old)
-                    for d, old in zip(new, old_directions)
+        perturbed_gradients, sharpness, directions = [], [], old_directions
+        with selection.module_buffers_kept(model):
+            for part in clean.parts:
+                if options.adaptive:
+                    epsilons = perturbations.asam_perturbation(
+                        part.for_epsilon,
+                        weights,
+                        rho,
+                        options.eta,
+                        epsilon,
+                        adaptive_mask=adaptive_mask,
+                    )
+                else:
+                    epsilons = perturbations.sam_perturbation(
+                        part.for_epsilon, rho, epsilon
+                    )
+                perturbed_weights = [
+                    w if e is None else w + e for w, e in zip(weights, epsilons)
                 ]
-            if options.gsam_alpha:
-                gradients = perturbations.gsam_gradients(
-                    part.clean.gradients, gradients, options.gsam_alpha
+                backend.set_random_state(part.random_state)
+                # Maps (and drops) the metrics: PyTorch compiles one program.
+                perturbed = _forward_and_gradients(
+                    model,
+                    compute_loss,
+                    perturbed_weights,
+                    part.state,
+                    initial_metrics,
+                    part.batch,
+                    scale_loss,
                 )
-            perturbed_gradients.append(gradients)
-            sharpness.append(perturbed.loss - part.clean.loss)
+                gradients = perturbed.gradients
+                if options.looksam_alpha is not None:
+                    new = perturbations.looksam_direction(
+                        part.clean.gradients, gradients
+                    )
+                    finite = ops.isfinite(perturbations.global_norm(new))
+                    directions = [
+                        old if d is None else ops.where(finite, d, old)
+                        for d, old in zip(new, old_directions)
+                    ]
+                if options.gsam_alpha:
+                    gradients = perturbations.gsam_gradients(
+                        part.clean.gradients, gradients, options.gsam_alpha
+                    )
+                perturbed_gradients.append(gradients)
+                sharpness.append(perturbed.loss - part.clean.loss)
         backend.set_random_state(clean.random_state_after)
         fractions = [part.fraction for part in clean.parts]
         return _outcome(

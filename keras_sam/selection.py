@@ -10,6 +10,7 @@ optimizer assigns their gradient to (`split_assigned`). `SAMModel` hands
 them to `sam_step.compute_sam_gradients`.
 """
 
+import contextlib
 import functools
 import re
 
@@ -122,6 +123,29 @@ def check_layers_read_variables(model, differentiated=True):
             f"(`layer.trainable = False`). Received: layers {wrapped} of "
             f"model {model.name!r}"
         )
+
+
+@contextlib.contextmanager
+def module_buffers_kept(model):
+    """Puts back, on exit, the buffers of `model`'s `TorchModuleWrapper`
+    modules (`BatchNorm1d`'s running statistics) as they were on entry.
+
+    A module updates them in place at each training call, outside Keras'
+    variables and so outside a pass's state: around the perturbed passes,
+    this drops their updates, as the step drops those of Keras'
+    `BatchNormalization`, and the clean passes' stay (one per part with
+    `micro_batches`, where Keras' move by the parts' mean update).
+    """
+    buffers = [
+        buffer
+        for layer in compat.flatten_layers(model)
+        if isinstance(layer, keras.layers.TorchModuleWrapper)
+        for buffer in layer.module.buffers()
+    ]
+    saved = [buffer.clone() for buffer in buffers]
+    yield
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
 
 
 def all_reduces_in_passes(model):

@@ -256,3 +256,42 @@ def test_a_frozen_torch_module_trains_as_a_plain_fit_at_rho_zero():
         weights.append([np.array(w) for w in model.get_weights()])
     for plain, sam in zip(*weights):
         np.testing.assert_array_equal(plain, sam)
+
+
+@pytest.mark.parametrize(
+    "micro_batches, jit_compile", [(1, False), (2, False), (1, True)]
+)
+def test_a_torch_modules_buffers_move_once_per_clean_pass(
+    micro_batches, jit_compile
+):
+    # A module updates its buffers in place at each training call, which
+    # the perturbed passes also made: BatchNorm1d's running statistics had
+    # moved twice a step.
+    import torch
+
+    x, y, _, _ = softmax_data()
+    norm = keras.layers.TorchModuleWrapper(
+        torch.nn.BatchNorm1d(x.shape[1], affine=False), name="torch_norm"
+    )
+    norm.trainable = False
+    base = keras.Sequential(
+        [keras.Input(x.shape[1:]), norm, keras.layers.Dense(3)]
+    )
+    model = keras_sam.SAMModel(base, rho=0.5, micro_batches=micro_batches)
+    model.compile(optimizer=sgd(), loss=xent(), jit_compile=jit_compile)
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    # Its input is the data, so the statistics follow from the batches'.
+    mean, var = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    parts = [
+        part
+        for _ in range(2)
+        for start in range(0, len(x), BATCH)
+        for part in np.array_split(x[start : start + BATCH], micro_batches)
+    ]
+    for part in parts:
+        mean = 0.9 * mean + 0.1 * part.mean(axis=0)
+        var = 0.9 * var + 0.1 * part.var(axis=0, ddof=1)
+    module = norm.module
+    assert int(module.num_batches_tracked) == len(parts)
+    np.testing.assert_allclose(module.running_mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(module.running_var, var, rtol=1e-5, atol=1e-6)
