@@ -179,8 +179,7 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
         if self.options.takes_two_passes:
             self.sharpness_tracker = keras.metrics.Mean(name="sharpness")
             self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
-        if base.built:  # by Keras' `build`, which records the input shape
-            self.build(wrapper.input_shape_of(base))
+        self._build_if_base_built()
 
     def __setattr__(self, name, value):
         if name in options_lib.GUARDED and "options" in self.__dict__:

@@ -300,11 +300,13 @@ def state_of(variables, state, owners, option):
     new = [v.path for v in variables if id(v) not in index]
     if new:
         raise ValueError(
-            f"`{option}` keeps a state per trainable variable, made when "
-            "the model was built; these variables have become trainable "
-            f"since: {new}. After changing which layers train, make a new "
-            "`SAMModel(model.base, **model.options.as_kwargs())` and "
-            "compile it, as Keras asks for a new optimizer."
+            f"`{option}` keeps a state per trainable variable of the base, "
+            "made when the model was built; these variables have become "
+            "trainable since, or are not the base's (layers of a `SAMModel` "
+            f"subclass): {new}. Put a subclass's layers in the base; after "
+            "changing which layers train, make a new `SAMModel(model.base, "
+            "**model.options.as_kwargs())` and compile it, as Keras asks for "
+            "a new optimizer."
         )
     return [state[index[id(v)]] for v in variables]
 

@@ -97,15 +97,31 @@ class BaseWrapper:
         return self.base(inputs, training=training)
 
     def build(self, input_shape=None):
+        inputs = None
+        if input_shape is not None:
+            inputs = tree.map_shape_structure(keras.KerasTensor, input_shape)
         if not self.base.built:
-            if input_shape is None:
+            if inputs is None:
                 self.base.build(input_shape)
             else:
-                self._build_base(
-                    tree.map_shape_structure(keras.KerasTensor, input_shape)
-                )
+                self._build_base(inputs)
         self._build_variant_state()
+        if inputs is not None and self._calls_own_layers():
+            # Keras builds a subclassed model's layers by a symbolic call.
+            self.call(inputs, training=False)
         self.built = True
+
+    def _calls_own_layers(self):
+        # A subclass's `call` may use layers of its own.
+        return type(self).call is not BaseWrapper.call
+
+    def _build_if_base_built(self):
+        """Builds now where Keras' `build` recorded the base's input shape,
+        so that a file's weights load; not where a subclass's `call` may
+        use layers that its `__init__` makes after this: those build in
+        `build_from_config` (loading a file) or on the first batch."""
+        if self.base.built and not self._calls_own_layers():
+            self.build(input_shape_of(self.base))
 
     def _build_base(self, inputs):
         # A first call on symbolic inputs builds the base as Keras does: a
@@ -233,7 +249,9 @@ class BaseWrapper:
         when it has one (decoded outputs, say), then with the base's
         compile settings (Keras' `predict` on the base)."""
         arguments = self._prepared("predict", args, kwargs)
-        if not overrides(self.base, "predict_step"):
+        if overrides(self, "predict_step") or not overrides(
+            self.base, "predict_step"
+        ):
             return super().predict(**arguments)
         return keras.Model.predict(self.base, **arguments)
 
@@ -241,7 +259,9 @@ class BaseWrapper:
         """`predict_on_batch`, through the base's `predict_step` as
         `predict`."""
         arguments = self._prepared("predict_on_batch", args, kwargs)
-        if not overrides(self.base, "predict_step"):
+        if overrides(self, "predict_step") or not overrides(
+            self.base, "predict_step"
+        ):
             return super().predict_on_batch(**arguments)
         return keras.Model.predict_on_batch(self.base, **arguments)
 
@@ -256,9 +276,13 @@ class BaseWrapper:
         """Exports the base model for inference: see `keras.Model.export`.
 
         The artifact is the one `model.base.export(...)` writes, with the
-        base model's serving signature; SAM only changes training.
+        base model's serving signature; SAM only changes training. A
+        subclass that overrides `call` exports its own `call`.
         """
-        return self.base.export(
+        export = self.base.export
+        if self._calls_own_layers():
+            export = super().export
+        return export(
             filepath,
             format=format,
             verbose=verbose,
