@@ -34,13 +34,28 @@ from keras_sam import backend
 SAM_STATE = "sam_model"
 
 
+def variable_layout(variable):
+    """`variable`'s layout under `keras.distribution`, for a variable made
+    like it (Keras' optimizers give their slots `_layout`, private), or
+    `None`. A variable made in a symbolic build (a base built at the first
+    step on JAX) is not yet initialized and has none: the distribution's
+    for its path then. Checked against Keras 3.15.1.
+    """
+    layout = getattr(variable, "_layout", None)
+    distribution = keras.distribution.distribution()
+    if layout is None and distribution is not None:
+        layout = distribution.get_variable_layout(variable)
+    return layout
+
+
 def keep_state_open(model):
     """A wrapper's `_lock_state`, which Keras' `build` calls: it leaves the
     model's state open, as Keras' Functional and Sequential models do.
 
-    A `SAMModel` of a built base is built in its constructor, so Keras'
-    lock would refuse the state a subclass adds after `super().__init__`,
-    which Keras asks for in `__init__`.
+    A `SAMModel` of a built base is built in its constructor (unless a
+    subclass overrides `call`), so Keras' lock would refuse the state a
+    subclass adds after `super().__init__`, which Keras asks for in
+    `__init__`.
     """
     del model
 

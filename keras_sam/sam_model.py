@@ -130,8 +130,8 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
       `g − σ m`, `m` a moving average of the clean gradients (model state,
       saved with the model); σ = 0 is SAM.
 
-    `evaluate`, `predict` and `export` are the wrapped model's; save
-    `model.base` for inference (a bare base loads `save_weights` files).
+    `evaluate`, `predict` and `export` are the wrapped model's (a
+    subclass's own `call`'s); a bare base loads `save_weights` files.
 
     Example:
 

@@ -136,16 +136,18 @@ def module_buffers_kept(model):
     `BatchNormalization`, and the clean passes' stay (one per part with
     `micro_batches`, where Keras' move by the parts' mean update).
     """
-    buffers = [
-        buffer
+    saved = [
+        (layer.module, name, buffer.clone())
         for layer in compat.flatten_layers(model)
         if isinstance(layer, keras.layers.TorchModuleWrapper)
-        for buffer in layer.module.buffers()
+        for name, buffer in layer.module.named_buffers()
     ]
-    saved = [buffer.clone() for buffer in buffers]
-    yield
-    for buffer, value in zip(buffers, saved):
-        buffer.copy_(value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            # By name: a module may rebind a buffer instead of updating it.
+            module.get_buffer(name).copy_(value)
 
 
 def all_reduces_in_passes(model):
@@ -217,7 +219,7 @@ def replica_state(variables, name):
             aggregation="mean",
             synchronization="on_read",
             name=f"{name}_{i}",
-            layout=getattr(v, "_layout", None),
+            layout=compat.variable_layout(v),
         )
         for i, v in enumerate(variables)
     ]

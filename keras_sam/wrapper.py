@@ -5,7 +5,8 @@ class of it before `keras.Model`, makes the wrapper take its data (a
 KerasHub task's preprocessed as the task does), call, build, compute its
 loss, export and save as the wrapped model: `.weights.h5` files in the
 base model's layout (the wrapper's own state under `sam_model/`), the
-exported artifact of the base, and optimizers named by their public class.
+exported artifact of the base (of a subclass's own `call`), and optimizers
+named by their public class.
 Its train function is made after Keras' global seed generator and, on
 JAX, keeps the weights when a step raises. The private Keras code this
 takes is in `keras_sam.compat`.
@@ -87,7 +88,9 @@ class BaseWrapper:
     """A `keras.Model` that calls, builds, exports and saves as `self.base`.
 
     A subclass sets `self.base` in `__init__` and builds its own state in
-    `_build_variant_state`, which `build` calls once the base is built.
+    `_build_variant_state`, which `build` calls once the base is built. A
+    subclass of it that overrides `call` builds, predicts and exports
+    through that `call`, as a subclass of `keras.Model`.
     """
 
     def _build_variant_state(self):
@@ -97,31 +100,49 @@ class BaseWrapper:
         return self.base(inputs, training=training)
 
     def build(self, input_shape=None):
-        inputs = None
-        if input_shape is not None:
-            inputs = tree.map_shape_structure(keras.KerasTensor, input_shape)
         if not self.base.built:
-            if inputs is None:
+            if input_shape is None:
                 self.base.build(input_shape)
             else:
-                self._build_base(inputs)
+                self._build_base(
+                    tree.map_shape_structure(keras.KerasTensor, input_shape)
+                )
         self._build_variant_state()
-        if inputs is not None and self._calls_own_layers():
-            # Keras builds a subclassed model's layers by a symbolic call.
-            self.call(inputs, training=False)
+        if input_shape is not None and self._overrides_call():
+            self._build_own_layers(input_shape)
         self.built = True
 
-    def _calls_own_layers(self):
+    def _overrides_call(self):
         # A subclass's `call` may use layers of its own.
         return type(self).call is not BaseWrapper.call
+
+    def _build_own_layers(self, input_shape):
+        # By a symbolic call, as Keras builds a subclassed model, and as
+        # Keras, at the first call where `call` cannot run symbolically.
+        inputs = tree.map_shape_structure(keras.KerasTensor, input_shape)
+        kwargs = {}
+        if "training" in inspect.signature(self.call).parameters:
+            kwargs["training"] = False
+        try:
+            self.call(inputs, **kwargs)
+        except Exception:
+            pass
 
     def _build_if_base_built(self):
         """Builds now where Keras' `build` recorded the base's input shape,
         so that a file's weights load; not where a subclass's `call` may
         use layers that its `__init__` makes after this: those build in
-        `build_from_config` (loading a file) or on the first batch."""
-        if self.base.built and not self._calls_own_layers():
+        `build_from_config` (loading a file), before `save_weights` or
+        `load_weights`, or on the first batch."""
+        if self.base.built and not self._overrides_call():
             self.build(input_shape_of(self.base))
+
+    def _built_for_files(self):
+        """Whether the model is built, building a subclass of a built base
+        first (`_build_if_base_built`): a weights file holds its layers."""
+        if not self.built and self.base.built:
+            self.build(input_shape_of(self.base))
+        return self.built
 
     def _build_base(self, inputs):
         # A first call on symbolic inputs builds the base as Keras does: a
@@ -247,23 +268,29 @@ class BaseWrapper:
     def predict(self, *args, **kwargs):
         """The base model's predictions: through its own `predict_step`
         when it has one (decoded outputs, say), then with the base's
-        compile settings (Keras' `predict` on the base)."""
+        compile settings (Keras' `predict` on the base), unless a subclass
+        overrides `predict_step` or `call`, whose are used, as Keras'."""
         arguments = self._prepared("predict", args, kwargs)
-        if overrides(self, "predict_step") or not overrides(
-            self.base, "predict_step"
-        ):
-            return super().predict(**arguments)
-        return keras.Model.predict(self.base, **arguments)
+        if self._predicts_as_base():
+            return keras.Model.predict(self.base, **arguments)
+        return super().predict(**arguments)
 
     def predict_on_batch(self, *args, **kwargs):
         """`predict_on_batch`, through the base's `predict_step` as
         `predict`."""
         arguments = self._prepared("predict_on_batch", args, kwargs)
-        if overrides(self, "predict_step") or not overrides(
-            self.base, "predict_step"
-        ):
-            return super().predict_on_batch(**arguments)
-        return keras.Model.predict_on_batch(self.base, **arguments)
+        if self._predicts_as_base():
+            return keras.Model.predict_on_batch(self.base, **arguments)
+        return super().predict_on_batch(**arguments)
+
+    def _predicts_as_base(self):
+        # Through the base's own `predict_step`, unless a subclass has its
+        # own `predict_step` or `call`, as a plain Keras subclass would.
+        return (
+            overrides(self.base, "predict_step")
+            and not overrides(self, "predict_step")
+            and not self._overrides_call()
+        )
 
     def export(
         self,
@@ -280,7 +307,7 @@ class BaseWrapper:
         subclass that overrides `call` exports its own `call`.
         """
         export = self.base.export
-        if self._calls_own_layers():
+        if self._overrides_call():
             export = super().export
         return export(
             filepath,
@@ -303,7 +330,7 @@ class BaseWrapper:
         `keras.Model.save_weights`.
         """
         path = str(filepath)
-        if not self.built or not path.endswith(_WEIGHTS_SUFFIXES):
+        if not path.endswith(_WEIGHTS_SUFFIXES) or not self._built_for_files():
             return super().save_weights(filepath, overwrite, max_shard_size)
         compat.save_weights(self, path, overwrite, max_shard_size)
 
@@ -315,7 +342,11 @@ class BaseWrapper:
         optimizer. See `keras.Model.load_weights`.
         """
         path = str(filepath)
-        if self.built and not kwargs and path.endswith(_WEIGHTS_SUFFIXES):
+        if (
+            not kwargs
+            and path.endswith(_WEIGHTS_SUFFIXES)
+            and self._built_for_files()
+        ):
             if compat.weights_file_has_path(path, compat.SAM_STATE):
                 return compat.load_weights(self, path, skip_mismatch)
             if not compat.weights_file_has_path(path, "base"):

@@ -531,6 +531,33 @@ def test_a_wrapper_built_in_its_constructor_keeps_its_state_open():
     assert model.built and model.extra.name == "extra"
 
 
+@pytest.mark.skipif(
+    backends.BACKEND != "jax", reason="keras.distribution runs on JAX"
+)
+def test_a_variable_of_a_symbolic_build_has_its_layout_only_by_path():
+    # Made in a stateless scope (JAX's symbolic build of a model at its
+    # first step), a variable has no layout until it is initialized:
+    # `variable_layout` asks the distribution. When the first assertion
+    # fails, Keras gives it one: `_layout` alone serves.
+    devices = keras.distribution.list_devices("cpu")[:2]
+    layout_map = keras.distribution.LayoutMap(
+        keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+    )
+    layout_map[".*kernel"] = (None, "model")
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=layout_map)
+    )
+    try:
+        with keras.StatelessScope():
+            dense = keras.layers.Dense(4)
+            dense.build((None, 3))
+            assert dense.kernel._layout is None
+            layout = compat.variable_layout(dense.kernel)
+        assert tuple(layout.axes) == (None, "model")
+    finally:
+        keras.distribution.set_distribution(None)
+
+
 def keras_hub_image_task():
     """`tests/keras_hub_test.py`'s ResNet classifier (8x8 images) with a
     preprocessor that scales by 1/255; skips without keras-hub."""

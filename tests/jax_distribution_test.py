@@ -124,6 +124,37 @@ def test_the_weights_are_replicated_over_both_devices():
     assert len(devices) == 2
 
 
+@pytest.mark.parametrize("built", [True, False])
+def test_a_variants_state_is_split_as_its_variable(built):
+    # A base built in the first step's symbolic build has variables not
+    # yet initialized, without a layout: F-SAM's average of its split
+    # kernel had been whole on each device.
+    x, y, _, _ = softmax_data()
+    devices = keras.distribution.list_devices("cpu")[:2]
+    layout_map = keras.distribution.LayoutMap(
+        keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+    )
+    layout_map[".*hidden/kernel"] = (None, "model")
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=layout_map)
+    )
+    try:
+        inputs = [keras.Input((D,))] if built else []
+        base = keras.Sequential(
+            inputs
+            + [keras.layers.Dense(4, name="hidden"), keras.layers.Dense(3)]
+        )
+        model = keras_sam.SAMModel(base, rho=RHO, perturbation="friendly")
+        model.compile(optimizer=keras.optimizers.SGD(LR), loss=xent())
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    finally:
+        keras.distribution.set_distribution(None)
+    kernel = base.get_layer("hidden").kernel
+    (average,) = [v for v in model.variables if v.name == "friendly_average_0"]
+    assert tuple(kernel.value.sharding.spec) == (None, "model")
+    assert average.value.sharding.spec == kernel.value.sharding.spec
+
+
 class Never(keras_sam.switching.SwitchingPolicy):
     """Declines every SAM step, deciding with or without the gradient."""
 

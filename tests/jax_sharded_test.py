@@ -6,9 +6,9 @@ devices each under `DataParallel` (four shards of every global batch), and
 one process with four CPU devices under `ModelParallel` on a (batch=2,
 model=2) mesh with the MLP's kernels split over "model". Both run the
 MLP of tests/mlp_oracle.py through SAM, ASAM, `sync_perturbations`,
-`micro_batches`, BatchNorm, F-SAM and LookSAM (their state split as its
-variable); a SAM step gives each batch shard its own
-ε (one for the global batch with `sync_perturbations`), normalizes
+`micro_batches`, BatchNorm, F-SAM and LookSAM (each entry of whose state
+is split as its variable); a SAM step gives each batch shard its own ε
+(one for the global batch with `sync_perturbations`), normalizes
 BatchNorm over the examples that share an ε, and takes ‖g‖ over the whole
 model however its kernels are split.
 """

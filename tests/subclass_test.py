@@ -44,6 +44,17 @@ class WithHead(keras_sam.SAMModel):
         return self.head(super().call(inputs, training=training))
 
 
+@keras.saving.register_keras_serializable(package="keras_sam_tests")
+class WithHeadNoTraining(keras_sam.SAMModel):
+    # Keras passes `training` only to a `call` that takes it.
+    def __init__(self, base, **kwargs):
+        super().__init__(base, **kwargs)
+        self.head = keras.layers.Dense(2, name="head")
+
+    def call(self, inputs):
+        return self.head(self.base(inputs))
+
+
 def test_an_overridden_compute_loss_is_in_both_passes():
     def gradient(w):  # of mean((xw - y)²) + PENALTY Σ (xw)²
         y_pred = X.astype(np.float64) @ w
@@ -60,7 +71,8 @@ def test_an_overridden_compute_loss_is_in_both_passes():
     assert np.abs(want - without_penalty).max() > 1e-3
 
 
-def test_a_subclasss_own_layer_is_saved_and_trains_on(tmp_path):
+@pytest.mark.parametrize("subclass", [WithHead, WithHeadNoTraining])
+def test_the_layers_a_subclass_makes_are_saved_and_train_on(tmp_path, subclass):
     # `SAMModel` built itself in `__init__`, before the subclass made its
     # head: a loaded file dropped the head's weights (a warning only) and
     # its `fit` failed in the optimizer.
@@ -70,7 +82,7 @@ def test_a_subclasss_own_layer_is_saved_and_trains_on(tmp_path):
 
     def compiled():
         keras.utils.set_random_seed(3)  # the head's initial weights
-        model = WithHead(linear_base(), rho=RHO)
+        model = subclass(linear_base(), rho=RHO)
         model.compile(
             optimizer=keras.optimizers.SGD(LR, momentum=0.9), loss="mse"
         )
@@ -81,13 +93,21 @@ def test_a_subclasss_own_layer_is_saved_and_trains_on(tmp_path):
     path = os.fspath(tmp_path / "with_head.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, WithHead) and loaded.head.built
+    assert isinstance(loaded, subclass) and loaded.head.built
     np.testing.assert_array_equal(
         loaded.predict(X, verbose=0), model.predict(X, verbose=0)
     )
     trained(loaded, 1)
     for want, got in zip(uninterrupted.get_weights(), loaded.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # A weights file, before any batch: the model builds its head first.
+    weights = os.fspath(tmp_path / "with_head.weights.h5")
+    model.save_weights(weights)
+    fresh = compiled()
+    fresh.load_weights(weights)
+    np.testing.assert_array_equal(
+        fresh.predict(X, verbose=0), model.predict(X, verbose=0)
+    )
 
 
 @pytest.mark.skipif(
@@ -122,7 +142,7 @@ class Scaled(keras_sam.SAMModel):
 @pytest.mark.skipif(
     backends.BACKEND == "jax", reason="JAX's predict_step takes a state"
 )
-def test_a_subclasss_predict_step_is_used_over_the_bases():
+def test_the_predict_step_of_a_subclass_is_used_over_the_bases():
     # As a plain Keras subclass: the base's own `predict_step` had run in
     # place of the subclass's.
     base = Decoded([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
@@ -135,3 +155,8 @@ def test_a_subclasss_predict_step_is_used_over_the_bases():
     np.testing.assert_allclose(
         plain.predict(X, verbose=0), X @ W0 + 100.0, rtol=1e-5
     )
+    # A subclass's own `call` too: its head had been skipped.
+    with_head = WithHead(base, rho=RHO)
+    head = with_head.predict(X, verbose=0)
+    kernel, bias = with_head.head.get_weights()
+    np.testing.assert_allclose(head, X @ W0 @ kernel + bias, rtol=1e-5)

@@ -64,7 +64,7 @@ def get_strategy(name, tpu=None, model_parallel=1, layout_map=""):
         raise ValueError("--strategy=tpu needs --tpu=<name or address>.")
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    except Exception as error:  # A name off GCE fails in urllib's URLError.
+    except (OSError, ValueError) as error:  # off GCE: urllib's URLError
         raise ValueError(
             f"--tpu={tpu!r} names no TPU that this machine can find: "
             f"{error}. Pass the TPU's name on Google Cloud or its "
