@@ -539,14 +539,9 @@ def test_a_variable_of_a_symbolic_build_has_its_layout_only_by_path():
     # first step), a variable has no layout until it is initialized:
     # `variable_layout` asks the distribution. When the first assertion
     # fails, Keras gives it one: `_layout` alone serves.
-    devices = keras.distribution.list_devices("cpu")[:2]
-    layout_map = keras.distribution.LayoutMap(
-        keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
-    )
-    layout_map[".*kernel"] = (None, "model")
-    keras.distribution.set_distribution(
-        keras.distribution.ModelParallel(layout_map=layout_map)
-    )
+    from tests.jax_distribution_test import columns_split
+
+    keras.distribution.set_distribution(columns_split(".*kernel"))
     try:
         with keras.StatelessScope():
             dense = keras.layers.Dense(4)

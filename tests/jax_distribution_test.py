@@ -124,20 +124,24 @@ def test_the_weights_are_replicated_over_both_devices():
     assert len(devices) == 2
 
 
+def columns_split(path):
+    """`ModelParallel` on a (batch=1, model=2) mesh that splits the
+    columns of the variables whose path matches `path` over "model"."""
+    devices = keras.distribution.list_devices("cpu")[:2]
+    layout_map = keras.distribution.LayoutMap(
+        keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+    )
+    layout_map[path] = (None, "model")
+    return keras.distribution.ModelParallel(layout_map=layout_map)
+
+
 @pytest.mark.parametrize("built", [True, False])
 def test_a_variants_state_is_split_as_its_variable(built):
     # A base built in the first step's symbolic build has variables not
     # yet initialized, without a layout: F-SAM's average of its split
     # kernel had been whole on each device.
     x, y, _, _ = softmax_data()
-    devices = keras.distribution.list_devices("cpu")[:2]
-    layout_map = keras.distribution.LayoutMap(
-        keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
-    )
-    layout_map[".*hidden/kernel"] = (None, "model")
-    keras.distribution.set_distribution(
-        keras.distribution.ModelParallel(layout_map=layout_map)
-    )
+    keras.distribution.set_distribution(columns_split(".*hidden/kernel"))
     try:
         inputs = [keras.Input((D,))] if built else []
         base = keras.Sequential(
