@@ -5,7 +5,9 @@
 
 `data_parallel`: one of two processes on 127.0.0.1:PORT, each with two
 CPU devices, under `DataParallel` over all four; each process feeds its
-own consecutive rows of every global batch. `model_parallel`: one process
+own consecutive rows of every global batch; it then trains SAM again on
+a `tf.data` dataset of the global batches, which Keras shards across the
+processes (`DataParallel`'s `auto_shard_dataset`). `model_parallel`: one process
 with four CPU devices, `ModelParallel` on a 2 x 2 (batch, model) mesh with
 the kernels sharded over "model" (`LAYOUTS`). Each trains the MLP of
 tests/mlp_oracle.py for one epoch per configuration in `CONFIGS` and
@@ -159,6 +161,7 @@ def main(mode, path, port=None, process_id=None):
     import keras
 
     x, y = mlp_oracle.data(N)
+    every_row = x, y
     batch = BATCH
     if mode == "data_parallel":
         keras.distribution.initialize(
@@ -218,6 +221,21 @@ def main(mode, path, port=None, process_id=None):
             text = compiled_step(model, x, y)
             out[f"{name}:shapes"] = partitioned_shapes(text)
             out[f"{name}:all_reduce"] = all_reduce_bytes(text)
+    if mode == "data_parallel":
+        # The user's way: every process passes the whole `tf.data` dataset
+        # of global batches, which Keras shards across the processes.
+        import tensorflow as tf
+
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices())
+        )
+        dataset = tf.data.Dataset.from_tensor_slices(every_row).batch(BATCH)
+        _, base, loss = train(
+            lambda: build(False), dataset, None, None, CONFIGS["sam"][1]
+        )
+        out["tf_data:loss"] = np.array(loss)
+        for v in base.variables:
+            out[f"tf_data:{v.path.split('/', 1)[1]}"] = local_values(v)
     if mode == "model_parallel":
         plain = build(False)
         plain.compile(

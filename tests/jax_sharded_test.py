@@ -10,7 +10,8 @@ MLP of tests/mlp_oracle.py through SAM, ASAM, `sync_perturbations`,
 is split as its variable); a SAM step gives each batch shard its own ε
 (one for the global batch with `sync_perturbations`), normalizes
 BatchNorm over the examples that share an ε, and takes ‖g‖ over the whole
-model however its kernels are split.
+model however its kernels are split. Across processes SAM also trains
+from one `tf.data` dataset, which Keras shards between them.
 """
 
 import os
@@ -141,6 +142,14 @@ def test_fit_matches_the_oracle(runs, mode, config):
     for result in runs[mode]:
         assert int(result["devices"]) == 4
         assert_matches(result, config, params, loss)
+
+
+def test_keras_shards_a_tf_data_dataset_across_processes(runs):
+    # Each process takes every other per-process batch of the rebatched
+    # dataset: the rows that the NumPy configurations feed it by hand.
+    params, loss = oracle("sam", DATA_SHARDS["data_parallel"])
+    for result in runs["data_parallel"]:
+        assert_matches(result, "tf_data", params, loss)
 
 
 def test_the_oracles_tell_the_configurations_apart():
