@@ -110,9 +110,8 @@ def check_layers_read_variables(model, differentiated=True):
             )
     wrapped = [
         layer.name
-        for layer in compat.flatten_layers(model)
-        if isinstance(layer, keras.layers.TorchModuleWrapper)
-        and layer.trainable_variables
+        for layer in _torch_module_layers(model)
+        if layer.trainable_variables
     ]
     if wrapped:
         raise ValueError(
@@ -138,8 +137,7 @@ def module_buffers_kept(model):
     """
     saved = [
         (layer.module, name, buffer.clone())
-        for layer in compat.flatten_layers(model)
-        if isinstance(layer, keras.layers.TorchModuleWrapper)
+        for layer in _torch_module_layers(model)
         for name, buffer in layer.module.named_buffers()
     ]
     try:
@@ -148,6 +146,17 @@ def module_buffers_kept(model):
         for module, name, value in saved:
             # By name: a module may rebind a buffer instead of updating it.
             module.get_buffer(name).copy_(value)
+
+
+def _torch_module_layers(model):
+    # Only Keras' PyTorch backend wraps torch modules: no walk elsewhere.
+    if backend.BACKEND != "torch":
+        return []
+    return [
+        layer
+        for layer in compat.flatten_layers(model)
+        if isinstance(layer, keras.layers.TorchModuleWrapper)
+    ]
 
 
 def all_reduces_in_passes(model):

@@ -134,12 +134,12 @@ class BaseWrapper:
         use layers that its `__init__` makes after this: those build in
         `build_from_config` (loading a file), before `save_weights` or
         `load_weights`, or on the first batch."""
-        if self.base.built and not self._overrides_call():
-            self.build(input_shape_of(self.base))
+        if not self._overrides_call():
+            self._built_for_files()
 
     def _built_for_files(self):
-        """Whether the model is built, building a subclass of a built base
-        first (`_build_if_base_built`): a weights file holds its layers."""
+        """Whether the model is built, building it first where its base is
+        built: a weights file holds a subclass's own layers too."""
         if not self.built and self.base.built:
             self.build(input_shape_of(self.base))
         return self.built
