@@ -220,7 +220,7 @@ def _checked(options):
     eta = checked_number("eta", options.eta, minimum=0)
     micro_batches = checked_integer("micro_batches", options.micro_batches, 1)
     for name in ("adaptive", "sync_perturbations"):
-        value = getattr(options, name)
+        value = scalar_of(getattr(options, name))
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(
                 f"`{name}` must be True or False. Received: {name}={value!r}"
@@ -317,6 +317,7 @@ def _checked_rho(rho):
         return rho
     if callable(rho):
         return _checked_schedule(rho)
+    rho = scalar_of(rho)
     if not is_real(rho):
         raise ValueError(
             "`rho` must be a number >= 0, a float `keras.Variable` or a "
@@ -382,6 +383,7 @@ _checked_schedules = weakref.WeakSet()
 def checked_integer(name, value, minimum):
     """`value` as an int >= `minimum` (a Python or NumPy integer, not a
     boolean)."""
+    value = scalar_of(value)
     if (
         not isinstance(value, numbers.Integral)
         or isinstance(value, (bool, np.bool_))
@@ -398,6 +400,7 @@ def checked_number(name, value, minimum=None, strict=False):
     """`value` as a finite float, >= `minimum` (> with `strict`) if given."""
     relation = ">" if strict else ">="
     bound = "" if minimum is None else f" {relation} {minimum}"
+    value = scalar_of(value)
     if not is_real(value):
         raise ValueError(
             f"`{name}` must be a number{bound}. Received: {name}={value!r}"
@@ -482,6 +485,20 @@ _EXCLUDED = {
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAMOptions)}
+
+
+def scalar_of(value):
+    """A concrete 0-d tensor or array as its NumPy scalar, as Keras'
+    optimizers take a tensor learning rate; anything else (a Variable,
+    whose value may change, included) as it is."""
+    if (
+        (ops.is_tensor(value) or isinstance(value, np.ndarray))
+        and not isinstance(value, keras.Variable)
+        and not backend.is_symbolic(value)
+        and tuple(value.shape) == ()
+    ):
+        return ops.convert_to_numpy(value)[()]
+    return value
 
 
 def is_real(value):

@@ -54,11 +54,14 @@ def assert_weights(model, want):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_numpy_rho_trains_as_the_same_python_float():
-    rho = np.float32(0.3)
-    model = fit(rho)
-    assert model.rho == float(rho)
-    assert_weights(model, oracle_weights([float(rho)] * 3))
+@pytest.mark.parametrize(
+    "make", [np.float32, keras.ops.convert_to_tensor], ids=["numpy", "tensor"]
+)
+def test_a_numpy_or_tensor_rho_trains_as_the_same_python_float(make):
+    model = fit(make(0.3))
+    assert type(model.rho) is float
+    assert model.rho == float(np.float32(0.3))
+    assert_weights(model, oracle_weights([model.rho] * 3))
 
 
 class SetRho(keras.callbacks.Callback):
@@ -274,6 +277,28 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are():
     )
     assert model.get_config()["micro_batches"] == 2
     assert model.adaptive is True
+
+
+def test_concrete_scalar_tensors_are_accepted_where_numbers_are():
+    # As Keras' optimizers take a tensor learning rate.
+    tensor = keras.ops.convert_to_tensor
+    model = keras_sam.SAMModel(
+        base(),
+        rho=tensor(0.25),
+        eta=tensor(0.5),
+        micro_batches=tensor(2),
+        adaptive=tensor(True),
+    )
+    config = model.get_config()
+    assert (config["rho"], config["eta"], config["micro_batches"]) == (
+        0.25,
+        0.5,
+        2,
+    )
+    assert model.adaptive is True
+    for rho, shown in ((tensor(-1.0), "rho=-1.0"), (tensor([0.1]), "rho=")):
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            keras_sam.SAMModel(base(), rho=rho)
 
 
 def test_rho_may_come_positionally_and_defaults_to_the_options():
