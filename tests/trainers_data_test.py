@@ -73,6 +73,16 @@ def test_tfds_copy_is_read_through_mock_data(tmp_path):
     assert train.labels.max() < 100 and info.num_classes == 100
 
 
+def test_a_url_data_dir_is_read_through_tensorflows_file_systems(tmp_path):
+    # As `gs://` on a TPU VM; `file://` is the URL this machine reads.
+    url = "file://" + str(tmp_path)
+    with tfds.testing.mock_data(num_examples=12):
+        train, _, _ = datasets.load("cifar10", data_dir=url)
+    assert train.images.shape == (12, 32, 32, 3)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        datasets.load("cifar10", data_dir=url + "/nope")
+
+
 def test_missing_tfds_copy_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="No prepared.*cifar10"):
         datasets.load("cifar10", data_dir=str(tmp_path))

@@ -485,6 +485,7 @@ def test_a_full_disk_and_a_read_only_directory_stop_with_one_line(
 
 
 A_FILE = "a file"  # --output_dir names a file
+A_URL = "gs://bucket/run"  # --output_dir names a bucket
 
 
 @pytest.mark.parametrize(
@@ -506,6 +507,13 @@ A_FILE = "a file"  # --output_dir names a file
             "each replica's batch (--batch_size=16 over 1 replicas)",
         ),
         (A_FILE, "ValueError: --output_dir={} is a file, not a directory."),
+        (  # it had made a local folder "gs:", then failed on TensorBoard's
+            A_URL,
+            "ValueError: --output_dir must be a local path, or a bucket "
+            "mounted as one (GCS FUSE): checkpoints are written atomically "
+            "with POSIX renames and locks, which a URL's file system lacks. "
+            "Received: --output_dir='gs://bucket/run'",
+        ),
         pytest.param(
             dict(steps_per_execution=2),
             "ValueError: Keras' PyTorch trainer runs one step per call. "
@@ -520,18 +528,24 @@ A_FILE = "a file"  # --output_dir names a file
         "selects_none",
         "micro_batches",
         "output_dir_a_file",
+        "output_dir_a_url",
         "torch_spe",
     ],
 )
 def test_a_refused_command_says_why_in_one_line_and_writes_nothing(
-    tmp_path, settings, message
+    tmp_path, monkeypatch, settings, message
 ):
     output_dir = tmp_path / "run"
     if settings == A_FILE:
         output_dir.write_text("not a directory")
         settings, message = {}, message.format(output_dir)
+    if settings == A_URL:
+        monkeypatch.chdir(tmp_path)  # where a relative folder would go
+        flags_obj = make_flags(A_URL)
+    else:
+        flags_obj = make_flags(output_dir, **settings)
     with pytest.raises(ValueError) as error:
-        fashion_mnist.run(make_flags(output_dir, **settings))
+        fashion_mnist.run(flags_obj)
     assert error_line(error.value).startswith(message)
     assert os.listdir(tmp_path) == (["run"] if output_dir.exists() else [])
     if output_dir.is_file():

@@ -140,7 +140,8 @@ def test_trainers_run_two_steps_on_mock_tfds(
     options = make_flags(
         tmp_path / "out",
         synthetic_data=False,
-        data_dir=str(tmp_path),
+        # A URL (as `gs://` on a TPU VM) in one case, a path in the other.
+        data_dir=str(tmp_path) if use_mirrored else f"file://{tmp_path}",
         augmentation="randaugment",
         dataset=dataset,
         jit_compile="false" if use_mirrored else "auto",

@@ -214,6 +214,7 @@ def run(flags_obj):
                 f"{loop.MODEL} a trainer writes (not its checkpoint). "
                 f"Received: --{name}={path!r}"
             )
+    loop.check_output_dir(flags_obj.output_dir)
     os.makedirs(flags_obj.output_dir, exist_ok=True)
     train, test, num_classes = _splits(flags_obj)
     examples = min(flags_obj.num_examples, len(train.labels))

@@ -114,18 +114,30 @@ def run(config, load_data, strategy_override=None, **model_options):
         The results dict also written to `output_dir/results.json`.
     """
     start_time = time.time()
-    if os.path.exists(config.output_dir) and not os.path.isdir(
-        config.output_dir
-    ):
-        raise ValueError(
-            f"--output_dir={config.output_dir} is a file, not a directory."
-        )
+    check_output_dir(config.output_dir)
     strategy, settings = prepare(config, strategy_override)
     # Before the data and the model, which may take long: a second process
     # stops at once.
     with _training_lock(config.output_dir, strategy):
         return _run_locked(
             config, load_data, strategy, settings, start_time, model_options
+        )
+
+
+def check_output_dir(output_dir):
+    """Raises unless `output_dir` is a local directory or is free to be
+    made one."""
+    if "://" in output_dir:
+        # A URL made a local folder named "gs:" before this check.
+        raise ValueError(
+            "--output_dir must be a local path, or a bucket mounted as one "
+            "(GCS FUSE): checkpoints are written atomically with POSIX "
+            "renames and locks, which a URL's file system lacks. Received: "
+            f"--output_dir={output_dir!r}"
+        )
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(
+            f"--output_dir={output_dir} is a file, not a directory."
         )
 
 

@@ -194,7 +194,7 @@ def load(
     ):
         train, test = load_fashion_mnist_idx(data_dir)
     else:
-        if not data_dir or not os.path.isdir(data_dir):
+        if not is_directory(data_dir):
             raise FileNotFoundError(
                 f"--data_dir={data_dir!r} is not a directory; it must hold a "
                 "prepared tensorflow-datasets copy of "
@@ -207,7 +207,20 @@ def load(
 
 
 def _is_tfds_dir(data_dir, tfds_name):
-    return bool(data_dir) and os.path.isdir(os.path.join(data_dir, tfds_name))
+    return bool(data_dir) and is_directory(os.path.join(data_dir, tfds_name))
+
+
+def is_directory(path):
+    """Whether `path` names a directory: a local path, or a URL that
+    TensorFlow's file systems read (`gs://` on a TPU VM), as
+    tensorflow-datasets reads its `data_dir`."""
+    if not path:
+        return False
+    if "://" not in path:
+        return os.path.isdir(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.isdir(path)
 
 
 def check_labels(labels, num_classes, what):

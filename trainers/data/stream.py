@@ -30,8 +30,6 @@ epoch of files. Keras' `RandAugment` keeps its own random state, so with
 --augmentation=randaugment only the order and the crops are reproduced.
 """
 
-import os
-
 import tensorflow as tf
 
 from trainers.data import augment as augment_lib
@@ -100,7 +98,7 @@ def tfds_source(info, data_dir):
     import tensorflow_datasets as tfds
 
     name = info.tfds_name
-    if not data_dir or not os.path.isdir(data_dir):
+    if not data_dir or not tf.io.gfile.isdir(data_dir):
         raise FileNotFoundError(
             f"--data_dir={data_dir!r} is not a directory; it must hold a "
             f"prepared tensorflow-datasets copy of {name} (or use "
