@@ -489,11 +489,11 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAMOptions)}
 
 def scalar_of(value):
     """A concrete 0-d tensor or array as its NumPy scalar, as Keras'
-    optimizers take a tensor learning rate; anything else (a Variable,
-    whose value may change, included) as it is."""
+    optimizers take a tensor learning rate; anything else as it is."""
     if (
         (ops.is_tensor(value) or isinstance(value, np.ndarray))
-        and not isinstance(value, keras.Variable)
+        # A variable, Keras' or TensorFlow's, may change: never read once.
+        and not hasattr(value, "assign")
         and not backend.is_symbolic(value)
         and tuple(value.shape) == ()
     ):

@@ -301,6 +301,18 @@ def test_concrete_scalar_tensors_are_accepted_where_numbers_are():
             keras_sam.SAMModel(base(), rho=rho)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="a TensorFlow variable"
+)
+def test_a_tensorflow_variable_rho_is_refused_not_read_once():
+    import tensorflow as tf
+
+    # It may change, as a `keras.Variable` ρ does, but the step would not
+    # see it change.
+    with pytest.raises(ValueError, match="a float `keras.Variable`"):
+        keras_sam.SAMModel(base(), rho=tf.Variable(0.1))
+
+
 def test_rho_may_come_positionally_and_defaults_to_the_options():
     assert keras_sam.SAMModel(base(), 0.2).options.rho == 0.2
     default = keras_sam.options.SAMOptions.rho
