@@ -318,6 +318,15 @@ def _finish_old_run(tmp_path, monkeypatch, fixture, **settings):
     )
 
 
+def assert_resumed(got, want, key):
+    # The fixture's steps ran on another machine's CPU, whose TensorFlow
+    # kernels may round differently: bitwise only where it was written.
+    # On an AMD EPYC, weights differed by an ulp and LookSAM's direction
+    # (a difference of gradients) by up to 1.5e-8, 6e-6 of its value. A
+    # resume that lost or misplaced state differs by the values' size.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7, err_msg=key)
+
+
 @backends.tensorflow_only
 def test_a_checkpoint_written_before_the_options_module_resumes(
     tmp_path, monkeypatch
@@ -334,7 +343,7 @@ def test_a_checkpoint_written_before_the_options_module_resumes(
         variables = [k for k in want.files if k.startswith("variables/")]
         assert len(variables) == 13
         for key in variables:
-            np.testing.assert_array_equal(got[key], want[key], key)
+            assert_resumed(got[key], want[key], key)
 
 
 @backends.tensorflow_only
@@ -363,4 +372,4 @@ def test_a_looksam_checkpoint_of_shared_state_paths_resumes(
         for key in variables:
             match = old.fullmatch(key)
             new = key if match is None else f"{match[1]}_{match[2] or 0}"
-            np.testing.assert_array_equal(got[new], want[key], key)
+            assert_resumed(got[new], want[key], key)
