@@ -33,6 +33,7 @@ epoch of files. Keras' `RandAugment` keeps its own random state, so with
 import tensorflow as tf
 
 from trainers.data import augment as augment_lib
+from trainers.data import datasets
 
 SYNTHETIC_STEPS_PER_EPOCH = 4
 
@@ -98,7 +99,7 @@ def tfds_source(info, data_dir):
     import tensorflow_datasets as tfds
 
     name = info.tfds_name
-    if not data_dir or not tf.io.gfile.isdir(data_dir):
+    if not datasets.is_directory(data_dir):
         raise FileNotFoundError(
             f"--data_dir={data_dir!r} is not a directory; it must hold a "
             f"prepared tensorflow-datasets copy of {name} (or use "
