@@ -35,13 +35,20 @@ data:
 train: venv data
 	$(PY) -m trainers.compare_sgd_sam --data_dir=$(FASHION_MNIST_DIR)
 
-# One pytest process per backend: Keras fixes its backend per process. The
+# One pytest pass per backend: Keras fixes its backend per process. The
 # JAX and PyTorch passes skip what only TensorFlow has (tf.distribute, the
-# trainers' multi-worker and TPU paths).
+# trainers' multi-worker and TPU paths). Each pass runs its test files on
+# TEST_WORKERS processes (pytest-xdist; 0 runs them in this one): a test
+# mostly keeps one core busy tracing and compiling small models, or waits
+# on the processes it starts. A file stays on one worker, which starts its
+# module fixtures once. The slowest tests are listed at the end of a pass.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 test: venv data
-	$(PY) -m pytest tests
-	KERAS_BACKEND=jax $(PY) -m pytest -m "not tensorflow_only" tests
-	KERAS_BACKEND=torch $(PY) -m pytest -m "not tensorflow_only" tests
+	$(PYTEST) tests
+	KERAS_BACKEND=jax $(PYTEST) -m "not tensorflow_only" tests
+	KERAS_BACKEND=torch $(PYTEST) -m "not tensorflow_only" tests
 
 lint: venv
 	$(VENV)/bin/ruff check keras_sam trainers tests benchmarks

@@ -44,7 +44,12 @@ setuptools.setup(
         # tensorflow-text, which pulls the full `tensorflow` over
         # tensorflow-cpu. The Makefile's venv step installs it with
         # --no-deps and the two packages its import needs.
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "matplotlib>=3.8",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
