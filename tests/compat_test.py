@@ -1,5 +1,8 @@
 """Each reading of Keras internals in `keras_sam.compat` still holds."""
 
+import os
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -603,3 +606,21 @@ def test_a_new_pipeline_model_still_resets_the_bases_of_functional_tasks():
     finally:
         keras_hub_image_task()  # a functional task sets the bases back
     task(x)
+
+
+def test_the_keras_pin_starts_at_the_release_compat_was_checked_against():
+    # Lowering setup.py's floor admits releases whose private code the
+    # overrides were not read against (3.10 to 3.14 fail the weights-file
+    # tests); a newer floor means the overrides were read again, and their
+    # docstrings say so. The installed Keras is one the pin admits.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "setup.py")) as f:
+        (floor,) = re.findall(r'"keras>=([\d.]+),<4"', f.read())
+    with open(compat.__file__) as f:
+        checked = re.findall(r"Keras\s+(\d+\.\d+\.\d+)", f.read())
+    assert len(checked) >= 20 and set(checked) == {floor}
+
+    def release(version):
+        return tuple(int(part) for part in version.split(".")[:3])
+
+    assert release(floor) <= release(keras.version()) < (4,)

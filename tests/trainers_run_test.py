@@ -459,6 +459,20 @@ def analyze_flags(tmp_path, **overrides):
     return types.SimpleNamespace(**dict(values, **overrides))
 
 
+def test_analyze_refuses_a_url_output_dir_before_writing(tmp_path, monkeypatch):
+    from trainers import analyze
+
+    model_file = tmp_path / "model.keras"  # not read: refused before
+    model_file.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # where a relative folder "gs:" would go
+    flags_obj = analyze_flags(
+        tmp_path, checkpoint=str(model_file), output_dir="gs://bucket/out"
+    )
+    with pytest.raises(ValueError, match="--output_dir must be a local"):
+        analyze.run(flags_obj)
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
 def test_analyze_compares_two_trained_models(tmp_path):
     from trainers import analyze
 
