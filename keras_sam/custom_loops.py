@@ -107,9 +107,11 @@ def sam_gradients(
             (by `micro_batches`, replicas). Weights bound into `loss_fn`
             (`functools.partial`) are kept when this is None, and are the
             whole batch's: with `micro_batches` > 1, pass them here.
-        optimizer: optional Keras optimizer whose `scale_loss` is applied
-            before differentiating (needed for a `LossScaleOptimizer`), and
-            whose learning-rate step a schedule `rho` follows.
+        optimizer: the Keras optimizer that applies the gradients: its
+            `scale_loss` is applied before differentiating (a
+            `LossScaleOptimizer`'s, which its `apply` undoes), and a
+            schedule `rho` follows its learning-rate step. Optional, except
+            under the `"mixed_float16"` policy.
         **options: the options of `keras_sam.options.SAMOptions` that need
             no state of their own: `rho` (a number, a float
             `keras.Variable`, or a schedule, evaluated at the step at which
@@ -206,6 +208,18 @@ def _check_model_and_optimizer(model, optimizer, sample_weight):
         raise TypeError(
             "`optimizer` must be a Keras optimizer instance or None. "
             f"Received: optimizer={optimizer!r}"
+        )
+    policy = getattr(model, "dtype_policy", None)
+    if optimizer is None and getattr(policy, "name", None) == "mixed_float16":
+        # A `LossScaleOptimizer` applying these gradients divides them by
+        # its scale: unscaled, they would come out that many times too
+        # small, with no error. `compile` wraps one in for the same policy.
+        raise ValueError(
+            "Under the 'mixed_float16' policy pass `optimizer=`, the "
+            "`keras.optimizers.LossScaleOptimizer` that applies the "
+            "gradients, so that its `scale_loss` scales the loss before "
+            "the float16 gradients (a plain optimizer, to train unscaled). "
+            f"Received: optimizer=None for model {model.name!r}"
         )
 
 
@@ -305,9 +319,9 @@ def stateless_sam_gradients(
         non_trainable_variables: the values of
             `model.non_trainable_variables`.
         x, y, loss_fn, sample_weight, **options: as in `sam_gradients`.
-        optimizer: optional; its `scale_loss` is applied (a
-            `LossScaleOptimizer`) and a schedule `rho` follows its
-            `iterations`.
+        optimizer: as in `sam_gradients`: its `scale_loss` is applied (a
+            `LossScaleOptimizer`'s) and a schedule `rho` follows its
+            `iterations`. Optional, except under `"mixed_float16"`.
         optimizer_variables: the values of `optimizer.variables`, needed
             (and checked) with an `optimizer` inside a compiled function.
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_sam
+from tests import backends
 from tests import oracle
 from tests.sam_model_test import BATCH
 from tests.sam_model_test import LR
@@ -60,3 +61,67 @@ def test_overflowing_first_gradient_skips_the_step_without_nan(mixed_float16):
     model.fit(x, y, batch_size=BATCH, verbose=0)
     assert np.all(np.isfinite(model.base.get_weights()[0]))
     assert np.abs(model.base.get_weights()[0] - w0).max() > 0.01
+
+
+def _custom_loop_step(model, optimizer, x, y):
+    """One SAM step of a custom loop, and its update: on JAX the stateless
+    loop's, as Keras' `LossScaleOptimizer.apply` fails there eagerly."""
+    if backends.BACKEND != "jax":
+        _, gradients = keras_sam.sam_gradients(
+            model, x, y, xent(), rho=RHO, optimizer=optimizer
+        )
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return
+    trainable = [v.value for v in model.trainable_variables]
+    optimizer_variables = [v.value for v in optimizer.variables]
+    _, gradients, _ = keras_sam.stateless_sam_gradients(
+        model,
+        trainable,
+        [v.value for v in model.non_trainable_variables],
+        x,
+        y,
+        xent(),
+        rho=RHO,
+        optimizer=optimizer,
+        optimizer_variables=optimizer_variables,
+    )
+    values = optimizer.stateless_apply(
+        optimizer_variables, gradients, trainable
+    )
+    for variables, new in zip(
+        (model.trainable_variables, optimizer.variables), values
+    ):
+        for variable, value in zip(variables, new):
+            variable.assign(value)
+
+
+def test_a_custom_loop_scales_by_the_optimizer_it_must_be_given(
+    mixed_float16,
+):
+    x, y, w0, b0 = softmax_data()
+    model = softmax_regression(w0, b0)
+    with pytest.raises(ValueError, match="Received: optimizer=None for"):
+        keras_sam.sam_gradients(model, x[:BATCH], y[:BATCH], xent(), rho=RHO)
+    with pytest.raises(ValueError, match="Received: optimizer=None for"):
+        keras_sam.stateless_sam_gradients(
+            model,
+            [v.value for v in model.trainable_variables],
+            [],
+            x[:BATCH],
+            y[:BATCH],
+            xent(),
+            rho=RHO,
+        )
+    optimizer = keras.optimizers.LossScaleOptimizer(sgd())
+    optimizer.build(model.trainable_variables)
+    for x_batch, y_batch, _ in batches(x, y):
+        _custom_loop_step(model, optimizer, x_batch, y_batch)
+
+    want_w, want_b, _ = oracle.train_sgd_momentum(
+        w0, b0, batches(x, y), RHO, LR, MOMENTUM
+    )
+    got_w, got_b = model.get_weights()
+    # Its `apply` divided by 2^15 what the loss was scaled by.
+    np.testing.assert_allclose(got_w, want_w, rtol=2e-2, atol=5e-3)
+    np.testing.assert_allclose(got_b, want_b, rtol=2e-2, atol=5e-3)
+    assert np.abs(got_w - w0).max() > 0.1
