@@ -39,15 +39,15 @@ class SAMModel(wrapper.BaseWrapper, keras.Model):
     evaluated at `w + ε` in the perturbed pass. When `base` overrides
     `compute_loss` (a custom objective), `base.compute_loss` is `L_B` in
     both passes and in `evaluate`; a call to `super().compute_loss` inside
-    it computes the loss given to `SAMModel.compile` (or the base's own, if
-    the base was compiled). Both passes call the model with
-    `training=True` (BatchNorm normalizes with batch statistics) on the
-    same batch with the same random state (the same dropout masks). The
-    moving statistics of BatchNorm and the seeds are updated once per step
-    (the seeds once per micro-batch), from the clean pass. The perturbed
-    pass writes no variable: it is evaluated statelessly at `w + ε`. The
-    optimizer then applies `g_SAM` at `w` as usual (momentum, weight
-    decay, clipping, gradient accumulation, loss scaling).
+    it computes the loss given to `SAMModel.compile` (or the base's own if
+    the base was compiled: `fit` warns if the two differ). Both passes call
+    the model with `training=True` (BatchNorm normalizes with batch
+    statistics) on the same batch with the same random state (the same
+    dropout masks). The moving statistics of BatchNorm and the seeds are
+    updated once per step (the seeds once per micro-batch), from the clean
+    pass. The perturbed pass writes no variable: it is evaluated statelessly
+    at `w + ε`. The optimizer then applies `g_SAM` at `w` as usual
+    (momentum, weight decay, clipping, gradient accumulation, loss scaling).
 
     **Logged loss and metrics** are those of the clean pass at `w`, as in a
     plain `fit`, so they compare directly with a model trained without SAM.

@@ -13,6 +13,7 @@ takes is in `keras_sam.compat`.
 """
 
 import inspect
+import warnings
 
 import keras
 from keras import tree
@@ -38,6 +39,32 @@ _LOSS_HOOKS = (
 )
 TRAIN_STEPS = ("train_step", "compute_metrics", *_LOSS_HOOKS)
 TEST_STEPS = ("test_step", "compute_metrics", *_LOSS_HOOKS)
+
+
+def _loss_config(loss):
+    # Equal configurations (`xent()` twice) are one loss; a loss's repr may
+    # leave out how they differ (its reduction).
+    return keras.saving.serialize_keras_object(loss)
+
+
+def _check_loss_used(wrapper):
+    # At `fit`, not `compile`: Keras skips an overridden `compile` when a
+    # file loads.
+    base_loss = getattr(wrapper.base, "loss", None)
+    if (
+        overrides(wrapper.base, "compute_loss")
+        and wrapper.loss is not None
+        and base_loss is not None
+        and _loss_config(wrapper.loss) != _loss_config(base_loss)
+    ):
+        warnings.warn(
+            "`base` overrides `compute_loss` and was compiled with its own "
+            "loss, which its `super().compute_loss` computes: the `loss` "
+            "given to `SAMModel.compile` is not used. Compile only one of "
+            f"them. Received: loss={_loss_config(wrapper.loss)}, base="
+            f"{wrapper.base.name!r} compiled with loss="
+            f"{_loss_config(base_loss)}"
+        )
 
 
 def check_steps(base, steps, task):
@@ -223,6 +250,7 @@ class BaseWrapper:
         one that keeps the weights when a step raises
         (`compat.restoring_state_on_error`)."""
         check_steps(self.base, TRAIN_STEPS, "training")
+        _check_loss_used(self)
         compat.stateful_variables(self, create=True)
         super().make_train_function(force)
         self.train_function = compat.restoring_state_on_error(

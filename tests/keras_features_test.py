@@ -1,5 +1,7 @@
 """SAMModel with the rest of Keras: multi-IO, metrics, optimizer options."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -531,6 +533,36 @@ def test_the_bases_own_trackers_are_logged_as_in_a_plain_fit():
         sam["doubled_loss"], 2 * np.array(sam["loss"]), rtol=1e-6
     )
     np.testing.assert_allclose(sam_eval[1], 2 * sam_eval[0], rtol=1e-6)
+
+
+def _fit_warnings(base, loss):
+    x, y, _, _ = softmax_data()
+    model = keras_sam.SAMModel(base, rho=0.05)
+    model.compile(optimizer=sgd(), loss=loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, verbose=0)
+    return [str(w.message) for w in caught if "not used" in str(w.message)]
+
+
+def test_a_loss_that_the_compiled_base_would_not_use_is_warned_of():
+    # Its `super().compute_loss` computes the base's own compiled loss.
+    summed = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum"
+    )
+    overriding = LossTracking()
+    overriding.compile(loss=xent())
+    (message,) = _fit_warnings(overriding, summed)
+    assert "'reduction': 'sum'" in message.split("base=")[0]
+    assert message.split("base=")[1].startswith(
+        f"{overriding.name!r} compiled with loss="
+    )
+    assert "'reduction': 'sum_over_batch_size'" in message.split("base=")[1]
+    assert not _fit_warnings(overriding, xent())  # the same loss
+    plain = softmax_regression(*softmax_data()[2:])
+    plain.compile(loss=xent())  # SAMModel's loss is used: nothing to warn
+    assert not _fit_warnings(plain, summed)
+    assert not _fit_warnings(LossTracking(), summed)  # uncompiled
 
 
 class TwoHeadsTracking(LossTracking):
