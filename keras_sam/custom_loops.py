@@ -125,7 +125,7 @@ def sam_gradients(
         replica's share, see above) and a list of gradients aligned with
         `model.trainable_variables`.
     """
-    _check_not_traced_statefully(model, (x, y, sample_weight))
+    _check_not_traced_statefully(model)
     return _sam_gradients(
         model, x, y, loss_fn, sample_weight, optimizer, options
     )
@@ -223,19 +223,24 @@ def _check_model_and_optimizer(model, optimizer, sample_weight):
         )
 
 
-def _check_not_traced_statefully(model, batch):
+def _check_not_traced_statefully(model):
     # Traced by `jax.jit` with the variables outside (not in the stateless
     # twin's scope), the step read the weights once, as constants (every
     # call returned the first step's gradients), and wrote traced values
-    # into the BatchNorm statistics.
+    # into the BatchNorm statistics. A new tensor, not the batch, tells a
+    # trace: a jitted function may close over a concrete batch.
     weights = model.trainable_variables[:1]
-    traced = [t for t in tree.flatten(batch) if backend.is_symbolic(t)]
-    if weights and traced and not backend.is_symbolic(weights[0].value):
+    if (
+        weights
+        and backend.is_symbolic(ops.zeros(()))
+        and not backend.is_symbolic(weights[0].value)
+    ):
         raise ValueError(
             "`sam_gradients` was traced (by `jax.jit`) with the model's "
             "variables outside it, which a trace reads once, as "
             "constants: use `stateless_sam_gradients` with the variables' "
-            f"values, as `model.stateless_call`. Received: {traced[0]!r}"
+            f"values, as `model.stateless_call`. Received: model="
+            f"{model.name!r}, its variables not traced"
         )
 
 

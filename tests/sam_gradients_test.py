@@ -377,6 +377,10 @@ def test_the_stateful_call_traced_by_jax_jit_is_refused():
     step = jax.jit(lambda x: keras_sam.sam_gradients(model, x, y, xent()))
     with pytest.raises(ValueError, match="use `stateless_sam_gradients`"):
         step(x)
+    # A batch closed over is concrete: the trace is told otherwise.
+    closed_over = jax.jit(lambda: keras_sam.sam_gradients(model, x, y, xent()))
+    with pytest.raises(ValueError, match="its variables not traced"):
+        closed_over()
     weights = [v.value for v in model.trainable_variables]
     stateless_step = jax.jit(
         lambda x: keras_sam.stateless_sam_gradients(
