@@ -53,7 +53,7 @@ def _check_loss_used(wrapper):
     base_loss = getattr(wrapper.base, "loss", None)
     if (
         overrides(wrapper.base, "compute_loss")
-        and wrapper.loss is not None
+        and getattr(wrapper, "loss", None) is not None
         and base_loss is not None
         and _loss_config(wrapper.loss) != _loss_config(base_loss)
     ):
