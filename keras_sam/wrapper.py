@@ -42,26 +42,35 @@ TEST_STEPS = ("test_step", "compute_metrics", *_LOSS_HOOKS)
 
 
 def _loss_config(loss):
-    # Equal configurations (`xent()` twice) are one loss; a loss's repr may
-    # leave out how they differ (its reduction).
-    return keras.saving.serialize_keras_object(loss)
+    # A loss's repr may leave out how two differ (their reduction). One
+    # that does not serialize (a `functools.partial`) stands as itself.
+    try:
+        return keras.saving.serialize_keras_object(loss)
+    except Exception:
+        return loss
+
+
+def _same_loss(loss, other):
+    # Equal configurations (`xent()` twice) are one loss.
+    return loss is other or _loss_config(loss) == _loss_config(other)
 
 
 def _check_loss_used(wrapper):
     # At `fit`, not `compile`: Keras skips an overridden `compile` when a
     # file loads.
+    loss = getattr(wrapper, "loss", None)
     base_loss = getattr(wrapper.base, "loss", None)
     if (
         overrides(wrapper.base, "compute_loss")
-        and getattr(wrapper, "loss", None) is not None
+        and loss is not None
         and base_loss is not None
-        and _loss_config(wrapper.loss) != _loss_config(base_loss)
+        and not _same_loss(loss, base_loss)
     ):
         warnings.warn(
             "`base` overrides `compute_loss` and was compiled with its own "
             "loss, which its `super().compute_loss` computes: the `loss` "
             "given to `SAMModel.compile` is not used. Compile only one of "
-            f"them. Received: loss={_loss_config(wrapper.loss)}, base="
+            f"them. Received: loss={_loss_config(loss)}, base="
             f"{wrapper.base.name!r} compiled with loss="
             f"{_loss_config(base_loss)}"
         )

@@ -1,5 +1,6 @@
 """SAMModel with the rest of Keras: multi-IO, metrics, optimizer options."""
 
+import functools
 import warnings
 
 import keras
@@ -563,6 +564,14 @@ def test_a_loss_that_the_compiled_base_would_not_use_is_warned_of():
     plain.compile(loss=xent())  # SAMModel's loss is used: nothing to warn
     assert not _fit_warnings(plain, summed)
     assert not _fit_warnings(LossTracking(), summed)  # uncompiled
+    # Losses that do not serialize are compared as objects.
+    partial = functools.partial(
+        keras.losses.sparse_categorical_crossentropy, from_logits=True
+    )
+    overriding.compile(loss=partial)
+    assert not _fit_warnings(overriding, partial)
+    (message,) = _fit_warnings(overriding, xent())
+    assert message.endswith(f"compiled with loss={partial!r}")
 
 
 class TwoHeadsTracking(LossTracking):
