@@ -319,3 +319,22 @@ def test_a_bad_perturbation_lists_friendly():
         keras_sam.SAMModel(
             softmax_regression(*softmax_data()[2:]), perturbation="fsam"
         )
+
+
+def test_its_average_is_of_the_gradient_without_the_loss_scale():
+    # The loss-scale optimizer's gradients are its scale (2**15) times the
+    # loss's; the average, kept over steps between which that scale moves,
+    # must hold the loss's own, as in float32.
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = friendly_model()
+        fit(model, jit_compile=False)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert float(model.optimizer.scale_loss(1.0)) == 2.0**15
+    want_w, want_b, _, average = oracle_weights()
+    for got, want in zip(model._friendly_averages, average):
+        # float16 passes: 1e-4 from the float64 oracle; scaled: 4e3.
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-3)
+    for got, want in zip(model.base.get_weights(), (want_w, want_b)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
