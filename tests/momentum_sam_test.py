@@ -99,6 +99,53 @@ def test_sample_weights_follow_the_oracle():
     np.testing.assert_allclose(model.base.get_weights()[0], want_w, rtol=1e-5)
 
 
+def test_perturbing_only_the_kernel_follows_the_masked_oracle():
+    x, y, w0, b0 = softmax_data()
+    model = msam_model(perturbed_variables=["kernel"])
+    model.compile(optimizer=sgd(), loss=xent())
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    want = oracle.train_momentum_sam(
+        w0, b0, all_batches(), RHO, LR, MOMENTUM, l2=L2, mask=(True, False)
+    )
+    whole = oracle.train_momentum_sam(
+        w0, b0, all_batches(), RHO, LR, MOMENTUM, l2=L2
+    )
+    assert np.abs(whole[0] - want[0]).max() > 1e-3  # the mask tells
+    for got, expected in zip(model.base.get_weights(), want[:2]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_reports_its_one_pass():
+    # `compute_sam_gradients` returns the loss and ‖∇L‖ of the pass at
+    # w + ε, and no sharpness, as its docstring says.
+    x, y, w0, b0 = softmax_data()
+    x, y = x[:BATCH], y[:BATCH]
+    rng = np.random.RandomState(3)
+    mw, mb = rng.randn(*w0.shape), rng.randn(*b0.shape)
+    norm = np.sqrt(np.sum(mw**2) + np.sum(mb**2))
+    want_loss, want = oracle.softmax_regression_loss_and_grad(
+        w0 + RHO * mw / norm, b0 + RHO * mb / norm, x, y
+    )
+    result = keras_sam.compute_sam_gradients(
+        softmax_regression(w0, b0),
+        lambda x, y, y_pred, sample_weight: xent()(y, y_pred),
+        x,
+        y,
+        options=keras_sam.SAMOptions(rho=RHO, perturbation="momentum"),
+        momentums=[keras.Variable(m.astype("float32")) for m in (mw, mb)],
+    )
+    numpy = keras.ops.convert_to_numpy
+    for got, expected in zip(result.gradients, want):
+        np.testing.assert_allclose(numpy(got), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(numpy(result.loss), want_loss, rtol=1e-6)
+    np.testing.assert_allclose(
+        numpy(result.grad_norm),
+        np.sqrt(sum(np.sum(g**2) for g in want)),
+        rtol=1e-6,
+    )
+    assert float(numpy(result.sharpness)) == 0.0
+
+
 def test_rho_zero_is_the_plain_fit():
     x, y, w0, b0 = softmax_data()
     model = msam_model(rho=0.0)

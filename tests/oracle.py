@@ -230,19 +230,23 @@ def gradient_norm_outlier(decay, c_start, c_end, decay_steps):
     return is_sam
 
 
-def train_momentum_sam(w, b, batches, rho, lr, momentum, l2=0.0):
+def train_momentum_sam(
+    w, b, batches, rho, lr, momentum, l2=0.0, mask=(True, True)
+):
     """Momentum-SAM in Keras' convention, by hand.
 
-    Per step: ε = ρ m/(‖m‖ + 1e-12) from the momentum m (zero at first);
-    g = ∇L(w + ε); m ← μ m − lr g; w ← w + m. Returns the final (W, b)
-    and the loss at w + ε of every step.
+    Per step: ε = ρ m/(‖m‖ + 1e-12) from the momentum m (zero at first) of
+    the tensors in `mask` (W, b), 0 on the others; g = ∇L(w + ε);
+    m ← μ m − lr g; w ← w + m. Returns the final (W, b) and the loss at
+    w + ε of every step.
     """
     w, b = w.astype(np.float64), b.astype(np.float64)
     mw, mb = np.zeros_like(w), np.zeros_like(b)
     losses = []
     for x, y, sw in batches:
-        norm = np.sqrt(np.sum(mw**2) + np.sum(mb**2))
-        ew, eb = rho * mw / (norm + 1e-12), rho * mb / (norm + 1e-12)
+        tw, tb = (m if on else 0.0 * m for m, on in zip((mw, mb), mask))
+        norm = np.sqrt(np.sum(tw**2) + np.sum(tb**2))
+        ew, eb = rho * tw / (norm + 1e-12), rho * tb / (norm + 1e-12)
         loss, (gw, gb) = softmax_regression_loss_and_grad(
             w + ew, b + eb, x, y, sw, l2
         )
