@@ -102,6 +102,36 @@ def test_ae_sam_keeps_float32_statistics_under_mixed_float16(mixed_policy):
     assert policy.mean.dtype == "float32"
 
 
+def test_ae_sam_keeps_statistics_of_the_gradient_without_the_loss_scale():
+    # The loss-scale optimizer's gradients are its scale (2**15) times the
+    # loss's; AE-SAM's statistics, kept over steps between which that scale
+    # moves, must hold the loss's own ‖g‖², as in float32.
+    def statistics(policy_name):
+        keras.config.set_dtype_policy(policy_name)
+        try:
+            x, y, w0, b0 = softmax_data()
+            model = keras_sam.SAMModel(
+                softmax_regression(w0, b0),
+                rho=RHO,
+                switching=switching.GradientNormOutlier(0.5),
+            )
+            model.compile(optimizer=sgd(), loss=xent())
+            model.fit(
+                x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+            )
+        finally:
+            keras.config.set_dtype_policy("float32")
+        policy = model.switching
+        scale = float(model.optimizer.scale_loss(1.0))
+        return scale, [float(policy.mean), float(policy.variance)]
+
+    _, want = statistics("float32")
+    scale, got = statistics("mixed_float16")
+    assert scale == 2.0**15
+    # float16 passes: 3e-4 apart; scaled: 2**30 times.
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
 def test_looksam_keeps_its_direction_when_a_sam_step_is_not_finite():
     x, y, w0, b0 = softmax_data()
     x, y = x[:BATCH], y[:BATCH]
