@@ -210,6 +210,26 @@ def test_landscape_at_the_origin_is_the_models_loss():
     np.testing.assert_allclose(surface[1, 0], want, rtol=1e-5)
 
 
+def test_landscapes_are_the_loss_along_their_directions():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((20, 3))
+    y = rng.standard_normal((20, 1))
+    w, d1, d2 = (rng.standard_normal((3, 1)) for _ in range(3))
+    model, dataset = least_squares(x, y, w)
+
+    def loss(a, b=0.0):
+        return np.mean((x @ (w + a * d1 + b * d2) - y) ** 2)
+
+    alphas, betas = [-1.0, 0.5], [0.0, 2.0, -0.5]
+    line = analysis.loss_landscape_1d(model, dataset, mse, alphas, [d1])
+    np.testing.assert_allclose(line, [loss(a) for a in alphas], rtol=1e-5)
+    surface = analysis.loss_landscape_2d(
+        model, dataset, mse, alphas, betas, ([d1], [d2])
+    )
+    want = [[loss(a, b) for b in betas] for a in alphas]
+    np.testing.assert_allclose(surface, want, rtol=1e-5)
+
+
 def test_interpolation_ends_at_both_models():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((20, 3)).astype("float32")
