@@ -1,0 +1,504 @@
+"""Mutation check: does a test fail when keras_sam's math is changed?
+
+Each mutant changes one expression of the library (a sign, a norm, a
+weight, a guard), in a copy of the repository's files, and runs the tests
+that should catch it, stopping at the first failure. A mutant that every
+one of its tests passes is a place where no test can fail: a defect of the
+tests (or an equivalent change, which the mutant's comment must say).
+
+    .venv/bin/python -m tests.mutants            # all, about 50 minutes
+    .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
+
+It prints one line per mutant and exits 1 if any survives. Not part of
+`make test` (each mutant runs its tests anew); run it after changing the
+step's math or its tests. A pattern that no longer occurs exactly once is
+reported as stale, to be updated with the code.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+P = "keras_sam/perturbations.py"
+S = "keras_sam/sam_step.py"
+B = "keras_sam/batch_parts.py"
+W = "keras_sam/switching.py"
+R = "keras_sam/schedules.py"
+M = "keras_sam/sam_model.py"
+C = "keras_sam/custom_loops.py"
+L = "keras_sam/selection.py"
+D = "keras_sam/backend/tensorflow_distribute.py"
+A = "keras_sam/analysis.py"
+
+
+def tests(*names):
+    return [f"tests/{name}_test.py" for name in names]
+
+
+PERTURBATIONS = tests("perturbations")
+VARIANTS = tests("variants")
+SEMANTICS = tests("step_semantics")
+FSAM = tests("friendly_sam")
+ANALYSIS = tests("analysis")
+
+# (file, text, replacement, tests[, backend]); TensorFlow unless named.
+MUTANTS = [
+    (
+        P,
+        "rho / (norm + epsilon), 0.0)",
+        "rho / (norm**0.5 + epsilon), 0.0)",
+        PERTURBATIONS,
+    ),
+    (
+        P,
+        "return ops.sqrt(ops.sum(ops.stack(squares)))",
+        "return ops.sum(ops.stack(squares))",
+        PERTURBATIONS,
+    ),
+    (P, "return largest * _norm(", "return _norm(", tests("fuzz")),
+    (
+        P,
+        "directions.append(ops.multiply(ops.multiply(g, t), t))",
+        "directions.append(ops.multiply(g, t))",
+        PERTURBATIONS,
+    ),
+    (
+        P,
+        't = ops.abs(ops.cast(w, "float32")) + eta',
+        't = ops.abs(ops.cast(w, "float32"))',
+        PERTURBATIONS,
+    ),
+    (
+        P,
+        "adaptive_mask = [True] * len(gradients)",
+        "adaptive_mask = [False] * len(gradients)",
+        PERTURBATIONS,
+    ),
+    (
+        P,
+        "norm_terms.append(g)\n",
+        "norm_terms.append(None)\n",
+        PERTURBATIONS + tests("sam_model"),
+    ),
+    (
+        P,
+        'd = ops.where(finite, ops.cast(d, "float32"), 0.0)',
+        'd = ops.cast(d, "float32")',
+        PERTURBATIONS,
+    ),
+    (
+        P,
+        "projection = dot / (squared + epsilon)",
+        "projection = dot / (squared**0.5 + epsilon)",
+        VARIANTS,
+    ),
+    (
+        P,
+        "return ops.subtract(p, ops.multiply(alpha, orthogonal))",
+        "return ops.add(p, ops.multiply(alpha, orthogonal))",
+        VARIANTS,
+    ),
+    (
+        P,
+        "ops.sum(ops.square(g)) + epsilon",
+        "ops.sum(ops.square(s)) + epsilon",
+        VARIANTS,
+    ),
+    (P, "scale = alpha * _global_norm([g]) / (", "scale = alpha / (", VARIANTS),
+    (
+        P,
+        "lambda g, m: ops.subtract(g, ops.multiply(sigma, m))",
+        "lambda g, m: ops.add(g, ops.multiply(sigma, m))",
+        FSAM,
+    ),
+    (P, "decay * m + (1.0 - decay) * g", "(1.0 - decay) * m + decay * g", FSAM),
+    (P, "new = ops.where(first, g, ", "new = ops.where(False, g, ", FSAM),
+    (P, "return ops.where(finite, new, m)", "return new", FSAM),
+    (
+        P,
+        "    gradients = backend.sum_duplicate_rows(gradients)\n    return _sc",
+        "    return _sc",
+        tests("sparse_gradients"),
+    ),
+    (
+        S,
+        "norm = perturbations.global_norm(gradients) / replicas",
+        "norm = perturbations.global_norm(gradients)",
+        tests("distribute"),
+    ),
+    # Where a layer draws from the backend's own generator (PyTorch's
+    # unseeded dropout). Not mutated: restoring the generator after the
+    # perturbed passes, which, drawing as the clean passes drew from the
+    # same start, leave it where those left it.
+    (
+        S,
+        "                backend.set_random_state(part.random_state)\n",
+        "",
+        tests("sam_model"),
+        "torch",
+    ),
+    (
+        S,
+        "sharpness.append(perturbed.loss - part.clean.loss)",
+        "sharpness.append(perturbed.loss)",
+        SEMANTICS,
+    ),
+    (
+        S,
+        "part.clean.gradients, gradients, options.gsam_alpha",
+        "gradients, part.clean.gradients, options.gsam_alpha",
+        VARIANTS,
+    ),
+    (
+        S,
+        "old if d is None else ops.where(finite, d, old)",
+        "old if d is None else d",
+        tests("mixed_precision_variants"),
+    ),
+    (
+        S,
+        "                        part.clean.gradients, gradients\n",
+        "                        gradients, part.clean.gradients\n",
+        VARIANTS,
+    ),
+    (S, "None if g is None else g / ops.cast(unit, g.dtype)", "g", FSAM),
+    (
+        S,
+        "grad_norm=perturbations.global_norm(perturbed.gradients)",
+        'grad_norm=ops.zeros((), "float32")',
+        tests("momentum_sam"),
+    ),
+    (
+        S,
+        "run_perturbed = take_sam if rho > 0 else False",
+        "run_perturbed = take_sam",
+        tests("sam_model"),
+    ),
+    (
+        S,
+        "if parts_count == 1 or needs_norm:",
+        "if parts_count == 1:",
+        tests("distribute"),
+    ),
+    (S, "    _assign(non_trainable, outcome.state)\n", "", tests("sam_model")),
+    (
+        S,
+        "for_epsilon = perturbed_only(gradients)",
+        "for_epsilon = gradients",
+        VARIANTS,
+    ),
+    (
+        S,
+        "directions = perturbed_only(selection.values(momentums))",
+        "directions = selection.values(momentums)",
+        tests("momentum_sam"),
+    ),
+    (B, "start = i * size + min(i, extra)", "start = i * size", SEMANTICS),
+    (
+        B,
+        "length = size + (1 if i < extra else 0)",
+        "length = size + (1 if i <= extra else 0)",
+        SEMANTICS,
+    ),
+    (B, "fraction = length / n\n", "fraction = 1 / parts\n", SEMANTICS),
+    (
+        B,
+        "merged.append(old + weighted_mean(deltas, fractions))",
+        "merged.append(old + deltas[0])",
+        SEMANTICS,
+    ),
+    (
+        B,
+        "old if new is None or _is_floating(old) else new",
+        "old if new is None else new",
+        SEMANTICS,
+    ),
+    (
+        B,
+        'refused = {"sum", "mean_with_sample_weight"} if weighted else',
+        'refused = {"sum"} if weighted else',
+        SEMANTICS,
+    ),
+    (
+        B,
+        "length = size + ops.cast(i < extra, n.dtype)",
+        "length = size + ops.cast(i <= extra, n.dtype)",
+        SEMANTICS,
+    ),
+    (
+        W,
+        "return ops.equal(ops.mod(step, self.every), 0)",
+        "return ops.equal(ops.mod(step, self.every), 1)",
+        VARIANTS,
+    ),
+    (W, "ops.square(n - mean),", "ops.square(n - old_mean),", VARIANTS),
+    (
+        W,
+        "return ops.square(norm / scale)",
+        "return ops.square(norm)",
+        tests("mixed_precision_variants"),
+    ),
+    (
+        W,
+        '"float32") / float(self.decay_steps), 1.0',
+        '"float32") / float(self.decay_steps), 9.0',
+        VARIANTS,
+    ),
+    (
+        W,
+        "late = ops.greater_equal(step, self.start_step)",
+        "late = ops.greater(step, self.start_step)",
+        tests("late_phase"),
+    ),
+    (
+        M,
+        "grad_norm = result.grad_norm * backend.replica_count() / scale",
+        "grad_norm = result.grad_norm / scale",
+        SEMANTICS,
+    ),
+    (
+        M,
+        "grad_norm = result.grad_norm * backend.replica_count() / scale",
+        "grad_norm = result.grad_norm * backend.replica_count()",
+        SEMANTICS,
+    ),
+    (
+        M,
+        "        loss = loss * ops.cast(replicas, loss.dtype)\n",
+        "        loss = loss\n",
+        tests("distribute"),
+    ),
+    (
+        M,
+        'ops.logical_and(finite, result.perturbed), "float32"',
+        'finite, "float32"',
+        SEMANTICS,
+    ),
+    (
+        M,
+        "x, y, result.y_pred, sample_weight=sample_weight\n",
+        "x, y, result.y_pred, sample_weight=None\n",
+        tests("keras_features"),
+    ),
+    (
+        M,
+        "            sample_weight=ops.shape(\n",
+        "            sample_weight=0 * ops.shape(\n",
+        tests("sam_model"),
+    ),
+    (
+        L,
+        '_OFFSET_NAMES = ("bias", "beta")',
+        '_OFFSET_NAMES = ("bias",)',
+        SEMANTICS,
+    ),
+    (
+        L,
+        "any(p.search(v.path) for p in patterns)",
+        "any(p.fullmatch(v.path) for p in patterns)",
+        VARIANTS,
+    ),
+    (
+        D,
+        '{"sum": tf.distribute.ReduceOp.SUM}.get(',
+        '{"sum": tf.distribute.ReduceOp.MEAN}.get(',
+        tests("distribute"),
+    ),
+    (
+        C,
+        "        loss = loss / replicas\n",
+        "        loss = loss\n",
+        tests("sam_gradients"),
+    ),
+    (
+        C,
+        "            if sample_weight is None and keeps_default:",
+        "            if keeps_default:",
+        tests("sam_gradients"),
+    ),
+    (
+        C,
+        "    if len(positional) >= 3 and positional[2].default is required:",
+        "    if len(positional) >= 3:",
+        tests("sam_gradients"),
+    ),
+    (
+        R,
+        "fraction = (lr - self.lr_min) / (self.lr_max - self.lr_min)",
+        "fraction = (lr - self.lr_min) / self.lr_max",
+        tests("schedules"),
+    ),
+    (
+        R,
+        "return ops.clip(rho, self.rho_min, self.rho_max)",
+        "return rho",
+        tests("schedules"),
+    ),
+    (
+        R,
+        'return ops.where(ops.greater_equal(rho, 0), rho, float("nan"))',
+        "return rho",
+        tests("arguments"),
+    ),
+    (
+        A,
+        "ops.convert_to_numpy(t).astype(np.float64) * n,",
+        "ops.convert_to_numpy(t).astype(np.float64),",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "range(2):\n            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)\n"
+        "        alphas",
+        "range(0):\n            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)\n"
+        "        alphas",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "return ritz, vectors[0] ** 2, exhausted",
+        "return ritz, np.abs(vectors[0]), exhausted",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "density += kernel @ tau / (sigma * math.sqrt(2 * math.pi))",
+        "density += kernel @ tau / sigma",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "return grid, density / num_probes, nodes",
+        "return grid, density, nodes",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "axes = tuple(range(w.ndim - 1))",
+        "axes = tuple(range(1, w.ndim))",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "                d = np.zeros_like(w)\n",
+        "                pass\n",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "groups = dataset.unbatch().batch(m, drop_remainder=True)",
+        "groups = dataset",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "values.append(float(perturbed_loss) - float(loss))",
+        "values.append(float(perturbed_loss))",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "invariant = beta <= tol * max(abs(a) for a in alphas)",
+        "invariant = beta <= tol",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "and np.all(np.abs(top - previous[0]) <= tol * np.max(np.abs(top)))",
+        "and np.all(np.abs(top - previous[0]) <= tol)",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "if invariant and (not restart or j + 1 == steps):",
+        "if invariant:",
+        ANALYSIS,
+    ),
+    (
+        A,
+        "_combine(functions, w, [(a, d1), (b, d2)])",
+        "_combine(functions, w, [(b, d1), (a, d2)])",
+        ANALYSIS,
+    ),
+    (
+        A,
+        'model.weights if "float" in str(v.dtype)]',
+        'model.trainable_weights if "float" in str(v.dtype)]',
+        ANALYSIS,
+    ),
+]
+
+
+def _copy(destination):
+    """The repository's files, tracked or not ignored, into `destination`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in listed:
+        source = os.path.join(ROOT, path)
+        if os.path.isfile(source):
+            os.makedirs(
+                os.path.dirname(os.path.join(destination, path)),
+                exist_ok=True,
+            )
+            shutil.copy2(source, os.path.join(destination, path))
+
+
+def run(mutant_id, mutant):
+    """Applies one mutant in a scratch copy; returns (outcome, detail)."""
+    path, text, replacement, test_files, *rest = mutant
+    backend = rest[0] if rest else "tensorflow"
+    with tempfile.TemporaryDirectory(prefix="keras_sam_mutant_") as scratch:
+        _copy(scratch)
+        with open(os.path.join(scratch, path)) as f:
+            source = f.read()
+        if source.count(text) != 1:
+            return "stale", f"{text!r} occurs {source.count(text)} times"
+        with open(os.path.join(scratch, path), "w") as f:
+            f.write(source.replace(text, replacement))
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
+            + ["-x", "-n", "2", "--dist", "loadfile", *test_files],
+            cwd=scratch,
+            env=dict(os.environ, KERAS_BACKEND=backend),
+            capture_output=True,
+            text=True,
+        )
+    lines = result.stdout.strip().splitlines() or [""]
+    failed = [line for line in lines if line.startswith("FAILED")]
+    if failed:  # `-x` under xdist may exit 2, "interrupted"
+        return "killed", failed[0]
+    if result.returncode == 0:
+        return "SURVIVED", lines[-1]
+    return "error", lines[-1]  # a collection error, not a failing test
+
+
+def main(argv):
+    ids = [int(arg) for arg in argv] or range(len(MUTANTS))
+    survivors = []
+    for mutant_id in ids:
+        start = time.time()
+        outcome, detail = run(mutant_id, MUTANTS[mutant_id])
+        path, text = MUTANTS[mutant_id][:2]
+        print(
+            f"{mutant_id:3d} {outcome:8s} {time.time() - start:4.0f}s "
+            f"{path}: {text.strip()[:50]!r} | {detail[:100]}",
+            flush=True,
+        )
+        if outcome != "killed":
+            survivors.append(mutant_id)
+    print(f"{len(ids) - len(survivors)} of {len(ids)} killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
