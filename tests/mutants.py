@@ -1,18 +1,19 @@
 """Mutation check: does a test fail when keras_sam's math is changed?
 
 Each mutant changes one expression of the library (a sign, a norm, a
-weight, a guard), in a copy of the repository's files, and runs the tests
-that should catch it, stopping at the first failure. A mutant that every
-one of its tests passes is a place where no test can fail: a defect of the
-tests (or an equivalent change, which the mutant's comment must say).
+weight, a guard) in one copy of the repository's files, made once, runs
+the tests that should catch it, stopping at the first failure, and puts
+the expression back. A mutant that every one of its tests passes is a
+place where no test can fail: a defect of the tests (or an equivalent
+change, which the mutant's comment must say).
 
     .venv/bin/python -m tests.mutants            # all, about an hour
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
 
-It prints one line per mutant and exits 1 if any survives. Not part of
-`make test` (each mutant runs its tests anew); run it after changing the
-step's math or its tests. A pattern that no longer occurs exactly once is
-reported as stale, to be updated with the code.
+It prints one line per mutant and exits 1 unless every one is killed.
+Not part of `make test` (each mutant runs its tests anew); run it after
+changing the step's math or its tests. A pattern that no longer occurs
+exactly once is reported as stale, to be updated with the code.
 """
 
 import os
@@ -453,26 +454,33 @@ def _copy(destination):
             shutil.copy2(source, os.path.join(destination, path))
 
 
-def run(mutant_id, mutant):
-    """Applies one mutant in a scratch copy; returns (outcome, detail)."""
+def run(scratch, mutant):
+    """Applies one mutant to the copy in `scratch`, runs its tests and
+    puts the file back; returns (outcome, detail)."""
     path, text, replacement, test_files, *rest = mutant
     backend = rest[0] if rest else "tensorflow"
-    with tempfile.TemporaryDirectory(prefix="keras_sam_mutant_") as scratch:
-        _copy(scratch)
-        with open(os.path.join(scratch, path)) as f:
-            source = f.read()
-        if source.count(text) != 1:
-            return "stale", f"{text!r} occurs {source.count(text)} times"
-        with open(os.path.join(scratch, path), "w") as f:
+    file = os.path.join(scratch, path)
+    with open(file) as f:
+        source = f.read()
+    if source.count(text) != 1:
+        return "stale", f"{text!r} occurs {source.count(text)} times"
+    try:
+        with open(file, "w") as f:
             f.write(source.replace(text, replacement))
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
             + ["-x", "-n", "2", "--dist", "loadfile", *test_files],
             cwd=scratch,
-            env=dict(os.environ, KERAS_BACKEND=backend),
+            # No bytecode: a mutant's must not outlive its file.
+            env=dict(
+                os.environ, KERAS_BACKEND=backend, PYTHONDONTWRITEBYTECODE="1"
+            ),
             capture_output=True,
             text=True,
         )
+    finally:
+        with open(file, "w") as f:
+            f.write(source)
     lines = result.stdout.strip().splitlines() or [""]
     failed = [line for line in lines if line.startswith("FAILED")]
     if failed:  # `-x` under xdist may exit 2, "interrupted"
@@ -485,17 +493,19 @@ def run(mutant_id, mutant):
 def main(argv):
     ids = [int(arg) for arg in argv] or range(len(MUTANTS))
     survivors = []
-    for mutant_id in ids:
-        start = time.time()
-        outcome, detail = run(mutant_id, MUTANTS[mutant_id])
-        path, text = MUTANTS[mutant_id][:2]
-        print(
-            f"{mutant_id:3d} {outcome:8s} {time.time() - start:4.0f}s "
-            f"{path}: {text.strip()[:50]!r} | {detail[:100]}",
-            flush=True,
-        )
-        if outcome != "killed":
-            survivors.append(mutant_id)
+    with tempfile.TemporaryDirectory(prefix="keras_sam_mutants_") as scratch:
+        _copy(scratch)
+        for mutant_id in ids:
+            start = time.time()
+            outcome, detail = run(scratch, MUTANTS[mutant_id])
+            path, text = MUTANTS[mutant_id][:2]
+            print(
+                f"{mutant_id:3d} {outcome:8s} {time.time() - start:4.0f}s "
+                f"{path}: {text.strip()[:50]!r} | {detail[:100]}",
+                flush=True,
+            )
+            if outcome != "killed":
+                survivors.append(mutant_id)
     print(f"{len(ids) - len(survivors)} of {len(ids)} killed")
     return 1 if survivors else 0
 
