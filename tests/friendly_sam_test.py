@@ -12,6 +12,7 @@ import keras_sam
 from keras_sam import switching
 from tests import backends
 from tests import oracle
+from tests.mixed_precision_test import dtype_policy
 from tests.sam_model_test import BATCH
 from tests.sam_model_test import LR
 from tests.sam_model_test import MODES
@@ -325,12 +326,9 @@ def test_its_average_is_of_the_gradient_without_the_loss_scale():
     # The loss-scale optimizer's gradients are its scale (2**15) times the
     # loss's; the average, kept over steps between which that scale moves,
     # must hold the loss's own, as in float32.
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
+    with dtype_policy("mixed_float16"):
         model = friendly_model()
         fit(model, jit_compile=False)
-    finally:
-        keras.config.set_dtype_policy("float32")
     assert float(model.optimizer.scale_loss(1.0)) == 2.0**15
     want_w, want_b, _, average = oracle_weights()
     for got, want in zip(model._friendly_averages, average):

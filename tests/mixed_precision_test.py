@@ -1,5 +1,7 @@
 """SAMModel under the mixed_float16 policy (loss scaling, overflow)."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -18,13 +20,20 @@ from tests.sam_model_test import softmax_regression
 from tests.sam_model_test import xent
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.config.set_dtype_policy("mixed_float16")
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras' global dtype policy `name`, then float32 again."""
+    keras.config.set_dtype_policy(name)
     try:
         yield
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def mixed_float16():
+    with dtype_policy("mixed_float16"):
+        yield
 
 
 def test_mixed_float16_scales_the_loss_and_matches_the_oracle(mixed_float16):

@@ -15,6 +15,7 @@ from keras import ops
 import keras_sam
 from keras_sam import switching
 from tests import oracle
+from tests.mixed_precision_test import dtype_policy
 from tests.sam_model_test import BATCH
 from tests.sam_model_test import RHO
 from tests.sam_model_test import sgd
@@ -28,11 +29,8 @@ EPOCHS = 3  # 3 steps each; the first step of the first epoch overflows.
 
 @pytest.fixture(params=["mixed_float16", "mixed_bfloat16"])
 def mixed_policy(request):
-    keras.config.set_dtype_policy(request.param)
-    try:
+    with dtype_policy(request.param):
         yield request.param
-    finally:
-        keras.config.set_dtype_policy("float32")
 
 
 def overflowing_dataset():
@@ -107,8 +105,7 @@ def test_ae_sam_keeps_statistics_of_the_gradient_without_the_loss_scale():
     # loss's; AE-SAM's statistics, kept over steps between which that scale
     # moves, must hold the loss's own ‖g‖², as in float32.
     def statistics(policy_name):
-        keras.config.set_dtype_policy(policy_name)
-        try:
+        with dtype_policy(policy_name):
             x, y, w0, b0 = softmax_data()
             model = keras_sam.SAMModel(
                 softmax_regression(w0, b0),
@@ -119,8 +116,6 @@ def test_ae_sam_keeps_statistics_of_the_gradient_without_the_loss_scale():
             model.fit(
                 x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
             )
-        finally:
-            keras.config.set_dtype_policy("float32")
         policy = model.switching
         scale = float(model.optimizer.scale_loss(1.0))
         return scale, [float(policy.mean), float(policy.variance)]

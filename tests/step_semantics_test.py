@@ -17,6 +17,7 @@ from keras_sam import switching
 from tests import backends
 from tests import oracle
 from tests.distribute_test import mirrored
+from tests.mixed_precision_test import dtype_policy
 from tests.sam_model_test import BATCH
 from tests.sam_model_test import LR
 from tests.sam_model_test import MODES
@@ -501,11 +502,8 @@ def test_sharpness_averages_only_the_steps_that_ran_sam():
 
 
 def test_grad_norm_is_unscaled_under_mixed_float16():
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
+    with dtype_policy("mixed_float16"):
         model, logs = fit_and_log()
-    finally:
-        keras.config.set_dtype_policy("float32")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     sharpness, norm = oracle_metrics()
     np.testing.assert_allclose(logs["grad_norm"][0], norm, rtol=2e-2)
