@@ -7,6 +7,8 @@ from keras_sam.custom_loops import sam_gradients
 from keras_sam.custom_loops import stateless_sam_gradients
 from keras_sam.options import SAMOptions
 from keras_sam.perturbations import asam_perturbation
+from keras_sam.perturbations import friendly_average
+from keras_sam.perturbations import friendly_direction
 from keras_sam.perturbations import global_norm
 from keras_sam.perturbations import gsam_gradients
 from keras_sam.perturbations import looksam_direction
@@ -24,6 +26,8 @@ __all__ = [
     "SAMResult",
     "asam_perturbation",
     "compute_sam_gradients",
+    "friendly_average",
+    "friendly_direction",
     "global_norm",
     "gsam_gradients",
     "looksam_direction",

@@ -179,26 +179,24 @@ def test_options_that_combine_match_the_oracle(variant):
 def test_the_pure_functions_start_keep_and_guard_the_average():
     from keras import ops
 
-    from keras_sam import perturbations
-
     g = [np.array([1.0, -2.0], "float32"), None]
     m = [np.array([0.5, 0.5], "float32"), np.array([3.0], "float32")]
-    d = perturbations.friendly_direction(g, m, 0.8)
+    d = keras_sam.friendly_direction(g, m, 0.8)
     np.testing.assert_allclose(ops.convert_to_numpy(d[0]), [0.6, -2.4])
     assert d[1] is None
-    new = perturbations.friendly_average(g, m, 0.6)
+    new = keras_sam.friendly_average(g, m, 0.6)
     np.testing.assert_allclose(ops.convert_to_numpy(new[0]), [0.7, -0.5])
     np.testing.assert_array_equal(ops.convert_to_numpy(new[1]), [3.0])
     # The first step (m = 0) starts the average at g.
     zero = [np.zeros(2, "float32"), np.zeros(1, "float32")]
-    first = perturbations.friendly_average(g, zero, 0.6)
+    first = keras_sam.friendly_average(g, zero, 0.6)
     np.testing.assert_array_equal(ops.convert_to_numpy(first[0]), g[0])
     # An overflowed gradient leaves it, and gives ε = 0.
     bad = [np.array([np.inf, 1.0], "float32"), None]
-    kept = perturbations.friendly_average(bad, m, 0.6)
+    kept = keras_sam.friendly_average(bad, m, 0.6)
     np.testing.assert_array_equal(ops.convert_to_numpy(kept[0]), m[0])
-    eps = perturbations.sam_perturbation(
-        perturbations.friendly_direction(bad, m, 0.8), 0.5
+    eps = keras_sam.sam_perturbation(
+        keras_sam.friendly_direction(bad, m, 0.8), 0.5
     )
     np.testing.assert_array_equal(ops.convert_to_numpy(eps[0]), [0.0, 0.0])
 
