@@ -271,7 +271,7 @@ def test_plots_write_png_files(tmp_path):
         ),
         (dict(max_iterations=0), "Received: max_iterations=0"),
         (dict(tol=float("nan")), "`tol` must be finite"),
-        (dict(tol=-1.0), "`tol` must be > 0"),
+        (dict(tol=0.0), "`tol` must be > 0. Received: tol=0.0"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, message):
@@ -296,8 +296,12 @@ def test_bad_arguments_are_rejected(kwargs, message):
             "Received: num_probes=0",
         ),
         (
-            lambda m, d: analysis.hessian_spectral_density(m, d, mse, sigma=-1),
-            "`sigma` must be > 0. Received: sigma=-1",
+            lambda m, d: analysis.hessian_spectral_density(m, d, mse, sigma=0),
+            "`sigma` must be > 0. Received: sigma=0",
+        ),
+        (
+            lambda m, d: analysis.m_sharpness(m, d, mse, rho=0.0, m=2),
+            "`rho` must be > 0. Received: rho=0.0",
         ),
         (
             lambda m, d: analysis.m_sharpness(m, d, mse, rho=np.inf, m=2),
@@ -385,6 +389,7 @@ def test_bad_arguments_are_rejected(kwargs, message):
         "lanczos_steps",
         "num_probes",
         "sigma",
+        "zero_rho",
         "rho",
         "m",
         "empty_direction",

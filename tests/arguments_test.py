@@ -245,6 +245,26 @@ def base():
             "Received: micro_batches=2.0",
         ),
         (
+            lambda: keras_sam.SAMModel(base(), adaptive_variables="bias"),
+            "`adaptive_variables` must be 'weights' or 'all'. Received: "
+            "adaptive_variables='bias'",
+        ),
+        (
+            lambda: keras_sam.SAMModel(base(), looksam_alpha=0.5),
+            "`looksam_alpha` acts on the steps without SAM, so it needs a "
+            "`switching` policy",
+        ),
+        (
+            lambda: keras_sam.SAMModel(
+                base(),
+                switching=keras_sam.switching.Periodic(2),
+                looksam_alpha=0.5,
+                micro_batches=2,
+            ),
+            "`looksam_alpha` stores one direction per step and cannot be "
+            "combined with micro_batches=2.",
+        ),
+        (
             # Refused when built, not when `fit` first matches it.
             lambda: keras_sam.SAMModel(
                 base(), perturbed_variables=["kernel", "["]
