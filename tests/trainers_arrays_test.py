@@ -53,6 +53,15 @@ def test_training_batches_are_augmented_by_step_not_by_call_order():
     for want, got in zip(whole[4:], resumed):
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(whole[0], whole[1])
+    # Two steps of the same rows draw different augmentations.
+    same_rows = np.repeat(indices[:1], 2, axis=0)
+    first, second = [
+        x.numpy()
+        for x, _ in arrays.training_dataset(
+            split, same_rows, 0, augmentation, 10, seed=3
+        )
+    ]
+    assert not np.array_equal(first, second)
 
 
 class _Flags(types.SimpleNamespace):
@@ -129,6 +138,17 @@ def test_validation_split_is_held_out_and_noised_like_training(tmp_path):
         splits.flipped, splits.train.labels != synthetic[0].labels[:300]
     )
     assert 0.3 < splits.flipped.mean() < 0.6
+    # Without --train_examples, every row but the held-out ones trains:
+    # above, the first 300 rows train whether or not those are removed.
+    every_row = arrays.in_memory_splits(
+        config.DataConfig.from_flags(
+            make_flags(tmp_path, validation_examples=100)
+        ),
+        "fashion_mnist",
+        datasets_override=synthetic,
+    )
+    np.testing.assert_array_equal(every_row.train.images, images[:-100])
+    np.testing.assert_array_equal(every_row.validation.images, images[-100:])
 
 
 def test_memorization_and_validation_accuracy_are_recorded(tmp_path):

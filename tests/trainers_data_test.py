@@ -111,6 +111,10 @@ def test_label_noise_resamples_exactly_the_requested_fraction(fraction):
     # Uniform resampling keeps the true label with probability 1/10.
     changed = np.mean(noisy[chosen] != labels[chosen])
     assert abs(changed - 0.9) < 0.03
+    # Every class is drawn alike: drawing all but the last would change
+    # 90 % of them too.
+    drawn = np.bincount(noisy[chosen], minlength=10) / len(chosen)
+    np.testing.assert_allclose(drawn, 0.1, atol=0.03)
     again, _ = datasets.add_label_noise(labels, fraction, 10, seed=3)
     np.testing.assert_array_equal(again, noisy)
 
