@@ -1,18 +1,20 @@
-"""Mutation check: does a test fail when keras_sam's math is changed?
+"""Mutation check: does a test fail when keras_sam's code is changed?
 
-Each mutant changes one expression of the library (a sign, a norm, a
-weight, a guard) in one copy of the repository's files, made once, runs
-the tests that should catch it, stopping at the first failure, and puts
-the expression back. A mutant that every one of its tests passes is a
-place where no test can fail: a defect of the tests (or an equivalent
-change, which the mutant's comment must say).
+Each mutant changes one expression (a sign, a norm, a weight, a guard) of
+the library's math, its checks of arguments, the wrapper, `compat`, the
+backend modules or the trainers' data, checkpoints and schedule, in one
+copy of the repository's files, made once, runs the tests that should
+catch it, stopping at the first failure, and puts the expression back. A
+mutant that every one of its tests passes is a place where no test can
+fail: a defect of the tests (or an equivalent change, which the mutant's
+comment must say).
 
     .venv/bin/python -m tests.mutants            # all, about an hour
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
 
 It prints one line per mutant and exits 1 unless every one is killed.
 Not part of `make test` (each mutant runs its tests anew); run it after
-changing the step's math or its tests. A pattern that no longer occurs
+changing the code it mutates or its tests. A pattern that no longer occurs
 exactly once is reported as stale, to be updated with the code.
 """
 
@@ -35,6 +37,17 @@ C = "keras_sam/custom_loops.py"
 L = "keras_sam/selection.py"
 D = "keras_sam/backend/tensorflow_distribute.py"
 A = "keras_sam/analysis.py"
+OPTIONS = "keras_sam/options.py"
+WRAPPER = "keras_sam/wrapper.py"
+COMPAT = "keras_sam/compat.py"
+TF_BACKEND = "keras_sam/backend/tensorflow.py"
+JAX_BACKEND = "keras_sam/backend/jax.py"
+JAX_SHARDS = "keras_sam/backend/jax_shards.py"
+TORCH_BACKEND = "keras_sam/backend/torch.py"
+ARRAYS = "trainers/data/arrays.py"
+DATASETS = "trainers/data/datasets.py"
+CHECKPOINT = "trainers/checkpoint.py"
+LOOP = "trainers/loop.py"
 
 
 def tests(*names):
@@ -431,6 +444,196 @@ MUTANTS = [
         'model.weights if "float" in str(v.dtype)]',
         'model.trainable_weights if "float" in str(v.dtype)]',
         ANALYSIS,
+    ),
+    # Each check of an argument.
+    (
+        OPTIONS,
+        "if options.sync_perturbations and micro_batches > 1:",
+        "if False:",
+        tests("sam_model"),
+    ),
+    (
+        OPTIONS,
+        "if not friendly_decay < 1:",
+        "if not friendly_decay <= 1:",
+        FSAM,
+    ),
+    (OPTIONS, "or value < minimum", "or value < 0", tests("sam_model")),
+    (OPTIONS, "if not math.isfinite(value):", "if False:", tests("arguments")),
+    (
+        OPTIONS,
+        "(value > minimum if strict else value >= minimum)",
+        "(value >= minimum)",
+        ANALYSIS,
+    ),
+    (OPTIONS, 'if options.perturbation != "friendly":', "if False:", FSAM),
+    (OPTIONS, "if isinstance(rho, type):", "if False:", tests("arguments")),
+    (OPTIONS, "if switching is None:", "if False:", tests("arguments")),
+    (OPTIONS, "if micro_batches > 1:", "if False:", tests("arguments")),
+    (
+        OPTIONS,
+        'if options.adaptive_variables not in ("weights", "all"):',
+        "if False:",
+        tests("arguments"),
+    ),
+    (OPTIONS, "re.compile(pattern)", "pattern", tests("arguments")),
+    # The wrapper's refusals and warnings.
+    (
+        WRAPPER,
+        "replaced = [m for m in steps if overrides(base, m)]",
+        "replaced = []",
+        tests("keras_features"),
+    ),
+    (
+        WRAPPER,
+        "return loss is other or _loss_config(loss) == _loss_config(other)",
+        "return loss is other",
+        tests("keras_features"),
+    ),
+    (
+        WRAPPER,
+        "if isinstance(base, BaseWrapper):",
+        "if False:",
+        tests("arguments"),
+    ),
+    # Private Keras code.
+    (
+        COMPAT,
+        "    return inner._iterations",
+        "    return inner.iterations",
+        tests("compat"),
+    ),
+    (
+        COMPAT,
+        '    inner = getattr(optimizer, "inner_optimizer", optimizer)\n'
+        "    return inner._iterations",
+        "    inner = optimizer\n    return inner._iterations",
+        tests("compat"),
+    ),
+    (
+        COMPAT,
+        "                        variable.assign(value)",
+        "                        pass",
+        tests("compat"),
+        "jax",
+    ),
+    # What each backend module computes.
+    (
+        TF_BACKEND,
+        "_summed_rows(t) if isinstance(t, tf.IndexedSlices) else t",
+        "t",
+        tests("sparse_gradients"),
+    ),
+    (TF_BACKEND, "tf.reduce_sum(g * v)", "tf.reduce_sum(g * g)", ANALYSIS),
+    (
+        JAX_BACKEND,
+        "(list(vector),))[1]",
+        "(list(weights),))[1]",
+        ANALYSIS,
+        "jax",
+    ),
+    (
+        JAX_BACKEND,
+        "return mesh.shape[mesh.axis_names.index(batch_axis)]",
+        "return 1",
+        tests("jax_distribution"),
+        "jax",
+    ),
+    (
+        JAX_BACKEND,
+        "zip((variables, optimizer.variables), new_values)",
+        "zip((variables,), new_values)",
+        tests("sam_model"),
+        "jax",
+    ),
+    (
+        JAX_SHARDS,
+        "jnp.where(index == 0, state, jax.random.fold_in(state, index))",
+        "state",
+        tests("jax_distribution"),
+        "jax",
+    ),
+    (  # The shards interleaved instead of consecutive.
+        JAX_SHARDS,
+        "jnp.reshape(t, (shards, -1, *t.shape[1:]))",
+        "jnp.swapaxes(jnp.reshape(t, (-1, shards, *t.shape[1:])), 0, 1)",
+        tests("jax_distribution"),
+        "jax",
+    ),
+    (
+        TORCH_BACKEND,
+        "torch.sum(g * v)",
+        "torch.sum(g * g)",
+        ANALYSIS,
+        "torch",
+    ),
+    (
+        TORCH_BACKEND,
+        "if world_size > 1:",
+        "if world_size > 2:",
+        tests("torch_backend"),
+        "torch",
+    ),
+    # The trainers' data, checkpoints and schedule.
+    (  # The validation rows trained on too.
+        ARRAYS,
+        "train.images[:-held_out], train.labels[:-held_out]",
+        "train.images, train.labels",
+        tests("trainers_arrays"),
+    ),
+    (
+        ARRAYS,
+        "np.random.default_rng([seed, epoch])",
+        "np.random.default_rng(seed)",
+        tests("trainers_arrays"),
+    ),
+    (
+        ARRAYS,
+        "tf.stack([tf.constant(seed, tf.int64), step])",
+        "tf.stack([tf.constant(seed, tf.int64), 0 * step])",
+        tests("trainers_arrays"),
+    ),
+    (
+        DATASETS,
+        "rng.choice(len(labels), count, replace=False)",
+        "rng.choice(len(labels), count, replace=True)",
+        tests("trainers_data"),
+    ),
+    (  # The last class never drawn as a noisy label.
+        DATASETS,
+        "rng.integers(0, num_classes, count)",
+        "rng.integers(0, num_classes - 1, count)",
+        tests("trainers_data"),
+    ),
+    (
+        CHECKPOINT,
+        "if _checksum(arrays) != written:",
+        "if False:",
+        tests("trainers_checkpoint"),
+    ),
+    (
+        CHECKPOINT,
+        "digest.update(value.tobytes())",
+        "pass",
+        tests("trainers_checkpoint"),
+    ),
+    (
+        CHECKPOINT,
+        "if keep_previous and os.path.exists(path):",
+        "if False:",
+        tests("trainers_checkpoint"),
+    ),
+    (
+        LOOP,
+        "decay_steps=total_steps",
+        "decay_steps=2 * total_steps",
+        tests("trainers_config", "trainers_checkpoint"),
+    ),
+    (
+        LOOP,
+        "                variable.assign(value)",
+        "                pass",
+        tests("trainers_run"),
     ),
 ]
 
