@@ -42,9 +42,9 @@ def test_training_batches_are_augmented_by_step_not_by_call_order():
     indices = arrays.step_indices(64, 8, 6, seed=0)
     augmentation = arrays.augment_lib.Augmentation("cutout", (28, 28, 1))
 
-    def batches(start):
+    def batches(start, rows=indices):
         dataset = arrays.training_dataset(
-            split, indices, start, augmentation, 10, seed=3
+            split, rows, start, augmentation, 10, seed=3
         )
         return [x.numpy() for x, _ in dataset]
 
@@ -54,13 +54,7 @@ def test_training_batches_are_augmented_by_step_not_by_call_order():
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(whole[0], whole[1])
     # Two steps of the same rows draw different augmentations.
-    same_rows = np.repeat(indices[:1], 2, axis=0)
-    first, second = [
-        x.numpy()
-        for x, _ in arrays.training_dataset(
-            split, same_rows, 0, augmentation, 10, seed=3
-        )
-    ]
+    first, second = batches(0, rows=np.repeat(indices[:1], 2, axis=0))
     assert not np.array_equal(first, second)
 
 
