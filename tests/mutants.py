@@ -627,7 +627,7 @@ MUTANTS = [
         LOOP,
         "decay_steps=total_steps",
         "decay_steps=2 * total_steps",
-        tests("trainers_config", "trainers_checkpoint"),
+        tests("trainers_config"),
     ),
     (
         LOOP,

@@ -366,6 +366,37 @@ def test_sam_flags_make_the_options_of_their_forms(tmp_path):
     assert trainer_flags.sam_options(dict(rho=0.2, rho_min=0.02)).rho == 0.2
 
 
+@pytest.mark.parametrize("sam", [None, dict(rho=0.2, rho_min=0.02)])
+def test_cosine_learning_rate_reaches_zero_at_the_last_step(sam):
+    made = config.TrainingConfig(
+        model="small_cnn",
+        output_dir="unused",
+        data=data_config.DataConfig(batch_size=4),
+        optimizer=config.OptimizerConfig(learning_rate=0.1),
+        sam=sam,
+    )
+    strategy, settings = loop.prepare(made)
+    _, model = loop.build_sam_model(
+        made,
+        strategy,
+        settings,
+        lambda: keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
+        total_steps=40,
+    )
+    # 0.1 · (1 + cos(π t / 40)) / 2, by hand.
+    expected = {0: 0.1, 10: 0.0853553, 20: 0.05, 30: 0.0146447, 40: 0.0}
+    for step, rate in expected.items():
+        model.optimizer.iterations.assign(step)
+        assert float(model.optimizer.learning_rate) == pytest.approx(
+            rate, abs=1e-6
+        )
+        if sam is not None:
+            # ρ follows the rate: 0.2 at the peak, 0.02 at the last step.
+            assert float(model.options.rho(step)) == pytest.approx(
+                0.02 + 0.18 * rate / 0.1, abs=1e-6
+            )
+
+
 def test_from_flags_reads_every_value():
     values = dict(
         _declared_flags().flag_values_dict(),
