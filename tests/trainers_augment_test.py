@@ -44,6 +44,9 @@ def test_random_crop_gives_each_image_its_own_reflect_padded_window():
         else:
             pytest.fail("a crop is no window of the reflect-padded image")
     assert len(offsets) > 60  # of 81 possible, over 256 images
+    # Every shift, 0 … 2·PAD, in each direction.
+    for axis in (0, 1):
+        assert {offset[axis] for offset in offsets} == set(range(2 * PAD + 1))
 
 
 def test_random_flip_mirrors_about_half_of_the_images():
@@ -80,6 +83,12 @@ def test_cutout_zeroes_a_size_by_size_square_when_it_fits():
     zeros = (out == 0).sum(axis=(1, 2))
     assert zeros.max() == 36
     assert np.mean(zeros == 36) > 0.5
+    # The centre c is uniform over the 28 rows (and columns); the square's
+    # c − 3 … c + 2 reach the first for c ≤ 3, the last for c ≥ 25.
+    for axis in (1, 2):
+        cut = np.any(out == 0, axis=axis)
+        assert np.mean(cut[:, 0]) == pytest.approx(4 / 28, abs=0.04)
+        assert np.mean(cut[:, -1]) == pytest.approx(3 / 28, abs=0.04)
 
 
 @pytest.mark.parametrize("name", ["basic", "cutout"])
