@@ -139,6 +139,42 @@ def test_autoaugment_is_a_function_of_its_seed_with_a_draw_per_image():
     assert len({out.tobytes() for out in at(3)}) > 16
 
 
+def _outcomes(policy, value, images=4000):
+    # Constant 8-bit images, one value per image after the policy.
+    batch = np.full((images, 4, 4, 3), value / 255, np.float32)
+    out = autoaugment.autoaugment(batch, policy, seed=(2, 9)).numpy()
+    levels = np.round(out[:, 0, 0, 0] * 255).astype(int)
+    values, counts = np.unique(levels, return_counts=True)
+    return dict(zip(values.tolist(), (counts / images).tolist()))
+
+
+def test_each_sub_policy_is_drawn_alike_with_its_magnitudes():
+    # Level 51 = 0b110011: Posterize keeps 4 bits at magnitude 9 (48),
+    # 7 at magnitude 2 (50), 8 at magnitude 0 (51); Invert gives 204.
+    policy = (
+        (("Invert", 1.0, None),),
+        (("Posterize", 1.0, 9),),
+        (("Posterize", 1.0, 2),),
+        (("Posterize", 1.0, 0),),
+    )
+    drawn = _outcomes(policy, 51)
+    assert sorted(drawn) == [48, 50, 51, 204]
+    for share in drawn.values():
+        assert share == pytest.approx(0.25, abs=0.03)
+
+
+def test_operations_apply_with_their_probabilities_signs_and_in_order():
+    # Level 51: Invert (p = 0.3) first gives 204, then Brightness at
+    # magnitude 9 scales by 1 ± 0.9, the sign drawn per image: 255 (clipped)
+    # or 20.4; not inverted, 96.9 or 5.1. In the other order 159 or 250.
+    policy = ((("Invert", 0.3, None), ("Brightness", 1.0, 9)),)
+    drawn = _outcomes(policy, 51)
+    assert sorted(drawn) == [5, 20, 97, 255]
+    expected = {255: 0.15, 20: 0.15, 97: 0.35, 5: 0.35}
+    for level, share in expected.items():
+        assert drawn[level] == pytest.approx(share, abs=0.03)
+
+
 def test_autoaugment_in_tf_data_without_a_seed_draws_afresh():
     images = np.full((32, 8, 8, 3), 0.25, np.float32)
     dataset = tf.data.Dataset.from_tensors(images).repeat(2)
