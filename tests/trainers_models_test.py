@@ -36,6 +36,35 @@ def test_cifar_models_have_the_published_number_of_weights(name, count):
     assert model.output_shape == (None, 10)
 
 
+@pytest.mark.parametrize(
+    "name, blocks, relus",
+    [
+        # Post-activation (He et al.): a ReLU after the stem, after each
+        # block's first convolution and after each sum.
+        ("resnet20", 3, 1 + 2 * 9),
+        # Pre-activation (Zagoruyko & Komodakis): a ReLU before each of a
+        # block's convolutions and one before the pooling.
+        ("wrn_16_4", 2, 2 * 6 + 1),
+    ],
+)
+def test_residual_nets_halve_the_image_per_stage_and_place_their_relus(
+    name, blocks, relus
+):
+    model = models.build(name, (32, 32, 3), 10)
+    sums = [
+        layer.output.shape[1:3]
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Add)
+    ]
+    assert sums == [(32, 32)] * blocks + [(16, 16)] * blocks + [(8, 8)] * blocks
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("ReLU") == relus
+    if name == "resnet20":
+        assert all(
+            kinds[i + 1] == "ReLU" for i, k in enumerate(kinds) if k == "Add"
+        )
+
+
 def test_small_cnn_maps_fashion_mnist_to_ten_logits():
     model = models.build("small_cnn", (28, 28, 1), 10)
     assert model.output_shape == (None, 10)
