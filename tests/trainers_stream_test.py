@@ -1,5 +1,6 @@
 """The streaming trainers: ImageNet and finetuning, tf.data from tfds."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,6 +78,85 @@ def test_center_crop_keeps_the_central_224_of_256():
     np.testing.assert_allclose(crop[0, :, 0], np.arange(48, 272) // 2, atol=1)
 
 
+def test_random_resized_crops_span_the_inception_areas_aspects_and_flips():
+    # Each pixel holds its row (channel 0) and column (channel 1), so the
+    # crop's extent and direction can be read from the resized image.
+    rows, columns = np.meshgrid(np.arange(200), np.arange(240), indexing="ij")
+    image = tf.constant(
+        np.stack([rows, columns, np.zeros_like(rows)], -1), tf.uint8
+    )
+    areas, aspects, flips = [], [], []
+    for i in range(200):
+        crop = stream.random_resized_crop(
+            image, 16, tf.constant([7, i], tf.int64)
+        ).numpy()
+        crop = crop * 255
+        height = crop[-1, 0, 0] - crop[0, 0, 0] + 1
+        width = abs(crop[0, -1, 1] - crop[0, 0, 1]) + 1
+        areas.append(height * width / (200 * 240))
+        aspects.append(width / height)
+        flips.append(crop[0, -1, 1] < crop[0, 0, 1])
+    # Read back from 16 resized pixels: ± a pixel of the crop each way.
+    assert 0.07 < min(areas) < 0.2 and max(areas) > 0.8
+    assert 0.7 < min(aspects) < 0.85 and 1.2 < max(aspects) < 1.45
+    assert 0.4 < np.mean(flips) < 0.6
+
+
+def _indexed_source(examples=32, classes=32):
+    # Example i has label i and a random image of its own.
+    info = datasets.DatasetInfo("indexed", None, classes, "indexed")
+    images = tf.random.stateless_uniform(
+        [examples, 40, 48, 3], [4, 2], maxval=256, dtype=tf.int32
+    )
+    images = tf.cast(images, tf.uint8)
+
+    def read(split, shuffle_seed=None):
+        return tf.data.Dataset.from_tensor_slices(
+            (images, tf.range(examples, dtype=tf.int64))
+        )
+
+    return stream.Source(info, read, {"train": examples}), images
+
+
+def test_each_data_epoch_visits_every_example_once_in_its_own_order(
+    tmp_path,
+):
+    source, images = _indexed_source()
+    data_config = config.DataConfig.from_flags(make_flags(tmp_path, seed=3))
+
+    def batches(epoch, start, steps, augmentation="none"):
+        return list(
+            stream.training_dataset(
+                source, data_config, epoch, start, steps, 4, augmentation
+            )
+        )
+
+    def order(batches):
+        return np.concatenate([np.argmax(y, -1) for _, y in batches])
+
+    epochs = [order(batches(epoch, 0, 4)) for epoch in (0, 1)]
+    for visited in epochs:
+        np.testing.assert_array_equal(np.sort(visited), np.arange(32))
+    assert (epochs[0] != epochs[1]).mean() > 0.5
+    # A resumed epoch skips its first batch and continues as it would.
+    resumed = batches(1, 1, 2, augmentation="basic")
+    np.testing.assert_array_equal(order(resumed), epochs[1][8:24])
+    # Each crop is drawn from (seed, i), i counting examples across epochs.
+    for position, example in enumerate(epochs[1][8:24]):
+        got = resumed[position // 8][0][position % 8]
+        want = stream.random_resized_crop(
+            images[example], 32, tf.constant([3, 32 + 8 + position], tf.int64)
+        )
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+    few = dataclasses.replace(data_config, train_examples=16)
+    for epoch in (0, 1):
+        visited = order(
+            stream.training_dataset(source, few, epoch, 0, 2, 2, "none")
+        )
+        np.testing.assert_array_equal(np.sort(visited), np.arange(16))
+
+
 @pytest.mark.parametrize(
     "augmentation, policy",
     [("autoaugment_cifar", "cifar10"), ("autoaugment_svhn", "svhn")],
@@ -91,11 +171,12 @@ def test_autoaugment_applies_its_policy_after_the_crop_then_cutout(
 
     def batches(name):
         return list(
-            stream.training_dataset(source, data_config, 0, 1, 2, 4, name)
+            stream.training_dataset(source, data_config, 1, 1, 2, 4, name)
         )
 
     basic, augmented = batches("basic"), batches(augmentation)
-    for step, ((x, y), (got, labels)) in enumerate(zip(basic, augmented), 1):
+    # Data epoch 1 from its second batch: steps 5 and 6 of the run.
+    for step, ((x, y), (got, labels)) in enumerate(zip(basic, augmented), 5):
         key = tf.constant([3, step], tf.int64)
         # `trainers.augment.Augmentation`'s draws: flip, crop, cutout and
         # policy (the crop and the flip were done per example).
