@@ -322,6 +322,18 @@ def test_checkpoints_are_as_rare_as_asked(tmp_path):
     assert saves == [4, 6]
 
 
+def test_the_test_set_is_evaluated_every_eval_every_epochs(tmp_path):
+    # Four epochs of two steps; evaluated after the second and the fourth,
+    # and once more, for the results, at the end.
+    settings = dict(train_steps=8, eval_every_epochs=2, **EPOCHS)
+    results = fashion_mnist.run(make_flags(tmp_path, **settings))
+    assert len(results["history"]["loss"]) == 4
+    assert len(results["history"]["val_loss"]) == 2
+    assert results["history"]["val_loss"][-1] == pytest.approx(
+        results["test_loss"], rel=1e-6
+    )
+
+
 def test_results_record_the_trainer_flags_only(tmp_path):
     assert "logtostderr" in flags.FLAGS and "run_with_pdb" in flags.FLAGS
     fashion_mnist.run(make_flags(tmp_path))
