@@ -48,6 +48,10 @@ ARRAYS = "trainers/data/arrays.py"
 DATASETS = "trainers/data/datasets.py"
 CHECKPOINT = "trainers/checkpoint.py"
 LOOP = "trainers/loop.py"
+STREAM = "trainers/data/stream.py"
+AUTOAUGMENT = "trainers/data/autoaugment.py"
+RESIDUAL = "trainers/models/residual.py"
+AUGMENT = "trainers/data/augment.py"
 
 
 def tests(*names):
@@ -58,6 +62,8 @@ PERTURBATIONS = tests("perturbations")
 VARIANTS = tests("variants")
 SEMANTICS = tests("step_semantics")
 FSAM = tests("friendly_sam")
+STREAMED = tests("trainers_stream")
+POLICIES = tests("trainers_autoaugment")
 ANALYSIS = tests("analysis")
 
 # (file, text, replacement, tests[, backend]); TensorFlow unless named.
@@ -633,6 +639,126 @@ MUTANTS = [
         LOOP,
         "                variable.assign(value)",
         "                pass",
+        tests("trainers_run"),
+    ),
+    (STREAM, "area_range=(0.08, 1.0)", "area_range=(0.3, 1.0)", STREAMED),
+    (
+        STREAM,
+        "aspect_ratio_range=(3 / 4, 4 / 3)",
+        "aspect_ratio_range=(0.9, 1.1)",
+        STREAMED,
+    ),
+    (STREAM, "flip_seed) < 0.5", "flip_seed) < 0.0", STREAMED),
+    (
+        STREAM,
+        "first = (epoch * steps_per_epoch + start) * batch_size",
+        "first = start * batch_size",
+        STREAMED,
+    ),
+    (STREAM, "dataset.skip(start * batch_size)", "dataset", STREAMED),
+    (STREAM, "seed=seed * 100003 + epoch,", "seed=seed * 100003,", STREAMED),
+    (
+        STREAM,
+        "dataset = dataset.take(config.train_examples)",
+        "dataset = dataset.skip(0)",
+        STREAMED,
+    ),
+    (
+        STREAM,
+        "first_step = epoch * steps_per_epoch + start",
+        "first_step = start",
+        STREAMED,
+    ),
+    (
+        AUTOAUGMENT,
+        "draws[:, stage] < probabilities",
+        "draws[:, stage] >= probabilities",
+        POLICIES,
+    ),
+    (AUTOAUGMENT, "sign_seed) < 0.5,", "sign_seed) < 0.0,", POLICIES),
+    (
+        AUTOAUGMENT,
+        "maxval=len(policy), dtype=tf.int32",
+        "maxval=len(policy) - 1, dtype=tf.int32",
+        POLICIES,
+    ),
+    (
+        AUTOAUGMENT,
+        "for stage in range(stages):",
+        "for stage in reversed(range(stages)):",
+        POLICIES,
+    ),
+    (
+        AUTOAUGMENT,
+        "probability, magnitude or 0)",
+        "probability, 0)",
+        POLICIES,
+    ),
+    (  # The same weights, without the downsampling.
+        RESIDUAL,
+        "strides = 2 if stage > 0 and block == 0 else 1",
+        "strides = 1",
+        tests("trainers_models"),
+    ),
+    (  # The same weights, without the ReLU after each sum.
+        RESIDUAL,
+        "            if not preactivation:\n                h = keras.layers"
+        ".ReLU()(h)\n",
+        "",
+        tests("trainers_models"),
+    ),
+    (
+        AUGMENT,
+        "* (2 * pad + 1), tf.int32)",
+        "* (2 * pad), tf.int32)",
+        tests("trainers_augment"),
+    ),
+    (
+        AUGMENT,
+        'mode="REFLECT"',
+        'mode="SYMMETRIC"',
+        tests("trainers_augment"),
+    ),
+    (
+        AUGMENT,
+        "top = centres[:, 0, None, None] - size // 2",
+        "top = centres[:, 0, None, None]",
+        tests("trainers_augment"),
+    ),
+    (
+        AUGMENT,
+        "flip = _uniform([tf.shape(images)[0], 1, 1, 1], seed) < 0.5",
+        "flip = _uniform([1, 1, 1, 1], seed) < 0.5",
+        tests("trainers_augment"),
+    ),
+    (
+        LOOP,
+        "validation_freq=config.eval_every_epochs",
+        "validation_freq=1",
+        tests("trainers_run"),
+    ),
+    (
+        LOOP,
+        "        if start_step % steps_per_epoch:",
+        "        if False:",
+        tests("trainers_run"),
+    ),
+    (
+        LOOP,
+        "every = config.checkpoint_every_steps or steps_per_epoch",
+        "every = steps_per_epoch",
+        tests("trainers_run"),
+    ),
+    (
+        LOOP,
+        "keras.callbacks.TerminateOnNaN(),",
+        "",
+        tests("trainers_faults"),
+    ),
+    (
+        LOOP,
+        "steps = min((epoch + 1) * steps_per_epoch, total_steps) - step",
+        "steps = steps_per_epoch",
         tests("trainers_run"),
     ),
 ]
