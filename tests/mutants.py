@@ -2,14 +2,15 @@
 
 Each mutant changes one expression (a sign, a norm, a weight, a guard) of
 the library's math, its checks of arguments, the wrapper, `compat`, the
-backend modules or the trainers' data, checkpoints and schedule, in one
+backend modules or the trainers' data, augmentation, models, loop,
+processes, checkpoints and schedule, in one
 copy of the repository's files, made once, runs the tests that should
 catch it, stopping at the first failure, and puts the expression back. A
 mutant that every one of its tests passes is a place where no test can
 fail: a defect of the tests (or an equivalent change, which the mutant's
 comment must say).
 
-    .venv/bin/python -m tests.mutants            # all: 52 min, 2 cores
+    .venv/bin/python -m tests.mutants            # all: 69 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
 
 It prints one line per mutant and exits 1 unless every one is killed.
@@ -52,6 +53,7 @@ STREAM = "trainers/data/stream.py"
 AUTOAUGMENT = "trainers/data/autoaugment.py"
 RESIDUAL = "trainers/models/residual.py"
 AUGMENT = "trainers/data/augment.py"
+STRATEGY = "trainers/strategy.py"
 
 
 def tests(*names):
@@ -760,6 +762,27 @@ MUTANTS = [
         "steps = min((epoch + 1) * steps_per_epoch, total_steps) - step",
         "steps = steps_per_epoch",
         tests("trainers_run"),
+    ),
+    (  # Every JAX process feeds the first rows of each batch.
+        LOOP,
+        "first, end = size * start // shards, size * stop // shards",
+        "first, end = 0, size * (stop - start) // shards",
+        tests("trainers_multi_process_jax"),
+        "jax",
+    ),
+    (
+        STRATEGY,
+        "return (starts[0], starts[-1] + 1)",
+        "return (0, len(starts))",
+        tests("trainers_multi_process_jax"),
+        "jax",
+    ),
+    (  # Every JAX process writes the checkpoint, the model, the results.
+        LOOP,
+        "        return strategy.process_index == 0\n",
+        "        return True\n",
+        tests("trainers_multi_process_jax"),
+        "jax",
     ),
 ]
 

@@ -278,6 +278,18 @@ def test_rerunning_a_finished_run_trains_no_more(tmp_path):
 EPOCHS = dict(train_examples=32, batch_size=16, deterministic=True)
 
 
+def test_the_test_set_is_evaluated_every_eval_every_epochs(tmp_path):
+    # Four epochs of two steps; evaluated after the second and the fourth,
+    # and once more, for the results, at the end.
+    settings = dict(train_steps=8, eval_every_epochs=2, **EPOCHS)
+    results = fashion_mnist.run(make_flags(tmp_path, **settings))
+    assert len(results["history"]["loss"]) == 4
+    assert len(results["history"]["val_loss"]) == 2
+    assert results["history"]["val_loss"][-1] == pytest.approx(
+        results["test_loss"], rel=1e-6
+    )
+
+
 def test_a_finished_run_started_again_says_so_and_keeps_its_history(
     tmp_path, capsys
 ):
@@ -320,18 +332,6 @@ def test_checkpoints_are_as_rare_as_asked(tmp_path):
         patch.setattr(checkpoint, "save", counting_save)
         fashion_mnist.run(make_flags(tmp_path, **settings))
     assert saves == [4, 6]
-
-
-def test_the_test_set_is_evaluated_every_eval_every_epochs(tmp_path):
-    # Four epochs of two steps; evaluated after the second and the fourth,
-    # and once more, for the results, at the end.
-    settings = dict(train_steps=8, eval_every_epochs=2, **EPOCHS)
-    results = fashion_mnist.run(make_flags(tmp_path, **settings))
-    assert len(results["history"]["loss"]) == 4
-    assert len(results["history"]["val_loss"]) == 2
-    assert results["history"]["val_loss"][-1] == pytest.approx(
-        results["test_loss"], rel=1e-6
-    )
 
 
 def test_results_record_the_trainer_flags_only(tmp_path):
