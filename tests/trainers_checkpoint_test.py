@@ -60,6 +60,26 @@ def test_checkpoint_is_keyed_by_variable_path_and_restores_every_value(
         np.testing.assert_array_equal(variable.numpy(), want[key])
 
 
+@pytest.mark.parametrize("bad", ["loss", "weight"])
+def test_a_step_with_a_non_finite_loss_or_weight_is_never_saved(tmp_path, bad):
+    # A step whose loss overflowed but whose update was skipped (a loss
+    # scale's) keeps finite weights: the loss alone tells it.
+    path = str(tmp_path / checkpoint.CHECKPOINT)
+    model = _compiled()
+    saver = checkpoint.AtomicCheckpoint(path, every=1, start_step=0)
+    saver.set_model(model)
+    saver.set_params({"steps": 4})
+    saver.on_train_begin()
+    kernel = model.layers[0].kernel
+    if bad == "weight":
+        kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    saver.on_train_batch_end(0, {"loss": np.nan if bad == "loss" else 1.0})
+    assert not os.path.exists(path)
+    kernel.assign(np.ones(kernel.shape, "float32"))
+    saver.on_train_batch_end(1, {"loss": 1.0})
+    assert checkpoint.read(path).step == 2
+
+
 def test_checkpoint_mismatches_are_listed_and_nothing_is_assigned(tmp_path):
     path = str(tmp_path / checkpoint.CHECKPOINT)
     checkpoint.save(path, _compiled(), step=1)
