@@ -10,7 +10,7 @@ mutant that every one of its tests passes is a place where no test can
 fail: a defect of the tests (or an equivalent change, which the mutant's
 comment must say).
 
-    .venv/bin/python -m tests.mutants            # all: 69 min, 2 cores
+    .venv/bin/python -m tests.mutants            # all: 77 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
 
 It prints one line per mutant and exits 1 unless every one is killed.
@@ -783,6 +783,47 @@ MUTANTS = [
         "        return True\n",
         tests("trainers_multi_process_jax"),
         "jax",
+    ),
+    (  # Non-finite weights (with a finite loss) written.
+        CHECKPOINT,
+        "        if not all(np.all(np.isfinite(_value(v))) for v in self.model"
+        ".weights):\n            return\n",
+        "",
+        tests("trainers_faults"),
+    ),
+    (
+        CHECKPOINT,
+        "        if loss is not None and not np.isfinite(float(loss)):",
+        "        if False:",
+        tests("trainers_checkpoint"),
+    ),
+    (
+        CHECKPOINT,
+        "trained = min(batch + 1, steps) if steps else batch + 1",
+        "trained = batch + 1",
+        tests("trainers_faults"),
+    ),
+    (  # Saved at an epoch's last batch, before the epoch's logs.
+        CHECKPOINT,
+        "            if steps and trained >= steps:\n                self._due"
+        " = True\n            else:\n                self._save(logs, "
+        "metrics=True)",
+        "            self._save(logs, metrics=True)",
+        tests("trainers_run"),
+    ),
+    (
+        CHECKPOINT,
+        "        ended = self.last_step is None or self.step >= self.last_step",
+        "        ended = True",
+        tests("trainers_run"),
+    ),
+    (  # PyTorch's dropout masks drawn after the data loaders' draws.
+        CHECKPOINT,
+        "        if self._state is not None:\n            backend.set_random_"
+        "state(self._state)\n\n    def on_train_batch_end",
+        "        pass\n\n    def on_train_batch_end",
+        tests("trainers_backends"),
+        "torch",
     ),
 ]
 
