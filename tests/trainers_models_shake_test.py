@@ -44,6 +44,33 @@ def test_shake_models_have_the_published_number_of_weights(name, count):
     assert model.output_shape == (None, 10)
 
 
+def test_pyramidnet_halves_the_image_per_stage_and_drops_more_deeper():
+    # depth 20 = 9·2 + 2: three stages of two blocks.
+    model = shake.pyramidnet_shakedrop((32, 32, 3), 10, depth=20, alpha=12)
+    blocks = [layer for layer in model.layers if layer.name.startswith("block")]
+    sizes = [block.output.shape[1] for block in blocks]
+    assert sizes == [32, 32, 16, 16, 8, 8]
+    rates = [
+        layer.drop_rate
+        for block in blocks
+        for layer in block.layers
+        if isinstance(layer, shake.ShakeDrop)
+    ]
+    # Linear in the block's index k, to 0.5 at the last: 0.5 · k / 6.
+    np.testing.assert_allclose(rates, [0.5 * k / 6 for k in range(1, 7)])
+
+
+def test_shake_shake_halves_the_image_per_stage():
+    # depth 14 = 6·2 + 2: three stages of two blocks.
+    model = shake.shake_shake((32, 32, 3), 10, depth=14, width=4)
+    sums = [
+        layer.output.shape[1]
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Add)
+    ]
+    assert sums == [32, 32, 16, 16, 8, 8]
+
+
 def test_bad_depths_and_rates_are_rejected():
     with pytest.raises(ValueError, match="6n\\+2. Received: depth=27"):
         shake.shake_shake((32, 32, 3), 10, depth=27)
