@@ -10,7 +10,7 @@ mutant that every one of its tests passes is a place where no test can
 fail: a defect of the tests (or an equivalent change, which the mutant's
 comment must say).
 
-    .venv/bin/python -m tests.mutants            # all: 77 min, 2 cores
+    .venv/bin/python -m tests.mutants            # all: 79 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
 
 It prints one line per mutant and exits 1 unless every one is killed.
@@ -54,6 +54,7 @@ AUTOAUGMENT = "trainers/data/autoaugment.py"
 RESIDUAL = "trainers/models/residual.py"
 AUGMENT = "trainers/data/augment.py"
 STRATEGY = "trainers/strategy.py"
+SHAKE = "trainers/models/shake.py"
 
 
 def tests(*names):
@@ -824,6 +825,24 @@ MUTANTS = [
         "        pass\n\n    def on_train_batch_end",
         tests("trainers_backends"),
         "torch",
+    ),
+    (  # The same weights, each block dropping half.
+        SHAKE,
+        "drop_rate=0.5 * (index + 1) / total_blocks",
+        "drop_rate=0.5",
+        tests("trainers_models_shake"),
+    ),
+    (  # The same weights, without the downsampling.
+        SHAKE,
+        "strides=2 if index and index % blocks_per_stage == 0 else 1",
+        "strides=1",
+        tests("trainers_models_shake"),
+    ),
+    (  # The same weights, without the downsampling.
+        SHAKE,
+        "            strides = 2 if stage > 0 and block == 0 else 1",
+        "            strides = 1",
+        tests("trainers_models_shake"),
     ),
 ]
 
