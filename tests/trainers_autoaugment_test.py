@@ -166,7 +166,7 @@ def test_each_sub_policy_is_drawn_alike_with_its_magnitudes():
 def test_operations_apply_with_their_probabilities_signs_and_in_order():
     # Level 51: Invert (p = 0.3) first gives 204, then Brightness at
     # magnitude 9 scales by 1 ± 0.9, the sign drawn per image: 255 (clipped)
-    # or 20.4; not inverted, 96.9 or 5.1. In the other order 159 or 250.
+    # or 20.4; not inverted, 96.9 or 5.1. In the other order 158 or 250.
     policy = ((("Invert", 0.3, None), ("Brightness", 1.0, 9)),)
     drawn = _outcomes(policy, 51)
     assert sorted(drawn) == [5, 20, 97, 255]

@@ -90,7 +90,7 @@ def test_random_resized_crops_span_the_inception_areas_aspects_and_flips():
         crop = stream.random_resized_crop(
             image, 16, tf.constant([7, i], tf.int64)
         ).numpy()
-        crop = crop * 255
+        crop *= 255
         height = crop[-1, 0, 0] - crop[0, 0, 0] + 1
         width = abs(crop[0, -1, 1] - crop[0, 0, 1]) + 1
         areas.append(height * width / (200 * 240))
@@ -131,8 +131,8 @@ def test_each_data_epoch_visits_every_example_once_in_its_own_order(
             )
         )
 
-    def order(batches):
-        return np.concatenate([np.argmax(y, -1) for _, y in batches])
+    def order(parts):
+        return np.concatenate([np.argmax(y, -1) for _, y in parts])
 
     epochs = [order(batches(epoch, 0, 4)) for epoch in (0, 1)]
     for visited in epochs:
