@@ -7,16 +7,14 @@ import tensorflow as tf
 
 import keras_sam
 from tests import backends
+from tests.trainers_models_test import sum_sizes
+from tests.trainers_models_test import trainable_count
 from trainers import models
 from trainers.models import shake
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
 pytestmark = backends.tensorflow_only
-
-
-def trainable_count(model):
-    return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
 
 
 def tiny_models():
@@ -63,12 +61,8 @@ def test_pyramidnet_halves_the_image_per_stage_and_drops_more_deeper():
 def test_shake_shake_halves_the_image_per_stage():
     # depth 14 = 6·2 + 2: three stages of two blocks.
     model = shake.shake_shake((32, 32, 3), 10, depth=14, width=4)
-    sums = [
-        layer.output.shape[1]
-        for layer in model.layers
-        if isinstance(layer, keras.layers.Add)
-    ]
-    assert sums == [32, 32, 16, 16, 8, 8]
+    sides = [32, 32, 16, 16, 8, 8]
+    assert sum_sizes(model) == [(side, side) for side in sides]
 
 
 def test_bad_depths_and_rates_are_rejected():

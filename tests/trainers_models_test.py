@@ -18,6 +18,15 @@ def trainable_count(model):
     return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
 
 
+def sum_sizes(model):
+    """(height, width) of each residual sum's feature map, in order."""
+    return [
+        tuple(layer.output.shape[1:3])
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Add)
+    ]
+
+
 @pytest.mark.parametrize(
     "name, count",
     [
@@ -51,12 +60,8 @@ def test_residual_nets_halve_the_image_per_stage_and_place_their_relus(
     name, blocks, relus
 ):
     model = models.build(name, (32, 32, 3), 10)
-    sums = [
-        layer.output.shape[1:3]
-        for layer in model.layers
-        if isinstance(layer, keras.layers.Add)
-    ]
-    assert sums == [(32, 32)] * blocks + [(16, 16)] * blocks + [(8, 8)] * blocks
+    sides = [32] * blocks + [16] * blocks + [8] * blocks
+    assert sum_sizes(model) == [(side, side) for side in sides]
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("ReLU") == relus
     if name == "resnet20":
