@@ -3,12 +3,11 @@
 Each mutant changes one expression (a sign, a norm, a weight, a guard) of
 the library's math, its checks of arguments, the wrapper, `compat`, the
 backend modules or the trainers' data, augmentation, models, loop,
-processes, checkpoints and schedule, in one
-copy of the repository's files, made once, runs the tests that should
-catch it, stopping at the first failure, and puts the expression back. A
-mutant that every one of its tests passes is a place where no test can
-fail: a defect of the tests (or an equivalent change, which the mutant's
-comment must say).
+processes, checkpoints and schedule, in one copy of the repository's
+files, made once, runs the tests that should catch it, stopping at the
+first failure, and puts the expression back. A mutant that every one of
+its tests passes is a place where no test can fail: a defect of the
+tests (or an equivalent change, which the mutant's comment must say).
 
     .venv/bin/python -m tests.mutants            # all: 79 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
