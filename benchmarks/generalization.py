@@ -11,7 +11,7 @@ labels carry the same noise as the training labels.
 
     python -m benchmarks.generalization --study=noise \
         --output=docs/results_noise.json
-    python -m benchmarks.generalization --study=variants \
+    python -m benchmarks.generalization --study=variants --seeds=5 \
         --output=docs/results_variants.json
     python -m benchmarks.report_results
 
@@ -115,9 +115,11 @@ CNN_METHODS = {
     "ASAM": (dict(adaptive=True), (0.2, 0.5, 1.0, 2.0), 2),
     "SAM-ON": (dict(perturbed_variables="normalization"), (0.05, 0.2, 1.0), 2),
     "AE-SAM": (dict(switching="ae_sam"), None, 2),
+    # LookSAM's grid gained its larger ρ after it trained far below SGD at
+    # SAM's chosen ρ, which it first shared with AE-SAM.
     "LookSAM k=5": (
         dict(switching="periodic", sam_every=5, looksam_alpha=0.7),
-        None,
+        (0.02, 0.1, 0.5),
         2,
     ),
 }

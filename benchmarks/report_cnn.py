@@ -38,6 +38,7 @@ COMMANDS = {
 }
 # The study's command collects its finished runs, training none.
 COMMANDS["collect"] = COMMANDS["study"] + " --notrain"
+LOOKSAM = "LookSAM k=5"
 METHODS = (
     "SGD",
     "SAM",
@@ -45,7 +46,7 @@ METHODS = (
     "Momentum-SAM",
     "SAM-ON",
     "AE-SAM",
-    "LookSAM k=5",
+    LOOKSAM,
 )
 # Each method's cell in the per-step cost table (docs/performance.md).
 PRICED_ON = "resnet20/graph"
@@ -181,8 +182,9 @@ def grids(runs, noise):
         ]
         rhos = sorted(r["rho"] for r in first)
         edge = ""
-        if len(rhos) > 2 and rho == rhos[0] and sgd:
-            # Below the grid lies ρ = 0, SGD itself.
+        if len(rhos) > 2 and rho == rhos[0] and sgd and name != LOOKSAM:
+            # Below the grid lies ρ = 0, SGD itself; not for LookSAM, whose
+            # reused direction is as long at every ρ > 0.
             edge = common.snippet(
                 "results",
                 "cnn_grid_edge_smallest",

@@ -31,7 +31,7 @@ COMMANDS = {
     "noise": "python -m benchmarks.generalization --study=noise "
     "--output=docs/results_noise.json",
     "variants": "python -m benchmarks.generalization --study=variants "
-    "--seeds=2 --output=docs/results_variants.json",
+    "--seeds=5 --output=docs/results_variants.json",
     "report": "python -m benchmarks.report_results",
     "make_train": "make train && cp runs/compare_sgd_sam/comparison.json "
     "docs/make_train.json",
@@ -57,19 +57,6 @@ def _whole(runs):
     """The runs that trained in one process: their history covers every
     epoch and their times the whole run (a resumed run's cover the rest)."""
     return [r for r in runs if not r.get("resumed_from_step")]
-
-
-def _timed_alike(runs):
-    """The runs whose `train_cpu_seconds` covers their training batches
-    only, every epoch: the trainer records those per epoch in the history
-    (`epoch_train_cpu_seconds`). Runs without it were trained by the
-    trainer before commit 6887c4c, whose figure covered each epoch's whole
-    `fit` call, evaluation of the test and example sets included."""
-    return [
-        r
-        for r in _whole(runs)
-        if "epoch_train_cpu_seconds" in r.get("history", {})
-    ]
 
 
 def _grid(runs):
@@ -455,26 +442,7 @@ def _variants(data):
         )
     reached = _reaching(rows)
     sam = next(r for r in rows if r["name"] == "SAM")
-    whole_run_note = ""
-    timed = _timed_alike(runs)
-    chosen_runs, _ = _with_chosen_momentum_rho(runs)
-    mixed = [
-        common.by_seed(
-            _whole(common.select(chosen_runs, name)), "train_cpu_seconds", 1.0
-        )
-        for name in ("SGD", MOMENTUM_SAM)
-    ]
-    mixed = [mixed[1][s] / mixed[0][s] for s in set(mixed[0]) & set(mixed[1])]
-    if timed and mixed:
-        whole_run_note = " " + common.snippet(
-            "results",
-            "whole_run_note",
-            timed_alike=", ".join(dict.fromkeys(r["optimizer"] for r in timed)),
-            not_timed_alike=len(_whole(runs)) - len(timed),
-            mixed_momentum=float(np.mean(mixed)),
-        ).strip("\n")
     return dict(
-        whole_run_note=whole_run_note,
         noise=common.percent(runs[0]["label_noise"]),
         rho=common.select(runs, "SAM")[0]["rho"],
         seeds=len(common.select(runs, "SAM")),

@@ -43,8 +43,8 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
         elif seed == 0 and own:
             grid[name, noise].add(overrides["rho"])
         else:
-            # At the ρ chosen for the method, SAM's for the switching
-            # variants (they have no grid of their own).
+            # At the ρ chosen for the method, SAM's for AE-SAM (it has
+            # no grid of its own).
             key = (name if own else "SAM", noise)
             assert overrides["rho"] == chosen[key], (name, seed)
     for name, (_, rhos, count) in generalization.CNN_METHODS.items():
@@ -53,8 +53,8 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
             if rhos:
                 assert grid[name, noise] == set(rhos), name
     # 2 noise rates × (SGD 3, SAM 4+2, Momentum-SAM 4+2, ASAM 4+1,
-    # SAM-ON 3+1, AE-SAM 2, LookSAM 2).
-    assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 2)
+    # SAM-ON 3+1, AE-SAM 2, LookSAM 3+1).
+    assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 4)
     assert len({generalization.run_name(*r) for r in runs}) == len(runs)
     # Every method in one group of the order; the groups run one after the
     # other, SGD, SAM and Momentum-SAM (every seed) first, then SAM-ON.

@@ -272,6 +272,18 @@ def test_a_choice_at_the_grid_edge_is_said_with_sgd_below_it():
     )
 
 
+def test_sgd_is_not_said_to_lie_below_looksams_grid():
+    runs = _study(noise_rates=(0.4,))["runs"] + [
+        _run("LookSAM k=5", 0.4, 0, 0.7, validation, rho)
+        for rho, validation in ((0.02, 0.5), (0.1, 0.4), (0.5, 0.3))
+    ]
+    line = report_cnn.grids(runs, 0.4).splitlines()[-1]
+    assert line.startswith("- LookSAM k=5: **ρ = 0.02: 50.0 / 70.0**")
+    assert line.endswith(
+        "(the smallest ρ of the grid: the best may lie beyond it)"
+    )
+
+
 def test_no_memorization_and_no_significant_gain_say_what_the_regime_needs(
     tmp_path,
 ):
