@@ -598,3 +598,86 @@ def test_a_layer_unfrozen_after_build_is_refused_until_a_new_sam_model(
     h_kernel = base.get_layer("h").kernel.numpy().copy()
     model.fit(x, y, batch_size=8, verbose=0)
     assert np.abs(base.get_layer("h").kernel.numpy() - h_kernel).max() > 0
+
+
+def bn_model(seed=5):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((softmax_data()[0].shape[1],)),
+            keras.layers.Dense(6),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def looksam_by_hand(model, x, y, rho, alpha, every, lr, epochs):
+    """LookSAM written out with a tape and plain SGD: the clean pass alone
+    moves BatchNorm's statistics; every `every`-th step (from the first)
+    takes SAM's gradient and keeps its part orthogonal to the clean one,
+    per weight; the other steps add that part at α times the weight's
+    clean gradient norm."""
+    weights, stats = model.trainable_variables, model.non_trainable_variables
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def gradients(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return [g.numpy() for g in tape.gradient(loss, weights)]
+
+    directions = [np.zeros(w.shape, np.float32) for w in weights]
+    for step in range(epochs * len(x) // BATCH):
+        start = step % (len(x) // BATCH) * BATCH
+        batch = x[start : start + BATCH], y[start : start + BATCH]
+        clean = gradients(*batch)
+        if step % every == 0:
+            at_w = [w.numpy() for w in weights]
+            kept = [s.numpy() for s in stats]
+            norm = np.sqrt(sum(np.sum(g * g) for g in clean))
+            for w, g in zip(weights, clean):
+                w.assign_add(rho * g / norm)
+            update = gradients(*batch)
+            for v, value in zip(weights + stats, at_w + kept):
+                v.assign(value)
+            directions = [
+                s - np.sum(g * s) / np.sum(g * g) * g
+                for g, s in zip(clean, update)
+            ]
+        else:
+            update = [
+                g + alpha * np.linalg.norm(g) / np.linalg.norm(v) * v
+                for g, v in zip(clean, directions)
+            ]
+        for w, u in zip(weights, update):
+            w.assign_sub(lr * u)
+    return model.get_weights()
+
+
+@backends.tensorflow_only
+def test_looksam_with_batchnorm_matches_a_hand_written_loop():
+    # The CNN study's LookSAM trained far below SGD; its two passes and
+    # BatchNorm's statistics here follow the loop above, step by step.
+    x, y, _, _ = softmax_data()
+    kwargs = dict(rho=0.5, alpha=0.7, every=3, lr=0.1, epochs=EPOCHS)
+    want = looksam_by_hand(bn_model(), x, y, **kwargs)
+    got = {}
+    for alpha in (kwargs["alpha"], None):
+        model = keras_sam.SAMModel(
+            bn_model(),
+            rho=kwargs["rho"],
+            switching=switching.Periodic(kwargs["every"]),
+            looksam_alpha=alpha,
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(kwargs["lr"]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0
+        )
+        got[alpha] = model.base.get_weights()
+    for g, w in zip(got[kwargs["alpha"]], want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert_weights_differ(got[kwargs["alpha"]], got[None])
