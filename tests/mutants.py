@@ -1,13 +1,14 @@
 """Mutation check: does a test fail when keras_sam's code is changed?
 
-Each mutant changes one expression (a sign, a norm, a weight, a guard) of
-the library's math, its checks of arguments, the wrapper, `compat`, the
-backend modules or the trainers' data, augmentation, models, loop,
-processes, checkpoints and schedule, in one copy of the repository's
-files, made once, runs the tests that should catch it, stopping at the
-first failure, and puts the expression back. A mutant that every one of
-its tests passes is a place where no test can fail: a defect of the
-tests (or an equivalent change, which the mutant's comment must say).
+Each mutant changes one expression (a sign, a norm, a weight, a guard)
+of the library's math, its checks of arguments, the wrapper, `compat`,
+the backend modules or the trainers' data, augmentation, models, loop,
+processes, checkpoints, schedule and sharpness analysis, in one copy of
+the repository's files, made once, runs the tests that should catch it,
+stopping at the first failure, and puts the expression back. A mutant
+that every one of its tests passes is a place where no test can fail: a
+defect of the tests (or an equivalent change, which the mutant's comment
+must say).
 
     .venv/bin/python -m tests.mutants            # all: 79 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
@@ -54,6 +55,7 @@ RESIDUAL = "trainers/models/residual.py"
 AUGMENT = "trainers/data/augment.py"
 STRATEGY = "trainers/strategy.py"
 SHAKE = "trainers/models/shake.py"
+ANALYZE = "trainers/analyze.py"
 
 
 def tests(*names):
@@ -67,6 +69,12 @@ FSAM = tests("friendly_sam")
 STREAMED = tests("trainers_stream")
 POLICIES = tests("trainers_autoaugment")
 ANALYSIS = tests("analysis")
+RUN_DATA = [
+    "tests/trainers_run_test.py::test_analyze_measures_on_the_labels_the_"
+    "run_trained_on",
+    "tests/trainers_run_test.py::test_analyze_run_data_reads_moved_data_"
+    "from_the_data_dir_given",
+]
 
 # (file, text, replacement, tests[, backend]); TensorFlow unless named.
 MUTANTS = [
@@ -842,6 +850,24 @@ MUTANTS = [
         "            strides = 2 if stage > 0 and block == 0 else 1",
         "            strides = 1",
         tests("trainers_models_shake"),
+    ),
+    (  # The loss at the grid's end, not at w.
+        ANALYZE,
+        'result["landscape_1d"][len(alphas) // 2]',
+        'result["landscape_1d"][0]',
+        RUN_DATA,
+    ),
+    (  # The same images, measured on other examples' labels.
+        ANALYZE,
+        "train.labels[:examples]",
+        "train.labels[-examples:]",
+        RUN_DATA,
+    ),
+    (  # The run's recorded folder before the one given.
+        ANALYZE,
+        'else flags_obj.data_dir or recorded["data_dir"]',
+        'else recorded["data_dir"] or flags_obj.data_dir',
+        RUN_DATA,
     ),
 ]
 

@@ -590,6 +590,45 @@ def test_analyze_run_data_is_of_the_data_set_the_run_trained_on(tmp_path):
     )
 
 
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+def test_analyze_run_data_reads_moved_data_from_the_data_dir_given(tmp_path):
+    # The run records where its data was; --data_dir says where it is now.
+    from trainers import analyze
+    from trainers.data import datasets as data_lib
+
+    moved = tmp_path / "data"
+    moved.mkdir()
+    for name in os.listdir(data_lib.DEBIAN_FASHION_MNIST):
+        os.symlink(
+            os.path.join(data_lib.DEBIAN_FASHION_MNIST, name), moved / name
+        )
+    trained = fashion_mnist.run(
+        make_flags(
+            tmp_path / "run",
+            synthetic_data=False,
+            data_dir=str(moved),
+            train_examples=64,
+        )
+    )
+    shutil.rmtree(moved)
+    options = analyze_flags(
+        tmp_path,
+        checkpoint=str(tmp_path / "run" / loop.MODEL),
+        run_data=True,
+        synthetic_data=False,
+        data_dir=data_lib.DEBIAN_FASHION_MNIST,
+    )
+    measured = analyze.run(options)["models"]["run"]
+    assert measured["test_accuracy"] == pytest.approx(
+        trained["test_accuracy"], abs=1e-6
+    )
+    with pytest.raises(FileNotFoundError, match=str(moved)):
+        analyze.run(types.SimpleNamespace(**dict(vars(options), data_dir=None)))
+
+
 def test_analyze_names_models_of_same_named_folders_apart():
     # Both had been "sam": the second replaced the first.
     from trainers import analyze
