@@ -47,6 +47,7 @@ METHODS = (
     "SAM-ON",
     "AE-SAM",
     LOOKSAM,
+    "LookSAM k=5 α=0.1",
 )
 # Each method's cell in the per-step cost table (docs/performance.md).
 PRICED_ON = "resnet20/graph"
