@@ -80,6 +80,10 @@ VARIANTS = {
     "late-phase 10 %": dict(switching="late_phase", sam_start_fraction=0.9),
     "late-phase 30 %": dict(switching="late_phase", sam_start_fraction=0.7),
     "LookSAM k=5": dict(switching="periodic", sam_every=5, looksam_alpha=0.7),
+    # The α that kept LookSAM near SGD in the CNN regime (CNN_METHODS).
+    "LookSAM k=5 α=0.1": dict(
+        switching="periodic", sam_every=5, looksam_alpha=0.1
+    ),
     # Momentum-SAM wants a larger ρ than SAM's; the authors' range, with
     # the ρ chosen on seed 0's validation split by the report.
     **{
