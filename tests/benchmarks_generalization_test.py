@@ -55,7 +55,10 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
     # 2 noise rates × (SGD 3, SAM 4+2, Momentum-SAM 4+2, ASAM 4+1,
     # SAM-ON 3+1, AE-SAM 2, LookSAM 3+1, LookSAM at α = 0.1 2).
     assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 4 + 2)
-    assert len({generalization.run_name(*r) for r in runs}) == len(runs)
+    names = {generalization.run_name(*r) for r in runs}
+    assert len(names) == len(runs)
+    # Folder names a shell types: ρ and α spelled out.
+    assert all(n.isascii() for n in names), names
     # Every method in one group of the order; the groups run one after the
     # other, SGD, SAM and Momentum-SAM (every seed) first, then SAM-ON.
     groups = generalization.CNN_ORDER
