@@ -21,6 +21,7 @@ from trainers import config as trainer_config
 from trainers import fashion_mnist
 from trainers import flags as trainer_flags
 from trainers import loop
+from trainers.data import datasets as data_lib
 
 # TensorFlow-only: the trainers' tf.data pipelines and tf.distribute;
 # tests/trainers_backends_test.py runs a trainer on the other backends.
@@ -521,7 +522,6 @@ def test_analyze_compares_two_trained_models(tmp_path):
 
 def test_analyze_measures_on_the_labels_the_run_trained_on(tmp_path):
     from trainers import analyze
-    from trainers.data import datasets as data_lib
 
     trained = fashion_mnist.run(
         make_flags(tmp_path / "run", label_noise=0.5, train_examples=128)
@@ -591,13 +591,12 @@ def test_analyze_run_data_is_of_the_data_set_the_run_trained_on(tmp_path):
 
 
 @pytest.mark.skipif(
-    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    not os.path.isdir(data_lib.DEBIAN_FASHION_MNIST),
     reason="Debian's dataset-fashion-mnist is not installed",
 )
 def test_analyze_run_data_reads_moved_data_from_the_data_dir_given(tmp_path):
     # The run records where its data was; --data_dir says where it is now.
     from trainers import analyze
-    from trainers.data import datasets as data_lib
 
     moved = tmp_path / "data"
     moved.mkdir()
