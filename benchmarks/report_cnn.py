@@ -39,6 +39,8 @@ COMMANDS = {
 # The study's command collects its finished runs, training none.
 COMMANDS["collect"] = COMMANDS["study"] + " --notrain"
 LOOKSAM = "LookSAM k=5"
+# Added after LOOKSAM's grid (benchmarks.generalization.CNN_METHODS).
+LOOKSAM_SMALL_ALPHA = "LookSAM k=5 α=0.1"
 METHODS = (
     "SGD",
     "SAM",
@@ -47,7 +49,7 @@ METHODS = (
     "SAM-ON",
     "AE-SAM",
     LOOKSAM,
-    "LookSAM k=5 α=0.1",
+    LOOKSAM_SMALL_ALPHA,
 )
 # Each method's cell in the per-step cost table (docs/performance.md).
 PRICED_ON = "resnet20/graph"
@@ -443,6 +445,15 @@ def section(data):
         collect=COMMANDS["collect"],
         backends=backends,
         sgd_clean_train=common.mean_percent(clean, "train_accuracy_unflipped"),
+        **{
+            field: common.mean_percent(
+                common.chosen(runs, name, 0.0)[0], "train_accuracy_unflipped"
+            )
+            for field, name in (
+                ("looksam_clean_train", LOOKSAM),
+                ("looksam_small_alpha_clean_train", LOOKSAM_SMALL_ALPHA),
+            )
+        },
         sgd_cpu_low=min(sgd_cpu),
         sgd_cpu_high=max(sgd_cpu),
         paper=PAPER_FASHION_MNIST,

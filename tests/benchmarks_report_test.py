@@ -628,7 +628,7 @@ ALLOWED_NAMES = {
     "LABELS",
     "PAPER_FASHION_MNIST",
     "MEMORIZING",
-    "METHODS",
+    "LOOKSAM_SMALL_ALPHA",
 }
 ALLOWED_FLOATS = {0.0, 1.0, 100.0}
 # Words of the templates with digits in them that are names, not figures.
