@@ -141,13 +141,15 @@ def rho_table(runs):
 
 
 def grid_edge_note(runs):
-    """Says where the chosen ρ is the largest of the grid."""
+    """Says, as a paragraph of its own, where the chosen ρ is the largest
+    of the grid; "" where it is nowhere."""
     top = _grid(runs)[-1]
     edge = [n for n, rho in selected_rhos(runs).items() if rho == top]
     if not edge:
         return ""
     rates = ", ".join(common.percent(n) for n in edge)
-    return common.snippet("results", "edge_note", rates=rates, rho=top)
+    note = common.snippet("results", "edge_note", rates=rates, rho=top)
+    return "\n\n" + note.rstrip("\n")
 
 
 def clean_verdict(runs):

@@ -527,7 +527,7 @@ def test_a_run_is_claimed_by_one_study_process_at_a_time(tmp_path):
 
 def test_a_choice_at_the_edge_of_the_grid_is_said():
     note = report_results.grid_edge_note(_noise_study())
-    assert note.startswith("At 0 %, 40 % noise the chosen ρ is the largest")
+    assert note.startswith("\n\nAt 0 %, 40 % noise the chosen ρ is the largest")
 
 
 def test_memory_report_says_where_sam_is_more_than_a_copy_above_sgd(tmp_path):
