@@ -20,10 +20,11 @@ Keras `fit` of the base model) and SAM at every ρ in {0.01, 0.02, 0.05, 0.1,
 0.2, 0.5} with seed 0, and selects ρ per rate by seed 0's accuracy on the
 validation split (never the test set). Seeds 1 and 2 then train SGD and SAM
 at the selected ρ, and the report compares SGD and SAM seed by seed (same
-initial weights, label noise and data order): 55 runs, about 75 minutes on
-2 cores. `variants` trains the efficient and improved variants at one noise
-rate (--variants_noise) with the ρ selected there (not SAM-ON: it perturbs
-normalization layers only, and the MLP has none).
+initial weights, label noise and data order): 55 runs, whose recorded
+wall times add up to about 50 minutes on 2 cores. `variants` trains the
+efficient and improved variants at one noise rate (--variants_noise) with
+the ρ selected there (not SAM-ON: it perturbs normalization layers only,
+and the MLP has none).
 
 `cnn` is the second regime: a residual CNN with BatchNorm (`resnet20`)
 with basic augmentation (horizontal flip, pad 4, random crop), clean
@@ -112,30 +113,23 @@ CNN_REGIME = dict(
 )
 CNN_NOISE_RATES = (0.4, 0.0)
 # name: (overrides, ρ grid searched with seed 0 or None for SAM's chosen
-# ρ, seeds). SAM's, ASAM's and Momentum-SAM's grids each gained a smaller
-# ρ after seed 0 at 40 % noise chose the smallest of the first grid.
+# ρ, seeds); the variants' overrides are VARIANTS'. SAM's, ASAM's and
+# Momentum-SAM's grids each gained a smaller ρ after seed 0 at 40 % noise
+# chose the smallest of the first grid.
 CNN_METHODS = {
     "SGD": (dict(sam=False), None, 3),
     "SAM": ({}, (0.02, 0.05, 0.1, 0.2), 3),
     "Momentum-SAM": (dict(perturbation="momentum"), (0.1,) + MSAM_RHOS, 3),
     "ASAM": (dict(adaptive=True), (0.2, 0.5, 1.0, 2.0), 2),
     "SAM-ON": (dict(perturbed_variables="normalization"), (0.05, 0.2, 1.0), 2),
-    "AE-SAM": (dict(switching="ae_sam"), None, 2),
+    "AE-SAM": (VARIANTS["AE-SAM"], None, 2),
     # LookSAM's grid gained its larger ρ after it trained far below SGD at
     # SAM's chosen ρ, which it first shared with AE-SAM.
-    "LookSAM k=5": (
-        dict(switching="periodic", sam_every=5, looksam_alpha=0.7),
-        (0.02, 0.1, 0.5),
-        2,
-    ),
+    "LookSAM k=5": (VARIANTS["LookSAM k=5"], (0.02, 0.1, 0.5), 2),
     # Added after no ρ brought LookSAM near SGD: in a short probe, LookSAM
     # at this α fit its training set about as fast as SGD, at 0.7 far
     # slower. One α, at SAM's chosen ρ, like AE-SAM: not a grid.
-    "LookSAM k=5 α=0.1": (
-        dict(switching="periodic", sam_every=5, looksam_alpha=0.1),
-        None,
-        2,
-    ),
+    "LookSAM k=5 α=0.1": (VARIANTS["LookSAM k=5 α=0.1"], None, 2),
 }
 
 
