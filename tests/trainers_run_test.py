@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -624,7 +625,7 @@ def test_analyze_run_data_reads_moved_data_from_the_data_dir_given(tmp_path):
     assert measured["test_accuracy"] == pytest.approx(
         trained["test_accuracy"], abs=1e-6
     )
-    with pytest.raises(FileNotFoundError, match=str(moved)):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(moved))):
         analyze.run(types.SimpleNamespace(**dict(vars(options), data_dir=None)))
 
 
