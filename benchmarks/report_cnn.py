@@ -39,21 +39,22 @@ COMMANDS = {
 # The study's command collects its finished runs, training none.
 COMMANDS["collect"] = COMMANDS["study"] + " --notrain"
 LOOKSAM = "LookSAM k=5"
-# Added after LOOKSAM's grid (benchmarks.generalization.CNN_METHODS).
-LOOKSAM_SMALL_ALPHA = "LookSAM k=5 α=0.1"
-METHODS = (
-    "SGD",
-    "SAM",
-    "ASAM",
-    "Momentum-SAM",
-    "SAM-ON",
-    "AE-SAM",
-    LOOKSAM,
-    LOOKSAM_SMALL_ALPHA,
-)
+# The tables' first rows; the study's other methods follow in the order it
+# trained them.
+METHODS = ("SGD", "SAM", "ASAM", "Momentum-SAM", "SAM-ON", "AE-SAM", LOOKSAM)
 # Each method's cell in the per-step cost table (docs/performance.md).
 PRICED_ON = "resnet20/graph"
 CELLS = {"SAM": "sam", "Momentum-SAM": "momentum_sam", "SAM-ON": "sam_on"}
+
+
+def _methods(runs):
+    """`METHODS`, then the other methods of `runs` in their order."""
+    return list(dict.fromkeys([*METHODS, *(r["optimizer"] for r in runs)]))
+
+
+def _alpha(run):
+    """LookSAM's α of `run`, None for another method."""
+    return run.get("settings", {}).get("looksam_alpha")
 
 
 def _training_cpu(runs):
@@ -77,7 +78,7 @@ def rows(runs, noise, performance, grids=None):
         sam_gain = common.paired_difference(sgd, common.by_seed(sam_group))
     costs = common.step_costs(performance, PRICED_ON)
     out = []
-    for name in METHODS:
+    for name in _methods(runs):
         group, rho = common.chosen(runs, name, noise)
         if not group:
             continue
@@ -172,7 +173,7 @@ def grids(runs, noise):
     grid, the choice in bold."""
     lines = []
     sgd = [r for r in common.select(runs, "SGD", noise) if r["seed"] == 0]
-    for name in METHODS:
+    for name in _methods(runs):
         first = [r for r in common.select(runs, name, noise) if r["seed"] == 0]
         if len({r["rho"] for r in first}) < 2:
             continue
@@ -198,9 +199,96 @@ def grids(runs, noise):
                 "results",
                 "cnn_grid_edge",
                 end="smallest" if rho == rhos[0] else "largest",
+                symbol="ρ",
             )
         lines.append(f"- {name}: " + ", ".join(cells) + edge)
+    alphas, best = looksam_alphas(runs, noise)
+    if best:
+        cells = [
+            ("**{}**" if r is best else "{}").format(
+                f"α = {_alpha(r):g}: {common.accuracies(r)}"
+            )
+            for r in alphas
+        ]
+        edge = ""
+        if len(alphas) > 2 and best in (alphas[0], alphas[-1]):
+            edge = common.snippet(
+                "results",
+                "cnn_grid_edge",
+                end="smallest" if best is alphas[0] else "largest",
+                symbol="α",
+            )
+        rho = best["rho"]
+        lines.append(
+            f"- {LOOKSAM} over α at ρ = {rho:g}: " + ", ".join(cells) + edge
+        )
     return "\n".join(lines)
+
+
+def looksam_alphas(runs, noise):
+    """Seed 0's LookSAM runs at `noise` at SAM's chosen ρ, one per α, and
+    the one of the best validation accuracy (a tie goes to the smallest
+    α); None with fewer than two α."""
+    _, rho = common.chosen(runs, "SAM", noise)
+    if rho is None:
+        return [], None
+    alphas = sorted(
+        (
+            r
+            for r in common.select(runs, None, noise, rho)
+            if r["seed"] == 0 and _alpha(r) is not None
+        ),
+        key=_alpha,
+    )
+    if len(alphas) < 2:
+        return alphas, None
+    return alphas, max(alphas, key=lambda r: r["validation_accuracy"])
+
+
+def _looksam_fits(runs):
+    """LookSAM's training accuracy on clean labels at each α, at its
+    chosen ρ, smallest α first."""
+    groups = [common.chosen(runs, name, 0.0)[0] for name in _methods(runs)]
+    groups = [g for g in groups if g and _alpha(g[0]) is not None]
+    return ", ".join(
+        f"{common.mean_percent(g, 'train_accuracy_unflipped')} at "
+        f"α = {_alpha(g[0]):g}"
+        for g in sorted(groups, key=lambda g: _alpha(g[0]))
+    )
+
+
+def _looksam_choice(runs, by_noise):
+    """At each noise rate, the α that seed 0's validation split chooses
+    for LookSAM (`looksam_alphas`) and that row's gain over SGD."""
+    said = []
+    for noise, rows in sorted(by_noise.items()):
+        _, best = looksam_alphas(runs, noise)
+        if not best:
+            continue
+        row = _row(rows, best["optimizer"])
+        gain = (
+            f" ({row['gain']:+.2f} ± {row['ci']:.2f} points over SGD)"
+            if _paired(row)
+            else ""
+        )
+        said.append(f"α = {_alpha(best):g} at {common.percent(noise)}{gain}")
+    return ", ".join(said) or common.snippet("results", "cnn_missing")
+
+
+def _later_session(facts):
+    """What the training-CPU column of methods trained in a later session
+    is measured against (`docs/report_facts.json`'s `cnn_sgd_rerun`)."""
+    rerun = (facts or {}).get("cnn_sgd_rerun")
+    if not rerun:
+        return ""
+    ratio = rerun["rerun_cpu_seconds"] / rerun["committed_cpu_seconds"]
+    return " " + common.snippet(
+        "results",
+        "cnn_later_session",
+        methods=", ".join(rerun["later_methods"]),
+        ratio=ratio,
+        **rerun,
+    )
 
 
 def _rho_cell(row):
@@ -445,15 +533,9 @@ def section(data):
         collect=COMMANDS["collect"],
         backends=backends,
         sgd_clean_train=common.mean_percent(clean, "train_accuracy_unflipped"),
-        **{
-            field: common.mean_percent(
-                common.chosen(runs, name, 0.0)[0], "train_accuracy_unflipped"
-            )
-            for field, name in (
-                ("looksam_clean_train", LOOKSAM),
-                ("looksam_small_alpha_clean_train", LOOKSAM_SMALL_ALPHA),
-            )
-        },
+        later=_later_session(data.get("facts")),
+        looksam_clean_train=_looksam_fits(runs),
+        looksam_choice=_looksam_choice(runs, by_noise),
         sgd_cpu_low=min(sgd_cpu),
         sgd_cpu_high=max(sgd_cpu),
         paper=PAPER_FASHION_MNIST,

@@ -180,12 +180,12 @@ def paired_difference(a, b):
 
 
 def select(runs, optimizer, noise=None, rho=None):
-    """The runs of `optimizer`, at label noise `noise` and radius `rho`
-    when given."""
+    """The runs of `optimizer` (of every method when None), at label noise
+    `noise` and radius `rho` when given."""
     return [
         r
         for r in runs
-        if r["optimizer"] == optimizer
+        if optimizer in (None, r["optimizer"])
         and (noise is None or np.isclose(r["label_noise"], noise))
         and (rho is None or np.isclose(r["rho"], rho))
     ]

@@ -43,6 +43,15 @@ COMMANDS = {
     "    --output_dir=docs/sharpness",
 }
 MOMENTUM_SAM = "Momentum-SAM"
+LOOKSAM = "LookSAM k=5"
+# The variants trained at several values of one setting: each is one row,
+# at the value of its best first-seed validation accuracy, named with it;
+# its runs are those whose names start with the variant's. {variant:
+# (setting, its symbol, the template block that states the choice)}
+CHOSEN_SETTINGS = {
+    MOMENTUM_SAM: ("rho", "ρ", "momentum_note"),
+    LOOKSAM: ("looksam_alpha", "α", "looksam_note"),
+}
 # The per-step cost table the variants are priced with, and its cells.
 PRICED_ON = "small_cnn/graph"
 
@@ -247,7 +256,7 @@ def variants_rows(variants):
     that ran the perturbed pass (the logged `sam_fraction`; 1 for SAM and
     GSAM), in SGD steps: what a compute-bound step pays.
     """
-    runs, momentum_choice = _with_chosen_momentum_rho(variants["runs"])
+    runs, choices = _with_chosen_settings(variants["runs"])
     sgd = common.by_seed(common.select(runs, "SGD"))
     sam_gain = common.paired_difference(
         sgd, common.by_seed(common.select(runs, "SAM"))
@@ -261,7 +270,7 @@ def variants_rows(variants):
         gain = common.paired_difference(sgd, common.by_seed(group))
         sam_steps = common.sam_fraction(group)
         # Momentum-SAM's only pass is its perturbed pass.
-        one_pass = name == MOMENTUM_SAM
+        one_pass = _variant(name) == MOMENTUM_SAM
         rows.append(
             dict(
                 name=name,
@@ -273,26 +282,43 @@ def variants_rows(variants):
                 cost=1.0 if one_pass else 1.0 + sam_steps,
             )
         )
-    return sam_gain, rows, momentum_choice
+    return sam_gain, rows, choices
 
 
-def _with_chosen_momentum_rho(runs):
-    """The runs with Momentum-SAM's at the ρ of the best first-seed
-    validation accuracy only, renamed `Momentum-SAM`; and that choice, as
-    `(ρ, {ρ: validation accuracy}, seeds)`, or None."""
-    runs = [
-        dict(r, optimizer=MOMENTUM_SAM)
-        if r["optimizer"].startswith(MOMENTUM_SAM)
-        else r
-        for r in runs
-    ]
-    group, chosen = common.chosen(runs, MOMENTUM_SAM)
-    if chosen is None:
-        return runs, None
-    first = common.on_first_seed(common.select(runs, MOMENTUM_SAM), runs)
-    candidates = {r["rho"]: r["validation_accuracy"] for r in first}
-    kept = [r for r in runs if r["optimizer"] != MOMENTUM_SAM or r in group]
-    return kept, (chosen, candidates, len(group))
+def _variant(name):
+    """The variant of `CHOSEN_SETTINGS` that a row's name starts with, or
+    the name."""
+    return next((v for v in CHOSEN_SETTINGS if name.startswith(v)), name)
+
+
+def _with_chosen_settings(runs):
+    """The runs with each variant of `CHOSEN_SETTINGS` at its chosen value
+    only, renamed to the variant, its setting's symbol and that value;
+    and the choices, `{variant: (value, {value: validation accuracy on
+    the first seed}, seeds)}`. A tie goes to the first value trained."""
+    choices = {}
+    for name, (setting, symbol, _) in CHOSEN_SETTINGS.items():
+        runs = [
+            dict(r, optimizer=name) if r["optimizer"].startswith(name) else r
+            for r in runs
+        ]
+        first = common.on_first_seed(common.select(runs, name), runs)
+        if not first:
+            continue
+        value = max(first, key=lambda r: r["validation_accuracy"])
+        value = value["settings"][setting]
+        row = f"{name} {symbol}={value:g}"
+        runs = [
+            dict(r, optimizer=row) if r["optimizer"] == name else r
+            for r in runs
+            if r["optimizer"] != name or r["settings"][setting] == value
+        ]
+        candidates = {
+            r["settings"][setting]: r["validation_accuracy"] for r in first
+        }
+        seeds = len(common.select(runs, row))
+        choices[name] = (value, candidates, seeds)
+    return runs, choices
 
 
 def measured_step_cost(row, performance):
@@ -305,11 +331,14 @@ def measured_step_cost(row, performance):
     table lacks the cells.
     """
     cells = common.step_costs(performance, PRICED_ON)
-    own = {"SAM": "sam", "GSAM": "gsam", MOMENTUM_SAM: "momentum_sam"}
-    if row["name"] in own:
-        return cells.get(own[row["name"]])
-    if row["name"].startswith("LookSAM"):
-        return cells.get("looksam_5")
+    own = {
+        "SAM": "sam",
+        "GSAM": "gsam",
+        MOMENTUM_SAM: "momentum_sam",
+        LOOKSAM: "looksam_5",
+    }
+    if _variant(row["name"]) in own:
+        return cells.get(own[_variant(row["name"])])
     if "late_phase_during" not in cells or "late_phase_before" not in cells:
         return None
     f = row["sam_steps"]
@@ -423,21 +452,22 @@ def variants_section(variants, figures, performance=None):
 def _variants(data):
     """The variants section."""
     variants = data["variants"]
-    sam_gain, rows, momentum_choice = variants_rows(variants)
+    sam_gain, rows, choices = variants_rows(variants)
     for row in rows:
         row["step_cost"] = measured_step_cost(row, data["performance"])
     plot_variants(rows, os.path.join(data["figures"], "variants.png"))
     runs = variants["runs"]
-    momentum_note = ""
-    if momentum_choice:
-        chosen, candidates, seeds = momentum_choice
+    notes = {block: "" for _, _, block in CHOSEN_SETTINGS.values()}
+    for name, (value, candidates, seeds) in choices.items():
+        _, symbol, block = CHOSEN_SETTINGS[name]
         listed = ", ".join(
-            f"ρ = {r:g}: {100 * a:.2f} %" for r, a in sorted(candidates.items())
+            f"{symbol} = {v:g}: {100 * a:.2f} %"
+            for v, a in sorted(candidates.items())
         )
-        momentum_note = common.snippet(
+        notes[block] = common.snippet(
             "results",
-            "momentum_note",
-            rho=chosen,
+            block,
+            value=value,
             first_seed=common.first_seed(runs),
             seeds=seeds,
             candidates=listed,
@@ -448,7 +478,7 @@ def _variants(data):
         noise=common.percent(runs[0]["label_noise"]),
         rho=common.select(runs, "SAM")[0]["rho"],
         seeds=len(common.select(runs, "SAM")),
-        momentum_note=momentum_note,
+        **notes,
         command=COMMANDS["variants"],
         report_command=COMMANDS["report"],
         rows=_variants_table(rows),

@@ -53,8 +53,8 @@ def test_every_method_gets_its_seeds_and_its_grid_only_on_seed_0():
             if rhos:
                 assert grid[name, noise] == set(rhos), name
     # 2 noise rates × (SGD 3, SAM 4+2, Momentum-SAM 4+2, ASAM 4+1,
-    # SAM-ON 3+1, AE-SAM 2, LookSAM 3+1, LookSAM at α = 0.1 2).
-    assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 4 + 2)
+    # SAM-ON 3+1, AE-SAM 2, LookSAM 3+1, LookSAM at α = 0.1 and 0.3 2 each).
+    assert len(runs) == 2 * (3 + 6 + 6 + 5 + 4 + 2 + 4 + 2 + 2)
     names = {generalization.run_name(*r) for r in runs}
     assert len(names) == len(runs)
     # Folder names a shell types: ρ and α spelled out.
@@ -119,6 +119,51 @@ def test_rho_is_chosen_by_seed_0_validation_accuracy(tmp_path):
         generalization.selection(runs_dir, timeout_seconds=0)(
             0.4, (0.5,), "ASAM"
         )
+
+
+def test_collected_runs_carry_their_methods_settings(tmp_path):
+    import subprocess
+    import sys
+
+    # Two finished runs of the variants study; --notrain collects them.
+    for name, overrides in (
+        ("SGD", dict(sam=False)),
+        ("LookSAM k=5 α=0.3", generalization.VARIANTS["LookSAM k=5 α=0.3"]),
+    ):
+        path = tmp_path / generalization.run_name(
+            name, 0.4, 0, dict(overrides, rho=0.2) if name != "SGD" else {}
+        )
+        path.mkdir()
+        (path / "results.json").write_text(
+            json.dumps(
+                dict(
+                    train_steps=10,
+                    requested_train_steps=10,
+                    test_accuracy=0.7,
+                    validation_accuracy=0.5,
+                    train_accuracy_unflipped=0.9,
+                    wall_time_seconds=1.0,
+                    history={},
+                )
+            )
+        )
+    output = tmp_path / "variants.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.generalization"]
+        + ["--study=variants", "--seeds=1", "--variants_rho=0.2"]
+        + [f"--runs_dir={tmp_path}", f"--output={output}", "--notrain"],
+        check=True,
+        capture_output=True,
+    )
+    summary = json.loads(output.read_text())
+    assert not summary["complete"]
+    settings = {r["optimizer"]: r["settings"] for r in summary["runs"]}
+    assert settings == {
+        "SGD": dict(sam=False),
+        "LookSAM k=5 α=0.3": dict(
+            rho=0.2, switching="periodic", sam_every=5, looksam_alpha=0.3
+        ),
+    }
 
 
 def test_epoch_timing_runs_the_study_regime_on_each_backend():

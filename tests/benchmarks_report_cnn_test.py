@@ -352,3 +352,79 @@ def test_the_probe_answers_where_sgd_memorizes(tmp_path):
     # No run finished yet: no section.
     probe["runs"] = []
     assert report_cnn.probe_section(dict(cnn_memorizing=probe)) is None
+
+
+def _looksam(alpha, noise, seed, test, validation, rho=0.1, fit=0.9):
+    name = "LookSAM k=5" if alpha == 0.7 else f"LookSAM k=5 α={alpha}"
+    run = _run(name, noise, seed, test, validation, rho)
+    run.update(
+        settings=dict(looksam_alpha=alpha, rho=rho),
+        train_accuracy_unflipped=fit,
+    )
+    return run
+
+
+def test_looksams_alpha_is_chosen_on_validation_at_sams_rho(tmp_path):
+    study = _study(noise_rates=(0.4, 0.0))
+    for noise in (0.4, 0.0):
+        for seed in range(2):
+            # α = 0.3 validates best and tests worst; α = 0.7 at a ρ other
+            # than SAM's chosen 0.1 validates better still, but is not on
+            # the α grid.
+            study["runs"] += [
+                _looksam(0.7, noise, seed, 0.84, 0.5, fit=0.7),
+                _looksam(0.1, noise, seed, 0.83, 0.6, fit=0.88),
+                _looksam(0.3, noise, seed, 0.79 + 0.01 * seed, 0.65),
+            ]
+        study["runs"].append(
+            _looksam(0.7, noise, 0, 0.84, 0.9, rho=0.02, fit=0.6)
+        )
+    rows = report_cnn.rows(study["runs"], 0.4, None)
+    # A method the study added is reported without an entry of its own.
+    assert [r["name"] for r in rows][-2:] == [
+        "LookSAM k=5 α=0.1",
+        "LookSAM k=5 α=0.3",
+    ]
+    line = report_cnn.grids(study["runs"], 0.4).splitlines()[-1]
+    assert line == (
+        "- LookSAM k=5 over α at ρ = 0.1: α = 0.1: 60.0 / 83.0, "
+        "**α = 0.3: 65.0 / 79.0**, α = 0.7: 50.0 / 84.0"
+    )
+    # At the end of the grid, the best α may lie beyond it.
+    runs = [dict(r) for r in study["runs"]]
+    for r in runs:
+        if r["optimizer"] == "LookSAM k=5 α=0.1":
+            r["validation_accuracy"] = 0.7
+    assert (
+        report_cnn.grids(runs, 0.4)
+        .splitlines()[-1]
+        .endswith(
+            "**α = 0.1: 70.0 / 83.0**, α = 0.3: 65.0 / 79.0, α = 0.7: 50.0 / "
+            "84.0 (the smallest α of the grid: the best may lie beyond it)"
+        )
+    )
+    fields = _section(study, tmp_path)
+    # Paired against SGD (80, 81 %): α = 0.3's gain is -1 point each seed.
+    assert fields["looksam_choice"] == (
+        "α = 0.3 at 0 % (-1.00 ± 0.00 points over SGD), "
+        "α = 0.3 at 40 % (-1.00 ± 0.00 points over SGD)"
+    )
+    # Each α's fit on clean labels at its chosen ρ (α = 0.7's is 0.02).
+    assert fields["looksam_clean_train"] == (
+        "88.0 % at α = 0.1, 90.0 % at α = 0.3, 60.0 % at α = 0.7"
+    )
+
+
+def test_runs_of_a_later_session_are_set_against_sgd_trained_again():
+    assert report_cnn._later_session(None) == ""
+    rerun = dict(
+        run="sgd-noise0.4-seed0",
+        committed_cpu_seconds=300.0,
+        rerun_cpu_seconds=450.0,
+        later_methods=["A", "B"],
+    )
+    text = report_cnn._later_session(dict(cnn_sgd_rerun=rerun))
+    # A sentence of its own after the paragraph's last.
+    assert text.startswith(" The runs of A, B were trained in a later")
+    text = " ".join(text.split())
+    assert "took 450 CPU s against the committed run's 300 (1.50×)" in text

@@ -47,13 +47,16 @@ def test_the_t_table_matches_scipy_and_reaches_31_seeds():
         common.paired_difference({**seeds, 31: 80.0}, {**seeds, 31: 81.0})
 
 
-def _run(optimizer, noise, seed, test, validation, rho=0.0, flipped=0.5):
+def _run(
+    optimizer, noise, seed, test, validation, rho=0.0, flipped=0.5, **settings
+):
     epochs = 3
     return dict(
         optimizer=optimizer,
         label_noise=noise,
         seed=seed,
         rho=rho,
+        settings=dict(rho=rho, **settings),
         test_accuracy=test,
         validation_accuracy=validation,
         train_accuracy_flipped=flipped,
@@ -131,10 +134,18 @@ def _variants_study():
         cheap["train_cpu_seconds"] = 140.0
         cheap["history"]["sam_fraction"] = [0.2, 0.2, 0.2]
         runs.append(cheap)
-        weak = _run("LookSAM k=5", 0.4, seed, 0.72, 0.6, rho=0.1)
-        weak["train_cpu_seconds"] = 150.0
-        weak["history"]["sam_fraction"] = [0.2, 0.2, 0.2]
-        runs.append(weak)
+        # LookSAM at two α: α = 0.1 validates better on seed 0 and tests
+        # worse, so a report that chose on test would take α = 0.7.
+        for name, alpha, test, validation in (
+            ("LookSAM k=5", 0.7, 0.75, 0.6),
+            ("LookSAM k=5 α=0.1", 0.1, 0.72, 0.62),
+        ):
+            weak = _run(
+                name, 0.4, seed, test, validation, 0.1, looksam_alpha=alpha
+            )
+            weak["train_cpu_seconds"] = 150.0
+            weak["history"]["sam_fraction"] = [0.2, 0.2, 0.2]
+            runs.append(weak)
         # Momentum-SAM at two ρ: ρ = 1 validates better on seed 0.
         for rho, test, validation in ((0.3, 0.71, 0.55), (1.0, 0.79, 0.58)):
             runs.append(
@@ -149,7 +160,7 @@ def _variants_study():
 
 
 def test_variants_cost_counts_the_extra_passes():
-    sam_gain, rows, momentum = report_results.variants_rows(_variants_study())
+    sam_gain, rows, choices = report_results.variants_rows(_variants_study())
     assert sam_gain == pytest.approx(10.0)
     by_name = {r["name"]: r for r in rows}
     assert by_name["SAM"]["cost"] == pytest.approx(2.0)
@@ -157,12 +168,19 @@ def test_variants_cost_counts_the_extra_passes():
     assert periodic["cost"] == pytest.approx(1.2)
     assert periodic["share"] == pytest.approx(0.85)
     assert periodic["sam_steps"] == pytest.approx(0.2)
-    assert by_name["LookSAM k=5"]["share"] == pytest.approx(0.2)
+    # LookSAM: one row, at the α chosen on validation.
+    assert choices["LookSAM k=5"] == (0.1, {0.7: 0.6, 0.1: 0.62}, 2)
+    assert by_name["LookSAM k=5 α=0.1"]["share"] == pytest.approx(0.2)
+    assert [n for n in by_name if n.startswith("LookSAM")] == [
+        "LookSAM k=5 α=0.1"
+    ]
     # Momentum-SAM: the ρ chosen on validation, one pass per step.
-    assert momentum == (1.0, {0.3: 0.55, 1.0: 0.58}, 2)
-    assert not any(name.startswith("Momentum-SAM ρ") for name in by_name)
-    assert by_name["Momentum-SAM"]["cost"] == pytest.approx(1.0)
-    assert by_name["Momentum-SAM"]["share"] == pytest.approx(0.9)
+    assert choices["Momentum-SAM"] == (1.0, {0.3: 0.55, 1.0: 0.58}, 2)
+    assert [n for n in by_name if n.startswith("Momentum")] == [
+        "Momentum-SAM ρ=1"
+    ]
+    assert by_name["Momentum-SAM ρ=1"]["cost"] == pytest.approx(1.0)
+    assert by_name["Momentum-SAM ρ=1"]["share"] == pytest.approx(0.9)
 
 
 def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
@@ -182,7 +200,7 @@ def test_report_writes_sections_plots_and_answers_the_target(tmp_path):
         assert (tmp_path / "results" / f"{png}.png").stat().st_size > 1000
     assert "python -m benchmarks.generalization --study=noise" in text
     assert "keep ≥ 80 %" in text
-    assert "Yes: periodic k=5, Momentum-SAM." in text
+    assert "Yes: periodic k=5, Momentum-SAM ρ=1." in text
     assert "ρ = 1 was chosen" in text and "one pass |" in text
     assert "The GPU results' JSON is missing" in text
 
@@ -295,8 +313,8 @@ def test_variants_are_priced_by_the_measured_step_costs(tmp_path):
     by_name = {r["name"]: r for r in rows}
     cost = report_results.measured_step_cost
     assert cost(by_name["SAM"], performance) == pytest.approx(2.0)
-    assert cost(by_name["Momentum-SAM"], performance) == pytest.approx(1.05)
-    assert cost(by_name["LookSAM k=5"], performance) == pytest.approx(1.4)
+    assert cost(by_name["Momentum-SAM ρ=1"], performance) == pytest.approx(1.05)
+    assert cost(by_name["LookSAM k=5 α=0.1"], performance) == pytest.approx(1.4)
     # 20 % of the steps at 2.1, the others at 1.1.
     periodic = by_name["periodic k=5"]
     assert cost(periodic, performance) == pytest.approx(0.2 * 2.1 + 0.8 * 1.1)
@@ -308,10 +326,10 @@ def test_variants_are_priced_by_the_measured_step_costs(tmp_path):
         )
     )
     assert "| 1.20× | 1.30× |" in text  # periodic: counted, priced
-    assert "Momentum-SAM 1.05×, periodic k=5 1.30×" in text
+    assert "Momentum-SAM ρ=1 1.05×, periodic k=5 1.30×" in text
     # Counted, periodic k=5 costs 1.2×; priced, 1.30×: over the target.
-    assert "Yes: periodic k=5, Momentum-SAM." in text
-    assert "keep ≥ 80 % are: Momentum-SAM." in text
+    assert "Yes: periodic k=5, Momentum-SAM ρ=1." in text
+    assert "keep ≥ 80 % are: Momentum-SAM ρ=1." in text
 
 
 def test_report_without_the_noise_study_says_what_to_run(tmp_path):
@@ -628,7 +646,6 @@ ALLOWED_NAMES = {
     "LABELS",
     "PAPER_FASHION_MNIST",
     "MEMORIZING",
-    "LOOKSAM_SMALL_ALPHA",
 }
 ALLOWED_FLOATS = {0.0, 1.0, 100.0}
 # Words of the templates with digits in them that are names, not figures.
