@@ -2,13 +2,13 @@
 
 Each mutant changes one expression (a sign, a norm, a weight, a guard)
 of the library's math, its checks of arguments, the wrapper, `compat`,
-the backend modules or the trainers' data, augmentation, models, loop,
-processes, checkpoints, schedule and sharpness analysis, in one copy of
-the repository's files, made once, runs the tests that should catch it,
-stopping at the first failure, and puts the expression back. A mutant
-that every one of its tests passes is a place where no test can fail: a
-defect of the tests (or an equivalent change, which the mutant's comment
-must say).
+the backend modules, the trainers' data, augmentation, models, loop,
+processes, checkpoints, schedule and sharpness analysis, or the reports'
+choices on validation, in one copy of the repository's files, made once,
+runs the tests that should catch it, stopping at the first failure, and
+puts the expression back. A mutant that every one of its tests passes is
+a place where no test can fail: a defect of the tests (or an equivalent
+change, which the mutant's comment must say).
 
     .venv/bin/python -m tests.mutants            # all: 79 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
@@ -56,6 +56,9 @@ AUGMENT = "trainers/data/augment.py"
 STRATEGY = "trainers/strategy.py"
 SHAKE = "trainers/models/shake.py"
 ANALYZE = "trainers/analyze.py"
+REPORT = "benchmarks/report_common.py"
+REPORT_RESULTS = "benchmarks/report_results.py"
+REPORT_CNN = "benchmarks/report_cnn.py"
 
 
 def tests(*names):
@@ -868,6 +871,24 @@ MUTANTS = [
         'else flags_obj.data_dir or recorded["data_dir"]',
         'else recorded["data_dir"] or flags_obj.data_dir',
         RUN_DATA,
+    ),
+    (  # Each report's ρ chosen on the test set.
+        REPORT,
+        'rho = max(first, key=lambda r: r["validation_accuracy"])["rho"]',
+        'rho = max(first, key=lambda r: r["test_accuracy"])["rho"]',
+        tests("benchmarks_report", "benchmarks_report_cnn"),
+    ),
+    (  # The variants' ρ and α chosen on the test set.
+        REPORT_RESULTS,
+        'value = max(first, key=lambda r: r["validation_accuracy"])',
+        'value = max(first, key=lambda r: r["test_accuracy"])',
+        tests("benchmarks_report"),
+    ),
+    (  # The CNN's LookSAM α chosen on the test set.
+        REPORT_CNN,
+        'return alphas, max(alphas, key=lambda r: r["validation_accuracy"])',
+        'return alphas, max(alphas, key=lambda r: r["test_accuracy"])',
+        tests("benchmarks_report_cnn"),
     ),
 ]
 
