@@ -3,12 +3,13 @@
 Each mutant changes one expression (a sign, a norm, a weight, a guard)
 of the library's math, its checks of arguments, the wrapper, `compat`,
 the backend modules, the trainers' data, augmentation, models, loop,
-processes, checkpoints, schedule and sharpness analysis, or the reports'
-choices on validation, in one copy of the repository's files, made once,
-runs the tests that should catch it, stopping at the first failure, and
-puts the expression back. A mutant that every one of its tests passes is
-a place where no test can fail: a defect of the tests (or an equivalent
-change, which the mutant's comment must say).
+processes, checkpoints, schedule and sharpness analysis, or the studies'
+lock and the reports' choices on validation, in one copy of the
+repository's files, made once, runs the tests that should catch it,
+stopping at the first failure, and puts the expression back. A mutant
+that every one of its tests passes is a place where no test can fail: a
+defect of the tests (or an equivalent change, which the mutant's comment
+must say).
 
     .venv/bin/python -m tests.mutants            # all: 79 min, 2 cores
     .venv/bin/python -m tests.mutants 3 17       # the ones with these ids
@@ -59,6 +60,11 @@ ANALYZE = "trainers/analyze.py"
 REPORT = "benchmarks/report_common.py"
 REPORT_RESULTS = "benchmarks/report_results.py"
 REPORT_CNN = "benchmarks/report_cnn.py"
+STUDY = "benchmarks/generalization.py"
+STUDY_LOCK = [
+    "tests/benchmarks_report_test.py::test_a_run_is_claimed_by_one_study_"
+    "process_at_a_time"
+]
 
 
 def tests(*names):
@@ -889,6 +895,18 @@ MUTANTS = [
         'return alphas, max(alphas, key=lambda r: r["validation_accuracy"])',
         'return alphas, max(alphas, key=lambda r: r["test_accuracy"])',
         tests("benchmarks_report_cnn"),
+    ),
+    (  # A lock whose process is gone is never taken over.
+        STUDY,
+        "        if owner and _alive(owner):",
+        "        if owner:",
+        STUDY_LOCK,
+    ),
+    (  # The lock outlives the run that took it.
+        STUDY,
+        "        yield True\n    finally:\n        os.remove(lock)",
+        "        yield True\n    finally:\n        pass",
+        STUDY_LOCK,
     ),
 ]
 
