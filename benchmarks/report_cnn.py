@@ -178,14 +178,14 @@ def grids(runs, noise):
         if len({r["rho"] for r in first}) < 2:
             continue
         _, rho = common.chosen(runs, name, noise)
-        cells = [
-            ("**{}**" if np.isclose(r["rho"], rho) else "{}").format(
-                f"ρ = {r['rho']:g}: {common.accuracies(r)}"
-            )
-            for r in sorted(first, key=lambda r: r["rho"])
-        ]
+        cells = _cells(
+            sorted(first, key=lambda r: r["rho"]),
+            "ρ",
+            lambda r: r["rho"],
+            lambda r: np.isclose(r["rho"], rho),
+        )
         rhos = sorted(r["rho"] for r in first)
-        edge = ""
+        edge = _edge(rhos, rho, "ρ")
         if len(rhos) > 2 and rho == rhos[0] and sgd and name != LOOKSAM:
             # Below the grid lies ρ = 0, SGD itself; not for LookSAM, whose
             # reused direction is as long at every ρ > 0.
@@ -194,35 +194,39 @@ def grids(runs, noise):
                 "cnn_grid_edge_smallest",
                 sgd=common.accuracies(sgd[0]),
             )
-        elif len(rhos) > 2 and rho in (rhos[0], rhos[-1]):
-            edge = common.snippet(
-                "results",
-                "cnn_grid_edge",
-                end="smallest" if rho == rhos[0] else "largest",
-                symbol="ρ",
-            )
-        lines.append(f"- {name}: " + ", ".join(cells) + edge)
+        lines.append(f"- {name}: {cells}{edge}")
     alphas, best = looksam_alphas(runs, noise)
     if best:
-        cells = [
-            ("**{}**" if r is best else "{}").format(
-                f"α = {_alpha(r):g}: {common.accuracies(r)}"
-            )
-            for r in alphas
-        ]
-        edge = ""
-        if len(alphas) > 2 and best in (alphas[0], alphas[-1]):
-            edge = common.snippet(
-                "results",
-                "cnn_grid_edge",
-                end="smallest" if best is alphas[0] else "largest",
-                symbol="α",
-            )
-        rho = best["rho"]
+        cells = _cells(alphas, "α", _alpha, lambda r: r is best)
+        edge = _edge([_alpha(r) for r in alphas], _alpha(best), "α")
         lines.append(
-            f"- {LOOKSAM} over α at ρ = {rho:g}: " + ", ".join(cells) + edge
+            f"- {LOOKSAM} over α at ρ = {best['rho']:g}: {cells}{edge}"
         )
     return "\n".join(lines)
+
+
+def _cells(ordered, symbol, value, is_chosen):
+    """Each run's validation / test accuracy at its `value` of a grid,
+    the chosen one in bold."""
+    return ", ".join(
+        ("**{}**" if is_chosen(r) else "{}").format(
+            f"{symbol} = {value(r):g}: {common.accuracies(r)}"
+        )
+        for r in ordered
+    )
+
+
+def _edge(values, value, symbol):
+    """The note that `value` is at an end of a grid of more than two
+    (sorted) `values`, where the best may lie beyond; "" elsewhere."""
+    if len(values) > 2 and value in (values[0], values[-1]):
+        return common.snippet(
+            "results",
+            "cnn_grid_edge",
+            end="smallest" if value == values[0] else "largest",
+            symbol=symbol,
+        )
+    return ""
 
 
 def looksam_alphas(runs, noise):
@@ -242,7 +246,7 @@ def looksam_alphas(runs, noise):
     )
     if len(alphas) < 2:
         return alphas, None
-    return alphas, max(alphas, key=lambda r: r["validation_accuracy"])
+    return alphas, common.best_on_validation(alphas)
 
 
 def _looksam_fits(runs):

@@ -200,16 +200,22 @@ def on_first_seed(group, runs):
     return [r for r in group if r["seed"] == first_seed(runs)]
 
 
+def best_on_validation(runs):
+    """The run of `runs` with the best validation accuracy, the first of
+    them on a tie: the one rule by which every report chooses a setting
+    (ρ, LookSAM's α), never on the test set."""
+    return max(runs, key=lambda r: r["validation_accuracy"])
+
+
 def chosen(runs, name, noise=None):
     """`name`'s runs (at label noise `noise` when given) at the ρ of its
-    best validation accuracy on the first seed of `runs`, and that ρ: the
-    one rule by which every report chooses ρ, never on the test set.
+    best validation accuracy on the first seed of `runs`, and that ρ.
     ([], None) when `name` has no run on that seed."""
     group = select(runs, name, noise)
     first = on_first_seed(group, runs)
     if not first:
         return [], None
-    rho = max(first, key=lambda r: r["validation_accuracy"])["rho"]
+    rho = best_on_validation(first)["rho"]
     return [r for r in group if np.isclose(r["rho"], rho)], rho
 
 

@@ -305,8 +305,7 @@ def _with_chosen_settings(runs):
         first = common.on_first_seed(common.select(runs, name), runs)
         if not first:
             continue
-        value = max(first, key=lambda r: r["validation_accuracy"])
-        value = value["settings"][setting]
+        value = common.best_on_validation(first)["settings"][setting]
         row = f"{name} {symbol}={value:g}"
         runs = [
             dict(r, optimizer=row) if r["optimizer"] == name else r
@@ -337,8 +336,9 @@ def measured_step_cost(row, performance):
         MOMENTUM_SAM: "momentum_sam",
         LOOKSAM: "looksam_5",
     }
-    if _variant(row["name"]) in own:
-        return cells.get(own[_variant(row["name"])])
+    variant = _variant(row["name"])
+    if variant in own:
+        return cells.get(own[variant])
     if "late_phase_during" not in cells or "late_phase_before" not in cells:
         return None
     f = row["sam_steps"]
